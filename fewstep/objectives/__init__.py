@@ -1,0 +1,1 @@
+"""Distillation objectives: one short file each, one shape (see `base.Objective`)."""
