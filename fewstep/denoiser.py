@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .conditioning import Cond, Conditioner, cat_cond, conditioner_for
-from .paths import Path, _as_t, _bcast
+from .paths import Path, _as_t, _bcast, _fp
 
 __all__ = ["Denoiser", "apply_cfg"]
 
@@ -59,11 +59,11 @@ class Denoiser(nn.Module):
         """The backbone's native output (eps, v, flow velocity, ...) as float32, one pass."""
         tt = _as_t(t, x_t)
         self.conditioner.check(cond, x_t.shape[0])
-        timestep = self.path.timestep(tt).float()
+        timestep = _fp(self.path.timestep(tt))
         out = self.conditioner.call(self.backbone, x_t.to(self.dtype), timestep, cond)
         if out.shape != x_t.shape:
             raise ValueError(f"backbone output shape {tuple(out.shape)} does not match input {tuple(x_t.shape)}")
-        return out.float()
+        return _fp(out)  # float32, or float64 for float64 backbones (tests)
 
     def guided_output(self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None,
                       guidance: Tensor | float = 1.0) -> Tensor:
