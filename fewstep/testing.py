@@ -28,7 +28,7 @@ class GaussianMixtureBackbone(nn.Module):
         super().__init__()
         k = means.shape[0]
         self.shape = tuple(means.shape[1:])
-        self.means = nn.Parameter(means.clone().float(), requires_grad=learnable)
+        self.means = nn.Parameter(means.clone() if means.is_floating_point() else means.float(), requires_grad=learnable)
         self.std = float(std)
         self.path = path
         self.register_buffer("classes", classes if classes is not None else torch.zeros(k, dtype=torch.long))
