@@ -113,3 +113,13 @@ class Denoiser(nn.Module):
         if output == "cond_uncond":
             return self.x0_cond_uncond(x_t, t, cond)
         raise ValueError(f"output must be 'x0', 'x0_eps', 'native' or 'cond_uncond', got {output!r}")
+
+
+def copy_denoiser(d: Denoiser, trainable: bool = True) -> Denoiser:
+    """An independent copy (weights, path and conditioner shared by reference are immutable) used
+    to initialise a student or a fake score from the teacher."""
+    import copy
+
+    bb = copy.deepcopy(d.backbone)
+    bb.requires_grad_(trainable)
+    return Denoiser(bb, d.path, d.conditioner)
