@@ -1,0 +1,262 @@
+"""Tiny randomly initialised diffusers backbones of every family, wrapped as fewstep Denoisers.
+
+    tiny = make_tiny("sdxl", prediction="v_prediction")
+    x = torch.randn(2, *tiny.latent_shape)
+    x0 = tiny.denoiser(x, 0.5, tiny.cond(2), guidance=3.0)
+
+The models are the real diffusers classes at a few thousand to a few hundred thousand
+parameters (as in diffusers' own tests), so a test exercises the same keyword arguments,
+packing and output splitting as a full-size teacher. Output layers that diffusers zero-initialises
+(DiT, PixArt, SD3, Flux final layers, adaLN gates) are perturbed so that outputs depend on the
+inputs and gradients reach every layer. (One exception: in the last SD3 joint block the text
+query projection `add_q_proj` gets a zero gradient, because diffusers drops the text stream's
+output there; that is how SD3 is built.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.conditioning import Cond
+from fewstep.denoiser import Denoiser
+from fewstep.paths import FlowPath, VPPath
+
+FAMILIES = ("dit", "unet", "sd15", "sdxl", "pixart", "sd3", "flux")
+VP_FAMILIES = ("dit", "unet", "sd15", "sdxl", "pixart")
+FLOW_FAMILIES = ("sd3", "flux")
+
+# sizes shared by the tiny models (and by tests that build matching text encoders)
+TEXT_LEN = 6          # tokens per prompt
+NUM_CLASSES = 10      # dit / unet class-conditional; the null class is NUM_CLASSES
+SD15_TEXT_DIM = 16
+SDXL_TEXT_DIM = 16    # cross-attention dim (two CLIP encoders concatenated, in the real thing)
+SDXL_POOLED_DIM = 8
+SDXL_TIME_DIM = 4     # addition_time_embed_dim; 6 time ids
+PIXART_TEXT_DIM = 16  # caption_channels (T5 width)
+SD3_TEXT_DIM = 16     # joint_attention_dim
+SD3_POOLED_DIM = 12
+FLUX_TEXT_DIM = 16
+FLUX_POOLED_DIM = 8
+
+
+@dataclass
+class Tiny:
+    """A tiny teacher: `.denoiser`, `.cond(batch_size, generator)`, `.latent_shape`, `.family`."""
+
+    family: str
+    denoiser: Denoiser
+    latent_shape: tuple[int, int, int]
+    make_cond: Callable[[int, torch.Generator | None], Cond] = field(repr=False)
+    prediction: str = "epsilon"
+
+    def cond(self, batch_size: int, generator: torch.Generator | None = None) -> Cond:
+        """A random condition of the right shapes for `batch_size` samples (on the CPU)."""
+        return self.make_cond(batch_size, generator)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.denoiser.backbone
+
+    @property
+    def path(self):
+        return self.denoiser.path
+
+
+def vp_path(prediction: str = "epsilon") -> VPPath:
+    """The SD/DiT training schedule (scaled_linear 0.00085..0.012, 1000 steps)."""
+    return VPPath.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                               "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": prediction})
+
+
+def perturb_(module: nn.Module, scale: float = 0.02, seed: int = 0) -> nn.Module:
+    """Add small noise to parameters that are exactly zero (diffusers zero-initialises final
+    projections and adaLN modulations), so outputs depend on inputs and every weight gets a
+    gradient."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point() and p.numel() and bool((p == 0).all()):
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+    return module
+
+
+def _randn(shape, generator) -> Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+# ---- builders: each returns (backbone, latent_shape, make_cond, conditioner kwargs) ----------------
+def _dit(seed):
+    from diffusers import DiTTransformer2DModel
+
+    bb = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                               num_layers=1, norm_num_groups=4, sample_size=8, patch_size=2,
+                               num_embeds_ada_norm=NUM_CLASSES)
+
+    def cond(b, g):
+        return {"class_labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
+
+    return bb, (4, 8, 8), cond, {}
+
+
+def _unet(seed):
+    from diffusers import UNet2DModel
+
+    # pixel-space class-conditional UNet: one reserved class (NUM_CLASSES) is the null label
+    bb = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                     block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                     up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                     attention_head_dim=8, num_class_embeds=NUM_CLASSES + 1)
+
+    def cond(b, g):
+        return {"class_labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
+
+    return bb, (1, 8, 8), cond, {"null_class": NUM_CLASSES}
+
+
+def _sd15(seed):
+    from diffusers import UNet2DConditionModel
+
+    bb = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                              block_out_channels=(8, 16), norm_num_groups=4,
+                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                              cross_attention_dim=SD15_TEXT_DIM, attention_head_dim=2)
+    g = torch.Generator().manual_seed(seed + 1)
+    null = _randn((1, TEXT_LEN, SD15_TEXT_DIM), g)  # stands for the encoding of ""
+
+    def cond(b, g):
+        return {"encoder_hidden_states": _randn((b, TEXT_LEN, SD15_TEXT_DIM), g)}
+
+    return bb, (4, 8, 8), cond, {"null_embeds": null}
+
+
+def _sdxl(seed):
+    from diffusers import UNet2DConditionModel
+
+    bb = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                              block_out_channels=(8, 16), norm_num_groups=4,
+                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                              cross_attention_dim=SDXL_TEXT_DIM, attention_head_dim=(2, 4),
+                              use_linear_projection=True, addition_embed_type="text_time",
+                              addition_time_embed_dim=SDXL_TIME_DIM,
+                              projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_DIM,
+                              transformer_layers_per_block=(1, 1))
+
+    def cond(b, g):
+        # time ids: original size, crop top-left, target size (pixels = 8 x latent size)
+        time_ids = torch.tensor([64.0, 64.0, 0.0, 0.0, 64.0, 64.0]).expand(b, 6).clone()
+        return {"encoder_hidden_states": _randn((b, TEXT_LEN, SDXL_TEXT_DIM), g),
+                "text_embeds": _randn((b, SDXL_POOLED_DIM), g), "time_ids": time_ids}
+
+    return bb, (4, 8, 8), cond, {"zero_null": True}
+
+
+def _pixart(seed):
+    from diffusers import PixArtTransformer2DModel
+
+    bb = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=1, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                  caption_channels=PIXART_TEXT_DIM, use_additional_conditions=False,
+                                  norm_num_groups=4)
+    g = torch.Generator().manual_seed(seed + 1)
+    null = _randn((1, TEXT_LEN, PIXART_TEXT_DIM), g)
+    null_mask = torch.zeros(1, TEXT_LEN, dtype=torch.long)
+    null_mask[:, :1] = 1  # "" is one end-of-sequence token
+
+    def cond(b, g):
+        lengths = torch.randint(2, TEXT_LEN + 1, (b,), generator=g)
+        mask = (torch.arange(TEXT_LEN)[None] < lengths[:, None]).long()
+        return {"encoder_hidden_states": _randn((b, TEXT_LEN, PIXART_TEXT_DIM), g),
+                "encoder_attention_mask": mask}
+
+    return bb, (4, 8, 8), cond, {"null_embeds": null, "null_mask": null_mask}
+
+
+def _sd3(seed):
+    from diffusers import SD3Transformer2DModel
+
+    bb = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=SD3_TEXT_DIM,
+                               caption_projection_dim=16, pooled_projection_dim=SD3_POOLED_DIM,
+                               pos_embed_max_size=8)
+    g = torch.Generator().manual_seed(seed + 1)
+    null = _randn((1, TEXT_LEN, SD3_TEXT_DIM), g)
+    null_pooled = _randn((1, SD3_POOLED_DIM), g)
+
+    def cond(b, g):
+        return {"encoder_hidden_states": _randn((b, TEXT_LEN, SD3_TEXT_DIM), g),
+                "pooled_projections": _randn((b, SD3_POOLED_DIM), g)}
+
+    return bb, (4, 8, 8), cond, {"null_embeds": null, "null_pooled": null_pooled}
+
+
+def _flux(seed, guidance_embeds: bool = True):
+    from diffusers import FluxTransformer2DModel
+
+    # latents (4, 8, 8) are packed into 2x2 patches: 16 channels per token
+    bb = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=FLUX_TEXT_DIM,
+                                pooled_projection_dim=FLUX_POOLED_DIM, guidance_embeds=guidance_embeds,
+                                axes_dims_rope=(2, 2, 4))
+
+    def cond(b, g):
+        return {"encoder_hidden_states": _randn((b, TEXT_LEN, FLUX_TEXT_DIM), g),
+                "pooled_projections": _randn((b, FLUX_POOLED_DIM), g)}
+
+    kw = {}
+    if not guidance_embeds:  # a Flux without guidance input can take true CFG with a null prompt
+        g = torch.Generator().manual_seed(seed + 1)
+        kw = {"null_embeds": _randn((1, TEXT_LEN, FLUX_TEXT_DIM), g),
+              "null_pooled": _randn((1, FLUX_POOLED_DIM), g)}
+    return bb, (4, 8, 8), cond, kw
+
+
+_BUILDERS = {"dit": _dit, "unet": _unet, "sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3,
+             "flux": _flux}
+
+
+def make_tiny(family: str, prediction: str = "epsilon", seed: int = 0, dtype: torch.dtype = torch.float32,
+              **kwargs: Any) -> Tiny:
+    """A tiny randomly initialised teacher of `family` (one of FAMILIES).
+
+    prediction: "epsilon" or "v_prediction" for the VP families (dit, unet, sd15, sdxl, pixart);
+    the flow families (sd3, flux) always predict the flow velocity and ignore it.
+    kwargs: flux only, `guidance_embeds` (default True: guidance-distilled like Flux-dev).
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    torch.manual_seed(seed)
+    bb, shape, cond, cond_kwargs = _BUILDERS[family](seed, **kwargs)
+    perturb_(bb, seed=seed)
+    if dtype != torch.float32:
+        _quiet_cast(bb, dtype)
+    if family in FLOW_FAMILIES:
+        path = FlowPath(1000, shift=3.0 if family == "sd3" else 1.0)
+        prediction = "flow"
+    else:
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction must be 'epsilon' or 'v_prediction' for {family}, got {prediction!r}")
+        path = vp_path(prediction)
+    den = Denoiser(bb, path, **cond_kwargs)
+    return Tiny(family, den, shape, cond, prediction)
+
+
+def _quiet_cast(module: nn.Module, dtype: torch.dtype) -> None:
+    # diffusers warns about modules to keep in float32 when a model is cast with .to(); the tiny
+    # models have none, and the warning would only clutter test output.
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        module.to(dtype)
+    finally:
+        logging.set_verbosity(level)
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
