@@ -1,0 +1,309 @@
+"""Continuous-time consistency distillation in TrigFlow: sCM (Lu & Song 2024) and its data-free
+trajectory-backward form TBCM.
+
+Both train the student's F (see `_trigflow`: F is read off the teacher-architecture student's x0
+at the same-SNR point of its own path) with the sCM loss (Alg. 1 of the sCM paper):
+
+    (F-, JF) = jvp(F_student, (x, theta), (cos sin dxdt, cos sin))         no grad
+    r        = min(1, step / H)                                             tangent warm-up
+    g        = -cos^2 (sd F- - dxdt) - r (cos sin x + sd JF);  g <- g / (||g|| + c)
+    loss     = mean( w(theta) / e^logvar (F - F- - g)^2 + logvar ),  w = 1 / (sd tan theta)
+
+and differ only in where the training points (x, theta, dxdt = dx/dtheta of the teacher) come from:
+
+- sCM: theta = atan(e^tau / sd), tau ~ N(P_mean, P_std^2); x = cos x0 + sin sd z from real data;
+  dxdt = sd F_teacher with CFG (one teacher pass per point).
+- TBCM: the teacher's own CFG trajectory from noise along a stratified route (no images, no VAE
+  encoder); every visited point is stored with the velocity that moved it, and that velocity is
+  reused as the tangent, so training costs no extra teacher call.
+
+logvar is the adaptive weighting (EDM2 / sCM): a zero-initialised Linear on a fixed Fourier
+embedding of log(sd tan theta), trained with the student; with it off, logvar = 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import Cond, cat_cond, index_cond
+from ..denoiser import Denoiser
+from ..paths import _bcast
+from . import _trigflow as tf
+from .base import Batch, freeze
+
+__all__ = ["SCMParams", "TBCMParams", "SCMObjective", "TBCMObjective", "LogVar", "scm_tangent",
+           "tbcm_route", "build", "build_tbcm"]
+
+
+@dataclass
+class SCMParams:
+    sigma_data: float = 0.5              # TrigFlow data std sd (x = cos x0 + sin sd z)
+    p_mean: float = 0.2                  # log-normal proposal of tan(theta) sd: tau ~ N(p_mean, p_std^2)
+    p_std: float = 1.6                   #   (SANA-Sprint's values; the paper uses -0.8, 1.6)
+    theta_min: float = 1e-3              # smallest training angle (w = 1/(sd tan) explodes at 0)
+    tangent_warmup: int = 4000           # H of the warm-up r = min(1, step / H)
+    tangent_norm_c: float = 0.1          # c of the tangent normalisation g / (||g|| + c)
+    guidance: float = 1.0                # teacher CFG scale baked into the tangent (Imagen form)
+    adaptive_weighting: bool = True      # learn logvar(theta); off: logvar = 0
+    logvar_features: int = 128           # size of the Fourier embedding of the adaptive weighting
+    num_steps: int = 2                   # student sampling steps
+    intermediate_angle: float = 1.3      # the middle angle of the 2-step sampler [pi/2, this, 0]
+    sampling_angles: list[float] | None = None  # explicit angles (num_steps entries, from pi/2);
+                                                 #   None: [pi/2, intermediate] for 2, linspace else
+
+
+@dataclass
+class TBCMParams(SCMParams):
+    intermediate_angle: float = 1.0      # TBCM's 2-step sampler [pi/2, 1.0, 0]
+    route_steps: int = 16                # reference route length (15 stored points per trajectory)
+    route_shift: float = 2.5             # flow shift of the reference route
+    points_per_step: int | None = None   # subsample this many stored points a step (None: all)
+
+
+class LogVar(nn.Module):
+    """Adaptive loss weighting logvar(theta): a Linear (zero-initialised, so it starts at 0) on
+    fixed random Fourier features of log(sd tan theta) (EDM2's uncertainty head)."""
+
+    def __init__(self, features: int = 128, sigma_data: float = 0.5, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(features, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(features, generator=g))
+        self.sigma_data = float(sigma_data)
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, theta: Tensor) -> Tensor:
+        c = torch.log(self.sigma_data * torch.tan(theta.float())) / 4
+        emb = torch.cos(c[:, None] * self.freqs[None] + self.phases[None]) * math.sqrt(2)
+        return self.linear(emb)[:, 0]
+
+
+def scm_tangent(F_minus: Tensor, JF: Tensor, dxdt: Tensor, x: Tensor, theta: Tensor, r: float,
+                sigma_d: float, norm_c: float | None = 0.1) -> Tensor:
+    """The normalised sCM target direction g (detached), shapes (B, C, H, W); theta (B,).
+
+    g = -cos^2 (sd F- - dxdt) - r (cos sin x + sd JF) is cos(theta) times the total derivative of
+    the consistency function along the teacher ODE (sCM paper, eq. 8 with the warm-up r);
+    normalised per sample as g / (||g|| + c) (norm_c None: not normalised)."""
+    c, s = _bcast(torch.cos(theta), x), _bcast(torch.sin(theta), x)
+    g = -(c * c) * (sigma_d * F_minus - dxdt) - r * (c * s * x + sigma_d * JF)
+    if norm_c is None:
+        return torch.nan_to_num(g).detach()
+    norm = g.flatten(1).norm(dim=1)
+    g = g / _bcast(norm + norm_c, g)
+    return torch.nan_to_num(g).detach()
+
+
+def tbcm_route(steps: int = 16, shift: float = 2.5, num_train_timesteps: int = 1000) -> Tensor:
+    """TBCM's reference angles (float64, decreasing from pi/2): the shifted flow-matching sigma
+    schedule of `steps` entries (FlowMatchEulerDiscreteScheduler's double shift), mapped by
+    atan(s / (1 - s)), with the first entry pi/2."""
+    def sh(u):
+        return shift * u / (1 + (shift - 1) * u)
+
+    s_min = sh(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64))
+    u = torch.linspace(1.0, float(s_min), steps, dtype=torch.float64)
+    s = sh(u)
+    ref = torch.atan(s / (1 - s))
+    ref[0] = tf.HALF_PI
+    return ref
+
+
+class _ConsistencyLoss:
+    """The sCM loss on given points, shared by sCM and TBCM."""
+
+    p: SCMParams
+    nets: dict[str, nn.Module]
+    path: Any
+
+    def _sampling(self) -> dict[str, Any]:
+        return {"times": self.sampling_times(self.p.num_steps), "renoise": "fresh",
+                "times_by_steps": {n: self.sampling_times(n) for n in (1, 2, 4)},
+                "angles": self.sampling_angles(self.p.num_steps)}
+
+    def sampling_angles(self, num_steps: int) -> list[float]:
+        p = self.p
+        if p.sampling_angles is not None and num_steps == p.num_steps:
+            return [float(a) for a in p.sampling_angles] + [0.0]
+        if num_steps == 2:
+            return [tf.HALF_PI, float(p.intermediate_angle), 0.0]
+        return torch.linspace(tf.HALF_PI, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+
+    def sampling_times(self, num_steps: int) -> list[float]:
+        """The TrigFlow sampling angles as times of the student's own path (equal SNR)."""
+        return tf.times_from_angles(self.sampling_angles(num_steps), self.path, self.p.sigma_data)
+
+    def phases(self, step: int) -> list[str]:
+        return ["student"]
+
+    def scm_loss(self, x: Tensor, theta: Tensor, dxdt: Tensor, cond: Cond | None, step: int
+                 ) -> tuple[Tensor, dict[str, float]]:
+        p = self.p
+        sd = p.sigma_data
+        student = self.nets["student"]
+        F_minus, JF = tf.student_F_jvp(student, x, theta, dxdt, cond, sd, self.path)
+        r = min(1.0, step / p.tangent_warmup) if p.tangent_warmup > 0 else 1.0
+        g = scm_tangent(F_minus, JF, dxdt, x, theta, r, sd, p.tangent_norm_c)
+        F = tf.net_F(student, x, theta, cond, sd, self.path)
+        weight = 1.0 / (sd * torch.tan(theta))
+        logvar = self.nets["logvar"](theta) if "logvar" in self.nets else torch.zeros_like(theta)
+        sq = ((F - F_minus - g) ** 2).flatten(1).mean(1)
+        loss = (weight / torch.exp(logvar) * sq + logvar).mean()
+        return loss, {"loss": float(loss.detach()), "loss_unweighted": float(sq.mean().detach()),
+                      "r": r, "jvp_norm": float(JF.flatten(1).norm(dim=1).mean()),
+                      "logvar_mean": float(logvar.detach().mean())}
+
+
+def _init(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0) -> None:
+    _check(params)
+    self.p = params
+    self.path = teacher.path
+    freeze(teacher)
+    self.nets = {"student": student, "teacher": teacher}
+    self.groups = {"student": ["student"]}
+    if params.adaptive_weighting:
+        dev = next(student.parameters()).device
+        self.nets["logvar"] = LogVar(params.logvar_features, params.sigma_data, logvar_seed).to(dev)
+        self.groups["student"].append("logvar")
+    self.theta_max = tf.max_angle(self.path, params.sigma_data)
+    self.sampling = self._sampling()
+
+
+class SCMObjective(_ConsistencyLoss):
+    """sCM distillation from real data (batch['x0']); see the module docstring.
+    nets: "student" (trained), "teacher" (frozen), "logvar" (trained, optional)."""
+
+    def __init__(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0):
+        _init(self, params, teacher, student, logvar_seed)
+
+    def sample_angles(self, b: int, device) -> Tensor:
+        tau = self.p.p_mean + self.p.p_std * torch.randn(b, device=device)
+        theta = torch.atan(torch.exp(tau) / self.p.sigma_data)
+        return theta.clamp(self.p.theta_min, self.theta_max)
+
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if phase != "student":
+            raise ValueError(f"sCM has one phase, 'student'; got {phase!r}")
+        x0 = batch.get("x0")
+        if x0 is None:
+            raise ValueError("sCM needs batch['x0'] (real latents); use TBCM for data-free distillation")
+        x0 = x0.float()
+        cond = batch.get("cond")
+        sd = self.p.sigma_data
+        theta = self.sample_angles(x0.shape[0], x0.device)
+        z = torch.randn_like(x0)
+        x = _bcast(torch.cos(theta), x0) * x0 + _bcast(torch.sin(theta), x0) * sd * z
+        dxdt = tf.teacher_velocity(self.nets["teacher"], x, theta, cond, sd, self.path, self.p.guidance)
+        loss, logs = self.scm_loss(x, theta, dxdt, cond, step)
+        logs["theta_mean"] = float(theta.mean())
+        return loss, logs
+
+
+class TBCMObjective(_ConsistencyLoss):
+    """TBCM: sCM on the teacher's own trajectories from noise (data-free); the batch gives the
+    conditions and the latent shape only. nets as for sCM."""
+
+    def __init__(self, params: TBCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0):
+        _init(self, params, teacher, student, logvar_seed)
+        self.ref_route = tbcm_route(params.route_steps, params.route_shift,
+                                    int(getattr(self.path, "num_train_timesteps", 1000)))
+
+    def route(self) -> Tensor:
+        """[theta_max] + one angle drawn uniformly in each reference interval (decreasing)."""
+        ref = self.ref_route
+        u = torch.rand(ref.numel() - 1, dtype=torch.float64)
+        inner = ref[1:] + u * (ref[:-1] - ref[1:])
+        route = torch.cat([ref[:1], inner]).clamp(max=self.theta_max)
+        return route
+
+    @torch.no_grad()
+    def trajectory(self, noise: Tensor, cond: Cond | None, route: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Run the teacher's CFG ODE along `route` from x = noise * sd with exact TrigFlow-DDIM
+        steps, storing (x, theta, dxdt) at every route point but the first (pure noise).
+        Returns x (P, B, ...), theta (P,), dxdt (P, B, ...) and the final sample x(0)."""
+        sd = self.p.sigma_data
+        x = noise.float() * sd
+        xs, ths, vs = [], [], []
+        for i in range(route.numel()):
+            th = route[i].to(x.dtype)
+            theta = th.expand(x.shape[0]).to(x.device)
+            v = tf.teacher_velocity(self.nets["teacher"], x, theta, cond, sd, self.path, self.p.guidance)
+            if i > 0:
+                xs.append(x)
+                ths.append(th)
+                vs.append(v)
+            step = route[i] - (route[i + 1] if i + 1 < route.numel() else 0.0)
+            x = tf.trigflow_ddim(x, v, step)
+        return torch.stack(xs), torch.stack(ths), torch.stack(vs), x
+
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if phase != "student":
+            raise ValueError(f"TBCM has one phase, 'student'; got {phase!r}")
+        shape = tuple(batch["shape"]) if "shape" in batch else tuple(batch["x0"].shape)
+        cond = batch.get("cond")
+        dev = next(self.nets["student"].parameters()).device
+        noise = torch.randn(shape, device=dev)
+        xs, ths, vs, _ = self.trajectory(noise, cond, self.route())
+        p_pts, b = xs.shape[0], xs.shape[1]
+        x = xs.reshape(p_pts * b, *shape[1:])
+        dxdt = vs.reshape(p_pts * b, *shape[1:])
+        theta = ths[:, None].expand(p_pts, b).reshape(-1).to(x.device)
+        cond_all = cat_cond(*([cond] * p_pts)) if cond is not None else None
+        if self.p.points_per_step is not None and self.p.points_per_step < x.shape[0]:
+            idx = torch.randperm(x.shape[0], device=x.device)[: self.p.points_per_step]
+            x, dxdt, theta = x[idx], dxdt[idx], theta[idx]
+            cond_all = index_cond(cond_all, idx)
+        loss, logs = self.scm_loss(x, theta, dxdt, cond_all, step)
+        logs["points"] = float(x.shape[0])
+        return loss, logs
+
+
+def _check(p: SCMParams) -> None:
+    if p.sigma_data <= 0:
+        raise ValueError(f"objective.sigma_data={p.sigma_data} must be > 0")
+    if p.p_std <= 0:
+        raise ValueError(f"objective.p_std={p.p_std} must be > 0")
+    if not 0 < p.theta_min < tf.HALF_PI:
+        raise ValueError(f"objective.theta_min={p.theta_min} must lie in (0, pi/2)")
+    if p.tangent_warmup < 0 or p.tangent_norm_c <= 0:
+        raise ValueError("objective.tangent_warmup must be >= 0 and objective.tangent_norm_c > 0")
+    if p.guidance <= 0:
+        raise ValueError(f"objective.guidance={p.guidance} must be > 0")
+    if p.num_steps < 1:
+        raise ValueError(f"objective.num_steps={p.num_steps} must be >= 1")
+    if not 0 < p.intermediate_angle < tf.HALF_PI:
+        raise ValueError(f"objective.intermediate_angle={p.intermediate_angle} must lie in (0, pi/2)")
+    if p.sampling_angles is not None:
+        a = [float(v) for v in p.sampling_angles]
+        if len(a) != p.num_steps:
+            raise ValueError(f"objective.num_steps={p.num_steps} needs objective.sampling_angles with "
+                             f"{p.num_steps} entries, got {a}")
+        if any(v2 >= v1 for v1, v2 in zip(a, a[1:])) or a[0] > tf.HALF_PI + 1e-6 or a[-1] <= 0:
+            raise ValueError(f"objective.sampling_angles must decrease within (0, pi/2], got {a}")
+    if isinstance(p, TBCMParams):
+        if p.route_steps < 2:
+            raise ValueError(f"objective.route_steps={p.route_steps} must be >= 2")
+        if p.route_shift <= 0:
+            raise ValueError(f"objective.route_shift={p.route_shift} must be > 0")
+        if p.points_per_step is not None and p.points_per_step < 1:
+            raise ValueError(f"objective.points_per_step={p.points_per_step} must be >= 1 or null")
+
+
+def build(params: SCMParams, teacher: Denoiser, ctx: Any) -> SCMObjective:
+    """Registry builder for sCM (needs real data)."""
+    _check(params)
+    if not bool(getattr(ctx, "has_real_data", True)):
+        raise ValueError("objective 'scm' needs real data (batch x0); the data-free variant is 'tbcm'")
+    return SCMObjective(params, teacher, ctx.make_student(teacher), int(getattr(ctx, "seed", 0)))
+
+
+def build_tbcm(params: TBCMParams, teacher: Denoiser, ctx: Any) -> TBCMObjective:
+    """Registry builder for TBCM (data-free)."""
+    _check(params)
+    return TBCMObjective(params, teacher, ctx.make_student(teacher), int(getattr(ctx, "seed", 0)))
