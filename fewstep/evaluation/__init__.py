@@ -1,0 +1,18 @@
+"""`fewstep eval`: score teachers, exported student pipelines and training runs with FID, KID,
+precision/recall (torch-fidelity), class accuracy (the digits judge), CLIP score (torchmetrics,
+local weights) and within-condition diversity, under named protocols, offline.
+
+    from fewstep.evaluation import EvalSpec, evaluate
+    results = evaluate(EvalSpec(pipeline="digits-vp", steps=[1, 2, 4], out="eval_out"))
+
+Modules: protocols (presets), inputs (reading folders and files, atomic writes), sources (what
+generates), scores (the metrics), run (the evaluation itself).
+"""
+from .inputs import ImageFolder, InputError
+from .protocols import PROTOCOLS, Protocol, get_protocol
+from .run import METRICS, EvalSpec, evaluate, markdown_table
+from .scores import Extractor, ReferenceFeatures, diversity, fidelity_from_features, vendi_score
+
+__all__ = ["EvalSpec", "evaluate", "markdown_table", "METRICS", "PROTOCOLS", "Protocol", "get_protocol",
+           "ImageFolder", "InputError", "Extractor", "ReferenceFeatures", "fidelity_from_features", "diversity",
+           "vendi_score"]

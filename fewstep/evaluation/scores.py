@@ -1,0 +1,438 @@
+"""The numbers: torch-fidelity FID / KID / precision-recall from features extracted once, feature
+diversity (mean pairwise distance and Vendi score) within one condition, and CLIP score.
+
+FID, KID and precision/recall are computed by torch-fidelity's own functions
+(`fid_featuresdict_to_statistics`, `fid_statistics_to_metric`, `kid_featuresdict_to_metric`,
+`prc_featuresdict_to_metric`) on features from torch-fidelity's own extraction loop, i.e. exactly
+what `torch_fidelity.calculate_metrics` computes; the features are extracted once per image set
+so the metrics and the diversity share them, and reference features are cached on disk under a
+key that includes the extractor, its layer and the sha256 of its weights (torch-fidelity's own
+cache key ignores the weights, and its cache unpickles; fewstep's cache is safetensors).
+
+Nothing here downloads: `Extractor.check()` refuses an extractor whose weights are not local,
+naming the file and the flag that provides it, before anything is generated.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .inputs import InputError, atomic_save_safetensors
+from .protocols import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, file_sha256
+
+__all__ = [
+    "Extractor",
+    "ReferenceFeatures",
+    "fidelity_from_features",
+    "diversity",
+    "vendi_score",
+    "mean_pairwise_distance",
+    "ClipScorer",
+    "cache_dir",
+    "torch_fidelity_version",
+]
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's own file name
+
+
+def torch_fidelity_version() -> str:
+    import torch_fidelity
+
+    return str(torch_fidelity.__version__)
+
+
+def cache_dir() -> Path:
+    """$FEWSTEP_CACHE or ~/.cache/fewstep (shared with fewstep.metrics)."""
+    root = os.environ.get("FEWSTEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fewstep")
+    return Path(root)
+
+
+def _verified_torch_weights(path: Path) -> Path:
+    """torch-fidelity reads .pth weights with `torch.load(weights_only=False)`. Load the file with
+    `weights_only=True` first (refusing anything but plain tensors), and turn a .safetensors file
+    into a tensors-only .pth that it can read."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        out = Path(tempfile.gettempdir()) / f"fewstep-{file_sha256(path)[:16]}.pth"
+        if not out.exists():
+            tmp = out.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, out)
+        return out
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal is the same user error
+        raise InputError(f"feature extractor weights {path} cannot be read as plain tensors "
+                         f"(torch.load weights_only=True): {e}") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise InputError(f"feature extractor weights {path} are not a state dict of tensors")
+    return path
+
+
+@dataclass
+class Extractor:
+    """A torch-fidelity feature extractor, resolved and checked before any generation.
+
+    name:          registered torch-fidelity name ("fewstep-digits-judge", "inception-v3-compat", ...)
+    weights:       local weights file (None: the extractor's own local default, if it has one)
+    imports:       modules to import first (they register custom extractors)
+    """
+
+    name: str = DIGITS_EXTRACTOR
+    weights: str | None = None
+    imports: Sequence[str] = ()
+    device: str = "cpu"
+    batch_size: int = 256
+    weights_sha256: str = field(default="", init=False)
+    weights_file: str | None = field(default=None, init=False)
+    _tf_weights: str | None = field(default=None, init=False, repr=False)
+    _module: Any = field(default=None, init=False, repr=False)
+
+    def check(self) -> "Extractor":
+        """Resolve the weights file and hash it; raise naming the file and flag if it is missing."""
+        for mod in self.imports:
+            importlib.import_module(mod)
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        if self.name == DIGITS_EXTRACTOR:
+            from fewstep.digits.judge import JUDGE_WEIGHTS, register_judge_extractor
+
+            register_judge_extractor()
+            path = Path(self.weights) if self.weights else JUDGE_WEIGHTS
+            if not path.is_file():
+                raise InputError(f"digits judge weights {path} not found (--feature-extractor-weights, "
+                                 "or create them with `python train/judge.py`)")
+            self.weights_file, self._tf_weights = str(path), str(path)
+        elif self.name not in FEATURE_EXTRACTORS_REGISTRY:
+            raise InputError(f"--feature-extractor {self.name!r} is not registered with torch-fidelity "
+                             f"(known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}; --import MODULE registers more)")
+        elif self.name == INCEPTION_EXTRACTOR:
+            path = Path(self.weights) if self.weights else (
+                Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+            if not path.is_file():
+                raise InputError(f"Inception weights {path} not found: pass a local copy of torch-fidelity's "
+                                 f"{INCEPTION_FILE} (or a .safetensors of it) with --inception-weights; "
+                                 "nothing is downloaded")
+            self.weights_file, self._tf_weights = str(path), str(_verified_torch_weights(path))
+        elif self.name.startswith("dinov2"):
+            raise InputError(f"--feature-extractor {self.name}: torch-fidelity can only download DINOv2 "
+                             "weights (no local path), so it cannot run offline")
+        elif self.name in ("vgg16",) or self.name.startswith("clip-"):
+            if not self.weights or not Path(self.weights).is_file():
+                raise InputError(f"--feature-extractor {self.name} needs its local weights file "
+                                 f"(--feature-extractor-weights; got {self.weights!r}); nothing is downloaded")
+            path = Path(self.weights)
+            self.weights_file = str(path)
+            self._tf_weights = str(path if self.name.startswith("clip-") else _verified_torch_weights(path))
+        else:  # a custom extractor: it finds its own weights; hash what we were given
+            if self.weights and not Path(self.weights).is_file():
+                raise InputError(f"feature extractor weights {self.weights} not found (--feature-extractor-weights)")
+            self.weights_file = self._tf_weights = self.weights
+        if self.weights_file:
+            self.weights_sha256 = file_sha256(self.weights_file)
+        else:
+            self.weights_sha256 = str(getattr(FEATURE_EXTRACTORS_REGISTRY[self.name], "weights_sha256", "unknown"))
+        return self
+
+    # -------------------------------------------------------------------------------------
+    def layer(self, metric: str = "fid") -> str:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        return FEATURE_EXTRACTORS_REGISTRY[self.name].get_default_feature_layer_for_metric(metric)
+
+    def layers(self) -> list[str]:
+        return sorted({self.layer(m) for m in ("fid", "kid", "prc")})
+
+    def tf_kwargs(self) -> dict[str, Any]:
+        """The torch-fidelity keyword arguments that select this extractor (what a direct
+        `torch_fidelity.calculate_metrics` call needs to reproduce the numbers)."""
+        kw: dict[str, Any] = {"feature_extractor": self.name, "cuda": self.device.startswith("cuda"),
+                              "verbose": False}
+        if self._tf_weights:
+            kw["feature_extractor_weights_path"] = self._tf_weights
+        return kw
+
+    def module(self):
+        if self._module is None:
+            from torch_fidelity.utils import create_feature_extractor
+
+            self._module = create_feature_extractor(self.name, self.layers(), **self.tf_kwargs())
+        return self._module
+
+    @torch.no_grad()
+    def features(self, images: Dataset) -> dict[str, Tensor]:
+        """{layer: (N, D) float32 features} through torch-fidelity's own extraction loop."""
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        if len(images) == 0:
+            raise InputError("no images to score (0 samples)")
+        return get_featuresdict_from_dataset(images, self.module(), self.batch_size,
+                                             self.device.startswith("cuda"), True, False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "layers": {m: self.layer(m) for m in ("fid", "kid", "prc")},
+                "weights_file": self.weights_file, "weights_sha256": self.weights_sha256}
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ReferenceFeatures:
+    """Reference features ({layer: (N, D)}) or, from a statistics file, FID statistics only."""
+
+    description: dict[str, Any]
+    features: dict[str, Tensor] | None = None
+    stats: dict[str, np.ndarray] | None = None   # {"mu", "sigma"}: FID only
+
+    @property
+    def count(self) -> int | None:
+        if self.features is not None:
+            return int(next(iter(self.features.values())).shape[0])
+        return self.description.get("count")
+
+    @staticmethod
+    def cache_key(extractor: Extractor, identity: Any) -> str:
+        blob = json.dumps({"extractor": extractor.name, "layers": extractor.layers(),
+                           "weights_sha256": extractor.weights_sha256, "reference": identity,
+                           "reader": 1}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    @classmethod
+    def compute(cls, images: Dataset, extractor: Extractor, identity: Any, description: dict[str, Any],
+                use_cache: bool = True) -> "ReferenceFeatures":
+        """Features of a reference image set, cached under (extractor, layers, weights sha256,
+        reference identity)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        key = cls.cache_key(extractor, identity)
+        path = cache_dir() / "eval-reference" / f"{extractor.name}-{key}.safetensors"
+        desc = {**description, "cache_key": key}
+        if use_cache and path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("weights_sha256") == extractor.weights_sha256 and meta.get("extractor") == extractor.name:
+                feats = load_file(str(path))
+                return cls({**desc, "cache": str(path), "cached": True}, features=feats)
+        feats = extractor.features(images)
+        if use_cache:
+            atomic_save_safetensors(path, feats, {"extractor": extractor.name,
+                                                  "weights_sha256": extractor.weights_sha256,
+                                                  "key": key, "description": json.dumps(description, default=str)})
+        return cls({**desc, "cache": str(path) if use_cache else None, "cached": False}, features=feats)
+
+    @classmethod
+    def from_file(cls, path: str | Path, extractor: Extractor) -> "ReferenceFeatures":
+        """A statistics file: .npz with `mu` and `sigma` (FID only; the extractor cannot be
+        checked), or a .safetensors of features written by this module (checked: extractor name
+        and weights hash must match)."""
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"reference statistics file {p} does not exist (--reference)")
+        if p.suffix == ".npz":
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    if "mu" not in z or "sigma" not in z:
+                        raise InputError(f"reference statistics {p} must hold arrays 'mu' and 'sigma', "
+                                         f"has {sorted(z.keys())}")
+                    mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+                    count = int(z["count"]) if "count" in z else None
+            except (ValueError, OSError) as e:
+                raise InputError(f"cannot read reference statistics {p}: {e}") from e
+            if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+                raise InputError(f"reference statistics {p}: mu {mu.shape} and sigma {sigma.shape} do not match")
+            return cls({"kind": "stats", "path": str(p), "sha256": file_sha256(p), "count": count,
+                        "extractor_checked": False}, stats={"mu": mu, "sigma": sigma})
+        if p.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+            from safetensors.torch import load_file
+
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    meta = f.metadata() or {}
+                feats = load_file(str(p))
+            except (SafetensorError, OSError) as e:
+                raise InputError(f"cannot read reference features {p}: {e}") from e
+            if meta.get("extractor") != extractor.name or meta.get("weights_sha256") != extractor.weights_sha256:
+                raise InputError(f"reference features {p} were made with extractor {meta.get('extractor')!r} "
+                                 f"(weights {meta.get('weights_sha256', '?')[:12]}), not {extractor.name!r} "
+                                 f"(weights {extractor.weights_sha256[:12]})")
+            return cls({"kind": "features", "path": str(p), "sha256": file_sha256(p),
+                        "extractor_checked": True}, features=feats)
+        raise InputError(f"--reference {p}: a file must be .npz (mu, sigma) or .safetensors (features)")
+
+
+def fidelity_from_features(gen: dict[str, Tensor], ref: ReferenceFeatures, extractor: Extractor,
+                           fid: bool = True, kid: bool = False, prc: bool = False,
+                           kid_subsets: int = 100, kid_subset_size: int = 1000,
+                           prc_neighborhood: int = 3, rng_seed: int = 2020) -> dict[str, Any]:
+    """torch-fidelity's FID / KID / precision-recall on extracted features.
+
+    Returns {"fid", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall", "f_score"} for
+    the requested metrics. KID's subset size is clamped to both sample counts."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+    out: dict[str, Any] = {}
+    if fid:
+        layer = extractor.layer("fid")
+        s1 = fid_featuresdict_to_statistics(gen, layer)
+        if ref.features is not None:
+            s2 = fid_featuresdict_to_statistics(ref.features, layer)
+        else:
+            s2 = dict(ref.stats)
+            s1 = {"mu": s1["mu"].astype(np.float64), "sigma": s1["sigma"]}
+            if s1["mu"].shape != s2["mu"].shape:
+                raise InputError(f"reference statistics have {s2['mu'].shape[0]} dimensions, the extractor's "
+                                 f"{layer!r} features {s1['mu'].shape[0]}")
+        out["fid"] = float(fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"])
+    if (kid or prc) and ref.features is None:
+        raise InputError("KID and precision/recall need reference features: a statistics file (.npz) "
+                         "gives FID only; give an image folder or a features file as --reference")
+    if kid:
+        layer = extractor.layer("kid")
+        n = min(gen[layer].shape[0], ref.features[layer].shape[0])
+        size = min(kid_subset_size, n)
+        if size < 2:
+            raise InputError(f"KID needs at least 2 samples on each side, got {n}")
+        m = kid_featuresdict_to_metric(gen, ref.features, layer, kid_subsets=kid_subsets,
+                                       kid_subset_size=size, rng_seed=rng_seed, verbose=False)
+        out.update(kid_mean=float(m["kernel_inception_distance_mean"]),
+                   kid_std=float(m["kernel_inception_distance_std"]), kid_subset_size=size)
+    if prc:
+        layer = extractor.layer("prc")
+        n = min(gen[layer].shape[0], ref.features[layer].shape[0])
+        if n <= prc_neighborhood:
+            raise InputError(f"precision/recall needs more than {prc_neighborhood} samples on each side, got {n}")
+        m = prc_featuresdict_to_metric(gen, ref.features, layer, prc_neighborhood=prc_neighborhood,
+                                       prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+        out.update(precision=float(m["precision"]), recall=float(m["recall"]), f_score=float(m["f_score"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def mean_pairwise_distance(features: Tensor) -> float:
+    """Mean Euclidean distance over all pairs i < j of (n, D) features (float64)."""
+    f = features.double()
+    if f.shape[0] < 2:
+        raise ValueError(f"diversity needs at least 2 samples of a condition, got {f.shape[0]}")
+    return float(torch.pdist(f).mean())
+
+
+def vendi_score(features: Tensor) -> float:
+    """Vendi score (Friedman & Dieng, 2023): exp of the Shannon entropy of the eigenvalues of
+    K / n, with K the cosine-similarity kernel of the features (unit diagonal). 1 for identical
+    samples, n for mutually orthogonal ones."""
+    f = features.double()
+    n = f.shape[0]
+    if n < 2:
+        raise ValueError(f"Vendi score needs at least 2 samples of a condition, got {n}")
+    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    lam = torch.linalg.eigvalsh(f @ f.T / n).clamp_min(0)
+    lam = lam[lam > 1e-12]
+    return float(torch.exp(-(lam * lam.log()).sum()))
+
+
+def diversity(features: Tensor, groups: Sequence[Any]) -> dict[str, Any]:
+    """Within-condition diversity: mean pairwise feature distance and Vendi score, computed per
+    group of samples that share a condition (class label or caption) and averaged over groups.
+
+    Args:
+        features: (N, D) features of the samples.
+        groups:   N condition keys; groups with fewer than 2 samples are skipped.
+    """
+    if len(groups) != features.shape[0]:
+        raise ValueError(f"{len(groups)} group keys for {features.shape[0]} feature rows")
+    by: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g, []).append(i)
+    dists, vendis, sizes = [], [], []
+    for idx in by.values():
+        if len(idx) < 2:
+            continue
+        f = features[idx]
+        dists.append(mean_pairwise_distance(f))
+        vendis.append(vendi_score(f))
+        sizes.append(len(idx))
+    if not dists:
+        raise ValueError("diversity needs a condition with at least 2 samples; none has")
+    return {"diversity": float(np.mean(dists)), "vendi": float(np.mean(vendis)),
+            "diversity_groups": len(dists), "diversity_group_size": int(np.median(sizes))}
+
+
+# ---------------------------------------------------------------------------------------------
+class _ClipFeatures(torch.nn.Module):
+    """A CLIPModel whose get_image_features / get_text_features return the projected embedding
+    tensors: transformers 5 returns output objects there, which torchmetrics 1.9 cannot norm."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> Tensor:
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+class ClipScorer:
+    """CLIP score through torchmetrics' `CLIPScore`, with the model and processor loaded from a
+    local folder (`CLIPModel.from_pretrained(dir, local_files_only=True)`): max(100 * mean cosine
+    similarity of image and caption embeddings, 0)."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", prefix: str = ""):
+        d = Path(model_dir)
+        if not d.is_dir() or not (d / "config.json").is_file():
+            raise InputError(f"CLIP model folder {d} not found or has no config.json (--clip-model); "
+                             "nothing is downloaded")
+        from torchmetrics.multimodal.clip_score import CLIPScore
+        from transformers import CLIPModel, CLIPProcessor
+
+        def load():
+            try:
+                model = CLIPModel.from_pretrained(str(d), local_files_only=True).eval()
+                return _ClipFeatures(model), CLIPProcessor.from_pretrained(str(d), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot load a CLIP model and processor from {d} (--clip-model): {e}") from e
+
+        self.model_dir = str(d)
+        self.prefix = prefix
+        self.metric = CLIPScore(model_name_or_path=load).to(device)
+        cfg = self.metric.model.config
+        weights = [p for p in sorted(d.iterdir()) if p.suffix in (".safetensors", ".bin")]
+        self.weights_sha256 = file_sha256(weights[0]) if len(weights) == 1 else "unknown"
+        self.name = str(getattr(cfg, "_name_or_path", "") or d.name)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, captions: Sequence[str], batch_size: int = 64) -> float:
+        if images.shape[0] != len(captions):
+            raise ValueError(f"{images.shape[0]} images for {len(captions)} captions")
+        self.metric.reset()
+        dev = self.metric.device
+        for i in range(0, images.shape[0], batch_size):
+            caps = [self.prefix + c for c in captions[i:i + batch_size]]
+            self.metric.update(images[i:i + batch_size].to(dev), caps)
+        return float(self.metric.compute())
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "torchmetrics CLIPScore", "model_dir": self.model_dir,
+                "weights_sha256": self.weights_sha256, "prefix": self.prefix}

@@ -1,0 +1,302 @@
+"""What is evaluated: a teacher (by name or pipeline folder), an exported student pipeline
+folder, or a training run dir, turned into one `Source` that generates images.
+
+    src = load_source("digits-vp")                 # teacher: steps = DDIM / Euler steps
+    src = load_source("exports/dmd2-digits")       # exported student: its recorded times
+    src = load_source("runs/digits-dmd2")          # run dir: teacher + student weights + run card
+    images = src.generate(conds, seeds, steps=1)   # float (N, C, H, W) in [-1, 1]
+
+Teachers sample with their own schedule (`path.sampling_times(steps)`, deterministic DDIM /
+Euler, i.e. what their stock scheduler does). Students sample with the times recorded when they
+were trained (run card or export card: `{"times": [...], "renoise": "fresh" | "ddim"}`) when the
+step count matches, or with evenly spaced times from 1 (the same spacing as DMD2's
+999, 749, 499, 249) at other step counts; which one was used is recorded with each result.
+
+Noise: sample i starts from noise drawn from its own CPU generator seeded with `seed + i`, so an
+image does not depend on the batch it is generated in; fresh noise between the steps of a
+stochastic student comes from one generator per batch (seeded from the seed and the batch's
+first index), so it depends on --batch-size, which is recorded.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..samplers import initial_noise, sample
+from .inputs import InputError
+
+__all__ = ["Source", "load_source", "uniform_times", "TEACHER_NAMES"]
+
+TEACHER_NAMES = ("digits-vp", "digits-flow")
+RUN_CARD_NAMES = ("run_card.json", "card.json", "run.json")
+EXPORT_CARD_NAMES = ("fewstep_card.json", "fewstep.json", "export_card.json")
+
+
+def uniform_times(steps: int) -> list[float]:
+    """Evenly spaced times 1, (n-1)/n, ..., 1/n, 0 (VP: DDPM indices 999, 749, 499, 249 at n=4)."""
+    return [1.0 - i / steps for i in range(steps)] + [0.0]
+
+
+@dataclass
+class Source:
+    """A generator of images with everything the results need to name it."""
+
+    kind: str                                   # "teacher" or "student"
+    name: str                                   # what the user passed
+    denoiser: Any                               # fewstep Denoiser
+    decode: Callable[[Tensor], Tensor]          # latents -> images (B, C, H, W) in [-1, 1]
+    latent_shape: tuple[int, ...]
+    conditioning: str                           # "labels" or "captions"
+    num_classes: int | None = None
+    encode_prompts: Callable[[list[str]], dict] | None = None
+    sampling: dict[str, Any] | None = None      # students: {"times": [...], "renoise": ...}
+    default_guidance: float = 1.0
+    guidance_source: str = "default"
+    pipeline: Any = None                        # a diffusers pipeline, for --sampler pipeline
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # -------------------------------------------------------------------------------------
+    def schedule(self, steps: int) -> tuple[list[float], str, str]:
+        """(times, renoise, where the times come from) for `steps` network evaluations."""
+        if steps < 1:
+            raise ValueError(f"--steps must be positive, got {steps}")
+        if self.kind == "teacher":
+            ts = [float(t) for t in self.denoiser.path.sampling_times(steps).tolist()]
+            return ts, "ddim", "teacher schedule (path.sampling_times)"
+        samp = self.sampling or {}
+        by_steps = samp.get("times_by_steps") or {}
+        renoise = str(samp.get("renoise", "fresh"))
+        if str(steps) in by_steps:
+            return [float(t) for t in by_steps[str(steps)]], renoise, "card (times_by_steps)"
+        times = samp.get("times")
+        if times is not None and len(times) - 1 == steps:
+            return [float(t) for t in times], renoise, "card (training times)"
+        trained = "unknown" if times is None else str(len(times) - 1)
+        return uniform_times(steps), renoise, f"uniform (trained with {trained} steps)"
+
+    def conds(self, labels: Tensor | None, captions: Sequence[str] | None, device) -> dict | None:
+        if self.conditioning == "labels":
+            if labels is None:
+                raise ValueError(f"{self.name} is class-conditional: it needs labels")
+            return {"class_labels": labels.to(device)}
+        if captions is None:
+            raise ValueError(f"{self.name} is text-conditional: it needs captions (--captions)")
+        if self.encode_prompts is None:
+            raise ValueError(f"{self.name}: no prompt encoder")
+        cond = self.encode_prompts(list(captions))
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
+
+    @torch.no_grad()
+    def generate(self, steps: int, seeds: Sequence[int], labels: Tensor | None = None,
+                 captions: Sequence[str] | None = None, guidance: float | None = None, batch_size: int = 250,
+                 device: str = "cpu", sampler: str = "fewstep", progress: str | None = None) -> tuple[Tensor, float]:
+        """Generate one image per seed; returns (images float32 (N, C, H, W) in [-1, 1] on the CPU,
+        wall seconds including decoding)."""
+        from tqdm import tqdm
+
+        n = len(seeds)
+        w = self.default_guidance if guidance is None else float(guidance)
+        times, renoise, _ = self.schedule(steps)
+        out: list[Tensor] = []
+        t0 = time.perf_counter()
+        with tqdm(total=n, desc=progress or f"{self.name} {steps} step(s)", unit="img",
+                  disable=progress is False, leave=False) as bar:
+            for s in range(0, n, batch_size):
+                idx = range(s, min(s + batch_size, n))
+                lab = labels[s:idx.stop] if labels is not None else None
+                cap = list(captions[s:idx.stop]) if captions is not None else None
+                if sampler == "pipeline":
+                    img = self._pipeline_batch(steps, [seeds[i] for i in idx], lab, cap, w)
+                else:
+                    noise = torch.cat([initial_noise((1, *self.latent_shape), torch.Generator().manual_seed(int(seeds[i])))
+                                       for i in idx]).to(device)
+                    gen = torch.Generator().manual_seed(int(seeds[s]) * 1_000_003 + 7)
+                    lat = sample(self.denoiser, noise, self.conds(lab, cap, device), times, guidance=w,
+                                 renoise=renoise, generator=gen)
+                    img = self.decode(lat).float().clamp(-1, 1).cpu()
+                out.append(img)
+                bar.update(len(idx))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return torch.cat(out), time.perf_counter() - t0
+
+    def _pipeline_batch(self, steps, seeds, labels, captions, guidance) -> Tensor:
+        """The stock diffusers pipeline's own sampling (stock scheduler), as a user would call it.
+        Its schedulers draw fresh noise from torch's global RNG, seeded here with the batch's
+        first seed."""
+        if self.pipeline is None:
+            raise InputError(f"--sampler pipeline needs a pipeline folder; {self.name} is not one")
+        pipe = self.pipeline
+        torch.manual_seed(int(seeds[0]))
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        kw: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": gens,
+                              "output_type": "np"}
+        if self.conditioning == "labels":
+            res = pipe(class_labels=labels.tolist(), **kw)
+        else:
+            res = pipe(prompt=list(captions), **kw)
+        arr = torch.from_numpy(res.images).float()  # (B, H, W, C) in [0, 1]
+        return (arr.permute(0, 3, 1, 2) * 2 - 1).clamp(-1, 1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "conditioning": self.conditioning,
+                "num_classes": self.num_classes, "latent_shape": list(self.latent_shape),
+                "default_guidance": self.default_guidance, "guidance_source": self.guidance_source,
+                "sampling": self.sampling, **self.info}
+
+
+# ---------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+
+
+def _vae_decoder(vae) -> Callable[[Tensor], Tensor]:
+    sf = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+    shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+
+    def decode(lat: Tensor) -> Tensor:
+        z = (lat.float() / sf + shift).to(device=next(vae.parameters()).device, dtype=vae.dtype)
+        return vae.decode(z).sample.float()
+
+    return decode
+
+
+def _teacher_guidance(teacher: Any) -> tuple[float, str]:
+    """The guidance a teacher recommends: its `.guidance` attribute, or the `guidance` /
+    `guidance_scale` entry of the embedded teachers' card; 1 (no guidance) otherwise."""
+    for attr in ("guidance", "guidance_scale", "default_guidance"):
+        v = getattr(teacher, attr, None)
+        if isinstance(v, (int, float)):
+            return float(v), f"teacher.{attr}"
+    card = getattr(teacher, "card", None)
+    if isinstance(card, dict):
+        for key in ("guidance", "guidance_scale", "eval_guidance"):
+            if isinstance(card.get(key), (int, float)):
+                return float(card[key]), f"teacher card {key}"
+    return 1.0, "default (no guidance recommended by the teacher)"
+
+
+def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> Source:
+    den = teacher.denoiser
+    decode = teacher.decode if callable(getattr(teacher, "decode", None)) else (
+        _vae_decoder(teacher.vae) if getattr(teacher, "vae", None) is not None else (lambda z: z.float()))
+    enc = getattr(teacher, "encode_prompts", None)
+    cond_kind = "labels" if type(den.backbone).__name__ in ("DiTTransformer2DModel", "UNet2DModel") or \
+        getattr(teacher, "num_classes", None) else "captions"
+    if getattr(teacher, "family", None) in ("sd15", "sdxl", "pixart", "sd3", "flux"):
+        cond_kind = "captions"
+    num_classes = getattr(teacher, "num_classes", None)
+    labels = getattr(getattr(teacher, "pipeline", None), "labels", None)
+    if cond_kind == "labels" and num_classes is None and labels:
+        num_classes = len(labels)
+    g, gsrc = _teacher_guidance(teacher) if kind == "teacher" else (1.0, "student (guidance distilled)")
+    pipe = getattr(teacher, "pipeline", None)
+    if pipe is not None and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return Source(kind=kind, name=name, denoiser=den, decode=decode, latent_shape=tuple(teacher.latent_shape),
+                  conditioning=cond_kind, num_classes=num_classes, encode_prompts=enc if callable(enc) else None,
+                  default_guidance=g, guidance_source=gsrc, pipeline=pipe if kind != "student" or
+                  getattr(teacher, "_t", None) is None else None,
+                  info={"family": getattr(teacher, "family", None),
+                        "pipeline_class": getattr(teacher, "pipeline_class", None),
+                        "pipeline_dir": str(getattr(teacher, "pipeline_dir", "") or "") or None, **info})
+
+
+def _load_teacher(source: str, device: str, dtype: torch.dtype):
+    try:
+        from ..teachers import load_teacher
+    except ModuleNotFoundError as e:  # pragma: no cover - during development only
+        raise InputError(f"cannot load {source!r}: fewstep.teachers is not available ({e})") from e
+    return load_teacher(source, device=device, dtype=dtype)
+
+
+def _export_card(folder: Path) -> dict | None:
+    for n in EXPORT_CARD_NAMES:
+        if (folder / n).is_file():
+            return _read_json(folder / n)
+    return None
+
+
+def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Source:
+    """Resolve --pipeline: a teacher name, a pipeline folder (teacher or exported student) or a
+    training run dir. Raises InputError naming the path for anything else."""
+    p = Path(source)
+    if source in TEACHER_NAMES:
+        t = _load_teacher(source, device, dtype)
+        return _from_teacher(t, "teacher", source, {"source": source})
+    if not p.exists():
+        raise InputError(f"--pipeline {source!r} is neither a teacher name ({', '.join(TEACHER_NAMES)}) "
+                         "nor an existing folder")
+    if p.is_dir() and any((p / n).is_file() for n in RUN_CARD_NAMES) and not (p / "model_index.json").is_file():
+        return _load_run(p, device, dtype)
+    if p.is_dir() and (p / "model_index.json").is_file():
+        t = _load_teacher(str(p), device, dtype)
+        card = _export_card(p)
+        sampling = (card or {}).get("sampling")
+        kind = "student" if sampling else "teacher"
+        src = _from_teacher(t, kind, source, {"source": str(p), "export_card": card})
+        src.sampling = sampling
+        return src
+    raise InputError(f"--pipeline {p}: not a diffusers pipeline folder (no model_index.json) nor a run dir "
+                     f"(no {' / '.join(RUN_CARD_NAMES)})")
+
+
+def _load_run(run_dir: Path, device: str, dtype: torch.dtype) -> Source:
+    """A training run dir: the run card names the teacher and the student's sampler; the student's
+    weights replace a copy of the teacher's backbone."""
+    card_path = next(run_dir / n for n in RUN_CARD_NAMES if (run_dir / n).is_file())
+    card = _read_json(card_path)
+    teacher_src = card.get("teacher") or card.get("teacher_source") or \
+        (card.get("config", {}).get("teacher", {}) or {}).get("source")
+    if isinstance(teacher_src, dict):
+        teacher_src = teacher_src.get("source") or teacher_src.get("name")
+    if not teacher_src:
+        raise InputError(f"run card {card_path} does not name its teacher ('teacher')")
+    t = _load_teacher(str(teacher_src), device, dtype)
+    weights = _student_weights(run_dir, card)
+    from safetensors.torch import load_file
+
+    from ..denoiser import copy_denoiser
+
+    student = copy_denoiser(t.denoiser, trainable=False)
+    state = load_file(str(weights))
+    missing, unexpected = student.backbone.load_state_dict(state, strict=False)
+    if unexpected or len(missing) == len(list(student.backbone.state_dict())):
+        raise InputError(f"student weights {weights} do not fit the teacher's backbone "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    t_student = _TeacherView(t, student)
+    src = _from_teacher(t_student, "student", str(run_dir),
+                        {"source": str(run_dir), "run_card": str(card_path), "weights": str(weights),
+                         "teacher_source": teacher_src, "objective": card.get("objective")})
+    src.sampling = card.get("sampling")
+    return src
+
+
+def _student_weights(run_dir: Path, card: dict) -> Path:
+    named = card.get("weights") or card.get("student_weights")
+    cands = ([run_dir / named] if isinstance(named, str) else []) + [
+        run_dir / n for n in ("student_ema.safetensors", "ema.safetensors", "student.safetensors")]
+    for c in cands:
+        if c.is_file():
+            return c
+    raise InputError(f"run dir {run_dir} holds no student weights ({', '.join(c.name for c in cands)})")
+
+
+class _TeacherView:
+    """A teacher's components with the student's denoiser in place of its own."""
+
+    def __init__(self, teacher: Any, denoiser: Any):
+        self._t = teacher
+        self.denoiser = denoiser
+
+    def __getattr__(self, name: str):
+        return getattr(self._t, name)

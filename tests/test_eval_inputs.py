@@ -1,0 +1,186 @@
+"""Bad and awkward input to `fewstep eval`: each case either converts as documented in
+fewstep/evaluation/inputs.py or stops with a message naming the file, and no results file is
+left behind as if complete."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewstep.evaluation import EvalSpec, ImageFolder, InputError, evaluate
+from fewstep.evaluation.inputs import atomic_write_json, list_images, read_image
+
+
+def _png(path, arr, mode=None):
+    Image.fromarray(arr, mode=mode).save(path)
+    return path
+
+
+def _gray(seed, size=32):
+    return np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def test_empty_folder_is_an_error_naming_it(tmp_path):
+    with pytest.raises(InputError, match=str(tmp_path)):
+        ImageFolder(tmp_path)
+
+
+def test_non_image_files_are_ignored_and_a_folder_of_only_them_is_an_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(InputError, match="holds no images"):
+        ImageFolder(tmp_path)
+    _png(tmp_path / "a.png", _gray(0))
+    _png(tmp_path / "B.PNG", _gray(1))
+    folder = ImageFolder(tmp_path)
+    assert [f.name for f in folder.files] == ["B.PNG", "a.png"]
+    assert folder[0].shape == (3, 32, 32) and folder[0].dtype == torch.uint8
+
+
+def test_images_only_in_sub_folders_get_a_hint(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _png(tmp_path / "sub" / "a.png", _gray(0))
+    with pytest.raises(InputError, match="sub-folders"):
+        list_images(tmp_path)
+
+
+def test_corrupt_png_is_an_error_naming_the_file(tmp_path):
+    _png(tmp_path / "good.png", _gray(0))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(InputError, match="bad.png"):
+        ImageFolder(tmp_path)
+
+
+def test_truncated_png_fails_when_read_naming_the_file(tmp_path):
+    full = _png(tmp_path / "full.png", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = full.read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])  # valid header, half the pixel data
+    folder = ImageFolder(tmp_path)           # headers are fine
+    with pytest.raises(InputError, match="cut.png"):
+        [folder[i] for i in range(len(folder))]
+
+
+def test_mixed_sizes_need_a_scoring_size_then_are_resized(tmp_path):
+    _png(tmp_path / "a.png", _gray(0, 32))
+    _png(tmp_path / "b.png", np.random.default_rng(1).integers(0, 256, (48, 64), dtype=np.uint8))
+    with pytest.raises(InputError, match=r"mixes image sizes: 32x32 \(a.png\), 64x48 \(b.png\)"):
+        ImageFolder(tmp_path)
+    folder = ImageFolder(tmp_path, size=32)
+    assert folder[0].shape == folder[1].shape == (3, 32, 32)
+    # 64x48 -> shorter side 32 (43x32, bicubic), centre crop 32x32: as documented
+    im = Image.open(tmp_path / "b.png").convert("RGB").resize((43, 32), Image.BICUBIC).crop((5, 0, 37, 32))
+    assert torch.equal(folder[1], torch.from_numpy(np.array(im)).permute(2, 0, 1))
+
+
+def test_grayscale_rgba_palette_and_16bit_convert_as_documented(tmp_path):
+    g = _gray(0)
+    x = read_image(_png(tmp_path / "g.png", g, "L"))
+    assert x.shape == (3, 32, 32) and all(torch.equal(x[c], torch.from_numpy(g)) for c in range(3))
+
+    rgba = np.random.default_rng(1).integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = 0  # fully transparent: the alpha is dropped, colours are kept (as torch-fidelity reads it)
+    x = read_image(_png(tmp_path / "rgba.png", rgba, "RGBA"))
+    assert torch.equal(x, torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1))
+
+    la = Image.fromarray(np.stack([g, 255 - g], -1), mode="LA")
+    la.save(tmp_path / "la.png")
+    assert torch.equal(read_image(tmp_path / "la.png")[1], torch.from_numpy(g))
+
+    g16 = (g.astype(np.uint16) * 257)  # 16-bit grayscale of the same picture
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert torch.equal(read_image(tmp_path / "g16.png")[0], torch.from_numpy(g))
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "results.json"
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"ok": 1, "bad": Boom()})
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
+    atomic_write_json(target, {"ok": 1})
+    assert json.loads(target.read_text()) == {"ok": 1}
+
+
+def _digits_folder(path, n=24, start=0):
+    from fewstep.digits.data import load_digits_tensors, to_uint8_rgb
+
+    path.mkdir(parents=True, exist_ok=True)
+    x, _ = load_digits_tensors()
+    for i, im in enumerate(to_uint8_rgb(x[start:start + n])):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(path / f"{i:04d}.png")
+    return path
+
+
+def test_corrupt_reference_stops_before_generation_and_writes_nothing(tmp_path, monkeypatch):
+    ref = _digits_folder(tmp_path / "ref")
+    (ref / "zz_corrupt.png").write_bytes(b"not a png at all")
+
+    def no_generation(*a, **k):
+        raise AssertionError("the source was loaded although the reference is broken")
+
+    monkeypatch.setattr("fewstep.evaluation.sources.load_source", no_generation)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="zz_corrupt.png"):
+        evaluate(EvalSpec(pipeline="digits-vp", reference=str(ref), metrics=["fid"], num_samples=10,
+                          out=str(out), cache=False, progress=False))
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()
+
+
+def test_missing_inception_weights_stop_before_generation_naming_file_and_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr("fewstep.evaluation.sources.load_source",
+                        lambda *a, **k: pytest.fail("generation started without the Inception weights"))
+    missing = tmp_path / "nowhere" / "inception.pth"
+    with pytest.raises(InputError, match=r"inception.pth.*--inception-weights"):
+        evaluate(EvalSpec(pipeline="digits-vp", feature_extractor="inception-v3-compat",
+                          inception_weights=str(missing), metrics=["fid"], out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_clip_model_stops_naming_the_flag(tmp_path):
+    with pytest.raises(InputError, match="--clip-model"):
+        evaluate(EvalSpec(pipeline="digits-vp", metrics=["clip"], out=str(tmp_path / "out")))
+    with pytest.raises(InputError, match=r"nope.*--clip-model"):
+        evaluate(EvalSpec(pipeline="digits-vp", metrics=["clip"], clip_model=str(tmp_path / "nope"),
+                          out=str(tmp_path / "out")))
+
+
+def test_unpicklable_inception_file_is_refused(tmp_path):
+    import pickle
+
+    bad = tmp_path / "inception.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"w": object()}, f)
+    with pytest.raises(InputError, match="weights_only=True"):
+        evaluate(EvalSpec(images=str(tmp_path), feature_extractor="inception-v3-compat",
+                          inception_weights=str(bad), metrics=["fid"], reference="digits",
+                          out=str(tmp_path / "out")))
+
+
+def test_bad_statistics_files_name_the_file(tmp_path):
+    imgs = _digits_folder(tmp_path / "gen")
+    np.savez(tmp_path / "stats.npz", mean=np.zeros(3))
+    with pytest.raises(InputError, match=r"stats.npz.*'mu' and 'sigma'"):
+        evaluate(EvalSpec(images=str(imgs), reference=str(tmp_path / "stats.npz"), metrics=["fid"],
+                          out=str(tmp_path / "out"), progress=False))
+    np.savez(tmp_path / "s2.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(InputError, match="KID and precision/recall need reference features"):
+        evaluate(EvalSpec(images=str(imgs), reference=str(tmp_path / "s2.npz"), metrics=["fid", "kid"],
+                          out=str(tmp_path / "out"), progress=False))
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_unknown_metric_and_protocol_are_errors(tmp_path):
+    with pytest.raises(InputError, match="unknown.*lpips"):
+        evaluate(EvalSpec(images=str(tmp_path), metrics=["fid", "lpips"], out=str(tmp_path / "o")))
+    with pytest.raises(InputError, match="--protocol 'imagenet'"):
+        evaluate(EvalSpec(images=str(tmp_path), protocol="imagenet", out=str(tmp_path / "o")))
