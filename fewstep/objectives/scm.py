@@ -215,12 +215,14 @@ class TBCMObjective(_ConsistencyLoss):
                                     int(getattr(self.path, "num_train_timesteps", 1000)))
 
     def route(self) -> Tensor:
-        """[theta_max] + one angle drawn uniformly in each reference interval (decreasing)."""
+        """[theta_max] + one angle drawn uniformly in each reference interval (decreasing).
+        A teacher whose t = 1 lies below pi/2 (SD-like VP schedules) starts at its own top angle,
+        and draws above it are dropped (no zero-length steps)."""
         ref = self.ref_route
         u = torch.rand(ref.numel() - 1, dtype=torch.float64)
         inner = ref[1:] + u * (ref[:-1] - ref[1:])
-        route = torch.cat([ref[:1], inner]).clamp(max=self.theta_max)
-        return route
+        inner = inner[inner < self.theta_max]
+        return torch.cat([torch.tensor([self.theta_max], dtype=torch.float64), inner])
 
     @torch.no_grad()
     def trajectory(self, noise: Tensor, cond: Cond | None, route: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,0 +1,238 @@
+"""Continuous-time consistency (sCM, TBCM): TrigFlow conversions, the JVP tangent against finite
+differences in float64, the exact teacher trajectory, and one training step per family."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fewstep.denoiser import copy_denoiser
+from fewstep.objectives import _trigflow as tf
+from fewstep.objectives.base import trainable_parameters
+from fewstep.objectives.scm import (SCMObjective, SCMParams, TBCMObjective, TBCMParams, build, build_tbcm,
+                                    scm_tangent, tbcm_route)
+from fewstep.paths import FlowPath, TrigFlowPath, convert
+from fewstep.samplers import sample
+from fewstep.testing import gmm_denoiser
+from tiny import make_tiny, vp_path
+
+SD = 0.5
+
+
+def _paths():
+    return {"vp_eps": vp_path("epsilon"), "vp_v": vp_path("v_prediction"), "flow": FlowPath(1000, shift=3.0)}
+
+
+@pytest.mark.parametrize("name", ["vp_eps", "flow"])
+def test_trigflow_conversion_is_equal_snr(name):
+    path = _paths()[name]
+    trig = TrigFlowPath(SD)
+    theta = torch.tensor([0.01, 0.4, 1.0, 1.3, 1.5], dtype=torch.float64)
+    theta = theta.clamp(max=tf.max_angle(path, SD))
+    x0 = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    z = torch.randn_like(x0)
+    x_trig = trig.add_noise(x0, z, trig.t_from_angle(theta))
+    x_p, t_p = tf.to_path(x_trig, theta, path, SD)
+    # the same (x0, noise) pair on the teacher's path, at the time of equal SNR
+    assert torch.allclose(x_p, path.add_noise(x0, z, t_p), atol=1e-10)
+    a, s = path.alpha_sigma(t_p)
+    assert torch.allclose(s / a, SD * torch.tan(theta), rtol=1e-9)
+    # agrees with the generic `convert` where that is defined, and round-trips through angles
+    x_c, t_c = convert(x_trig, trig.t_from_angle(theta), trig, path)
+    assert torch.allclose(x_c, x_p, atol=1e-10) and torch.allclose(t_c, t_p, atol=1e-12)
+    assert torch.allclose(tf.angle_of_t(path, t_p, SD), theta, atol=1e-9)
+    # F read off x0 is TrigFlow's own prediction: x0 = cos x - sin sd F
+    F = tf.F_from_x0(x_trig, theta, x0, SD)
+    assert torch.allclose(trig.to_x0_eps(x_trig, F, trig.t_from_angle(theta))[0], x0, atol=1e-10)
+
+
+def test_sampling_angles_map_to_path_times():
+    vp, flow = _paths()["vp_eps"], _paths()["flow"]
+    assert tf.max_angle(vp, SD) < math.pi / 2 - 0.01  # SD-like schedules do not reach pure noise
+    assert tf.max_angle(flow, SD) == pytest.approx(math.pi / 2, abs=2e-4)
+    for path in (vp, flow):
+        t = tf.times_from_angles([math.pi / 2, 1.3, 0.0], path, SD)
+        assert t[0] == 1.0 and t[-1] == 0.0
+        a, s = path.alpha_sigma(torch.tensor(t[1], dtype=torch.float64))
+        assert float(s / a) == pytest.approx(SD * math.tan(1.3), rel=1e-6)
+    tiny = make_tiny("dit")
+    obj = SCMObjective(SCMParams(), tiny.denoiser, copy_denoiser(tiny.denoiser))
+    assert obj.sampling["renoise"] == "fresh" and len(obj.sampling["times"]) == 3
+    assert obj.sampling["angles"] == [math.pi / 2, 1.3, 0.0]
+    assert [len(v) for v in obj.sampling["times_by_steps"].values()] == [2, 3, 5]
+    noise = torch.randn(2, *tiny.latent_shape)
+    for times in obj.sampling["times_by_steps"].values():
+        x = sample(obj.nets["student"], noise, tiny.cond(2), times, renoise="fresh",
+                   generator=torch.Generator().manual_seed(0))
+        assert x.shape == noise.shape and torch.isfinite(x).all()
+
+
+def _fd_check(net, path, cond, theta, x, dxdt, h=1e-6, fourth_order=False):
+    """JVP (F, JF) against a central difference of F along (cos sin dxdt, cos sin)."""
+    F, JF = tf.student_F_jvp(net, x, theta, dxdt, cond, SD, path)
+    cs = (torch.cos(theta) * torch.sin(theta))
+
+    def central(hh):
+        fp = tf.net_F(net, x + hh * cs.view(-1, 1, 1, 1) * dxdt, theta + hh * cs, cond, SD, path)
+        fm = tf.net_F(net, x - hh * cs.view(-1, 1, 1, 1) * dxdt, theta - hh * cs, cond, SD, path)
+        return (fp - fm) / (2 * hh)
+
+    with torch.no_grad():
+        fd = (4 * central(h / 2) - central(h)) / 3 if fourth_order else central(h)
+        F_direct = tf.net_F(net, x, theta, cond, SD, path)
+    assert torch.allclose(F, F_direct, atol=1e-10)
+    rel = float((JF - fd).norm() / fd.norm())
+    assert rel < 1e-3, rel
+    return F, JF
+
+
+@pytest.mark.parametrize("family,prediction", [("dit", "epsilon"), ("sd15", "v_prediction"), ("sd3", "epsilon"),
+                                               ("flux", "epsilon")])
+def test_jvp_tangent_matches_finite_difference_float64(family, prediction):
+    tiny = make_tiny(family, prediction=prediction, dtype=torch.float64)
+    theta = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    x = torch.randn(2, *tiny.latent_shape, dtype=torch.float64) * 0.7
+    dxdt = torch.randn_like(x)
+    # diffusers computes the sinusoidal timestep embedding in float32 whatever the model dtype,
+    # so a tiny step drowns in rounding; a fourth-order difference at h = 1e-3 keeps both the
+    # truncation and the rounding error far below the 1e-3 tolerance
+    _fd_check(tiny.denoiser, tiny.path, tiny.cond(2), theta, x, dxdt, h=1e-3, fourth_order=True)
+
+
+def test_jvp_and_tangent_on_exact_gmm_teacher():
+    """With the exact Gaussian-mixture denoiser the raw tangent g (r = 1) is cos(theta) times the
+    finite-difference derivative of the consistency function along the teacher's own ODE."""
+    path = _paths()["vp_eps"]
+    means = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    teacher = gmm_denoiser(path, means, 0.2)
+    theta = torch.tensor([0.5, 1.1], dtype=torch.float64)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    dxdt = tf.teacher_velocity(teacher, x, theta, None, SD, path)
+    F, JF = _fd_check(teacher, path, None, theta, x, dxdt)
+    g = scm_tangent(F, JF, dxdt, x, theta, 1.0, SD, norm_c=None)
+
+    def f(xx, th):  # consistency function: cos x - sin sd F = the network's x0
+        return teacher(*tf.to_path(xx, th, path, SD), None)
+
+    h = 1e-6
+    with torch.no_grad():
+        dfd = (f(x + h * dxdt, theta + h) - f(x - h * dxdt, theta - h)) / (2 * h)
+    expected = torch.cos(theta).view(-1, 1, 1, 1) * dfd
+    assert float((g - expected).norm() / expected.norm()) < 1e-3
+    # the teacher is its own consistency function along its ODE only up to its curvature: the
+    # total derivative is not zero, so the test above is not trivially satisfied
+    assert float(expected.norm()) > 1e-3
+    gn = scm_tangent(F, JF, dxdt, x, theta, 1.0, SD, norm_c=0.1)
+    assert torch.allclose(gn.flatten(1).norm(dim=1), g.flatten(1).norm(dim=1) / (g.flatten(1).norm(dim=1) + 0.1))
+
+
+@pytest.mark.parametrize("path_name", ["vp_eps", "flow"])
+def test_tbcm_trajectory_is_the_teachers_ddim_path(path_name):
+    """TBCM's stored points are the teacher's exact DDIM trajectory: TrigFlow-DDIM steps equal the
+    teacher path's own DDIM sampler on the route's equal-SNR times."""
+    path = _paths()[path_name]
+    means = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    teacher = gmm_denoiser(path, means, 0.1)
+    obj = TBCMObjective(TBCMParams(route_steps=6), teacher, copy_denoiser(teacher))
+    route = obj.route().to(torch.float64)
+    assert route[0] == obj.theta_max and torch.all(route[1:] < route[:-1])
+    noise = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    xs, ths, vs, x_end = obj.trajectory(noise, None, route)
+    assert xs.shape[0] == route.numel() - 1 >= 4 and torch.equal(ths, route[1:])
+    times = [float(v) for v in tf.t_of_angle(path, route, SD)] + [0.0]
+    start = tf.to_path(noise * SD, route[:1].expand(3), path, SD)[0]
+    points = []
+    ref = sample(teacher, noise, None, times, renoise="ddim", start=start,
+                 callback=lambda i, t, x, x0: points.append(x))
+    assert torch.allclose(x_end, ref, atol=1e-8)
+    for i in range(1, len(points)):
+        x_p = tf.to_path(xs[i - 1], route[i].expand(3), path, SD)[0]
+        assert torch.allclose(x_p, points[i], atol=1e-8)
+    # the stored velocity is the teacher's dx/dtheta at the stored point
+    v = tf.teacher_velocity(teacher, xs[2], route[3].expand(3), None, SD, path)
+    assert torch.allclose(v, vs[2], atol=1e-10)
+
+
+def test_tbcm_route_is_stratified_in_reference():
+    ref = tbcm_route(16, 2.5)
+    assert ref.numel() == 16 and ref[0] == pytest.approx(math.pi / 2) and torch.all(ref[1:] < ref[:-1])
+    tiny = make_tiny("sd3")
+    obj = TBCMObjective(TBCMParams(), tiny.denoiser, copy_denoiser(tiny.denoiser))
+    r = obj.route()
+    assert torch.all((r[1:] <= ref[:-1] + 1e-12) & (r[1:] >= ref[1:] - 1e-12))
+
+
+def _count_calls(module):
+    calls = []
+
+    def hook(m, args, kwargs, out):
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        calls.append(x.shape[0])
+
+    module.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def _state(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["scm", "tbcm"])
+@pytest.mark.parametrize("family,prediction", [("dit", "epsilon"), ("sdxl", "v_prediction"), ("pixart", "epsilon"),
+                                               ("sd3", "epsilon")])
+def test_one_step_changes_only_student(method, family, prediction):
+    tiny = make_tiny(family, prediction=prediction)
+    teacher = tiny.denoiser
+    student = copy_denoiser(teacher)
+    if method == "scm":
+        obj = SCMObjective(SCMParams(guidance=2.0, tangent_warmup=10), teacher, student)
+    else:
+        obj = TBCMObjective(TBCMParams(guidance=2.0, route_steps=4, tangent_warmup=10), teacher, student)
+    assert obj.groups == {"student": ["student", "logvar"]}
+    teacher0, student0, logvar0 = _state(teacher), _state(student), _state(obj.nets["logvar"])
+    calls = _count_calls(teacher.backbone)
+    b = 2
+    g = torch.Generator().manual_seed(3)
+    batch = {"cond": tiny.cond(b, g), "shape": (b, *tiny.latent_shape)}
+    if method == "scm":
+        batch["x0"] = torch.randn(b, *tiny.latent_shape, generator=g) * SD
+    opt = torch.optim.SGD(trainable_parameters(obj, "student"), lr=0.01)
+    loss, logs = obj.loss("student", batch, 5)
+    assert logs["r"] == 0.5 and torch.isfinite(loss)
+    # CFG teacher: one 2B pass per point (sCM) or per route point (TBCM); the JVP reuses them
+    assert calls == ([2 * b] if method == "scm" else [2 * b] * 4)
+    if method == "tbcm":
+        assert logs["points"] == 3 * b
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    opt.step()
+    assert all(torch.equal(v, teacher0[k]) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(v, student0[k]) for k, v in student.state_dict().items())
+    assert any(not torch.equal(v, logvar0[k]) for k, v in obj.nets["logvar"].state_dict().items())
+
+
+def test_errors_name_the_key():
+    tiny = make_tiny("dit")
+
+    class Ctx:
+        has_real_data = False
+        seed = 0
+
+        @staticmethod
+        def make_student(t):
+            return copy_denoiser(t)
+
+    with pytest.raises(ValueError, match="tbcm"):
+        build(SCMParams(), tiny.denoiser, Ctx)
+    obj = build_tbcm(TBCMParams(), tiny.denoiser, Ctx)
+    assert obj.sampling["angles"] == [math.pi / 2, 1.0, 0.0]
+    with pytest.raises(ValueError, match="objective.sampling_angles"):
+        build_tbcm(TBCMParams(num_steps=2, sampling_angles=[1.5]), tiny.denoiser, Ctx)
+    with pytest.raises(ValueError, match="objective.intermediate_angle"):
+        build_tbcm(TBCMParams(intermediate_angle=2.0), tiny.denoiser, Ctx)
+    with pytest.raises(ValueError, match="objective.route_steps"):
+        build_tbcm(TBCMParams(route_steps=1), tiny.denoiser, Ctx)
+    sobj = SCMObjective(SCMParams(), tiny.denoiser, copy_denoiser(tiny.denoiser))
+    with pytest.raises(ValueError, match="x0"):
+        sobj.loss("student", {"cond": tiny.cond(2), "shape": (2, *tiny.latent_shape)}, 0)
