@@ -260,3 +260,125 @@ def _quiet_cast(module: nn.Module, dtype: torch.dtype) -> None:
 
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ---- whole pipelines: tiny backbone + tiny VAE + tiny text encoders and offline tokenizers ----------
+_WORDS = ("a", "an", "the", "photo", "of", "cat", "dog", "red", "blue", "green", "small", "big", "zero", "one",
+          "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def tiny_clip_tokenizer(max_length: int = TEXT_LEN):
+    """A CLIP BPE tokenizer built from a small word vocabulary (no download): whole words from
+    `_WORDS`, other words fall back to letters."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for w in _WORDS:
+        vocab[w + "</w>"] = len(vocab)
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_t5_tokenizer(max_length: int = TEXT_LEN):
+    """A T5 (unigram) tokenizer built from a small vocabulary (no download)."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in _WORDS]
+    vocab += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + [("\u2581", -3.0)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_clip(hidden: int, projection: int | None = None, seed: int = 0, vocab_size: int = 128):
+    """A 2-layer CLIP text encoder (SDXL/SD3 read the penultimate layer); with `projection`, a
+    CLIPTextModelWithProjection whose text_embeds are the pooled prompt."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_dim=projection or hidden,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
+
+
+def tiny_t5(d_model: int, seed: int = 0, vocab_size: int = 128):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=4, d_ff=2 * d_model, num_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(cfg).eval()
+
+
+def tiny_vae(channels: int = 3, latent_channels: int = 4, seed: int = 0, shift_factor: float | None = None):
+    """An AutoencoderKL with 8x downsampling (as the real ones: pixel = 8 x latent)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(4, 4, 4, 4), layers_per_block=1, norm_num_groups=2, sample_size=64,
+                         scaling_factor=0.5, shift_factor=shift_factor, mid_block_add_attention=False).eval()
+
+
+def ddim_scheduler(prediction: str = "epsilon"):
+    """DDIM on the SD schedule with "trailing" spacing, no clipping, final alpha 1: the scheduler
+    whose steps are exactly fewstep's DDIM on VPPath.sampling_times."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, prediction_type=prediction, timestep_spacing="trailing",
+                         clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+
+
+def make_tiny_pipeline(family: str, prediction: str = "epsilon", seed: int = 0, **kwargs: Any):
+    """A complete diffusers pipeline of `family` around `make_tiny(family, ...)`'s backbone, with
+    a tiny VAE, tiny text encoders and offline tokenizers, ready for `save_pretrained`.
+
+    VP families get `ddim_scheduler(prediction)`; SD3 FlowMatchEuler with shift 3; Flux
+    FlowMatchEuler with dynamic shifting (base/max image_seq_len 4/64, so an 8x8 latent gets
+    mu = 0.5 + 12 * 0.65 / 60). kwargs go to make_tiny (flux: guidance_embeds)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tiny = make_tiny(family, prediction=prediction, seed=seed, **kwargs)
+    bb = tiny.backbone
+    if family == "dit":
+        return diffusers.DiTPipeline(transformer=bb, vae=tiny_vae(seed=seed), scheduler=ddim_scheduler(prediction),
+                                     id2label={i: w for i, w in enumerate(_WORDS[12:22])})
+    if family == "unet":
+        return diffusers.DDPMPipeline(unet=bb, scheduler=ddim_scheduler(prediction))
+    if family == "sd15":
+        return diffusers.StableDiffusionPipeline(
+            vae=tiny_vae(seed=seed), text_encoder=tiny_clip(SD15_TEXT_DIM, seed=seed), tokenizer=tiny_clip_tokenizer(),
+            unet=bb, scheduler=ddim_scheduler(prediction), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    if family == "sdxl":
+        half = SDXL_TEXT_DIM // 2
+        return diffusers.StableDiffusionXLPipeline(
+            vae=tiny_vae(seed=seed), text_encoder=tiny_clip(half, seed=seed),
+            text_encoder_2=tiny_clip(SDXL_TEXT_DIM - half, projection=SDXL_POOLED_DIM, seed=seed + 1),
+            tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(), unet=bb,
+            scheduler=ddim_scheduler(prediction), force_zeros_for_empty_prompt=True)
+    if family == "pixart":
+        return diffusers.PixArtAlphaPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=tiny_t5(PIXART_TEXT_DIM, seed),
+                                             vae=tiny_vae(seed=seed), transformer=bb,
+                                             scheduler=ddim_scheduler(prediction))
+    if family == "sd3":
+        h = 8  # two CLIPs of width 8 (padded to the joint width 16 by the pipeline), pooled 6 + 6
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=bb, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
+            text_encoder=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed), tokenizer=tiny_clip_tokenizer(),
+            text_encoder_2=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed + 1),
+            tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=tiny_t5(SD3_TEXT_DIM, seed),
+            tokenizer_3=tiny_t5_tokenizer())
+    if family == "flux":
+        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                max_image_seq_len=64, base_shift=0.5, max_shift=1.15)
+        return diffusers.FluxPipeline(scheduler=sched, vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
+                                      text_encoder=tiny_clip(FLUX_POOLED_DIM, seed=seed),
+                                      tokenizer=tiny_clip_tokenizer(), text_encoder_2=tiny_t5(FLUX_TEXT_DIM, seed),
+                                      tokenizer_2=tiny_t5_tokenizer(), transformer=bb)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
