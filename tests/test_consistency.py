@@ -10,7 +10,7 @@ import torch
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives.base import trainable_parameters
 from fewstep.objectives.consistency import (LCMObjective, LCMParams, adapters_disabled, add_guidance_embedding,
-                                            boundary_scalings, build, guidance_scale_embedding, has_adapters,
+                                            boundary_scalings, guidance_scale_embedding, has_adapters,
                                             lcm_timesteps)
 from fewstep.samplers import sample
 from tiny import make_tiny
@@ -116,7 +116,7 @@ def test_guidance_embedding_matches_pipeline_and_reaches_unet():
     base = student(x, 0.5, cond)
     assert torch.equal(base, tiny.denoiser(x, 0.5, cond))  # zero-initialised: starts as the teacher
     # after a training step the w-embedding changes the student's output with w
-    loss, _ = obj.loss("student", _batch(tiny), 1)
+    loss, _ = obj.loss("generator", _batch(tiny), 1)
     loss.backward()
     assert student.backbone.time_embedding.cond_proj.weight.grad.abs().sum() > 0
     with torch.no_grad():
@@ -134,13 +134,13 @@ def test_one_step_changes_only_student_and_ema_target(family, prediction, real):
     obj = _objective(tiny)
     teacher0, target0 = _state(obj.nets["teacher"]), _state(obj.nets["target"])
     student0 = _state(obj.nets["student"])
-    assert obj.groups == {"student": ["student"]} and obj.phases(0) == ["student"]
-    params = trainable_parameters(obj, "student")
+    assert obj.groups == {"generator": ["student"]} and obj.phases(0) == ["generator"]
+    params = trainable_parameters(obj, "generator")
     opt = torch.optim.SGD(params, lr=0.1)
     batch = _batch(tiny, real=real)
     if not real:
         obj.data_source = "teacher"
-    loss, logs = obj.loss("student", batch, 3)
+    loss, logs = obj.loss("generator", batch, 3)
     assert torch.isfinite(loss) and loss.item() > 0 and "loss" in logs
     loss.backward()
     assert all(p.grad is None for p in obj.nets["teacher"].parameters())
@@ -152,7 +152,7 @@ def test_one_step_changes_only_student_and_ema_target(family, prediction, real):
     assert all(torch.equal(v, target0[k]) for k, v in obj.nets["target"].state_dict().items())
     student1 = _state(obj.nets["student"])
     assert any(not torch.equal(student1[k], student0[k]) for k in student0)
-    obj.after_step("student", 3)
+    obj.after_step("generator", 3)
     mu = obj.p.ema_decay
     for k, v in obj.nets["target"].state_dict().items():
         if v.is_floating_point():
@@ -185,8 +185,8 @@ def test_lora_variant_teacher_is_student_with_adapters_off():
     assert lora and all("lora_" in n for n in lora)
     base0 = {n: p.detach().clone() for n, p in student.named_parameters() if "lora_" not in n}
     teacher0 = _state(tiny.denoiser)
-    opt = torch.optim.SGD(trainable_parameters(obj, "student"), lr=0.1)
-    loss, _ = obj.loss("student", _batch(tiny), 1)
+    opt = torch.optim.SGD(trainable_parameters(obj, "generator"), lr=0.1)
+    loss, _ = obj.loss("generator", _batch(tiny), 1)
     loss.backward()
     opt.step()
     # the adapters-off teacher call left the adapters trainable and the base frozen
@@ -208,28 +208,23 @@ def test_data_free_points_follow_teacher_trajectory():
     assert torch.allclose(x, ref, atol=1e-5)
 
 
-def test_build_and_param_errors_name_the_key():
+def test_registry_build_and_param_errors_name_the_key():
+    from fewstep.config import ConfigError
+    from fewstep.objectives.registry import BuildContext, build_objective
+
     tiny = make_tiny("dit")
-
-    class Ctx:
-        has_real_data = False
-        seed = 0
-
-        @staticmethod
-        def make_student(t):
-            return copy_denoiser(t)
-
-        @staticmethod
-        def make_copy(t):
-            return copy_denoiser(t, trainable=False)
-
-    obj = build(LCMParams(guidance_min=2.0, guidance_max=3.0), tiny.denoiser, Ctx)
-    assert obj.data_source == "teacher" and "target" in obj.nets
+    ctx = BuildContext(latent_shape=tiny.latent_shape, num_classes=10, has_real_data=False)
+    obj = build_objective("lcm", {"guidance_min": 2.0, "guidance_max": 3.0}, tiny.denoiser, ctx)
+    assert isinstance(obj, LCMObjective) and obj.data_source == "teacher" and "target" in obj.nets
+    assert obj.nets["target"] is not obj.nets["student"]
+    assert all(not p.requires_grad for p in obj.nets["target"].parameters())
     with pytest.raises(ValueError, match="objective.sampling_timesteps"):
-        build(LCMParams(num_steps=4, sampling_timesteps=[999, 499]), tiny.denoiser, Ctx)
+        build_objective("lcm", {"num_steps": 4, "sampling_timesteps": [999, 499]}, tiny.denoiser, ctx)
     with pytest.raises(ValueError, match="objective.loss_type"):
-        build(LCMParams(loss_type="l1"), tiny.denoiser, Ctx)
+        build_objective("lcm", {"loss_type": "l1"}, tiny.denoiser, ctx)
     with pytest.raises(ValueError, match="objective.data_source"):
-        build(LCMParams(data_source="real"), tiny.denoiser, Ctx)
+        build_objective("lcm", {"data_source": "real"}, tiny.denoiser, ctx)
     with pytest.raises(ValueError, match="objective.guidance_min"):
-        build(LCMParams(guidance_min=5.0, guidance_max=2.0), tiny.denoiser, Ctx)
+        build_objective("lcm", {"guidance_min": 5.0, "guidance_max": 2.0}, tiny.denoiser, ctx)
+    with pytest.raises(ConfigError, match="objective.ema_rate"):
+        build_objective("lcm", {"ema_rate": 0.9}, tiny.denoiser, ctx)

@@ -10,7 +10,7 @@ import torch
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives import _trigflow as tf
 from fewstep.objectives.base import trainable_parameters
-from fewstep.objectives.scm import (SCMObjective, SCMParams, TBCMObjective, TBCMParams, build, build_tbcm,
+from fewstep.objectives.scm import (SCMObjective, SCMParams, TBCMObjective, TBCMParams,
                                     scm_tangent, tbcm_route)
 from fewstep.paths import FlowPath, TrigFlowPath, convert
 from fewstep.samplers import sample
@@ -189,7 +189,7 @@ def test_one_step_changes_only_student(method, family, prediction):
         obj = SCMObjective(SCMParams(guidance=2.0, tangent_warmup=10), teacher, student)
     else:
         obj = TBCMObjective(TBCMParams(guidance=2.0, route_steps=4, tangent_warmup=10), teacher, student)
-    assert obj.groups == {"student": ["student", "logvar"]}
+    assert obj.groups == {"generator": ["student", "logvar"]}
     teacher0, student0, logvar0 = _state(teacher), _state(student), _state(obj.nets["logvar"])
     calls = _count_calls(teacher.backbone)
     b = 2
@@ -197,8 +197,8 @@ def test_one_step_changes_only_student(method, family, prediction):
     batch = {"cond": tiny.cond(b, g), "shape": (b, *tiny.latent_shape)}
     if method == "scm":
         batch["x0"] = torch.randn(b, *tiny.latent_shape, generator=g) * SD
-    opt = torch.optim.SGD(trainable_parameters(obj, "student"), lr=0.01)
-    loss, logs = obj.loss("student", batch, 5)
+    opt = torch.optim.SGD(trainable_parameters(obj, "generator"), lr=0.01)
+    loss, logs = obj.loss("generator", batch, 5)
     assert logs["r"] == 0.5 and torch.isfinite(loss)
     # CFG teacher: one 2B pass per point (sCM) or per route point (TBCM); the JVP reuses them
     assert calls == ([2 * b] if method == "scm" else [2 * b] * 4)
@@ -212,27 +212,23 @@ def test_one_step_changes_only_student(method, family, prediction):
     assert any(not torch.equal(v, logvar0[k]) for k, v in obj.nets["logvar"].state_dict().items())
 
 
-def test_errors_name_the_key():
+def test_registry_build_and_errors_name_the_key():
+    from fewstep.objectives.registry import BuildContext, build_objective
+
     tiny = make_tiny("dit")
-
-    class Ctx:
-        has_real_data = False
-        seed = 0
-
-        @staticmethod
-        def make_student(t):
-            return copy_denoiser(t)
-
+    ctx = BuildContext(latent_shape=tiny.latent_shape, num_classes=10, has_real_data=False)
     with pytest.raises(ValueError, match="tbcm"):
-        build(SCMParams(), tiny.denoiser, Ctx)
-    obj = build_tbcm(TBCMParams(), tiny.denoiser, Ctx)
-    assert obj.sampling["angles"] == [math.pi / 2, 1.0, 0.0]
+        build_objective("scm", {}, tiny.denoiser, ctx)
+    obj = build_objective("tbcm", {"guidance": 2.0}, tiny.denoiser, ctx)
+    assert isinstance(obj, TBCMObjective) and obj.sampling["angles"] == [math.pi / 2, 1.0, 0.0]
+    ctx.has_real_data = True
+    obj = build_objective("scm", {"adaptive_weighting": False}, tiny.denoiser, ctx)
+    assert isinstance(obj, SCMObjective) and "logvar" not in obj.nets
     with pytest.raises(ValueError, match="objective.sampling_angles"):
-        build_tbcm(TBCMParams(num_steps=2, sampling_angles=[1.5]), tiny.denoiser, Ctx)
+        build_objective("tbcm", {"num_steps": 2, "sampling_angles": [1.5]}, tiny.denoiser, ctx)
     with pytest.raises(ValueError, match="objective.intermediate_angle"):
-        build_tbcm(TBCMParams(intermediate_angle=2.0), tiny.denoiser, Ctx)
+        build_objective("tbcm", {"intermediate_angle": 2.0}, tiny.denoiser, ctx)
     with pytest.raises(ValueError, match="objective.route_steps"):
-        build_tbcm(TBCMParams(route_steps=1), tiny.denoiser, Ctx)
-    sobj = SCMObjective(SCMParams(), tiny.denoiser, copy_denoiser(tiny.denoiser))
+        build_objective("tbcm", {"route_steps": 1}, tiny.denoiser, ctx)
     with pytest.raises(ValueError, match="x0"):
-        sobj.loss("student", {"cond": tiny.cond(2), "shape": (2, *tiny.latent_shape)}, 0)
+        obj.loss("generator", {"cond": tiny.cond(2), "shape": (2, *tiny.latent_shape)}, 0)

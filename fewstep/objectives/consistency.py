@@ -52,6 +52,9 @@ class LCMParams:
     num_steps: int = 4                    # student sampling steps (1, 2 or 4 are the usual)
     sampling_timesteps: list[int] | None = None  # native indices to sample at; None: LCMScheduler's rule
 
+    def validate(self) -> None:
+        _check(self)
+
 
 def lcm_timesteps(num_steps: int, num_ddim_timesteps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
     """LCMScheduler.set_timesteps(num_steps)'s native indices: evenly spaced picks from the
@@ -142,7 +145,7 @@ class LCMObjective:
     """LCM-style consistency distillation; see the module docstring.
 
     nets: "student" (trained), "teacher" (frozen), "target" (EMA of the student; absent in the
-    LoRA variant). One optimizer group, "student", updated every step.
+    LoRA variant). One optimizer group, "generator" (the student), updated every step.
     """
 
     def __init__(self, params: LCMParams, teacher: Denoiser, student: Denoiser,
@@ -160,7 +163,7 @@ class LCMObjective:
             freeze(target)
             target.load_state_dict(student.state_dict())
             self.nets["target"] = target
-        self.groups = {"student": ["student"]}
+        self.groups = {"generator": ["student"]}
         if p.data_source == "auto":
             self.data_source = "real" if has_real_data else "teacher"
         else:
@@ -200,7 +203,7 @@ class LCMObjective:
 
     # ---- the protocol -----------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:
-        return ["student"]
+        return ["generator"]
 
     def consistency_fn(self, net: nn.Module, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         """f(x, t) = c_skip(t) x + c_out(t) x0(net(x, t)), float32."""
@@ -228,8 +231,8 @@ class LCMObjective:
         return x
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase != "student":
-            raise ValueError(f"LCM has one phase, 'student'; got {phase!r}")
+        if phase != "generator":
+            raise ValueError(f"LCM has one phase, 'generator'; got {phase!r}")
         p = self.p
         cond = batch.get("cond")
         x0 = batch.get("x0")
@@ -269,7 +272,7 @@ class LCMObjective:
     @torch.no_grad()
     def after_step(self, phase: str, step: int) -> None:
         """EMA target update: target <- mu target + (1 - mu) student (full fine-tuning only)."""
-        if self.lora or phase != "student":
+        if self.lora or phase != "generator":
             return
         mu = self.p.ema_decay
         tgt = [q for q in self.nets["target"].parameters()]

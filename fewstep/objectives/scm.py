@@ -36,7 +36,7 @@ from . import _trigflow as tf
 from .base import Batch, freeze
 
 __all__ = ["SCMParams", "TBCMParams", "SCMObjective", "TBCMObjective", "LogVar", "scm_tangent",
-           "tbcm_route", "build", "build_tbcm"]
+           "tbcm_route", "build_scm", "build_tbcm"]
 
 
 @dataclass
@@ -55,6 +55,9 @@ class SCMParams:
     sampling_angles: list[float] | None = None  # explicit angles (num_steps entries, from pi/2);
                                                  #   None: [pi/2, intermediate] for 2, linspace else
 
+    def validate(self) -> None:
+        _check(self)
+
 
 @dataclass
 class TBCMParams(SCMParams):
@@ -62,6 +65,9 @@ class TBCMParams(SCMParams):
     route_steps: int = 16                # reference route length (15 stored points per trajectory)
     route_shift: float = 2.5             # flow shift of the reference route
     points_per_step: int | None = None   # subsample this many stored points a step (None: all)
+
+    def validate(self) -> None:
+        _check(self)
 
 
 class LogVar(nn.Module):
@@ -140,7 +146,7 @@ class _ConsistencyLoss:
         return tf.times_from_angles(self.sampling_angles(num_steps), self.path, self.p.sigma_data)
 
     def phases(self, step: int) -> list[str]:
-        return ["student"]
+        return ["generator"]
 
     def scm_loss(self, x: Tensor, theta: Tensor, dxdt: Tensor, cond: Cond | None, step: int
                  ) -> tuple[Tensor, dict[str, float]]:
@@ -166,18 +172,19 @@ def _init(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_
     self.path = teacher.path
     freeze(teacher)
     self.nets = {"student": student, "teacher": teacher}
-    self.groups = {"student": ["student"]}
+    self.groups = {"generator": ["student"]}
     if params.adaptive_weighting:
         dev = next(student.parameters()).device
         self.nets["logvar"] = LogVar(params.logvar_features, params.sigma_data, logvar_seed).to(dev)
-        self.groups["student"].append("logvar")
+        self.groups["generator"].append("logvar")
     self.theta_max = tf.max_angle(self.path, params.sigma_data)
     self.sampling = self._sampling()
 
 
 class SCMObjective(_ConsistencyLoss):
     """sCM distillation from real data (batch['x0']); see the module docstring.
-    nets: "student" (trained), "teacher" (frozen), "logvar" (trained, optional)."""
+    nets: "student" (trained), "teacher" (frozen), "logvar" (trained with the student in the
+    "generator" group, optional)."""
 
     def __init__(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0):
         _init(self, params, teacher, student, logvar_seed)
@@ -188,8 +195,8 @@ class SCMObjective(_ConsistencyLoss):
         return theta.clamp(self.p.theta_min, self.theta_max)
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase != "student":
-            raise ValueError(f"sCM has one phase, 'student'; got {phase!r}")
+        if phase != "generator":
+            raise ValueError(f"sCM has one phase, 'generator'; got {phase!r}")
         x0 = batch.get("x0")
         if x0 is None:
             raise ValueError("sCM needs batch['x0'] (real latents); use TBCM for data-free distillation")
@@ -245,8 +252,8 @@ class TBCMObjective(_ConsistencyLoss):
         return torch.stack(xs), torch.stack(ths), torch.stack(vs), x
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase != "student":
-            raise ValueError(f"TBCM has one phase, 'student'; got {phase!r}")
+        if phase != "generator":
+            raise ValueError(f"TBCM has one phase, 'generator'; got {phase!r}")
         shape = tuple(batch["shape"]) if "shape" in batch else tuple(batch["x0"].shape)
         cond = batch.get("cond")
         dev = next(self.nets["student"].parameters()).device
@@ -297,7 +304,7 @@ def _check(p: SCMParams) -> None:
             raise ValueError(f"objective.points_per_step={p.points_per_step} must be >= 1 or null")
 
 
-def build(params: SCMParams, teacher: Denoiser, ctx: Any) -> SCMObjective:
+def build_scm(params: SCMParams, teacher: Denoiser, ctx: Any) -> SCMObjective:
     """Registry builder for sCM (needs real data)."""
     _check(params)
     if not bool(getattr(ctx, "has_real_data", True)):
