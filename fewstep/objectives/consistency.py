@@ -189,7 +189,7 @@ class LCMObjective:
 
     def _sampling(self) -> dict[str, Any]:
         s: dict[str, Any] = {"times": self.sampling_times(self.p.num_steps), "renoise": "fresh",
-                             "times_by_steps": {n: self.sampling_times(n) for n in (1, 2, 4)}}
+                             "times_by_steps": {str(n): self.sampling_times(n) for n in (1, 2, 4)}}
         if self.w_dim:
             s["guidance_embedding"] = {"key": "timestep_cond", "dim": self.w_dim,
                                        "guidance": self.p.sample_guidance}
@@ -316,12 +316,15 @@ def _check(p: LCMParams) -> None:
 
 def build(params: LCMParams, teacher: Denoiser, ctx: Any) -> LCMObjective:
     """Registry builder: student from ctx.make_student (a LoRA student switches to the LoRA
-    variant), target from ctx.make_copy (an EMA copy of the student)."""
+    variant); the EMA target is a plain frozen copy of the student (not ctx.make_copy: a LoRA
+    copy would share the student's trained weights, which an average must not)."""
+    from ..denoiser import copy_denoiser
+
     _check(params)
     student = ctx.make_student(teacher)
     if params.add_guidance_embedding:
         add_guidance_embedding(student, params.add_guidance_embedding)
     target = None
     if not has_adapters(student):
-        target = ctx.make_copy(student)
+        target = copy_denoiser(student, trainable=False)
     return LCMObjective(params, teacher, student, target, has_real_data=bool(getattr(ctx, "has_real_data", True)))

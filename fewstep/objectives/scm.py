@@ -130,7 +130,7 @@ class _ConsistencyLoss:
 
     def _sampling(self) -> dict[str, Any]:
         return {"times": self.sampling_times(self.p.num_steps), "renoise": "fresh",
-                "times_by_steps": {n: self.sampling_times(n) for n in (1, 2, 4)},
+                "times_by_steps": {str(n): self.sampling_times(n) for n in (1, 2, 4)},
                 "angles": self.sampling_angles(self.p.num_steps)}
 
     def sampling_angles(self, num_steps: int) -> list[float]:
