@@ -135,6 +135,8 @@ def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d
     """(F, dF/dtheta along the ODE, times cos sin) without grad, with one `torch.func.jvp`:
     tangents (cos sin dxdt, cos sin) as in the sCM paper (Alg. 1); the cos sin factor keeps the
     tangent bounded at both ends."""
+    if isinstance(student, nn.parallel.DistributedDataParallel):
+        student = student.module  # a no-grad pass needs no gradient synchronisation
     x = _fp(x).detach()
     theta = theta.to(x.dtype).detach()
     cs = torch.cos(theta) * torch.sin(theta)
