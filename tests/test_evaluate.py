@@ -1,0 +1,318 @@
+"""`fewstep eval` end to end: the harness's FID is torch-fidelity's own number on the same
+images, the maths agrees with closed forms, results carry their provenance, generation is
+seeded, CLIP score and diversity are what they claim, and the command line works."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.evaluation import EvalSpec, Extractor, ReferenceFeatures, evaluate, fidelity_from_features
+from fewstep.evaluation.inputs import TensorImages
+from fewstep.evaluation.scores import diversity, mean_pairwise_distance, vendi_score
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dit_dir(tmp_path_factory):
+    """A tiny random DiTPipeline folder (DDIM trailing): a stand-in class-conditional teacher."""
+    from tiny import make_tiny_pipeline
+
+    d = tmp_path_factory.mktemp("tinydit")
+    make_tiny_pipeline("dit", seed=0).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def _digits_u8():
+    from fewstep.digits.data import load_digits_tensors, to_uint8_rgb
+
+    x, y = load_digits_tensors()
+    return to_uint8_rgb(x), y
+
+
+# ---- the harness equals torch-fidelity ---------------------------------------------------------
+def test_generated_fid_kid_equal_torch_fidelity_on_the_saved_images(tiny_dit_dir, tmp_path):
+    import torch_fidelity
+
+    out = tmp_path / "out"
+    res = evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[2], num_samples=40, batch_size=16,
+                            metrics=["fid", "kid", "prc"], save_images=True, out=str(out), progress=False))
+    row = res["rows"][0]
+    ref, _ = _digits_u8()
+    direct = torch_fidelity.calculate_metrics(
+        input1=str(out / "images" / "steps2"), input2=TensorImages(ref), fid=True, kid=True, prc=True,
+        kid_subset_size=40, cache=False, verbose=False, save_cpu_ram=True, **res["torch_fidelity_kwargs"])
+    for ours, theirs in ((row["metrics"]["fid"]["value"], direct["frechet_inception_distance"]),
+                         (row["metrics"]["kid"]["value"], direct["kernel_inception_distance_mean"]),
+                         (row["metrics"]["precision"]["value"], direct["precision"]),
+                         (row["metrics"]["recall"]["value"], direct["recall"])):
+        assert abs(ours - theirs) <= 1e-6 * max(1.0, abs(theirs)), (ours, theirs)
+    assert len(list((out / "images" / "steps2").glob("*.png"))) == 40
+
+
+def test_folder_scoring_equals_fewstep_metrics_and_torch_fidelity(tmp_path):
+    from PIL import Image
+
+    import torch_fidelity
+    from fewstep.metrics import fidelity_metrics
+
+    u8, _ = _digits_u8()
+    for i, im in enumerate(u8[:200:2]):  # every other one of the first 200 real digits
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:03d}.png")
+    res = evaluate(EvalSpec(images=str(tmp_path), reference="digits", metrics=["fid"], out=str(tmp_path / "o"),
+                            progress=False))
+    ours = res["rows"][0]["metrics"]["fid"]["value"]
+    theirs = fidelity_metrics(u8[:200:2], "digits", fid=True)["frechet_inception_distance"]
+    direct = torch_fidelity.calculate_metrics(input1=str(tmp_path), input2=TensorImages(u8), fid=True, cache=False,
+                                              verbose=False, save_cpu_ram=True, **res["torch_fidelity_kwargs"])
+    assert abs(ours - theirs) <= 1e-6 * abs(theirs)
+    assert abs(ours - direct["frechet_inception_distance"]) <= 1e-6 * abs(ours)
+
+
+# ---- maths against closed forms ----------------------------------------------------------------
+def _exact_moments(n, mean, std, seed):
+    """n x d samples whose empirical mean and (unbiased) covariance are exactly mean, diag(std^2)."""
+    z = torch.randn(n, mean.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    chol = torch.linalg.cholesky(torch.cov(z.T))
+    z = z @ torch.linalg.inv(chol).T  # whitened: covariance exactly I
+    return (z * std + mean).float()
+
+
+def test_fid_on_gaussian_features_equals_the_closed_form():
+    d = 8
+    mu1, mu2 = torch.zeros(d, dtype=torch.float64), torch.linspace(-1, 1, d, dtype=torch.float64)
+    s1, s2 = torch.full((d,), 1.0, dtype=torch.float64), torch.linspace(0.5, 2.0, d, dtype=torch.float64)
+    f1, f2 = _exact_moments(4000, mu1, s1, 0), _exact_moments(3000, mu2, s2, 1)
+    ext = Extractor()  # the judge: only its layer names are used here
+    ref = ReferenceFeatures({"kind": "test"}, features={"features": f2})
+    got = fidelity_from_features({"features": f1}, ref, ext, fid=True)["fid"]
+    # FID of N(mu1, S1), N(mu2, S2) with diagonal covariances
+    closed = float(((mu1 - mu2) ** 2).sum() + (s1**2 + s2**2 - 2 * s1 * s2).sum())
+    assert abs(got - closed) < 1e-4 * closed
+    self_fid = fidelity_from_features({"features": f1}, ReferenceFeatures({}, features={"features": f1}), ext)["fid"]
+    assert abs(self_fid) < 1e-6
+
+
+def test_statistics_file_reference_gives_the_same_fid(tmp_path):
+    u8, _ = _digits_u8()
+    ext = Extractor().check()
+    feats = ext.features(TensorImages(u8))["features"].double().numpy()
+    np.savez(tmp_path / "digits_stats.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    gen = TensorImages(u8[1::3])
+    g = ext.features(gen)
+    via_stats = fidelity_from_features(g, ReferenceFeatures.from_file(tmp_path / "digits_stats.npz", ext), ext)["fid"]
+    via_feats = fidelity_from_features(g, ReferenceFeatures({}, features={"features": torch.from_numpy(feats).float()}),
+                                       ext)["fid"]
+    assert abs(via_stats - via_feats) < 1e-4 * via_feats
+
+
+def test_diversity_and_vendi_known_values():
+    e = torch.eye(4) * 3.0                      # 4 orthogonal points, pairwise distance 3 sqrt(2)
+    assert math.isclose(mean_pairwise_distance(e), 3 * math.sqrt(2), rel_tol=1e-9)
+    assert math.isclose(vendi_score(e), 4.0, rel_tol=1e-9)
+    same = torch.ones(5, 4)
+    assert math.isclose(vendi_score(same), 1.0, rel_tol=1e-9) and mean_pairwise_distance(same) == 0.0
+    # two groups: a collapsed one and a spread one; the result is their average
+    feats = torch.cat([same[:4], e])
+    d = diversity(feats, ["a"] * 4 + ["b"] * 4)
+    assert math.isclose(d["vendi"], 2.5, rel_tol=1e-9) and d["diversity_groups"] == 2
+    assert math.isclose(d["diversity"], 1.5 * math.sqrt(2), rel_tol=1e-9)
+
+
+# ---- provenance, seeding, caching ----------------------------------------------------------------
+def test_results_record_provenance_and_outputs(tiny_dit_dir, tmp_path):
+    from fewstep.digits.judge import JUDGE_WEIGHTS, weights_sha256
+
+    out = tmp_path / "o"
+    evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[1, 3], num_samples=20, batch_size=8, guidance=1.0,
+                      out=str(out), progress=False))
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is True and res["backend"]["torch_fidelity"] == "0.4.0"
+    assert [r["steps"] for r in res["rows"]] == [1, 3]
+    assert res["rows"][1]["times"] == [1.0, pytest.approx(2 / 3), pytest.approx(1 / 3), 0.0]
+    sha = weights_sha256(JUDGE_WEIGHTS)
+    for r in res["rows"]:
+        for name in ("fid", "kid", "precision", "recall", "class_acc", "diversity", "vendi"):
+            m = r["metrics"][name]
+            assert m["weights_sha256"] == sha and m["n_generated"] == 20 and m["steps"] == r["steps"]
+            assert m["guidance"] == 1.0 and m["seed"] == 0 and "backend" in m
+        assert r["metrics"]["fid"]["n_reference"] == 1797 and r["samples_per_second"] > 0
+        assert (out / f"grid_steps{r['steps']}.png").is_file()
+    md = (out / "results.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(table) == 3 and table[1].startswith(f"| {tiny_dit_dir} | 1 | 1 | 1.0 |") and "torch-fidelity 0.4.0" in md
+
+
+def test_generation_is_seeded_and_does_not_depend_on_the_batch(tiny_dit_dir):
+    from fewstep.evaluation.sources import load_source
+
+    src = load_source(str(tiny_dit_dir))
+    labels = torch.arange(6) % 10
+    a, _ = src.generate(2, [5, 6, 7, 8, 9, 10], labels=labels, batch_size=6, progress=False)
+    b, _ = src.generate(2, [5, 6, 7, 8, 9, 10], labels=labels, batch_size=4, progress=False)
+    c, _ = src.generate(2, [9, 10], labels=labels[4:], batch_size=2, progress=False)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a[4:], c, atol=1e-5)
+    d, _ = src.generate(2, [6, 7, 8, 9, 10, 11], labels=labels, batch_size=6, progress=False)
+    assert not torch.allclose(a, d, atol=1e-3)
+
+
+def test_stock_pipeline_sampler_matches_the_fewstep_sampler(tiny_dit_dir):
+    from fewstep.evaluation.sources import load_source
+
+    src = load_source(str(tiny_dit_dir))
+    labels = torch.tensor([0, 3, 7])
+    # 4 steps: DDIM "trailing" indices 999, 749, 499, 249 are exactly fewstep's times 1, .75, .5, .25
+    ours, _ = src.generate(4, [0, 1, 2], labels=labels, progress=False)
+    stock, _ = src.generate(4, [0, 1, 2], labels=labels, sampler="pipeline", progress=False)
+    assert stock.shape == ours.shape
+    assert torch.allclose(ours, stock, atol=1e-4)
+
+
+def test_reference_cache_is_keyed_by_the_extractor_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fewstep.digits.judge import JUDGE_WEIGHTS
+    from fewstep.evaluation.scores import cache_dir
+
+    u8, _ = _digits_u8()
+    imgs = TensorImages(u8[:64])
+    ext_a = Extractor().check()
+    r1 = ReferenceFeatures.compute(imgs, ext_a, {"k": "x"}, {"kind": "test"})
+    r2 = ReferenceFeatures.compute(imgs, ext_a, {"k": "x"}, {"kind": "test"})
+    assert not r1.description["cached"] and r2.description["cached"]
+    assert torch.equal(r1.features["features"], r2.features["features"])
+    # a different judge file (perturbed weights) must not reuse the first judge's features
+    state = load_file(str(JUDGE_WEIGHTS))
+    state = {k: v + 0.05 if k.startswith("to_features") else v for k, v in state.items()}
+    from safetensors import safe_open
+
+    with safe_open(str(JUDGE_WEIGHTS), framework="pt") as f:
+        meta = f.metadata()
+    other = tmp_path / "judge_b.safetensors"
+    save_file(state, str(other), metadata=meta)
+    ext_b = Extractor(weights=str(other)).check()
+    r3 = ReferenceFeatures.compute(imgs, ext_b, {"k": "x"}, {"kind": "test"})
+    assert not r3.description["cached"] and r3.description["cache_key"] != r1.description["cache_key"]
+    assert not torch.allclose(r3.features["features"], r1.features["features"])
+    assert len(list((cache_dir() / "eval-reference").glob("*.safetensors"))) == 2
+
+
+# ---- CLIP score -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel + processor saved to a folder (offline tokenizer from tests/tiny.py);
+    the text projection's sign is chosen so that the test's mean cosine is positive."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from tiny import tiny_clip_tokenizer
+
+    d = tmp_path_factory.mktemp("clip")
+    tok = tiny_clip_tokenizer(max_length=16)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=4, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    if _direct_clip(model, proc, *_clip_inputs()).mean() < 0:
+        with torch.no_grad():
+            model.text_projection.weight.neg_()
+    model.save_pretrained(d)
+    proc.save_pretrained(d)
+    return d
+
+
+def _clip_inputs():
+    imgs = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return imgs, ["a red cat", "a dog", "the blue photo", "two", "seven"]
+
+
+def _direct_clip(model, proc, imgs, caps):
+    inp = proc(text=caps, images=list(imgs), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ie = model.get_image_features(pixel_values=inp["pixel_values"])
+        te = model.get_text_features(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"])
+    ie, te = getattr(ie, "pooler_output", ie), getattr(te, "pooler_output", te)
+    return torch.nn.functional.cosine_similarity(ie, te)
+
+
+def test_clip_score_is_100_times_the_mean_cosine(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from fewstep.evaluation.scores import ClipScorer
+
+    imgs, caps = _clip_inputs()
+    cos = _direct_clip(CLIPModel.from_pretrained(tiny_clip_dir), CLIPProcessor.from_pretrained(tiny_clip_dir),
+                       imgs, caps)
+    score = ClipScorer(tiny_clip_dir)(imgs, caps, batch_size=2)
+    assert score > 0 and abs(score - 100 * cos.mean().item()) < 1e-3
+
+
+def test_caption_protocol_end_to_end(tiny_clip_dir, tmp_path):
+    """A tiny SD1.5 pipeline on a caption protocol: captions from a COCO-style JSON, a reference
+    folder, the judge as extractor (no Inception offline), CLIP score and per-caption diversity."""
+    from PIL import Image
+
+    from tiny import make_tiny_pipeline
+
+    pipe_dir = tmp_path / "sd15"
+    make_tiny_pipeline("sd15").save_pretrained(pipe_dir, safe_serialization=True)
+    words = ["a red cat", "a blue dog", "the small photo", "two big dogs", "a green cat"]
+    (tmp_path / "captions.json").write_text(json.dumps({"annotations": [
+        {"image_id": i, "caption": w} for i, w in enumerate(words)] + [{"image_id": 0, "caption": "second"}]}))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    u8, _ = _digits_u8()
+    for i, im in enumerate(u8[:12]):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(ref / f"{i}.png")
+    out = tmp_path / "out"
+    res = evaluate(EvalSpec(pipeline=str(pipe_dir), protocol="coco2014-30k", steps=[2], num_samples=6, batch_size=6,
+                            captions=str(tmp_path / "captions.json"), reference=str(ref), image_size=32,
+                            feature_extractor="fewstep-digits-judge", clip_model=str(tiny_clip_dir),
+                            metrics=["fid", "clip", "diversity"], guidance=2.0, out=str(out), progress=False))
+    row = res["rows"][0]
+    assert set(row["metrics"]) == {"fid", "clip", "diversity", "vendi"}
+    assert row["nfe"] == 4 and row["metrics"]["clip"]["n_generated"] == 6
+    assert row["metrics"]["diversity"]["groups"] == 5 and res["captions"]["sha256"]
+    assert res["reference"]["kind"] == "folder" and res["reference"]["count"] == 12
+    assert 0 <= row["metrics"]["clip"]["value"] <= 100
+
+
+# ---- the command line -------------------------------------------------------------------------------
+def test_cli_and_module_entry_point(tiny_dit_dir, tmp_path, capsys):
+    from fewstep.cli import main as cli_main
+    from fewstep.evaluate import main as module_main
+
+    rc = cli_main(["eval", "--pipeline", str(tiny_dit_dir), "--steps", "1", "--num-samples", "12",
+                   "--metrics", "fid,class_acc", "--no-progress", "--out", str(tmp_path / "a")])
+    assert rc == 0 and "| " in capsys.readouterr().out
+    rc = module_main(["--pipeline", str(tiny_dit_dir), "--steps", "1", "--num-samples", "12", "--metrics", "fid",
+                      "--no-progress", "--out", str(tmp_path / "b")])
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert rc == 0 and res["command"].startswith("python -m eval.evaluate --pipeline")
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert a["rows"][0]["metrics"]["fid"]["value"] == res["rows"][0]["metrics"]["fid"]["value"]
+    rc = cli_main(["eval", "--pipeline", str(tiny_dit_dir), "--feature-extractor", "inception-v3-compat",
+                   "--inception-weights", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing.pth" in err and "--inception-weights" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_module_entry_point_runs_as_a_script():
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "eval.evaluate", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--inception-weights" in r.stdout
