@@ -57,8 +57,9 @@ def test_inference_sampler_reproduces_training_rollout(family, num_steps):
     torch.manual_seed(123)
     noise = initial_noise(batch["shape"])
     student = obj.nets["student"]
-    out = sample(student, noise, cond, **obj.sampling)
     assert obj.sampling["renoise"] == "ddim"
+    assert obj.sampling["times_by_steps"][str(num_steps)] == obj.sampling["times"]
+    out = sample(student, noise, cond, obj.sampling["times"], renoise=obj.sampling["renoise"])
     assert torch.equal(out, x0s[-1]), "the inference sampler's result differs from the training rollout"
     times = obj.sampling["times"]
     assert torch.equal(xs[0], noise), "the rollout starts from the raw noise at the first student time"
@@ -193,3 +194,15 @@ def test_student_learns_the_teacher_mixture(path):
                 o.zero_grad(set_to_none=True)
     err = (student.backbone.means - means).abs().mean().item()
     assert err < 0.25 * err0, f"student means error {err0:.3f} -> {err:.3f}"
+
+
+def test_registry_builds_tdm_from_preset_keys():
+    from fewstep.objectives.registry import BuildContext, build_objective, make_params
+
+    tiny = make_tiny("sd3", seed=4)
+    ctx = BuildContext(latent_shape=tiny.latent_shape, text=True, family="sd3")
+    obj = build_objective("tdm", {"num_steps": 2, "t_total": 1.0, "guidance": 3.0}, tiny.denoiser, ctx)
+    assert isinstance(obj, TDM) and obj.sampling["times"] == pytest.approx([1.0, 0.5, 0.0])
+    assert obj.nets["student"] is not tiny.denoiser and obj.nets["fake"] is not obj.nets["student"]
+    with pytest.raises(ValueError, match="objective.num_steps"):
+        make_params("tdm", {"num_steps": 0})

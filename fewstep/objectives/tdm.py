@@ -162,7 +162,9 @@ class TDM:
         self.nets: dict[str, nn.Module] = {"student": student, "fake": fake, "teacher": teacher}
         self.groups = {"generator": ["student"], "guidance": ["fake"]}
         self.times = student_times(params.num_steps, params.t_total)
-        self.sampling = {"times": list(self.times), "renoise": "ddim"}
+        # the trained grid, and TDM's grid at other step counts (same t_total) for comparisons
+        self.sampling = {"times": list(self.times), "renoise": "ddim",
+                         "times_by_steps": {str(n): student_times(n, params.t_total) for n in (1, 2, 4)}}
         self._cache: tuple[int, int, Tensor, Tensor] | None = None  # (step, id(batch), xs, x0s)
 
     # ---- the loop ----------------------------------------------------------------------
