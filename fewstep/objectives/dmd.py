@@ -1,0 +1,658 @@
+"""Distribution matching distillation: DMD (Yin et al. 2024a), DMD2 (Yin et al. 2024b) and
+Decoupled DMD (Liu et al. 2025), for any teacher behind the Denoiser adapter.
+
+Networks (roles):
+    teacher   frozen; the "real" score, with classifier-free guidance
+    student   the generator, initialised from the teacher (1-4 steps)
+    fake      a trainable copy of the teacher, trained by denoising score matching on sg(student
+              samples); never guided
+    disc      optional GAN head on the fake score's bottleneck features (needs real latents)
+
+Groups: "generator" trains the student; "guidance" trains the fake score (and the head). The
+guidance group updates every step, the generator every `fake_updates_per_generator` steps (DMD2's
+two time-scale rule).
+
+Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x0 space):
+    dmd2   g = (x0_fake - x0_real_cfg) / mean|x_hat - x0_real_cfg|   at tau ~ U[dm_t_min, dm_t_max]
+           L = 0.5 mean((x_hat - sg(x_hat - g))^2)                  (DMD eq. 8; `_maths.dm_gradient`)
+    dmd    the same DM term plus the regression loss (required)
+    ddmd   two terms, each re-noised at its own time:
+           CA  -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|   at tau_CA ~ U[ca_t_min, min(ca_t_max, t_gen)]
+           DM  (x0_fake_c - x0_real_c) / mean|x_hat - x0_real_c| at tau_DM ~ U[dm_t_min, dm_t_max]
+           or, with dm_kind="meanvar", a per-channel Gaussian KL between the student's samples and
+           the teacher's (or real) latents instead of the DM term.
+    + gan_generator_weight * softplus(-D(x_hat))          (optional)
+    + regression_weight * dist(G(z_ref), y_ref)           (optional; 1-step students)
+
+Fake-score loss: native-target MSE (eps for eps teachers, v for v / flow teachers) on
+add_noise(sg(x_hat), eps, t), t ~ U[fake_t_min, 1]. The fake score starts as a copy of the teacher,
+and the native target keeps the loss weighting the teacher was trained with (DMD2 does the same
+for its eps-teachers); `fake_target: x0` gives an unweighted x0 MSE instead.
+
+Multi-step students use backward simulation: k ~ U{0..K-1} from `step_generator(seed, step)`
+(the same on every process); the student runs without grad through student_times[:k] from pure
+noise, re-noising with fresh noise, and its prediction at student_times[k] gets the losses. The
+student's sampler is those same times then 0, with fresh noise between steps.
+
+Shared-base mode (`shared_base: true`): the teacher, a LoRA student and a LoRA fake score live on
+one frozen copy of the base weights; each role's call switches the adapters (see `SharedBase`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import Cond, cat_cond
+from ..denoiser import Denoiser, copy_denoiser
+from ._maths import cfg_augmentation, dm_gradient, dsm_loss, mse_per_sample, pseudo_huber, surrogate_loss
+from .base import Batch, step_generator
+from .gan import DiscriminatorHead, FeatureTap, bottleneck_block, discriminator_gan_loss, generator_gan_loss
+from .regression import cached_teacher_samples, channel_gaussian_kl, channel_stats, sample_key, teacher_fingerprint
+
+__all__ = ["DMDParams", "DMDObjective", "SharedBase", "RoleView", "build", "unwrap"]
+
+VARIANTS = ("dmd", "dmd2", "ddmd")
+
+
+@dataclass
+class DMDParams:
+    """Every default of the DMD family; the YAML keys under `objective:`."""
+
+    variant: str = "dmd2"                  # "dmd2", "dmd" (DM + regression, DMD1) or "ddmd" (Decoupled DMD)
+    num_steps: int = 1                     # student sampling steps (1-4)
+    student_times: list[float] | None = None  # student input times, one per step, decreasing in (0, 1]
+    conditioning_time: float = 1.0         # 1-step input time when student_times is unset (DMD2: SD1.5 1.0, SDXL 0.4)
+    guidance: float = 4.0                  # CFG scale of the real score (Imagen form u + w (c - u))
+    dm_t_min: float = 0.02                 # DM re-noising time range (DMD2: timesteps 20..980)
+    dm_t_max: float = 0.98
+    fake_t_min: float = 0.001              # fake-score DSM time range [fake_t_min, 1]
+    fake_target: str = "native"            # "native" (eps / v / flow target) or "x0"
+    fake_updates_per_generator: int = 5    # two time-scale rule: guidance steps per generator step
+    generator_lr: float = 2e-5             # AdamW, "generator" group
+    guidance_lr: float = 2e-5              # AdamW, "guidance" group (fake score + GAN head)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # both groups (TDM / rCM use beta1 = 0)
+    weight_decay: float = 0.01
+    # ---- GAN (DMD2) -----------------------------------------------------------------------
+    gan: bool = False                      # classifier head on the fake score's bottleneck; needs real latents
+    gan_generator_weight: float = 3e-3     # lambda_G (DMD2 ImageNet 3e-3, SDXL 5e-3)
+    gan_disc_weight: float = 1e-2          # lambda_D
+    gan_block: int | None = None           # transformer block feeding the head (None: the middle one)
+    gan_head_width: int = 128              # channels of the head
+    gan_t_min: float = 0.001               # noise levels the head sees
+    gan_t_max: float = 1.0
+    # ---- regression (DMD) -----------------------------------------------------------------
+    regression_weight: float = 0.0         # lambda_reg (DMD: 0.25); > 0 makes teacher pairs once and caches them
+    regression_pairs: int = 1024           # number of (noise, condition) -> teacher sample pairs
+    regression_steps: int = 50             # teacher sampler steps (deterministic DDIM / Euler)
+    regression_guidance: float | None = None  # teacher CFG for the pairs (None: `guidance`)
+    regression_distance: str = "l2"        # "l2" or "pseudo_huber" in latent space (no LPIPS offline)
+    regression_huber_c: float = 0.03       # pseudo-Huber c
+    # ---- Decoupled DMD --------------------------------------------------------------------
+    ca_weight: float = 1.0                 # CFG-augmentation term weight
+    dm_weight: float = 1.0                 # DM term weight (or mean/variance KL weight)
+    ca_t_min: float = 0.02                 # CA re-noising range, capped by the generator's input time
+    ca_t_max: float = 0.98
+    dm_kind: str = "dm"                    # "dm" (fake vs real conditional) or "meanvar" (per-channel KL)
+    meanvar_target: str = "teacher"        # "teacher" (cached teacher samples) or "real" (batch["x0"])
+    meanvar_samples: int = 512             # teacher samples for the "teacher" statistics
+    meanvar_steps: int = 25                # teacher sampler steps for those samples
+    # ---- memory ---------------------------------------------------------------------------
+    shared_base: bool = False              # one frozen backbone; LoRA student and fake switched per role
+    lora_rank: int = 16                    # shared-base adapters
+    lora_alpha: float = 16.0
+    lora_targets: list[str] | None = None  # module name suffixes (None: attention, MLP, conv, adaLN layers)
+    ema_decay: float = 0.0                 # EMA of the student (0: off); sampled as role "student_ema"
+    cache_dir: str = "runs/cache/dmd"      # teacher sample caches (regression pairs, teacher statistics)
+
+    @property
+    def times(self) -> list[float]:
+        return [float(t) for t in self.student_times] if self.student_times is not None else [float(self.conditioning_time)]
+
+    def validate(self, has_real_data: bool) -> None:
+        """Raise on a bad value, naming the key."""
+        def bad(msg):
+            raise ValueError(msg)
+
+        if self.variant not in VARIANTS:
+            bad(f"objective.variant={self.variant!r} is not one of {VARIANTS}")
+        if not 1 <= int(self.num_steps) <= 8:
+            bad(f"objective.num_steps={self.num_steps} must be between 1 and 8")
+        n = int(self.num_steps)
+        if self.student_times is None and n > 1:
+            bad(f"objective.num_steps={n} needs objective.student_times with {n} entries "
+                f"(e.g. {[round(1 - i / n, 4) for i in range(n)]})")
+        ts = self.times
+        if len(ts) != n:
+            bad(f"objective.num_steps={n} needs objective.student_times with {n} entries, got {len(ts)}: {ts}")
+        if any(not 0 < t <= 1 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
+            key = "objective.student_times" if self.student_times is not None else "objective.conditioning_time"
+            bad(f"{key} must be strictly decreasing in (0, 1], got {ts}")
+        for lo, hi, name in ((self.dm_t_min, self.dm_t_max, "dm_t"), (self.ca_t_min, self.ca_t_max, "ca_t"),
+                             (self.gan_t_min, self.gan_t_max, "gan_t"), (self.fake_t_min, 1.0, "fake_t")):
+            if not 0 <= lo < hi <= 1:
+                bad(f"objective.{name}_min / {name}_max must satisfy 0 <= min < max <= 1, got {lo}, {hi}")
+        if self.variant == "ddmd" and self.ca_t_min >= min(ts):
+            bad(f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
+                "(the CA term is re-noised below the generator's input level)")
+        if self.fake_target not in ("native", "x0"):
+            bad(f"objective.fake_target={self.fake_target!r} must be 'native' or 'x0'")
+        if int(self.fake_updates_per_generator) < 1:
+            bad(f"objective.fake_updates_per_generator={self.fake_updates_per_generator} must be >= 1")
+        if self.guidance < 1 and self.guidance != 0:
+            pass  # guidance below 1 is legal (weakened guidance); 0 is the unconditional score
+        if len(tuple(self.adam_betas)) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            bad(f"objective.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
+        if self.gan and not has_real_data:
+            bad("objective.gan=true needs real data (real latents in batch['x0']): configure a data set "
+                "or set objective.gan: false")
+        if self.variant == "dmd" and not self.regression_weight > 0:
+            bad("objective.variant='dmd' needs objective.regression_weight > 0 (DMD's regression loss; "
+                "without it use variant 'dmd2')")
+        if self.regression_weight > 0:
+            if n != 1:
+                bad(f"objective.regression_weight > 0 needs a 1-step student (objective.num_steps={n})")
+            if self.regression_distance not in ("l2", "pseudo_huber"):
+                bad(f"objective.regression_distance={self.regression_distance!r} must be 'l2' or 'pseudo_huber'")
+            if int(self.regression_pairs) < 1 or int(self.regression_steps) < 1:
+                bad("objective.regression_pairs and objective.regression_steps must be >= 1")
+        if self.dm_kind not in ("dm", "meanvar"):
+            bad(f"objective.dm_kind={self.dm_kind!r} must be 'dm' or 'meanvar'")
+        if self.dm_kind == "meanvar" and self.variant != "ddmd":
+            bad("objective.dm_kind='meanvar' is a Decoupled DMD option: set objective.variant: ddmd")
+        if self.meanvar_target not in ("teacher", "real"):
+            bad(f"objective.meanvar_target={self.meanvar_target!r} must be 'teacher' or 'real'")
+        if self.variant == "ddmd" and self.dm_kind == "meanvar" and self.meanvar_target == "real" and not has_real_data:
+            bad("objective.meanvar_target='real' needs real data (batch['x0']); use 'teacher'")
+        if self.shared_base and self.ema_decay > 0:
+            bad("objective.ema_decay > 0 is not supported with objective.shared_base: true")
+        if not 0 <= self.ema_decay < 1:
+            bad(f"objective.ema_decay={self.ema_decay} must lie in [0, 1)")
+        if self.shared_base and int(self.lora_rank) < 1:
+            bad(f"objective.lora_rank={self.lora_rank} must be >= 1")
+
+
+def params_from_dict(d: dict[str, Any] | None) -> DMDParams:
+    """DMDParams from a YAML mapping; an unknown key is an error that names it."""
+    d = dict(d or {})
+    d.pop("name", None)
+    known = {f.name for f in dataclasses.fields(DMDParams)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"objective: unknown key(s) {unknown} for DMD; known keys are {sorted(known)}")
+    if "adam_betas" in d:
+        d["adam_betas"] = tuple(float(b) for b in d["adam_betas"])
+    return DMDParams(**d)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside DDP / FSDP / compile wrappers."""
+    while hasattr(net, "module") and isinstance(net.module, nn.Module):
+        net = net.module
+    return getattr(net, "_orig_mod", net)
+
+
+# ---- shared base: one frozen backbone, one LoRA adapter per trainable role --------------------
+DEFAULT_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0",                       # attention (all families)
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",   # SD3 / Flux text stream
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+    "proj_in", "proj_out",                                   # UNet transformer in/out, Flux single blocks
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj",      # UNet resnets
+    "norm1.linear", "norm1_context.linear",                  # DiT / SD3 / Flux adaLN modulation
+)
+
+
+class SharedBase:
+    """The teacher's backbone with one LoRA adapter per trainable role (peft), so a DMD2 run
+    holds one backbone instead of three.
+
+    `activate(role)` selects the adapter that takes part in the next forward pass (None disables
+    all: the teacher). Autograd records the weights that a pass used, so a backward reaches only
+    the adapter that was active during that pass, whatever is active when backward runs. peft's
+    `set_adapter` also flips requires_grad of the inactive adapters; `activate` restores it, so
+    every adapter stays trainable by its own optimizer. The default state is "disabled", so the
+    teacher Denoiser keeps behaving as the teacher outside role calls.
+
+    Not compatible with activation checkpointing inside the backbone (the recomputation in
+    backward would run with whatever adapter is then active): `build` refuses that combination.
+    """
+
+    def __init__(self, denoiser: Denoiser, roles: list[str], rank: int = 16, alpha: float = 16.0,
+                 targets: list[str] | tuple[str, ...] | None = None):
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.denoiser = denoiser
+        bb = denoiser.backbone
+        if getattr(bb, "is_gradient_checkpointing", False):
+            raise ValueError("objective.shared_base=true cannot run with gradient checkpointing in the backbone "
+                             "(its recomputation would see the wrong adapter); disable one of them")
+        targets = tuple(targets or DEFAULT_LORA_TARGETS)
+        names = [n for n, _ in bb.named_modules()]
+        found = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
+        if not found:
+            raise ValueError(f"objective.lora_targets: none of {list(targets)} names a module of "
+                             f"{type(bb).__name__}")
+        bb.requires_grad_(False)
+        with warnings.catch_warnings():  # a second adapter on one model is the point here
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            for role in roles:
+                cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=found, lora_dropout=0.0)
+                inject_adapter_in_model(cfg, bb, adapter_name=role)
+        self.layers = [m for m in bb.modules() if isinstance(m, BaseTunerLayer)]
+        self.roles = list(roles)
+        self.adapter_params: dict[str, dict[str, nn.Parameter]] = {}
+        for role in roles:
+            pat = re.compile(rf"\.lora_[A-Za-z_]+\.{re.escape(role)}\.")
+            self.adapter_params[role] = {n: p for n, p in bb.named_parameters() if pat.search(n)}
+            if not self.adapter_params[role]:  # pragma: no cover - peft naming changed
+                raise RuntimeError(f"no LoRA weights found for role {role!r}")
+        lora_ids = {id(p) for ps in self.adapter_params.values() for p in ps.values()}
+        self.base_params = {n: p for n, p in bb.named_parameters() if id(p) not in lora_ids}
+        self._active: str | None = "?"
+        self.activate(None)
+
+    def activate(self, role: str | None) -> None:
+        if role == self._active:
+            return
+        if role is not None and role not in self.roles:
+            raise KeyError(f"no adapter for role {role!r}; roles are {self.roles}")
+        for layer in self.layers:
+            if role is None:
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(role)
+                layer.enable_adapters(True)
+        for ps in self.adapter_params.values():
+            for p in ps.values():
+                p.requires_grad_(True)
+        self._active = role
+
+    def parameter_bytes(self) -> int:
+        """Bytes of every weight held (base once, plus all adapters)."""
+        return sum(p.numel() * p.element_size() for p in self.denoiser.backbone.parameters())
+
+
+class RoleView(nn.Module):
+    """One role of a `SharedBase`, called like a Denoiser.
+
+    It registers as its own parameters only that role's weights (the student's or fake's adapter;
+    the teacher's frozen base weights), so optimizers, DDP wrappers and checkpoints see each
+    trainable weight under exactly one role. Device and dtype moves (`.to`) apply to the whole
+    shared backbone.
+    """
+
+    def __init__(self, shared: SharedBase, role: str | None):
+        super().__init__()
+        object.__setattr__(self, "_shared", shared)  # not a submodule: its weights belong to the roles
+        self.role = role
+        params = shared.adapter_params[role] if role is not None else shared.base_params
+        self.weights = nn.ParameterDict({n.replace(".", "__"): p for n, p in params.items()})
+
+    @property
+    def shared(self) -> SharedBase:
+        return self._shared
+
+    @property
+    def path(self):
+        return self._shared.denoiser.path
+
+    @property
+    def conditioner(self):
+        return self._shared.denoiser.conditioner
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self._shared.denoiser.backbone
+
+    def forward(self, x_t: Tensor, t, cond: Cond | None = None, guidance=1.0, output: str = "x0"):
+        self._shared.activate(self.role)
+        try:
+            return self._shared.denoiser(x_t, t, cond, guidance, output=output)
+        finally:
+            self._shared.activate(None)
+
+    def _apply(self, fn, recurse=True):
+        self._shared.denoiser._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def standalone(self) -> Denoiser:
+        """A plain Denoiser with this role's adapter merged into a copy of the base weights (for
+        export and evaluation with stock code)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        den = self._shared.denoiser
+        bb = copy.deepcopy(den.backbone)
+        tuner = [(n, m) for n, m in bb.named_modules() if isinstance(m, BaseTunerLayer)]
+        for name, m in tuner:
+            if self.role is not None:
+                m.set_adapter(self.role)
+                m.enable_adapters(True)
+                m.merge(adapter_names=[self.role])
+            parent_name, _, child = name.rpartition(".")
+            parent = bb.get_submodule(parent_name) if parent_name else bb
+            setattr(parent, child, m.get_base_layer())
+        bb.requires_grad_(False)
+        return Denoiser(bb, den.path, den.conditioner)
+
+
+# ---- the objective --------------------------------------------------------------------------
+class DMDObjective:
+    """DMD / DMD2 / Decoupled DMD. See the module docstring for the maths.
+
+    Args:
+        params:  DMDParams (validated).
+        teacher, student, fake: callables with the Denoiser signature (Denoisers or role views).
+        seed:    run seed (backward-simulation step counts via `step_generator`).
+        latent_shape: (C, H, W).
+        disc, tap: the GAN head and the feature hook on the fake score (both or neither).
+        teacher_key: fingerprint of the teacher weights (for the sample caches).
+        regression_cond: conditions for the regression pairs / teacher statistics (None: taken
+                  from the first training batch).
+        ema:     an EMA copy of the student, or None.
+    """
+
+    def __init__(self, params: DMDParams, teacher: nn.Module, student: nn.Module, fake: nn.Module, *,
+                 seed: int = 0, latent_shape: tuple[int, ...] = (4, 8, 8), disc: DiscriminatorHead | None = None,
+                 tap: FeatureTap | None = None, teacher_key: str | None = None,
+                 regression_cond: Cond | None = None, ema: nn.Module | None = None,
+                 device: torch.device | str | None = None):
+        self.p = params
+        self.seed = int(seed)
+        self.latent_shape = tuple(latent_shape)
+        self.path = teacher.path
+        self.times = params.times
+        self.nets: dict[str, nn.Module] = {"teacher": teacher, "student": student, "fake": fake}
+        self.groups: dict[str, list[str]] = {"generator": ["student"], "guidance": ["fake"]}
+        if disc is not None:
+            self.nets["disc"] = disc
+            self.groups["guidance"].append("disc")
+        if ema is not None:
+            self.nets["student_ema"] = ema
+        self.tap = tap
+        self.teacher_key = teacher_key
+        self.regression_cond = regression_cond
+        self.device = device
+        self.sampling = {"times": self.times + [0.0], "renoise": "fresh"}
+        self.eval_role = "student_ema" if ema is not None else "student"
+        betas = tuple(float(b) for b in params.adam_betas)
+        self.optim = {  # per-group AdamW settings for the entry point
+            "generator": {"lr": params.generator_lr, "betas": betas, "weight_decay": params.weight_decay},
+            "guidance": {"lr": params.guidance_lr, "betas": betas, "weight_decay": params.weight_decay},
+        }
+        self._pairs: tuple[Tensor, Tensor, Cond | None] | None = None
+        self._teacher_stats: tuple[Tensor, Tensor] | None = None
+
+    # ---- schedule -----------------------------------------------------------------------
+    def phases(self, step: int) -> list[str]:
+        if step % int(self.p.fake_updates_per_generator) == 0:
+            return ["generator", "guidance"]
+        return ["guidance"]
+
+    def sim_steps(self, step: int) -> int:
+        """Backward-simulation depth k in {0..K-1}, the same on every process at a given step."""
+        k = len(self.times)
+        if k == 1:
+            return 0
+        return int(torch.randint(0, k, (1,), generator=step_generator(self.seed, step)))
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _dev(self, batch: Batch) -> torch.device:
+        if batch.get("x0") is not None:
+            return batch["x0"].device
+        for v in (batch.get("cond") or {}).values():
+            if torch.is_tensor(v):
+                return v.device
+        if self.device is not None:
+            return torch.device(self.device)
+        return next(iter(unwrap(self.nets["teacher"]).parameters())).device
+
+    @staticmethod
+    def _uniform(b: int, lo: float, hi: float, device) -> Tensor:
+        return lo + (hi - lo) * torch.rand(b, device=device)
+
+    def _shape(self, batch: Batch) -> tuple[int, ...]:
+        if batch.get("shape") is not None:
+            return tuple(batch["shape"])
+        return tuple(batch["x0"].shape)
+
+    def generate(self, batch: Batch, step: int, grad: bool) -> tuple[Tensor, float]:
+        """The student's x0 prediction x_hat (B, C, H, W) at its input time t_gen (backward
+        simulation for multi-step students). Returns (x_hat, t_gen)."""
+        shape, dev, cond = self._shape(batch), self._dev(batch), batch.get("cond")
+        student = self.nets["student"]
+        k = self.sim_steps(step)
+        noise = torch.randn(shape, device=dev) * self.path.init_noise_sigma
+        x = noise
+        with torch.no_grad():  # run the student to its k-th input time, fresh noise in between
+            for t, t_next in zip(self.times[:k], self.times[1 : k + 1]):
+                x = self.path.add_noise(student(x, t, cond), torch.randn_like(x), t_next)
+        t_gen = self.times[k]
+        with nullcontext() if grad else torch.no_grad():
+            x_hat = student(x, t_gen, cond)
+        return x_hat.float(), t_gen
+
+    def _noised(self, x: Tensor, lo: float, hi: float, detach: bool = True) -> tuple[Tensor, Tensor]:
+        """add_noise(x, fresh eps, tau) with tau ~ U[lo, hi] per sample."""
+        tau = self._uniform(x.shape[0], lo, hi, x.device)
+        return self.path.add_noise(x.detach() if detach else x, torch.randn_like(x), tau), tau
+
+    def _disc_logits(self, x_in: Tensor, t_in: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor]:
+        """Fake-score native output and head logits from one pass (the hook captures the features)."""
+        with self.tap.capture():
+            out = self.nets["fake"](x_in, t_in, cond, output="native")
+        return out, self.nets["disc"](self.tap.take())
+
+    # ---- generator ----------------------------------------------------------------------
+    def _dm_grad(self, x_hat: Tensor, cond: Cond | None, guidance: float) -> Tensor:
+        x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max)
+        with torch.no_grad():
+            x0_real = self.nets["teacher"](x_tau, tau, cond, guidance)
+            x0_fake = self.nets["fake"](x_tau, tau, cond)
+        return dm_gradient(x_hat, x0_real, x0_fake)
+
+    def _ca_grad(self, x_hat: Tensor, cond: Cond | None, t_gen: float) -> Tensor:
+        """Decoupled DMD's CFG-augmentation term, normalised like DMD's gradient:
+        -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|, re-noised below the generator's input time.
+        (dm_gradient(x, x0_cfg, x0_c) is exactly that quotient, since x0_c - x0_cfg = -(w-1)(c-u).)"""
+        hi = min(self.p.ca_t_max, float(t_gen))
+        x_tau, tau = self._noised(x_hat, self.p.ca_t_min, hi)
+        with torch.no_grad():
+            x0_c, x0_u = self.nets["teacher"](x_tau, tau, cond, output="cond_uncond")
+        ca = cfg_augmentation(x0_c, x0_u, self.p.guidance)
+        return dm_gradient(x_hat, x0_c + ca, x0_c)
+
+    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        p, cond = self.p, batch.get("cond")
+        x_hat, t_gen = self.generate(batch, step, grad=True)
+        logs: dict[str, float] = {"t_gen": t_gen}
+        if p.variant in ("dmd", "dmd2"):
+            g = self._dm_grad(x_hat, cond, p.guidance)
+            loss = surrogate_loss(x_hat, g)
+            logs["dm_grad_norm"] = g.flatten(1).norm(dim=1).mean().item()
+        else:  # Decoupled DMD
+            g = p.ca_weight * self._ca_grad(x_hat, cond, t_gen)
+            logs["ca_grad_norm"] = (g.flatten(1).norm(dim=1).mean() / max(p.ca_weight, 1e-12)).item()
+            if p.dm_kind == "dm":
+                g_dm = self._dm_grad(x_hat, cond, 1.0)
+                logs["dm_grad_norm"] = g_dm.flatten(1).norm(dim=1).mean().item()
+                g = g + p.dm_weight * g_dm
+                loss = surrogate_loss(x_hat, g)
+            else:
+                mean_ref, var_ref = self._meanvar_reference(batch)
+                kl = channel_gaussian_kl(x_hat, mean_ref, var_ref)
+                logs["meanvar_kl"] = kl.item()
+                loss = surrogate_loss(x_hat, g) + p.dm_weight * kl
+        if p.gan:
+            x_n, tau = self._noised(x_hat, p.gan_t_min, p.gan_t_max, detach=False)
+            out, logits = self._disc_logits(x_n, tau, cond)
+            adv = generator_gan_loss(logits)
+            # zero-weighted output term: every fake-score weight takes part (DDP without
+            # find_unused_parameters); its gradient is exactly zero
+            loss = loss + p.gan_generator_weight * adv + 0.0 * out.mean()
+            logs["gan_g"] = adv.item()
+        if p.regression_weight > 0:
+            reg = self._regression_loss(batch)
+            loss = loss + p.regression_weight * reg
+            logs["regression"] = reg.item()
+        logs["loss_g"] = loss.item()
+        return loss, logs
+
+    # ---- guidance (fake score + head) ----------------------------------------------------
+    def guidance_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        p, cond = self.p, batch.get("cond")
+        with torch.no_grad():
+            x_hat, _ = self.generate(batch, step, grad=False)
+        b = x_hat.shape[0]
+        eps = torch.randn_like(x_hat)
+        t = self._uniform(b, p.fake_t_min, 1.0, x_hat.device)
+        x_t = self.path.add_noise(x_hat, eps, t)
+        logs: dict[str, float] = {}
+        if p.gan:
+            x_real = batch.get("x0")
+            if x_real is None:
+                raise ValueError("objective.gan=true but the batch has no 'x0' (real latents)")
+            xf, tf = self._noised(x_hat, p.gan_t_min, p.gan_t_max)
+            xr, tr = self._noised(x_real.float(), p.gan_t_min, p.gan_t_max)
+            x_in, t_in = torch.cat([x_t, xf, xr]), torch.cat([t, tf, tr])
+            cond3 = cat_cond(cond, cond, cond) if cond is not None else None
+            out_all, logits = self._disc_logits(x_in, t_in, cond3)
+            out = out_all[:b]
+            d_loss = discriminator_gan_loss(logits[b:2 * b], logits[2 * b:])
+            logs["gan_d"] = d_loss.item()
+        else:
+            out = self.nets["fake"](x_t, t, cond, output="native")
+            d_loss = None
+        if p.fake_target == "native":
+            fake_loss = dsm_loss(out, self.path.from_x0_eps(x_hat, eps, t))
+        else:
+            fake_loss = dsm_loss(self.path.to_x0_eps(x_t, out, t)[0], x_hat)
+        logs["loss_fake"] = fake_loss.item()
+        loss = fake_loss if d_loss is None else fake_loss + p.gan_disc_weight * d_loss
+        return loss, logs
+
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if phase == "generator":
+            return self.generator_loss(batch, step)
+        if phase == "guidance":
+            return self.guidance_loss(batch, step)
+        raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'guidance'")
+
+    @torch.no_grad()
+    def after_step(self, phase: str, step: int) -> None:
+        if phase != "generator" or "student_ema" not in self.nets:
+            return
+        d = float(self.p.ema_decay)
+        src = dict(unwrap(self.nets["student"]).named_parameters())
+        for n, q in unwrap(self.nets["student_ema"]).named_parameters():
+            q.lerp_(src[n].detach().to(q.dtype), 1.0 - d)
+
+    # ---- cached teacher samples ------------------------------------------------------------
+    def _cond_pool(self, batch: Batch, n: int) -> Cond | None:
+        if self.regression_cond is not None:
+            c = self.regression_cond
+        else:  # tile the first batch's conditions
+            c = batch.get("cond")
+            if c is None:
+                return None
+            b = next(v.shape[0] for v in c.values() if torch.is_tensor(v) and v.ndim > 0)
+            idx = torch.arange(n) % b
+            c = {k: (v.detach().cpu()[idx] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in c.items()}
+        return c
+
+    def _teacher_samples(self, batch: Batch, n: int, steps: int, guidance: float, tag: str):
+        cond = self._cond_pool(batch, n)
+        times = [float(t) for t in self.path.sampling_times(steps)]
+        seed = self.seed + (0 if tag == "regression" else 1)
+        key = sample_key(self.teacher_key or "unknown", cond, tag=tag, n=n, times=times, guidance=guidance,
+                         renoise="ddim", shape=self.latent_shape, seed=seed)
+        return cached_teacher_samples(self.nets["teacher"], key, cond, n, self.latent_shape, times, guidance,
+                                      seed, self.p.cache_dir, device=self._dev(batch))
+
+    def _regression_loss(self, batch: Batch) -> Tensor:
+        p = self.p
+        if self._pairs is None:
+            g = p.guidance if p.regression_guidance is None else p.regression_guidance
+            self._pairs = self._teacher_samples(batch, int(p.regression_pairs), int(p.regression_steps), g,
+                                                "regression")
+        noise, y, cond = self._pairs
+        b, dev = self._shape(batch)[0], self._dev(batch)
+        idx = torch.randint(0, noise.shape[0], (b,))
+        c = None if cond is None else {k: (v[idx].to(dev) if torch.is_tensor(v) else v) for k, v in cond.items()}
+        x = self.nets["student"](noise[idx].to(dev) * self.path.init_noise_sigma, self.times[0], c)
+        if p.regression_distance == "l2":
+            return mse_per_sample(x, y[idx].to(dev)).mean()
+        return pseudo_huber(x, y[idx].to(dev), p.regression_huber_c).mean()
+
+    def _meanvar_reference(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        if self.p.meanvar_target == "real":
+            if batch.get("x0") is None:
+                raise ValueError("objective.meanvar_target='real' but the batch has no 'x0' (real latents)")
+            return channel_stats(batch["x0"])
+        if self._teacher_stats is None:
+            _, y, _ = self._teacher_samples(batch, int(self.p.meanvar_samples), int(self.p.meanvar_steps),
+                                            self.p.guidance, "meanvar")
+            dev = self._dev(batch)
+            self._teacher_stats = tuple(s.to(dev) for s in channel_stats(y))
+        return self._teacher_stats
+
+
+# ---- builder --------------------------------------------------------------------------------
+def build(params: DMDParams | dict[str, Any], teacher: Denoiser, ctx: Any) -> DMDObjective:
+    """The registry's entry: validate `params`, make the networks, return the objective.
+
+    ctx gives latent_shape, has_real_data, seed, and optionally device, make_student(teacher),
+    make_copy(teacher) (full copies when absent), regression_cond (conditions for the cached
+    teacher samples).
+    """
+    if not isinstance(params, DMDParams):
+        params = params_from_dict(params)
+    has_real = bool(getattr(ctx, "has_real_data", False))
+    params.validate(has_real)
+    teacher.requires_grad_(False)
+    latent_shape = tuple(getattr(ctx, "latent_shape"))
+    needs_key = params.regression_weight > 0 or (params.variant == "ddmd" and params.dm_kind == "meanvar"
+                                                 and params.meanvar_target == "teacher")
+    key = teacher_fingerprint(teacher) if needs_key else None
+    ema = None
+    if params.shared_base:
+        shared = SharedBase(teacher, ["student", "fake"], params.lora_rank, params.lora_alpha, params.lora_targets)
+        t_net, student, fake = RoleView(shared, None), RoleView(shared, "student"), RoleView(shared, "fake")
+        fake_backbone = teacher.backbone
+    else:
+        make_student = getattr(ctx, "make_student", None) or copy_denoiser
+        make_copy = getattr(ctx, "make_copy", None) or copy_denoiser
+        t_net, student, fake = teacher, make_student(teacher), make_copy(teacher)
+        for role, net in (("student", student), ("fake", fake)):
+            if not any(p.requires_grad for p in net.parameters()):
+                raise ValueError(f"the {role} network has no trainable weights (check the model / LoRA config)")
+        fake_backbone = unwrap(fake).backbone
+        if params.ema_decay > 0:
+            ema = copy_denoiser(student, trainable=False)
+    disc = tap = None
+    if params.gan:
+        block, channels = bottleneck_block(fake_backbone, params.gan_block)
+        tap = FeatureTap(block)
+        disc = DiscriminatorHead(channels, latent_shape[1:], params.gan_head_width)
+        dev = getattr(ctx, "device", None)
+        if dev is not None:
+            disc.to(dev)
+    return DMDObjective(params, t_net, student, fake, seed=int(getattr(ctx, "seed", 0)), latent_shape=latent_shape,
+                        disc=disc, tap=tap, teacher_key=key, regression_cond=getattr(ctx, "regression_cond", None),
+                        ema=ema, device=getattr(ctx, "device", None))
+
+
+def context(**kw: Any) -> SimpleNamespace:
+    """A minimal build context (tests, scripts): latent_shape, has_real_data, seed, device, ..."""
+    base = dict(latent_shape=(4, 8, 8), num_classes=None, has_real_data=False, seed=0, device=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
