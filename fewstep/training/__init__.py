@@ -1,0 +1,23 @@
+"""The training machinery behind `accelerate launch train/train.py` and `fewstep train`:
+the loop (`run`), checkpoints, EMA, LoRA, data, logging, memory estimates and the dry run."""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["run", "RunResult", "NonFiniteError", "dry_run", "TeacherBundle"]
+
+
+def __getattr__(name: str) -> Any:  # keep `import fewstep.training` light
+    if name in ("run", "RunResult", "NonFiniteError"):
+        from . import loop
+
+        return getattr(loop, name)
+    if name == "dry_run":
+        from .dry_run import dry_run
+
+        return dry_run
+    if name == "TeacherBundle":
+        from .teacher import TeacherBundle
+
+        return TeacherBundle
+    raise AttributeError(name)
