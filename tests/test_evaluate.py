@@ -316,3 +316,74 @@ def test_module_entry_point_runs_as_a_script():
 
     r = subprocess.run([sys.executable, "-m", "eval.evaluate", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--inception-weights" in r.stdout
+
+
+# ---- students: run dirs as the training entry point writes them ----------------------------------------
+def _fake_run_dir(root, teacher_dir, sampling, perturb=0.05):
+    """A run dir shaped like fewstep/training/loop.py's output: run_card.json naming the teacher and
+    the student's sampler, and final/student/ (a diffusers model folder) with changed weights."""
+    from diffusers import DiTTransformer2DModel
+
+    bb = DiTTransformer2DModel.from_pretrained(teacher_dir / "transformer")
+    with torch.no_grad():
+        for p in bb.parameters():
+            p.add_(perturb * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    bb.save_pretrained(root / "final" / "student", safe_serialization=True)
+    card = {"name": "tiny", "objective": "dmd2", "teacher": {"source": str(teacher_dir), "family": "dit"},
+            "sampling": sampling, "steps": 2, "files": {"student": "final/student"}}
+    (root / "run_card.json").write_text(json.dumps(card))
+    return root
+
+
+def test_run_dir_student_samples_with_its_recorded_times(tiny_dit_dir, tmp_path):
+    from fewstep.evaluation.sources import load_source
+    from fewstep.samplers import initial_noise, sample
+
+    run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.6, 0.0], "renoise": "fresh",
+                                                         "times_by_steps": {"4": [1.0, 0.8, 0.5, 0.2, 0.0]}})
+    src = load_source(str(run))
+    teacher = load_source(str(tiny_dit_dir))
+    assert src.kind == "student" and src.default_guidance == 1.0 and src.info["weights_sha256"]
+    assert src.schedule(2) == ([1.0, 0.6, 0.0], "fresh", "card (training times)")
+    assert src.schedule(4)[0] == [1.0, 0.8, 0.5, 0.2, 0.0]
+    assert src.schedule(1)[0] == [1.0, 0.0] and src.schedule(1)[2].startswith("uniform")
+    labels = torch.tensor([1, 2])
+    got, _ = src.generate(2, [3, 4], labels=labels, progress=False)
+    noise = torch.cat([initial_noise((1, 4, 8, 8), torch.Generator().manual_seed(s)) for s in (3, 4)])
+    lat = sample(src.denoiser, noise, {"class_labels": labels}, [1.0, 0.6, 0.0], renoise="fresh",
+                 generator=torch.Generator().manual_seed(3 * 1_000_003 + 7))
+    assert torch.allclose(got, src.decode(lat).clamp(-1, 1), atol=1e-5)
+    t_img, _ = teacher.generate(2, [3, 4], labels=labels, progress=False)
+    assert not torch.allclose(got, t_img, atol=1e-2)  # the student's weights, not the teacher's
+    res = evaluate(EvalSpec(pipeline=str(run), steps=[1, 2], num_samples=10, metrics=["fid", "class_acc"],
+                            out=str(tmp_path / "o"), progress=False))
+    assert res["source"]["kind"] == "student" and res["rows"][1]["renoise"] == "fresh"
+    assert res["rows"][1]["times_source"] == "card (training times)" and res["rows"][0]["nfe"] == 1
+
+
+def test_broken_run_dirs_are_named(tiny_dit_dir, tmp_path):
+    from fewstep.evaluation import InputError
+    from fewstep.evaluation.sources import load_source
+
+    run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.0], "renoise": "fresh"})
+    card = json.loads((run / "run_card.json").read_text())
+    with pytest.raises(InputError, match="student_ema"):
+        load_source(str(run), student_weights="student_ema")
+    (run / "run_card.json").write_text(json.dumps({**card, "teacher": {}}))
+    with pytest.raises(InputError, match=r"run_card.json does not name its teacher"):
+        load_source(str(run))
+    with pytest.raises(InputError, match="neither a teacher name"):
+        load_source(str(tmp_path / "nothing-here"))
+
+
+def test_guidance_embedded_students_get_their_w_as_an_input():
+    from fewstep.evaluation.sources import Source
+    from fewstep.objectives.consistency import guidance_scale_embedding
+
+    src = Source(kind="student", name="lcm", denoiser=None, decode=lambda z: z, latent_shape=(4, 8, 8),
+                 conditioning="labels", sampling={"times": [1.0, 0.0], "renoise": "fresh",
+                                                  "guidance_embedding": {"key": "timestep_cond", "dim": 16,
+                                                                         "guidance": 8.5}})
+    assert src.cfg_and_embedded(None) == (1.0, 8.5) and src.cfg_and_embedded(3.0) == (1.0, 3.0)
+    cond = src.conds(torch.tensor([1, 2]), None, "cpu", embedded=8.5)
+    assert torch.equal(cond["timestep_cond"], guidance_scale_embedding(torch.full((2,), 7.5), 16))

@@ -50,6 +50,7 @@ class EvalSpec:
     device: str = "cpu"
     dtype: str = "float32"
     sampler: str = "fewstep"               # "fewstep" or "pipeline" (the stock diffusers pipeline)
+    student_weights: str = "student"       # run dirs: "student" (raw) or "student_ema"
     out: str = "eval_out"
     save_images: bool = False
     cache: bool = True
@@ -221,7 +222,7 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
     if spec.pipeline is not None:
         from .sources import load_source
 
-        src = load_source(spec.pipeline, device=device, dtype=dtype)
+        src = load_source(spec.pipeline, device=device, dtype=dtype, student_weights=spec.student_weights)
     else:
         bad = [m for m in metrics if m in ("clip", "class_acc", "diversity")]
         if bad:
@@ -301,8 +302,8 @@ def _score_fidelity(gen_feats, ref, extractor, proto, metrics) -> dict[str, Any]
 
 def _one_steps(spec, proto, metrics, src, steps, seeds, labels, caps, extractor, ref, clip, judge_ok, out) -> dict:
     times, renoise, times_source = src.schedule(steps)
-    guidance = src.default_guidance if spec.guidance is None else float(spec.guidance)
-    imgs, secs = src.generate(steps, seeds, labels=labels, captions=caps, guidance=guidance,
+    guidance, embedded = src.cfg_and_embedded(spec.guidance)
+    imgs, secs = src.generate(steps, seeds, labels=labels, captions=caps, guidance=spec.guidance,
                               batch_size=spec.batch_size, device=spec.device, sampler=spec.sampler,
                               progress=None if spec.progress else False)
     u8 = resize_uint8(to_uint8(imgs), proto.image_size)
@@ -311,7 +312,7 @@ def _one_steps(spec, proto, metrics, src, steps, seeds, labels, caps, extractor,
     row: dict[str, Any] = {
         "steps": steps, "nfe": steps * cfg_passes, "times": times, "times_source": times_source,
         "renoise": renoise if src.kind == "student" else "ddim",
-        "guidance": guidance, "num_samples": n, "seeds": f"{seeds[0]}..{seeds[-1]} (sample i: seed + i)",
+        "guidance": guidance, "embedded_guidance": embedded, "num_samples": n, "seeds": f"{seeds[0]}..{seeds[-1]} (sample i: seed + i)",
         "batch_size": spec.batch_size, "sampler": spec.sampler,
         "generation_seconds": secs, "samples_per_second": n / secs if secs > 0 else None,
     }
@@ -327,6 +328,9 @@ def _one_steps(spec, proto, metrics, src, steps, seeds, labels, caps, extractor,
                            "weights_file": judge_ok, "weights_sha256": file_sha256(judge_ok), **common}
     if "diversity" in metrics:
         ms.update(_diversity(spec, proto, src, steps, guidance, extractor, gen_feats, labels, caps))
+    if embedded is not None:
+        for m in ms.values():
+            m["embedded_guidance"] = embedded
     if "clip" in metrics:
         ms["clip"] = {"value": clip(u8, caps), **clip.describe(), **common}
     row["metrics"] = ms
@@ -354,7 +358,7 @@ def _diversity(spec, proto, src, steps, guidance, extractor, gen_feats, labels, 
         g, k = proto.diversity_groups, proto.diversity_per_group
         dcaps = [c for c in caps[:g] for _ in range(k)]
         seeds = [proto.seed + proto.num_samples + i for i in range(len(dcaps))]
-        imgs, _ = src.generate(steps, seeds, captions=dcaps, guidance=guidance, batch_size=spec.batch_size,
+        imgs, _ = src.generate(steps, seeds, captions=dcaps, guidance=spec.guidance, batch_size=spec.batch_size,
                                device=spec.device, sampler=spec.sampler, progress=False)
         feats = extractor.features(TensorImages(resize_uint8(to_uint8(imgs), proto.image_size)))
         d = diversity(feats[layer], dcaps)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..samplers import initial_noise, sample
 from .inputs import InputError
+from .protocols import file_sha256
 
 __all__ = ["Source", "load_source", "uniform_times", "TEACHER_NAMES"]
 
@@ -80,28 +81,53 @@ class Source:
         trained = "unknown" if times is None else str(len(times) - 1)
         return uniform_times(steps), renoise, f"uniform (trained with {trained} steps)"
 
-    def conds(self, labels: Tensor | None, captions: Sequence[str] | None, device) -> dict | None:
+    def guidance_embedding(self) -> dict[str, Any] | None:
+        """{"key", "dim", "guidance"} for a student that takes its CFG scale as an input (an
+        LCM-style w-embedding, recorded by the consistency objective), else None."""
+        ge = (self.sampling or {}).get("guidance_embedding") if self.kind == "student" else None
+        return ge if isinstance(ge, dict) else None
+
+    def cfg_and_embedded(self, guidance: float | None) -> tuple[float, float | None]:
+        """(CFG scale for the sampler, scale fed to a w-embedding or None). For a w-conditioned
+        student --guidance sets the embedded scale and CFG stays 1."""
+        ge = self.guidance_embedding()
+        if ge is not None:
+            return 1.0, float(ge.get("guidance", 1.0)) if guidance is None else float(guidance)
+        return (self.default_guidance if guidance is None else float(guidance)), None
+
+    def conds(self, labels: Tensor | None, captions: Sequence[str] | None, device,
+              embedded: float | None = None) -> dict | None:
         if self.conditioning == "labels":
             if labels is None:
                 raise ValueError(f"{self.name} is class-conditional: it needs labels")
-            return {"class_labels": labels.to(device)}
-        if captions is None:
-            raise ValueError(f"{self.name} is text-conditional: it needs captions (--captions)")
-        if self.encode_prompts is None:
-            raise ValueError(f"{self.name}: no prompt encoder")
-        cond = self.encode_prompts(list(captions))
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
+            cond = {"class_labels": labels.to(device)}
+        else:
+            if captions is None:
+                raise ValueError(f"{self.name} is text-conditional: it needs captions (--captions)")
+            if self.encode_prompts is None:
+                raise ValueError(f"{self.name}: no prompt encoder")
+            cond = {k: (v.to(device) if torch.is_tensor(v) else v)
+                    for k, v in self.encode_prompts(list(captions)).items()}
+        if embedded is not None:
+            from ..objectives.consistency import guidance_scale_embedding
+
+            ge = self.guidance_embedding()
+            b = labels.shape[0] if labels is not None else len(captions)
+            w = torch.full((b,), float(embedded), device=device)
+            cond[ge["key"]] = guidance_scale_embedding(w - 1.0, int(ge["dim"])).to(device)
+        return cond
 
     @torch.no_grad()
     def generate(self, steps: int, seeds: Sequence[int], labels: Tensor | None = None,
                  captions: Sequence[str] | None = None, guidance: float | None = None, batch_size: int = 250,
                  device: str = "cpu", sampler: str = "fewstep", progress: str | None = None) -> tuple[Tensor, float]:
         """Generate one image per seed; returns (images float32 (N, C, H, W) in [-1, 1] on the CPU,
-        wall seconds including decoding)."""
+        wall seconds including decoding). `guidance`: CFG scale (None: the source's default); for
+        a w-conditioned student, the scale fed to its embedding."""
         from tqdm import tqdm
 
         n = len(seeds)
-        w = self.default_guidance if guidance is None else float(guidance)
+        w, embedded = self.cfg_and_embedded(guidance)
         times, renoise, _ = self.schedule(steps)
         out: list[Tensor] = []
         t0 = time.perf_counter()
@@ -117,7 +143,7 @@ class Source:
                     noise = torch.cat([initial_noise((1, *self.latent_shape), torch.Generator().manual_seed(int(seeds[i])))
                                        for i in idx]).to(device)
                     gen = torch.Generator().manual_seed(int(seeds[s]) * 1_000_003 + 7)
-                    lat = sample(self.denoiser, noise, self.conds(lab, cap, device), times, guidance=w,
+                    lat = sample(self.denoiser, noise, self.conds(lab, cap, device, embedded), times, guidance=w,
                                  renoise=renoise, generator=gen)
                     img = self.decode(lat).float().clamp(-1, 1).cpu()
                 out.append(img)
@@ -226,9 +252,11 @@ def _export_card(folder: Path) -> dict | None:
     return None
 
 
-def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Source:
+def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                student_weights: str = "student") -> Source:
     """Resolve --pipeline: a teacher name, a pipeline folder (teacher or exported student) or a
-    training run dir. Raises InputError naming the path for anything else."""
+    training run dir (its raw student weights, or with student_weights="student_ema" its EMA).
+    Raises InputError naming the path for anything else."""
     p = Path(source)
     if source in TEACHER_NAMES:
         t = _load_teacher(source, device, dtype)
@@ -237,7 +265,7 @@ def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         raise InputError(f"--pipeline {source!r} is neither a teacher name ({', '.join(TEACHER_NAMES)}) "
                          "nor an existing folder")
     if p.is_dir() and any((p / n).is_file() for n in RUN_CARD_NAMES) and not (p / "model_index.json").is_file():
-        return _load_run(p, device, dtype)
+        return _load_run(p, device, dtype, student_weights)
     if p.is_dir() and (p / "model_index.json").is_file():
         t = _load_teacher(str(p), device, dtype)
         card = _export_card(p)
@@ -250,45 +278,78 @@ def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.flo
                      f"(no {' / '.join(RUN_CARD_NAMES)})")
 
 
-def _load_run(run_dir: Path, device: str, dtype: torch.dtype) -> Source:
+def _load_run(run_dir: Path, device: str, dtype: torch.dtype, student_weights: str = "student") -> Source:
     """A training run dir: the run card names the teacher and the student's sampler; the student's
     weights replace a copy of the teacher's backbone."""
     card_path = next(run_dir / n for n in RUN_CARD_NAMES if (run_dir / n).is_file())
     card = _read_json(card_path)
-    teacher_src = card.get("teacher") or card.get("teacher_source") or \
-        (card.get("config", {}).get("teacher", {}) or {}).get("source")
+    teacher_src = card.get("teacher")
     if isinstance(teacher_src, dict):
-        teacher_src = teacher_src.get("source") or teacher_src.get("name")
-    if not teacher_src:
-        raise InputError(f"run card {card_path} does not name its teacher ('teacher')")
-    t = _load_teacher(str(teacher_src), device, dtype)
-    weights = _student_weights(run_dir, card)
-    from safetensors.torch import load_file
-
-    from ..denoiser import copy_denoiser
-
-    student = copy_denoiser(t.denoiser, trainable=False)
-    state = load_file(str(weights))
-    missing, unexpected = student.backbone.load_state_dict(state, strict=False)
-    if unexpected or len(missing) == len(list(student.backbone.state_dict())):
-        raise InputError(f"student weights {weights} do not fit the teacher's backbone "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        teacher_src = teacher_src.get("source")
+    if not teacher_src or not isinstance(teacher_src, str):
+        raise InputError(f"run card {card_path} does not name its teacher ('teacher': {{'source': ...}})")
+    if not card.get("sampling"):
+        raise InputError(f"run card {card_path} has no 'sampling' entry (the student's times)")
+    t = _load_teacher(teacher_src, device, dtype)
+    weights = _student_weights(run_dir, card, student_weights)
+    student = _student_denoiser(t.denoiser, weights, device, dtype)
     t_student = _TeacherView(t, student)
     src = _from_teacher(t_student, "student", str(run_dir),
                         {"source": str(run_dir), "run_card": str(card_path), "weights": str(weights),
-                         "teacher_source": teacher_src, "objective": card.get("objective")})
+                         "weights_sha256": file_sha256(weights), "teacher_source": teacher_src,
+                         "objective": card.get("objective"), "train_steps": card.get("steps")})
     src.sampling = card.get("sampling")
     return src
 
 
-def _student_weights(run_dir: Path, card: dict) -> Path:
-    named = card.get("weights") or card.get("student_weights")
-    cands = ([run_dir / named] if isinstance(named, str) else []) + [
-        run_dir / n for n in ("student_ema.safetensors", "ema.safetensors", "student.safetensors")]
+def _student_weights(run_dir: Path, card: dict, which: str = "student") -> Path:
+    """The student's weights file of a run dir: `files[which]` of the run card (a diffusers model
+    folder written by the training entry point, or a .safetensors file), `which` being "student"
+    or "student_ema"."""
+    files = card.get("files") or {}
+    if which not in ("student", "student_ema"):
+        raise InputError(f"--student-weights {which!r}: choose 'student' or 'student_ema'")
+    rel = files.get(which)
+    cands = [run_dir / rel] if isinstance(rel, str) else []
+    cands += [run_dir / "final" / which, run_dir / f"{which}.safetensors"]
     for c in cands:
-        if c.is_file():
+        if c.is_dir():
+            for n in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+                if (c / n).is_file():
+                    return c / n
+        elif c.is_file() and c.suffix == ".safetensors":
             return c
-    raise InputError(f"run dir {run_dir} holds no student weights ({', '.join(c.name for c in cands)})")
+    have = ", ".join(sorted(k for k in files if k.startswith("student"))) or "none"
+    raise InputError(f"run dir {run_dir} holds no {which} weights (looked for {', '.join(str(c) for c in cands)}; "
+                     f"the run card lists: {have})")
+
+
+def _student_denoiser(teacher, weights: Path, device: str, dtype: torch.dtype):
+    """The teacher's Denoiser (path, conditioner with its null conditioning) around the student's
+    backbone: built from the student's own config.json when the weights sit in a diffusers model
+    folder (a student may add inputs, e.g. a guidance embedding), else a copy of the teacher's
+    backbone with the weights loaded strictly."""
+    from safetensors.torch import load_file
+
+    from ..denoiser import Denoiser, copy_denoiser
+
+    cls = type(teacher.backbone)
+    if (weights.parent / "config.json").is_file() and hasattr(cls, "from_pretrained"):
+        try:
+            bb = cls.from_pretrained(str(weights.parent), local_files_only=True, torch_dtype=dtype,
+                                     use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise InputError(f"cannot load the student backbone from {weights.parent} as {cls.__name__}: {e}") from e
+        bb.requires_grad_(False)
+        return Denoiser(bb.to(device), teacher.path, teacher.conditioner)
+    student = copy_denoiser(teacher, trainable=False)
+    try:
+        student.backbone.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as e:
+        raise InputError(f"student weights {weights} do not fit the teacher's backbone ({cls.__name__}): "
+                         f"{str(e)[:400]}") from e
+    student.backbone.to(device=device, dtype=dtype)
+    return student
 
 
 class _TeacherView:
