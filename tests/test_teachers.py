@@ -162,3 +162,36 @@ def test_digits_teachers(name, path_type):
     out = t.denoiser(x, 1.0, {"class_labels": labels}, guidance=2.0)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert t.decode(out).shape[0] == 10
+
+
+def test_sample_command_writes_a_prompt_grid(folders, tmp_path):
+    from PIL import Image
+
+    from fewstep.cli import main
+    from fewstep.sample_cmd import image_grid, sample_grid
+
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--teacher", folders["sd15"], "--prompt", "a cat", "--prompt", "a blue dog", "--per-row", "3",
+            "--steps", "2", "--guidance", "2", "--seed", "4", "--out", str(out)]
+    assert main(argv) == 0
+    png = torch.from_numpy(__import__("numpy").asarray(Image.open(out))).permute(2, 0, 1)
+    assert png.shape == (3, 2 * 66 + 2, 3 * 66 + 2)  # 2 rows x 3 columns of 64 px with 2 px gaps
+    t = load_teacher(folders["sd15"])
+    images = sample_grid(t, ["a cat", "a blue dog"], 3, t.path.sampling_times(2).tolist(), 2.0, seed=4)
+    assert torch.equal(png, image_grid(images, 2))  # the file holds exactly the seeded samples
+    assert not torch.equal(images[0], images[3]) and not torch.equal(images[0], images[1])
+    with pytest.raises(SystemExit, match="give --prompt"):
+        main(["sample", "--teacher", folders["sd15"], "--out", str(out)])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fewstep.digits.teacher") is None,
+                    reason="the embedded digits teacher (fewstep/digits/teacher.py) is not in this version yet")
+def test_sample_command_digits_grid(tmp_path):
+    from PIL import Image
+
+    from fewstep.cli import main
+
+    out = tmp_path / "digits.png"
+    assert main(["sample", "--teacher", "digits-vp", "--steps", "10", "--guidance", "3", "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert img.size == (10 * 34 + 2, 10 * 34 + 2)  # 10 classes x 10 samples of 32 px
