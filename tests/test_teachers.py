@@ -174,7 +174,7 @@ def test_sample_command_writes_a_prompt_grid(folders, tmp_path):
     argv = ["sample", "--teacher", folders["sd15"], "--prompt", "a cat", "--prompt", "a blue dog", "--per-row", "3",
             "--steps", "2", "--guidance", "2", "--seed", "4", "--out", str(out)]
     assert main(argv) == 0
-    png = torch.from_numpy(__import__("numpy").asarray(Image.open(out))).permute(2, 0, 1)
+    png = torch.from_numpy(__import__("numpy").array(Image.open(out))).permute(2, 0, 1)
     assert png.shape == (3, 2 * 66 + 2, 3 * 66 + 2)  # 2 rows x 3 columns of 64 px with 2 px gaps
     t = load_teacher(folders["sd15"])
     images = sample_grid(t, ["a cat", "a blue dog"], 3, t.path.sampling_times(2).tolist(), 2.0, seed=4)
