@@ -184,3 +184,12 @@ def test_unknown_metric_and_protocol_are_errors(tmp_path):
         evaluate(EvalSpec(images=str(tmp_path), metrics=["fid", "lpips"], out=str(tmp_path / "o")))
     with pytest.raises(InputError, match="--protocol 'imagenet'"):
         evaluate(EvalSpec(images=str(tmp_path), protocol="imagenet", out=str(tmp_path / "o")))
+
+
+def test_a_folder_of_samples_is_scored_with_the_condition_free_metrics(tmp_path):
+    imgs = _digits_folder(tmp_path / "gen", n=30, start=100)
+    res = evaluate(EvalSpec(images=str(imgs), out=str(tmp_path / "out"), progress=False))
+    assert set(res["rows"][0]["metrics"]) == {"fid", "kid", "precision", "recall"}
+    assert res["rows"][0]["num_samples"] == 30 and json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
+    with pytest.raises(InputError, match="need --pipeline"):
+        evaluate(EvalSpec(images=str(imgs), metrics=["fid", "class_acc"], out=str(tmp_path / "o2")))

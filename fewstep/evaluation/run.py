@@ -115,7 +115,12 @@ def save_grid(images: Tensor, path: Path, cols: int = 10, pad: int = 2) -> None:
 
 # ---------------------------------------------------------------------------------------------
 def _metrics(spec: EvalSpec, proto: Protocol) -> list[str]:
-    ms = list(spec.metrics) if spec.metrics else list(proto.metrics)
+    """The requested metrics; by default the protocol's (for a folder of images, those that need no
+    conditions: fid, kid, prc)."""
+    if spec.metrics:
+        ms = list(spec.metrics)
+    else:
+        ms = [m for m in proto.metrics if spec.images is None or m in ("fid", "kid", "prc")]
     bad = [m for m in ms if m not in METRICS]
     if bad:
         raise InputError(f"--metrics: unknown {bad}; choose from {', '.join(METRICS)}")

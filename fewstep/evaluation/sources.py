@@ -196,18 +196,30 @@ def _vae_decoder(vae) -> Callable[[Tensor], Tensor]:
     return decode
 
 
-def _teacher_guidance(teacher: Any) -> tuple[float, str]:
+def _teacher_guidance(teacher: Any, name: str) -> tuple[float, str]:
     """The guidance a teacher recommends: its `.guidance` attribute, or the `guidance` /
-    `guidance_scale` entry of the embedded teachers' card; 1 (no guidance) otherwise."""
+    `guidance_scale` entry of its card (the embedded teachers: fewstep/digits/weights/teachers.json,
+    top level or under "eval" / "scores"); 1 (no guidance) otherwise."""
     for attr in ("guidance", "guidance_scale", "default_guidance"):
         v = getattr(teacher, attr, None)
         if isinstance(v, (int, float)):
             return float(v), f"teacher.{attr}"
     card = getattr(teacher, "card", None)
+    where = "teacher card"
+    if not isinstance(card, dict) and name in TEACHER_NAMES:
+        from ..digits.data import WEIGHTS_DIR
+
+        path = WEIGHTS_DIR / "teachers.json"
+        if path.is_file():
+            card = _read_json(path).get(name.split("-", 1)[1])
+            where = f"{path.name}[{name.split('-', 1)[1]!r}]"
     if isinstance(card, dict):
-        for key in ("guidance", "guidance_scale", "eval_guidance"):
-            if isinstance(card.get(key), (int, float)):
-                return float(card[key]), f"teacher card {key}"
+        for sub in (card, card.get("eval"), card.get("scores"), card.get("sampling")):
+            if not isinstance(sub, dict):
+                continue
+            for key in ("guidance", "guidance_scale", "eval_guidance", "cfg"):
+                if isinstance(sub.get(key), (int, float)) and not isinstance(sub.get(key), bool):
+                    return float(sub[key]), f"{where} {key}"
     return 1.0, "default (no guidance recommended by the teacher)"
 
 
@@ -224,7 +236,7 @@ def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> S
     labels = getattr(getattr(teacher, "pipeline", None), "labels", None)
     if cond_kind == "labels" and num_classes is None and labels:
         num_classes = len(labels)
-    g, gsrc = _teacher_guidance(teacher) if kind == "teacher" else (1.0, "student (guidance distilled)")
+    g, gsrc = _teacher_guidance(teacher, name) if kind == "teacher" else (1.0, "student (guidance distilled)")
     pipe = getattr(teacher, "pipeline", None)
     if pipe is not None and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
