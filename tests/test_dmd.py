@@ -4,6 +4,7 @@ a short run on the exact Gaussian-mixture teacher."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,8 +34,7 @@ def _batch(tiny, b: int = 2, seed: int = 0):
 
 
 def _optimizers(obj, lr: float = 1e-3):
-    return {g: torch.optim.AdamW(trainable_parameters(obj, g), lr=lr, betas=obj.optim[g]["betas"])
-            for g in obj.groups}
+    return {g: torch.optim.AdamW(trainable_parameters(obj, g), lr=lr) for g in obj.groups}
 
 
 def _step(obj, opts, phase, batch, step):
@@ -66,23 +66,24 @@ def _teacher_state(teacher: Denoiser):
 
 
 # ---- one step of each variant on several backbone families ------------------------------------
+LORA = SimpleNamespace(rank=2, alpha=2.0, target_modules=None, dropout=0.0)
 CASES = [
-    ("dit", "epsilon", dict()),
-    ("sdxl", "v_prediction", dict(gan=True)),
-    ("sd3", "flow", dict(gan=True, num_steps=2, student_times=[1.0, 0.5])),
-    ("unet", "epsilon", dict(variant="ddmd")),
-    ("pixart", "epsilon", dict(variant="ddmd", dm_kind="meanvar", meanvar_samples=4, meanvar_steps=2)),
-    ("sd15", "epsilon", dict(num_steps=4, student_times=[1.0, 0.75, 0.5, 0.25])),
-    ("dit", "v_prediction", dict(variant="dmd", regression_weight=0.25, regression_pairs=4, regression_steps=2)),
-    ("sdxl", "epsilon", dict(shared_base=True, gan=True, lora_rank=2)),
-    ("flux", "flow", dict(shared_base=True, lora_rank=2, variant="ddmd")),
-    ("dit", "epsilon", dict(shared_base=True, lora_rank=2, num_steps=2, student_times=[1.0, 0.5], gan=True)),
+    ("dit", "epsilon", "dmd2", dict()),
+    ("sdxl", "v_prediction", "dmd2", dict(gan=True)),
+    ("sd3", "flow", "dmd2", dict(gan=True, num_steps=2, student_times=[1.0, 0.5])),
+    ("unet", "epsilon", "ddmd", dict()),
+    ("pixart", "epsilon", "ddmd", dict(dm_kind="meanvar", meanvar_samples=4, meanvar_steps=2)),
+    ("sd15", "epsilon", "dmd2", dict(num_steps=4, student_times=[1.0, 0.75, 0.5, 0.25])),
+    ("dit", "v_prediction", "dmd", dict(regression_pairs=4, regression_steps=2)),
+    ("sdxl", "epsilon", "dmd2", dict(shared_base=True, gan=True)),
+    ("flux", "flow", "ddmd", dict(shared_base=True)),
+    ("dit", "epsilon", "dmd2", dict(shared_base=True, num_steps=2, student_times=[1.0, 0.5], gan=True)),
 ]
 
 
-@pytest.mark.parametrize("family,prediction,kw", CASES, ids=[f"{c[0]}-{'-'.join(map(str, c[2].values())) or 'dmd2'}"
-                                                             for c in CASES])
-def test_one_step_updates_only_its_networks(family, prediction, kw, tmp_path):
+@pytest.mark.parametrize("family,prediction,variant,kw", CASES,
+                         ids=[f"{c[0]}-{c[2]}-{'-'.join(k for k in c[3] if k != 'student_times')}" for c in CASES])
+def test_one_step_updates_only_its_networks(family, prediction, variant, kw, tmp_path):
     tiny = _tiny(family, prediction)
     teacher = tiny.denoiser
     ref_state = _teacher_state(teacher)
@@ -90,8 +91,8 @@ def test_one_step_updates_only_its_networks(family, prediction, kw, tmp_path):
     cond_probe = tiny.cond(2, torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref_out = teacher(x_probe, 0.6, cond_probe)
-    params = DMDParams(guidance=3.0, cache_dir=str(tmp_path), **kw)
-    obj = build(params, teacher, context(latent_shape=tiny.latent_shape, has_real_data=True))
+    params = DMDParams(variant=variant, guidance=3.0, cache_dir=str(tmp_path), **kw)
+    obj = build(params, teacher, context(latent_shape=tiny.latent_shape, has_real_data=True, lora=LORA))
     assert isinstance(obj, Objective)
     opts = _optimizers(obj)
     assert obj.phases(0) == ["generator", "guidance"]
@@ -173,8 +174,9 @@ def test_channel_kl_vanishes_on_matching_statistics():
     (dict(num_steps=4), False, "objective.student_times"),
     (dict(num_steps=2, student_times=[1.0, 0.6, 0.3]), False, "objective.student_times"),
     (dict(num_steps=2, student_times=[0.5, 0.9]), False, "objective.student_times"),
-    (dict(variant="dmd"), False, "objective.regression_weight"),
+    (dict(variant="dmd", regression_weight=0.0), False, "objective.regression_weight"),
     (dict(variant="ddmd", dm_kind="meanvar", meanvar_target="real"), False, "objective.meanvar_target"),
+    (dict(variant="ddmd", ca_t_min=0.6, num_steps=2, student_times=[1.0, 0.5]), False, "objective.ca_t_min"),
     (dict(variant="dmdx"), False, "objective.variant"),
 ])
 def test_bad_presets_fail_at_start_naming_the_key(kw, has_real, key):
@@ -184,17 +186,31 @@ def test_bad_presets_fail_at_start_naming_the_key(kw, has_real, key):
 
 
 def test_unknown_yaml_key_is_named():
-    with pytest.raises(ValueError, match="fake_ratio"):
+    with pytest.raises(ValueError, match="objective.fake_ratio"):
         params_from_dict({"fake_ratio": 5})
-    p = params_from_dict({"name": "dmd2", "adam_betas": [0.0, 0.99], "num_steps": 1})
-    assert p.adam_betas == (0.0, 0.99)
+    p = params_from_dict({"name": "decoupled_dmd", "ca_weight": 2.0})
+    assert p.ca_weight == 2.0 and p.variant == "ddmd"
+    d = params_from_dict({"name": "dmd"})  # DMD's own defaults: regression on, 1:1 updates
+    assert d.regression_weight == 0.25 and d.fake_updates_per_generator == 1
+
+
+def test_registry_builds_each_name():
+    registry = pytest.importorskip("fewstep.objectives.registry")
+    tiny = _tiny("dit")
+    for name, variant in (("dmd2", "dmd2"), ("dmd", "dmd"), ("decoupled_dmd", "ddmd")):
+        ctx = registry.BuildContext(latent_shape=tiny.latent_shape, num_classes=10, seed=1)
+        obj = registry.build_objective(name, {"guidance": 2.0, "num_steps": 2, "student_times": [1.0, 0.5]}
+                                       if name != "dmd" else {"guidance": 2.0}, tiny.denoiser, ctx)
+        assert obj.variant == variant and obj.groups == {"generator": ["student"], "guidance": ["fake"]}
+    with pytest.raises(Exception, match="objective.num_steps"):
+        registry.build_objective("dmd2", {"num_steps": 3}, tiny.denoiser,
+                                 registry.BuildContext(latent_shape=tiny.latent_shape))
 
 
 # ---- regression pairs: made once, cached, keyed by teacher and sampler settings ------------------
 def test_regression_pairs_are_teacher_samples_cached_on_disk(tmp_path):
     tiny = _tiny("dit")
-    kw = dict(variant="dmd", regression_weight=0.25, regression_pairs=6, regression_steps=3, guidance=2.0,
-              cache_dir=str(tmp_path))
+    kw = dict(variant="dmd", regression_weight=0.25, regression_pairs=6, regression_steps=3, guidance=2.0, cache_dir=str(tmp_path))
     obj = build(DMDParams(**kw), tiny.denoiser, context(latent_shape=tiny.latent_shape))
     batch = _batch(tiny, b=3)
     _, logs = obj.loss("generator", batch, 0)
@@ -223,7 +239,7 @@ def test_shared_base_switches_roles_in_forward_and_backward():
     import copy
 
     original = copy.deepcopy(tiny.denoiser)
-    obj = build(DMDParams(shared_base=True, lora_rank=2), tiny.denoiser, context(latent_shape=tiny.latent_shape))
+    obj = build(DMDParams(shared_base=True), tiny.denoiser, context(latent_shape=tiny.latent_shape, lora=LORA))
     teacher, student, fake = (obj.nets[r] for r in ("teacher", "student", "fake"))
     assert all(isinstance(n, RoleView) for n in (teacher, student, fake))
     # one backbone: every role view calls the same module
@@ -268,8 +284,9 @@ def test_shared_base_holds_fewer_parameter_bytes():
         return total
 
     full = held(build(DMDParams(), _tiny("sdxl").denoiser, context(latent_shape=(4, 8, 8))))
-    shared = held(build(DMDParams(shared_base=True, lora_rank=1), _tiny("sdxl").denoiser,
-                        context(latent_shape=(4, 8, 8))))
+    lora1 = SimpleNamespace(rank=1, alpha=1.0, target_modules=None, dropout=0.0)
+    shared = held(build(DMDParams(shared_base=True), _tiny("sdxl").denoiser,
+                        context(latent_shape=(4, 8, 8), lora=lora1)))
     one = sum(p.numel() * p.element_size() for p in _tiny("sdxl").denoiser.parameters())
     assert full == 3 * one
     assert shared < 0.6 * full
@@ -284,8 +301,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     try:
         torch.manual_seed(100 + rank)  # different data and noise per process
         tiny = _tiny("dit")
-        obj = build(DMDParams(shared_base=True, lora_rank=2, gan=True, guidance=3.0), tiny.denoiser,
-                    context(latent_shape=tiny.latent_shape, has_real_data=True, seed=7))
+        obj = build(DMDParams(shared_base=True, gan=True, guidance=3.0), tiny.denoiser,
+                    context(latent_shape=tiny.latent_shape, has_real_data=True, seed=7, lora=LORA))
         for role in ("student", "fake", "disc"):
             obj.nets[role] = DDP(obj.nets[role])
         opts = _optimizers(obj, lr=1e-2)

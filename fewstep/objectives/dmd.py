@@ -58,14 +58,17 @@ from .base import Batch, step_generator
 from .gan import DiscriminatorHead, FeatureTap, bottleneck_block, discriminator_gan_loss, generator_gan_loss
 from .regression import cached_teacher_samples, channel_gaussian_kl, channel_stats, sample_key, teacher_fingerprint
 
-__all__ = ["DMDParams", "DMDObjective", "SharedBase", "RoleView", "build", "unwrap"]
+__all__ = ["DMDParams", "DMDObjective", "SharedBase", "RoleView", "build", "params_from_dict", "unwrap"]
 
-VARIANTS = ("dmd", "dmd2", "ddmd")
+VARIANTS = ("dmd", "dmd2", "ddmd")  # registry names dmd, dmd2, decoupled_dmd
 
 
 @dataclass
 class DMDParams:
-    """Every default of the DMD family; the YAML keys under `objective:`."""
+    """Every default of the DMD family; the YAML keys under `objective:`. The registry sets
+    `variant` from objective.name (dmd, dmd2, decoupled_dmd). Optimizer settings (lr, AdamW betas,
+    clipping) are the entry point's `optim.generator` / `optim.guidance`; LoRA rank / alpha /
+    targets are `lora.*`; the student's EMA is `ema.rate`."""
 
     variant: str = "dmd2"                  # "dmd2", "dmd" (DM + regression, DMD1) or "ddmd" (Decoupled DMD)
     num_steps: int = 1                     # student sampling steps (1-4)
@@ -76,11 +79,7 @@ class DMDParams:
     dm_t_max: float = 0.98
     fake_t_min: float = 0.001              # fake-score DSM time range [fake_t_min, 1]
     fake_target: str = "native"            # "native" (eps / v / flow target) or "x0"
-    fake_updates_per_generator: int = 5    # two time-scale rule: guidance steps per generator step
-    generator_lr: float = 2e-5             # AdamW, "generator" group
-    guidance_lr: float = 2e-5              # AdamW, "guidance" group (fake score + GAN head)
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # both groups (TDM / rCM use beta1 = 0)
-    weight_decay: float = 0.01
+    fake_updates_per_generator: int | None = None  # two time-scale rule (None: 5; DMD: 1)
     # ---- GAN (DMD2) -----------------------------------------------------------------------
     gan: bool = False                      # classifier head on the fake score's bottleneck; needs real latents
     gan_generator_weight: float = 3e-3     # lambda_G (DMD2 ImageNet 3e-3, SDXL 5e-3)
@@ -90,13 +89,13 @@ class DMDParams:
     gan_t_min: float = 0.001               # noise levels the head sees
     gan_t_max: float = 1.0
     # ---- regression (DMD) -----------------------------------------------------------------
-    regression_weight: float = 0.0         # lambda_reg (DMD: 0.25); > 0 makes teacher pairs once and caches them
+    regression_weight: float | None = None  # lambda_reg (None: 0.25 for DMD, 0 otherwise); > 0 caches teacher pairs
     regression_pairs: int = 1024           # number of (noise, condition) -> teacher sample pairs
     regression_steps: int = 50             # teacher sampler steps (deterministic DDIM / Euler)
     regression_guidance: float | None = None  # teacher CFG for the pairs (None: `guidance`)
     regression_distance: str = "l2"        # "l2" or "pseudo_huber" in latent space (no LPIPS offline)
     regression_huber_c: float = 0.03       # pseudo-Huber c
-    # ---- Decoupled DMD --------------------------------------------------------------------
+    # ---- Decoupled DMD (variant ddmd) -----------------------------------------------------
     ca_weight: float = 1.0                 # CFG-augmentation term weight
     dm_weight: float = 1.0                 # DM term weight (or mean/variance KL weight)
     ca_t_min: float = 0.02                 # CA re-noising range, capped by the generator's input time
@@ -106,27 +105,29 @@ class DMDParams:
     meanvar_samples: int = 512             # teacher samples for the "teacher" statistics
     meanvar_steps: int = 25                # teacher sampler steps for those samples
     # ---- memory ---------------------------------------------------------------------------
-    shared_base: bool = False              # one frozen backbone; LoRA student and fake switched per role
-    lora_rank: int = 16                    # shared-base adapters
-    lora_alpha: float = 16.0
-    lora_targets: list[str] | None = None  # module name suffixes (None: attention, MLP, conv, adaLN layers)
-    ema_decay: float = 0.0                 # EMA of the student (0: off); sampled as role "student_ema"
+    shared_base: bool = False              # one frozen backbone; LoRA student and fake switched per role (lora.*)
     cache_dir: str = "runs/cache/dmd"      # teacher sample caches (regression pairs, teacher statistics)
+
+    def __post_init__(self):
+        if self.regression_weight is None:
+            self.regression_weight = 0.25 if self.variant == "dmd" else 0.0
+        if self.fake_updates_per_generator is None:
+            self.fake_updates_per_generator = 1 if self.variant == "dmd" else 5
 
     @property
     def times(self) -> list[float]:
         return [float(t) for t in self.student_times] if self.student_times is not None else [float(self.conditioning_time)]
 
-    def validate(self, has_real_data: bool) -> None:
-        """Raise on a bad value, naming the key."""
+    def validate(self) -> None:
+        """Raise on a bad value, naming the key (checks that need the run's data are in `build`)."""
         def bad(msg):
             raise ValueError(msg)
 
         if self.variant not in VARIANTS:
             bad(f"objective.variant={self.variant!r} is not one of {VARIANTS}")
-        if not 1 <= int(self.num_steps) <= 8:
-            bad(f"objective.num_steps={self.num_steps} must be between 1 and 8")
         n = int(self.num_steps)
+        if not 1 <= n <= 8:
+            bad(f"objective.num_steps={self.num_steps} must be between 1 and 8")
         if self.student_times is None and n > 1:
             bad(f"objective.num_steps={n} needs objective.student_times with {n} entries "
                 f"(e.g. {[round(1 - i / n, 4) for i in range(n)]})")
@@ -136,27 +137,19 @@ class DMDParams:
         if any(not 0 < t <= 1 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
             key = "objective.student_times" if self.student_times is not None else "objective.conditioning_time"
             bad(f"{key} must be strictly decreasing in (0, 1], got {ts}")
-        for lo, hi, name in ((self.dm_t_min, self.dm_t_max, "dm_t"), (self.ca_t_min, self.ca_t_max, "ca_t"),
-                             (self.gan_t_min, self.gan_t_max, "gan_t"), (self.fake_t_min, 1.0, "fake_t")):
+        for lo, hi, name in ((self.dm_t_min, self.dm_t_max, "dm_t"), (self.gan_t_min, self.gan_t_max, "gan_t"),
+                             (self.ca_t_min, self.ca_t_max, "ca_t"), (self.fake_t_min, 1.0, "fake_t")):
             if not 0 <= lo < hi <= 1:
                 bad(f"objective.{name}_min / {name}_max must satisfy 0 <= min < max <= 1, got {lo}, {hi}")
-        if self.variant == "ddmd" and self.ca_t_min >= min(ts):
-            bad(f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
-                "(the CA term is re-noised below the generator's input level)")
         if self.fake_target not in ("native", "x0"):
             bad(f"objective.fake_target={self.fake_target!r} must be 'native' or 'x0'")
         if int(self.fake_updates_per_generator) < 1:
             bad(f"objective.fake_updates_per_generator={self.fake_updates_per_generator} must be >= 1")
-        if self.guidance < 1 and self.guidance != 0:
-            pass  # guidance below 1 is legal (weakened guidance); 0 is the unconditional score
-        if len(tuple(self.adam_betas)) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            bad(f"objective.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
-        if self.gan and not has_real_data:
-            bad("objective.gan=true needs real data (real latents in batch['x0']): configure a data set "
-                "or set objective.gan: false")
+        if self.regression_weight < 0:
+            bad(f"objective.regression_weight={self.regression_weight} must be >= 0")
         if self.variant == "dmd" and not self.regression_weight > 0:
-            bad("objective.variant='dmd' needs objective.regression_weight > 0 (DMD's regression loss; "
-                "without it use variant 'dmd2')")
+            bad("objective.regression_weight must be > 0 for DMD (its regression loss; without it use "
+                "objective.name: dmd2)")
         if self.regression_weight > 0:
             if n != 1:
                 bad(f"objective.regression_weight > 0 needs a 1-step student (objective.num_steps={n})")
@@ -164,33 +157,34 @@ class DMDParams:
                 bad(f"objective.regression_distance={self.regression_distance!r} must be 'l2' or 'pseudo_huber'")
             if int(self.regression_pairs) < 1 or int(self.regression_steps) < 1:
                 bad("objective.regression_pairs and objective.regression_steps must be >= 1")
+        if self.variant == "ddmd" and self.ca_t_min >= min(ts):
+            bad(f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
+                "(the CA term is re-noised below the generator's input level)")
         if self.dm_kind not in ("dm", "meanvar"):
             bad(f"objective.dm_kind={self.dm_kind!r} must be 'dm' or 'meanvar'")
         if self.dm_kind == "meanvar" and self.variant != "ddmd":
-            bad("objective.dm_kind='meanvar' is a Decoupled DMD option: set objective.variant: ddmd")
+            bad("objective.dm_kind='meanvar' is a Decoupled DMD option (objective.name: decoupled_dmd)")
         if self.meanvar_target not in ("teacher", "real"):
             bad(f"objective.meanvar_target={self.meanvar_target!r} must be 'teacher' or 'real'")
-        if self.variant == "ddmd" and self.dm_kind == "meanvar" and self.meanvar_target == "real" and not has_real_data:
-            bad("objective.meanvar_target='real' needs real data (batch['x0']); use 'teacher'")
-        if self.shared_base and self.ema_decay > 0:
-            bad("objective.ema_decay > 0 is not supported with objective.shared_base: true")
-        if not 0 <= self.ema_decay < 1:
-            bad(f"objective.ema_decay={self.ema_decay} must lie in [0, 1)")
-        if self.shared_base and int(self.lora_rank) < 1:
-            bad(f"objective.lora_rank={self.lora_rank} must be >= 1")
+        if int(self.meanvar_samples) < 2 or int(self.meanvar_steps) < 1:
+            bad("objective.meanvar_samples must be >= 2 and objective.meanvar_steps >= 1")
 
 
 def params_from_dict(d: dict[str, Any] | None) -> DMDParams:
-    """DMDParams from a YAML mapping; an unknown key is an error that names it."""
+    """DMDParams from a YAML mapping (without the registry); an unknown key is an error that names
+    it. `name` (dmd, dmd2, decoupled_dmd) sets the variant."""
     d = dict(d or {})
-    d.pop("name", None)
+    name = d.pop("name", None)
+    if name is not None:
+        d.setdefault("variant", {"dmd": "dmd", "dmd2": "dmd2", "decoupled_dmd": "ddmd"}.get(name, name))
     known = {f.name for f in dataclasses.fields(DMDParams)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"objective: unknown key(s) {unknown} for DMD; known keys are {sorted(known)}")
-    if "adam_betas" in d:
-        d["adam_betas"] = tuple(float(b) for b in d["adam_betas"])
-    return DMDParams(**d)
+        raise ValueError(f"objective: unknown key(s) {['objective.' + k for k in unknown]}; known keys are "
+                         f"{sorted(known)}")
+    p = DMDParams(**d)
+    p.validate()
+    return p
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -227,7 +221,7 @@ class SharedBase:
     """
 
     def __init__(self, denoiser: Denoiser, roles: list[str], rank: int = 16, alpha: float = 16.0,
-                 targets: list[str] | tuple[str, ...] | None = None):
+                 targets: list[str] | tuple[str, ...] | None = None, dropout: float = 0.0):
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -240,14 +234,18 @@ class SharedBase:
         names = [n for n, _ in bb.named_modules()]
         found = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
         if not found:
-            raise ValueError(f"objective.lora_targets: none of {list(targets)} names a module of "
+            raise ValueError(f"lora.target_modules: none of {list(targets)} names a module of "
                              f"{type(bb).__name__}")
         bb.requires_grad_(False)
         with warnings.catch_warnings():  # a second adapter on one model is the point here
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             for role in roles:
-                cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=found, lora_dropout=0.0)
+                cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=found,
+                                 lora_dropout=float(dropout))
                 inject_adapter_in_model(cfg, bb, adapter_name=role)
+        # what the entry point reads to save the final student with its adapter merged (the
+        # same record fewstep.training.lora.add_lora leaves)
+        bb._fewstep_lora = {"rank": int(rank), "alpha": float(alpha), "targets": found, "adapter": roles[0]}
         self.layers = [m for m in bb.modules() if isinstance(m, BaseTunerLayer)]
         self.roles = list(roles)
         self.adapter_params: dict[str, dict[str, nn.Parameter]] = {}
@@ -282,18 +280,19 @@ class SharedBase:
         return sum(p.numel() * p.element_size() for p in self.denoiser.backbone.parameters())
 
 
-class RoleView(nn.Module):
-    """One role of a `SharedBase`, called like a Denoiser.
+class RoleView(Denoiser):
+    """One role of a `SharedBase`, called like a Denoiser (it is one, for code that asks).
 
     It registers as its own parameters only that role's weights (the student's or fake's adapter;
-    the teacher's frozen base weights), so optimizers, DDP wrappers and checkpoints see each
-    trainable weight under exactly one role. Device and dtype moves (`.to`) apply to the whole
-    shared backbone.
+    the teacher's frozen base weights), so optimizers, gradient averaging, DDP wrappers and
+    checkpoints see each trainable weight under exactly one role; `backbone`, `path` and
+    `conditioner` are the shared ones. Device and dtype moves (`.to`) apply to the whole shared
+    backbone. Only `forward` switches adapters: call the view as a function.
     """
 
     def __init__(self, shared: SharedBase, role: str | None):
-        super().__init__()
-        object.__setattr__(self, "_shared", shared)  # not a submodule: its weights belong to the roles
+        nn.Module.__init__(self)  # not Denoiser.__init__: the backbone is not a submodule here
+        object.__setattr__(self, "_shared", shared)
         self.role = role
         params = shared.adapter_params[role] if role is not None else shared.base_params
         self.weights = nn.ParameterDict({n.replace(".", "__"): p for n, p in params.items()})
@@ -356,16 +355,14 @@ class DMDObjective:
         latent_shape: (C, H, W).
         disc, tap: the GAN head and the feature hook on the fake score (both or neither).
         teacher_key: fingerprint of the teacher weights (for the sample caches).
-        regression_cond: conditions for the regression pairs / teacher statistics (None: taken
-                  from the first training batch).
-        ema:     an EMA copy of the student, or None.
+        num_classes: class-conditional teachers: the cached teacher samples use balanced labels
+                  0..num_classes-1 (otherwise the first training batch's conditions, tiled).
     """
 
     def __init__(self, params: DMDParams, teacher: nn.Module, student: nn.Module, fake: nn.Module, *,
                  seed: int = 0, latent_shape: tuple[int, ...] = (4, 8, 8), disc: DiscriminatorHead | None = None,
                  tap: FeatureTap | None = None, teacher_key: str | None = None,
-                 regression_cond: Cond | None = None, ema: nn.Module | None = None,
-                 device: torch.device | str | None = None):
+                 num_classes: int | None = None, device: torch.device | str | None = None):
         self.p = params
         self.seed = int(seed)
         self.latent_shape = tuple(latent_shape)
@@ -376,19 +373,12 @@ class DMDObjective:
         if disc is not None:
             self.nets["disc"] = disc
             self.groups["guidance"].append("disc")
-        if ema is not None:
-            self.nets["student_ema"] = ema
         self.tap = tap
         self.teacher_key = teacher_key
-        self.regression_cond = regression_cond
+        self.num_classes = num_classes
         self.device = device
         self.sampling = {"times": self.times + [0.0], "renoise": "fresh"}
-        self.eval_role = "student_ema" if ema is not None else "student"
-        betas = tuple(float(b) for b in params.adam_betas)
-        self.optim = {  # per-group AdamW settings for the entry point
-            "generator": {"lr": params.generator_lr, "betas": betas, "weight_decay": params.weight_decay},
-            "guidance": {"lr": params.guidance_lr, "betas": betas, "weight_decay": params.weight_decay},
-        }
+        self.variant = params.variant
         self._pairs: tuple[Tensor, Tensor, Cond | None] | None = None
         self._teacher_stats: tuple[Tensor, Tensor] | None = None
 
@@ -475,7 +465,7 @@ class DMDObjective:
         p, cond = self.p, batch.get("cond")
         x_hat, t_gen = self.generate(batch, step, grad=True)
         logs: dict[str, float] = {"t_gen": t_gen}
-        if p.variant in ("dmd", "dmd2"):
+        if self.variant in ("dmd", "dmd2"):
             g = self._dm_grad(x_hat, cond, p.guidance)
             loss = surrogate_loss(x_hat, g)
             logs["dm_grad_norm"] = g.flatten(1).norm(dim=1).mean().item()
@@ -547,19 +537,10 @@ class DMDObjective:
             return self.guidance_loss(batch, step)
         raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'guidance'")
 
-    @torch.no_grad()
-    def after_step(self, phase: str, step: int) -> None:
-        if phase != "generator" or "student_ema" not in self.nets:
-            return
-        d = float(self.p.ema_decay)
-        src = dict(unwrap(self.nets["student"]).named_parameters())
-        for n, q in unwrap(self.nets["student_ema"]).named_parameters():
-            q.lerp_(src[n].detach().to(q.dtype), 1.0 - d)
-
     # ---- cached teacher samples ------------------------------------------------------------
     def _cond_pool(self, batch: Batch, n: int) -> Cond | None:
-        if self.regression_cond is not None:
-            c = self.regression_cond
+        if self.num_classes:
+            c = {"class_labels": torch.arange(n) % int(self.num_classes)}
         else:  # tile the first batch's conditions
             c = batch.get("cond")
             if c is None:
@@ -606,26 +587,45 @@ class DMDObjective:
         return self._teacher_stats
 
 
-# ---- builder --------------------------------------------------------------------------------
-def build(params: DMDParams | dict[str, Any], teacher: Denoiser, ctx: Any) -> DMDObjective:
-    """The registry's entry: validate `params`, make the networks, return the objective.
+# ---- builder (fewstep.objectives.registry: dmd, dmd2, decoupled_dmd) -------------------------
+def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
+    """Check `params` against the run, make the networks, return the objective.
 
-    ctx gives latent_shape, has_real_data, seed, and optionally device, make_student(teacher),
-    make_copy(teacher) (full copies when absent), regression_cond (conditions for the cached
-    teacher samples).
+    ctx (a registry BuildContext, or any object with these attributes): latent_shape,
+    has_real_data, seed, device, num_classes, make_student / make_copy (full copies when absent),
+    lora (rank / alpha / target_modules / dropout for shared-base mode), sharded,
+    gradient_checkpointing.
     """
-    if not isinstance(params, DMDParams):
-        params = params_from_dict(params)
+    params.validate()
+    name = {"dmd": "dmd", "dmd2": "dmd2", "ddmd": "decoupled_dmd"}[params.variant]
     has_real = bool(getattr(ctx, "has_real_data", False))
-    params.validate(has_real)
+    if params.gan and not has_real:
+        raise ValueError(f"objective.gan=true needs real data (real latents in batch['x0']): set data.real_data: "
+                         f"true, or objective.gan: false ({name})")
+    ddmd = params.variant == "ddmd"
+    if ddmd and params.dm_kind == "meanvar" and params.meanvar_target == "real" and not has_real:
+        raise ValueError("objective.meanvar_target='real' needs real data (batch['x0']): set data.real_data: true "
+                         "or objective.meanvar_target: teacher")
+    if ddmd and teacher.conditioner.guidance_embedded:
+        raise ValueError("objective.name=decoupled_dmd needs a teacher with an unconditional branch; this one is "
+                         "guidance-distilled (guidance is an input), so the CFG-augmentation term has no (c - u)")
+    if params.shared_base:
+        if getattr(ctx, "sharded", False):
+            raise ValueError("objective.shared_base=true cannot run sharded (FSDP shards each network on its own); "
+                             "use lora.student / lora.fake instead")
+        if getattr(ctx, "gradient_checkpointing", False):
+            raise ValueError("objective.shared_base=true cannot run with precision.gradient_checkpointing (the "
+                             "recomputation in backward would see whichever adapter is active then)")
     teacher.requires_grad_(False)
     latent_shape = tuple(getattr(ctx, "latent_shape"))
-    needs_key = params.regression_weight > 0 or (params.variant == "ddmd" and params.dm_kind == "meanvar"
+    needs_key = params.regression_weight > 0 or (ddmd and params.dm_kind == "meanvar"
                                                  and params.meanvar_target == "teacher")
     key = teacher_fingerprint(teacher) if needs_key else None
-    ema = None
     if params.shared_base:
-        shared = SharedBase(teacher, ["student", "fake"], params.lora_rank, params.lora_alpha, params.lora_targets)
+        lora = getattr(ctx, "lora", None)
+        shared = SharedBase(teacher, ["student", "fake"], rank=getattr(lora, "rank", 16),
+                            alpha=getattr(lora, "alpha", 16.0), targets=getattr(lora, "target_modules", None),
+                            dropout=getattr(lora, "dropout", 0.0))
         t_net, student, fake = RoleView(shared, None), RoleView(shared, "student"), RoleView(shared, "fake")
         fake_backbone = teacher.backbone
     else:
@@ -634,10 +634,8 @@ def build(params: DMDParams | dict[str, Any], teacher: Denoiser, ctx: Any) -> DM
         t_net, student, fake = teacher, make_student(teacher), make_copy(teacher)
         for role, net in (("student", student), ("fake", fake)):
             if not any(p.requires_grad for p in net.parameters()):
-                raise ValueError(f"the {role} network has no trainable weights (check the model / LoRA config)")
+                raise ValueError(f"the {role} network has no trainable weights (check lora.* / the model)")
         fake_backbone = unwrap(fake).backbone
-        if params.ema_decay > 0:
-            ema = copy_denoiser(student, trainable=False)
     disc = tap = None
     if params.gan:
         block, channels = bottleneck_block(fake_backbone, params.gan_block)
@@ -647,8 +645,15 @@ def build(params: DMDParams | dict[str, Any], teacher: Denoiser, ctx: Any) -> DM
         if dev is not None:
             disc.to(dev)
     return DMDObjective(params, t_net, student, fake, seed=int(getattr(ctx, "seed", 0)), latent_shape=latent_shape,
-                        disc=disc, tap=tap, teacher_key=key, regression_cond=getattr(ctx, "regression_cond", None),
-                        ema=ema, device=getattr(ctx, "device", None))
+                        disc=disc, tap=tap, teacher_key=key, num_classes=getattr(ctx, "num_classes", None),
+                        device=getattr(ctx, "device", None))
+
+
+def build(params: DMDParams | dict | None, teacher: Denoiser, ctx: Any) -> DMDObjective:
+    """The registry's builder for dmd, dmd2 and decoupled_dmd (the variant is in `params`)."""
+    if not isinstance(params, DMDParams):
+        params = params_from_dict(params)
+    return _build(params, teacher, ctx)
 
 
 def context(**kw: Any) -> SimpleNamespace:
