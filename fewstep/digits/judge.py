@@ -81,6 +81,19 @@ class DigitsJudge(nn.Module):
         f = self.to_features(self.body(x))
         return f, self.head(F.silu(f))
 
+    def all_features(self, images: Tensor) -> dict[str, Tensor]:
+        """{"features", "logits", "conv_pooled"} for float or uint8 images. "conv_pooled" is the
+        spatial mean of every conv stage's activations (w + 4w dims): less class-driven than
+        "features", so FID on it reacts more to noise and blur and less to class proportions."""
+        h = self.prepare(images).to(self.head.weight.device)
+        pooled = []
+        for layer in self.body:
+            h = layer(h)
+            if isinstance(layer, nn.SiLU):
+                pooled.append(h.mean(dim=(2, 3)))
+        f = self.to_features(h)
+        return {"features": f, "logits": self.head(F.silu(f)), "conv_pooled": torch.cat(pooled, dim=1)}
+
     def features(self, images: Tensor) -> Tensor:
         return self.features_and_logits(images)[0]
 
@@ -162,7 +175,9 @@ def load_judge_card(path: str | Path | None = None) -> dict:
 class JudgeFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity extractor over the digits judge.
 
-    Features: "features" (penultimate, used for FID / KID / PRC) and "logits" (used for ISC).
+    Features: "features" (penultimate, the default for FID / KID / PRC), "logits" (ISC) and
+    "conv_pooled" (pooled conv activations, a texture-sensitive alternative; see
+    `DigitsJudge.all_features`).
     `feature_extractor_weights_path` (a calculate_metrics keyword) picks another judge file.
     """
 
@@ -179,13 +194,15 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
         if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
             desc = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"{self.name} expects uint8 images of shape (B, 3, H, W), got {desc}")
-        f, logits = self.judge.features_and_logits(x)
-        out = {"features": f, "logits": logits}
+        if "conv_pooled" in self.features_list:
+            out = self.judge.all_features(x)
+        else:
+            out = dict(zip(("features", "logits"), self.judge.features_and_logits(x)))
         return tuple(out[k] for k in self.features_list)
 
     @staticmethod
     def get_provided_features_list():
-        return "features", "logits"
+        return "features", "logits", "conv_pooled"
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
