@@ -199,13 +199,19 @@ class Config:
         return self
 
 
-def resolve_group(cfg: Config, group: str) -> OptimGroupConfig:
-    """The settings of an optimizer group: its own values, then `optim.default`, then DEFAULT_GROUP."""
+def resolve_group(cfg: Config, group: str, suggested: dict[str, Any] | None = None) -> OptimGroupConfig:
+    """The settings of an optimizer group: its own `optim.<group>` values, then what the objective
+    suggests for it (`suggested`, e.g. DMD's generator_lr), then `optim.default`, then DEFAULT_GROUP."""
     own = cfg.optim.get(group, OptimGroupConfig())
     base = cfg.optim.get("default", OptimGroupConfig())
+    hints = typing.get_type_hints(OptimGroupConfig)
+    sug = {k: coerce(v, hints[k], f"objective's suggested optim.{group}.{k}")
+           for k, v in (suggested or {}).items() if k in hints}
     vals = {}
     for f in dataclasses.fields(OptimGroupConfig):
         v = getattr(own, f.name)
+        if v is None:
+            v = sug.get(f.name)
         if v is None:
             v = getattr(base, f.name)
         if v is None:

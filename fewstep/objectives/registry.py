@@ -47,6 +47,10 @@ The returned object follows `fewstep.objectives.base.Objective`:
      after_step(phase, step)   optional, called after a successful update of `phase`.
      state_dict() / load_state_dict(d)  optional: state outside `nets` that must survive a resume
                (tensors, numbers); network weights and buffers in `nets` are saved by the entry point.
+     optim     optional {group: {"lr": ..., "betas": ..., "weight_decay": ..., ...}}: the objective's
+               recommended AdamW settings; a preset's `optim.<group>` overrides them, and they
+               override `optim.default`.
+     eval_role optional: the role to sample and export (e.g. an EMA copy kept by the objective).
 
 For each phase the entry point does: loss -> backward -> average gradients over processes ->
 clip the group's gradient norm -> skip the update if the loss or the norm is not finite -> step
@@ -61,7 +65,6 @@ and checkpointed), or, where draws must not depend on the number of processes, f
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import inspect
@@ -85,12 +88,13 @@ __all__ = [
     "check_objective",
 ]
 
-# name -> "module:builder"
-REGISTRY: dict[str, str] = {
+# name -> "module:builder", or ("module:builder", {field: value}) for names that fix some
+# hyperparameters of a shared builder (one DMD module serves three names through `variant`)
+REGISTRY: dict[str, str | tuple[str, dict[str, Any]]] = {
     "dsm": "fewstep.objectives.dsm:build",
-    "dmd": "fewstep.objectives.dmd:build_dmd",
-    "dmd2": "fewstep.objectives.dmd:build_dmd2",
-    "decoupled_dmd": "fewstep.objectives.dmd:build_decoupled_dmd",
+    "dmd": ("fewstep.objectives.dmd:build", {"variant": "dmd"}),
+    "dmd2": ("fewstep.objectives.dmd:build", {"variant": "dmd2"}),
+    "decoupled_dmd": ("fewstep.objectives.dmd:build", {"variant": "ddmd"}),
     "lcm": "fewstep.objectives.consistency:build",
     "scm": "fewstep.objectives.scm:build_scm",
     "tbcm": "fewstep.objectives.scm:build_tbcm",
@@ -148,8 +152,10 @@ def available() -> dict[str, str | None]:
 def resolve(name: str) -> tuple[Callable, type]:
     """(builder, params dataclass) of a registered objective."""
     if name not in REGISTRY:
-        raise KeyError(f"objective.name: unknown objective {name!r}; registered: {', '.join(sorted(REGISTRY))}")
-    mod_name, fn_name = REGISTRY[name].split(":")
+        from ..config import ConfigError
+
+        raise ConfigError(f"objective.name: unknown objective {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+    mod_name, fn_name = _entry(name)[0].split(":")
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
@@ -163,6 +169,11 @@ def resolve(name: str) -> tuple[Callable, type]:
     if builder is None:
         raise ObjectiveUnavailable(f"objective {name!r}: {mod_name} has no builder {fn_name}()")
     return builder, _find_params_class(name, mod, builder)
+
+
+def _entry(name: str) -> tuple[str, dict[str, Any]]:
+    e = REGISTRY[name]
+    return (e, {}) if isinstance(e, str) else (e[0], dict(e[1]))
 
 
 def _find_params_class(name: str, mod: types.ModuleType, builder: Callable) -> type:
@@ -199,14 +210,23 @@ def make_params(name: str, raw: dict[str, Any] | None, prefix: str = "objective"
 
     cls = params_class(name)
     raw = dict(raw or {})
+    for k, v in _entry(name)[1].items():
+        if k in raw and raw[k] != v:
+            raise ConfigError(f"{prefix}.{k}={raw[k]!r} contradicts {prefix}.name={name!r}, which means {k}={v!r}")
+        raw[k] = v
     try:
         params = _dataclass_from(cls, raw, prefix)
     except ConfigError:
         raise
     except TypeError as e:  # e.g. a field without default that the preset did not set
         raise ConfigError(f"{prefix}: cannot build {cls.__name__} for {name!r}: {e}") from None
-    if hasattr(params, "validate"):
-        params.validate()
+    validate = getattr(params, "validate", None)
+    if callable(validate):
+        # a validate() that needs run facts (e.g. has_real_data) is left to the builder
+        required = [p for p in inspect.signature(validate).parameters.values()
+                    if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not required:
+            validate()
     return params
 
 
@@ -239,6 +259,3 @@ def check_objective(obj: Any, name: str = "objective") -> None:
 
     check_times(s["times"])
 
-
-def copy_params(params: Any) -> Any:
-    return copy.deepcopy(params)

@@ -111,7 +111,9 @@ def _seed_all(seed: int) -> None:
 
 
 def _backbone(m: nn.Module) -> nn.Module:
-    return m.backbone if isinstance(m, Denoiser) else m
+    """The network a role runs: a Denoiser's (or role view's) backbone, else the module itself."""
+    bb = getattr(m, "backbone", None)
+    return bb if isinstance(bb, nn.Module) else m
 
 
 def _check_groups(cfg: Config, obj: Any, name: str) -> None:
@@ -222,6 +224,10 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
         if all(bb is not b for b in backbones):
             backbones.append(bb)
     if sharded:
+        if len(backbones) < 1 + len(holder):
+            raise ConfigError("FSDP sharding needs one backbone per role; this objective shares one backbone "
+                              "between roles (e.g. objective.shared_base=true): use lora.student / lora.fake "
+                              "copies, or run without FSDP")
         for bb in backbones:
             shard_module(accelerator, bb)
     if mp == "bf16":
@@ -239,7 +245,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
             updates[ph] += 1
     optimizers, schedulers, gcfg = {}, {}, {}
     for g, params in group_params.items():
-        gc = gcfg[g] = resolve_group(cfg, g)
+        gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
         optimizers[g] = torch.optim.AdamW(params, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps,
                                           weight_decay=gc.weight_decay)
         schedulers[g] = torch.optim.lr_scheduler.LambdaLR(
@@ -380,6 +386,8 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
             if g is not None:
                 files["samples_ema"] = str(g.relative_to(run_dir))
         files.update(_save_final(run_dir, nets["student"], ema, accelerator))
+        if ema is None and isinstance(nets.get("student_ema"), nn.Module):  # an EMA the objective keeps
+            files.update(_save_final(run_dir, nets["student_ema"], None, accelerator, folder="student_ema"))
     wall = time.time() - t_start
     if main and not stopped_early:
         card = {
@@ -436,12 +444,15 @@ def _jsonable(p: Any) -> dict | None:
     return json.loads(json.dumps(dataclasses.asdict(p), default=str))
 
 
-def _save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator) -> dict[str, str]:
+def _save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator,
+                folder: str = "student") -> dict[str, str]:
     """The student's weights as a diffusers model folder (LoRA merged), its EMA likewise, and the
     LoRA adapters alone. Collective under FSDP."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    if hasattr(student, "standalone"):  # a role view on a shared backbone: its adapter merged into a copy
+        student = student.standalone()
     bb = _backbone(student)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -471,13 +482,13 @@ def _save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator)
             save_file(plain, str(d / "model.safetensors"))
         files[folder] = str(d.relative_to(run_dir))
 
-    write("student", sd)
+    write(folder, sd)
     if sd_ema is not None:
-        write("student_ema", sd_ema)
+        write(f"{folder}_ema", sd_ema)
     if meta:
         adapter = {k.replace(f".{meta['adapter']}.", "."): v for k, v in lora_only_state_dict(sd).items()}
-        save_file(adapter, str(out / "student_lora.safetensors"),
+        save_file(adapter, str(out / f"{folder}_lora.safetensors"),
                   metadata={"rank": str(meta["rank"]), "alpha": str(meta["alpha"]),
                             "target_modules": json.dumps(meta["targets"])})
-        files["student_lora"] = str((out / "student_lora.safetensors").relative_to(run_dir))
+        files[f"{folder}_lora"] = str((out / f"{folder}_lora.safetensors").relative_to(run_dir))
     return files

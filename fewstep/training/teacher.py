@@ -87,9 +87,18 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
     decode = getattr(t, "decode", None) or (_vae_decode(vae) if vae is not None else None)
     encode = getattr(t, "encode", None) or (_vae_encode(vae) if vae is not None else None)
     num_classes = getattr(t, "num_classes", None)
-    null_class = getattr(t, "null_class", None) or getattr(den.conditioner, "null_class", None)
+    null_class = getattr(t, "null_class", None)
+    if null_class is None:
+        null_class = getattr(den.conditioner, "null_class", None)
+    if num_classes is None and str(source).startswith("digits"):
+        from ..digits.data import NUM_CLASSES
+
+        num_classes = NUM_CLASSES
     if num_classes is None and fam == "dit":
         num_classes = int(den.backbone.config.get("num_embeds_ada_norm") or 1000)
+    if num_classes is None and fam == "unet":
+        n = den.backbone.config.get("num_class_embeds")
+        num_classes = (null_class if null_class is not None else n) if n else None
     text = fam in TEXT_FAMILIES and hasattr(t, "encode_prompts")
     real = None
     if encode is not None and str(source).startswith("digits"):
