@@ -161,6 +161,10 @@ class TDM:
         freeze(teacher)
         self.nets: dict[str, nn.Module] = {"student": student, "fake": fake, "teacher": teacher}
         self.groups = {"generator": ["student"], "guidance": ["fake"]}
+        # the reference's AdamW settings (a preset's optim.<group> overrides them): beta1 = 0 for
+        # both, the generator's gradient norm clipped to 1; its lr (fake lr / 5) is the preset's.
+        self.optim = {"generator": {"betas": (0.0, 0.95), "weight_decay": 0.01, "grad_clip": 1.0},
+                      "guidance": {"betas": (0.0, 0.95), "weight_decay": 0.01}}
         self.times = student_times(params.num_steps, params.t_total)
         # the trained grid, and TDM's grid at other step counts (same t_total) for comparisons
         self.sampling = {"times": list(self.times), "renoise": "ddim",
