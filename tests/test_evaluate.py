@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,28 @@ def test_guidance_embedded_students_get_their_w_as_an_input():
     assert src.cfg_and_embedded(None) == (1.0, 8.5) and src.cfg_and_embedded(3.0) == (1.0, 3.0)
     cond = src.conds(torch.tensor([1, 2]), None, "cpu", embedded=8.5)
     assert torch.equal(cond["timestep_cond"], guidance_scale_embedding(torch.full((2,), 7.5), 16))
+
+
+def test_a_real_training_run_and_its_checkpoint_are_evaluated(tiny_dit_dir, tmp_path):
+    """Three dsm steps of the training entry point on the tiny teacher: the run dir and its
+    checkpoint load as students with the run card's sampler."""
+    from fewstep.config import load_config
+    from fewstep.evaluation.sources import load_source
+    from fewstep.training import run
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "digits" / "dsm.yaml"
+    cfg = load_config(preset, [
+        f"teacher.source={tiny_dit_dir}", "steps=3", "data.real_data=false", "objective.teacher_steps=2",
+        "data.batch_size=4", "log.sample_every=0", "checkpoint.every=2", f"output_dir={tmp_path / 'run'}"])
+    run(cfg)
+    student = load_source(str(tmp_path / "run"))
+    ckpt = load_source(str(tmp_path / "run" / "checkpoints" / "step_0000002"))
+    card = json.loads((tmp_path / "run" / "run_card.json").read_text())
+    assert student.kind == ckpt.kind == "student" and student.sampling == ckpt.sampling == card["sampling"]
+    labels = torch.tensor([0, 5])
+    a, _ = student.generate(4, [0, 1], labels=labels, progress=False)
+    b, _ = ckpt.generate(4, [0, 1], labels=labels, progress=False)
+    assert a.shape == b.shape and (a - b).abs().max() < 0.1  # one training step apart
+    with pytest.raises(Exception, match="run_card.json"):
+        (tmp_path / "run" / "run_card.json").unlink()
+        load_source(str(tmp_path / "run" / "checkpoints" / "step_0000002"))

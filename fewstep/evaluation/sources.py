@@ -4,6 +4,7 @@ folder, or a training run dir, turned into one `Source` that generates images.
     src = load_source("digits-vp")                 # teacher: steps = DDIM / Euler steps
     src = load_source("exports/dmd2-digits")       # exported student: its recorded times
     src = load_source("runs/digits-dmd2")          # run dir: teacher + student weights + run card
+    src = load_source("runs/digits-dmd2/checkpoints/step_0000500")   # a checkpoint of a finished run
     images = src.generate(conds, seeds, steps=1)   # float (N, C, H, W) in [-1, 1]
 
 Teachers sample with their own schedule (`path.sampling_times(steps)`, deterministic DDIM /
@@ -278,6 +279,8 @@ def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.flo
                          "nor an existing folder")
     if p.is_dir() and any((p / n).is_file() for n in RUN_CARD_NAMES) and not (p / "model_index.json").is_file():
         return _load_run(p, device, dtype, student_weights)
+    if p.is_dir() and (p / "state.json").is_file() and (p / "model.safetensors").is_file():
+        return _load_checkpoint(p, device, dtype, student_weights)
     if p.is_dir() and (p / "model_index.json").is_file():
         t = _load_teacher(str(p), device, dtype)
         card = _export_card(p)
@@ -310,6 +313,50 @@ def _load_run(run_dir: Path, device: str, dtype: torch.dtype, student_weights: s
                         {"source": str(run_dir), "run_card": str(card_path), "weights": str(weights),
                          "weights_sha256": file_sha256(weights), "teacher_source": teacher_src,
                          "objective": card.get("objective"), "train_steps": card.get("steps")})
+    src.info["teacher_pipeline_dir"] = src.info.pop("pipeline_dir", None)
+    src.sampling = card.get("sampling")
+    return src
+
+
+def _load_checkpoint(ckpt: Path, device: str, dtype: torch.dtype, student_weights: str) -> Source:
+    """A training checkpoint (<run>/checkpoints/step_N): the student's (or its EMA's) backbone
+    from the checkpoint, the teacher and sampler from the run's card."""
+    from safetensors.torch import load_file
+
+    from ..denoiser import copy_denoiser
+
+    run_dir = ckpt.parent.parent
+    card_path = next((run_dir / n for n in RUN_CARD_NAMES if (run_dir / n).is_file()), None)
+    if card_path is None:
+        raise InputError(f"checkpoint {ckpt}: its run dir {run_dir} has no run_card.json (written when training "
+                         "ends), so the student's sampling times are unknown; evaluate the finished run dir")
+    card = _read_json(card_path)
+    teacher_src = (card.get("teacher") or {}).get("source") if isinstance(card.get("teacher"), dict) else None
+    if not teacher_src or not card.get("sampling"):
+        raise InputError(f"run card {card_path} lacks the teacher source or the sampling entry")
+    f = ckpt / ("ema.safetensors" if student_weights == "student_ema" else "model.safetensors")
+    if not f.is_file():
+        raise InputError(f"checkpoint {ckpt} has no {f.name} (--student-weights {student_weights})")
+    prefix = "student.backbone."
+    state = {k[len(prefix):]: v for k, v in load_file(str(f)).items() if k.startswith(prefix)}
+    if not state or any("lora_" in k for k in state):
+        raise InputError(f"checkpoint {f}: no plain student backbone weights ('{prefix}*'; LoRA students: "
+                         "evaluate the run dir, whose final weights are merged)")
+    t = _load_teacher(teacher_src, device, dtype)
+    student = copy_denoiser(t.denoiser, trainable=False)
+    missing = set(student.backbone.state_dict()) - set(state)
+    try:
+        student.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise InputError(f"checkpoint {f} does not fit the teacher's backbone: {str(e)[:400]}") from e
+    bad = [k for k in state if k not in student.backbone.state_dict()]
+    if bad:
+        raise InputError(f"checkpoint {f}: keys {bad[:3]} are not in the teacher's backbone")
+    src = _from_teacher(_TeacherView(t, student), "student", str(ckpt),  # copy: teacher's device, dtype
+                        {"source": str(ckpt), "run_card": str(card_path), "weights": str(f),
+                         "weights_sha256": file_sha256(f), "teacher_source": teacher_src,
+                         "objective": card.get("objective"), "checkpoint_keys": len(state),
+                         "kept_from_teacher": len(missing)})
     src.sampling = card.get("sampling")
     return src
 
@@ -360,7 +407,6 @@ def _student_denoiser(teacher, weights: Path, device: str, dtype: torch.dtype):
     except RuntimeError as e:
         raise InputError(f"student weights {weights} do not fit the teacher's backbone ({cls.__name__}): "
                          f"{str(e)[:400]}") from e
-    student.backbone.to(device=device, dtype=dtype)
     return student
 
 
