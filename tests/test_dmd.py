@@ -416,3 +416,57 @@ def test_dmd2_moves_one_step_generator_toward_the_mixture(kind):
     after = distance()
     print(f"{kind}: sliced W2 to exact mixture samples {before:.3f} -> {after:.3f}")
     assert after < 0.75 * before
+
+
+# ---- through the training entry point ----------------------------------------------------------
+def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_student(tmp_path):
+    training = pytest.importorskip("fewstep.training.loop")
+    from fewstep.config import config_from_dict
+    from fewstep.training.teacher import TeacherBundle
+
+    tiny = _tiny("dit")
+    lat, lab = torch.randn(40, *tiny.latent_shape), torch.arange(40) % 10
+    bundle = TeacherBundle(denoiser=tiny.denoiser, latent_shape=tiny.latent_shape, family="dit", num_classes=10,
+                           null_class=10, real_data=lambda: (lat, lab))
+    cfg = config_from_dict({
+        "name": "dmd-test", "output_dir": str(tmp_path / "run"), "steps": 3,
+        "objective": {"name": "dmd2", "guidance": 2.0, "gan": True, "shared_base": True, "num_steps": 2,
+                      "student_times": [1.0, 0.5], "fake_updates_per_generator": 2},
+        "data": {"batch_size": 4, "real_data": True}, "lora": {"rank": 2, "alpha": 2.0},
+        "optim": {"generator": {"lr": 1e-2}, "guidance": {"lr": 1e-2}},
+        "log": {"every": 2, "sample_every": 0, "sample_count": 4, "trackers": [], "progress": False},
+        "checkpoint": {"every": 0}})
+    res = training.run(cfg, teacher=bundle)
+    assert res.steps == 3 and res.skipped == 0  # steps 0 and 2 update the generator
+    assert res.logs["generator/dm_grad_norm"] > 0 and "guidance/gan_d" in res.logs
+    card = __import__("json").loads((tmp_path / "run" / "run_card.json").read_text())
+    assert card["sampling"] == {"times": [1.0, 0.5, 0.0], "renoise": "fresh"}
+    # the saved student is the base with the student adapter merged: it differs from the teacher
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "final" / "student" / "diffusion_pytorch_model.safetensors"))
+    assert not any("lora_" in k for k in saved)
+    base = _teacher_state(tiny.denoiser)
+    assert saved.keys() == base.keys()
+    assert any(not torch.equal(saved[k], base[k]) for k in saved)
+
+
+def test_shared_base_merge_record_reproduces_the_student():
+    """The adapter record left on the shared backbone is what the entry point's final save merges."""
+    from fewstep.training.lora import lora_meta, merge_lora_state_dict
+
+    tiny = _tiny("dit")
+    obj = build(DMDParams(shared_base=True), tiny.denoiser, context(latent_shape=tiny.latent_shape, lora=LORA))
+    student = obj.nets["student"]
+    with torch.no_grad():
+        for p in obj.nets["student"].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for p in obj.nets["fake"].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    meta = lora_meta(student.backbone)
+    merged = merge_lora_state_dict(student.backbone.state_dict(), meta["alpha"] / meta["rank"], meta["adapter"])
+    fresh = _tiny("dit")
+    fresh.backbone.load_state_dict(merged)
+    x, cond = torch.randn(2, *tiny.latent_shape), tiny.cond(2)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.denoiser(x, 0.7, cond), student(x, 0.7, cond), rtol=1e-4, atol=1e-5)
