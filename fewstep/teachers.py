@@ -342,12 +342,22 @@ def _read_model_index(folder: str) -> dict:
 
 
 def _load_digits(name: str, device, dtype, **kw) -> Teacher:
+    """The embedded digits teachers, through `fewstep.digits.teacher.load_digits_teacher(kind)`
+    (kind "vp" or "flow"), imported only when asked for. It may return a Teacher, a diffusers
+    pipeline or a pipeline folder. Without that module, the shipped folder
+    fewstep/digits/weights/teacher_<kind> is loaded when it exists."""
+    kind = name.split("-", 1)[1]
     try:
         from .digits.teacher import load_digits_teacher
     except ImportError as e:
+        from .digits.data import WEIGHTS_DIR
+
+        folder = WEIGHTS_DIR / f"teacher_{kind}"
+        if (folder / "model_index.json").is_file():
+            return load_teacher(str(folder), family="dit", device=device, dtype=dtype, **kw)
         raise ValueError(f"the embedded teacher {name!r} is not available in this version "
-                         f"(fewstep.digits.teacher: {e})") from e
-    obj = load_digits_teacher(name.split("-", 1)[1])
+                         f"(fewstep.digits.teacher: {e}; no folder {folder})") from e
+    obj = load_digits_teacher(kind)
     if isinstance(obj, Teacher):
         t = obj
     elif isinstance(obj, (str, os.PathLike)):
