@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewstep.denoiser import Denoiser, apply_cfg, copy_denoiser
+from fewstep.denoiser import apply_cfg, copy_denoiser
 from fewstep.paths import FlowPath, TrigFlowPath, VPPath, convert
 from fewstep.testing import gmm_denoiser
 from tiny import FAMILIES, FLOW_FAMILIES, VP_FAMILIES, make_tiny
