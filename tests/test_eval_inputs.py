@@ -179,6 +179,43 @@ def test_bad_statistics_files_name_the_file(tmp_path):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_a_stats_file_with_kid_stops_before_generation(tmp_path, monkeypatch):
+    np.savez(tmp_path / "s2.npz", mu=np.zeros(64), sigma=np.eye(64))
+    monkeypatch.setattr("fewstep.evaluation.sources.load_source",
+                        lambda *a, **k: pytest.fail("generation started although KID cannot be computed"))
+    with pytest.raises(InputError, match=r"s2.npz: KID"):
+        evaluate(EvalSpec(pipeline="digits-vp", reference=str(tmp_path / "s2.npz"), metrics=["fid", "kid"],
+                          out=str(tmp_path / "out"), progress=False))
+
+
+def test_a_run_that_fails_midway_leaves_only_a_partial_file(tmp_path, monkeypatch):
+    from fewstep.evaluation import run as run_mod
+
+    calls = []
+
+    def one_steps(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory at the second step count")
+        return {"steps": 1, "metrics": {}}
+
+    class FakeSource:
+        conditioning, num_classes, name = "labels", 10, "fake"
+
+        def describe(self):
+            return {"kind": "teacher", "name": "fake"}
+
+    monkeypatch.setattr("fewstep.evaluation.sources.load_source", lambda *a, **k: FakeSource())
+    monkeypatch.setattr(run_mod, "_one_steps", one_steps)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="second step count"):
+        evaluate(EvalSpec(pipeline="fake", steps=[1, 2], metrics=["fid"], num_samples=10, out=str(out),
+                          progress=False))
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()
+    partial = json.loads((out / "results.partial.json").read_text())
+    assert partial["complete"] is False and len(partial["rows"]) == 1
+
+
 def test_unknown_metric_and_protocol_are_errors(tmp_path):
     with pytest.raises(InputError, match="unknown.*lpips"):
         evaluate(EvalSpec(images=str(tmp_path), metrics=["fid", "lpips"], out=str(tmp_path / "o")))

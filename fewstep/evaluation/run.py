@@ -218,9 +218,14 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
             raise InputError("class_acc is for the class-conditional digits models (protocol 'digits')")
         judge_ok = str(JUDGE_WEIGHTS)
     captions_all = load_captions(spec.captions) if spec.captions else None
+    folder = ImageFolder(spec.images, proto.image_size) if spec.images is not None else None
     ref = None
     if any(m in ("fid", "kid", "prc") for m in metrics):
         ref = _reference(spec, proto, extractor)
+        if ref.features is None and ("kid" in metrics or "prc" in metrics):
+            raise InputError(f"--reference {ref.description.get('path')}: KID and precision/recall need reference "
+                             "features; a statistics file (.npz) gives FID only (ask for --metrics fid, or give "
+                             "an image folder or a .safetensors features file)")
 
     # ---- 2. the source ------------------------------------------------------------------------
     src = None
@@ -262,8 +267,8 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         results["torch_fidelity_kwargs"] = {k: v for k, v in extractor.tf_kwargs().items() if k != "verbose"}
 
     # ---- 3. generate and score -------------------------------------------------------------------
+    partial = out / "results.partial.json"  # rows so far of a long run; never named like a complete result
     if src is None:
-        folder = ImageFolder(spec.images, proto.image_size)
         t0 = time.perf_counter()
         gen_feats = extractor.features(folder)
         row = {"steps": None, "num_samples": len(folder), "images": str(spec.images)}
@@ -275,10 +280,12 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         for steps in spec.steps:
             results["rows"].append(_one_steps(spec, proto, metrics, src, int(steps), seeds, labels, caps,
                                               extractor, ref, clip, judge_ok, out))
+            atomic_write_json(partial, results)
     results["complete"] = True
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_table(results))
+    partial.unlink(missing_ok=True)
     return results
 
 
