@@ -70,6 +70,9 @@ class ObjectiveConfig:
 class DataConfig:
     batch_size: int = 32                 # global batch per step, split evenly over the processes
     real_data: bool = False              # put real latents in batch["x0"] (embedded digits through the teacher VAE)
+    real_latents: str | None = None      # or from a safetensors file: "latents" (N, C, H, W), scaled as the
+                                         #   teacher's VAE scales them, optional "class_labels" (N,); with
+                                         #   data.prompts, line i of the prompt file is the caption of latent i
     prompts: str | None = None           # text teachers: prompt file, one prompt a line
     num_classes: int | None = None       # class-conditional teachers: labels 0..num_classes-1 (default: teacher's)
 
@@ -261,7 +264,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise errors[0]
         raise bad
     if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
+        opts = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads no / off / yes / on as booleans
+            for word in (("no", "off", "false") if not value else ("yes", "on", "true")):
+                if word in opts:
+                    return word
+            raise bad
+        if value in opts:
             return value
         raise bad
     if dataclasses.is_dataclass(tp):

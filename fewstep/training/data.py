@@ -9,6 +9,7 @@ see, and a resumed run needs no data state.
 - with real data (the embedded digits through the teacher's VAE, encoded once and kept in
   memory): class-balanced draws of real latents with their labels in batch["x0"];
 - text teachers: a prompt file (one prompt a line), encoded once with the teacher's encoders;
+  with real latents (a safetensors file), latent i goes with prompt i;
 - unconditional teachers: cond None.
 """
 from __future__ import annotations
@@ -40,6 +41,23 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def _read_latents(path: str | Path, latent_shape) -> tuple[Tensor, Tensor | None]:
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data.real_latents: {str(p)!r} does not exist")
+    d = load_file(str(p))
+    if "latents" not in d:
+        raise ValueError(f"data.real_latents: {str(p)!r} has no 'latents' tensor (keys: {sorted(d)})")
+    x0 = d["latents"].float()
+    if x0.ndim != 4 or tuple(x0.shape[1:]) != tuple(latent_shape):
+        raise ValueError(f"data.real_latents: 'latents' has shape {tuple(x0.shape)}, expected (N, "
+                         f"{', '.join(map(str, latent_shape))}) for this teacher")
+    labels = d.get("class_labels")
+    return x0, None if labels is None else labels.long()
+
+
 def _balanced_labels(n: int, k: int, g: torch.Generator) -> Tensor:
     offset = int(torch.randint(0, k, (1,), generator=g))
     labels = (torch.arange(n) + offset) % k
@@ -63,7 +81,7 @@ class BatchSource:
     def __init__(self, bundle: TeacherBundle, batch_size: int, seed: int = 0, process_index: int = 0,
                  num_processes: int = 1, device: torch.device | str = "cpu", real_data: bool = False,
                  prompts: list[str] | str | Path | None = None, num_classes: int | None = None,
-                 encode_chunk: int = 64):
+                 real_latents: str | Path | None = None, encode_chunk: int = 64):
         if batch_size % num_processes:
             raise ValueError(f"data.batch_size={batch_size} is not divisible by the number of processes "
                              f"({num_processes}); each process takes an equal slice of the global batch")
@@ -94,7 +112,9 @@ class BatchSource:
         elif prompts is not None:
             raise ValueError(f"data.prompts: the teacher {bundle.source!r} is not text-conditioned")
 
-        if real_data:
+        if real_latents is not None:
+            self.real = _read_latents(real_latents, bundle.latent_shape)
+        elif real_data:
             if bundle.real_data is None:
                 raise ValueError(f"data.real_data=true: no real data for teacher {bundle.source!r} (real latents "
                                  "come with the embedded digits teachers)")
@@ -105,6 +125,11 @@ class BatchSource:
                 raise ValueError(f"data.real_data: real latents have shape {tuple(x0.shape[1:])}, the teacher's "
                                  f"latents {tuple(bundle.latent_shape)}")
             self.real = (x0, None if labels is None else labels.long().cpu())
+        if self.real is not None:
+            x0, labels = self.real
+            if self.text_cond is not None and x0.shape[0] != self.num_prompts:
+                raise ValueError(f"data.real_latents: {x0.shape[0]} latents but {self.num_prompts} prompts in "
+                                 "data.prompts; with text, line i of the prompt file is the caption of latent i")
             if self.num_classes and labels is not None:
                 self.by_class = [torch.nonzero(labels == c).flatten() for c in range(self.num_classes)]
                 empty = [c for c, ix in enumerate(self.by_class) if ix.numel() == 0]
@@ -123,6 +148,8 @@ class BatchSource:
         if self.text_cond is not None:
             idx = torch.randint(0, self.num_prompts, (n,), generator=g)
             out["cond"] = index_cond(self.text_cond, idx)
+            if self.real is not None:
+                out["x0"] = self.real[0][idx]
         elif self.num_classes:
             labels = _balanced_labels(n, self.num_classes, g)
             out["cond"] = {"class_labels": labels}

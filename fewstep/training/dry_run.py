@@ -44,7 +44,7 @@ def dry_run(cfg: Config, num_processes: int | None = None, sharding: str | None 
     make_student, make_copy = make_factories(cfg.lora, sharded=sharded, family=family,
                                              gradient_checkpointing=cfg.precision.gradient_checkpointing)
     ctx = BuildContext(latent_shape=tuple(bundle.latent_shape), num_classes=cfg.data.num_classes or bundle.num_classes,
-                       null_class=bundle.null_class, text=bundle.text, has_real_data=cfg.data.real_data,
+                       null_class=bundle.null_class, text=bundle.text, has_real_data=cfg.data.real_data or cfg.data.real_latents is not None,
                        seed=cfg.seed, device=torch.device("meta"), family=family, lora=cfg.lora, num_processes=n,
                        sharded=sharded, mixed_precision=mp, gradient_checkpointing=cfg.precision.gradient_checkpointing,
                        steps=cfg.steps, make_student=make_student, make_copy=make_copy)

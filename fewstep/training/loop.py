@@ -166,7 +166,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
 
     # 3. data -------------------------------------------------------------------------------------------
     source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, rank, world, device, cfg.data.real_data,
-                         cfg.data.prompts, cfg.data.num_classes)
+                         cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents)
 
     # 4. objective via the registry ----------------------------------------------------------------------
     family = bundle.family or family_of(tden.backbone)
@@ -244,9 +244,9 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                 raise TypeError(f"objective {cfg.objective.name!r}: phases({s}) names {ph!r}, not one of its groups")
             updates[ph] += 1
     optimizers, schedulers, gcfg = {}, {}, {}
-    for g, params in group_params.items():
+    for g, plist in group_params.items():
         gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
-        optimizers[g] = torch.optim.AdamW(params, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps,
+        optimizers[g] = torch.optim.AdamW(plist, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps,
                                           weight_decay=gc.weight_decay)
         schedulers[g] = torch.optim.lr_scheduler.LambdaLR(
             optimizers[g], lr_lambda(gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles))
@@ -304,7 +304,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
     log = RunLog(accelerator, run_dir, cfg.name, start_step, cfg.steps, progress=cfg.log.progress,
                  trackers=bool(usable_trackers))
     all_modules = [tden, *holder.values()]
-    consecutive = 0
+    consecutive = {g: 0 for g in obj.groups}   # non-finite updates in a row, per group
     stopped_early = False
     logs: dict[str, float] = {}
     done = start_step
@@ -317,28 +317,29 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
             for phase in obj.phases(step):
                 loss, obj_logs = obj.loss(phase, batch, step)
                 accelerator.backward(loss)
-                params = group_params[phase]
+                plist = group_params[phase]
                 if not sharded:
-                    average_gradients(params, world)
+                    average_gradients(plist, world)
                 loss_v = reduce_mean(loss, accelerator)
-                norm = grad_norm_and_clip(params, gcfg[phase].grad_clip)
+                norm = grad_norm_and_clip(plist, gcfg[phase].grad_clip)
                 ok = math.isfinite(loss_v) and math.isfinite(norm)
                 if ok:
                     optimizers[phase].step()
                     schedulers[phase].step()
-                    consecutive = 0
+                    consecutive[phase] = 0
                 else:
                     skipped += 1
-                    consecutive += 1
+                    consecutive[phase] += 1
                 for m in all_modules:
                     m.zero_grad(set_to_none=True)
                 if not ok:
                     log.write(f"step {step}: non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'} in "
-                              f"phase {phase!r}, update skipped ({consecutive} in a row, {skipped} in all)")
-                    if consecutive > cfg.faults.max_consecutive_nonfinite:
+                              f"phase {phase!r}, update skipped ({consecutive[phase]} in a row, {skipped} in all)")
+                    if consecutive[phase] > cfg.faults.max_consecutive_nonfinite:
                         last = latest_checkpoint(run_dir)
                         raise NonFiniteError(
-                            f"stopping at step {step}: {consecutive} non-finite updates in a row "
+                            f"stopping at step {step}: {consecutive[phase]} non-finite updates in a row of group "
+                            f"{phase!r} "
                             f"(faults.max_consecutive_nonfinite={cfg.faults.max_consecutive_nonfinite}); "
                             + (f"the last good checkpoint is {last} (resume=latest continues from it)" if last
                                else "no checkpoint was written yet"))
