@@ -386,7 +386,9 @@ Path = VPPath | FlowPath | TrigFlowPath
 def path_from_scheduler_config(config: Mapping[str, Any]) -> Path:
     """Build the path of a diffusers scheduler config (DDPM/DDIM/LCM/Euler... or FlowMatch*)."""
     cls_name = str(config.get("_class_name", ""))
-    if "FlowMatch" in cls_name or config.get("prediction_type") == "flow":
+    # a config built in code has no _class_name: a flow config has a shift and no betas
+    flow_keys = "beta_schedule" not in config and ("shift" in config or "use_dynamic_shifting" in config)
+    if "FlowMatch" in cls_name or config.get("prediction_type") == "flow" or (not cls_name and flow_keys):
         return FlowPath.from_config(config)
     if "SCM" in cls_name or "TrigFlow" in cls_name:
         return TrigFlowPath(float(config.get("sigma_data", 0.5)))
