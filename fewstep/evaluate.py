@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fewstep's sampler (default) or the folder's stock diffusers pipeline")
     p.add_argument("--student-weights", default="student", choices=["student", "student_ema"],
                    help="for a run dir: the raw student weights (default) or their EMA")
+    p.add_argument("--hybrid", type=int, default=0, metavar="K",
+                   help="students: the teacher (with CFG) runs the first K steps, the student the rest")
+    p.add_argument("--teacher-guidance", type=float, help="the teacher's CFG scale with --hybrid (default its own)")
     p.add_argument("--kid-subset-size", type=int, help="KID subset size (clamped to the sample counts)")
     p.add_argument("--save-images", action="store_true", help="also save every generated image as PNG")
     p.add_argument("--no-cache", action="store_true", help="recompute reference features (no disk cache)")
@@ -95,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
         feature_extractor_weights=args.feature_extractor_weights, inception_weights=args.inception_weights,
         clip_model=args.clip_model, imports=tuple(args.imports), image_size=args.image_size,
         guidance=args.guidance, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        sampler=args.sampler, student_weights=args.student_weights, out=args.out, save_images=args.save_images,
-        cache=not args.no_cache,
+        sampler=args.sampler, student_weights=args.student_weights, hybrid=args.hybrid,
+        teacher_guidance=args.teacher_guidance, out=args.out, save_images=args.save_images, cache=not args.no_cache,
         kid_subset_size=args.kid_subset_size, progress=not args.no_progress,
         command=getattr(args, "command_line", None) or _command_line(),
     )

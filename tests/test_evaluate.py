@@ -413,3 +413,26 @@ def test_a_real_training_run_and_its_checkpoint_are_evaluated(tiny_dit_dir, tmp_
     with pytest.raises(Exception, match="run_card.json"):
         (tmp_path / "run" / "run_card.json").unlink()
         load_source(str(tmp_path / "run" / "checkpoints" / "step_0000002"))
+
+
+def test_hybrid_sampling_hands_over_from_teacher_to_student(tiny_dit_dir, tmp_path):
+    from fewstep.evaluation import InputError
+    from fewstep.evaluation.sources import load_source
+    from fewstep.samplers import initial_noise, sample_hybrid
+
+    run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.75, 0.5, 0.0], "renoise": "fresh"})
+    src = load_source(str(run))
+    labels = torch.tensor([2, 9])
+    got, _ = src.generate(3, [0, 1], labels=labels, hybrid=1, teacher_guidance=1.0, progress=False)
+    teacher = load_source(str(tiny_dit_dir))
+    noise = torch.cat([initial_noise((1, 4, 8, 8), torch.Generator().manual_seed(s)) for s in (0, 1)])
+    lat = sample_hybrid(teacher.denoiser, src.denoiser, noise, {"class_labels": labels}, [1.0, 0.75],
+                        [0.75, 0.5, 0.0], guidance=1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(got, src.decode(lat).clamp(-1, 1), atol=1e-5)
+    plain, _ = src.generate(3, [0, 1], labels=labels, progress=False)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    res = evaluate(EvalSpec(pipeline=str(run), steps=[3], hybrid=1, num_samples=10, metrics=["fid"],
+                            out=str(tmp_path / "o"), progress=False))
+    assert res["rows"][0]["hybrid"]["teacher_times"] == [1.0, 0.75] and res["rows"][0]["nfe"] == 3
+    with pytest.raises(InputError, match="--hybrid needs a student"):
+        evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[3], hybrid=1, num_samples=10, out=str(tmp_path / "p")))

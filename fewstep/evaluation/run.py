@@ -51,6 +51,8 @@ class EvalSpec:
     dtype: str = "float32"
     sampler: str = "fewstep"               # "fewstep" or "pipeline" (the stock diffusers pipeline)
     student_weights: str = "student"       # run dirs: "student" (raw) or "student_ema"
+    hybrid: int = 0                        # students: first k intervals by the teacher (sample_hybrid)
+    teacher_guidance: float | None = None  # the teacher's CFG in hybrid sampling (None: its own)
     out: str = "eval_out"
     save_images: bool = False
     cache: bool = True
@@ -233,6 +235,12 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         from .sources import load_source
 
         src = load_source(spec.pipeline, device=device, dtype=dtype, student_weights=spec.student_weights)
+        if spec.hybrid:
+            if spec.sampler == "pipeline":
+                raise InputError("--hybrid runs fewstep's sampler; it cannot be combined with --sampler pipeline")
+            if spec.hybrid >= min(spec.steps):
+                raise InputError(f"--hybrid {spec.hybrid} must be below every step count ({list(spec.steps)})")
+            src.hybrid_teacher()  # load (or refuse) the teacher now, before generating
     else:
         bad = [m for m in metrics if m in ("clip", "class_acc", "diversity")]
         if bad:
@@ -317,12 +325,23 @@ def _one_steps(spec, proto, metrics, src, steps, seeds, labels, caps, extractor,
     guidance, embedded = src.cfg_and_embedded(spec.guidance)
     imgs, secs = src.generate(steps, seeds, labels=labels, captions=caps, guidance=spec.guidance,
                               batch_size=spec.batch_size, device=spec.device, sampler=spec.sampler,
-                              progress=None if spec.progress else False)
+                              progress=None if spec.progress else False, hybrid=spec.hybrid,
+                              teacher_guidance=spec.teacher_guidance)
     u8 = resize_uint8(to_uint8(imgs), proto.image_size)
     n = u8.shape[0]
-    cfg_passes = 2 if guidance != 1.0 and not getattr(src.denoiser.conditioner, "guidance_embedded", False) else 1
+    def passes(w, den):
+        return 2 if w != 1.0 and not getattr(den.conditioner, "guidance_embedded", False) else 1
+
+    nfe = steps * passes(guidance, src.denoiser)
+    hybrid = None
+    if spec.hybrid:
+        t = src.hybrid_teacher()
+        tw = t.default_guidance if spec.teacher_guidance is None else float(spec.teacher_guidance)
+        nfe = spec.hybrid * passes(tw, t.denoiser) + (steps - spec.hybrid) * passes(guidance, src.denoiser)
+        hybrid = {"teacher_steps": spec.hybrid, "teacher": t.name, "teacher_guidance": tw,
+                  "teacher_times": times[:spec.hybrid + 1], "student_times": times[spec.hybrid:]}
     row: dict[str, Any] = {
-        "steps": steps, "nfe": steps * cfg_passes, "times": times, "times_source": times_source,
+        "steps": steps, "nfe": nfe, "hybrid": hybrid, "times": times, "times_source": times_source,
         "renoise": renoise if src.kind == "student" else "ddim",
         "guidance": guidance, "embedded_guidance": embedded, "num_samples": n, "seeds": f"{seeds[0]}..{seeds[-1]} (sample i: seed + i)",
         "batch_size": spec.batch_size, "sampler": spec.sampler,
@@ -371,7 +390,8 @@ def _diversity(spec, proto, src, steps, guidance, extractor, gen_feats, labels, 
         dcaps = [c for c in caps[:g] for _ in range(k)]
         seeds = [proto.seed + proto.num_samples + i for i in range(len(dcaps))]
         imgs, _ = src.generate(steps, seeds, captions=dcaps, guidance=spec.guidance, batch_size=spec.batch_size,
-                               device=spec.device, sampler=spec.sampler, progress=False)
+                               device=spec.device, sampler=spec.sampler, progress=False, hybrid=spec.hybrid,
+                               teacher_guidance=spec.teacher_guidance)
         feats = extractor.features(TensorImages(resize_uint8(to_uint8(imgs), proto.image_size)))
         d = diversity(feats[layer], dcaps)
         base["n_generated"] = len(dcaps)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..samplers import initial_noise, sample
+from ..samplers import initial_noise, sample, sample_hybrid
 from .inputs import InputError
 from .protocols import file_sha256
 
@@ -62,6 +62,8 @@ class Source:
     guidance_source: str = "default"
     pipeline: Any = None                        # a diffusers pipeline, for --sampler pipeline
     info: dict[str, Any] = field(default_factory=dict)
+    teacher_loader: Callable[[], "Source"] | None = None   # students: their teacher, for --hybrid
+    _teacher: Any = field(default=None, repr=False)
 
     # -------------------------------------------------------------------------------------
     def schedule(self, steps: int) -> tuple[list[float], str, str]:
@@ -121,15 +123,27 @@ class Source:
     @torch.no_grad()
     def generate(self, steps: int, seeds: Sequence[int], labels: Tensor | None = None,
                  captions: Sequence[str] | None = None, guidance: float | None = None, batch_size: int = 250,
-                 device: str = "cpu", sampler: str = "fewstep", progress: str | None = None) -> tuple[Tensor, float]:
+                 device: str = "cpu", sampler: str = "fewstep", progress: str | None = None,
+                 hybrid: int = 0, teacher_guidance: float | None = None) -> tuple[Tensor, float]:
         """Generate one image per seed; returns (images float32 (N, C, H, W) in [-1, 1] on the CPU,
-        wall seconds including decoding). `guidance`: CFG scale (None: the source's default); for
-        a w-conditioned student, the scale fed to its embedding."""
+        wall seconds including decoding).
+
+        guidance: CFG scale (None: the source's default); for a w-conditioned student, the scale
+            fed to its embedding.
+        hybrid: students only: the teacher (with CFG `teacher_guidance`, default its own) runs the
+            first `hybrid` intervals of the student's times deterministically, the student the rest
+            (`fewstep.samplers.sample_hybrid`, diversity distillation)."""
         from tqdm import tqdm
 
         n = len(seeds)
         w, embedded = self.cfg_and_embedded(guidance)
         times, renoise, _ = self.schedule(steps)
+        teacher = None
+        if hybrid:
+            if not 0 < hybrid < steps:
+                raise InputError(f"--hybrid {hybrid}: must be between 1 and the step count minus 1 ({steps - 1})")
+            teacher = self.hybrid_teacher()
+            tw = teacher.default_guidance if teacher_guidance is None else float(teacher_guidance)
         out: list[Tensor] = []
         t0 = time.perf_counter()
         with tqdm(total=n, desc=progress or f"{self.name} {steps} step(s)", unit="img",
@@ -144,14 +158,32 @@ class Source:
                     noise = torch.cat([initial_noise((1, *self.latent_shape), torch.Generator().manual_seed(int(seeds[i])))
                                        for i in idx]).to(device)
                     gen = torch.Generator().manual_seed(int(seeds[s]) * 1_000_003 + 7)
-                    lat = sample(self.denoiser, noise, self.conds(lab, cap, device, embedded), times, guidance=w,
-                                 renoise=renoise, generator=gen)
+                    cond = self.conds(lab, cap, device, embedded)
+                    if teacher is None:
+                        lat = sample(self.denoiser, noise, cond, times, guidance=w, renoise=renoise, generator=gen)
+                    elif embedded is None:
+                        lat = sample_hybrid(teacher.denoiser, self.denoiser, noise, cond, times[:hybrid + 1],
+                                            times[hybrid:], guidance=tw, student_renoise=renoise, generator=gen)
+                    else:  # the teacher takes no w-embedding: the two halves get their own conditions
+                        x = sample(teacher.denoiser, noise, teacher.conds(lab, cap, device), times[:hybrid + 1],
+                                   guidance=tw, renoise="ddim")
+                        lat = sample(self.denoiser, noise, cond, times[hybrid:], guidance=w, renoise=renoise,
+                                     generator=gen, start=x)
                     img = self.decode(lat).float().clamp(-1, 1).cpu()
                 out.append(img)
                 bar.update(len(idx))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return torch.cat(out), time.perf_counter() - t0
+
+    def hybrid_teacher(self) -> "Source":
+        """The teacher this student was distilled from (for the hybrid sampler)."""
+        if self.kind != "student" or self.teacher_loader is None:
+            raise InputError(f"--hybrid needs a student whose teacher is known (a run dir, or an exported "
+                             f"folder whose card names its teacher); {self.name} is a {self.kind}")
+        if self._teacher is None:
+            self._teacher = self.teacher_loader()
+        return self._teacher
 
     def _pipeline_batch(self, steps, seeds, labels, captions, guidance) -> Tensor:
         """The stock diffusers pipeline's own sampling (stock scheduler), as a user would call it.
@@ -265,6 +297,13 @@ def _export_card(folder: Path) -> dict | None:
     return None
 
 
+def _card_teacher(card: dict | None) -> str | None:
+    t = (card or {}).get("teacher")
+    if isinstance(t, dict):
+        t = t.get("source")
+    return t if isinstance(t, str) and t else None
+
+
 def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 student_weights: str = "student") -> Source:
     """Resolve --pipeline: a teacher name, a pipeline folder (teacher or exported student) or a
@@ -288,6 +327,9 @@ def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         kind = "student" if sampling else "teacher"
         src = _from_teacher(t, kind, source, {"source": str(p), "export_card": card})
         src.sampling = sampling
+        teacher_src = _card_teacher(card)
+        if kind == "student" and teacher_src:
+            src.teacher_loader = lambda: load_source(teacher_src, device, dtype)
         return src
     raise InputError(f"--pipeline {p}: not a diffusers pipeline folder (no model_index.json) nor a run dir "
                      f"(no {' / '.join(RUN_CARD_NAMES)})")
@@ -315,6 +357,7 @@ def _load_run(run_dir: Path, device: str, dtype: torch.dtype, student_weights: s
                          "objective": card.get("objective"), "train_steps": card.get("steps")})
     src.info["teacher_pipeline_dir"] = src.info.pop("pipeline_dir", None)
     src.sampling = card.get("sampling")
+    src.teacher_loader = lambda: _from_teacher(t, "teacher", teacher_src, {"source": teacher_src})
     return src
 
 
@@ -358,6 +401,7 @@ def _load_checkpoint(ckpt: Path, device: str, dtype: torch.dtype, student_weight
                          "objective": card.get("objective"), "checkpoint_keys": len(state),
                          "kept_from_teacher": len(missing)})
     src.sampling = card.get("sampling")
+    src.teacher_loader = lambda: _from_teacher(t, "teacher", teacher_src, {"source": teacher_src})
     return src
 
 
