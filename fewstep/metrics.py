@@ -170,6 +170,12 @@ def fidelity_metrics(generated, reference, extractor: str = JUDGE_NAME, fid: boo
         torch-fidelity's keys: frechet_inception_distance, kernel_inception_distance_mean / _std,
         precision, recall, f_score (those asked for), as floats.
     """
+    return _fidelity(generated, reference, extractor, fid, kid, prc, feature_layer, cache_dir, (), kw)[0]
+
+
+def _fidelity(generated, reference, extractor: str, fid: bool, kid: bool, prc: bool, feature_layer: str | None,
+              cache_dir, extra_layers: tuple[str, ...], kw: dict) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """fidelity_metrics, also returning the generated images' features (metric layers + extra_layers)."""
     if not (fid or kid or prc):
         raise ValueError("fidelity_metrics: ask for at least one of fid, kid, prc")
     for k in kw:
@@ -192,14 +198,15 @@ def fidelity_metrics(generated, reference, extractor: str = JUDGE_NAME, fid: boo
                              f"(provided: {cls.get_provided_features_list()})")
         tf_kw[f"feature_layer_{m}"] = layer
     layers = sorted(set(layer_of.values()))
+    gen_layers = sorted(set(layers) | set(extra_layers))
 
     ds_gen, name_gen = _as_input(generated, "generated", tf_kw)
     ds_ref, name_ref = _as_input(reference, "reference", tf_kw)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     sha = _weights_sha(extractor, tf_kw)
 
-    fe = create_feature_extractor(extractor, layers, **tf_kw)
-    f_gen = _cached_extract(ds_gen, name_gen, fe, extractor, layers, tf_kw, cache_dir, sha)
+    fe = create_feature_extractor(extractor, gen_layers, **tf_kw)
+    f_gen = _cached_extract(ds_gen, name_gen, fe, extractor, gen_layers, tf_kw, cache_dir, sha)
     f_ref = _cached_extract(ds_ref, name_ref, fe, extractor, layers, tf_kw, cache_dir, sha)
 
     out: dict[str, float] = {}
@@ -219,7 +226,7 @@ def fidelity_metrics(generated, reference, extractor: str = JUDGE_NAME, fid: boo
     if prc:
         layer = layer_of["prc"]
         out.update(prc_features_to_metric(f_gen[layer], f_ref[layer], **tf_kw))
-    return {k: float(v) for k, v in out.items()}
+    return {k: float(v) for k, v in out.items()}, f_gen
 
 
 @lru_cache(maxsize=1)
@@ -228,7 +235,8 @@ def _default_judge() -> DigitsJudge:
 
 
 def _check_float_images(images: Tensor, fn: str) -> None:
-    if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4 or images.shape[1] not in (1, 3):
+    ok = torch.is_tensor(images) and images.is_floating_point() and images.dim() == 4 and images.shape[1] in (1, 3)
+    if not ok:
         desc = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"{fn}: expected float images in [-1, 1] of shape (B, 1 or 3, H, W), got {desc}")
 
@@ -249,11 +257,13 @@ def class_accuracy(images: Tensor, labels: Tensor, judge: DigitsJudge | None = N
 
 def digits_scores(images: Tensor, labels: Tensor | None, cache_dir: str | Path | None = None,
                   **kw) -> dict[str, float | int]:
-    """FID (digits-judge features, torch-fidelity, against all 1,797 real digits) and class accuracy.
+    """FID (digits-judge features, torch-fidelity, against all 1,797 real digits) and class accuracy,
+    from one pass of the judge.
 
     Args:
-        images: float (B, 1, 32, 32) in [-1, 1]; quantised to uint8 as a saved image would be
-            before FID.
+        images: float (B, 1, 32, 32) in [-1, 1]. They are quantised to uint8 as a saved image would
+            be, and both numbers are read from those images (so class_acc can differ from
+            `class_accuracy` on the raw floats by the effect of that rounding alone).
         labels: (B,) requested classes, or None for unconditional samples (class_acc is then nan).
         cache_dir, **kw: passed to `fidelity_metrics`.
 
@@ -261,7 +271,11 @@ def digits_scores(images: Tensor, labels: Tensor | None, cache_dir: str | Path |
         {"fid": float, "class_acc": float, "n": int}
     """
     _check_float_images(images, "digits_scores")
-    images = images.detach().float().cpu()
-    fid = fidelity_metrics(to_uint8_rgb(images), DIGITS_REFERENCE, cache_dir=cache_dir, **kw)[KEY_METRIC_FID]
-    acc = class_accuracy(images, labels) if labels is not None else float("nan")
-    return {"fid": fid, "class_acc": acc, "n": int(images.shape[0])}
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1).cpu().long()
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"digits_scores: {images.shape[0]} images but {labels.shape[0]} labels")
+    u8 = to_uint8_rgb(images.detach().float().cpu())
+    metrics, feats = _fidelity(u8, DIGITS_REFERENCE, JUDGE_NAME, True, False, False, None, cache_dir, ("logits",), kw)
+    acc = (feats["logits"].argmax(1) == labels).float().mean().item() if labels is not None else float("nan")
+    return {"fid": metrics[KEY_METRIC_FID], "class_acc": acc, "n": int(images.shape[0])}

@@ -34,8 +34,9 @@ def digits():
 
 def _direct_fid(a, b, **kw) -> float:
     """torch-fidelity called directly, its cache off."""
-    return torch_fidelity.calculate_metrics(input1=a, input2=b, fid=True, feature_extractor=kw.pop("extractor", JUDGE_NAME),
-                                            cuda=False, verbose=False, cache=False, save_cpu_ram=True, **kw)[FID]
+    extractor = kw.pop("extractor", JUDGE_NAME)
+    return torch_fidelity.calculate_metrics(input1=a, input2=b, fid=True, feature_extractor=extractor, cuda=False,
+                                            verbose=False, cache=False, save_cpu_ram=True, **kw)[FID]
 
 
 def test_fid_equals_a_direct_torch_fidelity_call(digits, tmp_path):
@@ -218,6 +219,9 @@ def test_digits_scores(digits):
     assert set(s) == {"fid", "class_acc", "n"} and s["n"] == 400
     assert s["fid"] == pytest.approx(fidelity_metrics(to_uint8_rgb(x[idx]), "digits")[FID], rel=1e-12)
     assert s["class_acc"] > 0.97
+    # read from the uint8-rounded images: equal to class_accuracy on them up to one sample
+    rounded = to_uint8_rgb(x[idx])[:, :1].float() / 127.5 - 1
+    assert abs(s["class_acc"] - class_accuracy(rounded, y[idx])) <= 1 / 400
     noise = torch.rand(400, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
     bad = digits_scores(noise, y[idx])
     assert bad["fid"] > 20 * s["fid"] and bad["class_acc"] < 0.5
