@@ -66,14 +66,20 @@ def test_folder_scoring_equals_fewstep_metrics_and_torch_fidelity(tmp_path):
     from fewstep.metrics import fidelity_metrics
 
     u8, _ = _digits_u8()
-    for i, im in enumerate(u8[:200:2]):  # every other one of the first 200 real digits
-        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:03d}.png")
-    res = evaluate(EvalSpec(images=str(tmp_path), reference="digits", metrics=["fid"], out=str(tmp_path / "o"),
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    gen.mkdir()
+    ref.mkdir()
+    for i, im in enumerate(u8[:200:2]):      # every other one of the first 200 real digits
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(gen / f"{i:03d}.png")
+    for i, im in enumerate(u8[1000:1300]):   # 300 others as the reference folder
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(ref / f"{i:03d}.png")
+    res = evaluate(EvalSpec(images=str(gen), reference=str(ref), metrics=["fid"], out=str(tmp_path / "o"),
                             progress=False))
     ours = res["rows"][0]["metrics"]["fid"]["value"]
-    theirs = fidelity_metrics(u8[:200:2], "digits", fid=True)["frechet_inception_distance"]
-    direct = torch_fidelity.calculate_metrics(input1=str(tmp_path), input2=TensorImages(u8), fid=True, cache=False,
+    theirs = fidelity_metrics(u8[:200:2], u8[1000:1300], fid=True)["frechet_inception_distance"]
+    direct = torch_fidelity.calculate_metrics(input1=str(gen), input2=str(ref), fid=True, cache=False,
                                               verbose=False, save_cpu_ram=True, **res["torch_fidelity_kwargs"])
+    assert res["reference"]["kind"] == "folder" and res["reference"]["count"] == 300
     assert abs(ours - theirs) <= 1e-6 * abs(theirs)
     assert abs(ours - direct["frechet_inception_distance"]) <= 1e-6 * abs(ours)
 
