@@ -486,9 +486,11 @@ class DMDObjective:
             x_n, tau = self._noised(x_hat, p.gan_t_min, p.gan_t_max, detach=False)
             out, logits = self._disc_logits(x_n, tau, cond)
             adv = generator_gan_loss(logits)
-            # zero-weighted output term: every fake-score weight takes part (DDP without
-            # find_unused_parameters); its gradient is exactly zero
-            loss = loss + p.gan_generator_weight * adv + 0.0 * out.mean()
+            loss = loss + p.gan_generator_weight * adv
+            if isinstance(self.nets["fake"], nn.parallel.DistributedDataParallel):
+                # DDP without find_unused_parameters wants every weight of the fake score in the
+                # graph; this term's gradient is exactly zero
+                loss = loss + 0.0 * out.mean()
             logs["gan_g"] = adv.item()
         if p.regression_weight > 0:
             reg = self._regression_loss(batch)
