@@ -3,6 +3,8 @@ separates real from wrong digits, the reference cache is keyed by the judge's we
 accuracy reads labels."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -20,9 +22,13 @@ from fewstep.metrics import (UInt8ImageDataset, class_accuracy, default_cache_di
 FID = "frechet_inception_distance"
 
 
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(scope="module", autouse=True)
+def _cache_in_tmp(tmp_path_factory):
+    """One reference cache for the module (the digits' features are computed once), never ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEWSTEP_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +53,10 @@ def test_fid_equals_a_direct_torch_fidelity_call(digits, tmp_path):
     theirs = _direct_fid(UInt8ImageDataset(a), UInt8ImageDataset(b), batch_size=64)
     assert abs(ours - theirs) <= 1e-6 * abs(theirs)
     # against "digits": first call fills the cache, the second reads it; both equal the direct call
-    first = fidelity_metrics(a, "digits", batch_size=64)[FID]
-    cached = list((default_cache_dir() / "fidelity").glob("*.safetensors"))
+    first = fidelity_metrics(a, "digits", batch_size=64, cache_dir=tmp_path)[FID]
+    cached = list((tmp_path / "fidelity").glob("*.safetensors"))
     assert len(cached) == 1 and weights_sha256(JUDGE_WEIGHTS)[:16] in cached[0].name
-    second = fidelity_metrics(a, "digits", batch_size=64)[FID]
+    second = fidelity_metrics(a, "digits", batch_size=64, cache_dir=tmp_path)[FID]
     theirs = _direct_fid(UInt8ImageDataset(a), digits_reference_dataset(), batch_size=64)
     assert first == second and abs(first - theirs) <= 1e-6 * abs(theirs)
     assert len(digits_reference_dataset()) == 1797
@@ -69,18 +75,22 @@ def test_folder_input_reads_the_same_images(digits, tmp_path):
 
 
 def test_fid_separates_real_digits_from_wrong_ones(digits):
-    x, _, perm = digits
+    x, y, perm = digits
     u8 = to_uint8_rgb(x)
     same = fidelity_metrics(u8, "digits")[FID]
     halves = fidelity_metrics(u8[perm[:898]], u8[perm[898:]])[FID]
+    # wrong distributions of the same size as a half, against all real digits (cached features)
     noise = torch.rand(898, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    fid_noise = fidelity_metrics(to_uint8_rgb(noise), u8[perm[898:]])[FID]
-    shifted = fidelity_metrics(to_uint8_rgb(torch.roll(x[perm[:898]], 3, dims=-1)), u8[perm[898:]])[FID]
-    half_classes = x[perm[:898]][load_digits_tensors()[1][perm[:898]] < 5]
-    dropped = fidelity_metrics(to_uint8_rgb(half_classes), u8[perm[898:]])[FID]
+    fid_noise = fidelity_metrics(to_uint8_rgb(noise), "digits")[FID]
+    shifted = fidelity_metrics(to_uint8_rgb(torch.roll(x[perm[:898]], 3, dims=-1)), "digits")[FID]
+    half_classes = x[perm[:898]][y[perm[:898]] < 5]
+    dropped = fidelity_metrics(to_uint8_rgb(half_classes), "digits")[FID]
     assert abs(same) < 1e-6
     assert 0 < halves < 60
     assert fid_noise > 20 * halves and shifted > 5 * halves and dropped > 10 * halves
+    # with no cache_dir, the reference features went under $FEWSTEP_CACHE
+    assert str(default_cache_dir()) == os.environ["FEWSTEP_CACHE"]
+    assert len(list((default_cache_dir() / "fidelity").glob("digits-all-1797-*.safetensors"))) == 1
 
 
 def test_reference_cache_is_keyed_by_judge_weights(digits, tmp_path):
