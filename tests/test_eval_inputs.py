@@ -230,3 +230,39 @@ def test_a_folder_of_samples_is_scored_with_the_condition_free_metrics(tmp_path)
     assert res["rows"][0]["num_samples"] == 30 and json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
     with pytest.raises(InputError, match="need --pipeline"):
         evaluate(EvalSpec(images=str(imgs), metrics=["fid", "class_acc"], out=str(tmp_path / "o2")))
+
+
+def test_inception_from_a_local_weights_file_matches_torch_fidelity(tmp_path):
+    """--inception-weights reaches torch-fidelity's feature_extractor_weights_path (random weights in
+    torch-fidelity's own format stand in for the real file, which is not shipped)."""
+    from unittest import mock
+
+    from PIL import Image
+
+    import torch_fidelity
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    with mock.patch.object(inc, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        torch.manual_seed(0)
+        state = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    weights = tmp_path / "inception.pth"
+    torch.save(state, weights)
+    from fewstep.digits.data import load_digits_tensors, to_uint8_rgb
+
+    u8 = to_uint8_rgb(load_digits_tensors()[0])
+    for name, part in (("gen", u8[:3]), ("ref", u8[500:503])):
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(part):
+            Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / name / f"{i}.png")
+    res = evaluate(EvalSpec(images=str(tmp_path / "gen"), reference=str(tmp_path / "ref"), metrics=["fid"],
+                            feature_extractor="inception-v3-compat", inception_weights=str(weights),
+                            out=str(tmp_path / "o"), progress=False))
+    direct = torch_fidelity.calculate_metrics(input1=str(tmp_path / "gen"), input2=str(tmp_path / "ref"), fid=True,
+                                              feature_extractor="inception-v3-compat", cuda=False, cache=False,
+                                              feature_extractor_weights_path=str(weights), verbose=False,
+                                              save_cpu_ram=True)
+    ours = res["rows"][0]["metrics"]["fid"]
+    assert ours["extractor"] == "inception-v3-compat" and ours["layer"] == "2048"
+    assert res["extractor"]["weights_file"] == str(weights)
+    assert abs(ours["value"] - direct["frechet_inception_distance"]) <= 1e-6 * abs(ours["value"])

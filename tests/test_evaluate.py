@@ -442,3 +442,4 @@ def test_hybrid_sampling_hands_over_from_teacher_to_student(tiny_dit_dir, tmp_pa
     assert res["rows"][0]["hybrid"]["teacher_times"] == [1.0, 0.75] and res["rows"][0]["nfe"] == 3
     with pytest.raises(InputError, match="--hybrid needs a student"):
         evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[3], hybrid=1, num_samples=10, out=str(tmp_path / "p")))
+
