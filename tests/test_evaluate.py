@@ -443,3 +443,23 @@ def test_hybrid_sampling_hands_over_from_teacher_to_student(tiny_dit_dir, tmp_pa
     with pytest.raises(InputError, match="--hybrid needs a student"):
         evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[3], hybrid=1, num_samples=10, out=str(tmp_path / "p")))
 
+
+
+def test_an_exported_student_folder_scores_alike_with_both_samplers(tiny_dit_dir, tmp_path):
+    """A run exported as a stock DiTPipeline folder: fewstep's sampler with the card's times and
+    the folder's own pipeline give the same images; unsupported step counts are refused."""
+    from fewstep.evaluation import InputError
+    from fewstep.evaluation.sources import load_source
+
+    export = pytest.importorskip("fewstep.export")
+    run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.5, 0.0], "renoise": "ddim"})
+    export.export_student(run, tmp_path / "export")
+    src = load_source(str(tmp_path / "export"))
+    assert src.kind == "student" and src.sampling["times"] == [1.0, 0.5, 0.0] and src.pipeline is not None
+    labels = torch.tensor([0, 3, 7])
+    ours, _ = src.generate(2, [0, 1, 2], labels=labels, progress=False)
+    stock, _ = src.generate(2, [0, 1, 2], labels=labels, sampler="pipeline", progress=False)
+    assert torch.allclose(ours, stock, atol=1e-4)
+    with pytest.raises(InputError, match="supports"):
+        evaluate(EvalSpec(pipeline=str(tmp_path / "export"), steps=[1, 2], sampler="pipeline", num_samples=4,
+                          metrics=["fid"], out=str(tmp_path / "o")))

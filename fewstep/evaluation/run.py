@@ -241,6 +241,11 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
             if spec.hybrid >= min(spec.steps):
                 raise InputError(f"--hybrid {spec.hybrid} must be below every step count ({list(spec.steps)})")
             src.hybrid_teacher()  # load (or refuse) the teacher now, before generating
+        if spec.sampler == "pipeline":
+            if src.pipeline is None:
+                raise InputError(f"--sampler pipeline needs a pipeline folder; {src.name} is not one")
+            for n in spec.steps:
+                src.check_pipeline_steps(int(n))
     else:
         bad = [m for m in metrics if m in ("clip", "class_acc", "diversity")]
         if bad:

@@ -152,8 +152,9 @@ class Source:
                 idx = range(s, min(s + batch_size, n))
                 lab = labels[s:idx.stop] if labels is not None else None
                 cap = list(captions[s:idx.stop]) if captions is not None else None
-                if sampler == "pipeline":
-                    img = self._pipeline_batch(steps, [seeds[i] for i in idx], lab, cap, w)
+                if sampler == "pipeline":  # a w-embedded student's pipeline takes w as its guidance_scale
+                    img = self._pipeline_batch(steps, [seeds[i] for i in idx], lab, cap,
+                                               w if embedded is None else embedded)
                 else:
                     noise = torch.cat([initial_noise((1, *self.latent_shape), torch.Generator().manual_seed(int(seeds[i])))
                                        for i in idx]).to(device)
@@ -176,6 +177,14 @@ class Source:
             torch.cuda.synchronize()
         return torch.cat(out), time.perf_counter() - t0
 
+    def check_pipeline_steps(self, steps: int) -> None:
+        """An exported student's pipeline reproduces its sampler only at the step counts its card
+        lists as supported; refuse the others rather than score a different sampler."""
+        supported = ((self.info.get("export_card") or {}).get("supported_steps") or {}) if self.kind == "student" else {}
+        if supported and str(steps) not in supported:
+            raise InputError(f"{self.name}: its pipeline supports {sorted(supported, key=int)} step(s) "
+                             f"(fewstep_card.json), not {steps}; use the fewstep sampler for other counts")
+
     def hybrid_teacher(self) -> "Source":
         """The teacher this student was distilled from (for the hybrid sampler)."""
         if self.kind != "student" or self.teacher_loader is None:
@@ -191,6 +200,7 @@ class Source:
         first seed."""
         if self.pipeline is None:
             raise InputError(f"--sampler pipeline needs a pipeline folder; {self.name} is not one")
+        self.check_pipeline_steps(steps)
         pipe = self.pipeline
         torch.manual_seed(int(seeds[0]))
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -283,11 +293,18 @@ def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> S
 
 
 def _load_teacher(source: str, device: str, dtype: torch.dtype):
+    """fewstep.teachers.load_teacher; for the embedded names, if that cannot wrap what
+    fewstep.digits.teacher returns, their shipped DiTPipeline folder is loaded as a folder."""
+    from ..teachers import load_teacher
+
     try:
-        from ..teachers import load_teacher
-    except ModuleNotFoundError as e:  # pragma: no cover - during development only
-        raise InputError(f"cannot load {source!r}: fewstep.teachers is not available ({e})") from e
-    return load_teacher(source, device=device, dtype=dtype)
+        return load_teacher(source, device=device, dtype=dtype)
+    except TypeError:
+        if source not in TEACHER_NAMES:
+            raise
+        from ..digits.teacher import teacher_dir
+
+        return load_teacher(str(teacher_dir(source.split("-", 1)[1])), family="dit", device=device, dtype=dtype)
 
 
 def _export_card(folder: Path) -> dict | None:
