@@ -1,0 +1,393 @@
+"""`fewstep export`: every objective's student, exported from a run dir as a stock diffusers
+pipeline folder, loaded in a separate Python process that never imports fewstep
+(tests/export_check/run_pipeline.py), samples within 1e-4 of fewstep's own sampler on the same
+noise at every step count the export card lists; LoRA students also load as an adapter on the
+teacher; schedules no stock scheduler reproduces are refused with the reason; writing is atomic and
+never replaces a non-empty folder unless asked.
+
+Students are built by each objective's own builder around tiny teachers of every family (tests/
+tiny.py pipelines saved with save_pretrained), their weights perturbed as training would, and
+saved by the training entry point's own final-weights writer; one test trains for real."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import diffusers
+from fewstep.conditioning import FluxConditioner
+from fewstep.config import LoraConfig
+from fewstep.evaluation.sources import load_source
+from fewstep.export import CARD_NAME, ExportError, export_student, plan_scheduler
+from fewstep.objectives.registry import BuildContext, build_objective, make_params
+from fewstep.samplers import initial_noise, sample
+from fewstep.teachers import load_teacher
+from fewstep.training.lora import make_factories
+from tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
+
+diffusers.utils.logging.set_verbosity_error()
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "tests" / "export_check" / "run_pipeline.py"
+PROMPTS = ["a photo of a cat", "two red dogs"]
+LABELS = [3, 7]
+SIZE = 64                      # pixels of the tiny text pipelines (8 x 8 latents)
+GEN_SEED, NOISE_SEED = 11, 5   # fresh noise between steps; initial noise
+
+DMD4 = {"num_steps": 4, "student_times": [1.0, 0.75, 0.5, 0.25]}
+# (case, teacher, objective, objective params, LoRA student, the step counts the export supports)
+CASES = [
+    ("dit-dsm", "dit", "dsm", {"sampling_steps": 4}, False, {4}),
+    ("dit-dmd2-4", "dit", "dmd2", DMD4, False, {4}),
+    ("dit-dmd2-1", "dit", "dmd2", {"num_steps": 1}, False, {1}),
+    ("dit-dmd-1", "dit", "dmd", {"num_steps": 1}, False, {1}),
+    ("dit-ddmd-4", "dit", "decoupled_dmd", DMD4, False, {4}),
+    ("dit-lcm-4", "dit", "lcm", {"num_steps": 4}, False, {1, 2, 4}),
+    ("dit-tdm-4", "dit", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
+    ("ditflow-dmd2-4", "dit_flow", "dmd2", DMD4, False, {4}),
+    ("ditflow-scm-2", "dit_flow", "scm", {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1}, False, {2}),
+    ("ditflow-tbcm-2", "dit_flow", "tbcm", {"num_steps": 2, "sigma_data": 1.0}, False, {2}),
+    ("sd15-dmd2-1", "sd15", "dmd2", {"num_steps": 1}, False, {1}),
+    ("sd15-lcm-w", "sd15", "lcm", {"num_steps": 4, "add_guidance_embedding": 8}, False, {1, 2, 4}),
+    ("sdxl-dmd2-4-lora", "sdxl", "dmd2", DMD4, True, {4}),
+    ("pixart-tdm-4", "pixart", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
+    ("sd3-scm-2", "sd3", "scm", {"num_steps": 2}, False, {2}),
+    ("sd3-tdm-4", "sd3", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
+    ("flux-dmd2-4", "flux", "dmd2", DMD4, False, {4}),
+]
+# schedules no stock scheduler reproduces in that pipeline class, and the reason the refusal names
+REFUSED = [
+    ("dit-scm-vp", "dit", "scm", {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1}, "between integer"),
+    ("dit-tbcm-vp", "dit", "tbcm", {"num_steps": 2, "sigma_data": 1.0}, "between integer"),
+    ("ditflow-tdm-4", "dit_flow", "tdm", {"num_steps": 4}, "passes no custom sigmas"),
+    ("ditflow-lcm-4", "dit_flow", "lcm", {"num_steps": 4}, "off by"),
+]
+
+
+# ---- building teachers and run dirs -------------------------------------------------------------
+def _teacher_folder(root: Path, kind: str) -> str:
+    d = root / kind
+    if kind == "dit_flow":  # a flow DiT, as the embedded digits-flow teacher
+        tiny = make_tiny("dit")
+        pipe = diffusers.DiTPipeline(transformer=tiny.backbone, vae=tiny_vae(),
+                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
+                                     id2label={i: w for i, w in enumerate(_WORDS[12:22])})
+    else:
+        pipe = make_tiny_pipeline(kind)
+    pipe.save_pretrained(d)
+    return str(d)
+
+
+def _perturb(backbone: torch.nn.Module, seed: int) -> None:
+    """Move the trainable weights as training would (LoRA: its adapters, lora_B away from 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in backbone.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * (0.02 if "lora_" in n else 0.01))
+
+
+def make_run(root: Path, name: str, teacher_folder: str, objective: str, params: dict, lora: bool = False,
+             seed: int = 0) -> Path:
+    """A run dir as the training entry point writes it: the objective's own student (built by its
+    registry builder), perturbed, saved by the entry point's final-weights writer, and a run card."""
+    from fewstep.training.loop import _save_final
+
+    t = load_teacher(teacher_folder)
+    lcfg = LoraConfig(student=lora, rank=4, alpha=8.0)
+    make_student, make_copy = make_factories(lcfg, family=t.family)
+    text = t.family not in ("dit", "unet")
+    ctx = BuildContext(latent_shape=t.latent_shape, num_classes=None if text else 10, text=text,
+                       has_real_data=True, family=t.family, lora=lcfg, make_student=make_student,
+                       make_copy=make_copy, null_class=None if text else 10)
+    p = make_params(objective, params)
+    obj = build_objective(objective, p, t.denoiser, ctx)
+    student = obj.nets["student"]
+    _perturb(student.backbone, seed)
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    files = _save_final(run_dir, student, None, SimpleNamespace(is_main_process=True))
+    card = {"name": name, "objective": objective,
+            "objective_params": json.loads(json.dumps(dataclasses.asdict(p), default=str)),
+            "teacher": {"source": teacher_folder, "family": t.family, "latent_shape": list(t.latent_shape)},
+            "sampling": obj.sampling, "steps": 1, "files": files,
+            "lora": {"student": True, "fake": False, "rank": 4, "alpha": 8.0} if lora else None}
+    (run_dir / "run_card.json").write_text(json.dumps(card, indent=1, default=str))
+    return run_dir
+
+
+def _noise(shape) -> torch.Tensor:
+    return initial_noise(shape, torch.Generator().manual_seed(NOISE_SEED))
+
+
+def fewstep_sample(run_dir: Path, card: dict, steps: int, monkeypatch=None) -> torch.Tensor:
+    """fewstep's own sampler on the run dir's student (the evaluation command's loader), with the
+    noise the pipeline gets: the same initial noise, and fresh noise from a generator seeded as the
+    pipeline's source of fresh noise (its generator, or torch's global RNG)."""
+    src = load_source(str(run_dir))
+    times = card["supported_steps"][str(steps)]["times"]
+    w, embedded = src.cfg_and_embedded(None)
+    if card["conditioning"] == "labels":
+        cond = src.conds(torch.tensor(LABELS), None, "cpu", embedded)
+    else:
+        cond = src.conds(None, PROMPTS, "cpu", embedded)
+    noise = _noise((2, 4, 8, 8))
+    gen = torch.Generator().manual_seed(GEN_SEED)
+    if card["pipeline_class"] == "FluxPipeline" and monkeypatch is not None:
+        # FluxPipeline's scheduler draws its fresh noise in the packed layout: draw it the same way
+        import fewstep.samplers as samplers
+
+        monkeypatch.setattr(samplers, "initial_noise", lambda shape, generator=None, device=None: FluxConditioner.unpack(
+            torch.randn(FluxConditioner.pack(torch.zeros(shape)).shape, generator=generator), shape[2], shape[3]))
+    return sample(src.denoiser, noise, cond, times, guidance=w, renoise=card["sampling"]["renoise"], generator=gen)
+
+
+def pipeline_jobs(case: str, folder: Path, card: dict, work: Path, lora_base: str | None = None) -> list[dict]:
+    """One job per supported step count for the separate process."""
+    from safetensors.torch import save_file
+
+    jobs = []
+    noise = _noise((2, 4, 8, 8))
+    lat_file = work / f"{case}-noise.safetensors"
+    latents = FluxConditioner.pack(noise) if card["pipeline_class"] == "FluxPipeline" else noise
+    save_file({"latents": latents.contiguous()}, str(lat_file))
+    for n, s in card["supported_steps"].items():
+        job = {"folder": str(folder), "out": str(work / f"{case}-{n}.safetensors"), "steps": int(n),
+               "guidance_scale": card["guidance_scale"], "call_kwargs": s["call_kwargs"],
+               "generator_seed": GEN_SEED if card["conditioning"] == "text" else NOISE_SEED,
+               "global_seed": GEN_SEED, "patch": bool(card["requires_patch"]), "height": SIZE, "width": SIZE,
+               "extra": {"use_resolution_binning": False} if card["pipeline_class"] == "PixArtAlphaPipeline" else {}}
+        job.update({"labels": LABELS} if card["conditioning"] == "labels" else {"prompts": PROMPTS,
+                                                                               "latents": str(lat_file)})
+        jobs.append(job)
+        if lora_base is not None:
+            jobs.append({**job, "out": str(work / f"{case}-{n}-lora.safetensors"),
+                         "lora": {"base": lora_base, "adapter": str(folder / "lora")}})
+    return jobs
+
+
+def run_in_fresh_process(jobs: list[dict], work: Path) -> dict:
+    spec = work / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    res = subprocess.run([sys.executable, str(CHECK), str(spec)], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def pipeline_latents(file: str, card: dict) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    lat = load_file(file)["latents"]
+    if card["pipeline_class"] == "FluxPipeline":
+        lat = FluxConditioner.unpack(lat, 8, 8)
+    return lat
+
+
+# ---- the matrix: export every case, run all pipelines in one fresh process -------------------------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    teachers = {k: _teacher_folder(root / "teachers", k) for k in {c[1] for c in CASES + REFUSED}}
+    out, jobs = {}, []
+    for i, (case, kind, objective, params, lora, _) in enumerate(CASES):
+        run_dir = make_run(root / "runs", case, teachers[kind], objective, params, lora=lora, seed=i)
+        res = export_student(run_dir, root / "exports" / case)
+        card = json.loads((res.out / CARD_NAME).read_text())
+        out[case] = (run_dir, res, card)
+        jobs += pipeline_jobs(case, res.out, card, root, lora_base=teachers[kind] if lora else None)
+    status = run_in_fresh_process(jobs, root)
+    return {"root": root, "teachers": teachers, "cases": out, "status": status}
+
+
+def test_the_pipelines_ran_without_fewstep(exported):
+    st = exported["status"]
+    assert st["fewstep_imported"] is False
+    assert st["jobs"] >= len(CASES)
+
+
+@pytest.mark.parametrize("case,supported", [(c[0], c[5]) for c in CASES], ids=[c[0] for c in CASES])
+def test_exported_pipeline_matches_fewstep_sampler(exported, case, supported, monkeypatch):
+    run_dir, res, card = exported["cases"][case]
+    root = exported["root"]
+    assert str(card["trained_steps"]) in card["supported_steps"]
+    assert {int(n) for n in card["supported_steps"]} == supported, card["scheduler"]
+    for n in card["supported_steps"]:
+        ref = fewstep_sample(run_dir, card, int(n), monkeypatch)
+        got = pipeline_latents(str(root / f"{case}-{n}.safetensors"), card)
+        scale = max(1.0, ref.abs().max().item())
+        assert ref.abs().max() > 0.1 and torch.isfinite(got).all()
+        err = (got - ref).abs().max().item()
+        assert err < 1e-4 * scale, f"{case} at {n} steps: max |pipeline - fewstep| = {err:.3g} (scale {scale:.3g})"
+        if card["lora_adapter"] and card["lora_adapter"]["written"]:
+            via_adapter = pipeline_latents(str(root / f"{case}-{n}-lora.safetensors"), card)
+            err = (via_adapter - ref).abs().max().item()
+            assert err < 1e-4 * scale, f"{case}: teacher + LoRA adapter differs from fewstep by {err:.3g}"
+        monkeypatch.undo()
+
+
+def test_export_card_and_readme(exported):
+    run_dir, res, card = exported["cases"]["dit-dmd2-4"]
+    assert card["pipeline_class"] == "DiTPipeline" and card["scheduler"]["class"] == "LCMScheduler"
+    assert card["supported_steps"]["4"]["timesteps"] == [999, 749, 499, 249]
+    assert card["guidance_scale"] == 1.0 and card["teacher"]["source"] == exported["teachers"]["dit"]
+    # the boundary scalings are configured away for a student that predicts x0 directly, and quantified
+    b = card["scheduler"]["boundary_scalings"]
+    assert b["max_c_skip"] < 1e-12 and b["steps"][-1]["c_skip_at_default_10"] > 1e-8
+    cfg = json.loads((res.out / "scheduler" / "scheduler_config.json").read_text())
+    assert cfg["_class_name"] == "LCMScheduler" and cfg["original_inference_steps"] == 4
+    index = json.loads((res.out / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "LCMScheduler"] and index["_class_name"] == "DiTPipeline"
+    readme = (res.out / "README.md").read_text()
+    for needle in ("DMD2", "num_inference_steps=4", "guidance_scale=1", "torch.manual_seed", "--hybrid",
+                   exported["teachers"]["dit"]):
+        assert needle in readme, needle
+    # the student's weights, not the teacher's, are in the folder
+    from safetensors.torch import load_file
+
+    mine = load_file(str(res.out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    teacher = load_file(str(Path(exported["teachers"]["dit"]) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert set(mine) == set(teacher) and any(not torch.equal(mine[k], teacher[k]) for k in mine)
+    # TDM: DDIM over a 900-step grid reaches [899, 674, 449, 224] with the teacher's full noise table
+    tdm = exported["cases"]["dit-tdm-4"][2]
+    assert tdm["scheduler"]["class"] == "DDIMScheduler"
+    assert tdm["supported_steps"]["4"]["timesteps"] == [899, 674, 449, 224]
+    # a flow DiT needs the documented one-line fix; text pipelines need none
+    assert "scale_model_input" in exported["cases"]["ditflow-dmd2-4"][2]["requires_patch"]
+    assert "scale_model_input = lambda" in (exported["cases"]["ditflow-dmd2-4"][1].out / "README.md").read_text()
+    assert exported["cases"]["flux-dmd2-4"][2]["requires_patch"] is None
+    # LoRA: adapter written for SDXL, with rank and the folded scale
+    lora = exported["cases"]["sdxl-dmd2-4-lora"][2]["lora_adapter"]
+    assert lora["written"] and lora["rank"] == 4 and lora["scale_folded_into_lora_B"] == 2.0
+    # the LCM student with a guidance embedding is sampled with its embedded scale, not CFG
+    assert exported["cases"]["sd15-lcm-w"][2]["guidance_scale"] == 8.5
+
+
+def test_evaluation_reads_the_export_card(exported):
+    """`fewstep eval --pipeline <export>` treats the folder as a student with the card's times and
+    finds its teacher for --hybrid."""
+    _, res, card = exported["cases"]["dit-lcm-4"]
+    src = load_source(str(res.out))
+    assert src.kind == "student" and src.schedule(2)[0] == card["supported_steps"]["2"]["times"]
+    assert src.hybrid_teacher().kind == "teacher"
+
+
+@pytest.mark.parametrize("case,kind,objective,params,reason", REFUSED, ids=[r[0] for r in REFUSED])
+def test_unrepresentable_schedules_are_refused(exported, tmp_path, case, kind, objective, params, reason):
+    run_dir = make_run(tmp_path, case, exported["teachers"][kind], objective, params)
+    with pytest.raises(ExportError, match=reason):
+        export_student(run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
+
+
+def test_output_folder_rules(exported, tmp_path, capsys):
+    from fewstep.cli import main
+
+    run_dir = exported["cases"]["dit-dmd2-1"][0]
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    assert "num_inference_steps 1" in capsys.readouterr().out
+    assert not (out / "keep.txt").exists() and (out / CARD_NAME).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # renamed into place, nothing left over
+    # never over the run, its parent or the teacher
+    for bad in (run_dir, run_dir.parent, Path(exported["teachers"]["dit"])):
+        with pytest.raises(ExportError, match="an input of this export"):
+            export_student(run_dir, bad, overwrite=True)
+
+
+def test_bad_inputs_give_clear_errors(exported, tmp_path):
+    with pytest.raises(ExportError, match="no run_card.json"):
+        export_student(tmp_path, tmp_path / "o1")
+    run_dir = exported["cases"]["dit-dmd2-1"][0]
+    with pytest.raises(ExportError, match="no student_ema weights"):
+        export_student(run_dir, tmp_path / "o2", weights="student_ema")
+    # another family's teacher; weights that do not fit the backbone their config describes
+    with pytest.raises(ExportError, match="the student is a DiTTransformer2DModel"):
+        export_student(run_dir, tmp_path / "o3", teacher=exported["teachers"]["sd15"])
+    import shutil
+
+    bad = tmp_path / "bad_run"
+    shutil.copytree(run_dir, bad)
+    cfg_file = bad / "final" / "student" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["attention_head_dim"] = 4
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="do not fit a DiTTransformer2DModel"):
+        export_student(bad, tmp_path / "o3")
+    with pytest.raises(ExportError, match="lora='required'"):
+        export_student(run_dir, tmp_path / "o4", lora="required")
+    # a pipeline class export does not handle
+    unet = tmp_path / "unet"
+    make_tiny_pipeline("unet").save_pretrained(unet)
+    card = json.loads((run_dir / "run_card.json").read_text())
+    with pytest.raises(ExportError, match="DDPMPipeline"):
+        export_student(run_dir, tmp_path / "o5", teacher=str(unet))
+    with pytest.raises(ExportError, match="end at t=0.5"):
+        plan_scheduler("DiTPipeline", {"_class_name": "DDIMScheduler"}, {"times": [1.0, 0.5], "renoise": "fresh"})
+    assert card["objective"] == "dmd2"
+
+
+def test_a_trained_run_and_its_checkpoint_export(exported, tmp_path, monkeypatch):
+    """A real (one-step) DMD2 run on a tiny DiT teacher folder: the run dir and its checkpoint
+    export, and the exported pipeline reproduces fewstep's sampler on the checkpoint's student."""
+    from fewstep.config import load_config
+    from fewstep.training import run
+
+    teacher = exported["teachers"]["dit"]
+    cfg = load_config(ROOT / "configs" / "digits" / "dmd2_4step_vp.yaml",
+                      [f"teacher.source={teacher}", f"output_dir={tmp_path / 'run'}", "steps=2", "data.batch_size=2",
+                       "checkpoint.every=1", "log.sample_count=2", "log.trackers=[]", "log.progress=false",
+                       "ema.rate=0", "objective.fake_updates_per_generator=1"])
+    res = run(cfg)
+    ck = res.run_dir / "checkpoints" / "step_0000001"
+    assert (ck / "state.json").is_file()
+    a = export_student(res.run_dir, tmp_path / "final")
+    b = export_student(ck, tmp_path / "ckpt")
+    assert a.card["supported_steps"].keys() == {"4"} == b.card["supported_steps"].keys()
+    assert a.card["weights"]["sha256"] != b.card["weights"]["sha256"]  # one training step apart
+    jobs = pipeline_jobs("ckpt", b.out, b.card, tmp_path)
+    assert run_in_fresh_process(jobs, tmp_path)["fewstep_imported"] is False
+    src = load_source(str(ck))
+    noise = _noise((2, 4, 8, 8))
+    ref = sample(src.denoiser, noise, src.conds(torch.tensor(LABELS), None, "cpu"), b.card["sampling"]["times"],
+                 renoise="fresh", generator=torch.Generator().manual_seed(GEN_SEED))
+    got = pipeline_latents(str(tmp_path / "ckpt-4.safetensors"), b.card)
+    assert (got - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_metrics_beside_the_run_go_into_the_card(exported, tmp_path):
+    run_dir = exported["cases"]["dit-dmd2-1"][0]
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "results.json").write_text(json.dumps({
+        "format": "fewstep-eval/1", "complete": True, "command": "fewstep eval --pipeline run",
+        "protocol": {"name": "digits"},
+        "rows": [{"steps": 1, "guidance": 1.0, "hybrid": None, "sampler": "fewstep", "num_samples": 100,
+                  "metrics": {"fid": {"value": 12.5}, "class_acc": {"value": 0.91}}}]}))
+    res = export_student(run_dir, tmp_path / "out", eval_results=[ev / "results.json"])
+    m = res.card["metrics"]
+    assert len(m) == 1 and m[0]["rows"][0]["metrics"] == {"fid": 12.5, "class_acc": 0.91}
+    assert "fid 12.5" in (res.out / "README.md").read_text()
+
+
+@pytest.mark.skipif(not (ROOT / "fewstep" / "digits" / "weights" / "teacher_vp" / "model_index.json").is_file(),
+                    reason="the embedded digits teacher's weights are not in this checkout")
+def test_embedded_default_teacher_plans():
+    """The embedded VP teacher's own scheduler config: DMD2 / LCM / TDM grids have exact routes."""
+    folder = ROOT / "fewstep" / "digits" / "weights" / "teacher_vp"
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    for times, renoise, cls in (([1.0, 0.75, 0.5, 0.25, 0.0], "fresh", "LCMScheduler"),
+                                ([0.9, 0.45, 0.0], "ddim", "DDIMScheduler")):
+        plan = plan_scheduler("DiTPipeline", cfg, {"times": times, "renoise": renoise})
+        assert plan.scheduler_class == cls and plan.needs_patch is None
