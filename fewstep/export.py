@@ -1043,7 +1043,7 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
             elif lora == "required":
                 raise ExportError("lora='required' but this student has no LoRA adapter (it was trained in full)")
             # cards
-            card = _card(run, source, tdir, pipeline_class, drive, plan, arch_diff, lora_info, eval_results,
+            card = _card(run, source, tdir, tsched, pipeline_class, drive, plan, arch_diff, lora_info, eval_results,
                          bb_file_sha=_sha256(bdir / "diffusion_pytorch_model.safetensors"))
             (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
             (tmp / "README.md").write_text(render_readme(card))
@@ -1052,7 +1052,7 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
     return ExportResult(out, pipeline_class, plan, card, time.time() - t0)
 
 
-def _card(run: _Run, source: str, tdir: Path, pipeline_class: str, drive: Drive, plan: SchedulerPlan,
+def _card(run: _Run, source: str, tdir: Path, tsched: dict, pipeline_class: str, drive: Drive, plan: SchedulerPlan,
           arch_diff: list[str], lora_info: dict | None, eval_results, bb_file_sha: str) -> dict[str, Any]:
     import diffusers
 
@@ -1077,7 +1077,8 @@ def _card(run: _Run, source: str, tdir: Path, pipeline_class: str, drive: Drive,
         "objective_params": params,
         "teacher": {"source": source, "family": teacher_block.get("family"), "pipeline_class": pipeline_class,
                     "folder": str(tdir), "latent_shape": teacher_block.get("latent_shape"),
-                    "num_classes": teacher_block.get("num_classes")},
+                    "num_classes": teacher_block.get("num_classes"), "scheduler_class": tsched.get("_class_name"),
+                    "num_train_timesteps": tsched.get("num_train_timesteps")},
         "sampling": run.sampling,
         "pipeline_class": pipeline_class,
         "backbone": drive.backbone,

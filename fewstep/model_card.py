@@ -60,11 +60,19 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
     cls = card["pipeline_class"]
     if cls not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         return None
-    sup = card["supported_steps"].get(str(card["trained_steps"]))
-    if not sup or card["sampling"].get("renoise") not in ("fresh", "ddim") or card["trained_steps"] < 2:
+    n = int(card["trained_steps"])
+    sup = card["supported_steps"].get(str(n))
+    if not sup or n < 2 or card["scheduler"]["class"] != "LCMScheduler":
         return None
-    ts = sup["timesteps"]
-    rest = [int(t) for t in ts[1:]]
+    # exact only where the teacher's DDIM ("trailing" spacing over n steps) visits the student's
+    # timesteps: then its first step lands on the student's second time
+    num_train = int(card["teacher"].get("num_train_timesteps") or 1000)
+    trailing = [round(num_train - k * num_train / n) - 1 for k in range(n)]
+    ts = [int(round(t)) for t in sup["timesteps"]]
+    if ts != trailing:
+        return None
+    rest = ts[1:]
+    w = card.get("teacher_guidance_in_training") or 5.0
     return "\n".join([
         "import torch",
         f"from diffusers import {cls}, DDIMScheduler, {card['scheduler']['class']}",
@@ -79,7 +87,7 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
         "    return kw",
         "",
         "prompt, noise = \"a photo of a cat\", torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))",
-        f"x = teacher(prompt, num_inference_steps={card['trained_steps']}, guidance_scale=5.0, latents=noise,",
+        f"x = teacher(prompt, num_inference_steps={n}, guidance_scale={w:g}, latents=noise,",
         "            output_type=\"latent\", callback_on_step_end=stop_after_first).images",
         f"image = student(prompt, timesteps={rest}, guidance_scale={card['guidance_scale']:g}, latents=x,",
         "                generator=torch.Generator().manual_seed(1)).images[0]",

@@ -39,6 +39,7 @@ PROMPTS = ["a photo of a cat", "two red dogs"]
 LABELS = [3, 7]
 SIZE = 64                      # pixels of the tiny text pipelines (8 x 8 latents)
 GEN_SEED, NOISE_SEED = 11, 5   # fresh noise between steps; initial noise
+HYBRID_W = 3.0                 # the teacher's CFG scale in hybrid sampling
 
 DMD4 = {"num_steps": 4, "student_times": [1.0, 0.75, 0.5, 0.25]}
 # (case, teacher, objective, objective params, LoRA student, the step counts the export supports)
@@ -202,6 +203,13 @@ def exported(tmp_path_factory):
         card = json.loads((res.out / CARD_NAME).read_text())
         out[case] = (run_dir, res, card)
         jobs += pipeline_jobs(case, res.out, card, root, lora_base=teachers[kind] if lora else None)
+    # the model card's diffusers-only hybrid recipe (SDXL: one teacher DDIM step with CFG, then the student)
+    case = "sdxl-dmd2-4-lora"
+    _, res, card = out[case]
+    job = pipeline_jobs(case, res.out, card, root)[0]
+    jobs.append({**job, "out": str(root / f"{case}-hybrid.safetensors"),
+                 "hybrid": {"teacher": teachers["sdxl"], "teacher_steps": 1, "guidance": HYBRID_W,
+                            "timesteps": card["supported_steps"]["4"]["timesteps"][1:]}})
     status = run_in_fresh_process(jobs, root)
     return {"root": root, "teachers": teachers, "cases": out, "status": status}
 
@@ -267,6 +275,28 @@ def test_export_card_and_readme(exported):
     assert lora["written"] and lora["rank"] == 4 and lora["scale_folded_into_lora_B"] == 2.0
     # the LCM student with a guidance embedding is sampled with its embedded scale, not CFG
     assert exported["cases"]["sd15-lcm-w"][2]["guidance_scale"] == 8.5
+
+
+def test_hybrid_recipe_of_the_model_card(exported):
+    """The README's diffusers-only hybrid sampling equals fewstep's `sample_hybrid` (the teacher
+    with CFG for the first step, the student for the rest, fresh noise from the same generator)."""
+    from fewstep.samplers import sample_hybrid
+
+    case = "sdxl-dmd2-4-lora"
+    run_dir, res, card = exported["cases"][case]
+    readme = (res.out / "README.md").read_text()
+    assert "callback_on_step_end=stop_after_first" in readme and "timesteps=[749, 499, 249]" in readme
+    src = load_source(str(run_dir))
+    teacher = load_teacher(exported["teachers"]["sdxl"])
+    cond = src.conds(None, PROMPTS, "cpu")
+    times = card["sampling"]["times"]
+    ref = sample_hybrid(teacher.denoiser, src.denoiser, _noise((2, 4, 8, 8)), cond, times[:2], times[1:],
+                        guidance=HYBRID_W, generator=torch.Generator().manual_seed(GEN_SEED))
+    got = pipeline_latents(str(exported["root"] / f"{case}-hybrid.safetensors"), card)
+    assert (got - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+    # and it is not simply the student's own sampler
+    own = fewstep_sample(run_dir, card, 4)
+    assert (own - ref).abs().max() > 1e-2
 
 
 def test_evaluation_reads_the_export_card(exported):

@@ -19,6 +19,10 @@ folder runs. jobs.json is a list of jobs, each a dict with
     lora             null, or {"base": teacher folder, "adapter": folder}: load the base pipeline,
                      load_lora_weights(adapter), take the scheduler from `folder`
     extra            other __call__ keyword arguments
+    hybrid           null, or {"teacher": folder, "teacher_steps": k, "guidance": w, "timesteps": [...]}:
+                     the model card's diffusers-only hybrid recipe: the teacher pipeline (DDIM,
+                     trailing spacing, CFG w) stopped after k steps by a step callback, then this
+                     folder's pipeline from those latents at the remaining student timesteps
 Prints one JSON line: {"jobs": n, "fewstep_imported": false}.
 """
 from __future__ import annotations
@@ -64,6 +68,26 @@ def run_job(job):
         hook.remove()
         out["latents"] = seen[0] * vae.config.scaling_factor
         out["images"] = torch.as_tensor(images).float()
+    elif job.get("hybrid"):
+        import diffusers
+
+        hy = job["hybrid"]
+        teacher = diffusers.DiffusionPipeline.from_pretrained(hy["teacher"])
+        teacher.set_progress_bar_config(disable=True)
+        teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
+                                                                set_alpha_to_one=True, clip_sample=False, steps_offset=0)
+
+        def stop(p, i, t, kw):
+            if i == hy["teacher_steps"] - 1:
+                p._interrupt = True
+            return kw
+
+        x = teacher(prompt=job["prompts"], num_inference_steps=job["steps"], guidance_scale=hy["guidance"],
+                    latents=load_file(job["latents"])["latents"], output_type="latent", height=job["height"],
+                    width=job["width"], callback_on_step_end=stop).images
+        res = pipe(prompt=job["prompts"], timesteps=hy["timesteps"], guidance_scale=job["guidance_scale"], latents=x,
+                   generator=gen, output_type="latent", height=job["height"], width=job["width"])
+        out["latents"] = res.images.float()
     else:
         latents = load_file(job["latents"])["latents"]
         torch.manual_seed(job["global_seed"])
