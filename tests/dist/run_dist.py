@@ -1,0 +1,69 @@
+"""Launched by tests/test_distributed.py (and usable by hand):
+
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/dist/run_dist.py OUT_DIR
+
+Runs the dsm objective on a tiny DiT with two gloo processes:
+  OUT_DIR/ddp            data parallel, 4 steps
+  OUT_DIR/fsdp_sharded   FSDP2 through accelerate's plugin, stopped after 2 steps with a sharded
+                         checkpoint, then resumed to 4
+  OUT_DIR/fsdp_full      the same with a full (gathered) checkpoint
+On CPU accelerate does not select FSDP itself, so the script sets the distributed type to FSDP
+with the plugin before training (the sharding code path is the one a GPU launch takes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from bundles import tiny_bundle  # noqa: E402
+
+from fewstep.config import load_config  # noqa: E402
+from fewstep.training import run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = ["data.real_data=false", "objective.teacher_steps=1", "steps=4", "data.batch_size=4", "log.every=1",
+          "log.trackers=[]", "log.progress=false", "optim.default.lr=1e-2", "optim.default.warmup_steps=1",
+          "ema.rate=0.5", "checkpoint.every=0", "log.sample_every=0", "log.sample_count=2"]
+
+
+def cfg(out: Path, *extra: str):
+    return load_config(ROOT / "configs" / "digits" / "dsm.yaml", [f"output_dir={out}", *COMMON, *extra])
+
+
+def fsdp_accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator()
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
+    acc.state.distributed_type = DistributedType.FSDP
+    return acc
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    result = {}
+    r = run(cfg(out / "ddp"), teacher=tiny_bundle("dit"))
+    result["ddp"] = {"steps": r.steps, "world": int(os.environ["WORLD_SIZE"])}
+    for kind in ("sharded", "full"):
+        d = out / f"fsdp_{kind}"
+        extra = [f"checkpoint.state_dict={kind}"]
+        first = run(cfg(d, *extra, "stop_after=2"), teacher=tiny_bundle("dit"), accelerator=fsdp_accelerator())
+        second = run(cfg(d, *extra, "resume=latest"), teacher=tiny_bundle("dit"), accelerator=fsdp_accelerator())
+        result[f"fsdp_{kind}"] = {"stopped": first.stopped_early, "steps": second.steps}
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / "dist_result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,91 @@
+"""Two processes (gloo on CPU, one torchrun launch for the whole file): data parallel gives the
+same losses and weights as one process at the same global batch, and FSDP2 through accelerate's
+plugin trains the same, saves a sharded (and a full) checkpoint, and resumes from it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist"))
+
+from bundles import tiny_bundle  # noqa: E402
+from run_dist import cfg  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fewstep.training import run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _weights(run_dir: Path, which: str = "student") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / which / "diffusion_pytorch_model.safetensors"))
+
+
+def _rel_diff(got: dict, ref: dict, start: dict) -> float:
+    """|got - ref| relative to how far training moved ref from the start (float tolerance of a
+    different reduction order, as opposed to a different training)."""
+    num = sum(float(((got[k] - ref[k]) ** 2).sum()) for k in ref) ** 0.5
+    den = sum(float(((ref[k] - start[k]) ** 2).sum()) for k in ref) ** 0.5
+    assert den > 0, "training did not move the weights"
+    return num / den
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(ln)["loss/generator"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/dist/run_dist.py"),
+                           str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    result = json.loads((out / "dist_result.json").read_text())
+    single = run(cfg(out / "single"), teacher=tiny_bundle("dit"))  # the same run, one process
+    return out, result, single.run_dir
+
+
+def test_two_processes_equal_one_at_the_same_global_batch(launched):
+    out, result, single = launched
+    assert result["ddp"] == {"steps": 4, "world": 2}
+    assert _losses(out / "ddp") == pytest.approx(_losses(single), rel=1e-5)
+    teacher = tiny_bundle("dit").denoiser.backbone.state_dict()
+    for which in ("student", "student_ema"):
+        assert _rel_diff(_weights(out / "ddp", which), _weights(single, which), teacher) < 1e-3
+
+
+def test_fsdp2_trains_the_same_and_resumes_from_sharded_and_full_checkpoints(launched):
+    out, result, single = launched
+    ref_w, ref_l = _weights(single), _losses(single)
+    teacher = tiny_bundle("dit").denoiser.backbone.state_dict()
+    for kind in ("sharded", "full"):
+        d = out / f"fsdp_{kind}"
+        assert result[f"fsdp_{kind}"] == {"stopped": True, "steps": 4}
+        card = json.loads((d / "run_card.json").read_text())
+        assert card["sharded"] is True and card["processes"] == 2 and card["steps"] == 4
+        assert _losses(d) == pytest.approx(ref_l, rel=1e-5)  # steps 1-2 before, 3-4 after the resume
+        assert _rel_diff(_weights(d), ref_w, teacher) < 1e-3
+    # resuming from a sharded or from a full checkpoint continues identically
+    a, b = _weights(out / "fsdp_sharded"), _weights(out / "fsdp_full")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ck = out / "fsdp_sharded" / "checkpoints" / "step_0000002"
+    assert json.loads((ck / "state.json").read_text())["format"] == "sharded"
+    assert sorted(p.name for p in (ck / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    full = out / "fsdp_full" / "checkpoints" / "step_0000002"
+    assert json.loads((full / "state.json").read_text())["format"] == "full"
+    saved = load_file(str(full / "model.safetensors"))
+    shapes = {f"student.backbone.{k}": tuple(v.shape) for k, v in ref_w.items()}
+    assert {k: tuple(v.shape) for k, v in saved.items()} == shapes  # gathered, not shards
