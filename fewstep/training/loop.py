@@ -79,6 +79,8 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator) -> Path | None:
             ckpt = latest_checkpoint(run_dir)
             if ckpt is None and (run_dir / "run_card.json").is_file():
                 raise ConfigError(f"resume=latest: {run_dir} holds a finished run and no checkpoint to continue")
+            if ckpt is None and accelerator.is_main_process and (run_dir / "metrics.jsonl").is_file():
+                (run_dir / "metrics.jsonl").unlink()  # nothing to continue: start afresh
         else:
             ckpt = Path(cfg.resume)
             if not (ckpt / "state.json").is_file():
@@ -273,7 +275,12 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
         import yaml
 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    usable_trackers = available_trackers(cfg.log.trackers)[0] if accelerator.log_with is not None else []
+    usable_trackers, missing_trackers = available_trackers(cfg.log.trackers)
+    if accelerator.log_with is None:
+        usable_trackers = []
+    if missing_trackers and main:
+        print(f"log.trackers: {', '.join(missing_trackers)} not installed; metrics go to {run_dir / 'metrics.jsonl'}",
+              flush=True)
     if usable_trackers:
         accelerator.init_trackers(cfg.name.replace("/", "_"), config=flat_config(config_to_dict(cfg)))
 
@@ -362,7 +369,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                     vals = accelerator.reduce(vals, reduction="mean")
                     logs.update({k: float(v) for k, v in zip(own, vals.tolist())})
                 logs["skipped"] = float(skipped)
-                log.record(done, logs)
+                log.record(done, {**logs, "time_s": round(time.time() - t_loop, 4)})
             if cfg.log.sample_every and done % cfg.log.sample_every == 0 and done < cfg.steps:
                 grid(done)
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
