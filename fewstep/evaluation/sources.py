@@ -5,7 +5,7 @@ folder, or a training run dir, turned into one `Source` that generates images.
     src = load_source("exports/dmd2-digits")       # exported student: its recorded times
     src = load_source("runs/digits-dmd2")          # run dir: teacher + student weights + run card
     src = load_source("runs/digits-dmd2/checkpoints/step_0000500")   # a checkpoint of a finished run
-    images = src.generate(conds, seeds, steps=1)   # float (N, C, H, W) in [-1, 1]
+    images, seconds = src.generate(1, seeds=range(8), labels=torch.arange(8) % 10)   # (8, C, H, W) in [-1, 1]
 
 Teachers sample with their own schedule (`path.sampling_times(steps)`, deterministic DDIM /
 Euler, i.e. what their stock scheduler does). Students sample with the times recorded when they
@@ -240,29 +240,20 @@ def _vae_decoder(vae) -> Callable[[Tensor], Tensor]:
 
 
 def _teacher_guidance(teacher: Any, name: str) -> tuple[float, str]:
-    """The guidance a teacher recommends: its `.guidance` attribute, or the `guidance` /
-    `guidance_scale` entry of its card (the embedded teachers: fewstep/digits/weights/teachers.json,
-    top level or under "eval" / "scores"); 1 (no guidance) otherwise."""
-    for attr in ("guidance", "guidance_scale", "default_guidance"):
-        v = getattr(teacher, attr, None)
-        if isinstance(v, (int, float)):
-            return float(v), f"teacher.{attr}"
-    card = getattr(teacher, "card", None)
-    where = "teacher card"
-    if not isinstance(card, dict) and name in TEACHER_NAMES:
+    """The CFG scale a teacher recommends: its `.guidance` attribute, or for the embedded teachers
+    the `guidance` entry of fewstep/digits/weights/teachers.json (the scale their table was made
+    with); 1 (no guidance) otherwise."""
+    v = getattr(teacher, "guidance", None)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v), "teacher.guidance"
+    if name in TEACHER_NAMES:
         from ..digits.data import WEIGHTS_DIR
 
-        path = WEIGHTS_DIR / "teachers.json"
-        if path.is_file():
-            card = _read_json(path).get(name.split("-", 1)[1])
-            where = f"{path.name}[{name.split('-', 1)[1]!r}]"
-    if isinstance(card, dict):
-        for sub in (card, card.get("eval"), card.get("scores"), card.get("sampling")):
-            if not isinstance(sub, dict):
-                continue
-            for key in ("guidance", "guidance_scale", "eval_guidance", "cfg"):
-                if isinstance(sub.get(key), (int, float)) and not isinstance(sub.get(key), bool):
-                    return float(sub[key]), f"{where} {key}"
+        path, kind = WEIGHTS_DIR / "teachers.json", name.split("-", 1)[1]
+        card = _read_json(path).get(kind) if path.is_file() else None
+        g = card.get("guidance") if isinstance(card, dict) else None
+        if isinstance(g, (int, float)) and not isinstance(g, bool):
+            return float(g), f"{path.name}[{kind!r}]['guidance']"
     return 1.0, "default (no guidance recommended by the teacher)"
 
 
@@ -285,8 +276,9 @@ def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> S
         pipe.set_progress_bar_config(disable=True)
     return Source(kind=kind, name=name, denoiser=den, decode=decode, latent_shape=tuple(teacher.latent_shape),
                   conditioning=cond_kind, num_classes=num_classes, encode_prompts=enc if callable(enc) else None,
-                  default_guidance=g, guidance_source=gsrc, pipeline=pipe if kind != "student" or
-                  getattr(teacher, "_t", None) is None else None,
+                  default_guidance=g, guidance_source=gsrc,
+                  # a run dir's student is not in its teacher's pipeline: no stock pipeline to run
+                  pipeline=None if isinstance(teacher, _TeacherView) else pipe,
                   info={"family": getattr(teacher, "family", None),
                         "pipeline_class": getattr(teacher, "pipeline_class", None),
                         "pipeline_dir": str(getattr(teacher, "pipeline_dir", "") or "") or None, **info})
