@@ -87,7 +87,7 @@ class DSM:
         cond = batch.get("cond")
         student = self.nets["student"]
         path = student.path
-        u, eps, z = _global_draws(batch, self.seed, step, shape, z_device(batch, cond))
+        u, eps, z = _global_draws(batch, self.seed, step, shape, _device(batch, cond))
         x0 = batch.get("x0")
         x0 = self._teacher_x0(z, cond) if x0 is None else x0.float()
         t = (self.p.t_min + (self.p.t_max - self.p.t_min) * u).float()
@@ -98,7 +98,7 @@ class DSM:
         return loss, {"loss": float(loss.detach())}
 
 
-def z_device(batch: Batch, cond) -> torch.device:
+def _device(batch: Batch, cond) -> torch.device:
     x0 = batch.get("x0")
     if x0 is not None:
         return x0.device

@@ -1,9 +1,10 @@
 """Objective names -> builders, and the contract every builder follows.
 
-    obj = build_objective("dmd2", {"guidance_scale": 3.0}, teacher, ctx)
+    obj = build_objective("dmd2", {"guidance": 3.0}, teacher, ctx)
 
-The registry only holds "module:builder" strings, so a module that is missing (not written yet,
-or failing to import) makes only its own names unavailable.
+The registry only holds "module:builder" strings (plus, for names that share a builder, the
+fields the name fixes: dmd / dmd2 / decoupled_dmd set DMD's `variant`), so a module that is
+missing (not written yet, or failing to import) makes only its own names unavailable.
 
 The builder contract
 --------------------
@@ -18,7 +19,8 @@ Each objective module defines
      - `<module>.<Name>Config` or `<module>.<Name>Params`, Name being the objective name without
        underscores, any case (dmd2 -> DMD2Config, decoupled_dmd -> DecoupledDMDConfig).
    The registry builds the instance itself from the preset (unknown keys and wrong types are errors
-   naming `objective.<key>`) and then calls its `validate()` method when it has one; `validate()`
+   naming `objective.<key>`) and then calls its `validate()` method when it takes no arguments (a
+   validate that needs run facts, e.g. has_real_data, is the builder's to call); `validate()`
    raises ValueError naming `objective.<key>` for bad values (e.g. "objective.num_steps=4 needs
    objective.student_times with 4 entries").
 
@@ -37,7 +39,9 @@ The returned object follows `fewstep.objectives.base.Objective`:
      nets      {"teacher": ..., "student": ..., "fake": ..., "disc": ...}: every nn.Module it uses.
                The entry point may place, shard (FSDP2) or wrap these; call them only as functions
                through `self.nets[role](...)` at loss time, never through a reference kept from the
-               constructor, so that the wrapped module runs. Roles named "teacher" are never saved.
+               constructor, so that the wrapped module runs. The teacher (the role named "teacher",
+               or the teacher Denoiser under any name) is never saved; every other tensor that is
+               not a frozen tensor shared with the teacher is checkpointed (targets, EMA copies).
      groups    {"generator": ["student"], "guidance": ["fake", "disc"]}: optimizer group -> roles;
                the group trains the parameters of those roles that have requires_grad at start.
                The student's group should be named "generator" (the presets' `optim.generator`).
@@ -50,7 +54,8 @@ The returned object follows `fewstep.objectives.base.Objective`:
      optim     optional {group: {"lr": ..., "betas": ..., "weight_decay": ..., ...}}: the objective's
                recommended AdamW settings; a preset's `optim.<group>` overrides them, and they
                override `optim.default`.
-     eval_role optional: the role to sample and export (e.g. an EMA copy kept by the objective).
+     A role named "student_ema" (an EMA the objective keeps itself) is also written as the run's
+     final/student_ema when the entry point's own EMA (ema.rate) is off.
 
 For each phase the entry point does: loss -> backward -> average gradients over processes ->
 clip the group's gradient norm -> skip the update if the loss or the norm is not finite -> step

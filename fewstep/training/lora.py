@@ -92,6 +92,8 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str], d
     inject_adapter_in_model(cfg, backbone, adapter_name=adapter_name)
     for n, p in backbone.named_parameters():
         p.requires_grad_("lora_" in n)
+        if "lora_" in n and p.dtype != torch.float32:  # peft follows the base dtype; train adapters in fp32
+            p.data = p.data.float()
     backbone._fewstep_lora = {"rank": int(rank), "alpha": float(alpha), "targets": list(targets),
                               "adapter": adapter_name}
     return backbone
