@@ -71,6 +71,20 @@ REFUSED = [
 ]
 
 
+# embedded teachers by name, as the presets record them: (name, objective, params, supported steps, scheduler)
+EMBEDDED = [
+    ("digits-vp", "dmd2", DMD4, {4}, "LCMScheduler"),
+    ("digits-flow", "dmd2", DMD4, {4}, "FlowMatchEulerDiscreteScheduler"),
+    ("digits-vp", "dmd2", {"num_steps": 1}, {1}, "LCMScheduler"),
+    ("digits-vp", "decoupled_dmd", DMD4, {4}, "LCMScheduler"),
+    ("digits-vp", "lcm", {"num_steps": 4}, {1, 2, 4}, "LCMScheduler"),
+    ("digits-vp", "tdm", {"num_steps": 2}, {1, 2, 4}, "DDIMScheduler"),
+    ("digits-vp", "dsm", {"sampling_steps": 4}, {4}, "DDIMScheduler"),
+    ("digits-flow", "scm", {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1}, {2},
+     "FlowMatchEulerDiscreteScheduler"),
+]
+
+
 # ---- building teachers and run dirs -------------------------------------------------------------
 def _teacher_folder(root: Path, kind: str) -> str:
     d = root / kind
@@ -95,7 +109,7 @@ def _perturb(backbone: torch.nn.Module, seed: int) -> None:
 
 
 def make_run(root: Path, name: str, teacher_folder: str, objective: str, params: dict, lora: bool = False,
-             seed: int = 0) -> Path:
+             seed: int = 0, source: str | None = None) -> Path:
     """A run dir as the training entry point writes it: the objective's own student (built by its
     registry builder), perturbed, saved by the entry point's final-weights writer, and a run card."""
     from fewstep.training.loop import _save_final
@@ -116,7 +130,7 @@ def make_run(root: Path, name: str, teacher_folder: str, objective: str, params:
     files = _save_final(run_dir, student, None, SimpleNamespace(is_main_process=True))
     card = {"name": name, "objective": objective,
             "objective_params": json.loads(json.dumps(dataclasses.asdict(p), default=str)),
-            "teacher": {"source": teacher_folder, "family": t.family, "latent_shape": list(t.latent_shape)},
+            "teacher": {"source": source or teacher_folder, "family": t.family, "latent_shape": list(t.latent_shape)},
             "sampling": obj.sampling, "steps": 1, "files": files,
             "lora": {"student": True, "fake": False, "rank": 4, "alpha": 8.0} if lora else None}
     (run_dir / "run_card.json").write_text(json.dumps(card, indent=1, default=str))
@@ -191,27 +205,79 @@ def pipeline_latents(file: str, card: dict) -> torch.Tensor:
     return lat
 
 
-# ---- the matrix: export every case, run all pipelines in one fresh process -------------------------
+# ---- everything exported up front; every pipeline runs in one fresh process ------------------------
+def _digits_weights(root: Path, mp: pytest.MonkeyPatch) -> str:
+    """The shipped digits teacher folders when this checkout has them; otherwise stand-ins laid out
+    as train/teacher.py writes them (a tiny DiT with its VP DDIM or flow Euler scheduler), put where
+    the embedded names resolve."""
+    import fewstep.digits.data as data
+    import fewstep.digits.teacher as dteacher
+
+    if all((dteacher.teacher_dir(k) / "model_index.json").is_file() for k in ("vp", "flow")):
+        return "shipped"
+    for kind, sched in (("vp", diffusers.DDIMScheduler(timestep_spacing="trailing", clip_sample=False,
+                                                       set_alpha_to_one=True, prediction_type="epsilon")),
+                        ("flow", diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0))):
+        tiny = make_tiny("dit", seed=3)
+        diffusers.DiTPipeline(transformer=tiny.backbone, vae=tiny_vae(), scheduler=sched).save_pretrained(
+            root / f"teacher_{kind}")
+    mp.setattr(data, "WEIGHTS_DIR", root)
+    mp.setattr(dteacher, "WEIGHTS_DIR", root)
+    return "stand-in"
+
+
+def _trained_run(root: Path, teacher: str) -> Path:
+    """A real two-step DMD2 run on a tiny DiT teacher folder, with a checkpoint after step 1."""
+    from fewstep.config import load_config
+    from fewstep.training import run
+
+    cfg = load_config(ROOT / "configs" / "digits" / "dmd2_4step_vp.yaml",
+                      [f"teacher.source={teacher}", f"output_dir={root / 'trained'}", "steps=2", "data.batch_size=2",
+                       "checkpoint.every=1", "log.sample_count=2", "log.trackers=[]", "log.progress=false",
+                       "ema.rate=0", "objective.fake_updates_per_generator=1"])
+    return run(cfg).run_dir
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    import fewstep.digits.teacher as dteacher
+
     root = tmp_path_factory.mktemp("export")
-    teachers = {k: _teacher_folder(root / "teachers", k) for k in {c[1] for c in CASES + REFUSED}}
-    out, jobs = {}, []
-    for i, (case, kind, objective, params, lora, _) in enumerate(CASES):
-        run_dir = make_run(root / "runs", case, teachers[kind], objective, params, lora=lora, seed=i)
-        res = export_student(run_dir, root / "exports" / case)
-        card = json.loads((res.out / CARD_NAME).read_text())
-        out[case] = (run_dir, res, card)
-        jobs += pipeline_jobs(case, res.out, card, root, lora_base=teachers[kind] if lora else None)
-    # the model card's diffusers-only hybrid recipe (SDXL: one teacher DDIM step with CFG, then the student)
-    case = "sdxl-dmd2-4-lora"
-    _, res, card = out[case]
-    job = pipeline_jobs(case, res.out, card, root)[0]
-    jobs.append({**job, "out": str(root / f"{case}-hybrid.safetensors"),
-                 "hybrid": {"teacher": teachers["sdxl"], "teacher_steps": 1, "guidance": HYBRID_W,
-                            "timesteps": card["supported_steps"]["4"]["timesteps"][1:]}})
-    status = run_in_fresh_process(jobs, root)
-    return {"root": root, "teachers": teachers, "cases": out, "status": status}
+    with pytest.MonkeyPatch.context() as mp:
+        weights = _digits_weights(root / "weights", mp)
+        teachers = {k: _teacher_folder(root / "teachers", k) for k in {c[1] for c in CASES + REFUSED}}
+        out, jobs = {}, []
+        for i, (case, kind, objective, params, lora, _) in enumerate(CASES):
+            run_dir = make_run(root / "runs", case, teachers[kind], objective, params, lora=lora, seed=i)
+            res = export_student(run_dir, root / "exports" / case)
+            card = json.loads((res.out / CARD_NAME).read_text())
+            out[case] = (run_dir, res, card)
+            jobs += pipeline_jobs(case, res.out, card, root, lora_base=teachers[kind] if lora else None)
+        # the model card's diffusers-only hybrid recipe (SDXL: one teacher DDIM step with CFG, then the student)
+        case = "sdxl-dmd2-4-lora"
+        _, res, card = out[case]
+        job = pipeline_jobs(case, res.out, card, root)[0]
+        jobs.append({**job, "out": str(root / f"{case}-hybrid.safetensors"),
+                     "hybrid": {"teacher": teachers["sdxl"], "teacher_steps": 1, "guidance": HYBRID_W,
+                                "timesteps": card["supported_steps"]["4"]["timesteps"][1:]}})
+        # the embedded teachers by name (all cases with the shipped weights; two with the stand-ins)
+        embedded = []
+        for i, (name, objective, params, supported, cls) in enumerate(EMBEDDED if weights == "shipped" else EMBEDDED[:2]):
+            case = f"{name}-{objective}-{i}"
+            run_dir = make_run(root / "runs", case, str(dteacher.teacher_dir(name.split("-")[1])), objective, params,
+                               seed=i, source=name)
+            res = export_student(run_dir, root / "exports" / case)
+            embedded.append((case, run_dir, res, supported, cls))
+            jobs += pipeline_jobs(case, res.out, res.card, root)
+        # a real training run, exported from its run dir and from its first checkpoint
+        trained = _trained_run(root, teachers["dit"])
+        ck = trained / "checkpoints" / "step_0000001"
+        from_run, from_ckpt = export_student(trained, root / "exports" / "trained"), \
+            export_student(ck, root / "exports" / "trained-ckpt")
+        jobs += pipeline_jobs("trained-ckpt", from_ckpt.out, from_ckpt.card, root)
+        status = run_in_fresh_process(jobs, root)
+        yield {"root": root, "teachers": teachers, "cases": out, "status": status, "weights": weights,
+               "embedded": embedded, "trained": (trained, ck, from_run, from_ckpt)}
 
 
 def test_the_pipelines_ran_without_fewstep(exported):
@@ -368,34 +434,6 @@ def test_bad_inputs_give_clear_errors(exported, tmp_path):
     assert card["objective"] == "dmd2"
 
 
-def test_a_trained_run_and_its_checkpoint_export(exported, tmp_path, monkeypatch):
-    """A real (one-step) DMD2 run on a tiny DiT teacher folder: the run dir and its checkpoint
-    export, and the exported pipeline reproduces fewstep's sampler on the checkpoint's student."""
-    from fewstep.config import load_config
-    from fewstep.training import run
-
-    teacher = exported["teachers"]["dit"]
-    cfg = load_config(ROOT / "configs" / "digits" / "dmd2_4step_vp.yaml",
-                      [f"teacher.source={teacher}", f"output_dir={tmp_path / 'run'}", "steps=2", "data.batch_size=2",
-                       "checkpoint.every=1", "log.sample_count=2", "log.trackers=[]", "log.progress=false",
-                       "ema.rate=0", "objective.fake_updates_per_generator=1"])
-    res = run(cfg)
-    ck = res.run_dir / "checkpoints" / "step_0000001"
-    assert (ck / "state.json").is_file()
-    a = export_student(res.run_dir, tmp_path / "final")
-    b = export_student(ck, tmp_path / "ckpt")
-    assert a.card["supported_steps"].keys() == {"4"} == b.card["supported_steps"].keys()
-    assert a.card["weights"]["sha256"] != b.card["weights"]["sha256"]  # one training step apart
-    jobs = pipeline_jobs("ckpt", b.out, b.card, tmp_path)
-    assert run_in_fresh_process(jobs, tmp_path)["fewstep_imported"] is False
-    src = load_source(str(ck))
-    noise = _noise((2, 4, 8, 8))
-    ref = sample(src.denoiser, noise, src.conds(torch.tensor(LABELS), None, "cpu"), b.card["sampling"]["times"],
-                 renoise="fresh", generator=torch.Generator().manual_seed(GEN_SEED))
-    got = pipeline_latents(str(tmp_path / "ckpt-4.safetensors"), b.card)
-    assert (got - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
-
-
 def test_metrics_beside_the_run_go_into_the_card(exported, tmp_path):
     run_dir = exported["cases"]["dit-dmd2-1"][0]
     ev = tmp_path / "eval"
@@ -411,13 +449,40 @@ def test_metrics_beside_the_run_go_into_the_card(exported, tmp_path):
     assert "fid 12.5" in (res.out / "README.md").read_text()
 
 
-@pytest.mark.skipif(not (ROOT / "fewstep" / "digits" / "weights" / "teacher_vp" / "model_index.json").is_file(),
-                    reason="the embedded digits teacher's weights are not in this checkout")
-def test_embedded_default_teacher_plans():
-    """The embedded VP teacher's own scheduler config: DMD2 / LCM / TDM grids have exact routes."""
-    folder = ROOT / "fewstep" / "digits" / "weights" / "teacher_vp"
-    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    for times, renoise, cls in (([1.0, 0.75, 0.5, 0.25, 0.0], "fresh", "LCMScheduler"),
-                                ([0.9, 0.45, 0.0], "ddim", "DDIMScheduler")):
-        plan = plan_scheduler("DiTPipeline", cfg, {"times": times, "renoise": renoise})
-        assert plan.scheduler_class == cls and plan.needs_patch is None
+
+
+def test_a_trained_run_and_its_checkpoint_export(exported):
+    """A real (two-step) DMD2 run: the run dir and its checkpoint export, and the checkpoint's
+    pipeline reproduces fewstep's sampler on the checkpoint's student."""
+    trained, ck, from_run, from_ckpt = exported["trained"]
+    assert from_run.card["supported_steps"].keys() == {"4"} == from_ckpt.card["supported_steps"].keys()
+    assert from_run.card["weights"]["sha256"] != from_ckpt.card["weights"]["sha256"]  # one training step apart
+    assert from_ckpt.card["weights"]["checkpoint"] == str(ck)
+    ref = fewstep_sample(ck, from_ckpt.card, 4)
+    got = pipeline_latents(str(exported["root"] / "trained-ckpt-4.safetensors"), from_ckpt.card)
+    assert (got - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_embedded_default_teachers_export(exported, tmp_path):
+    """Students of the embedded teachers, named as the presets name them ("digits-vp",
+    "digits-flow"): the export finds the teacher's folder, and the exported DiTPipeline samples
+    what fewstep samples at every supported step count."""
+    import fewstep.digits.teacher as dteacher
+
+    assert exported["embedded"], exported["weights"]
+    for case, run_dir, res, supported, cls in exported["embedded"]:
+        name = res.card["teacher"]["source"]
+        assert name in ("digits-vp", "digits-flow")
+        assert res.card["teacher"]["folder"] == str(dteacher.teacher_dir(name.split("-")[1]))
+        assert res.plan.scheduler_class == cls and {int(n) for n in res.card["supported_steps"]} == supported
+        assert (res.plan.needs_patch is not None) == (name == "digits-flow")
+        for n in res.card["supported_steps"]:
+            ref = fewstep_sample(run_dir, res.card, int(n))
+            got = pipeline_latents(str(exported["root"] / f"{case}-{n}.safetensors"), res.card)
+            err = (got - ref).abs().max().item()
+            assert err < 1e-4 * max(1.0, ref.abs().max().item()), f"{exported['weights']} {case} at {n}: {err:.3g}"
+    # the presets' sCM / TBCM angles fall between DDPM indices of the VP teacher: refused, with the reason
+    run_dir = make_run(tmp_path, "vp-scm", str(dteacher.teacher_dir("vp")), "scm",
+                       {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1}, source="digits-vp")
+    with pytest.raises(ExportError, match="between integer timesteps"):
+        export_student(run_dir, tmp_path / "vp-scm-export")
