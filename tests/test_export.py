@@ -226,15 +226,15 @@ def _digits_weights(root: Path, mp: pytest.MonkeyPatch) -> str:
     return "stand-in"
 
 
-def _trained_run(root: Path, teacher: str) -> Path:
-    """A real two-step DMD2 run on a tiny DiT teacher folder, with a checkpoint after step 1."""
+def _trained_run(root: Path, teacher: str, preset: str, name: str, *extra: str) -> Path:
+    """A real two-step run of a preset on a tiny teacher folder, with a checkpoint after step 1."""
     from fewstep.config import load_config
     from fewstep.training import run
 
-    cfg = load_config(ROOT / "configs" / "digits" / "dmd2_4step_vp.yaml",
-                      [f"teacher.source={teacher}", f"output_dir={root / 'trained'}", "steps=2", "data.batch_size=2",
+    cfg = load_config(ROOT / "configs" / preset,
+                      [f"teacher.source={teacher}", f"output_dir={root / name}", "steps=2", "data.batch_size=2",
                        "checkpoint.every=1", "log.sample_count=2", "log.trackers=[]", "log.progress=false",
-                       "ema.rate=0", "objective.fake_updates_per_generator=1"])
+                       "ema.rate=0", "objective.fake_updates_per_generator=1", *extra])
     return run(cfg).run_dir
 
 
@@ -269,15 +269,25 @@ def exported(tmp_path_factory):
             res = export_student(run_dir, root / "exports" / case)
             embedded.append((case, run_dir, res, supported, cls))
             jobs += pipeline_jobs(case, res.out, res.card, root)
-        # a real training run, exported from its run dir and from its first checkpoint
-        trained = _trained_run(root, teachers["dit"])
-        ck = trained / "checkpoints" / "step_0000001"
-        from_run, from_ckpt = export_student(trained, root / "exports" / "trained"), \
-            export_student(ck, root / "exports" / "trained-ckpt")
-        jobs += pipeline_jobs("trained-ckpt", from_ckpt.out, from_ckpt.card, root)
+        # real training runs, exported from their run dir and from their first checkpoint: DMD2 on the
+        # DiT, and the SDXL LoRA preset (a LoRA checkpoint holds adapters only: merged at export)
+        trained = {}
+        for key, preset, kind, extra in (
+                ("full", "digits/dmd2_4step_vp.yaml", "dit", ()),
+                ("lora", "sdxl/dmd2_4step_lora.yaml", "sdxl", ("teacher.dtype=float32", "teacher.resolution=64",
+                                                               "lora.rank=4", "precision.mixed_precision=no",
+                                                               "precision.gradient_checkpointing=false"))):
+            run_dir = _trained_run(root, teachers[kind], preset, f"trained-{key}", *extra)
+            ck = run_dir / "checkpoints" / "step_0000001"
+            pair = (export_student(run_dir, root / "exports" / f"trained-{key}"),
+                    export_student(ck, root / "exports" / f"trained-{key}-ckpt"))
+            base = teachers[kind] if key == "lora" else None
+            jobs += pipeline_jobs(f"trained-{key}", pair[0].out, pair[0].card, root, lora_base=base)
+            jobs += pipeline_jobs(f"trained-{key}-ckpt", pair[1].out, pair[1].card, root, lora_base=base)
+            trained[key] = (run_dir, ck, *pair)
         status = run_in_fresh_process(jobs, root)
         yield {"root": root, "teachers": teachers, "cases": out, "status": status, "weights": weights,
-               "embedded": embedded, "trained": (trained, ck, from_run, from_ckpt)}
+               "embedded": embedded, "trained": trained}
 
 
 def test_the_pipelines_ran_without_fewstep(exported):
@@ -451,16 +461,30 @@ def test_metrics_beside_the_run_go_into_the_card(exported, tmp_path):
 
 
 
-def test_a_trained_run_and_its_checkpoint_export(exported):
-    """A real (two-step) DMD2 run: the run dir and its checkpoint export, and the checkpoint's
-    pipeline reproduces fewstep's sampler on the checkpoint's student."""
-    trained, ck, from_run, from_ckpt = exported["trained"]
-    assert from_run.card["supported_steps"].keys() == {"4"} == from_ckpt.card["supported_steps"].keys()
-    assert from_run.card["weights"]["sha256"] != from_ckpt.card["weights"]["sha256"]  # one training step apart
-    assert from_ckpt.card["weights"]["checkpoint"] == str(ck)
-    ref = fewstep_sample(ck, from_ckpt.card, 4)
-    got = pipeline_latents(str(exported["root"] / "trained-ckpt-4.safetensors"), from_ckpt.card)
-    assert (got - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+def test_trained_runs_and_their_checkpoints_export(exported):
+    """Real (two-step) runs: the run dir and its first checkpoint export. The run dir's pipeline
+    reproduces fewstep's sampler on the run's student, the checkpoint's on the checkpoint's; a LoRA
+    checkpoint (adapters only) is merged into the teacher's weights, and its adapter file, loaded by
+    diffusers onto the teacher, samples the same as the merged weights."""
+    root = exported["root"]
+    for key, (run_dir, ck, from_run, from_ckpt) in exported["trained"].items():
+        assert from_run.card["supported_steps"].keys() == {"4"} == from_ckpt.card["supported_steps"].keys()
+        assert from_run.card["weights"]["sha256"] != from_ckpt.card["weights"]["sha256"]  # a training step apart
+        assert from_ckpt.card["weights"]["checkpoint"] == str(ck)
+        ref = fewstep_sample(run_dir, from_run.card, 4)
+        got = pipeline_latents(str(root / f"trained-{key}-4.safetensors"), from_run.card)
+        scale = max(1.0, ref.abs().max().item())
+        assert (got - ref).abs().max() < 1e-4 * scale, key
+        ck_fused = pipeline_latents(str(root / f"trained-{key}-ckpt-4.safetensors"), from_ckpt.card)
+        assert (ck_fused - got).abs().max() > 1e-6  # a different student
+        if key == "full":
+            ref_ck = fewstep_sample(ck, from_ckpt.card, 4)
+            assert (ck_fused - ref_ck).abs().max() < 1e-4 * max(1.0, ref_ck.abs().max().item())
+        else:
+            assert from_ckpt.card["lora_adapter"]["written"] and from_run.card["lora_adapter"]["written"]
+            for tag, fused in (("", got), ("-ckpt", ck_fused)):
+                via = pipeline_latents(str(root / f"trained-{key}{tag}-4-lora.safetensors"), from_run.card)
+                assert (via - fused).abs().max() < 1e-4 * scale, f"LoRA adapter{tag} vs fused weights"
 
 
 def test_embedded_default_teachers_export(exported, tmp_path):
