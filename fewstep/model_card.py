@@ -46,11 +46,8 @@ def load_snippet(card: dict[str, Any], folder: str = "path/to/this/folder") -> s
         gen = 'generator=torch.Generator().manual_seed(0)'
         if seeded:
             lines.append(f"{seeded}  # the fresh noise between steps comes from torch's global RNG")
-        extra = ""
-        if cls == "PixArtAlphaPipeline":
-            extra = ""
         lines.append(f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={g:g}{kw}, '
-                     f"{gen}{extra}).images[0]")
+                     f"{gen}).images[0]")
     return "\n".join(lines)
 
 
@@ -169,8 +166,10 @@ def render_readme(card: dict[str, Any]) -> str:
             hy = (r.get("hybrid") or {}).get("teacher_steps", "-") if isinstance(r.get("hybrid"), dict) else "-"
             out.append(f"| {r.get('steps')} | {r.get('guidance')} | {hy} | {r.get('num_samples')} | {ms} |")
         out += [""]
-    out += ["## Provenance", "", f"Exported by `fewstep export` from `{card['run']['dir']}` "
-            f"({card['run'].get('steps')} training steps); weights sha256 `{card['weights']['sha256']}`; "
+    ck = card["weights"].get("checkpoint")
+    out += ["## Provenance", "", f"Exported by `fewstep export` from `{ck or card['run']['dir']}` "
+            f"({'a checkpoint of a run' if ck else str(card['run'].get('steps')) + ' training step(s)'}); "
+            f"weights sha256 `{card['weights']['sha256']}`; "
             f"diffusers {card['exported']['diffusers']}, torch {card['exported']['torch']}. The machine-readable "
             "card is `fewstep_card.json`.", ""]
     return "\n".join(out)
