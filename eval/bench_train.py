@@ -11,8 +11,8 @@ metrics records (first record excluded: start-up), peak memory is the process's 
 (and CUDA peak when a GPU is used), both for process 0.
 
 lora: trainable parameters, optimizer-state bytes and measured peak resident memory of a dsm
-student as a full copy vs LoRA (rank 16) on the embedded teacher's DiT and on tiny models of the
-real families (tests/tiny.py).
+student as a full copy vs LoRA on the embedded teacher's DiT (rank 16) and on tiny models of the
+real families (tests/tiny.py; rank 2, since their layers are only 8-32 wide).
 
 The embedded teacher is loaded with `fewstep.teachers.load_teacher("digits-vp")`; where its
 weights are not in the tree yet, the same DiT architecture (fewstep/digits/models.py) is built
@@ -168,8 +168,9 @@ def lora_worker(family: str, mode: str, steps: int, out: Path) -> None:
     lora = mode == "lora"
     over = [f"output_dir={out}", "overwrite=true", f"steps={steps}", "log.every=1", "log.trackers=[]",
             "log.progress=false", "checkpoint.every=0", "log.sample_every=0", "log.sample_count=2", "ema.rate=0",
-            "data.real_data=false", "objective.teacher_steps=2", f"lora.student={str(lora).lower()}", "lora.rank=16",
-            "lora.alpha=16", "data.batch_size=8"]
+            "data.real_data=false", "objective.teacher_steps=2", f"lora.student={str(lora).lower()}",
+            f"lora.rank={16 if family == 'digits' else 2}", f"lora.alpha={16 if family == 'digits' else 2}",
+            "data.batch_size=8"]
     if bundle.text:
         over.append(f"data.prompts={ROOT / 'configs' / 'prompts' / 'example_prompts.txt'}")
     cfg = load_config(ROOT / "configs" / "digits" / "dsm.yaml", over)
@@ -206,12 +207,13 @@ def lora_table(args) -> None:
             print(f"{fam} {mode}: trainable {r['trainable']} / {r['params']}, RSS delta {r['rss_delta'] / 2**20:.1f} MiB",
                   flush=True)
     print()
-    print("| teacher | student | parameters | trainable | weights+grads+AdamW of trainable (MiB) | "
+    print("| teacher | student (LoRA rank) | parameters | trainable | weights+grads+AdamW of trainable (MiB) | "
           "peak RSS above start (MiB) | s / iteration |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         name = "digits DiT (" + r["teacher"] + ")" if r["family"] == "digits" else f"tiny {r['family']}"
-        print(f"| {name} | {r['mode']} | {r['params']:,} | {r['trainable']:,} ({100 * r['trainable'] / r['params']:.1f}%) | "
+        mode = r["mode"] if r["mode"] == "full" else f"lora ({16 if r['family'] == 'digits' else 2})"
+        print(f"| {name} | {mode} | {r['params']:,} | {r['trainable']:,} ({100 * r['trainable'] / r['params']:.1f}%) | "
               f"{r['state_bytes'] / 2**20:.2f} | {r['rss_delta'] / 2**20:.1f} | {r['sec_per_it']:.3f} |")
 
 
