@@ -56,6 +56,8 @@ CASES = [
     ("ditflow-tbcm-2", "dit_flow", "tbcm", {"num_steps": 2, "sigma_data": 1.0}, False, {2}),
     ("sd15-dmd2-1", "sd15", "dmd2", {"num_steps": 1}, False, {1}),
     ("sd15-lcm-w", "sd15", "lcm", {"num_steps": 4, "add_guidance_embedding": 8}, False, {1, 2, 4}),
+    ("sd15v-dmd2-4", "sd15v", "dmd2", DMD4, False, {4}),
+    ("sd15v-tdm-4", "sd15v", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
     ("sdxl-dmd2-4-lora", "sdxl", "dmd2", DMD4, True, {4}),
     ("pixart-tdm-4", "pixart", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
     ("sd3-scm-2", "sd3", "scm", {"num_steps": 2}, False, {2}),
@@ -93,6 +95,8 @@ def _teacher_folder(root: Path, kind: str) -> str:
         pipe = diffusers.DiTPipeline(transformer=tiny.backbone, vae=tiny_vae(),
                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
                                      id2label={i: w for i, w in enumerate(_WORDS[12:22])})
+    elif kind == "sd15v":  # a v-prediction teacher (as SD 2.x)
+        pipe = make_tiny_pipeline("sd15", prediction="v_prediction")
     else:
         pipe = make_tiny_pipeline(kind)
     pipe.save_pretrained(d)
@@ -234,7 +238,7 @@ def _trained_run(root: Path, teacher: str, preset: str, name: str, *extra: str) 
     cfg = load_config(ROOT / "configs" / preset,
                       [f"teacher.source={teacher}", f"output_dir={root / name}", "steps=2", "data.batch_size=2",
                        "checkpoint.every=1", "log.sample_count=2", "log.trackers=[]", "log.progress=false",
-                       "ema.rate=0", "objective.fake_updates_per_generator=1", *extra])
+                       "objective.fake_updates_per_generator=1", *(extra or ("ema.rate=0",))])
     return run(cfg).run_dir
 
 
@@ -249,7 +253,7 @@ def exported(tmp_path_factory):
         out, jobs = {}, []
         for i, (case, kind, objective, params, lora, _) in enumerate(CASES):
             run_dir = make_run(root / "runs", case, teachers[kind], objective, params, lora=lora, seed=i)
-            res = export_student(run_dir, root / "exports" / case)
+            res = export_student(run_dir, root / "exports" / case, link_components=kind == "pixart")
             card = json.loads((res.out / CARD_NAME).read_text())
             out[case] = (run_dir, res, card)
             jobs += pipeline_jobs(case, res.out, card, root, lora_base=teachers[kind] if lora else None)
@@ -273,7 +277,7 @@ def exported(tmp_path_factory):
         # DiT, and the SDXL LoRA preset (a LoRA checkpoint holds adapters only: merged at export)
         trained = {}
         for key, preset, kind, extra in (
-                ("full", "digits/dmd2_4step_vp.yaml", "dit", ()),
+                ("full", "digits/dmd2_4step_vp.yaml", "dit", ("ema.rate=0.5",)),
                 ("lora", "sdxl/dmd2_4step_lora.yaml", "sdxl", ("teacher.dtype=float32", "teacher.resolution=64",
                                                                "lora.rank=4", "precision.mixed_precision=no",
                                                                "precision.gradient_checkpointing=false"))):
@@ -351,6 +355,21 @@ def test_export_card_and_readme(exported):
     assert lora["written"] and lora["rank"] == 4 and lora["scale_folded_into_lora_B"] == 2.0
     # the LCM student with a guidance embedding is sampled with its embedded scale, not CFG
     assert exported["cases"]["sd15-lcm-w"][2]["guidance_scale"] == 8.5
+
+
+def test_teacher_components_are_copied_or_linked(exported):
+    """The VAE and text encoders are the teacher's files: copies, or hard links on request."""
+    import filecmp
+    import os
+
+    for case, linked in (("sd15-dmd2-1", False), ("pixart-tdm-4", True)):
+        _, res, card = exported["cases"][case]
+        teacher = Path(card["teacher"]["folder"])
+        for comp in ("vae", "text_encoder"):
+            for f in (teacher / comp).iterdir():
+                mine = res.out / comp / f.name
+                assert filecmp.cmp(f, mine, shallow=False)
+                assert (os.stat(f).st_ino == os.stat(mine).st_ino) == linked, (case, f)
 
 
 def test_hybrid_recipe_of_the_model_card(exported):
@@ -480,6 +499,11 @@ def test_trained_runs_and_their_checkpoints_export(exported):
         if key == "full":
             ref_ck = fewstep_sample(ck, from_ckpt.card, 4)
             assert (ck_fused - ref_ck).abs().max() < 1e-4 * max(1.0, ref_ck.abs().max().item())
+            # the EMA weights the run kept, from the run dir and from the checkpoint
+            for src, other in ((run_dir, from_run), (ck, from_ckpt)):
+                ema = export_student(src, root / "exports" / f"ema-{src.name}", weights="student_ema")
+                assert ema.card["weights"]["which"] == "student_ema"
+                assert ema.card["weights"]["sha256"] != other.card["weights"]["sha256"]
         else:
             assert from_ckpt.card["lora_adapter"]["written"] and from_run.card["lora_adapter"]["written"]
             for tag, fused in (("", got), ("-ckpt", ck_fused)):
