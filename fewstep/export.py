@@ -91,12 +91,13 @@ class Drive:
     flux_sigmas: bool = False      # FluxPipeline: sigmas default to linspace(1, 1/n, n), mu always passed
     one_step_output: int = 0       # PixArt-alpha takes step(...)[1] (pred_original_sample) at one step
     begin_index: bool = False      # calls scheduler.set_begin_index(0) before the loop
+    step_on_scaled: bool = False   # DiTPipeline passes the scale_model_input output to step as the sample
     conditioning: str = "text"     # "labels" or "text"
     lora: str | None = None        # the keyword of `save_lora_weights` for its backbone, if it loads LoRA
 
 
 DRIVES: dict[str, Drive] = {
-    "DiTPipeline": Drive("transformer", False, True, False, (), conditioning="labels"),
+    "DiTPipeline": Drive("transformer", False, True, False, (), conditioning="labels", step_on_scaled=True),
     "StableDiffusionPipeline": Drive("unet", True, True, True, ("timesteps", "sigmas"), lora="unet_lora_layers"),
     "StableDiffusionXLPipeline": Drive("unet", True, True, True, ("timesteps", "sigmas"), begin_index=True,
                                        lora="unet_lora_layers"),
@@ -386,7 +387,7 @@ def replay_pipeline(drive: Drive, scheduler, steps: int, call_kwargs: dict[str, 
                 xin = x
             fed.append(float(t))
             out = model(xin, t)
-            res = scheduler.step(out, t, xin, return_dict=False, **step_kw)
+            res = scheduler.step(out, t, xin if drive.step_on_scaled else x, return_dict=False, **step_kw)
             x = res[drive.one_step_output if n == 1 else 0].float()
     return x, fed
 
@@ -624,6 +625,10 @@ def _read_run(checkpoint: str | os.PathLike, weights: str) -> _Run:
     run = _Run(run_dir, card, card_path, src, sampling, weights, checkpoint=ckpt, lora=lora)
     if ckpt is not None:
         f = ckpt / ("ema.safetensors" if weights == "student_ema" else "model.safetensors")
+        if not f.is_file() and (ckpt / "shards").is_dir():
+            raise ExportError(f"checkpoint {ckpt} is sharded (FSDP, torch.distributed.checkpoint): export the finished "
+                              "run dir, whose final weights are gathered, or save full checkpoints "
+                              "(checkpoint.state_dict=full)")
         if not f.is_file():
             raise ExportError(f"checkpoint {ckpt} has no {f.name} (weights={weights!r})")
         run.student_file = f
@@ -644,11 +649,12 @@ def _read_run(checkpoint: str | os.PathLike, weights: str) -> _Run:
         have = ", ".join(sorted(k for k in files if k.startswith("student"))) or "none"
         raise ExportError(f"run dir {run_dir} holds no {weights} weights (looked in "
                           f"{', '.join(str(c) for c in cands)}; the run card lists: {have})")
-    lf = files.get(f"{weights}_lora") or files.get("student_lora")
+    # the adapter of these very weights (the run writes the raw student's; an EMA has none)
+    lf = files.get(f"{weights}_lora")
     if isinstance(lf, str) and (run_dir / lf).is_file():
         run.lora_file = run_dir / lf
-    elif (run_dir / "final" / "student_lora.safetensors").is_file():
-        run.lora_file = run_dir / "final" / "student_lora.safetensors"
+    elif (run_dir / "final" / f"{weights}_lora.safetensors").is_file():
+        run.lora_file = run_dir / "final" / f"{weights}_lora.safetensors"
     return run
 
 
@@ -1041,7 +1047,12 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
                     lora_info = {"written": True, **_write_lora(pipeline_class, drive, adapter, adapter_meta["rank"],
                                                                 adapter_meta["alpha"], tmp / LORA_DIR)}
             elif lora == "required":
-                raise ExportError("lora='required' but this student has no LoRA adapter (it was trained in full)")
+                raise ExportError(f"lora='required' but there is no LoRA adapter for the {weights} weights "
+                                  + ("(the run saves the raw student's adapter only)" if run.lora else
+                                     "(the student was trained in full)"))
+            elif run.lora and lora != "off":
+                lora_info = {"written": False, "reason": f"the run holds no adapter file for the {weights} weights; "
+                             "the folder holds the fused weights"}
             # cards
             card = _card(run, source, tdir, tsched, pipeline_class, drive, plan, arch_diff, lora_info, eval_results,
                          bb_file_sha=_sha256(bdir / "diffusion_pytorch_model.safetensors"))
