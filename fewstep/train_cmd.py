@@ -16,7 +16,7 @@ __all__ = ["add_arguments", "run", "main"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML preset, e.g. configs/digits/dsm.yaml (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. objective.guidance_scale=3 optim.generator.lr=1e-5 resume=latest")
+                   help="dotted overrides, e.g. objective.guidance=3 optim.generator.lr=1e-5 resume=latest")
     p.add_argument("--dry-run", action="store_true",
                    help="build the networks on the meta device and print parameter counts and memory per process")
     p.add_argument("--processes", type=int, default=None, help="dry run: number of processes (default: the launcher's)")
