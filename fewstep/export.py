@@ -300,16 +300,16 @@ def _candidates(drive: Drive, path, teacher_cfg: dict[str, Any], times: list[flo
                                       "scheduler (the student samples on the teacher's schedule)", patch=patch))
             if abs(times[0] - 1.0) < 1e-12:
                 cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": last if len(times) > 2 else None}
+                name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
                 out.append(_Candidate("FlowMatchEulerDiscreteScheduler", cfg, patch=patch,
-                                      route=("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
-                                      + (f", shift_terminal {last:g} (sigmas linspace(1, {last:g}, n))"
-                                         if len(times) > 2 else "")))
+                                      route=name + (f", shift_terminal {last:g} (sigmas linspace(1, {last:g}, n))"
+                                                    if len(times) > 2 else "")))
             if "sigmas" in drive.call_kwargs:
                 cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": None}
+                name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
                 out.append(_Candidate("FlowMatchEulerDiscreteScheduler", cfg, patch=patch,
                                       kwargs=lambda ts: {"sigmas": [float(t) for t in ts[:-1]]},
-                                      route=("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1, "
-                                      "with the sigmas passed at call time"))
+                                      route=name + ", with the sigmas passed at call time"))
         return out, why
     return [], [f"{type(path).__name__} teachers have no stock scheduler route here"]
 
@@ -557,7 +557,8 @@ def plan_scheduler(pipeline_class: str, teacher_scheduler_config: dict[str, Any]
         else:
             plan.notes.append(f"timestep_scaling={cand.config['timestep_scaling']:g} makes LCMScheduler's boundary "
                               f"scalings exact for a student that predicts x0 directly: c_skip <= "
-                              f"{plan.boundary['max_c_skip']:.2g}, 1 - c_out <= {plan.boundary['max_one_minus_c_out']:.2g}"
+                              f"{plan.boundary['max_c_skip']:.2g}, "
+                              f"1 - c_out <= {plan.boundary['max_one_minus_c_out']:.2g}"
                               f" (with the default 10, c_skip would reach "
                               f"{max(r['c_skip_at_default_10'] for r in plan.boundary['steps']):.2g}).")
     if cand.config.get("num_train_timesteps") != getattr(path, "num_train_timesteps", None) and \
@@ -794,7 +795,8 @@ def _checkpoint_state(run: _Run, teacher_bb: Path, cls_name: str, config: dict[s
         adapter = {k.replace(f".{name}.", "."): v for k, v in raw.items() if "lora_" in k}
     else:
         state = {**teacher_sd, **raw}
-    _check_fit(cls_name, config, {k: tuple(v.shape) for k, v in state.items()}, f"checkpoint {run.student_file} weights")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    _check_fit(cls_name, config, shapes, f"checkpoint {run.student_file} weights")
     return state, adapter
 
 
@@ -1025,7 +1027,8 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
             else:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in state.items()}, str(bdir / "diffusion_pytorch_model.safetensors"))
+                save_file({k: v.contiguous() for k, v in state.items()},
+                          str(bdir / "diffusion_pytorch_model.safetensors"))
             # scheduler and index
             plan.scheduler().save_pretrained(str(tmp / "scheduler"))
             new_index = dict(index)

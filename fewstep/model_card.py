@@ -41,7 +41,8 @@ def load_snippet(card: dict[str, Any], folder: str = "path/to/this/folder") -> s
     if card["conditioning"] == "labels":
         if seeded:
             lines.append(f"{seeded}  # the initial noise and the fresh noise between steps")
-        lines.append(f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={n}, guidance_scale={g:g}{kw}).images")
+        lines.append(f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={n}, "
+                     f"guidance_scale={g:g}{kw}).images")
     else:
         gen = 'generator=torch.Generator().manual_seed(0)'
         if seeded:
@@ -70,6 +71,7 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
         return None
     rest = ts[1:]
     w = card.get("teacher_guidance_in_training") or 5.0
+    shape = ", ".join(str(int(v)) for v in (card["teacher"].get("latent_shape") or (4, 128, 128)))
     return "\n".join([
         "import torch",
         f"from diffusers import {cls}, DDIMScheduler, {card['scheduler']['class']}",
@@ -83,7 +85,7 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
         "    pipe._interrupt = True",
         "    return kw",
         "",
-        "prompt, noise = \"a photo of a cat\", torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))",
+        f"prompt, noise = \"a photo of a cat\", torch.randn(1, {shape}, generator=torch.Generator().manual_seed(0))",
         f"x = teacher(prompt, num_inference_steps={n}, guidance_scale={w:g}, latents=noise,",
         "            output_type=\"latent\", callback_on_step_end=stop_after_first).images",
         f"image = student(prompt, timesteps={rest}, guidance_scale={card['guidance_scale']:g}, latents=x,",
@@ -99,7 +101,8 @@ def render_readme(card: dict[str, Any]) -> str:
     samp = card["sampling"]
     src = str(t.get("source"))
     base_model = src if ("/" in src and not src.startswith(("/", ".", "~")) and src.count("/") == 1) else None
-    head = ["---", "library_name: diffusers", f"pipeline_tag: {_PIPELINE_TAG.get(card['conditioning'], 'text-to-image')}",
+    tag = _PIPELINE_TAG.get(card["conditioning"], "text-to-image")
+    head = ["---", "library_name: diffusers", f"pipeline_tag: {tag}",
             "tags:", "- fewstep", "- distillation", f"- {card.get('objective')}"]
     if base_model:
         head.append(f"base_model: {base_model}")
@@ -108,7 +111,8 @@ def render_readme(card: dict[str, Any]) -> str:
     out += [f"- **Method:** {card['method']}",
             f"- **Teacher:** `{src}` ({t.get('pipeline_class')}, family {t.get('family')})",
             f"- **Steps and times:** {trained} step(s) at t = {_fmt_times(samp['times'])} "
-            f"(t in [0, 1], noise at 1), {'fresh noise between steps' if samp.get('renoise') == 'fresh' else 'deterministic DDIM / Euler steps'}",
+            f"(t in [0, 1], noise at 1), "
+            + ("fresh noise between steps" if samp.get("renoise") == "fresh" else "deterministic DDIM / Euler steps"),
             f"- **Guidance:** sample with `guidance_scale={card['guidance_scale']:g}`"
             + (" (the scale fed to the student's guidance embedding)" if samp.get("guidance_embedding") else
                " (the teacher's guidance is distilled into the student; no CFG pass)")

@@ -162,8 +162,11 @@ def fewstep_sample(run_dir: Path, card: dict, steps: int, monkeypatch=None) -> t
         # FluxPipeline's scheduler draws its fresh noise in the packed layout: draw it the same way
         import fewstep.samplers as samplers
 
-        monkeypatch.setattr(samplers, "initial_noise", lambda shape, generator=None, device=None: FluxConditioner.unpack(
-            torch.randn(FluxConditioner.pack(torch.zeros(shape)).shape, generator=generator), shape[2], shape[3]))
+        def packed(shape, generator=None, device=None):
+            z = torch.randn(FluxConditioner.pack(torch.zeros(shape)).shape, generator=generator)
+            return FluxConditioner.unpack(z, shape[2], shape[3])
+
+        monkeypatch.setattr(samplers, "initial_noise", packed)
     return sample(src.denoiser, noise, cond, times, guidance=w, renoise=card["sampling"]["renoise"], generator=gen)
 
 
@@ -266,7 +269,8 @@ def exported(tmp_path_factory):
                                 "timesteps": card["supported_steps"]["4"]["timesteps"][1:]}})
         # the embedded teachers by name (all cases with the shipped weights; two with the stand-ins)
         embedded = []
-        for i, (name, objective, params, supported, cls) in enumerate(EMBEDDED if weights == "shipped" else EMBEDDED[:2]):
+        for i, (name, objective, params, supported, cls) in enumerate(EMBEDDED if weights == "shipped"
+                                                                      else EMBEDDED[:2]):
             case = f"{name}-{objective}-{i}"
             run_dir = make_run(root / "runs", case, str(dteacher.teacher_dir(name.split("-")[1])), objective, params,
                                seed=i, source=name)

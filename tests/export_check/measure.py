@@ -9,7 +9,6 @@ Prints a markdown table (absolute max difference, and relative to the sample's m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -53,7 +52,8 @@ def main() -> int:
             err = (got - ref).abs().max().item()
             rows.append((case, res.pipeline_class, res.plan.scheduler_class, n, err, err / ref.abs().max().item(),
                          secs))
-    lines = ["| case | pipeline | scheduler | steps | max abs diff | relative | export s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| case | pipeline | scheduler | steps | max abs diff | relative | export s |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {c} | {p} | {s} | {n} | {e:.2e} | {r:.2e} | {t:.2f} |" for c, p, s, n, e, r, t in rows]
     lines.append("")
     lines.append(f"{len(jobs)} pipeline runs in one fresh process ({pipe_secs:.1f} s, fewstep imported there: "

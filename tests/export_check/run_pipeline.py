@@ -74,8 +74,9 @@ def run_job(job):
         hy = job["hybrid"]
         teacher = diffusers.DiffusionPipeline.from_pretrained(hy["teacher"])
         teacher.set_progress_bar_config(disable=True)
-        teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
-                                                                set_alpha_to_one=True, clip_sample=False, steps_offset=0)
+        teacher.scheduler = diffusers.DDIMScheduler.from_config(
+            teacher.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
+            steps_offset=0)
 
         def stop(p, i, t, kw):
             if i == hy["teacher_steps"] - 1:
