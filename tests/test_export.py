@@ -60,6 +60,7 @@ CASES = [
     ("sd15v-tdm-4", "sd15v", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
     ("sdxl-dmd2-4-lora", "sdxl", "dmd2", DMD4, True, {4}),
     ("pixart-tdm-4", "pixart", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
+    ("pixart-dmd2-4", "pixart", "dmd2", DMD4, False, {4}),
     ("sd3-scm-2", "sd3", "scm", {"num_steps": 2}, False, {2}),
     ("sd3-tdm-4", "sd3", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
     ("flux-dmd2-4", "flux", "dmd2", DMD4, False, {4}),
