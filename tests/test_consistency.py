@@ -228,3 +228,35 @@ def test_registry_build_and_param_errors_name_the_key():
         build_objective("lcm", {"guidance_min": 5.0, "guidance_max": 2.0}, tiny.denoiser, ctx)
     with pytest.raises(ConfigError, match="objective.ema_rate"):
         build_objective("lcm", {"ema_rate": 0.9}, tiny.denoiser, ctx)
+
+
+def test_registry_lora_student_selects_the_lora_variant():
+    """With the entry point's LoRA factories (lora.student=true) the builder takes the LoRA
+    variant: no EMA target, the teacher pass is the student with its adapters off, and a training
+    step moves only adapter weights (the shared base stays the teacher's, bit for bit)."""
+    from fewstep.config import LoraConfig
+    from fewstep.objectives.registry import BuildContext, build_objective
+    from fewstep.training.lora import make_factories
+
+    tiny = make_tiny("dit")
+    make_student, make_copy = make_factories(LoraConfig(student=True, rank=4, alpha=4.0), family="dit")
+    ctx = BuildContext(latent_shape=tiny.latent_shape, num_classes=10, has_real_data=True,
+                       make_student=make_student, make_copy=make_copy)
+    obj = build_objective("lcm", {"guidance_min": 2.0, "guidance_max": 3.0}, tiny.denoiser, ctx)
+    assert obj.lora and set(obj.nets) == {"student", "teacher"}
+    teacher0 = _state(tiny.denoiser)
+    params = trainable_parameters(obj, "generator")
+    opt = torch.optim.SGD(params, lr=0.5)
+    for step in range(2):  # the second step sees non-zero LoRA B, so the adapters act
+        loss, _ = obj.loss("generator", _batch(tiny), step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    x, cond = torch.randn(2, *tiny.latent_shape), tiny.cond(2)
+    with torch.no_grad():
+        with adapters_disabled(obj.nets["student"]):
+            off = obj.nets["student"](x, 0.6, cond, 2.0)
+        on = obj.nets["student"](x, 0.6, cond, 2.0)
+    assert torch.equal(off, tiny.denoiser(x, 0.6, cond, 2.0))
+    assert (on - off).abs().max() > 0
+    assert all(torch.equal(v, teacher0[k]) for k, v in tiny.denoiser.state_dict().items())
