@@ -463,17 +463,18 @@ def _custom_kwargs(drive: Drive, path, times: list[float]) -> dict[str, Any] | N
 
 
 def _choose(drive: Drive, cands: list[_Candidate], path, schedules: dict[int, list[float]], trained: int,
-            renoise: str) -> tuple[tuple | None, list[str]]:
+            renoise: str, first: bool = False) -> tuple[tuple | None, list[str]]:
     """The best candidate that reproduces the trained step count: needing no patch, then no call
-    arguments at the trained step count, then reproducing the most step counts, then first listed.
-    A step count the default spacing misses is retried with the times as call arguments."""
+    arguments at the trained step count, then reproducing the most step counts, then first listed
+    (`first`: the first that reproduces it). Another step count that the default spacing misses is
+    retried with its times as call arguments."""
     best: tuple | None = None
     tried: list[str] = []
     for ci, cand in enumerate(cands):
         supported: dict[int, dict[str, Any]] = {}
         for n, ts in sorted(schedules.items()):
             attempts = [cand]
-            if cand.kwargs is None:
+            if cand.kwargs is None and n != trained:
                 custom = _custom_kwargs(drive, path, ts)
                 if custom is not None:
                     attempts.append(dataclasses.replace(cand, kwargs=lambda _ts, c=custom: c))
@@ -494,7 +495,62 @@ def _choose(drive: Drive, cands: list[_Candidate], path, schedules: dict[int, li
         key = (cand.patch is None, not supported[trained]["call_kwargs"], len(supported), -ci)
         if best is None or key > best[0]:
             best = (key, cand, supported)
+        if first:
+            break
     return best, tried
+
+
+def _hints(path, drive: Drive, teacher_cfg: dict[str, Any], times: list[float], renoise: str,
+           objective: str | None, params: dict[str, Any]) -> list[str]:
+    """Nearby schedules this pipeline class does reproduce (for VP times between DDPM indices:
+    the neighbouring integer grids, and the grids LCMScheduler's default spacing gives), so the
+    refusal can say which objective setting would export."""
+    import itertools
+
+    import diffusers
+
+    from .paths import FlowPath, VPPath
+
+    out = []
+    if isinstance(path, VPPath) and isinstance(_vp_indices(path, times), str):
+        n_train, steps = path.num_train_timesteps, len(times) - 1
+        want = [_vp_index(path, t) for t in times[:-1]]
+        grids = set()
+        options = [[round(i)] if abs(i - round(i)) <= 1e-6 else [math.floor(i), math.ceil(i)] for i in want]
+        for combo in itertools.islice(itertools.product(*options), 64):
+            grids.add(tuple(int(k) for k in combo))
+        top = round(want[0])
+        if abs(want[0] - top) <= 1e-6 and renoise == "fresh":
+            with _quiet_diffusers():
+                for o in (d for d in range(1, top + 2) if (top + 1) % d == 0 and d >= steps):
+                    sch = diffusers.LCMScheduler(num_train_timesteps=top + 1, original_inference_steps=o)
+                    sch.set_timesteps(steps)
+                    grids.add(tuple(int(k) for k in sch.timesteps.tolist()))
+        ok = []
+        for g in grids:
+            if any(b >= a for a, b in zip(g, g[1:])) or not all(0 <= k < n_train for k in g):
+                continue
+            ts = [(k + 1) / n_train for k in g] + [0.0]
+            cands, _ = _candidates(drive, path, teacher_cfg, ts, renoise, objective, params)
+            with _quiet_diffusers():
+                best, _ = _choose(drive, cands, path, {steps: ts}, steps, renoise, first=True)
+            if best is not None:
+                ok.append((sum(abs(k - w) for k, w in zip(g, want)), g, ts))
+        if ok:
+            desc = []
+            for _, g, ts in sorted(ok)[:3]:
+                d = f"DDPM indices {list(g)} (t={[round(t, 6) for t in ts[:-1]]})"
+                if objective in ("scm", "tbcm"):
+                    from .objectives._trigflow import angle_of_t
+
+                    sd = float(params.get("sigma_data", 0.5))
+                    angles = [math.pi / 2 if t >= 1 else float(angle_of_t(path, t, sd)) for t in ts[:-1]]
+                    d += f", objective.sampling_angles={angles}"
+                desc.append(d)
+            out.append("nearest schedules this pipeline reproduces: " + "; ".join(desc))
+    if isinstance(path, FlowPath) and abs(times[0] - 1.0) > 1e-12 and "sigmas" not in drive.call_kwargs:
+        out.append("a schedule from t=1 (e.g. objective.t_total=1.0 for TDM) is exported with a stock flow scheduler")
+    return out
 
 
 def plan_scheduler(pipeline_class: str, teacher_scheduler_config: dict[str, Any], sampling: dict[str, Any],
@@ -541,7 +597,8 @@ def plan_scheduler(pipeline_class: str, teacher_scheduler_config: dict[str, Any]
     with _quiet_diffusers():
         best, tried = _choose(drive, cands, path, schedules, trained, renoise)
     if best is None:
-        reasons = why + tried
+        reasons = why + tried + _hints(path, drive, dict(teacher_scheduler_config), times, renoise, objective,
+                                       dict(objective_params or {}))
         raise ExportError(
             f"no stock scheduler reproduces this student's sampler ({trained} step(s) at t={times[:-1]}, "
             f"{renoise} re-noising) in {pipeline_class}: " + ("; ".join(reasons) if reasons else "no route applies"))

@@ -417,6 +417,30 @@ def test_unrepresentable_schedules_are_refused(exported, tmp_path, case, kind, o
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
 
 
+@pytest.mark.parametrize("pipeline_class", ["DiTPipeline", "StableDiffusionPipeline"])
+def test_a_refusal_names_schedules_that_export(pipeline_class):
+    """sCM at angle 1.1 on a VP teacher lands between DDPM indices; the refusal lists the nearest
+    schedules the pipeline class reproduces (DiTPipeline: only LCMScheduler's own grids; SD: the
+    neighbouring integer indices, passed as timesteps), and the first of them does export."""
+    import re
+
+    from fewstep.objectives import _trigflow as tf
+    from fewstep.paths import VPPath
+
+    cfg = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+           "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
+    path = VPPath.from_config(cfg)
+    params = {"sigma_data": 1.0}
+    times = tf.times_from_angles([tf.HALF_PI, 1.1, 0.0], path, 1.0)
+    with pytest.raises(ExportError, match="between integer timesteps") as e:
+        plan_scheduler(pipeline_class, cfg, {"times": times, "renoise": "fresh"}, "scm", params)
+    angles = json.loads(re.search(r"sampling_angles=(\[[^]]*\])", str(e.value)).group(1))
+    plan = plan_scheduler(pipeline_class, cfg, {"times": tf.times_from_angles(angles + [0.0], path, 1.0),
+                                                "renoise": "fresh"}, "scm", params)
+    want = [999, 499] if pipeline_class == "DiTPipeline" else [999, 392]
+    assert plan.supported[2]["timesteps"] == want
+
+
 def test_output_folder_rules(exported, tmp_path, capsys):
     from fewstep.cli import main
 
