@@ -1132,8 +1132,11 @@ def _card(run: _Run, source: str, tdir: Path, tsched: dict, pipeline_class: str,
     trained = len(run.sampling["times"]) - 1
     ge = run.sampling.get("guidance_embedding")
     guidance_scale = float(ge.get("guidance", 1.0)) if isinstance(ge, dict) else 1.0
-    teacher_guidance = next((params[k] for k in ("guidance", "guidance_max", "teacher_guidance")
-                             if isinstance(params.get(k), (int, float))), None)
+    if isinstance(params.get("guidance_min"), (int, float)) and isinstance(params.get("guidance_max"), (int, float)):
+        teacher_guidance: Any = [params["guidance_min"], params["guidance_max"]]   # LCM draws w from a range
+    else:
+        teacher_guidance = next((params[k] for k in ("guidance", "teacher_guidance")
+                                 if isinstance(params.get(k), (int, float))), None)
     noise = ("the pipeline's `generator` (passed to scheduler.step)" if drive.step_generator else
              "torch's global RNG (the pipeline calls scheduler.step without a generator): call torch.manual_seed(s) "
              "right before the pipeline")

@@ -25,6 +25,12 @@ def _kwargs_src(kw: dict[str, Any]) -> str:
     return "".join(f", {k}={json.dumps(v)}" for k, v in kw.items())
 
 
+def _training_guidance(g) -> str:
+    if isinstance(g, list):
+        return f"; the teacher's CFG scale in training was drawn from [{g[0]:g}, {g[1]:g}]"
+    return "" if g is None else f"; the teacher's CFG scale in training was {g:g}"
+
+
 def load_snippet(card: dict[str, Any], folder: str = "path/to/this/folder") -> str:
     """Python that loads the folder with diffusers and samples at the trained step count."""
     cls = card["pipeline_class"]
@@ -71,6 +77,7 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
         return None
     rest = ts[1:]
     w = card.get("teacher_guidance_in_training") or 5.0
+    w = w[-1] if isinstance(w, list) else w
     shape = ", ".join(str(int(v)) for v in (card["teacher"].get("latent_shape") or (4, 128, 128)))
     return "\n".join([
         "import torch",
@@ -116,8 +123,7 @@ def render_readme(card: dict[str, Any]) -> str:
             f"- **Guidance:** sample with `guidance_scale={card['guidance_scale']:g}`"
             + (" (the scale fed to the student's guidance embedding)" if samp.get("guidance_embedding") else
                " (the teacher's guidance is distilled into the student; no CFG pass)")
-            + (f"; the teacher's CFG scale in training was {card['teacher_guidance_in_training']:g}"
-               if card.get("teacher_guidance_in_training") is not None else ""),
+            + _training_guidance(card.get("teacher_guidance_in_training")),
             f"- **Weights:** {card['weights']['which']}"
             + (" (a LoRA student, fused into full weights)" if card["weights"].get("lora") else ""),
             ""]
