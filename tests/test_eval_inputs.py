@@ -266,3 +266,15 @@ def test_inception_from_a_local_weights_file_matches_torch_fidelity(tmp_path):
     assert ours["extractor"] == "inception-v3-compat" and ours["layer"] == "2048"
     assert res["extractor"]["weights_file"] == str(weights)
     assert abs(ours["value"] - direct["frechet_inception_distance"]) <= 1e-6 * abs(ours["value"])
+
+
+def test_too_few_samples_for_diversity_stop_before_generation(tmp_path, monkeypatch):
+    class FakeSource:
+        conditioning, num_classes, name = "labels", 10, "fake"
+
+        def generate(self, *a, **k):
+            raise AssertionError("generation started")
+
+    monkeypatch.setattr("fewstep.evaluation.sources.load_source", lambda *a, **k: FakeSource())
+    with pytest.raises(InputError, match="--num-samples >= 20"):
+        evaluate(EvalSpec(pipeline="fake", metrics=["diversity"], num_samples=10, out=str(tmp_path / "o")))

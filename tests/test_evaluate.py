@@ -462,3 +462,49 @@ def test_an_exported_student_folder_scores_alike_with_both_samplers(tiny_dit_dir
     with pytest.raises(InputError, match="supports"):
         evaluate(EvalSpec(pipeline=str(tmp_path / "export"), steps=[1, 2], sampler="pipeline", num_samples=4,
                           metrics=["fid"], out=str(tmp_path / "o")))
+
+
+# ---- the benchmark table script ------------------------------------------------------------------------
+def _benchmark_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "benchmark_table.py"
+    spec = importlib.util.spec_from_file_location("benchmark_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_table_rewrites_only_its_own_section(tiny_dit_dir, tmp_path):
+    bt = _benchmark_module()
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## Teachers\n\nteacher rows\n\n## Export\n\nexport rows\n")
+    rc = bt.main(["--teachers", "", "--students", str(tiny_dit_dir), "--student-steps", "1,2", "--num-samples", "20",
+                  "--out", str(tmp_path / "bench"), "--write", str(md)])
+    text = md.read_text()
+    assert rc == 0 and text.startswith("# Benchmarks\n\n## Teachers\n\nteacher rows\n\n## Export\n\nexport rows\n")
+    assert text.count(bt.SECTION) == 1 and text.count(bt.START) == 1
+    cmd = f"python eval/benchmark_table.py --teachers '' --students {tiny_dit_dir} --student-steps 1,2"
+    assert cmd in text and len([ln for ln in text.splitlines() if ln.startswith(f"| `{tiny_dit_dir}`")]) == 2
+    for f in ("fid_vs_steps.png", "grids.png", "results.json"):
+        assert (tmp_path / "bench" / f).is_file()
+    # a second run replaces the section in place, and a later section stays after it
+    md.write_text(text + "\n## Later\n\nlater rows\n")
+    bt.write_section(md, bt.section_text(json.loads((tmp_path / "bench" / "results.json").read_text())["results"],
+                                         "python eval/benchmark_table.py --again", tmp_path / "bench"))
+    again = md.read_text()
+    assert again.count(bt.SECTION) == 1 and "--again" in again and cmd not in again
+    assert again.endswith("## Later\n\nlater rows\n") and "## Export\n\nexport rows" in again
+
+
+def test_benchmark_finds_run_dirs_and_exported_students(tiny_dit_dir, tmp_path):
+    bt = _benchmark_module()
+    runs = tmp_path / "runs"
+    _fake_run_dir(runs / "a", tiny_dit_dir, {"times": [1.0, 0.0], "renoise": "fresh"})
+    (runs / "group" / "b").mkdir(parents=True)
+    (runs / "group" / "b" / "run_card.json").write_text("{}")
+    (runs / "cache").mkdir()                       # not a run
+    (runs / "exp").mkdir()
+    (runs / "exp" / "model_index.json").write_text("{}")
+    (runs / "exp" / "fewstep_card.json").write_text("{}")
+    assert bt.find_students(runs) == [str(runs / "a"), str(runs / "exp"), str(runs / "group" / "b")]

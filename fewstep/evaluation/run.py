@@ -257,6 +257,11 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         if "class_acc" in metrics and int(labels.max()) >= 10:
             raise InputError(f"class_acc uses the digits judge (10 classes); protocol {proto.name!r} draws "
                              f"{int(labels.max()) + 1} classes")
+    if "diversity" in metrics and labels is not None and int(torch.bincount(labels).max()) < 2:
+        raise InputError(f"diversity compares samples of one class: {n} samples over {int(labels.max()) + 1} "
+                         f"classes leave one per class; use --num-samples >= {2 * (int(labels.max()) + 1)}")
+    if "diversity" in metrics and caps is not None and proto.diversity_per_group < 2:
+        raise InputError("diversity needs at least 2 samples per caption (protocol diversity_per_group)")
     if "clip" in metrics and caps is None and src is not None and proto.conditioning == "labels":
         raise InputError("metric 'clip' needs captions: use a caption protocol (--protocol coco2014-30k)")
 
