@@ -47,6 +47,24 @@ def test_trigflow_conversion_is_equal_snr(name):
     assert torch.allclose(trig.to_x0_eps(x_trig, F, trig.t_from_angle(theta))[0], x0, atol=1e-10)
 
 
+@pytest.mark.parametrize("family", ["dit", "sd3"])
+def test_consistency_function_is_identity_at_theta_zero(family):
+    """f = cos x - sin sd F (F read off the student's x0) is the identity as theta -> 0, whatever
+    the network outputs: the boundary condition holds by construction."""
+    tiny = make_tiny(family)
+    x = torch.randn(2, *tiny.latent_shape)
+    for th, tol in ((1e-4, 1e-3), (1e-6, 1e-5)):
+        theta = torch.full((2,), th)
+        F = tf.net_F(tiny.denoiser, x, theta, tiny.cond(2), SD, tiny.path)
+        f = torch.cos(theta).view(-1, 1, 1, 1) * x - torch.sin(theta).view(-1, 1, 1, 1) * SD * F
+        assert (f - x).abs().max() < tol
+    # and far from it the network matters
+    theta = torch.full((2,), 1.0)
+    F = tf.net_F(tiny.denoiser, x, theta, tiny.cond(2), SD, tiny.path)
+    f = torch.cos(theta).view(-1, 1, 1, 1) * x - torch.sin(theta).view(-1, 1, 1, 1) * SD * F
+    assert (f - x).abs().max() > 0.1
+
+
 def test_sampling_angles_map_to_path_times():
     vp, flow = _paths()["vp_eps"], _paths()["flow"]
     assert tf.max_angle(vp, SD) < math.pi / 2 - 0.01  # SD-like schedules do not reach pure noise
