@@ -267,7 +267,7 @@ def parse_args(argv=None):
     m.add_argument("--out", default=None)
     m.add_argument("--child", default=None, help=argparse.SUPPRESS)
     for q in (t, e, m):
-        q.add_argument("--threads", type=int, default=2)
+        q.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared machine oversubscribes)")
     args = p.parse_args(argv)
     if args.cmd == "memory":
         args.rank = {"digits-dit": args.rank_digits, "sdxl-class": args.rank_sdxl}

@@ -95,7 +95,8 @@ def test_one_step_updates_only_its_networks(family, prediction, variant, kw, tmp
     obj = build(params, teacher, context(latent_shape=tiny.latent_shape, has_real_data=True, lora=LORA))
     assert isinstance(obj, Objective)
     opts = _optimizers(obj)
-    assert obj.phases(0) == ["generator", "guidance"]
+    step = params.fake_updates_per_generator - 1  # the first step with a generator update
+    assert obj.phases(step) == ["generator", "guidance"]
 
     before = _snapshot(obj)
     logs = _step(obj, opts, "generator", _batch(tiny), 0)
@@ -126,7 +127,7 @@ def test_two_time_scale_schedule_and_backward_simulation_depth():
     p = DMDParams(num_steps=4, student_times=[1.0, 0.75, 0.5, 0.25], fake_updates_per_generator=5)
     obj = build(p, tiny.denoiser, context(latent_shape=tiny.latent_shape, seed=3))
     gen_steps = [s for s in range(20) if "generator" in obj.phases(s)]
-    assert gen_steps == [0, 5, 10, 15]
+    assert gen_steps == [4, 9, 14, 19]
     assert all("guidance" in obj.phases(s) for s in range(20))
     ks = [obj.sim_steps(s) for s in range(200)]
     assert set(ks) == {0, 1, 2, 3}
@@ -301,7 +302,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     try:
         torch.manual_seed(100 + rank)  # different data and noise per process
         tiny = _tiny("dit")
-        obj = build(DMDParams(shared_base=True, gan=True, guidance=3.0), tiny.denoiser,
+        obj = build(DMDParams(shared_base=True, gan=True, guidance=3.0, fake_updates_per_generator=1), tiny.denoiser,
                     context(latent_shape=tiny.latent_shape, has_real_data=True, seed=7, lora=LORA))
         for role in ("student", "fake", "disc"):
             obj.nets[role] = DDP(obj.nets[role])
@@ -429,7 +430,7 @@ def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_stude
     bundle = TeacherBundle(denoiser=tiny.denoiser, latent_shape=tiny.latent_shape, family="dit", num_classes=10,
                            null_class=10, real_data=lambda: (lat, lab))
     cfg = config_from_dict({
-        "name": "dmd-test", "output_dir": str(tmp_path / "run"), "steps": 3,
+        "name": "dmd-test", "output_dir": str(tmp_path / "run"), "steps": 2,
         "objective": {"name": "dmd2", "guidance": 2.0, "gan": True, "shared_base": True, "num_steps": 2,
                       "student_times": [1.0, 0.5], "fake_updates_per_generator": 2},
         "data": {"batch_size": 4, "real_data": True}, "lora": {"rank": 2, "alpha": 2.0},
@@ -437,7 +438,7 @@ def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_stude
         "log": {"every": 2, "sample_every": 0, "sample_count": 4, "trackers": [], "progress": False},
         "checkpoint": {"every": 0}})
     res = training.run(cfg, teacher=bundle)
-    assert res.steps == 3 and res.skipped == 0  # steps 0 and 2 update the generator
+    assert res.steps == 2 and res.skipped == 0  # step 1 updates the generator
     assert res.logs["generator/dm_grad_norm"] > 0 and "guidance/gan_d" in res.logs
     card = __import__("json").loads((tmp_path / "run" / "run_card.json").read_text())
     assert card["sampling"] == {"times": [1.0, 0.5, 0.0], "renoise": "fresh"}

@@ -384,7 +384,11 @@ class DMDObjective:
 
     # ---- schedule -----------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:
-        if step % int(self.p.fake_updates_per_generator) == 0:
+        """The fake score updates every step; the generator on the last step of each cycle of
+        `fake_updates_per_generator` (so the fake score has adapted before the first generator
+        update, and a run of N x ratio steps ends on a generator update)."""
+        r = int(self.p.fake_updates_per_generator)
+        if (step + 1) % r == 0:
             return ["generator", "guidance"]
         return ["guidance"]
 
