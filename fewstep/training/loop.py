@@ -493,8 +493,10 @@ def _save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator,
     write(folder, sd)
     if sd_ema is not None:
         write(f"{folder}_ema", sd_ema)
-    if meta:
-        adapter = {k.replace(f".{meta['adapter']}.", "."): v for k, v in lora_only_state_dict(sd).items()}
+    # the student's adapter alone (a shared backbone may also hold other roles' adapters)
+    adapter = {k.replace(f".{meta['adapter']}.", "."): v for k, v in lora_only_state_dict(sd).items()
+               if f".{meta['adapter']}." in k} if meta else {}
+    if adapter:
         save_file(adapter, str(out / f"{folder}_lora.safetensors"),
                   metadata={"rank": str(meta["rank"]), "alpha": str(meta["alpha"]),
                             "target_modules": json.dumps(meta["targets"])})
