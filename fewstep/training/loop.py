@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, config_to_dict, resolve_group
-from ..denoiser import Denoiser
 from ..objectives.registry import BuildContext, build_objective, make_params
 from ..samplers import initial_noise, sample
 from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint, saved_keys
