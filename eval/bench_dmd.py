@@ -268,7 +268,12 @@ def parse_args(argv=None):
     m.add_argument("--child", default=None, help=argparse.SUPPRESS)
     for q in (t, e, m):
         q.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared machine oversubscribes)")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)  # key=value overrides may come after the options too
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad or (extra and args.cmd != "train"):
+        p.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if args.cmd == "train":
+        args.overrides = list(args.overrides) + extra
     if args.cmd == "memory":
         args.rank = {"digits-dit": args.rank_digits, "sdxl-class": args.rank_sdxl}
     return args

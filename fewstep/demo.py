@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help=f"preset to run instead of {PRESET}")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--num-samples", type=int, default=2000, help="samples per model for FID (default 2000)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: these small networks gain little from more, and a busy machine loses)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the preset (e.g. optim.generator.lr=3e-5)")
 
