@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
+from torch import nn
 
-__all__ = ["VAE_CONFIG", "DIT_CONFIG", "LATENT_SHAPE", "NULL_CLASS", "build_vae", "build_dit", "count_parameters"]
+__all__ = ["VAE_CONFIG", "DIT_CONFIG", "LATENT_SHAPE", "NULL_CLASS", "build_vae", "build_dit", "init_dit_",
+           "count_parameters"]
 
 LATENT_SHAPE = (4, 8, 8)
 # DiTPipeline feeds class 1000 as the unconditional label, so the label table must have 1001 rows:
@@ -58,9 +61,25 @@ def build_vae(**overrides: Any) -> AutoencoderKL:
 
 
 def build_dit(**overrides: Any) -> DiTTransformer2DModel:
-    """A freshly initialised digits DiT (`DIT_CONFIG` with `overrides`)."""
+    """A freshly initialised digits DiT (`DIT_CONFIG` with `overrides`), see `init_dit_`."""
     _check_keys(overrides, DIT_CONFIG, "DiT")
-    return DiTTransformer2DModel(**{**DIT_CONFIG, **overrides})
+    return init_dit_(DiTTransformer2DModel(**{**DIT_CONFIG, **overrides}))
+
+
+@torch.no_grad()
+def init_dit_(dit: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """adaLN-Zero (Peebles & Xie, 2023, sec. 3.2), which diffusers leaves to pretrained weights:
+    the adaLN modulation of every block and the final modulation and output layer start at zero,
+    so every block starts as the identity and the network starts by predicting zero. Everything
+    else keeps diffusers' default initialisation (in particular N(0, 1) label embeddings, which
+    give the class signal full strength from the first step of a short training)."""
+    for block in dit.transformer_blocks:
+        nn.init.zeros_(block.norm1.linear.weight)      # shift/scale/gate of attention and MLP
+        nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (dit.proj_out_1, dit.proj_out_2):     # final adaLN modulation and output
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return dit
 
 
 def count_parameters(module) -> int:
