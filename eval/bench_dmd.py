@@ -10,11 +10,12 @@ train, top to bottom:
   1. load the preset (`fewstep.config.load_config`, `key=value` overrides after it);
   2. train with the entry point `fewstep.training.run` in this process; the wall time of the
      whole run (teacher loading, training, final grid and weights) is recorded;
-  3. evaluate the student at its own step count and the teacher at 50 steps with
-     `fewstep.evaluation` on the digits protocol (2,000 samples, labels i % 10, seed 0, FID on the
-     digits-judge features against the 1,797 real digits, judge class accuracy; the teacher with
-     the CFG scale its card recommends); the teacher's row is reused from
-     runs/bench/teacher_<source>/ when it was computed with the same protocol;
+  3. evaluate the student at its own step count (its EMA weights when ema.rate > 0) and the
+     teacher at 50 steps with `fewstep.evaluation` on the digits protocol (2,000 samples, labels
+     i % 10, seed 0, FID on the digits-judge features against the 1,797 real digits, judge class
+     accuracy); the teacher samples with the preset's real-score CFG (objective.guidance, chosen
+     as the teacher's best scale); its row is reused from runs/bench/teacher_<source>_w<w>_n<n>/
+     when that exists;
   4. print a markdown table (with the student/teacher FID ratio) and write <out>/bench.json.
 
 memory: for each backbone (the digits DiT, a small SDXL-class UNet) and each mode (full copies of
@@ -49,12 +50,14 @@ def _val(m):
     return float(m) if isinstance(m, (int, float)) else None
 
 
-def evaluate_source(source: str, steps: int, out: Path, num_samples: int | None, command: str) -> dict:
+def evaluate_source(source: str, steps: int, out: Path, num_samples: int | None, command: str,
+                    guidance: float | None = None, weights: str = "student") -> dict:
     """One row {"fid", "class_acc", ...} of `fewstep.evaluation` on the digits protocol."""
     from fewstep.evaluation import EvalSpec, evaluate
 
     spec = EvalSpec(pipeline=source, steps=[steps], protocol="digits", num_samples=num_samples,
-                    metrics=("fid", "class_acc"), out=str(out), progress=False, command=command)
+                    metrics=("fid", "class_acc"), out=str(out), progress=False, command=command,
+                    guidance=guidance, student_weights=weights)
     t0 = time.perf_counter()
     res = evaluate(spec)
     r = res["rows"][0]
@@ -64,15 +67,15 @@ def evaluate_source(source: str, steps: int, out: Path, num_samples: int | None,
             "eval_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def teacher_row(source: str, num_samples: int | None, command: str, refresh: bool = False) -> dict:
-    """The teacher's 50-step row, computed once per protocol and kept under runs/bench."""
-    out = Path("runs/bench") / f"teacher_{source}"
+def teacher_row(source: str, num_samples: int | None, command: str, guidance: float | None,
+                refresh: bool = False) -> dict:
+    """The teacher's 50-step row at CFG `guidance` (None: its card's), computed once per protocol
+    and kept under runs/bench."""
+    out = Path("runs/bench") / f"teacher_{Path(source).name}_w{guidance}_n{num_samples or 2000}"
     cached = out / "row.json"
     if cached.is_file() and not refresh:
-        row = json.loads(cached.read_text())
-        if row.get("num_samples") == (num_samples or 2000):
-            return {**row, "reused": str(cached)}
-    row = evaluate_source(source, TEACHER_STEPS, out / "eval", num_samples, command)
+        return {**json.loads(cached.read_text()), "reused": str(cached)}
+    row = evaluate_source(source, TEACHER_STEPS, out / "eval", num_samples, command, guidance=guidance)
     out.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(row, indent=1))
     return row
@@ -108,11 +111,13 @@ def cmd_train(args, command: str) -> int:
         info["train_seconds"] = card.get("wall_time_s")
     card = json.loads((run_dir / "run_card.json").read_text())
     n_steps = len(card["sampling"]["times"]) - 1
-    rows = [{**evaluate_source(str(run_dir), n_steps, run_dir / "eval", args.num_samples, command),
-             "name": f"{cfg.objective.name} ({cfg.teacher.source})", **info}]
+    weights = args.weights or ("student_ema" if cfg.ema.rate > 0 else "student")
+    rows = [{**evaluate_source(str(run_dir), n_steps, run_dir / "eval", args.num_samples, command, weights=weights),
+             "name": f"{cfg.objective.name} ({cfg.teacher.source}, {weights})", **info}]
     if not args.no_teacher:
-        rows.append({**teacher_row(cfg.teacher.source, args.num_samples, command), "name":
-                     f"{cfg.teacher.source} (teacher)"})
+        w = args.teacher_guidance if args.teacher_guidance is not None else cfg.objective.params.get("guidance")
+        rows.append({**teacher_row(cfg.teacher.source, args.num_samples, command, w),
+                     "name": f"{cfg.teacher.source} (teacher, CFG {w})"})
         s, t = rows[0], rows[1]
         if s["fid"] is not None and t["fid"]:
             print(f"student/teacher FID ratio {s['fid'] / t['fid']:.3f}; class accuracy difference "
@@ -124,7 +129,7 @@ def cmd_train(args, command: str) -> int:
 
 
 def cmd_teacher(args, command: str) -> int:
-    row = teacher_row(args.teacher, args.num_samples, command, refresh=True)
+    row = teacher_row(args.teacher, args.num_samples, command, args.guidance, refresh=True)
     print(table([{**row, "name": f"{args.teacher} (teacher)"}]))
     return 0
 
@@ -256,8 +261,14 @@ def parse_args(argv=None):
     t.add_argument("--eval-only", action="store_true")
     t.add_argument("--no-teacher", action="store_true")
     t.add_argument("--num-samples", type=int, default=None, help="override the protocol's 2,000 (tuning only)")
+    t.add_argument("--weights", choices=("student", "student_ema"), default=None,
+                   help="which final weights to score (default: student_ema when ema.rate > 0)")
+    t.add_argument("--teacher-guidance", type=float, default=None,
+                   help="the teacher's CFG for its 50-step row (default: the preset's objective.guidance, the "
+                        "real score's scale)")
     e = sub.add_parser("teacher", help="score a digits teacher at 50 steps")
     e.add_argument("--teacher", default="digits-vp")
+    e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the teacher card's)")
     e.add_argument("--num-samples", type=int, default=None)
     m = sub.add_parser("memory", help="shared-base memory saving")
     m.add_argument("--steps", type=int, default=3)
