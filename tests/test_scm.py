@@ -86,6 +86,22 @@ def test_sampling_angles_map_to_path_times():
         assert x.shape == noise.shape and torch.isfinite(x).all()
 
 
+def test_max_angle_caps_training_and_sampler_start():
+    tiny = make_tiny("dit")
+    obj = SCMObjective(SCMParams(sigma_data=1.0, max_angle=1.5, p_mean=3.0), tiny.denoiser, copy_denoiser(tiny.denoiser))
+    assert obj.theta_max == 1.5
+    assert obj.sample_angles(4000, "cpu").max() <= 1.5
+    assert obj.sampling["angles"][0] == 1.5
+    t0 = obj.sampling["times"][0]
+    a, s = tiny.path.alpha_sigma(torch.tensor(t0, dtype=torch.float64))
+    assert 0.9 < t0 < 1.0 and float(s / a) == pytest.approx(math.tan(1.5), rel=1e-6)
+    tb = TBCMObjective(TBCMParams(sigma_data=1.0, max_angle=1.5), tiny.denoiser, copy_denoiser(tiny.denoiser))
+    r = tb.route()
+    assert r[0] == 1.5 and r.max() == 1.5
+    with pytest.raises(ValueError, match="objective.intermediate_angle"):
+        SCMObjective(SCMParams(max_angle=1.2, intermediate_angle=1.3), tiny.denoiser, copy_denoiser(tiny.denoiser))
+
+
 def _fd_check(net, path, cond, theta, x, dxdt, h=1e-6, fourth_order=False):
     """JVP (F, JF) against a central difference of F along (cos sin dxdt, cos sin)."""
     F, JF = tf.student_F_jvp(net, x, theta, dxdt, cond, SD, path)

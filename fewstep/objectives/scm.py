@@ -45,6 +45,8 @@ class SCMParams:
     p_mean: float = 0.2                  # log-normal proposal of tan(theta) sd: tau ~ N(p_mean, p_std^2)
     p_std: float = 1.6                   #   (SANA-Sprint's values; the paper uses -0.8, 1.6)
     theta_min: float = 1e-3              # smallest training angle (w = 1/(sd tan) explodes at 0)
+    max_angle: float | None = None       # largest training angle and the sampler's first angle; None:
+                                         #   the teacher's own t = 1 (see `_init` on eps teachers)
     tangent_warmup: int = 4000           # H of the warm-up r = min(1, step / H)
     tangent_norm_c: float = 0.1          # c of the tangent normalisation g / (||g|| + c)
     guidance: float = 1.0                # teacher CFG scale baked into the tangent (Imagen form)
@@ -134,12 +136,14 @@ class _ConsistencyLoss:
                 "angles": self.sampling_angles(self.p.num_steps)}
 
     def sampling_angles(self, num_steps: int) -> list[float]:
+        """[start, ..., 0]: start is pi/2 (pure noise), or max_angle where set."""
         p = self.p
+        top = tf.HALF_PI if p.max_angle is None else float(p.max_angle)
         if p.sampling_angles is not None and num_steps == p.num_steps:
             return [float(a) for a in p.sampling_angles] + [0.0]
         if num_steps == 2:
-            return [tf.HALF_PI, float(p.intermediate_angle), 0.0]
-        return torch.linspace(tf.HALF_PI, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+            return [top, float(p.intermediate_angle), 0.0]
+        return torch.linspace(top, 0.0, num_steps + 1, dtype=torch.float64).tolist()
 
     def sampling_times(self, num_steps: int) -> list[float]:
         """The TrigFlow sampling angles as times of the student's own path (equal SNR)."""
@@ -177,7 +181,13 @@ def _init(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_
         dev = next(student.parameters()).device
         self.nets["logvar"] = LogVar(params.logvar_features, params.sigma_data, logvar_seed).to(dev)
         self.groups["generator"].append("logvar")
+    # An eps-prediction teacher reads x0 = (x - sigma eps) / alpha, so near its t = 1 (alpha ~ 0.006
+    # for the linear DDPM schedule) every error of the network's eps is amplified ~1/alpha in x0,
+    # which a one-point consistency sampler re-noises as signal; `max_angle` caps both training
+    # and the sampler's start (SD-like terminal SNR at 1.5 rad, sd = 1: alpha ~ 0.07).
     self.theta_max = tf.max_angle(self.path, params.sigma_data)
+    if params.max_angle is not None:
+        self.theta_max = min(self.theta_max, float(params.max_angle))
     self.sampling = self._sampling()
 
 
@@ -288,6 +298,12 @@ def _check(p: SCMParams) -> None:
         raise ValueError(f"objective.num_steps={p.num_steps} must be >= 1")
     if not 0 < p.intermediate_angle < tf.HALF_PI:
         raise ValueError(f"objective.intermediate_angle={p.intermediate_angle} must lie in (0, pi/2)")
+    if p.max_angle is not None:
+        if not p.theta_min < p.max_angle <= tf.HALF_PI:
+            raise ValueError(f"objective.max_angle={p.max_angle} must lie in (objective.theta_min, pi/2]")
+        if p.num_steps == 2 and p.sampling_angles is None and p.intermediate_angle >= p.max_angle:
+            raise ValueError(f"objective.intermediate_angle={p.intermediate_angle} must be below "
+                             f"objective.max_angle={p.max_angle}")
     if p.sampling_angles is not None:
         a = [float(v) for v in p.sampling_angles]
         if len(a) != p.num_steps:
