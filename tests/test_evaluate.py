@@ -17,9 +17,15 @@ from fewstep.evaluation.inputs import TensorImages
 from fewstep.evaluation.scores import diversity, mean_pairwise_distance, vendi_score
 
 
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+def _own_cache(_module_cache, monkeypatch):
+    """One reference-feature cache for this module (not the user's ~/.cache)."""
+    monkeypatch.setenv("FEWSTEP_CACHE", str(_module_cache))
 
 
 @pytest.fixture(scope="module")
@@ -183,12 +189,13 @@ def test_stock_pipeline_sampler_matches_the_fewstep_sampler(tiny_dit_dir):
     assert torch.allclose(ours, stock, atol=1e-4)
 
 
-def test_reference_cache_is_keyed_by_the_extractor_weights(tmp_path):
+def test_reference_cache_is_keyed_by_the_extractor_weights(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
     from fewstep.digits.judge import JUDGE_WEIGHTS
     from fewstep.evaluation.scores import cache_dir
 
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     u8, _ = _digits_u8()
     imgs = TensorImages(u8[:64])
     ext_a = Extractor().check()
@@ -508,3 +515,19 @@ def test_benchmark_finds_run_dirs_and_exported_students(tiny_dit_dir, tmp_path):
     (runs / "exp" / "model_index.json").write_text("{}")
     (runs / "exp" / "fewstep_card.json").write_text("{}")
     assert bt.find_students(runs) == [str(runs / "a"), str(runs / "exp"), str(runs / "group" / "b")]
+
+
+def test_embedded_teacher_end_to_end(tmp_path):
+    """The shipped digits teacher through the command's Python entry: its recommended guidance
+    (teachers.json) is used and recorded, CFG doubles the NFE, class accuracy is far above chance
+    at 8 steps."""
+    from fewstep.digits.data import WEIGHTS_DIR
+
+    card = json.loads((WEIGHTS_DIR / "teachers.json").read_text())["vp"]
+    res = evaluate(EvalSpec(pipeline="digits-vp", steps=[8], num_samples=40, metrics=["fid", "class_acc"],
+                            out=str(tmp_path / "o"), progress=False))
+    row, src = res["rows"][0], res["source"]
+    want = float(card.get("guidance", 1.0))
+    assert row["guidance"] == want and (("teachers.json" in src["guidance_source"]) == ("guidance" in card))
+    assert row["nfe"] == (16 if want != 1.0 else 8) and row["times"][:2] == [1.0, 0.875]
+    assert row["metrics"]["class_acc"]["value"] > 0.5 and row["metrics"]["fid"]["n_reference"] == 1797
