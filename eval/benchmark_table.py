@@ -202,6 +202,35 @@ def grids(results: list[dict], path: Path, per_row: int = 10) -> None:
     im.save(path)
 
 
+# ---- reuse -------------------------------------------------------------------------------------------
+_SAME_SPEC = ("pipeline", "steps", "protocol", "num_samples", "seed", "metrics", "reference", "guidance",
+              "batch_size", "device", "dtype", "sampler", "student_weights", "hybrid", "teacher_guidance")
+
+
+def reusable(spec: EvalSpec) -> dict | None:
+    """The earlier complete results in spec.out if they were made with the same settings, the same
+    network weights (backbone sha256), the same judge weights and the same guidance; else None."""
+    from fewstep.evaluation.scores import Extractor
+    from fewstep.evaluation.sources import load_source
+
+    f = Path(spec.out) / "results.json"
+    if not f.is_file():
+        return None
+    old = json.loads(f.read_text())
+    if not old.get("complete") or any(old["spec"].get(k) != _jsonish(getattr(spec, k)) for k in _SAME_SPEC):
+        return None
+    src = load_source(spec.pipeline)
+    if (old["source"].get("backbone_sha256") != src.backbone_sha256()
+            or old["source"].get("default_guidance") != src.default_guidance
+            or (old.get("extractor") or {}).get("weights_sha256") != Extractor().check().weights_sha256):
+        return None
+    return old
+
+
+def _jsonish(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
 # ---- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="eval/benchmark")
     ap.add_argument("--write", default=None, help="markdown file whose benchmark-table section is replaced")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a source's results from an earlier run of this script when everything that "
+                         "determines them (network weights, protocol, steps, guidance, batch, judge) is unchanged")
     args = ap.parse_args(argv)
     command = "python eval/benchmark_table.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
@@ -235,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = EvalSpec(pipeline=src, steps=steps, protocol="digits", num_samples=args.num_samples,
                         batch_size=args.batch_size, device=args.device, out=str(out / _slug(src)),
                         command=command)
-        res = evaluate(spec)
+        res = reusable(spec) if args.reuse else None
+        if res is None:
+            res = evaluate(spec)
+        else:
+            print(f"{src}: reusing {spec.out}/results.json (same weights and settings)", file=sys.stderr)
         results.append(res)
         print("\n".join(table_rows([res])[2:]), file=sys.stderr)
     atomic_write_json(out / "results.json", {"command": command, "wall_seconds": time.perf_counter() - t0,

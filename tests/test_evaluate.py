@@ -482,12 +482,16 @@ def _benchmark_module():
     return mod
 
 
-def test_benchmark_table_rewrites_only_its_own_section(tiny_dit_dir, tmp_path):
+def test_benchmark_table_rewrites_only_its_own_section(tiny_dit_dir, tmp_path, capsys):
     bt = _benchmark_module()
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\n## Teachers\n\nteacher rows\n\n## Export\n\nexport rows\n")
-    rc = bt.main(["--teachers", "", "--students", str(tiny_dit_dir), "--student-steps", "1,2", "--num-samples", "20",
-                  "--out", str(tmp_path / "bench"), "--write", str(md)])
+    args = ["--teachers", "", "--students", str(tiny_dit_dir), "--student-steps", "1,2", "--num-samples", "20",
+            "--out", str(tmp_path / "bench")]
+    rc = bt.main(args + ["--write", str(md)])
+    first = json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
+    assert bt.main(args + ["--reuse"]) == 0 and "reusing" in capsys.readouterr().err
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["results"] == first
     text = md.read_text()
     assert rc == 0 and text.startswith("# Benchmarks\n\n## Teachers\n\nteacher rows\n\n## Export\n\nexport rows\n")
     assert text.count(bt.SECTION) == 1 and text.count(bt.START) == 1

@@ -213,7 +213,21 @@ class Source:
         arr = torch.from_numpy(res.images).float()  # (B, H, W, C) in [0, 1]
         return (arr.permute(0, 3, 1, 2) * 2 - 1).clamp(-1, 1)
 
+    def backbone_sha256(self) -> str:
+        """sha256 over the backbone's parameters and buffers (names, dtypes, shapes, bytes): which
+        network was scored, whatever file it came from."""
+        if "backbone_sha256" not in self.info:
+            import hashlib
+
+            h = hashlib.sha256()
+            for k, v in sorted(self.denoiser.backbone.state_dict().items()):
+                h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self.info["backbone_sha256"] = h.hexdigest()
+        return self.info["backbone_sha256"]
+
     def describe(self) -> dict[str, Any]:
+        self.backbone_sha256()
         return {"kind": self.kind, "name": self.name, "conditioning": self.conditioning,
                 "num_classes": self.num_classes, "latent_shape": list(self.latent_shape),
                 "default_guidance": self.default_guidance, "guidance_source": self.guidance_source,
