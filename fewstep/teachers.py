@@ -342,33 +342,16 @@ def _read_model_index(folder: str) -> dict:
 
 
 def _load_digits(name: str, device, dtype, **kw) -> Teacher:
-    """The embedded digits teachers, through `fewstep.digits.teacher.load_digits_teacher(kind)`
-    (kind "vp" or "flow"), imported only when asked for. It may return a Teacher, a diffusers
-    pipeline or a pipeline folder. Without that module, the shipped folder
-    fewstep/digits/weights/teacher_<kind> is loaded when it exists."""
-    kind = name.split("-", 1)[1]
-    try:
-        from .digits.teacher import load_digits_teacher
-    except ImportError as e:
-        from .digits.data import WEIGHTS_DIR
+    """The embedded digits teachers: the DiTPipeline folders shipped in
+    fewstep/digits/weights/teacher_<kind> (kind "vp" or "flow"), loaded like any pipeline folder."""
+    from .digits.data import WEIGHTS_DIR
 
-        folder = WEIGHTS_DIR / f"teacher_{kind}"
-        if (folder / "model_index.json").is_file():
-            return load_teacher(str(folder), family="dit", device=device, dtype=dtype, **kw)
-        raise ValueError(f"the embedded teacher {name!r} is not available in this version "
-                         f"(fewstep.digits.teacher: {e}; no folder {folder})") from e
-    obj = load_digits_teacher(kind)
-    if isinstance(obj, Teacher):
-        t = obj
-    elif isinstance(obj, (str, os.PathLike)):
-        return load_teacher(os.fspath(obj), family="dit", device=device, dtype=dtype, **kw)
-    elif hasattr(obj, "scheduler") and hasattr(obj, "components"):
-        t = teacher_from_pipeline(obj, "dit", **kw)
-    else:
-        raise TypeError(f"load_digits_teacher returned {type(obj).__name__}; expected a Teacher, a pipeline "
-                        "or a pipeline folder")
-    _to(t, device, dtype)
-    return t
+    kind = name.split("-", 1)[1]
+    folder = WEIGHTS_DIR / f"teacher_{kind}"
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"the embedded teacher {name!r} has no weights: {folder}/model_index.json is missing "
+                         "(train it with train/teacher.py, see fewstep/digits/weights/teachers.json)")
+    return load_teacher(str(folder), family="dit", device=device, dtype=dtype, **kw)
 
 
 def _to(t: Teacher, device, dtype) -> None:

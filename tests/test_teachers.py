@@ -3,6 +3,8 @@ text encoders with offline tokenizers): the loaded teacher must sample what the 
 pipeline itself samples from the same prompts and noise, with the pipeline's own null prompt."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import importlib.util
 import math
 
@@ -197,27 +199,16 @@ def test_sample_command_digits_grid(tmp_path):
     assert img.size == (10 * 34 + 2, 10 * 34 + 2)  # 10 classes x 10 samples of 32 px
 
 
-@pytest.mark.parametrize("returns", ["folder", "pipeline", "teacher"])
-def test_digits_names_go_through_load_digits_teacher(folders, monkeypatch, returns):
-    """load_teacher("digits-vp") imports fewstep.digits.teacher only when asked, and accepts what
-    its load_digits_teacher(kind) returns: a folder, a pipeline or a Teacher."""
-    import sys
-    import types
+def test_digits_names_load_the_shipped_folder(tmp_path, monkeypatch):
+    """load_teacher("digits-flow") loads fewstep/digits/weights/teacher_flow like any pipeline
+    folder; without it, the error names the missing file."""
+    import fewstep.digits.data as data
 
-    asked = []
-
-    def load_digits_teacher(kind):
-        asked.append(kind)
-        if returns == "folder":
-            return folders["dit"]
-        pipe = make_tiny_pipeline("dit")
-        return pipe if returns == "pipeline" else teacher_from_pipeline(pipe)
-
-    fake = types.ModuleType("fewstep.digits.teacher")
-    fake.load_digits_teacher = load_digits_teacher
-    monkeypatch.setitem(sys.modules, "fewstep.digits.teacher", fake)
     t = load_teacher("digits-flow", dtype=torch.bfloat16)
-    assert asked == ["flow"]
     assert t.family == "dit" and t.denoiser.dtype == torch.bfloat16
+    assert Path(t.pipeline_dir).name == "teacher_flow"
     out = t.denoiser(torch.randn(2, *t.latent_shape), 0.5, t.encode_prompts([1, 2]), guidance=3.0)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    monkeypatch.setattr(data, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ValueError, match="teacher_flow/model_index.json is missing"):
+        load_teacher("digits-flow")
