@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=None, help="override the protocol's 2,000 (tuning only)")
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher's 50-step row")
     p.add_argument("--teacher", default=None, help="evaluate only this teacher (digits-vp / digits-flow)")
+    p.add_argument("--teacher-guidance", type=float, default=None,
+                   help="CFG scale of the teacher row (default: the teacher's recommended scale)")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
@@ -165,8 +167,9 @@ def _complete_sampling(cfg, run_dir: Path) -> None:
 
 
 # ---- 3. evaluation --------------------------------------------------------------------------------
-def eval_source(source: str, steps: list[int], out: Path, num_samples: int | None, command: str) -> list[dict]:
-    spec = EvalSpec(pipeline=source, steps=steps, protocol="digits", num_samples=num_samples,
+def eval_source(source: str, steps: list[int], out: Path, num_samples: int | None, command: str,
+                guidance: float | None = None) -> list[dict]:
+    spec = EvalSpec(pipeline=source, steps=steps, protocol="digits", num_samples=num_samples, guidance=guidance,
                     metrics=("fid", "class_acc"), out=str(out), progress=False, command=command)
     res = evaluate(spec)
     rows = []
@@ -187,12 +190,12 @@ def _val(m):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | steps | FID | class acc | train min |", "|---|---|---|---|---|"]
+    lines = ["| model | steps | guidance | FID | class acc | samples | train min |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         tm = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-"
         acc = f"{r['class_acc']:.3f}" if r.get("class_acc") is not None else "-"
         fid = f"{r['fid']:.2f}" if r.get("fid") is not None else "-"
-        lines.append(f"| {r['name']} | {r['steps']} | {fid} | {acc} | {tm} |")
+        lines.append(f"| {r['name']} | {r['steps']} | {r.get('guidance')} | {fid} | {acc} | {r.get('num_samples')} | {tm} |")
     return "\n".join(lines)
 
 
@@ -203,7 +206,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     if args.teacher:
         out = Path(args.out or f"runs/bench/teacher_{args.teacher}")
-        for r in eval_source(args.teacher, [TEACHER_STEPS], out / "eval", args.num_samples, command):
+        for r in eval_source(args.teacher, [TEACHER_STEPS], out / "eval", args.num_samples, command,
+                             args.teacher_guidance):
             rows.append({**r, "name": f"{args.teacher} (teacher)"})
         atomic_write_json(out / "bench.json", {"command": command, "rows": rows})
         print(table(rows))
@@ -228,7 +232,8 @@ def main(argv=None) -> int:
     for r in eval_source(str(run_dir), steps, run_dir / "eval", args.num_samples, command):
         rows.append({**r, "name": f"{cfg.objective.name} ({cfg.teacher.source})", **info})
     if not args.no_teacher:
-        for r in eval_source(cfg.teacher.source, [TEACHER_STEPS], run_dir / "eval_teacher", args.num_samples, command):
+        for r in eval_source(cfg.teacher.source, [TEACHER_STEPS], run_dir / "eval_teacher", args.num_samples, command,
+                             args.teacher_guidance):
             rows.append({**r, "name": f"{cfg.teacher.source} (teacher)"})
     atomic_write_json(run_dir / "bench.json", {"command": command, "config": args.config,
                                                "overrides": args.overrides, "rows": rows})
