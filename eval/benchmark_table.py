@@ -2,12 +2,13 @@
 every student at 1, 2 and 4 steps, on the embedded default protocol (`fewstep eval --protocol
 digits`: 2,000 samples with balanced labels, seed 0, digits-judge features, all 1,797 real digits).
 
-    python eval/benchmark_table.py                       # teachers + students found under runs/
-    python eval/benchmark_table.py --students runs/digits-dmd2 exports/dmd2-digits --write BENCHMARKS.md
+    python eval/benchmark_table.py --teacher-guidance 2 --write BENCHMARKS.md   # teachers + students under runs/
+    python eval/benchmark_table.py --students runs/digits-dmd2 exports/dmd2-digits
 
-Writes under --out (default eval/benchmark): results.json (every row with its provenance), one
-`fewstep eval` output folder per source, fid_vs_steps.png (FID against steps, log scale), and
-grids.png (ten samples, one per class, for every source and step count). With --write, the
+Writes under --out (default eval/benchmark): results.json (every row with its provenance),
+fid_vs_steps.png (FID against steps, log scale) and grids.png (ten samples, one per class, for
+every source and step count); one `fewstep eval` output folder per source goes under --work
+(default runs/benchmark). With --write, the
 "Benchmark table" section of that file is replaced (between its markers) by the table with the
 exact command above it; the rest of the file is left alone.
 """
@@ -84,9 +85,10 @@ def section_text(results: list[dict], command: str, out: Path) -> str:
               f"{be['torch_fidelity']} on `{ext['name']}` features (weights sha256 {ext['weights_sha256'][:16]}) "
               f"against {ref['count']} real digits; class acc is the judge's accuracy on the requested labels; "
               "diversity is the mean pairwise judge-feature distance within a class and Vendi the Vendi score "
-              "within a class (200 samples per class). Teachers run DDIM (VP) / Euler (flow) with their "
-              "schedule and CFG; students run their training times (uniform times at other step counts, as "
-              "recorded per row in results.json) with guidance 1. NFE counts CFG's two passes. samples/s: "
+              f"within a class ({min(p['diversity_per_group'], p['num_samples'] // 10)} samples per class). "
+              "Teachers run DDIM (VP) / Euler (flow) on their own schedule with the CFG scale shown; students "
+              "run the times they were trained with (evenly spaced times from 1 at other step counts; each "
+              "row's times are in results.json) with guidance 1. NFE counts CFG's two passes. samples/s: "
               f"generation and decoding, batch {first['spec']['batch_size']}, {be['device']}, "
               f"{be['threads']} thread(s), on a shared machine (indicative only).",
               "",
@@ -243,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=None, help="default: the protocol's 2,000")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default="eval/benchmark")
+    ap.add_argument("--teacher-guidance", type=float, default=None,
+                    help="teachers' CFG scale (default: the teacher's recommended value)")
+    ap.add_argument("--out", default="eval/benchmark", help="results.json, fid_vs_steps.png, grids.png")
+    ap.add_argument("--work", default="runs/benchmark", help="one `fewstep eval` output folder per source")
     ap.add_argument("--write", default=None, help="markdown file whose benchmark-table section is replaced")
     ap.add_argument("--reuse", action="store_true",
                     help="keep a source's results from an earlier run of this script when everything that "
@@ -265,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for src, steps in jobs:
         spec = EvalSpec(pipeline=src, steps=steps, protocol="digits", num_samples=args.num_samples,
-                        batch_size=args.batch_size, device=args.device, out=str(out / _slug(src)),
+                        guidance=args.teacher_guidance if src in teachers else None,
+                        batch_size=args.batch_size, device=args.device, out=str(Path(args.work) / _slug(src)),
                         command=command)
         res = reusable(spec) if args.reuse else None
         if res is None:

@@ -487,7 +487,7 @@ def test_benchmark_table_rewrites_only_its_own_section(tiny_dit_dir, tmp_path, c
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\n## Teachers\n\nteacher rows\n\n## Export\n\nexport rows\n")
     args = ["--teachers", "", "--students", str(tiny_dit_dir), "--student-steps", "1,2", "--num-samples", "20",
-            "--out", str(tmp_path / "bench")]
+            "--out", str(tmp_path / "bench"), "--work", str(tmp_path / "work")]
     rc = bt.main(args + ["--write", str(md)])
     first = json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
     assert bt.main(args + ["--reuse"]) == 0 and "reusing" in capsys.readouterr().err
