@@ -73,10 +73,10 @@ def table_rows(results: list[dict]) -> list[str]:
     return lines
 
 
-def section_text(results: list[dict], command: str, out: Path) -> str:
+def section_text(results: list[dict], command: str, out: Path, prepare: list[str] = ()) -> str:
     first = results[0]
     p, ext, ref, be = first["protocol"], first["extractor"], first["reference"], first["backend"]
-    lines = [SECTION, "", START, "", "Reproduce with:", "", "```", command, "```", ""]
+    lines = [SECTION, "", START, "", "Reproduce with:", "", "```", *prepare, command, "```", ""]
     lines += table_rows(results)
     lines += ["",
               f"Protocol `{p['name']}`: {p['num_samples']} samples per row, labels i % 10 (balanced), sample i "
@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="eval/benchmark", help="results.json, fid_vs_steps.png, grids.png")
     ap.add_argument("--work", default="runs/benchmark", help="one `fewstep eval` output folder per source")
     ap.add_argument("--write", default=None, help="markdown file whose benchmark-table section is replaced")
+    ap.add_argument("--prepare", action="append", default=[],
+                    help="a command that made the students (printed above this one; not run); repeatable")
     ap.add_argument("--reuse", action="store_true",
                     help="keep a source's results from an earlier run of this script when everything that "
                          "determines them (network weights, protocol, steps, guidance, batch, judge) is unchanged")
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "threads": torch.get_num_threads(), "results": results})
     plot_fid(results, out / "fid_vs_steps.png")
     grids(results, out / "grids.png")
-    text = section_text(results, command, out)
+    text = section_text(results, command, out, args.prepare)
     print(text)
     if args.write:
         write_section(Path(args.write), text)
