@@ -102,6 +102,27 @@ def test_max_angle_caps_training_and_sampler_start():
         SCMObjective(SCMParams(max_angle=1.2, intermediate_angle=1.3), tiny.denoiser, copy_denoiser(tiny.denoiser))
 
 
+def test_output_gain_of_each_prediction_type():
+    """|dF/d output|, read off the paths generically: 1/cos for eps (ill-conditioned towards noise),
+    bounded for v and flow; it is what `precondition` divides out."""
+    th = torch.tensor([0.3, 1.0, 1.5], dtype=torch.float64)
+    x = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    c, s = torch.cos(th), torch.sin(th)
+    assert torch.allclose(tf.F_output_gain(vp_path("epsilon"), th, SD, x), 1 / c, rtol=1e-6)
+    assert torch.allclose(tf.F_output_gain(vp_path("v_prediction"), th, SD, x), 1 / torch.sqrt(c**2 + (SD * s) ** 2),
+                          rtol=1e-6)
+    assert torch.allclose(tf.F_output_gain(FlowPath(), th, SD, x), 1 / (c + SD * s), rtol=1e-9)
+    tiny = make_tiny("dit")
+    batch = {"cond": tiny.cond(2), "x0": torch.randn(2, *tiny.latent_shape), "shape": (2, *tiny.latent_shape)}
+    losses = []
+    for pre in (False, True):
+        torch.manual_seed(0)
+        obj = SCMObjective(SCMParams(precondition=pre, adaptive_weighting=False), tiny.denoiser,
+                           copy_denoiser(tiny.denoiser))
+        losses.append(float(obj.loss("generator", batch, 10)[0]))
+    assert losses[1] < losses[0]  # eps student: every point scaled by cos^2 < 1
+
+
 def _fd_check(net, path, cond, theta, x, dxdt, h=1e-6, fourth_order=False):
     """JVP (F, JF) against a central difference of F along (cos sin dxdt, cos sin)."""
     F, JF = tf.student_F_jvp(net, x, theta, dxdt, cond, SD, path)

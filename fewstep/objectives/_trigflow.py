@@ -33,6 +33,7 @@ __all__ = [
     "net_F",
     "teacher_velocity",
     "student_F_jvp",
+    "F_output_gain",
     "trigflow_ddim",
     "times_from_angles",
     "forward_ad_safe",
@@ -128,6 +129,18 @@ def forward_ad_safe(*modules: nn.Module) -> Iterator[None]:
     finally:
         for sub in flagged:
             sub.gradient_checkpointing = True
+
+
+def F_output_gain(path, theta: Tensor, sigma_d: float, like: Tensor) -> Tensor:
+    """|dF / d(network output)| per sample (B,): how strongly the student's native output moves F
+    at angle theta. x0 is affine in the output on every path, so the slope is read off the path's
+    own conversion (no branching on prediction type): 1/cos(theta) for eps-prediction (ill-
+    conditioned near pure noise), bounded for v-prediction and flow."""
+    xp, tp = to_path(_fp(like), theta.to(_fp(like).dtype), path, sigma_d)
+    one = torch.ones_like(xp[:1]).expand_as(xp)
+    slope = path.to_x0_eps(xp, one, tp)[0] - path.to_x0_eps(xp, torch.zeros_like(xp), tp)[0]
+    slope = slope.flatten(1)[:, 0].abs()
+    return slope / (sigma_d * torch.sin(theta.to(slope.dtype)))
 
 
 def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d: float, path

@@ -51,6 +51,9 @@ class SCMParams:
     tangent_norm_c: float = 0.1          # c of the tangent normalisation g / (||g|| + c)
     guidance: float = 1.0                # teacher CFG scale baked into the tangent (Imagen form)
     adaptive_weighting: bool = True      # learn logvar(theta); off: logvar = 0
+    precondition: bool = False           # scale each point's loss by 1 / |dF/d output|^2, so the loss
+                                         #   is as well-conditioned in the network's own output as in F
+                                         #   (eps students: cos^2 theta; see `scm_loss`)
     logvar_features: int = 128           # size of the Fourier embedding of the adaptive weighting
     num_steps: int = 2                   # student sampling steps
     intermediate_angle: float = 1.3      # the middle angle of the 2-step sampler [pi/2, this, 0]
@@ -164,7 +167,15 @@ class _ConsistencyLoss:
         weight = 1.0 / (sd * torch.tan(theta))
         logvar = self.nets["logvar"](theta) if "logvar" in self.nets else torch.zeros_like(theta)
         sq = ((F - F_minus - g) ** 2).flatten(1).mean(1)
-        loss = (weight / torch.exp(logvar) * sq + logvar).mean()
+        per = weight / torch.exp(logvar) * sq + logvar
+        if p.precondition:
+            # The target F- + g is the same; only the per-point scale changes. An eps student has
+            # F = eps / cos + ..., so its loss curvature in eps grows as 1/cos^2 towards pure noise
+            # (1e4 near t = 1 of a linear DDPM schedule), which destabilises training there; the
+            # factor 1/|dF/d out|^2 makes it uniform (it multiplies logvar's term too, so the
+            # adaptive weighting keeps its optimum).
+            per = per / tf.F_output_gain(self.path, theta, sd, x).detach() ** 2
+        loss = per.mean()
         return loss, {"loss": float(loss.detach()), "loss_unweighted": float(sq.mean().detach()),
                       "r": r, "jvp_norm": float(JF.flatten(1).norm(dim=1).mean()),
                       "logvar_mean": float(logvar.detach().mean())}
