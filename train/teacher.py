@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,14 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     # VAE
     p.add_argument("--vae-from", default=None, help="pipeline (or vae) folder whose VAE to reuse instead of training one")
-    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-pixel KL term")
+    p.add_argument("--kl-weight", type=float, default=1e-2, help="weight of the per-pixel KL term")
     p.add_argument("--grad-weight", type=float, default=0.5, help="weight of the L1 loss on image gradients (sharpness)")
     # DiT
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -210,9 +211,13 @@ def main(argv=None) -> int:
         transformer.load_state_dict(ema.state_dict())
         id2label = {i: str(i) for i in range(NUM_CLASSES)}
         pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
+        # write next to the target, then swap it in, so a reader never sees half a pipeline
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        pipe.save_pretrained(out, safe_serialization=True)
+        tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
         wall = time.time() - t_start
         card = {
             "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
@@ -230,6 +235,7 @@ def main(argv=None) -> int:
                     "params": count_parameters(transformer), "final_loss": round(last_loss, 5),
                     "wall_s": round(dit_wall, 1)},
             "wall_s": round(wall, 1),
+            "cpu_s": round(time.process_time(), 1),   # all threads; wall time depends on the machine's load
             "torch": torch.__version__,
         }
         if not args.no_card:
