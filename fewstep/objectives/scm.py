@@ -50,6 +50,8 @@ class SCMParams:
     tangent_warmup: int = 4000           # H of the warm-up r = min(1, step / H)
     tangent_norm_c: float = 0.1          # c of the tangent normalisation g / (||g|| + c)
     guidance: float = 1.0                # teacher CFG scale baked into the tangent (Imagen form)
+    weighting: str = "tan"               # w(theta): "tan" = 1 / (sd tan theta) (sCM); "x0" = (sd sin theta)^2,
+                                         #   uniform in the consistency function's own output (x0)
     adaptive_weighting: bool = True      # learn logvar(theta); off: logvar = 0
     precondition: bool = False           # scale each point's loss by 1 / |dF/d output|^2, so the loss
                                          #   is as well-conditioned in the network's own output as in F
@@ -164,7 +166,10 @@ class _ConsistencyLoss:
         r = min(1.0, step / p.tangent_warmup) if p.tangent_warmup > 0 else 1.0
         g = scm_tangent(F_minus, JF, dxdt, x, theta, r, sd, p.tangent_norm_c)
         F = tf.net_F(student, x, theta, cond, sd, self.path)
-        weight = 1.0 / (sd * torch.tan(theta))
+        if p.weighting == "tan":
+            weight = 1.0 / (sd * torch.tan(theta))
+        else:  # f = cos x - sin sd F: an F error e is an x0 error sd sin e
+            weight = (sd * torch.sin(theta)) ** 2
         logvar = self.nets["logvar"](theta) if "logvar" in self.nets else torch.zeros_like(theta)
         sq = ((F - F_minus - g) ** 2).flatten(1).mean(1)
         per = weight / torch.exp(logvar) * sq + logvar
@@ -303,6 +308,8 @@ def _check(p: SCMParams) -> None:
         raise ValueError(f"objective.theta_min={p.theta_min} must lie in (0, pi/2)")
     if p.tangent_warmup < 0 or p.tangent_norm_c <= 0:
         raise ValueError("objective.tangent_warmup must be >= 0 and objective.tangent_norm_c > 0")
+    if p.weighting not in ("tan", "x0"):
+        raise ValueError(f"objective.weighting={p.weighting!r} must be 'tan' or 'x0'")
     if p.guidance <= 0:
         raise ValueError(f"objective.guidance={p.guidance} must be > 0")
     if p.num_steps < 1:
