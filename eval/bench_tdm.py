@@ -18,6 +18,10 @@ Top to bottom:
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads are slow on a shared machine
+
 import argparse
 import json
 import shlex
@@ -25,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import torch  # noqa: E402
 
 from fewstep.config import load_config
 from fewstep.evaluation import EvalSpec, evaluate
@@ -44,14 +48,20 @@ def parse_args(argv=None):
     p.add_argument("--steps-eval", default=None, help="student step counts to score (default: 1,2 and the preset's)")
     p.add_argument("--num-samples", type=int, default=None, help="fewer than the protocol's 2,000 (tuning only)")
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher's 50-step row")
+    p.add_argument("--teacher-guidance", type=float, default=None,
+                   help="the teacher row's CFG scale (default: the teacher card's recommendation)")
+    p.add_argument("--student-weights", choices=["student", "student_ema"], default=None,
+                   help="which final weights to score (default: student_ema when the preset has ema.rate > 0)")
     p.add_argument("--teacher-cache", default="runs/bench/teachers", help="folder for the teachers' results")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; more threads oversubscribe it)")
     return p.parse_args(argv)
 
 
-def _score(pipeline: str, steps: list[int], out: Path, num_samples: int | None, command: str) -> dict:
+def _score(pipeline: str, steps: list[int], out: Path, num_samples: int | None, command: str,
+           guidance: float | None = None, student_weights: str = "student") -> dict:
     spec = EvalSpec(pipeline=pipeline, steps=steps, protocol="digits", num_samples=num_samples, metrics=METRICS,
-                    out=str(out), progress=False, command=command)
+                    out=str(out), progress=False, command=command, guidance=guidance,
+                    student_weights=student_weights)
     return evaluate(spec)
 
 
@@ -109,14 +119,21 @@ def main(argv=None) -> int:
     teacher = cfg.teacher.source
     if not args.no_teacher:
         n_tag = f"_n{args.num_samples}" if args.num_samples else ""
-        tdir = Path(args.teacher_cache) / f"{teacher}_{TEACHER_STEPS}{n_tag}"
-        if (tdir / "results.json").is_file():
-            tres = json.loads((tdir / "results.json").read_text())
-        else:
-            tres = _score(teacher, [TEACHER_STEPS], tdir, args.num_samples, command)
+        g_tag = f"_w{args.teacher_guidance:g}" if args.teacher_guidance is not None else ""
+        tdir = Path(args.teacher_cache) / f"{Path(teacher).name}_{TEACHER_STEPS}{n_tag}{g_tag}"
+        tres = json.loads((tdir / "results.json").read_text()) if (tdir / "results.json").is_file() else None
+        if tres is not None:  # reuse only a result of these very teacher weights
+            from fewstep.evaluation.sources import load_source
+
+            if tres.get("source", {}).get("backbone_sha256") != load_source(teacher).backbone_sha256():
+                tres = None
+        if tres is None:
+            tres = _score(teacher, [TEACHER_STEPS], tdir, args.num_samples, command, guidance=args.teacher_guidance)
         rows += _rows(tres, f"{teacher} (teacher)", None)
-    sres = _score(str(run_dir), steps_eval, run_dir / "eval", args.num_samples, command)
-    rows += _rows(sres, f"TDM {k}-step ({cfg.name})", train_s)
+    which = args.student_weights or ("student_ema" if cfg.ema.rate > 0 else "student")
+    sres = _score(str(run_dir), steps_eval, run_dir / f"eval_{which}", args.num_samples, command,
+                  student_weights=which)
+    rows += _rows(sres, f"TDM {k}-step ({cfg.name}, {which})", train_s)
 
     # 4. report --------------------------------------------------------------------------------------
     md = table(rows)

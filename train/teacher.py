@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--label-dropout", type=float, default=0.1, help="fraction of labels replaced by the null class")
     p.add_argument("--flow-t", choices=["uniform", "logit_normal"], default="uniform",
                    help="flow: how t is drawn in training")
+    p.add_argument("--limit-data", type=int, default=None, help="use the first N digits only (smoke tests)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--no-card", action="store_true", help="do not write the entry in teachers.json")
     return p.parse_args(argv)
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
 
     # ---- 1. data -------------------------------------------------------------------------
     images, labels = load_digits_tensors()            # (1797, 1, 32, 32) in [-1, 1], (1797,)
+    if args.limit_data is not None:
+        images, labels = images[:args.limit_data], labels[:args.limit_data]
     n = images.shape[0]
     images, labels = images.to(device), labels.to(device)
 
@@ -229,6 +232,7 @@ def main(argv=None) -> int:
             "scheduler": type(scheduler).__name__,
             "flow_t": args.flow_t if args.kind == "flow" else None,
             "latents": "posterior mean x scaling_factor",
+            "images": n,
             "vae": vae_card,
             "dit": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
                     "ema": args.ema, "label_dropout": args.label_dropout, "weight_decay": args.weight_decay,

@@ -38,7 +38,7 @@ def cfg(out: Path, *extra: str):
     return load_config(ROOT / "configs" / "digits" / "dsm.yaml", [f"output_dir={out}", *COMMON, *extra])
 
 
-DMD2 = ["objective.fake_updates_per_generator=1", "objective.guidance=2.0", "data.batch_size=4", "steps=4",
+DMD2 = ["objective.fake_updates_per_generator=1", "objective.gan=false", "data.real_data=false", "objective.guidance=2.0", "data.batch_size=4", "steps=4",
         "log.every=1", "log.trackers=[]", "log.progress=false", "checkpoint.every=0", "log.sample_every=0",
         "log.sample_count=2", "checkpoint.state_dict=sharded", "optim.default.warmup_steps=0"]
 
