@@ -233,6 +233,27 @@ def _jsonish(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def teacher_jobs(teachers: list[str], guidance: list[str] | None, ap: argparse.ArgumentParser):
+    """(teacher, CFG scale or None for the teacher's recommended one) pairs from --teacher-guidance:
+    a bare W applies to every teacher; NAME=W entries give a teacher its own scales."""
+    if not guidance:
+        return [(t, None) for t in teachers]
+    common, own = None, {}
+    for item in guidance:
+        name, sep, val = item.rpartition("=")
+        try:
+            w = float(val)
+        except ValueError:
+            ap.error(f"--teacher-guidance: {item!r} is not W or NAME=W with a number W")
+        if not sep:
+            common = w
+        elif name not in teachers:
+            ap.error(f"--teacher-guidance: {name!r} is not one of the teachers ({', '.join(teachers) or 'none'})")
+        else:
+            own.setdefault(name, []).append(w)
+    return [(t, w) for t in teachers for w in own.get(t, [common])]
+
+
 # ---- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=None, help="default: the protocol's 2,000")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--teacher-guidance", type=float, default=None,
-                    help="teachers' CFG scale (default: the teacher's recommended value)")
+    ap.add_argument("--teacher-guidance", nargs="+", default=None, metavar="[NAME=]W",
+                    help="teachers' CFG scales: W for every teacher, NAME=W for one (repeat NAME=W to score a "
+                         "teacher at several scales); default: each teacher's recommended value")
     ap.add_argument("--out", default="eval/benchmark", help="results.json, fid_vs_steps.png, grids.png")
     ap.add_argument("--work", default="runs/benchmark", help="one `fewstep eval` output folder per source")
     ap.add_argument("--write", default=None, help="markdown file whose benchmark-table section is replaced")
@@ -263,17 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     students = args.students if args.students is not None else find_students(Path(args.runs))
     tsteps = [int(s) for s in args.teacher_steps.split(",")]
     ssteps = [int(s) for s in args.student_steps.split(",")]
-    jobs = [(t, tsteps) for t in teachers] + [(s, ssteps) for s in students]
+    tjobs = teacher_jobs(teachers, args.teacher_guidance, ap)
+    jobs = [(t, tsteps, w) for t, w in tjobs] + [(s, ssteps, None) for s in students]
     if not jobs:
         print("nothing to evaluate: no teachers and no students", file=sys.stderr)
         return 2
-    print(f"evaluating {len(jobs)} source(s): {', '.join(j for j, _ in jobs)}", file=sys.stderr)
+    print(f"evaluating {len(jobs)} source(s): {', '.join(j for j, _, _ in jobs)}", file=sys.stderr)
     results = []
     t0 = time.perf_counter()
-    for src, steps in jobs:
+    for src, steps, w in jobs:
+        work = Path(args.work) / (_slug(src) + (f"_w{w:g}" if w is not None else ""))
         spec = EvalSpec(pipeline=src, steps=steps, protocol="digits", num_samples=args.num_samples,
-                        guidance=args.teacher_guidance if src in teachers else None,
-                        batch_size=args.batch_size, device=args.device, out=str(Path(args.work) / _slug(src)),
+                        guidance=w, batch_size=args.batch_size, device=args.device, out=str(work),
                         command=command)
         res = reusable(spec) if args.reuse else None
         if res is None:

@@ -508,6 +508,22 @@ def test_benchmark_table_rewrites_only_its_own_section(tiny_dit_dir, tmp_path, c
     assert again.endswith("## Later\n\nlater rows\n") and "## Export\n\nexport rows" in again
 
 
+def test_benchmark_teacher_guidance_per_teacher_and_bad_names():
+    import argparse
+
+    bt = _benchmark_module()
+    ap = argparse.ArgumentParser()
+    both = ["digits-vp", "digits-flow"]
+    assert bt.teacher_jobs(both, None, ap) == [("digits-vp", None), ("digits-flow", None)]
+    assert bt.teacher_jobs(both, ["2"], ap) == [("digits-vp", 2.0), ("digits-flow", 2.0)]
+    got = bt.teacher_jobs(both, ["digits-vp=1.5", "digits-vp=2", "digits-flow=2"], ap)
+    assert got == [("digits-vp", 1.5), ("digits-vp", 2.0), ("digits-flow", 2.0)]
+    assert bt.teacher_jobs(both, ["digits-flow=1.25"], ap) == [("digits-vp", None), ("digits-flow", 1.25)]
+    for bad in (["digits-xx=2"], ["digits-vp=high"]):
+        with pytest.raises(SystemExit):
+            bt.teacher_jobs(both, bad, ap)
+
+
 def test_benchmark_finds_run_dirs_and_exported_students(tiny_dit_dir, tmp_path):
     bt = _benchmark_module()
     runs = tmp_path / "runs"
