@@ -1,7 +1,7 @@
 """`fewstep demo`: distil the embedded VP digits teacher into a one-step DMD2 student, then score
 student and teacher side by side.
 
-    fewstep demo                       # ~10 minutes on two CPU cores; outputs under runs/demo
+    fewstep demo                       # ~15 minutes on two CPU cores; outputs under runs/demo
     fewstep demo --out /tmp/demo --num-samples 500 --steps 400      # a quicker, rougher look
 
 Top to bottom:
