@@ -949,7 +949,7 @@ def _guard_paths(out: Path, protected: Sequence[Path]) -> None:
 
 
 @contextmanager
-def _atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` by rename."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -1065,7 +1065,7 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
                 adapter_meta = {"rank": int(m.get("rank") or (run.lora or {}).get("rank") or 0),
                                 "alpha": float(m.get("alpha") or (run.lora or {}).get("alpha") or 0)}
 
-        with _atomic_folder(out, overwrite) as tmp:
+        with atomic_folder(out, overwrite) as tmp:
             # teacher components (everything but the backbone and the scheduler) and licence files
             for key, val in index.items():
                 if key.startswith("_") or key in (drive.backbone, "scheduler"):

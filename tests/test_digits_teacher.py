@@ -129,5 +129,5 @@ def test_training_script_runs_two_steps(tmp_path):
     assert isinstance(b.path, FlowPath)
     z = sample(b.denoiser, torch.randn(2, 4, 8, 8), {"class_labels": torch.tensor([1, 2])}, b.path.sampling_times(2))
     assert b.decode(z).shape == (2, 1, 32, 32)
-    assert not list(tmp_path.glob("*.partial-*"))          # the pipeline was swapped in whole
+    assert not list(tmp_path.glob(".*.tmp-*"))             # the pipeline was swapped in whole
     assert (WEIGHTS_DIR / "teachers.json").read_text() == before   # --no-card leaves the cards alone

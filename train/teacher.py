@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from fewstep.denoiser import Denoiser  # noqa: E402
 from fewstep.digits.data import NUM_CLASSES, load_digits_tensors  # noqa: E402
 from fewstep.digits.models import NULL_CLASS, build_dit, build_vae, count_parameters  # noqa: E402
+from fewstep.export import atomic_folder  # noqa: E402
 from fewstep.paths import FlowPath, VPPath  # noqa: E402
 
 CARDS = Path(__file__).resolve().parents[1] / "fewstep" / "digits" / "weights" / "teachers.json"
@@ -214,13 +214,10 @@ def main(argv=None) -> int:
         transformer.load_state_dict(ema.state_dict())
         id2label = {i: str(i) for i in range(NUM_CLASSES)}
         pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
-        # write next to the target, then swap it in, so a reader never sees half a pipeline
+        # written beside the target and swapped in whole, so a reader never sees half a pipeline
         out = Path(args.out)
-        tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        with atomic_folder(out, overwrite=True) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
         wall = time.time() - t_start
         card = {
             "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
