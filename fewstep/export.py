@@ -561,7 +561,8 @@ def plan_scheduler(pipeline_class: str, teacher_scheduler_config: dict[str, Any]
     Args:
         pipeline_class: the teacher's diffusers pipeline class name (a key of DRIVES).
         teacher_scheduler_config: the teacher folder's scheduler config (with `_class_name`).
-        sampling: the run card's {"times": [...], "renoise": ..., "times_by_steps": {...}}.
+        sampling: the run card's {"times": [...], "renoise": ..., "times_by_steps": {...}}, and
+                  "prediction_type" where the student reads its output otherwise than the teacher.
         objective, objective_params: the run card's (LCM keeps its own boundary scalings).
         path: the teacher's noise path (default: from the scheduler config).
     Raises ExportError, naming the reason, when no route reproduces the trained step count.
@@ -574,6 +575,13 @@ def plan_scheduler(pipeline_class: str, teacher_scheduler_config: dict[str, Any]
                           f"{', '.join(DRIVES)}")
     drive = DRIVES[pipeline_class]
     path = path if path is not None else path_from_scheduler_config(teacher_scheduler_config)
+    if sampling.get("prediction_type"):  # a student that reads its output otherwise than its teacher
+        from .paths import with_prediction
+
+        try:
+            path = with_prediction(path, str(sampling["prediction_type"]))
+        except ValueError as e:
+            raise ExportError(f"run card sampling.prediction_type: {e}") from e
     try:
         times = check_times(sampling["times"])
     except (KeyError, TypeError, ValueError) as e:

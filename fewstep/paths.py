@@ -24,6 +24,7 @@ __all__ = [
     "TrigFlowPath",
     "Path",
     "path_from_scheduler_config",
+    "with_prediction",
     "convert",
     "betas_for_schedule",
 ]
@@ -381,6 +382,17 @@ class TrigFlowPath(_PathMaths):
 
 
 Path = VPPath | FlowPath | TrigFlowPath
+
+
+def with_prediction(path: Path, prediction_type: str | None) -> Path:
+    """The same noise path read with another prediction type (a VP path only: its schedule is
+    kept, the network's output is reinterpreted). None or the path's own type returns `path`."""
+    if prediction_type is None or prediction_type == path.prediction_type:
+        return path
+    if not isinstance(path, VPPath):
+        raise ValueError(f"prediction type {prediction_type!r}: only a VP (DDPM) path can change its "
+                         f"prediction type; this path is {type(path).__name__} ({path.prediction_type!r})")
+    return VPPath(path.alphas_cumprod, prediction_type, path.rescale_betas_zero_snr)
 
 
 def path_from_scheduler_config(config: Mapping[str, Any]) -> Path:

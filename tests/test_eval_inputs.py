@@ -278,3 +278,22 @@ def test_too_few_samples_for_diversity_stop_before_generation(tmp_path, monkeypa
     monkeypatch.setattr("fewstep.evaluation.sources.load_source", lambda *a, **k: FakeSource())
     with pytest.raises(InputError, match="--num-samples >= 20"):
         evaluate(EvalSpec(pipeline="fake", metrics=["diversity"], num_samples=10, out=str(tmp_path / "o")))
+
+
+def test_run_card_prediction_type_rereads_the_student(tmp_path):
+    """A run card whose sampling names another prediction type (a v-read sCM student of an eps
+    teacher) makes the loaded student read its output that way; a bad one is refused by name."""
+    from fewstep.denoiser import copy_denoiser
+    from fewstep.evaluation.inputs import InputError
+    from fewstep.evaluation.sources import _with_card_prediction
+    from tiny import make_tiny
+
+    tiny = make_tiny("dit", prediction="epsilon")
+    card = {"sampling": {"times": [1.0, 0.0], "renoise": "fresh", "prediction_type": "v_prediction"}}
+    student = _with_card_prediction(copy_denoiser(tiny.denoiser), card, tmp_path / "run_card.json")
+    assert student.path.prediction_type == "v_prediction" and tiny.denoiser.path.prediction_type == "epsilon"
+    plain = copy_denoiser(tiny.denoiser)
+    assert _with_card_prediction(plain, {"sampling": {"times": [1.0, 0.0]}}, tmp_path).path is tiny.denoiser.path
+    card["sampling"]["prediction_type"] = "flow"
+    with pytest.raises(InputError, match="sampling.prediction_type"):
+        _with_card_prediction(copy_denoiser(tiny.denoiser), card, tmp_path / "run_card.json")

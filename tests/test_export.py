@@ -563,3 +563,21 @@ def test_embedded_default_teachers_export(exported, tmp_path):
                        {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1}, source="digits-vp")
     with pytest.raises(ExportError, match="between integer timesteps"):
         export_student(run_dir, tmp_path / "vp-scm-export")
+
+
+def test_a_v_read_student_of_an_eps_teacher_exports_as_v_prediction():
+    """A student trained to be read as v-prediction (the run card's sampling.prediction_type) gets
+    a stock scheduler configured for v-prediction, checked against fewstep's sampler on that path;
+    a flow teacher cannot change its prediction type and the refusal names the key."""
+    cfg = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+           "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
+    sampling = {"times": [1.0, 0.5, 0.0], "renoise": "fresh", "prediction_type": "v_prediction"}
+    plan = plan_scheduler("DiTPipeline", cfg, sampling, "scm", {"sigma_data": 1.0})
+    assert plan.config["prediction_type"] == "v_prediction"
+    assert plan.supported[2]["timesteps"] == [999, 499] and plan.supported[2]["max_rel_error"] < 1e-4
+    plain = plan_scheduler("DiTPipeline", cfg, {"times": [1.0, 0.5, 0.0], "renoise": "fresh"}, "scm",
+                           {"sigma_data": 1.0})
+    assert plain.config["prediction_type"] == "epsilon"
+    flow_cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+    with pytest.raises(ExportError, match="prediction_type"):
+        plan_scheduler("StableDiffusion3Pipeline", flow_cfg, dict(sampling, times=[1.0, 0.0]), "scm", {})

@@ -287,3 +287,97 @@ def test_registry_build_and_errors_name_the_key():
         build_objective("tbcm", {"route_steps": 1}, tiny.denoiser, ctx)
     with pytest.raises(ValueError, match="x0"):
         obj.loss("generator", {"cond": tiny.cond(2), "shape": (2, *tiny.latent_shape)}, 0)
+
+
+def test_with_prediction_rereads_a_vp_path_only():
+    from fewstep.paths import with_prediction
+
+    eps = vp_path("epsilon")
+    v = with_prediction(eps, "v_prediction")
+    assert v.prediction_type == "v_prediction" and eps.prediction_type == "epsilon"
+    t = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(v.alpha_sigma(t), eps.alpha_sigma(t)))
+    assert with_prediction(eps, None) is eps and with_prediction(eps, "epsilon") is eps
+    with pytest.raises(ValueError, match="only a VP"):
+        with_prediction(FlowPath(1000), "v_prediction")
+
+
+@pytest.mark.parametrize("method", ["scm", "tbcm"])
+def test_v_student_conversion_phase_fits_the_guided_teacher(method):
+    """An eps VP teacher with a v-read student: the conversion phase regresses the student's F on
+    the guided teacher's F (no extra teacher call), moves only the student, and lowers its error;
+    the sCM loss takes over after it, with the tangent warm-up counted from there."""
+    torch.manual_seed(0)
+    tiny = make_tiny("dit", prediction="epsilon")
+    teacher, student = tiny.denoiser, copy_denoiser(tiny.denoiser)
+    # max_angle: a random eps network's x0 near pure noise is its error times 1/alpha (~156), which
+    # would swamp the regression this test measures
+    common = dict(guidance=2.0, tangent_warmup=10, student_prediction="v_prediction", convert_steps=40,
+                  max_angle=1.2, intermediate_angle=0.8)
+    if method == "scm":
+        obj = SCMObjective(SCMParams(**common), teacher, student)
+    else:
+        obj = TBCMObjective(TBCMParams(route_steps=4, **common), teacher, student)
+    assert student.path.prediction_type == "v_prediction" and teacher.path.prediction_type == "epsilon"
+    assert obj.sampling["prediction_type"] == "v_prediction"
+    teacher0 = _state(teacher)
+    g = torch.Generator().manual_seed(1)
+    b = 4
+    batch = {"cond": tiny.cond(b, g), "shape": (b, *tiny.latent_shape),
+             "x0": torch.randn(b, *tiny.latent_shape, generator=g) * SD}
+    opt = torch.optim.Adam(trainable_parameters(obj, "generator"), lr=1e-2)
+    losses = []
+    for step in range(40):
+        torch.manual_seed(100 + step % 4)   # the same four draws of points, revisited
+        loss, logs = obj.loss("generator", batch, step)
+        assert logs.get("convert") == 1.0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.5 * first, (first, last)
+    assert all(torch.equal(v, teacher0[k]) for k, v in teacher.state_dict().items())
+    loss, logs = obj.loss("generator", batch, 45)
+    assert "convert" not in logs and logs["r"] == 0.5 and torch.isfinite(loss)
+
+
+def test_student_prediction_errors_name_the_key():
+    from fewstep.objectives.registry import BuildContext, build_objective
+
+    tiny = make_tiny("dit")
+    ctx = BuildContext(latent_shape=tiny.latent_shape, num_classes=10, has_real_data=False)
+    with pytest.raises(ValueError, match="objective.convert_steps"):
+        build_objective("tbcm", {"student_prediction": "v_prediction"}, tiny.denoiser, ctx)
+    with pytest.raises(ValueError, match="objective.student_prediction"):
+        build_objective("tbcm", {"student_prediction": "flow", "convert_steps": 5}, tiny.denoiser, ctx)
+    flow = make_tiny("sd3")
+    ctx_f = BuildContext(latent_shape=flow.latent_shape, num_classes=None, has_real_data=False)
+    with pytest.raises(ValueError, match="VP"):
+        build_objective("tbcm", {"student_prediction": "v_prediction", "convert_steps": 5}, flow.denoiser, ctx_f)
+
+
+def test_secant_tangent_is_the_central_difference_and_tends_to_the_jvp():
+    """tangent_delta: the central secant over [theta - d, theta + d] along x +- d dxdt (times
+    cos sin), one-sided at the top angle, and it tends to the exact JVP as d shrinks."""
+    tiny = make_tiny("dit", prediction="epsilon", dtype=torch.float64)
+    d, path, cond = tiny.denoiser, tiny.path, tiny.cond(2)
+    theta = torch.tensor([0.4, 1.1], dtype=torch.float64)
+    x = torch.randn(2, *tiny.latent_shape, dtype=torch.float64) * 0.7
+    dxdt = torch.randn_like(x)
+    F, J = tf.student_F_jvp(d, x, theta, dxdt, cond, SD, path)
+    errs = []
+    for delta in (2e-3, 5e-4):   # a random tiny DiT varies over ~6 timestep indices (0.006 in t)
+        F2, S = tf.student_F_jvp(d, x, theta, dxdt, cond, SD, path, delta=delta)
+        assert torch.allclose(F2, F, atol=1e-10)
+        errs.append(float((S - J).norm() / J.norm()))
+    assert errs[1] < errs[0] / 8 and errs[1] < 0.02, errs   # second order in delta (16x for 4x smaller)
+    # by hand at delta = 0.1, and one-sided where theta + delta passes theta_max
+    delta, top = 0.1, 1.15
+    _, S = tf.student_F_jvp(d, x, theta, dxdt, cond, SD, path, delta=delta, theta_max=top)
+    up = torch.tensor([delta, top - 1.1], dtype=torch.float64)
+    b = lambda v: v[:, None, None, None]  # noqa: E731
+    f_up = tf.net_F(d, x + b(up) * dxdt, theta + up, cond, SD, path)
+    f_dn = tf.net_F(d, x - delta * dxdt, theta - delta, cond, SD, path)
+    want = b(torch.cos(theta) * torch.sin(theta) / (up + delta)) * (f_up - f_dn)
+    assert torch.allclose(S, want, atol=1e-9)

@@ -372,7 +372,7 @@ def _load_run(run_dir: Path, device: str, dtype: torch.dtype, student_weights: s
         raise InputError(f"run card {card_path} has no 'sampling' entry (the student's times)")
     t = _load_teacher(teacher_src, device, dtype)
     weights = _student_weights(run_dir, card, student_weights)
-    student = _student_denoiser(t.denoiser, weights, device, dtype)
+    student = _with_card_prediction(_student_denoiser(t.denoiser, weights, device, dtype), card, card_path)
     t_student = _TeacherView(t, student)
     src = _from_teacher(t_student, "student", str(run_dir),
                         {"source": str(run_dir), "run_card": str(card_path), "weights": str(weights),
@@ -418,6 +418,7 @@ def _load_checkpoint(ckpt: Path, device: str, dtype: torch.dtype, student_weight
     bad = [k for k in state if k not in student.backbone.state_dict()]
     if bad:
         raise InputError(f"checkpoint {f}: keys {bad[:3]} are not in the teacher's backbone")
+    student = _with_card_prediction(student, card, card_path)
     src = _from_teacher(_TeacherView(t, student), "student", str(ckpt),  # copy: teacher's device, dtype
                         {"source": str(ckpt), "run_card": str(card_path), "weights": str(f),
                          "weights_sha256": file_sha256(f), "teacher_source": teacher_src,
@@ -448,6 +449,22 @@ def _student_weights(run_dir: Path, card: dict, which: str = "student") -> Path:
     have = ", ".join(sorted(k for k in files if k.startswith("student"))) or "none"
     raise InputError(f"run dir {run_dir} holds no {which} weights (looked for {', '.join(str(c) for c in cands)}; "
                      f"the run card lists: {have})")
+
+
+def _with_card_prediction(student, card: dict, card_path: Path):
+    """A student trained to another prediction type than its teacher's (the run card's
+    sampling.prediction_type, e.g. a v-prediction sCM student of an eps teacher) reads its output
+    that way; other students are returned as they are."""
+    from ..paths import with_prediction
+
+    pred = (card.get("sampling") or {}).get("prediction_type")
+    if pred is None:
+        return student
+    try:
+        student.path = with_prediction(student.path, str(pred))
+    except ValueError as e:
+        raise InputError(f"run card {card_path}: sampling.prediction_type: {e}") from e
+    return student
 
 
 def _student_denoiser(teacher, weights: Path, device: str, dtype: torch.dtype):

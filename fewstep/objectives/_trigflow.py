@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..conditioning import cat_cond
 from ..paths import TrigFlowPath, _bcast, _fp
 
 __all__ = [
@@ -143,11 +144,19 @@ def F_output_gain(path, theta: Tensor, sigma_d: float, like: Tensor) -> Tensor:
     return slope / (sigma_d * torch.sin(theta.to(slope.dtype)))
 
 
-def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d: float, path
-                  ) -> tuple[Tensor, Tensor]:
+def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d: float, path,
+                  delta: float | None = None, theta_max: float = HALF_PI) -> tuple[Tensor, Tensor]:
     """(F, dF/dtheta along the ODE, times cos sin) without grad, with one `torch.func.jvp`:
     tangents (cos sin dxdt, cos sin) as in the sCM paper (Alg. 1); the cos sin factor keeps the
-    tangent bounded at both ends."""
+    tangent bounded at both ends.
+
+    delta (radians): instead of the exact derivative, the central secant over [theta - delta,
+    theta + delta] along the same line (x +- d dxdt), inside (0, theta_max]. A teacher trained at
+    integer DDPM timesteps only is not smooth in time below a few indices, and its instantaneous
+    time derivative (what the JVP returns, exactly) is dominated by that; the secant sees the
+    trend over the interval. Two no-grad passes instead of the JVP."""
+    if delta is not None:
+        return _student_F_secant(student, x, theta, dxdt, cond, sigma_d, path, float(delta), theta_max)
     if isinstance(student, nn.parallel.DistributedDataParallel):
         student = student.module  # a no-grad pass needs no gradient synchronisation
     x = _fp(x).detach()
@@ -161,6 +170,25 @@ def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d
     modules = [student] if isinstance(student, nn.Module) else []
     with torch.no_grad(), forward_ad_safe(*modules):
         F, JF = torch.func.jvp(fn, (x, theta), (v_x, cs))
+    return F.detach(), JF.detach()
+
+
+def _student_F_secant(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d: float, path,
+                      delta: float, theta_max: float) -> tuple[Tensor, Tensor]:
+    if isinstance(student, nn.parallel.DistributedDataParallel):
+        student = student.module
+    x = _fp(x).detach()
+    theta = theta.to(x.dtype).detach()
+    v = _fp(dxdt).detach()
+    d_up = torch.clamp(theta_max - theta, min=0.0).clamp(max=delta)
+    d_dn = torch.clamp(theta - 1e-4, min=0.0).clamp(max=delta)
+    with torch.no_grad():
+        both = torch.cat([x + _bcast(d_up, x) * v, x - _bcast(d_dn, x) * v, x])
+        th = torch.cat([theta + d_up, theta - d_dn, theta])
+        cond3 = cat_cond(cond, cond, cond) if cond is not None else None
+        F_up, F_dn, F = net_F(student, both, th, cond3, sigma_d, path).chunk(3)
+    cs = torch.cos(theta) * torch.sin(theta)
+    JF = _bcast(cs / (d_up + d_dn).clamp_min(1e-12), x) * (F_up - F_dn)
     return F.detach(), JF.detach()
 
 

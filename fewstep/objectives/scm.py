@@ -17,6 +17,19 @@ and differ only in where the training points (x, theta, dxdt = dx/dtheta of the 
   encoder); every visited point is stored with the velocity that moved it, and that velocity is
   reused as the tangent, so training costs no extra teacher call.
 
+Teachers trained at integer DDPM timesteps with eps-prediction (SD-like VP teachers) need two
+options that flow teachers do not:
+
+- `student_prediction: v_prediction` with `convert_steps`: the student's output is read as v on
+  the teacher's own schedule, so F stays bounded in it near pure noise (an eps student's x0 is
+  (x - sigma eps) / alpha, every error times up to 1/alpha); the first `convert_steps` regress the
+  student's F onto the guided teacher's F at the training points (same-SNR conversion, no extra
+  teacher call), then the sCM loss takes over. The run card records the prediction type, so
+  evaluation and export read the student that way.
+- `tangent_delta`: such a teacher is not smooth in time below a few DDPM indices, and the exact
+  JVP returns that local derivative; a central secant over [theta - d, theta + d] along the same
+  line sees the trend instead.
+
 logvar is the adaptive weighting (EDM2 / sCM): a zero-initialised Linear on a fixed Fourier
 embedding of log(sd tan theta), trained with the student; with it off, logvar = 0.
 """
@@ -31,7 +44,7 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond, cat_cond, index_cond
 from ..denoiser import Denoiser
-from ..paths import _bcast
+from ..paths import _bcast, with_prediction
 from . import _trigflow as tf
 from .base import Batch, freeze
 
@@ -57,6 +70,13 @@ class SCMParams:
                                          #   is as well-conditioned in the network's own output as in F
                                          #   (eps students: cos^2 theta; see `scm_loss`)
     logvar_features: int = 128           # size of the Fourier embedding of the adaptive weighting
+    tangent_delta: float | None = None   # None: exact JVP tangent; radians: central secant over
+                                         #   [theta - d, theta + d] (teachers trained at integer timesteps)
+    student_prediction: str | None = None  # read the student's output as this prediction type instead of
+                                         #   the teacher's ("v_prediction" for an eps VP teacher: F stays
+                                         #   bounded in the output near pure noise); needs convert_steps
+    convert_steps: int = 0               # first steps: regress the student's F onto the teacher's guided
+                                         #   F (same-SNR conversion, no extra teacher call), then sCM
     num_steps: int = 2                   # student sampling steps
     intermediate_angle: float = 1.3      # the middle angle of the 2-step sampler [pi/2, this, 0]
     sampling_angles: list[float] | None = None  # explicit angles (num_steps entries, from pi/2);
@@ -136,9 +156,12 @@ class _ConsistencyLoss:
     path: Any
 
     def _sampling(self) -> dict[str, Any]:
-        return {"times": self.sampling_times(self.p.num_steps), "renoise": "fresh",
-                "times_by_steps": {str(n): self.sampling_times(n) for n in (1, 2, 4)},
-                "angles": self.sampling_angles(self.p.num_steps)}
+        out = {"times": self.sampling_times(self.p.num_steps), "renoise": "fresh",
+               "times_by_steps": {str(n): self.sampling_times(n) for n in (1, 2, 4)},
+               "angles": self.sampling_angles(self.p.num_steps)}
+        if self.p.student_prediction is not None:
+            out["prediction_type"] = self.p.student_prediction  # how to read the student's output
+        return out
 
     def sampling_angles(self, num_steps: int) -> list[float]:
         """[start, ..., 0]: start is pi/2 (pure noise), or max_angle where set."""
@@ -162,8 +185,12 @@ class _ConsistencyLoss:
         p = self.p
         sd = p.sigma_data
         student = self.nets["student"]
-        F_minus, JF = tf.student_F_jvp(student, x, theta, dxdt, cond, sd, self.path)
-        r = min(1.0, step / p.tangent_warmup) if p.tangent_warmup > 0 else 1.0
+        if step < p.convert_steps:
+            return self.conversion_loss(x, theta, dxdt, cond)
+        F_minus, JF = tf.student_F_jvp(student, x, theta, dxdt, cond, sd, self.path, p.tangent_delta,
+                                       self.theta_max)
+        s = step - p.convert_steps
+        r = min(1.0, s / p.tangent_warmup) if p.tangent_warmup > 0 else 1.0
         g = scm_tangent(F_minus, JF, dxdt, x, theta, r, sd, p.tangent_norm_c)
         F = tf.net_F(student, x, theta, cond, sd, self.path)
         if p.weighting == "tan":
@@ -179,18 +206,40 @@ class _ConsistencyLoss:
             # (1e4 near t = 1 of a linear DDPM schedule), which destabilises training there; the
             # factor 1/|dF/d out|^2 makes it uniform (it multiplies logvar's term too, so the
             # adaptive weighting keeps its optimum).
-            per = per / tf.F_output_gain(self.path, theta, sd, x).detach() ** 2
+            per = per / tf.F_output_gain(_path_of(student), theta, sd, x).detach() ** 2
         loss = per.mean()
         return loss, {"loss": float(loss.detach()), "loss_unweighted": float(sq.mean().detach()),
                       "r": r, "jvp_norm": float(JF.flatten(1).norm(dim=1).mean()),
                       "logvar_mean": float(logvar.detach().mean())}
 
+    def conversion_loss(self, x: Tensor, theta: Tensor, dxdt: Tensor, cond: Cond | None
+                        ) -> tuple[Tensor, dict[str, float]]:
+        """The same-SNR conversion phase: mean ||sd F_student - dxdt||^2, dxdt = sd F of the guided
+        teacher at the point, so the student starts sCM as the teacher's guided x0 predictor read
+        through its own parameterisation (logvar joins with weight 0)."""
+        sd = self.p.sigma_data
+        F = tf.net_F(self.nets["student"], x, theta, cond, sd, self.path)
+        loss = ((sd * F - dxdt.float()) ** 2).flatten(1).mean(1).mean() / (sd * sd)
+        if "logvar" in self.nets:  # every trained parameter takes part (DDP)
+            loss = loss + 0.0 * self.nets["logvar"](theta).sum()
+        return loss, {"loss": float(loss.detach()), "convert": 1.0}
+
+
+def _path_of(net: Any):
+    inner = getattr(net, "module", net)  # DDP
+    return inner.path
+
 
 def _init(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0) -> None:
     _check(params)
+    _check_teacher(params, teacher)
     self.p = params
     self.path = teacher.path
     freeze(teacher)
+    if params.student_prediction is not None:
+        # the student's output is read with another prediction type; its weights start as the
+        # teacher's and `convert_steps` of regression make it the teacher's F in that reading
+        student.path = with_prediction(teacher.path, params.student_prediction)
     self.nets = {"student": student, "teacher": teacher}
     self.groups = {"generator": ["student"]}
     if params.adaptive_weighting:
@@ -336,11 +385,32 @@ def _check(p: SCMParams) -> None:
             raise ValueError(f"objective.route_shift={p.route_shift} must be > 0")
         if p.points_per_step is not None and p.points_per_step < 1:
             raise ValueError(f"objective.points_per_step={p.points_per_step} must be >= 1 or null")
+    if p.tangent_delta is not None and not 0 < p.tangent_delta < 0.5:
+        raise ValueError(f"objective.tangent_delta={p.tangent_delta} must lie in (0, 0.5) radians or be null")
+    if p.convert_steps < 0:
+        raise ValueError(f"objective.convert_steps={p.convert_steps} must be >= 0")
+    if p.student_prediction is not None:
+        if p.student_prediction not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"objective.student_prediction={p.student_prediction!r} must be 'epsilon', "
+                             "'v_prediction', 'sample' or null")
+        if p.convert_steps == 0:
+            raise ValueError("objective.student_prediction is set but objective.convert_steps=0: a student "
+                             "whose output is read another way than the teacher's needs conversion steps")
+
+
+def _check_teacher(p: SCMParams, teacher: Denoiser) -> None:
+    if p.student_prediction is not None:
+        from ..paths import VPPath
+
+        if not isinstance(teacher.path, VPPath):
+            raise ValueError(f"objective.student_prediction={p.student_prediction!r} applies to VP (DDPM) "
+                             f"teachers only; this teacher's path is {type(teacher.path).__name__}")
 
 
 def build_scm(params: SCMParams, teacher: Denoiser, ctx: Any) -> SCMObjective:
     """Registry builder for sCM (needs real data)."""
     _check(params)
+    _check_teacher(params, teacher)
     if not bool(getattr(ctx, "has_real_data", True)):
         raise ValueError("objective 'scm' needs real data (batch x0); the data-free variant is 'tbcm'")
     return SCMObjective(params, teacher, ctx.make_student(teacher), int(getattr(ctx, "seed", 0)))
@@ -349,4 +419,5 @@ def build_scm(params: SCMParams, teacher: Denoiser, ctx: Any) -> SCMObjective:
 def build_tbcm(params: TBCMParams, teacher: Denoiser, ctx: Any) -> TBCMObjective:
     """Registry builder for TBCM (data-free)."""
     _check(params)
+    _check_teacher(params, teacher)
     return TBCMObjective(params, teacher, ctx.make_student(teacher), int(getattr(ctx, "seed", 0)))

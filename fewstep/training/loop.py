@@ -403,7 +403,9 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
             "objective_params": _jsonable(params),
             "teacher": {"source": bundle.source, "family": family, "latent_shape": list(bundle.latent_shape),
                         "num_classes": source.num_classes, "null_class": bundle.null_class},
-            "sampling": {"times": [float(t) for t in obj.sampling["times"]], "renoise": obj.sampling["renoise"]},
+            "sampling": {"times": [float(t) for t in obj.sampling["times"]], "renoise": obj.sampling["renoise"],
+                         **({"prediction_type": obj.sampling["prediction_type"]}
+                            if obj.sampling.get("prediction_type") else {})},
             "steps": steps_done,
             "steps_planned": cfg.steps,
             "batch_size": cfg.data.batch_size,
