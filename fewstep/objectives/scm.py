@@ -17,8 +17,7 @@ and differ only in where the training points (x, theta, dxdt = dx/dtheta of the 
   encoder); every visited point is stored with the velocity that moved it, and that velocity is
   reused as the tangent, so training costs no extra teacher call.
 
-Teachers trained at integer DDPM timesteps with eps-prediction (SD-like VP teachers) need two
-options that flow teachers do not:
+Two options for teachers on which the plain method struggles:
 
 - `student_prediction: v_prediction` with `convert_steps`: the student's output is read as v on
   the teacher's own schedule, so F stays bounded in it near pure noise (an eps student's x0 is
@@ -26,9 +25,10 @@ options that flow teachers do not:
   student's F onto the guided teacher's F at the training points (same-SNR conversion, no extra
   teacher call), then the sCM loss takes over. The run card records the prediction type, so
   evaluation and export read the student that way.
-- `tangent_delta`: such a teacher is not smooth in time below a few DDPM indices, and the exact
-  JVP returns that local derivative; a central secant over [theta - d, theta + d] along the same
-  line sees the trend instead.
+- `tangent_delta` (any teacher): the exact JVP returns the network's instantaneous time derivative,
+  which a teacher trained at integer timesteps (or simply a small one) does not keep smooth below
+  a few timestep indices; a central secant over [theta - d, theta + d] along the same line sees
+  the trend instead (`_trigflow.student_F_jvp`).
 
 logvar is the adaptive weighting (EDM2 / sCM): a zero-initialised Linear on a fixed Fourier
 embedding of log(sd tan theta), trained with the student; with it off, logvar = 0.
