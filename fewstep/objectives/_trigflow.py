@@ -156,15 +156,17 @@ def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d
     a scale far below any sampling step: training at integer DDPM timesteps leaves it
     unconstrained between them, and the small digits teachers show it on both paths (at angle 1.45
     the exact time derivative of F is 4.4x (VP) and 1.8x (flow) its secant over ten timestep
-    indices, `python eval/tangent_smoothness.py`). The secant sees the trend over the interval. Three no-grad passes (F at the point and at both ends) instead of the JVP."""
-    if delta is not None:
-        return _student_F_secant(student, x, theta, dxdt, cond, sigma_d, path, float(delta), theta_max)
+    indices, `python eval/tangent_smoothness.py`). The secant sees the trend over the interval.
+    Three no-grad passes (F at the point and at both ends) instead of the JVP."""
     if isinstance(student, nn.parallel.DistributedDataParallel):
         student = student.module  # a no-grad pass needs no gradient synchronisation
     x = _fp(x).detach()
     theta = theta.to(x.dtype).detach()
+    dxdt = _fp(dxdt).detach()
+    if delta is not None:
+        return _student_F_secant(student, x, theta, dxdt, cond, sigma_d, path, float(delta), theta_max)
     cs = torch.cos(theta) * torch.sin(theta)
-    v_x = _bcast(cs, x) * _fp(dxdt).detach()
+    v_x = _bcast(cs, x) * dxdt
 
     def fn(xx: Tensor, th: Tensor) -> Tensor:
         return net_F(student, xx, th, cond, sigma_d, path)
@@ -177,15 +179,11 @@ def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d
 
 def _student_F_secant(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d: float, path,
                       delta: float, theta_max: float) -> tuple[Tensor, Tensor]:
-    if isinstance(student, nn.parallel.DistributedDataParallel):
-        student = student.module
-    x = _fp(x).detach()
-    theta = theta.to(x.dtype).detach()
-    v = _fp(dxdt).detach()
+    """`student_F_jvp` with `delta`: unwrapped student, detached float inputs."""
     d_up = torch.clamp(theta_max - theta, min=0.0).clamp(max=delta)
     d_dn = torch.clamp(theta - 1e-4, min=0.0).clamp(max=delta)
     with torch.no_grad():
-        both = torch.cat([x + _bcast(d_up, x) * v, x - _bcast(d_dn, x) * v, x])
+        both = torch.cat([x + _bcast(d_up, x) * dxdt, x - _bcast(d_dn, x) * dxdt, x])
         th = torch.cat([theta + d_up, theta - d_dn, theta])
         cond3 = cat_cond(cond, cond, cond) if cond is not None else None
         F_up, F_dn, F = net_F(student, both, th, cond3, sigma_d, path).chunk(3)

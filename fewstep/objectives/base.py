@@ -53,6 +53,13 @@ def trainable_parameters(obj: Objective, group: str) -> list[nn.Parameter]:
     return params
 
 
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside DDP / FSDP / compile wrappers."""
+    while hasattr(net, "module") and isinstance(net.module, nn.Module):
+        net = net.module
+    return getattr(net, "_orig_mod", net)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module

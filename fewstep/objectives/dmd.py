@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser, copy_denoiser
 from ._maths import cfg_augmentation, dm_gradient, dsm_loss, mse_per_sample, pseudo_huber, surrogate_loss
-from .base import Batch, step_generator
+from .base import Batch, step_generator, unwrap
 from .gan import DiscriminatorHead, FeatureTap, bottleneck_block, discriminator_gan_loss, generator_gan_loss
 from .regression import cached_teacher_samples, channel_gaussian_kl, channel_stats, sample_key, teacher_fingerprint
 
@@ -185,13 +185,6 @@ def params_from_dict(d: dict[str, Any] | None) -> DMDParams:
     p = DMDParams(**d)
     p.validate()
     return p
-
-
-def unwrap(net: nn.Module) -> nn.Module:
-    """The module inside DDP / FSDP / compile wrappers."""
-    while hasattr(net, "module") and isinstance(net.module, nn.Module):
-        net = net.module
-    return getattr(net, "_orig_mod", net)
 
 
 # ---- shared base: one frozen backbone, one LoRA adapter per trainable role --------------------

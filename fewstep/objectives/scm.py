@@ -46,7 +46,7 @@ from ..conditioning import Cond, cat_cond, index_cond
 from ..denoiser import Denoiser
 from ..paths import _bcast, with_prediction
 from . import _trigflow as tf
-from .base import Batch, freeze
+from .base import Batch, freeze, unwrap
 
 __all__ = ["SCMParams", "TBCMParams", "SCMObjective", "TBCMObjective", "LogVar", "scm_tangent",
            "tbcm_route", "build_scm", "build_tbcm"]
@@ -206,7 +206,7 @@ class _ConsistencyLoss:
             # (1e4 near t = 1 of a linear DDPM schedule), which destabilises training there; the
             # factor 1/|dF/d out|^2 makes it uniform (it multiplies logvar's term too, so the
             # adaptive weighting keeps its optimum).
-            per = per / tf.F_output_gain(_path_of(student), theta, sd, x).detach() ** 2
+            per = per / tf.F_output_gain(unwrap(student).path, theta, sd, x).detach() ** 2
         loss = per.mean()
         return loss, {"loss": float(loss.detach()), "loss_unweighted": float(sq.mean().detach()),
                       "r": r, "jvp_norm": float(JF.flatten(1).norm(dim=1).mean()),
@@ -225,21 +225,15 @@ class _ConsistencyLoss:
         return loss, {"loss": float(loss.detach()), "convert": 1.0}
 
 
-def _path_of(net: Any):
-    inner = getattr(net, "module", net)  # DDP
-    return inner.path
-
-
 def _init(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0) -> None:
     _check(params)
-    _check_teacher(params, teacher)
     self.p = params
     self.path = teacher.path
     freeze(teacher)
     if params.student_prediction is not None:
         # the student's output is read with another prediction type; its weights start as the
         # teacher's and `convert_steps` of regression make it the teacher's F in that reading
-        student.path = with_prediction(teacher.path, params.student_prediction)
+        student.path = _student_path(params, teacher)
     self.nets = {"student": student, "teacher": teacher}
     self.groups = {"generator": ["student"]}
     if params.adaptive_weighting:
@@ -389,28 +383,24 @@ def _check(p: SCMParams) -> None:
         raise ValueError(f"objective.tangent_delta={p.tangent_delta} must lie in (0, 0.5) radians or be null")
     if p.convert_steps < 0:
         raise ValueError(f"objective.convert_steps={p.convert_steps} must be >= 0")
-    if p.student_prediction is not None:
-        if p.student_prediction not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"objective.student_prediction={p.student_prediction!r} must be 'epsilon', "
-                             "'v_prediction', 'sample' or null")
-        if p.convert_steps == 0:
-            raise ValueError("objective.student_prediction is set but objective.convert_steps=0: a student "
-                             "whose output is read another way than the teacher's needs conversion steps")
+    if p.student_prediction is not None and p.convert_steps == 0:
+        raise ValueError("objective.student_prediction is set but objective.convert_steps=0: a student "
+                         "whose output is read another way than the teacher's needs conversion steps")
 
 
-def _check_teacher(p: SCMParams, teacher: Denoiser) -> None:
-    if p.student_prediction is not None:
-        from ..paths import VPPath
-
-        if not isinstance(teacher.path, VPPath):
-            raise ValueError(f"objective.student_prediction={p.student_prediction!r} applies to VP (DDPM) "
-                             f"teachers only; this teacher's path is {type(teacher.path).__name__}")
+def _student_path(p: SCMParams, teacher: Denoiser):
+    """The teacher's path read with objective.student_prediction (the teacher's own when unset);
+    `with_prediction` refuses a non-VP path or an unknown type, here named by the key."""
+    try:
+        return with_prediction(teacher.path, p.student_prediction)
+    except ValueError as e:
+        raise ValueError(f"objective.student_prediction={p.student_prediction!r}: {e}") from e
 
 
 def build_scm(params: SCMParams, teacher: Denoiser, ctx: Any) -> SCMObjective:
     """Registry builder for sCM (needs real data)."""
     _check(params)
-    _check_teacher(params, teacher)
+    _student_path(params, teacher)
     if not bool(getattr(ctx, "has_real_data", True)):
         raise ValueError("objective 'scm' needs real data (batch x0); the data-free variant is 'tbcm'")
     return SCMObjective(params, teacher, ctx.make_student(teacher), int(getattr(ctx, "seed", 0)))
@@ -419,5 +409,5 @@ def build_scm(params: SCMParams, teacher: Denoiser, ctx: Any) -> SCMObjective:
 def build_tbcm(params: TBCMParams, teacher: Denoiser, ctx: Any) -> TBCMObjective:
     """Registry builder for TBCM (data-free)."""
     _check(params)
-    _check_teacher(params, teacher)
+    _student_path(params, teacher)
     return TBCMObjective(params, teacher, ctx.make_student(teacher), int(getattr(ctx, "seed", 0)))
