@@ -4,6 +4,8 @@
     python eval/bench_consistency.py --config configs/digits/scm_2step_flow.yaml steps=600 --out runs/bench/scm
     python eval/bench_consistency.py --config configs/digits/tbcm_2step_vp.yaml --eval-only
     python eval/bench_consistency.py --teacher digits-vp            # the teacher at 50 steps only
+    python eval/bench_consistency.py --config configs/digits/scm_2step_vp.yaml --out runs/bench/scm \
+        --intermediate-angles 1.1,1.3,1.4                           # 2-step sampler sweep, no training
 
 Top to bottom:
   1. load the preset (`fewstep.config.load_config`, `key=value` overrides after it);
@@ -49,6 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None, help="evaluate only this teacher (digits-vp / digits-flow)")
     p.add_argument("--teacher-guidance", type=float, default=None,
                    help="CFG scale of the teacher row (default: the teacher's recommended scale)")
+    p.add_argument("--intermediate-angles", default=None,
+                   help="sCM/TBCM: score an already trained run (no training) at 2 steps with each of these "
+                        "middle angles of the sampler [pi/2, a, 0]; writes <out>/bench_angles.json")
+    p.add_argument("--weights", choices=("student", "student_ema"), default=None,
+                   help="which final weights to score (default: student_ema when ema.rate > 0)")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
@@ -148,29 +155,56 @@ def train_entry(run, cfg, run_dir: Path) -> dict:
     return {"train_seconds": wall, "loop": "fewstep.training.run"}
 
 
-def _complete_sampling(cfg, run_dir: Path) -> None:
-    """The run card keeps the training times only; add the objective's times for 1, 2 and 4
-    steps (`times_by_steps`, which `fewstep eval` reads) so every step count uses the method's
-    own schedule (e.g. sCM's TrigFlow angles) rather than uniform times."""
+def _build_for_sampling(cfg, overrides: list[str] = ()):
+    """The objective of `cfg` (with `overrides` on objective keys), built only to read its sampler."""
     from fewstep.denoiser import copy_denoiser
     from fewstep.objectives.registry import BuildContext, build_objective
     from fewstep.teachers import load_teacher
 
-    card_path = run_dir / "run_card.json"
-    card = json.loads(card_path.read_text())
     teacher = load_teacher(cfg.teacher.source)
     ctx = BuildContext(latent_shape=tuple(teacher.latent_shape), has_real_data=bool(cfg.data.real_data),
                        make_student=lambda t: copy_denoiser(t), make_copy=lambda t: copy_denoiser(t))
-    obj = build_objective(cfg.objective.name, cfg.objective.params, teacher.denoiser, ctx)
+    return build_objective(cfg.objective.name, cfg.objective.params, teacher.denoiser, ctx)
+
+
+def sweep_angles(cfg, config_path: str, overrides: list[str], run_dir: Path, angles: list[float],
+                 num_samples: int | None, command: str, weights: str = "student") -> list[dict]:
+    """Score the trained student in run_dir at 2 steps with the sampler [pi/2, a, 0] for each a
+    (the angles mapped to the teacher's times by the objective itself); nothing is retrained and
+    the run dir's card and bench.json are left as they are."""
+    if cfg.objective.name not in ("scm", "tbcm"):
+        raise SystemExit(f"--intermediate-angles applies to scm/tbcm presets, not {cfg.objective.name!r}")
+    if not (run_dir / "run_card.json").is_file():
+        raise SystemExit(f"--intermediate-angles scores a trained run: {run_dir}/run_card.json is missing")
+    rows = []
+    for a in angles:
+        c = load_config(config_path, [*overrides, f"objective.intermediate_angle={a}"])
+        times = _build_for_sampling(c).sampling_times(2)
+        for r in eval_source(str(run_dir), [2], run_dir / f"eval_angle_{a:g}_{weights}", num_samples, command,
+                             times=times, weights=weights):
+            rows.append({**r, "intermediate_angle": a,
+                         "name": f"{cfg.objective.name} ({cfg.teacher.source}, {weights}), angle {a:g}"})
+    return rows
+
+
+def _complete_sampling(cfg, run_dir: Path) -> None:
+    """The run card keeps the training times only; add the objective's times for 1, 2 and 4
+    steps (`times_by_steps`, which `fewstep eval` reads) so every step count uses the method's
+    own schedule (e.g. sCM's TrigFlow angles) rather than uniform times."""
+    card_path = run_dir / "run_card.json"
+    card = json.loads(card_path.read_text())
+    obj = _build_for_sampling(cfg)
     card["sampling"] = {**card.get("sampling", {}), **json.loads(json.dumps(obj.sampling))}
     atomic_write_json(card_path, card)
 
 
 # ---- 3. evaluation --------------------------------------------------------------------------------
 def eval_source(source: str, steps: list[int], out: Path, num_samples: int | None, command: str,
-                guidance: float | None = None) -> list[dict]:
+                guidance: float | None = None, times: list[float] | None = None,
+                weights: str = "student") -> list[dict]:
     spec = EvalSpec(pipeline=source, steps=steps, protocol="digits", num_samples=num_samples, guidance=guidance,
-                    metrics=("fid", "class_acc"), out=str(out), progress=False, command=command)
+                    metrics=("fid", "class_acc"), out=str(out), progress=False, command=command, times=times,
+                    student_weights=weights)
     res = evaluate(spec)
     rows = []
     for r in res["rows"]:
@@ -217,6 +251,14 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.validate()
     run_dir = Path(args.out) if args.out else cfg.run_dir()
+    weights = args.weights or ("student_ema" if cfg.ema.rate > 0 else "student")
+    if args.intermediate_angles:
+        angles = [float(a) for a in args.intermediate_angles.split(",") if a.strip()]
+        rows = sweep_angles(cfg, args.config, args.overrides, run_dir, angles, args.num_samples, command, weights)
+        atomic_write_json(run_dir / f"bench_angles_{weights}.json", {"command": command, "config": args.config,
+                                                          "overrides": args.overrides, "rows": rows})
+        print(table(rows))
+        return 0
     info: dict = {}
     if not args.eval_only:
         run = _entry_point() if args.loop in ("auto", "entry") else None
@@ -229,13 +271,16 @@ def main(argv=None) -> int:
         if card.is_file():
             info = {"train_seconds": json.loads(card.read_text()).get("train_seconds")}
     steps = [int(s) for s in args.steps_eval.split(",") if s.strip()]
-    for r in eval_source(str(run_dir), steps, run_dir / "eval", args.num_samples, command):
-        rows.append({**r, "name": f"{cfg.objective.name} ({cfg.teacher.source})", **info})
+    ev = run_dir / ("eval" if weights == "student" else f"eval_{weights}")
+    for r in eval_source(str(run_dir), steps, ev, args.num_samples, command, weights=weights):
+        rows.append({**r, "name": f"{cfg.objective.name} ({cfg.teacher.source}, {weights})", **info})
     if not args.no_teacher:
         for r in eval_source(cfg.teacher.source, [TEACHER_STEPS], run_dir / "eval_teacher", args.num_samples, command,
                              args.teacher_guidance):
             rows.append({**r, "name": f"{cfg.teacher.source} (teacher)"})
-    atomic_write_json(run_dir / "bench.json", {"command": command, "config": args.config,
+    default_weights = "student_ema" if cfg.ema.rate > 0 else "student"
+    name = "bench.json" if weights == default_weights else f"bench_{weights}.json"
+    atomic_write_json(run_dir / name, {"command": command, "config": args.config,
                                                "overrides": args.overrides, "rows": rows})
     print(table(rows))
     return 0

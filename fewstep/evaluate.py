@@ -34,6 +34,16 @@ def _int_list(s: str) -> list[int]:
     return vals
 
 
+def _float_list(s: str) -> list[float]:
+    try:
+        vals = [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+    return vals
+
+
 def _str_list(s: str) -> list[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
 
@@ -75,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hybrid", type=int, default=0, metavar="K",
                    help="students: the teacher (with CFG) runs the first K steps, the student the rest")
     p.add_argument("--teacher-guidance", type=float, help="the teacher's CFG scale with --hybrid (default its own)")
+    p.add_argument("--times", type=_float_list, help="students: sampling times t_0,...,0 (steps + 1 values, one "
+                   "--steps N) instead of the run card's, e.g. to try another intermediate time")
     p.add_argument("--kid-subset-size", type=int, help="KID subset size (clamped to the sample counts)")
     p.add_argument("--save-images", action="store_true", help="also save every generated image as PNG")
     p.add_argument("--no-cache", action="store_true", help="recompute reference features (no disk cache)")
@@ -98,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         feature_extractor_weights=args.feature_extractor_weights, inception_weights=args.inception_weights,
         clip_model=args.clip_model, imports=tuple(args.imports), image_size=args.image_size,
         guidance=args.guidance, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        sampler=args.sampler, student_weights=args.student_weights, hybrid=args.hybrid,
+        sampler=args.sampler, student_weights=args.student_weights, hybrid=args.hybrid, times=args.times,
         teacher_guidance=args.teacher_guidance, out=args.out, save_images=args.save_images, cache=not args.no_cache,
         kid_subset_size=args.kid_subset_size, progress=not args.no_progress,
         command=getattr(args, "command_line", None) or _command_line(),

@@ -374,6 +374,30 @@ def test_run_dir_student_samples_with_its_recorded_times(tiny_dit_dir, tmp_path)
     assert res["rows"][1]["times_source"] == "card (training times)" and res["rows"][0]["nfe"] == 1
 
 
+def test_times_override_samples_a_student_at_other_times(tiny_dit_dir, tmp_path):
+    """--times replaces the run card's times for the one step count asked (e.g. another sCM
+    intermediate time), records where they came from, and refuses bad lists or teachers."""
+    from fewstep.evaluation import InputError
+
+    run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.6, 0.0], "renoise": "fresh"})
+    card_before = (run / "run_card.json").read_text()
+    spec = dict(pipeline=str(run), steps=[2], num_samples=6, metrics=["class_acc"], progress=False)
+    res = evaluate(EvalSpec(**spec, times=[1.0, 0.3, 0.0], out=str(tmp_path / "o")))
+    row = res["rows"][0]
+    assert row["times"] == [1.0, 0.3, 0.0] and row["times_source"] == "--times"
+    base = evaluate(EvalSpec(**spec, out=str(tmp_path / "b")))["rows"][0]
+    assert base["times"] == [1.0, 0.6, 0.0] and base["times_source"] == "card (training times)"
+    assert (run / "run_card.json").read_text() == card_before  # the run dir is not touched
+    for times, steps, msg in [([1.0, 0.0], [2], "N \\+ 1 times"), ([1.0, 0.5, 0.0], [1, 2], "exactly one"),
+                              ([1.0, 0.5, 0.6], [2], "decrease"), ([1.2, 0.5, 0.0], [2], "at most 1")]:
+        with pytest.raises(InputError, match=msg):
+            evaluate(EvalSpec(**{**spec, "steps": steps}, times=times, out=str(tmp_path / "x")))
+    with pytest.raises(InputError, match="applies to students"):
+        evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[2], num_samples=6, metrics=["class_acc"],
+                          progress=False, times=[1.0, 0.3, 0.0], out=str(tmp_path / "t")))
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
 def test_broken_run_dirs_are_named(tiny_dit_dir, tmp_path):
     from fewstep.evaluation import InputError
     from fewstep.evaluation.sources import load_source

@@ -52,6 +52,8 @@ class EvalSpec:
     sampler: str = "fewstep"               # "fewstep" or "pipeline" (the stock diffusers pipeline)
     student_weights: str = "student"       # run dirs: "student" (raw) or "student_ema"
     hybrid: int = 0                        # students: first k intervals by the teacher (sample_hybrid)
+    times: Sequence[float] | None = None   # students: explicit sampling times [t_0 > ... > 0] for the one
+                                           #   step count in `steps` (instead of the run card's)
     teacher_guidance: float | None = None  # the teacher's CFG in hybrid sampling (None: its own)
     out: str = "eval_out"
     save_images: bool = False
@@ -235,6 +237,8 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         from .sources import load_source
 
         src = load_source(spec.pipeline, device=device, dtype=dtype, student_weights=spec.student_weights)
+        if spec.times is not None:
+            src.override_times(spec.times, spec.steps)
         if spec.hybrid:
             if spec.sampler == "pipeline":
                 raise InputError("--hybrid runs fewstep's sampler; it cannot be combined with --sampler pipeline")

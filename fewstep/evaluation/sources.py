@@ -76,6 +76,9 @@ class Source:
         samp = self.sampling or {}
         by_steps = samp.get("times_by_steps") or {}
         renoise = str(samp.get("renoise", "fresh"))
+        forced = self.info.get("times_override")
+        if forced is not None and len(forced) - 1 == steps:
+            return [float(t) for t in forced], renoise, "--times"
         if str(steps) in by_steps:
             return [float(t) for t in by_steps[str(steps)]], renoise, "card (times_by_steps)"
         times = samp.get("times")
@@ -83,6 +86,23 @@ class Source:
             return [float(t) for t in times], renoise, "card (training times)"
         trained = "unknown" if times is None else str(len(times) - 1)
         return uniform_times(steps), renoise, f"uniform (trained with {trained} steps)"
+
+    def override_times(self, times: Sequence[float], steps: Sequence[int]) -> None:
+        """Sample this student at `times` (len = steps + 1, decreasing from at most 1 to 0) instead
+        of the run card's times, for the one step count in `steps` (--times)."""
+        ts = [float(t) for t in times]
+        if self.kind != "student":
+            raise InputError(f"--times applies to students (run dirs, checkpoints, exported students); "
+                             f"{self.name} is a {self.kind}")
+        if len(steps) != 1 or len(ts) != int(steps[0]) + 1:
+            raise InputError(f"--times {ts}: give exactly one --steps N and N + 1 times (got --steps "
+                             f"{list(steps)} and {len(ts)} times)")
+        if not (ts[0] <= 1.0 and ts[-1] == 0.0 and all(b < a for a, b in zip(ts, ts[1:]))):
+            raise InputError(f"--times {ts}: must decrease strictly from at most 1 to exactly 0")
+        samp = dict(self.sampling or {})
+        samp["times_by_steps"] = {**(samp.get("times_by_steps") or {}), str(int(steps[0])): ts}
+        self.sampling = samp
+        self.info["times_override"] = ts
 
     def guidance_embedding(self) -> dict[str, Any] | None:
         """{"key", "dim", "guidance"} for a student that takes its CFG scale as an input (an
