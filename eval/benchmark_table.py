@@ -264,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="runs", help="where to look for students when --students is not given")
     ap.add_argument("--student-steps", default="1,2,4")
     ap.add_argument("--num-samples", type=int, default=None, help="default: the protocol's 2,000")
-    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=250,
+                    help="generation batch size (default 250, as `fewstep eval` and the bench scripts: a multi-step "
+                         "student's fresh noise between steps is drawn per batch, so its 2- and 4-step scores "
+                         "match theirs only at the same batch size)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--teacher-guidance", nargs="+", default=None, metavar="[NAME=]W",
                     help="teachers' CFG scales: W for every teacher, NAME=W for one (repeat NAME=W to score a "

@@ -75,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="scoring resolution (default: the protocol's)")
     p.add_argument("--guidance", type=float,
                    help="CFG scale (default: the teacher's recommended value; students 1)")
-    p.add_argument("--batch-size", type=int, default=250, help="generation batch size (default 250)")
+    p.add_argument("--batch-size", type=int, default=250, help="generation batch size (default 250); "
+                   "a multi-step student's fresh noise between steps is drawn per batch, so its scores depend on it")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="backbone dtype: float32, bfloat16, float16")
     p.add_argument("--sampler", default="fewstep", choices=["fewstep", "pipeline"],
