@@ -206,12 +206,15 @@ def grids(results: list[dict], path: Path, per_row: int = 10) -> None:
 
 # ---- reuse -------------------------------------------------------------------------------------------
 _SAME_SPEC = ("pipeline", "steps", "protocol", "num_samples", "seed", "metrics", "reference", "guidance",
-              "batch_size", "device", "dtype", "sampler", "student_weights", "hybrid", "teacher_guidance")
+              "device", "dtype", "sampler", "student_weights", "hybrid", "teacher_guidance", "times")
 
 
 def reusable(spec: EvalSpec) -> dict | None:
     """The earlier complete results in spec.out if they were made with the same settings, the same
-    network weights (backbone sha256), the same judge weights and the same guidance; else None."""
+    network weights (backbone sha256), the same judge weights, the same guidance and the same
+    sampling times; else None. The batch size must match too, except for a teacher: its sampler
+    draws no noise after the per-sample initial noise, so its images do not depend on the batch
+    (a student's fresh noise between steps is drawn per batch)."""
     from fewstep.evaluation.scores import Extractor
     from fewstep.evaluation.sources import load_source
 
@@ -222,6 +225,10 @@ def reusable(spec: EvalSpec) -> dict | None:
     if not old.get("complete") or any(old["spec"].get(k) != _jsonish(getattr(spec, k)) for k in _SAME_SPEC):
         return None
     src = load_source(spec.pipeline)
+    if src.kind != "teacher" and old["spec"].get("batch_size") != spec.batch_size:
+        return None
+    if any(r.get("times") != src.schedule(int(r["steps"]))[0] for r in old.get("rows", [])):
+        return None
     if (old["source"].get("backbone_sha256") != src.backbone_sha256()
             or old["source"].get("default_guidance") != src.default_guidance
             or (old.get("extractor") or {}).get("weights_sha256") != Extractor().check().weights_sha256):

@@ -575,3 +575,25 @@ def test_embedded_teacher_end_to_end(tmp_path):
     assert row["guidance"] == want and (("teachers.json" in src["guidance_source"]) == ("guidance" in card))
     assert row["nfe"] == (16 if want != 1.0 else 8) and row["times"][:2] == [1.0, 0.875]
     assert row["metrics"]["class_acc"]["value"] > 0.5 and row["metrics"]["fid"]["n_reference"] == 1797
+
+
+def test_benchmark_reuse_needs_same_times_and_a_students_batch(tiny_dit_dir, tmp_path):
+    """--reuse keeps a teacher's results across batch sizes (its sampler draws no noise after the
+    per-sample start) but not a student's (fresh noise is drawn per batch), and never when the
+    student's sampling times changed."""
+    bt = _benchmark_module()
+    run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.6, 0.0], "renoise": "fresh"})
+
+    def spec(src, out, batch):
+        return EvalSpec(pipeline=str(src), steps=[2], num_samples=8, metrics=["fid"], batch_size=batch,
+                        out=str(tmp_path / out), progress=False)
+
+    evaluate(spec(run, "s", 4))
+    evaluate(spec(tiny_dit_dir, "t", 4))
+    assert bt.reusable(spec(run, "s", 4)) is not None
+    assert bt.reusable(spec(run, "s", 8)) is None
+    assert bt.reusable(spec(tiny_dit_dir, "t", 8)) is not None
+    card = json.loads((run / "run_card.json").read_text())
+    card["sampling"]["times"] = [1.0, 0.4, 0.0]
+    (run / "run_card.json").write_text(json.dumps(card))
+    assert bt.reusable(spec(run, "s", 4)) is None
