@@ -155,8 +155,8 @@ def train_entry(run, cfg, run_dir: Path) -> dict:
     return {"train_seconds": wall, "loop": "fewstep.training.run"}
 
 
-def _build_for_sampling(cfg, overrides: list[str] = ()):
-    """The objective of `cfg` (with `overrides` on objective keys), built only to read its sampler."""
+def _build_for_sampling(cfg):
+    """The objective of `cfg`, built only to read its sampler."""
     from fewstep.denoiser import copy_denoiser
     from fewstep.objectives.registry import BuildContext, build_objective
     from fewstep.teachers import load_teacher
@@ -251,12 +251,13 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.validate()
     run_dir = Path(args.out) if args.out else cfg.run_dir()
-    weights = args.weights or ("student_ema" if cfg.ema.rate > 0 else "student")
+    default_weights = "student_ema" if cfg.ema.rate > 0 else "student"
+    weights = args.weights or default_weights
     if args.intermediate_angles:
         angles = [float(a) for a in args.intermediate_angles.split(",") if a.strip()]
         rows = sweep_angles(cfg, args.config, args.overrides, run_dir, angles, args.num_samples, command, weights)
-        atomic_write_json(run_dir / f"bench_angles_{weights}.json", {"command": command, "config": args.config,
-                                                          "overrides": args.overrides, "rows": rows})
+        atomic_write_json(run_dir / f"bench_angles_{weights}.json",
+                          {"command": command, "config": args.config, "overrides": args.overrides, "rows": rows})
         print(table(rows))
         return 0
     info: dict = {}
@@ -278,10 +279,9 @@ def main(argv=None) -> int:
         for r in eval_source(cfg.teacher.source, [TEACHER_STEPS], run_dir / "eval_teacher", args.num_samples, command,
                              args.teacher_guidance):
             rows.append({**r, "name": f"{cfg.teacher.source} (teacher)"})
-    default_weights = "student_ema" if cfg.ema.rate > 0 else "student"
     name = "bench.json" if weights == default_weights else f"bench_{weights}.json"
     atomic_write_json(run_dir / name, {"command": command, "config": args.config,
-                                               "overrides": args.overrides, "rows": rows})
+                                       "overrides": args.overrides, "rows": rows})
     print(table(rows))
     return 0
 

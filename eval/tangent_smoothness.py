@@ -18,6 +18,7 @@ import argparse
 import torch
 
 from fewstep.objectives import _trigflow as tf
+from fewstep.paths import _bcast
 from fewstep.teachers import load_teacher
 from fewstep.training.teacher import bundle_from_teacher
 
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
         for th in args.angles:
             theta = torch.full((x0.shape[0],), float(th))
             z = torch.randn_like(x0)
-            x = torch.cos(theta)[:, None, None, None] * x0 + torch.sin(theta)[:, None, None, None] * z
+            x = _bcast(torch.cos(theta), x0) * x0 + _bcast(torch.sin(theta), x0) * z
 
             def F(tt, x=x):
                 return tf.net_F(d, x, tt, cond, 1.0, path)
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
                 up = tf.angle_of_t(path, (t_mid + k / n).clamp(max=1.0), 1.0).float()
                 dn = tf.angle_of_t(path, (t_mid - k / n).clamp(min=0.0), 1.0).float()
                 with torch.no_grad():
-                    sec = (F(up) - F(dn)) / (up - dn)[:, None, None, None]
+                    sec = (F(up) - F(dn)) / _bcast(up - dn, x0)
                 nj, ns = J.flatten(1).norm(dim=1), sec.flatten(1).norm(dim=1)
                 rel = (J - sec).flatten(1).norm(dim=1) / ns
                 print(f"| {name} | {th:g} | {k:g} | {nj.mean():.2f} | {ns.mean():.2f} | {rel.mean():.3f} |")

@@ -99,10 +99,7 @@ class Source:
                              f"{list(steps)} and {len(ts)} times)")
         if not (ts[0] <= 1.0 and ts[-1] == 0.0 and all(b < a for a, b in zip(ts, ts[1:]))):
             raise InputError(f"--times {ts}: must decrease strictly from at most 1 to exactly 0")
-        samp = dict(self.sampling or {})
-        samp["times_by_steps"] = {**(samp.get("times_by_steps") or {}), str(int(steps[0])): ts}
-        self.sampling = samp
-        self.info["times_override"] = ts
+        self.info["times_override"] = ts  # read first by `schedule`
 
     def guidance_embedding(self) -> dict[str, Any] | None:
         """{"key", "dim", "guidance"} for a student that takes its CFG scale as an input (an
