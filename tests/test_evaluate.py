@@ -392,6 +392,8 @@ def test_times_override_samples_a_student_at_other_times(tiny_dit_dir, tmp_path)
                               ([1.0, 0.5, 0.6], [2], "decrease"), ([1.2, 0.5, 0.0], [2], "at most 1")]:
         with pytest.raises(InputError, match=msg):
             evaluate(EvalSpec(**{**spec, "steps": steps}, times=times, out=str(tmp_path / "x")))
+    with pytest.raises(InputError, match="--times sets fewstep's sampler"):
+        evaluate(EvalSpec(**spec, times=[1.0, 0.3, 0.0], sampler="pipeline", out=str(tmp_path / "x")))
     with pytest.raises(InputError, match="applies to students"):
         evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[2], num_samples=6, metrics=["class_acc"],
                           progress=False, times=[1.0, 0.3, 0.0], out=str(tmp_path / "t")))

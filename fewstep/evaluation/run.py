@@ -238,6 +238,9 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
 
         src = load_source(spec.pipeline, device=device, dtype=dtype, student_weights=spec.student_weights)
         if spec.times is not None:
+            if spec.sampler == "pipeline":
+                raise InputError("--times sets fewstep's sampler; the stock pipeline's scheduler picks its own "
+                                 "timesteps (drop --sampler pipeline)")
             src.override_times(spec.times, spec.steps)
         if spec.hybrid:
             if spec.sampler == "pipeline":
