@@ -181,23 +181,28 @@ class TwoTimeDenoiser(Denoiser):
         self._sign = 1.0
 
     def forward(self, x_t: Tensor, t, cond: Cond | None = None, guidance=1.0, output: str = "x0",
-                target: Tensor | float | None = None, sign: float = 1.0):
-        self._target, self._sign = target, float(sign)
+                target: Tensor | float | None = None, sign: Tensor | float = 1.0):
+        """target: the second time (continuous, (B,) or a float; None: 0, the sampling setting);
+        sign: +1, or -1 for TwinFlow's negative-time branch, per sample (B,) or for all."""
+        self._target, self._sign = target, sign
         try:
             return super().forward(x_t, t, cond, guidance, output)
         finally:
             self._target, self._sign = None, 1.0
 
+    @staticmethod
+    def _per_sample(v: Tensor | float, like: Tensor) -> Tensor:
+        """A float or (B,) tensor as a (N,) tensor like `like` (N a multiple of B: CFG batches)."""
+        v = _as_t(v, like) if not torch.is_tensor(v) or v.ndim == 0 else v.to(like)
+        return v.repeat(like.shape[0] // v.shape[0]) if v.shape[0] != like.shape[0] else v
+
     def _pair(self, tt: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
-        target = 0.0 if self._target is None else self._target
-        r = _as_t(target, timestep) if not torch.is_tensor(target) or target.ndim == 0 else target.to(timestep)
-        if r.shape[0] != timestep.shape[0]:  # CFG doubled the batch
-            r = r.repeat(timestep.shape[0] // r.shape[0])
+        r = self._per_sample(0.0 if self._target is None else self._target, timestep)
         ts_r = _fp(self.path.timestep(r))
         if self.mode == "trajectory":
             return ts_r, _fp(self.path.timestep(torch.ones_like(r)))
         gap = _fp(self.path.timestep(tt)) - ts_r
-        return gap * self._sign, torch.zeros_like(gap)
+        return gap * self._per_sample(self._sign, gap), torch.zeros_like(gap)
 
     def output(self, x_t: Tensor, t, cond: Cond | None = None) -> Tensor:
         tt = _as_t(t, x_t)
@@ -205,7 +210,8 @@ class TwoTimeDenoiser(Denoiser):
         timestep = _fp(self.path.timestep(tt))
         a, b = self._pair(tt, timestep)
         with second_time(self.backbone, a, b):
-            out = self.conditioner.call(self.backbone, x_t.to(self.dtype), timestep * self._sign, cond)
+            out = self.conditioner.call(self.backbone, x_t.to(self.dtype), timestep * self._per_sample(self._sign, timestep),
+                                        cond)
         if out.shape != x_t.shape:
             raise ValueError(f"backbone output shape {tuple(out.shape)} does not match input {tuple(x_t.shape)}")
         return _fp(out)
