@@ -405,7 +405,11 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                         "num_classes": source.num_classes, "null_class": bundle.null_class},
             "sampling": {"times": [float(t) for t in obj.sampling["times"]], "renoise": obj.sampling["renoise"],
                          **({"prediction_type": obj.sampling["prediction_type"]}
-                            if obj.sampling.get("prediction_type") else {})},
+                            if obj.sampling.get("prediction_type") else {}),
+                         # the objective's own grids at other step counts (evaluation and export read them)
+                         **({"times_by_steps": {str(k): [float(t) for t in v]
+                                                for k, v in obj.sampling["times_by_steps"].items()}}
+                            if obj.sampling.get("times_by_steps") else {})},
             "steps": steps_done,
             "steps_planned": cfg.steps,
             "batch_size": cfg.data.batch_size,
