@@ -735,7 +735,7 @@ def _teacher_folder(source: str, scratch: Path) -> Path:
         if not (p / "model_index.json").is_file():
             raise ExportError(f"teacher {source!r} has no model_index.json: not a diffusers pipeline folder")
         return p
-    from .teachers import DIGITS_TEACHERS
+    from .pipeline_teacher import DIGITS_TEACHERS
 
     if source in DIGITS_TEACHERS:
         from .digits.data import WEIGHTS_DIR
@@ -743,7 +743,7 @@ def _teacher_folder(source: str, scratch: Path) -> Path:
         folder = WEIGHTS_DIR / f"teacher_{source.split('-', 1)[1]}"
         if (folder / "model_index.json").is_file():
             return folder
-        from .teachers import load_teacher
+        from .pipeline_teacher import load_teacher
 
         try:
             t = load_teacher(source)

@@ -12,7 +12,7 @@ from ..config import Config
 from ..objectives.registry import BuildContext, build_objective, make_params
 from .lora import family_of, make_factories
 from .memory import estimate_table, format_bytes, role_memory
-from .teacher import TeacherBundle, meta_bundle
+from .bundle import TeacherBundle, meta_bundle
 
 __all__ = ["dry_run", "launch_settings"]
 
