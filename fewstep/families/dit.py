@@ -3,7 +3,7 @@ embedded digits teachers are of this family."""
 from __future__ import annotations
 
 from ..conditioning import ClassConditioner
-from .base import ATTN, FF, Drive, Family, transformer_block_tap
+from .base import ATTN, FF, Drive, Family, transformer_block_tap, transformer_time_embedding
 
 
 def _conditioner(backbone, kw):
@@ -31,6 +31,7 @@ FAMILY = Family(
     null_kwargs=_null_kwargs,
     lora_targets=ATTN + FF,
     gan_tap=transformer_block_tap,
+    time_embedding=transformer_time_embedding,
     drives={"DiTPipeline": Drive("transformer", False, True, False, (), conditioning="labels", step_on_scaled=True)},
     num_classes=_num_classes,
     # the output layer reuses the first block's embedding after the blocks ran, so the blocks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..conditioning import UNetTextConditioner
-from .base import SD_UNET, Drive, Family, mid_block_tap, unet_w_embedding
+from .base import SD_UNET, Drive, Family, mid_block_tap, unet_time_embedding, unet_w_embedding
 
 
 def text_unet_conditioner(backbone, kw):
@@ -36,6 +36,7 @@ FAMILY = Family(
     null_kwargs=_null_kwargs,
     lora_targets=SD_UNET,
     gan_tap=mid_block_tap,
+    time_embedding=unet_time_embedding,
     drives={"StableDiffusionPipeline": Drive("unet", True, True, True, ("timesteps", "sigmas"),
                                              lora="unet_lora_layers")},
     encode_prompts=_encode,

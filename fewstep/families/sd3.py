@@ -3,7 +3,7 @@ plus pooled projections, a flow-matching path; the null condition is the encodin
 from __future__ import annotations
 
 from ..conditioning import SD3Conditioner
-from .base import ATTN, FF, JOINT, Drive, Family, t5_length, transformer_block_tap
+from .base import ATTN, FF, JOINT, Drive, Family, t5_length, transformer_block_tap, transformer_time_embedding
 
 
 def _conditioner(backbone, kw):
@@ -32,6 +32,7 @@ FAMILY = Family(
     null_kwargs=pooled_null_kwargs,
     lora_targets=ATTN + FF + JOINT,
     gan_tap=transformer_block_tap,
+    time_embedding=transformer_time_embedding,
     drives={"StableDiffusion3Pipeline": Drive("transformer", False, False, False, ("sigmas",),
                                               lora="transformer_lora_layers")},
     encode_prompts=_encode,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SD_UNET, Drive, Family, mid_block_tap, unet_w_embedding
+from .base import SD_UNET, Drive, Family, mid_block_tap, unet_time_embedding, unet_w_embedding
 from .sd15 import text_unet_conditioner
 
 
@@ -39,6 +39,7 @@ FAMILY = Family(
     null_kwargs=_null_kwargs,
     lora_targets=SD_UNET,
     gan_tap=mid_block_tap,
+    time_embedding=unet_time_embedding,
     drives={"StableDiffusionXLPipeline": Drive("unet", True, True, True, ("timesteps", "sigmas"), begin_index=True,
                                                lora="unet_lora_layers")},
     encode_prompts=_encode,

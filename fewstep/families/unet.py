@@ -3,7 +3,7 @@ through `num_class_embeds` (one reserved class is the null label)."""
 from __future__ import annotations
 
 from ..conditioning import ClassConditioner
-from .base import ATTN, UNET_CONV, Family, mid_block_tap
+from .base import ATTN, UNET_CONV, Family, mid_block_tap, unet_time_embedding
 
 
 def _conditioner(backbone, kw):
@@ -31,6 +31,7 @@ FAMILY = Family(
     null_kwargs=_null_kwargs,
     lora_targets=ATTN + UNET_CONV,
     gan_tap=mid_block_tap,
+    time_embedding=unet_time_embedding,
     drives={},  # DDPMPipeline takes no class labels: no stock pipeline runs a class-conditional student
     num_classes=_num_classes,
     fsdp_wrap=("ResnetBlock2D",),

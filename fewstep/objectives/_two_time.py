@@ -20,11 +20,11 @@ saved backbone is the teacher's class with the teacher's config:
     trajectory, s = 0    bias   += W (phi(timestep(0)) - phi(timestep(1)))
     gap, r = 0           weight += W, bias -= W phi(0)     (a = timestep(t) - timestep(0) = timestep(t))
 
-Where the time embedding sits is a fact of the backbone family, read from its structure: a module
-with a `time_proj` projection and a `timestep_embedder` (DiT, PixArt, SD3, Flux) or a
-`time_embedding` (UNet2DModel, UNet2DConditionModel) `TimestepEmbedding`. A backbone with neither
-cannot take a second time (`install` raises). Every matching embedder is extended (DiT has one
-per block), all reading one shared state, set per call by `TwoTimeDenoiser`.
+Where the time embedding sits is a fact of the backbone family: the family record's
+`time_embedding` lists every TimestepEmbedding fed the timestep with its projection (DiT has one
+per block). A backbone of no known family, or of a family without one, cannot take a second time
+(`install` raises, naming the key). Every listed embedder is extended, all reading one shared
+state, set per call by `TwoTimeDenoiser`.
 
 Activation checkpointing would recompute the embedding in backward with whatever state is set
 then; the objectives refuse it.
@@ -83,20 +83,15 @@ class SecondTimeLinear(nn.Module):
         return out + self.extra(feat.to(x.dtype))
 
 
-def time_embedders(backbone: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, time_proj) of every TimestepEmbedding fed the backbone's timestep."""
-    from diffusers.models.embeddings import TimestepEmbedding
+def time_embedders(backbone: nn.Module) -> list[tuple[nn.Module, str, nn.Module]] | None:
+    """(TimestepEmbedding, "linear_1", time_proj) of every embedding of the backbone's timestep,
+    from its family record; None when the family has no such record."""
+    from ..families import family_of
 
-    found = []
-    for m in backbone.modules():
-        proj = getattr(m, "time_proj", None)
-        if proj is None:
-            continue
-        for attr in ("timestep_embedder", "time_embedding"):
-            emb = getattr(m, attr, None)
-            if isinstance(emb, TimestepEmbedding):
-                found.append((emb, "linear_1", proj))
-    return found
+    fam = family_of(backbone)
+    if fam is None or fam.time_embedding is None:
+        return None
+    return [(emb, "linear_1", proj) for emb, proj in fam.time_embedding(backbone)]
 
 
 def is_installed(backbone: nn.Module) -> bool:
@@ -115,9 +110,11 @@ def install(backbone: nn.Module, mode: str, key: str = "teacher.source") -> _Sta
         return st
     found = time_embedders(backbone)
     if not found:
+        from ..families import all_families
+
+        able = [f.name for f in all_families() if f.time_embedding is not None]
         raise ValueError(f"{key}: the teacher's backbone {type(backbone).__name__} has no time embedding that can "
-                         "take a second time (a `time_proj` with a `timestep_embedder` or `time_embedding` "
-                         "TimestepEmbedding, as in DiT, PixArt, SD3, Flux and the diffusers UNets)")
+                         f"take a second time (its family record names none; families with one: {', '.join(able)})")
     state = _State(mode)
     for emb, attr, proj in found:
         setattr(emb, attr, SecondTimeLinear(getattr(emb, attr), proj, state))
