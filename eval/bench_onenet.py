@@ -26,12 +26,13 @@ import torch
 
 
 def _child(config: str, steps: int, overrides: list[str]) -> dict:
+    from fewstep.training.teacher import load_bundle
+
     from fewstep.config import load_config
     from fewstep.objectives.base import trainable_parameters
     from fewstep.objectives.registry import BuildContext, build_objective, make_params
     from fewstep.training.data import BatchSource
     from fewstep.training.lora import make_factories
-    from fewstep.training.teacher import load_bundle
 
     cfg = load_config(config, overrides)
     torch.manual_seed(cfg.seed)
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, c, "--child", "--steps", str(args.steps)]
         for s in args.set:
             cmd += ["--set", s]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{c} failed:\n{out.stderr[-3000:]}")

@@ -3,7 +3,14 @@ embedded digits teachers are of this family."""
 from __future__ import annotations
 
 from ..conditioning import ClassConditioner
-from .base import ATTN, FF, Drive, Family, transformer_block_tap, transformer_time_embedding
+from .base import (
+    ATTN,
+    FF,
+    Drive,
+    Family,
+    transformer_block_tap,
+    transformer_time_embedding,
+)
 
 
 def _conditioner(backbone, kw):

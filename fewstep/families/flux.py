@@ -4,7 +4,16 @@ input (`guidance_embeds`)."""
 from __future__ import annotations
 
 from ..conditioning import FluxConditioner
-from .base import ATTN, FF, JOINT, Drive, Family, t5_length, transformer_block_tap, transformer_time_embedding
+from .base import (
+    ATTN,
+    FF,
+    JOINT,
+    Drive,
+    Family,
+    t5_length,
+    transformer_block_tap,
+    transformer_time_embedding,
+)
 from .sd3 import pooled_null_kwargs
 
 

@@ -3,7 +3,15 @@ learned-sigma output; the null condition is the T5 encoding of "" and its mask."
 from __future__ import annotations
 
 from ..conditioning import PixArtConditioner
-from .base import ATTN, FF, Drive, Family, t5_length, transformer_block_tap, transformer_time_embedding
+from .base import (
+    ATTN,
+    FF,
+    Drive,
+    Family,
+    t5_length,
+    transformer_block_tap,
+    transformer_time_embedding,
+)
 
 
 def _conditioner(backbone, kw):

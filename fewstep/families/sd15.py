@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..conditioning import UNetTextConditioner
-from .base import SD_UNET, Drive, Family, mid_block_tap, unet_time_embedding, unet_w_embedding
+from .base import (
+    SD_UNET,
+    Drive,
+    Family,
+    mid_block_tap,
+    unet_time_embedding,
+    unet_w_embedding,
+)
 
 
 def text_unet_conditioner(backbone, kw):

@@ -3,7 +3,16 @@ plus pooled projections, a flow-matching path; the null condition is the encodin
 from __future__ import annotations
 
 from ..conditioning import SD3Conditioner
-from .base import ATTN, FF, JOINT, Drive, Family, t5_length, transformer_block_tap, transformer_time_embedding
+from .base import (
+    ATTN,
+    FF,
+    JOINT,
+    Drive,
+    Family,
+    t5_length,
+    transformer_block_tap,
+    transformer_time_embedding,
+)
 
 
 def _conditioner(backbone, kw):
