@@ -209,7 +209,7 @@ class TwinFlow:
     def _enhance(self, x_t: Tensor, t: Tensor, cond: Cond | None, idx: Tensor) -> Tensor:
         """r_cfg (u_c - u_u) at (x_t, t, t) for the samples in idx (zeros elsewhere), one 2n pass."""
         out = torch.zeros_like(x_t)
-        if self.r_cfg == 0.0 or self.null_cond is None or not bool(idx.any()):
+        if self.r_cfg == 0.0 or self.null_cond is None or cond is None or not bool(idx.any()):
             return out
         c = {k: (v[idx] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in cond.items()}
         n = int(idx.sum())
