@@ -108,11 +108,8 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
 
 def load_bundle(tcfg: Any, device: torch.device | str = "cpu") -> TeacherBundle:
     """Load `teacher.source` through fewstep.teachers and freeze it."""
-    try:
-        from ..teachers import load_teacher
-    except ImportError as e:
-        raise RuntimeError(f"teacher.source={tcfg.source!r}: fewstep.teachers is not available ({e}); "
-                           "pass a TeacherBundle to fewstep.training.run(cfg, teacher=...)") from e
+    from ..teachers import load_teacher
+
     kw: dict[str, Any] = {"device": device, "dtype": DTYPES[tcfg.dtype]}
     if tcfg.family is not None:
         kw["family"] = tcfg.family
