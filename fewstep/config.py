@@ -8,8 +8,9 @@ values (`data.batch_size=64`, `lora.target_modules=[to_q,to_v]`, `resume=latest`
 or a value of the wrong type is an error that names the full dotted key. The `objective:` section
 holds `name` plus the objective's own hyperparameters, which are checked against that objective's
 dataclass (see `fewstep.objectives.registry`); `optim:` holds one entry per optimizer group of the
-objective (`optim.generator`, `optim.guidance`, ...) plus `optim.default`, from which every group
-takes the values it does not set.
+objective (`optim.generator`, `optim.fake_score`, ...) plus `optim.default`, from which every group
+takes the values it does not set. (`guidance` means the CFG scale only: a preset's old
+`optim.guidance`, the fake score's group, is read as `optim.fake_score` with a deprecation warning.)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -42,7 +44,11 @@ __all__ = [
     "config_to_dict",
     "resolve_group",
     "DEFAULT_GROUP",
+    "RENAMED_GROUPS",
 ]
+
+# optimizer groups under an old name -> their name now
+RENAMED_GROUPS = {"guidance": "fake_score"}
 
 
 class ConfigError(ValueError):
@@ -368,7 +374,7 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
         if not isinstance(optim, dict):
             raise ConfigError(f"optim: expected a mapping of group name -> settings, got {optim!r}")
         groups = _default_optim()
-        for g, v in optim.items():
+        for g, v in _renamed_groups(optim).items():
             key = f"optim.{g}"
             if v is None:
                 v = {}
@@ -382,6 +388,22 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
             groups[str(g)] = _dataclass_from(OptimGroupConfig, v, key)
         cfg.optim = groups
     return cfg.validate()
+
+
+def _renamed_groups(optim: dict[str, Any]) -> dict[str, Any]:
+    """`optim` with the old group names replaced by the new ones (one warning per old name)."""
+    out = {}
+    for g, v in optim.items():
+        new = RENAMED_GROUPS.get(str(g))
+        if new is not None:
+            if new in optim:
+                raise ConfigError(f"optim.{g} and optim.{new} are both set: optim.{g} is the old name of "
+                                  f"optim.{new}; keep only optim.{new}")
+            warnings.warn(f"optim.{g} is deprecated: the fake score's optimizer group is now optim.{new} "
+                          f"(`guidance` means the CFG scale only)", FutureWarning, stacklevel=4)
+            g = new
+        out[g] = v
+    return out
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

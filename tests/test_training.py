@@ -83,8 +83,8 @@ def test_output_dir_rules(tmp_path):
     assert not marker.exists() and (tmp_path / "run" / "run_card.json").is_file()
     with pytest.raises(ConfigError, match="finished run"):
         run(cfg_for(tmp_path, "steps=2", "data.batch_size=4", "resume=latest"), teacher=gmm_bundle())
-    with pytest.raises(ConfigError, match="optim.guidance"):  # dsm has one group, "generator"
-        run(cfg_for(tmp_path, "steps=1", "data.batch_size=4", "optim.guidance.lr=1e-3", name="g"), teacher=gmm_bundle())
+    with pytest.raises(ConfigError, match="optim.fake_score"):  # dsm has one group, "generator"
+        run(cfg_for(tmp_path, "steps=1", "data.batch_size=4", "optim.fake_score.lr=1e-3", name="g"), teacher=gmm_bundle())
 
 
 def test_phase_order_zeroes_all_grads_and_steps_one_group(tmp_path, toy):
