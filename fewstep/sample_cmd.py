@@ -123,7 +123,7 @@ def sample_grid(teacher, rows: list, per_row: int, times: list[float], guidance:
 
 
 def run(args) -> int:
-    from .teachers import load_teacher
+    from .pipeline_teacher import load_teacher
 
     kw = {} if args.resolution is None else {"resolution": args.resolution}
     t0 = time.time()

@@ -318,16 +318,16 @@ def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> S
 
 
 def _load_teacher(source: str, device: str, dtype: torch.dtype):
-    """fewstep.teachers.load_teacher; for the embedded names, if that cannot wrap what
-    fewstep.digits.teacher returns, their shipped DiTPipeline folder is loaded as a folder."""
-    from ..teachers import load_teacher
+    """fewstep.pipeline_teacher.load_teacher; for the embedded names, if that cannot wrap what
+    fewstep.digits.embedded_teachers returns, their shipped DiTPipeline folder is loaded as a folder."""
+    from ..pipeline_teacher import load_teacher
 
     try:
         return load_teacher(source, device=device, dtype=dtype)
     except TypeError:
         if source not in TEACHER_NAMES:
             raise
-        from ..digits.teacher import teacher_dir
+        from ..digits.embedded_teachers import teacher_dir
 
         return load_teacher(str(teacher_dir(source.split("-", 1)[1])), family="dit", device=device, dtype=dtype)
 

@@ -53,7 +53,7 @@ def _always(backbone: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Family:
-    """One backbone family. Callables take the backbone (or the `fewstep.teachers.Teacher`) as
+    """One backbone family. Callables take the backbone (or the `fewstep.pipeline_teacher.Teacher`) as
     their first argument, so a record holds no state.
 
     Fields (all required unless a default is given):

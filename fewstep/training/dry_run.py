@@ -13,7 +13,7 @@ from ..objectives.registry import BuildContext, build_objective, make_params
 from ..families import family_name
 from .lora import make_factories
 from .memory import estimate_table, format_bytes, role_memory
-from .teacher import TeacherBundle, meta_bundle
+from .bundle import TeacherBundle, meta_bundle
 
 __all__ = ["dry_run", "launch_settings"]
 

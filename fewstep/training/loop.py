@@ -31,7 +31,7 @@ from ..families import family_name
 from .lora import lora_meta, lora_only_state_dict, make_factories, merge_lora_state_dict
 from .parallel import (available_trackers, average_gradients, broadcast_parameters, grad_norm_and_clip, is_fsdp,
                        make_accelerator, reduce_mean, shard_module, wrap_autocast)
-from .teacher import TeacherBundle, load_bundle
+from .bundle import TeacherBundle, load_bundle
 
 __all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
 

@@ -240,7 +240,7 @@ def _load_digits(name: str, device, dtype, **kw) -> Teacher:
     folder = WEIGHTS_DIR / f"teacher_{kind}"
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"the embedded teacher {name!r} has no weights: {folder}/model_index.json is missing "
-                         "(train it with train/teacher.py, see fewstep/digits/weights/teachers.json)")
+                         "(train it with train/train_teacher.py, see fewstep/digits/weights/teachers.json)")
     return load_teacher(str(folder), family="dit", device=device, dtype=dtype, **kw)
 
 

@@ -1,7 +1,7 @@
 """What the entry point needs from a teacher, whatever loaded it: the frozen Denoiser, latent
 shape, conditioning kind, and the VAE / text-encoder hooks used for data and sample grids.
 
-`load_bundle(cfg.teacher)` goes through `fewstep.teachers.load_teacher`; tests and scripts may
+`load_bundle(cfg.teacher)` goes through `fewstep.pipeline_teacher.load_teacher`; tests and scripts may
 build a `TeacherBundle` themselves (e.g. around `fewstep.testing.gmm_denoiser` or tests/tiny.py)
 and pass it to `fewstep.training.run(cfg, teacher=...)`. `meta_bundle` builds the backbone from
 its config on the meta device for `--dry-run` (no weights are read).
@@ -79,7 +79,7 @@ def _digits_real_data(encode: Callable[[Tensor], Tensor], device) -> Callable[[]
 
 
 def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
-    """Adapt what `fewstep.teachers.load_teacher` (or `load_digits_teacher`) returns."""
+    """Adapt what `fewstep.pipeline_teacher.load_teacher` (or `load_digits_teacher`) returns."""
     den = t.denoiser
     fam = getattr(t, "family", None) or family_name(den.backbone)
     vae = getattr(t, "vae", None)
@@ -107,8 +107,8 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
 
 
 def load_bundle(tcfg: Any, device: torch.device | str = "cpu") -> TeacherBundle:
-    """Load `teacher.source` through fewstep.teachers and freeze it."""
-    from ..teachers import load_teacher
+    """Load `teacher.source` through fewstep.pipeline_teacher and freeze it."""
+    from ..pipeline_teacher import load_teacher
 
     kw: dict[str, Any] = {"device": device, "dtype": DTYPES[tcfg.dtype]}
     if tcfg.family is not None:
