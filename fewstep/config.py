@@ -9,8 +9,7 @@ or a value of the wrong type is an error that names the full dotted key. The `ob
 holds `name` plus the objective's own hyperparameters, which are checked against that objective's
 dataclass (see `fewstep.objectives.registry`); `optim:` holds one entry per optimizer group of the
 objective (`optim.generator`, `optim.fake_score`, ...) plus `optim.default`, from which every group
-takes the values it does not set. (`guidance` means the CFG scale only: a preset's old
-`optim.guidance`, the fake score's group, is read as `optim.fake_score` with a deprecation warning.)
+takes the values it does not set (old group names, RENAMED_GROUPS, are read with a warning).
 """
 from __future__ import annotations
 
@@ -47,8 +46,7 @@ __all__ = [
     "RENAMED_GROUPS",
 ]
 
-# optimizer groups under an old name -> their name now
-RENAMED_GROUPS = {"guidance": "fake_score"}
+RENAMED_GROUPS = {"guidance": "fake_score"}  # old optimizer group name -> now (guidance: the CFG scale only)
 
 
 class ConfigError(ValueError):
@@ -391,19 +389,15 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
 
 
 def _renamed_groups(optim: dict[str, Any]) -> dict[str, Any]:
-    """`optim` with the old group names replaced by the new ones (one warning per old name)."""
-    out = {}
-    for g, v in optim.items():
-        new = RENAMED_GROUPS.get(str(g))
-        if new is not None:
-            if new in optim:
-                raise ConfigError(f"optim.{g} and optim.{new} are both set: optim.{g} is the old name of "
-                                  f"optim.{new}; keep only optim.{new}")
-            warnings.warn(f"optim.{g} is deprecated: the fake score's optimizer group is now optim.{new} "
-                          f"(`guidance` means the CFG scale only)", FutureWarning, stacklevel=4)
-            g = new
-        out[g] = v
-    return out
+    """`optim` with old group names replaced by the new ones (one warning per old name)."""
+    for old, new in RENAMED_GROUPS.items():
+        if old in optim and new in optim:
+            raise ConfigError(f"optim.{old} and optim.{new} are both set: optim.{old} is the old name of "
+                              f"optim.{new}; keep only optim.{new}")
+        if old in optim:
+            warnings.warn(f"optim.{old} is deprecated: the fake score's optimizer group is now optim.{new} "
+                          "(`guidance` means the CFG scale only)", FutureWarning, stacklevel=4)
+    return {RENAMED_GROUPS.get(str(g), g): v for g, v in optim.items()}
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
