@@ -5,8 +5,12 @@
     for fam in all_families(): ...
 
 Every module of this package whose name does not start with "_" and is not `base` defines one
-`FAMILY` record and is registered when the package is imported, so a new family is one new
-file here (plus one tiny test model in tests/tiny.py).
+`FAMILY` record and is registered when the package is imported. Adding a family is:
+  1. `fewstep/families/<name>.py` with `FAMILY = Family(...)` (see `base.Family` for the fields);
+     a backbone with a new call convention defines its `Conditioner` subclass in that file too
+     (the base class and helpers are in `fewstep.conditioning`);
+  2. one entry in `TINY` in `tests/tiny.py`: a tiny backbone and its pipeline.
+`tests/test_families.py` then checks the record against the tiny model.
 """
 from __future__ import annotations
 

@@ -22,17 +22,10 @@ def _num_classes(backbone, null_class):
 
 
 FAMILY = Family(
-    name="dit",
-    backbone_classes=("DiTTransformer2DModel",),
-    pipeline_classes=("DiTPipeline",),
-    text=False,
-    conditioner=_conditioner,
-    conditioner_kwargs=("null_class",),
-    null_kwargs=_null_kwargs,
-    lora_targets=ATTN + FF,
-    gan_tap=transformer_block_tap,
+    name="dit", text=False, backbone_classes=("DiTTransformer2DModel",), pipeline_classes=("DiTPipeline",),
+    conditioner=_conditioner, conditioner_kwargs=("null_class",), null_kwargs=_null_kwargs, num_classes=_num_classes,
+    lora_targets=ATTN + FF, gan_tap=transformer_block_tap,
     drives={"DiTPipeline": Drive("transformer", False, True, False, (), conditioning="labels", step_on_scaled=True)},
-    num_classes=_num_classes,
     # the output layer reuses the first block's embedding after the blocks ran, so the blocks
     # cannot be resharded separately: DiT is sharded as one unit
     fsdp_wrap=(),

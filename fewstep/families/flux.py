@@ -20,18 +20,11 @@ def _encode(t, prompts):
 
 
 FAMILY = Family(
-    name="flux",
-    backbone_classes=("FluxTransformer2DModel",),
-    pipeline_classes=("FluxPipeline",),
-    text=True,
-    conditioner=_conditioner,
-    conditioner_kwargs=("null_embeds", "null_pooled", "default_guidance"),
-    null_kwargs=pooled_null_kwargs,
-    lora_targets=ATTN + FF + JOINT + ("proj_mlp", "proj_out"),
-    gan_tap=transformer_block_tap,
-    drives={"FluxPipeline": Drive("transformer", False, False, False, ("sigmas",), flux_sigmas=True,
-                                  begin_index=True, lora="transformer_lora_layers")},
-    encode_prompts=_encode,
-    latent_patch=2,
-    default_latent_size=128,  # FluxPipeline.default_sample_size
+    name="flux", text=True, backbone_classes=("FluxTransformer2DModel",), pipeline_classes=("FluxPipeline",),
+    conditioner=_conditioner, conditioner_kwargs=("null_embeds", "null_pooled", "default_guidance"),
+    null_kwargs=pooled_null_kwargs, encode_prompts=_encode, lora_targets=ATTN + FF + JOINT + ("proj_mlp", "proj_out"),
+    gan_tap=transformer_block_tap, drives={"FluxPipeline": Drive(
+        "transformer", False, False, False, ("sigmas",), flux_sigmas=True, begin_index=True,
+        lora="transformer_lora_layers")},
+    latent_patch=2, default_latent_size=128,  # FluxPipeline.default_sample_size
 )

@@ -24,19 +24,13 @@ def _null_kwargs(t):
 
 
 FAMILY = Family(
-    name="pixart",
-    backbone_classes=("PixArtTransformer2DModel",),
-    pipeline_classes=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
-    text=True,
-    conditioner=_conditioner,
-    conditioner_kwargs=("null_embeds", "null_mask", "vae_scale_factor"),
-    null_kwargs=_null_kwargs,
-    lora_targets=ATTN + FF,
-    gan_tap=transformer_block_tap,
+    name="pixart", text=True, backbone_classes=("PixArtTransformer2DModel",),
+    pipeline_classes=("PixArtAlphaPipeline", "PixArtSigmaPipeline"), encode_prompts=_encode,
+    conditioner=_conditioner, conditioner_kwargs=("null_embeds", "null_mask", "vae_scale_factor"),
+    null_kwargs=_null_kwargs, lora_targets=ATTN + FF, gan_tap=transformer_block_tap,
     drives={
         "PixArtAlphaPipeline": Drive("transformer", True, True, True, ("timesteps", "sigmas"), one_step_output=1,
                                      begin_index=True),
         "PixArtSigmaPipeline": Drive("transformer", True, True, True, ("timesteps", "sigmas")),
     },
-    encode_prompts=_encode,
 )

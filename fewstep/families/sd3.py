@@ -23,16 +23,9 @@ def pooled_null_kwargs(t):
 
 
 FAMILY = Family(
-    name="sd3",
-    backbone_classes=("SD3Transformer2DModel",),
-    pipeline_classes=("StableDiffusion3Pipeline",),
-    text=True,
-    conditioner=_conditioner,
-    conditioner_kwargs=("null_embeds", "null_pooled", "zero_null"),
-    null_kwargs=pooled_null_kwargs,
-    lora_targets=ATTN + FF + JOINT,
-    gan_tap=transformer_block_tap,
-    drives={"StableDiffusion3Pipeline": Drive("transformer", False, False, False, ("sigmas",),
-                                              lora="transformer_lora_layers")},
-    encode_prompts=_encode,
+    name="sd3", text=True, backbone_classes=("SD3Transformer2DModel",), pipeline_classes=("StableDiffusion3Pipeline",),
+    conditioner=_conditioner, conditioner_kwargs=("null_embeds", "null_pooled", "zero_null"),
+    null_kwargs=pooled_null_kwargs, encode_prompts=_encode, lora_targets=ATTN + FF + JOINT,
+    gan_tap=transformer_block_tap, drives={"StableDiffusion3Pipeline": Drive(
+        "transformer", False, False, False, ("sigmas",), lora="transformer_lora_layers")},
 )

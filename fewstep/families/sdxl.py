@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import SD_UNET, Drive, Family, mid_block_tap, unet_w_embedding
-from .sd15 import text_unet_conditioner
+from .base import Drive
+from .sd15 import text_unet_family
 
 
 def _encode(t, prompts):
@@ -29,19 +29,9 @@ def _is_sdxl(backbone: torch.nn.Module) -> bool:
     return getattr(backbone, "config", {}).get("addition_embed_type") == "text_time"
 
 
-FAMILY = Family(
-    name="sdxl",
-    backbone_classes=("UNet2DConditionModel",),
-    pipeline_classes=("StableDiffusionXLPipeline",),
-    text=True,
-    conditioner=text_unet_conditioner,
-    conditioner_kwargs=("null_embeds", "null_pooled", "zero_null"),
-    null_kwargs=_null_kwargs,
-    lora_targets=SD_UNET,
-    gan_tap=mid_block_tap,
+FAMILY = text_unet_family(
+    name="sdxl", pipeline_classes=("StableDiffusionXLPipeline",), matches=_is_sdxl,
+    null_kwargs=_null_kwargs, encode_prompts=_encode,
     drives={"StableDiffusionXLPipeline": Drive("unet", True, True, True, ("timesteps", "sigmas"), begin_index=True,
                                                lora="unet_lora_layers")},
-    encode_prompts=_encode,
-    w_embedding=unet_w_embedding,
-    matches=_is_sdxl,
 )

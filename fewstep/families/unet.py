@@ -22,16 +22,8 @@ def _num_classes(backbone, null_class):
 
 
 FAMILY = Family(
-    name="unet",
-    backbone_classes=("UNet2DModel",),
-    pipeline_classes=("DDPMPipeline", "DDIMPipeline"),
-    text=False,
-    conditioner=_conditioner,
-    conditioner_kwargs=("null_class",),
-    null_kwargs=_null_kwargs,
-    lora_targets=ATTN + UNET_CONV,
-    gan_tap=mid_block_tap,
+    name="unet", text=False, backbone_classes=("UNet2DModel",), pipeline_classes=("DDPMPipeline", "DDIMPipeline"),
+    conditioner=_conditioner, conditioner_kwargs=("null_class",), null_kwargs=_null_kwargs, num_classes=_num_classes,
+    lora_targets=ATTN + UNET_CONV, gan_tap=mid_block_tap, fsdp_wrap=("ResnetBlock2D",),
     drives={},  # DDPMPipeline takes no class labels: no stock pipeline runs a class-conditional student
-    num_classes=_num_classes,
-    fsdp_wrap=("ResnetBlock2D",),
 )
