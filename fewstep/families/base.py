@@ -51,7 +51,7 @@ def _always(backbone: nn.Module) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one record per family
 class Family:
     """One backbone family. Callables take the backbone (or the `fewstep.pipeline_teacher.Teacher`) as
     their first argument, so a record holds no state.
