@@ -45,6 +45,8 @@ class Drive:
     step_on_scaled: bool = False   # DiTPipeline passes the scale_model_input output to step as the sample
     conditioning: str = "text"     # "labels" or "text"
     lora: str | None = None        # the keyword of `save_lora_weights` for its backbone, if it loads LoRA
+    hybrid: bool = False           # __call__ takes latents, step callbacks and custom timesteps, so the
+                                   #   model card's diffusers-only hybrid sampling snippet runs
 
 
 def _always(backbone: nn.Module) -> bool:

@@ -39,5 +39,5 @@ FAMILY = text_unet_family(
     name="sd15", pipeline_classes=("StableDiffusionPipeline", "LatentConsistencyModelPipeline"), matches=_is_sd15,
     null_kwargs=_null_kwargs, encode_prompts=_encode,
     drives={"StableDiffusionPipeline": Drive("unet", True, True, True, ("timesteps", "sigmas"),
-                                             lora="unet_lora_layers")},
+                                             lora="unet_lora_layers", hybrid=True)},
 )

@@ -33,5 +33,5 @@ FAMILY = text_unet_family(
     name="sdxl", pipeline_classes=("StableDiffusionXLPipeline",), matches=_is_sdxl,
     null_kwargs=_null_kwargs, encode_prompts=_encode,
     drives={"StableDiffusionXLPipeline": Drive("unet", True, True, True, ("timesteps", "sigmas"), begin_index=True,
-                                               lora="unet_lora_layers")},
+                                               lora="unet_lora_layers", hybrid=True)},
 )
