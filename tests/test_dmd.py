@@ -13,11 +13,12 @@ from torch import nn
 from fewstep.conditioning import Conditioner
 from fewstep.denoiser import Denoiser, copy_denoiser
 from fewstep.objectives.base import Objective, trainable_parameters
-from fewstep.objectives.dmd import DMDObjective, DMDParams, RoleView, build, context, params_from_dict
+from fewstep.objectives.dmd import DMDObjective, DMDParams, build, context, params_from_dict
 from fewstep.objectives.regression import channel_gaussian_kl, channel_stats
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
+from fewstep.training.shared_base import RoleView
 from tiny import make_tiny
 
 
