@@ -73,6 +73,43 @@ def test_dsm_run_learns_and_writes_outputs(tmp_path):
     assert (out / "config.yaml").is_file()
 
 
+def test_run_returns_the_trained_student_and_objective(tmp_path):
+    """`run` hands back the trained student (the objective's own 'student' network, holding the
+    weights it saved) so a script needs no reload; a backbone that is not a diffusers model gets
+    its class recorded beside its weights."""
+    bundle = gmm_bundle(shift=0.5)
+    cfg = cfg_for(tmp_path, "steps=6", "data.batch_size=16", "optim.default.lr=0.05", "optim.default.warmup_steps=0",
+                  "ema.rate=0", "log.sample_every=0", "checkpoint.every=0")
+    res = run(cfg, teacher=bundle)
+    assert res.objective is not None and res.student is res.objective.nets["student"]
+    saved = load_file(str(res.run_dir / "final" / "student" / "model.safetensors"))["means"]
+    assert torch.equal(res.student.backbone.means.detach(), saved)
+    assert not torch.equal(saved, bundle.denoiser.backbone.means.detach())   # it trained
+    record = json.loads((res.run_dir / "final" / "student" / "backbone.json").read_text())
+    assert record["class"] == "fewstep.testing.GaussianMixtureBackbone"
+
+
+def test_final_folder_rebuilds_the_returned_student(tmp_path):
+    """The final weights folder's config.json rebuilds the backbone with diffusers alone, and the
+    rebuilt network computes what the returned student's backbone computes."""
+    import diffusers
+
+    bundle = tiny_bundle("dit")
+    cfg = cfg_for(tmp_path, "steps=2", "data.batch_size=2", "data.real_data=false", "optim.default.lr=1e-2",
+                  "optim.default.warmup_steps=0", "ema.rate=0", "log.sample_every=0", "checkpoint.every=0")
+    res = run(cfg, teacher=bundle)
+    folder = res.run_dir / "final" / "student"
+    config = json.loads((folder / "config.json").read_text())
+    rebuilt = getattr(diffusers, config["_class_name"]).from_pretrained(str(folder)).eval()
+    student = res.student.backbone.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *bundle.latent_shape, generator=g)
+    kw = {"timestep": torch.tensor([500, 20]), "class_labels": torch.tensor([1, 3]), "return_dict": False}
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x, **kw)[0], student(x, **kw)[0], atol=1e-6)
+        assert not torch.allclose(bundle.denoiser.backbone(x, **kw)[0], student(x, **kw)[0], atol=1e-6)
+
+
 def test_output_dir_rules(tmp_path):
     cfg = cfg_for(tmp_path, "steps=1", "data.batch_size=4", "checkpoint.every=0")
     run(cfg, teacher=gmm_bundle())
