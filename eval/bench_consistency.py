@@ -215,12 +215,9 @@ def eval_source(source: str, steps: list[int], out: Path, num_samples: int | Non
     return rows
 
 
-def _val(m):
-    if isinstance(m, dict):
-        for k in ("value", "fid", "mean"):
-            if k in m:
-                return float(m[k])
-    return float(m) if isinstance(m, (int, float)) else None
+def _val(m: dict | None) -> float | None:
+    """The number of one metric entry of `fewstep eval`'s results ({"value": ..., provenance})."""
+    return None if m is None else float(m["value"])
 
 
 def table(rows: list[dict]) -> str:

@@ -42,12 +42,9 @@ TEACHER_STEPS = 50
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def _val(m):
-    if isinstance(m, dict):
-        for k in ("value", "fid", "mean"):
-            if k in m:
-                return float(m[k])
-    return float(m) if isinstance(m, (int, float)) else None
+def _val(m: dict | None) -> float | None:
+    """The number of one metric entry of `fewstep eval`'s results ({"value": ..., provenance})."""
+    return None if m is None else float(m["value"])
 
 
 def evaluate_source(source: str, steps: int, out: Path, num_samples: int | None, command: str,

@@ -42,7 +42,7 @@ def test_committed_teacher_loads(teachers, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_four_step_sample_decodes_to_digits(teachers, kind):
-    from fewstep.metrics import class_accuracy
+    from fewstep.evaluation.digits import class_accuracy
 
     t = teachers[kind]
     y = torch.arange(20) % 10

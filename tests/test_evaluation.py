@@ -65,11 +65,11 @@ def test_generated_fid_kid_equal_torch_fidelity_on_the_saved_images(tiny_dit_dir
     assert len(list((out / "images" / "steps2").glob("*.png"))) == 40
 
 
-def test_folder_scoring_equals_fewstep_metrics_and_torch_fidelity(tmp_path):
+def test_folder_scoring_equals_fidelity_metrics_and_torch_fidelity(tmp_path):
     from PIL import Image
 
     import torch_fidelity
-    from fewstep.metrics import fidelity_metrics
+    from fewstep.evaluation.scores import fidelity_metrics
 
     u8, _ = _digits_u8()
     gen, ref = tmp_path / "gen", tmp_path / "ref"
@@ -82,7 +82,7 @@ def test_folder_scoring_equals_fewstep_metrics_and_torch_fidelity(tmp_path):
     res = evaluate(EvalSpec(images=str(gen), reference=str(ref), metrics=["fid"], out=str(tmp_path / "o"),
                             progress=False))
     ours = res["rows"][0]["metrics"]["fid"]["value"]
-    theirs = fidelity_metrics(u8[:200:2], u8[1000:1300], fid=True)["frechet_inception_distance"]
+    theirs = fidelity_metrics(u8[:200:2], u8[1000:1300], fid=True)["fid"]
     direct = torch_fidelity.calculate_metrics(input1=str(gen), input2=str(ref), fid=True, cache=False,
                                               verbose=False, save_cpu_ram=True, **res["torch_fidelity_kwargs"])
     assert res["reference"]["kind"] == "folder" and res["reference"]["count"] == 300

@@ -431,11 +431,11 @@ def test_a_refusal_names_schedules_that_export(pipeline_class):
            "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
     path = VPPath.from_config(cfg)
     params = {"sigma_data": 1.0}
-    times = tf.times_from_angles([tf.HALF_PI, 1.1, 0.0], path, 1.0)
+    times = tf.times_from_angles([tf.HALF_PI, 1.1, 0.0], path)
     with pytest.raises(ExportError, match="between integer timesteps") as e:
         plan_scheduler(pipeline_class, cfg, {"times": times, "renoise": "fresh"}, "scm", params)
     angles = json.loads(re.search(r"sampling_angles=(\[[^]]*\])", str(e.value)).group(1))
-    plan = plan_scheduler(pipeline_class, cfg, {"times": tf.times_from_angles(angles + [0.0], path, 1.0),
+    plan = plan_scheduler(pipeline_class, cfg, {"times": tf.times_from_angles(angles + [0.0], path),
                                                 "renoise": "fresh"}, "scm", params)
     want = [999, 499] if pipeline_class == "DiTPipeline" else [999, 392]
     assert plan.supported[2]["timesteps"] == want

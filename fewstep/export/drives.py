@@ -44,6 +44,8 @@ METHODS = {
     "scm": "sCM (continuous-time consistency distillation, TrigFlow)",
     "tbcm": "TBCM (trajectory-backward consistency distillation, data-free sCM)",
     "tdm": "TDM (trajectory distribution matching)",
+    "boot": "BOOT (data-free bootstrapping along the teacher's trajectory)",
+    "twinflow": "TwinFlow (self-adversarial any-step flow, no frozen teacher)",
     "dsm": "DSM fine-tuning (denoising score matching on the teacher's own sampler)",
 }
 

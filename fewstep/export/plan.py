@@ -131,8 +131,7 @@ def _hints(path, drive: Drive, teacher_cfg: dict[str, Any], times: list[float], 
                 if objective in ("scm", "tbcm"):
                     from ..objectives._trigflow import angle_of_t
 
-                    sd = float(params.get("sigma_data", 0.5))
-                    angles = [math.pi / 2 if t >= 1 else float(angle_of_t(path, t, sd)) for t in ts[:-1]]
+                    angles = [math.pi / 2 if t >= 1 else float(angle_of_t(path, t)) for t in ts[:-1]]
                     d += f", objective.sampling_angles={angles}"
                 desc.append(d)
             out.append("nearest schedules this pipeline reproduces: " + "; ".join(desc))

@@ -54,7 +54,7 @@ from ..denoiser import Denoiser, copy_denoiser
 from ..training.shared_base import RoleView, SharedBase
 from ._maths import cfg_augmentation, dm_gradient, dsm_loss, mse_per_sample, pseudo_huber, surrogate_loss
 from .base import Batch, step_generator, unwrap
-from .gan import DiscriminatorHead, FeatureTap, bottleneck_block, discriminator_gan_loss, generator_gan_loss
+from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
 from .regression import cached_teacher_samples, channel_gaussian_kl, channel_stats, sample_key, teacher_fingerprint
 
 __all__ = ["DMDParams", "DMDObjective", "build", "params_from_dict", "unwrap"]
@@ -84,6 +84,8 @@ class DMDParams:
     gan_generator_weight: float = 3e-3     # lambda_G (DMD2 ImageNet 3e-3, SDXL 5e-3)
     gan_disc_weight: float = 1e-2          # lambda_D
     gan_block: int | None = None           # transformer block feeding the head (None: the middle one)
+    gan_feature_layer: str | None = None   # dotted module path feeding the head (any backbone); None: the
+                                           #   family's tap (fewstep.objectives.gan)
     gan_head_width: int = 128              # channels of the head
     gan_t_min: float = 0.001               # noise levels the head sees
     gan_t_max: float = 1.0
@@ -486,7 +488,7 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
         fake_backbone = unwrap(fake).backbone
     disc = tap = None
     if params.gan:
-        block, channels = bottleneck_block(fake_backbone, params.gan_block)
+        block, channels = feature_layer(fake_backbone, params.gan_feature_layer, params.gan_block)
         tap = FeatureTap(block)
         disc = DiscriminatorHead(channels, latent_shape[1:], params.gan_head_width)
         dev = getattr(ctx, "device", None)

@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, config_to_dict, resolve_group
+from ..families import family_name
 from ..objectives.registry import BuildContext, build_objective, make_params
 from .bundle import TeacherBundle, load_bundle
 from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint, saved_keys
 from .data import BatchSource
 from .ema import EMA
 from .logging import RunLog, flat_config
-from .lora import family_of, make_factories
+from .lora import make_factories
 from .outputs import backbone_of, run_card, sample_grid, save_final
 from .parallel import (
     available_trackers,
@@ -240,7 +241,7 @@ def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -
     optimizer and learning-rate schedule per group."""
     tden = bundle.denoiser
     teacher_tensors = {id(t) for t in list(tden.parameters()) + list(tden.buffers())}
-    family = bundle.family or family_of(tden.backbone)
+    family = bundle.family or family_name(tden.backbone)
     make_student, make_copy = make_factories(cfg.lora, sharded=env.sharded, family=family,
                                              gradient_checkpointing=cfg.precision.gradient_checkpointing)
     ctx = BuildContext(latent_shape=tuple(bundle.latent_shape), num_classes=source.num_classes,

@@ -12,18 +12,9 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond
 from ..denoiser import Denoiser
+from ..families import default_lora_targets
 
-__all__ = ["SharedBase", "RoleView", "DEFAULT_LORA_TARGETS"]
-
-DEFAULT_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0",                       # attention (all families)
-    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",   # SD3 / Flux text stream
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
-    "proj_in", "proj_out",                                   # UNet transformer in/out, Flux single blocks
-    "conv1", "conv2", "conv_shortcut", "time_emb_proj",      # UNet resnets
-    "norm1.linear", "norm1_context.linear",                  # DiT / SD3 / Flux adaLN modulation
-)
-
+__all__ = ["SharedBase", "RoleView"]
 
 class SharedBase:
     """The teacher's backbone with one LoRA adapter per trainable role (peft), so a DMD2 run
@@ -50,7 +41,7 @@ class SharedBase:
         if getattr(bb, "is_gradient_checkpointing", False):
             raise ValueError("objective.shared_base=true cannot run with gradient checkpointing in the backbone "
                              "(its recomputation would see the wrong adapter); disable one of them")
-        targets = tuple(targets or DEFAULT_LORA_TARGETS)
+        targets = tuple(targets or default_lora_targets(bb))
         names = [n for n, _ in bb.named_modules()]
         found = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
         if not found:
