@@ -2,21 +2,19 @@
 of contradictory options), the step counts it scores, and one short run through the real entry point."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from eval import bench as bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fewstep_eval_bench", ROOT / "eval" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script
 
 
 def test_overrides_before_and_after_the_options(bench):

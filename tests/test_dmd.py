@@ -19,7 +19,7 @@ from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
 from fewstep.training.shared_base import RoleView
-from tiny import make_tiny
+from tests.tiny import make_tiny
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ class _PlainConvNet(nn.Module):
 
 
 def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
-    from tiny import vp_path
+    from tests.tiny import vp_path
 
     teacher = Denoiser(_PlainConvNet(), vp_path(), _Plain()).requires_grad_(False)
     ctx = context(latent_shape=(4, 8, 8), has_real_data=True)

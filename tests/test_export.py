@@ -29,7 +29,7 @@ from fewstep.objectives.registry import BuildContext, build_objective, make_para
 from fewstep.samplers import initial_noise, sample
 from fewstep.pipeline_teacher import load_teacher
 from fewstep.training.lora import make_factories
-from tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
+from tests.tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
 
 diffusers.utils.logging.set_verbosity_error()
 

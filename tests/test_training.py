@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist"))
-
-from bundles import K, gmm_bundle, tiny_bundle, true_means  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-import toy_objective  # noqa: E402
-from fewstep.config import ConfigError, load_config  # noqa: E402
-from fewstep.objectives import registry  # noqa: E402
-from fewstep.objectives.registry import ObjectiveUnavailable  # noqa: E402
-from fewstep.training import run  # noqa: E402
-from fewstep.training.data import BatchSource  # noqa: E402
-from fewstep.training.ema import EMA  # noqa: E402
-from fewstep.training.loop import NonFiniteError, lr_lambda  # noqa: E402
+from fewstep.config import ConfigError, load_config
+from fewstep.objectives import registry
+from fewstep.objectives.registry import ObjectiveUnavailable
+from fewstep.training import run
+from fewstep.training.data import BatchSource
+from fewstep.training.ema import EMA
+from fewstep.training.loop import NonFiniteError, lr_lambda
+from tests.dist import toy_objective
+from tests.dist.bundles import K, gmm_bundle, tiny_bundle, true_means
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["log.trackers=[]", "log.progress=false"]
@@ -32,7 +27,7 @@ QUIET = ["log.trackers=[]", "log.progress=false"]
 
 @pytest.fixture
 def toy(monkeypatch):
-    monkeypatch.setitem(registry.REGISTRY, "toy", "toy_objective:build")
+    monkeypatch.setitem(registry.REGISTRY, "toy", "tests.dist.toy_objective:build")
     toy_objective.LAST.clear()
     return toy_objective
 
@@ -188,9 +183,8 @@ def test_lora_student_saves_adapters_and_a_loadable_merged_model(tmp_path):
 
 def test_lora_merge_matches_peft(tmp_path):
     """The merged weights equal peft's own merge (Linear and Conv2d adapters, SDXL-like UNet)."""
-    from tiny import make_tiny
-
     from fewstep.training.lora import add_lora, lora_targets, merge_lora_state_dict
+    from tests.tiny import make_tiny
 
     bb = make_tiny("sdxl").backbone
     add_lora(bb, 4, 8.0, lora_targets(bb, None, "sdxl"))
@@ -298,8 +292,8 @@ def _tiny_pipeline_folder(tmp_path) -> Path:
 
 def test_dry_run_builds_on_meta_and_estimates_memory(tmp_path, capsys):
     from fewstep.train_cmd import main
-    from fewstep.training.dry_run import dry_run
     from fewstep.training.bundle import meta_bundle
+    from fewstep.training.dry_run import dry_run
 
     folder = _tiny_pipeline_folder(tmp_path)
     real_params = sum(p.numel() for p in tiny_bundle("dit").denoiser.backbone.parameters())

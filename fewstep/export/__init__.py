@@ -43,10 +43,10 @@ Writing is atomic: everything goes to a temporary folder beside `out`, renamed i
 end; a non-empty `out` is replaced only with `overwrite=True`, and never when it holds the run or
 the teacher.
 
-Modules: drives (how each pipeline class drives its scheduler), candidates / replay / plan (the
-scheduler plan), run_dir (reading the run, the teacher folder and eval results), weights (state,
-fit checks, LoRA), folder (writing the pipeline folder), card and model_card (fewstep_card.json
-and README.md), cli (the command line).
+Modules: drives (how each pipeline class drives its scheduler, from fewstep.families),
+candidates / replay / plan (the scheduler plan), run_dir (reading the run, the teacher folder and
+eval results), weights (state, fit checks, LoRA), folder (writing the pipeline folder), card and
+model_card (fewstep_card.json and README.md), cli (the command line).
 """
 from __future__ import annotations
 
