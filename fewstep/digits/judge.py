@@ -210,8 +210,12 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
     Features: "features" (penultimate, the default for FID / KID / PRC), "logits" (ISC) and
     "conv_pooled" (pooled conv activations, a texture-sensitive alternative; see
     `DigitsJudge.all_features`).
-    `feature_extractor_weights_path` (a calculate_metrics keyword) picks another judge file.
+    `feature_extractor_weights_path` (a calculate_metrics keyword) picks another judge file; the
+    default is the class's `default_weights` (the project's judge here; each panel member is a
+    subclass with its own file, see fewstep/digits/panel.py).
     """
+
+    default_weights: Path = JUDGE_WEIGHTS
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None,
                  feature_extractor_internal_dtype=None, **kwargs):
@@ -219,7 +223,7 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
         if feature_extractor_internal_dtype not in (None, "float32"):
             raise ValueError(f"{name}: feature_extractor_internal_dtype must be float32 (or None), "
                              f"got {feature_extractor_internal_dtype!r}")
-        self.weights_path = Path(feature_extractor_weights_path or JUDGE_WEIGHTS)
+        self.weights_path = Path(feature_extractor_weights_path or self.default_weights)
         self.judge = load_judge(self.weights_path)
 
     def forward(self, x):
