@@ -31,7 +31,7 @@ from torch import Tensor
 from .inputs import InputError, TensorImages
 from .scores import Extractor, diversity, fidelity_from_features
 
-__all__ = ["panel_scores", "compare", "panel_table", "fid_of", "CLAIMS_RULE"]
+__all__ = ["panel_scores", "compare", "panel_table", "comparison", "verdict_text", "fid_of", "CLAIMS_RULE"]
 
 CLAIMS_RULE = ("a student beats (or trails) a teacher only when every panel member, pixel-PCA included, "
                "agrees and each member's 95% bootstrap intervals of the two do not overlap; otherwise the "
@@ -238,3 +238,24 @@ def panel_table(rows: Sequence[tuple[str, dict[str, Any]]], seeds: dict[str, lis
               f"1,797, {max(first['bootstrap'], 1)} draws; median and 95% range): " + ", ".join(floor) + ".",
               f"Intervals: 95% bootstrap over {first['bootstrap']} resamples of the generated set."]
     return "\n".join(lines) + "\n"
+
+
+_PHRASE = {"beats": "beats", "trails": "trails", "within noise": "is within noise of (no claim)"}
+
+
+def verdict_text(student_label: str, teacher_label: str, verdict: dict[str, Any]) -> str:
+    """The conclusion under the claims rule, with the FID ratios of every member."""
+    ratios = ", ".join(f"{_short(k)} {v['fid_ratio']:.2f}x" for k, v in verdict["members"].items())
+    lo, hi = verdict["fid_ratio_range"]
+    return (f"Conclusion (claims rule: {verdict['rule']}): by FID the {student_label} {_PHRASE[verdict['fid']]} "
+            f"the {teacher_label}; by class accuracy it {_PHRASE[verdict['class_acc']]} it. "
+            f"Student/teacher FID per member: {ratios} (median {verdict['fid_ratio_median']:.2f}x, "
+            f"range {lo:.2f}-{hi:.2f}x).")
+
+
+def comparison(student_label: str, student: dict[str, Any], teacher_label: str, teacher: dict[str, Any],
+               seeds: dict[str, list[dict]] | None = None) -> tuple[str, dict[str, Any]]:
+    """(markdown table + conclusion, the `compare` verdict) for a student against its teacher."""
+    verdict = compare(student, teacher)
+    text = panel_table([(student_label, student), (teacher_label, teacher)], seeds)
+    return text + "\n" + verdict_text(student_label, teacher_label, verdict) + "\n", verdict
