@@ -76,7 +76,7 @@ def train_builtin(cfg, run_dir: Path) -> dict:
     from fewstep.digits.data import NUM_CLASSES, load_digits_tensors
     from fewstep.objectives.base import trainable_parameters
     from fewstep.objectives.registry import BuildContext, build_objective
-    from fewstep.teachers import load_teacher
+    from fewstep.pipeline_teacher import load_teacher
 
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(cfg.teacher.source)
@@ -159,7 +159,7 @@ def _build_for_sampling(cfg):
     """The objective of `cfg`, built only to read its sampler."""
     from fewstep.denoiser import copy_denoiser
     from fewstep.objectives.registry import BuildContext, build_objective
-    from fewstep.teachers import load_teacher
+    from fewstep.pipeline_teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher.source)
     ctx = BuildContext(latent_shape=tuple(teacher.latent_shape), has_real_data=bool(cfg.data.real_data),

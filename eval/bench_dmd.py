@@ -160,7 +160,7 @@ def _memory_child(backbone: str, mode: str, steps: int, batch: int, rank: int) -
     path = VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     if backbone == "digits-dit":
         try:
-            from fewstep.teachers import load_teacher
+            from fewstep.pipeline_teacher import load_teacher
 
             teacher = load_teacher("digits-vp").denoiser
             source = "digits-vp teacher"

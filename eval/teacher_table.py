@@ -25,7 +25,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from fewstep.digits.data import NUM_CLASSES, WEIGHTS_DIR  # noqa: E402
-from fewstep.digits.teacher import load_digits_teacher  # noqa: E402
+from fewstep.digits.embedded_teachers import load_digits_teacher  # noqa: E402
 from fewstep.evaluation.digits import digits_scores  # noqa: E402
 from fewstep.samplers import initial_noise, sample  # noqa: E402
 

@@ -314,7 +314,7 @@ def test_caption_protocol_end_to_end(tiny_clip_dir, tmp_path):
 # ---- the command line -------------------------------------------------------------------------------
 def test_cli_and_module_entry_point(tiny_dit_dir, tmp_path, capsys):
     from fewstep.cli import main as cli_main
-    from fewstep.evaluate import main as module_main
+    from fewstep.eval_cmd import main as module_main
 
     rc = cli_main(["eval", "--pipeline", str(tiny_dit_dir), "--steps", "1", "--num-samples", "12",
                    "--metrics", "fid,class_acc", "--no-progress", "--out", str(tmp_path / "a")])
@@ -322,7 +322,7 @@ def test_cli_and_module_entry_point(tiny_dit_dir, tmp_path, capsys):
     rc = module_main(["--pipeline", str(tiny_dit_dir), "--steps", "1", "--num-samples", "12", "--metrics", "fid",
                       "--no-progress", "--out", str(tmp_path / "b")])
     res = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert rc == 0 and res["command"].startswith("python -m eval.evaluate --pipeline")
+    assert rc == 0 and res["command"].startswith("python -m eval.eval_cmd --pipeline")
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     assert a["rows"][0]["metrics"]["fid"]["value"] == res["rows"][0]["metrics"]["fid"]["value"]
     rc = cli_main(["eval", "--pipeline", str(tiny_dit_dir), "--feature-extractor", "inception-v3-compat",
@@ -335,7 +335,7 @@ def test_cli_and_module_entry_point(tiny_dit_dir, tmp_path, capsys):
 def test_module_entry_point_runs_as_a_script():
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "eval.evaluate", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "eval.eval_cmd", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--inception-weights" in r.stdout
 
 
