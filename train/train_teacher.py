@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                            FlowMatchEulerDiscreteScheduler)
 
     if args.separate_stages and args.vae_from:
-        raise SystemExit("train/teacher.py: --separate-stages trains the VAE; it excludes --vae-from")
+        raise SystemExit("train/train_teacher.py: --separate-stages trains the VAE; it excludes --vae-from")
     torch.set_num_threads(args.vae_threads if args.separate_stages and args.vae_threads else args.threads)
     accelerator = Accelerator()
     device = accelerator.device
