@@ -19,13 +19,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
 _SAME = ("pipeline", "steps", "seed", "num_samples", "guidance", "bootstrap", "student_weights", "batch_size")
 

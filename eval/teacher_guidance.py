@@ -16,14 +16,14 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
 KINDS = {"digits-vp": "vp", "digits-flow": "flow"}
 
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
               f"class acc median {rows[-1]['class_acc_median']:.4f}", file=sys.stderr, flush=True)
     best_fid = min(rows, key=lambda r: r["fid_median"])["guidance"]
     best_acc = max(rows, key=lambda r: (r["class_acc_median"], -r["guidance"]))["guidance"]
-    lines = [f"`{command}`", "", f"{args.teacher}, {args.steps} steps, {args.num_samples} samples per scale "
-             f"(labels i % 10, seed {args.seed}); FID against all 1,797 real digits.", "",
+    lines = [f"`{command}`", "", (f"{args.teacher}, {args.steps} steps, {args.num_samples} samples per scale "
+                                  f"(labels i % 10, seed {args.seed}); FID against all 1,797 real digits."), "",
              "| w | panel FID median [range] | median 95% CI | pixel-pca64 FID | class acc (panel median) |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['fid_median_ci'][0]:.2f}-{r['fid_median_ci'][1]:.2f} | "
                      f"{r['fid_members'].get('fewstep-digits-pixel-pca64', float('nan')):.2f} | "
                      f"{100 * r['class_acc_median']:.1f}% |")
-    lines += ["", f"lowest panel FID at w = {best_fid:g}; highest class accuracy at w = {best_acc:g} "
-              "(ties: the smaller scale)."]
+    lines += ["", (f"lowest panel FID at w = {best_fid:g}; highest class accuracy at w = {best_acc:g} "
+                   "(ties: the smaller scale).")]
     text = "\n".join(lines) + "\n"
     print(text)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,13 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from fewstep.digits.data import load_digits_tensors, split_indices, to_uint8_rgb
 from fewstep.digits.judge import load_judge
-from fewstep.digits.panel import PANEL_JUDGES, PIXEL_PCA, member_card, panel_members, register_panel
+from fewstep.digits.panel import (
+    PANEL_JUDGES,
+    PIXEL_PCA,
+    member_card,
+    panel_members,
+    register_panel,
+)
 from fewstep.evaluation.inputs import TensorImages
 from fewstep.evaluation.panel import compare, panel_scores
 from fewstep.evaluation.scores import fidelity_metrics
@@ -41,8 +47,7 @@ def test_members_are_distinct_networks():
         assert not (same_shapes and all(torch.equal(sa[k], sb[k]) for k in sa)), f"{a} and {b} hold the same weights"
     cards = [member_card(n) for n in PANEL_JUDGES]
     assert len({c["seed"] for c in cards}) == len(cards)                               # different seeds
-    recipes = {(c["architecture"]["arch"] if "arch" in c["architecture"] else "cnn3",
-                c["augmentation"].get("recipe", "geometric")) for c in cards}
+    recipes = {(c["architecture"].get("arch", "cnn3"), c["augmentation"].get("recipe", "geometric")) for c in cards}
     assert len({r[0] for r in recipes}) >= 2 or len({r[1] for r in recipes}) >= 2  # architectures or recipes
 
 

@@ -14,6 +14,7 @@ it available as `feature_extractor="fewstep-digits-judge"`. Weights come from
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def _arch_of(state: dict[str, Tensor]) -> str:
     takes two positions, a pool one more), so that no metadata is needed."""
     convs = sorted(int(k.split(".")[1]) for k, v in state.items() if k.startswith("body.") and v.dim() == 4)
     depths, run = [], 1
-    for a, b in zip(convs, convs[1:]):
+    for a, b in itertools.pairwise(convs):
         if b - a == 2:
             run += 1
         else:

@@ -25,8 +25,18 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from .data import IMAGE_SIZE, WEIGHTS_DIR
 from .judge import JUDGE_NAME, JUDGE_WEIGHTS, DigitsJudge, JudgeFeatureExtractor
 
-__all__ = ["PANEL_DIR", "PANEL_JUDGES", "PIXEL_PCA", "PCA_COMPONENTS", "panel_members", "member_weights",
-           "member_card", "register_panel", "PixelPCAExtractor", "pca_basis"]
+__all__ = [
+    "PANEL_DIR",
+    "PANEL_JUDGES",
+    "PCA_COMPONENTS",
+    "PIXEL_PCA",
+    "PixelPCAExtractor",
+    "member_card",
+    "member_weights",
+    "panel_members",
+    "pca_basis",
+    "register_panel",
+]
 
 PANEL_DIR = WEIGHTS_DIR / "panel"
 PIXEL_PCA = "fewstep-digits-pixel-pca64"
@@ -131,7 +141,10 @@ def _judge_class(name: str, weights: Path) -> type:
 def register_panel() -> list[str]:
     """Register every panel member with torch-fidelity (safe to call again); returns their names.
     Raises if a name is taken by another extractor."""
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+    from torch_fidelity.registry import (
+        FEATURE_EXTRACTORS_REGISTRY,
+        register_feature_extractor,
+    )
 
     if PixelPCAExtractor.__dict__.get("weights_sha256") is None:
         PixelPCAExtractor.weights_sha256 = _pca_sha()  # read by fewstep.evaluation.scores.Extractor

@@ -22,7 +22,8 @@ features against all 1,797 real digits):
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor
 from .inputs import InputError, TensorImages
 from .scores import Extractor, diversity, fidelity_from_features
 
-__all__ = ["panel_scores", "compare", "panel_table", "comparison", "verdict_text", "fid_of", "CLAIMS_RULE"]
+__all__ = ["CLAIMS_RULE", "compare", "comparison", "fid_of", "panel_scores", "panel_table", "verdict_text"]
 
 CLAIMS_RULE = ("a student beats (or trails) a teacher only when every panel member, pixel-PCA included, "
                "agrees and each member's 95% bootstrap intervals of the two do not overlap; otherwise the "
@@ -40,7 +41,10 @@ CLAIMS_RULE = ("a student beats (or trails) a teacher only when every panel memb
 
 def fid_of(features: Tensor, ref_stats: tuple[np.ndarray, np.ndarray]) -> float:
     """torch-fidelity's FID of (n, D) features against (mu, sigma)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_fid import (
+        fid_features_to_statistics,
+        fid_statistics_to_metric,
+    )
 
     s = fid_features_to_statistics(features)
     return float(fid_statistics_to_metric(s, {"mu": ref_stats[0], "sigma": ref_stats[1]}, False)
