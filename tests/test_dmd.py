@@ -423,8 +423,8 @@ def test_dmd2_moves_one_step_generator_toward_the_mixture(kind):
 
 # ---- through the training entry point ----------------------------------------------------------
 def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_student(tmp_path):
-    from fewstep.training import loop as training
     from fewstep.config import config_from_dict
+    from fewstep.training import loop as training
     from fewstep.training.bundle import TeacherBundle
 
     tiny = _tiny("dit")

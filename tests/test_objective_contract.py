@@ -1,5 +1,6 @@
 """The objective contract (fewstep/objectives/base.py): every registered objective resolves, and
 every optional member the entry point looks for is declared in the protocol."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -12,6 +12,7 @@ Every module of this package whose name does not start with "_" and is not `base
   2. one entry in `TINY` in `tests/tiny.py`: a tiny backbone and its pipeline.
 `tests/test_families.py` then checks the record against the tiny model.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -98,8 +99,10 @@ def default_lora_targets(backbone: nn.Module) -> tuple[str, ...]:
     no known family."""
     fam = family_of(backbone)
     if fam is None:
-        raise ValueError(f"lora.target_modules: no default for backbone {type(backbone).__name__}; "
-                         "set lora.target_modules to module-name suffixes (e.g. [to_q, to_k, to_v])")
+        raise ValueError(
+            f"lora.target_modules: no default for backbone {type(backbone).__name__}; "
+            "set lora.target_modules to module-name suffixes (e.g. [to_q, to_k, to_v])"
+        )
     return fam.lora_targets
 
 
@@ -121,6 +124,8 @@ def family_of_pipeline(pipe) -> Family:
     bb = backbone_of(pipe)
     fam = family_of(bb)
     if fam is None:
-        raise ValueError(f"cannot tell the family of pipeline {name} with backbone {type(bb).__name__}; "
-                         f"pass family= one of {FAMILIES}")
+        raise ValueError(
+            f"cannot tell the family of pipeline {name} with backbone {type(bb).__name__}; "
+            f"pass family= one of {FAMILIES}"
+        )
     return fam
