@@ -141,6 +141,8 @@ class BuildContext:
     steps: int = 1                              # total training steps (for warm-up schedules)
     make_student: Callable[[Any], Any] = _full_copy   # teacher Denoiser -> trainable student Denoiser
     make_copy: Callable[[Any], Any] = _full_copy      # teacher Denoiser -> trainable copy (fake score, ...)
+    decode: Callable[[Any], Any] | None = None        # latents -> images in [-1, 1] (teachers with a VAE), for
+                                                      #   objectives that score images (Flash-DMD's rewards)
 
 
 # ---------------------------------------------------------------------------------------------

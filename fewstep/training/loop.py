@@ -177,7 +177,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                        null_class=bundle.null_class, text=bundle.text, has_real_data=source.has_real_data,
                        seed=cfg.seed, device=device, family=family, lora=cfg.lora, num_processes=world,
                        sharded=sharded, mixed_precision=mp, gradient_checkpointing=cfg.precision.gradient_checkpointing,
-                       steps=cfg.steps, make_student=make_student, make_copy=make_copy)
+                       steps=cfg.steps, make_student=make_student, make_copy=make_copy, decode=bundle.decode)
     params = make_params(cfg.objective.name, cfg.objective.params)
     obj = build_objective(cfg.objective.name, params, tden, ctx)
     _check_groups(cfg, obj, cfg.objective.name)
