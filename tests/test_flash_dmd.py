@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_tiny
+from tests.tiny import make_tiny
 
 from fewstep.objectives.base import trainable_parameters
 from fewstep.objectives.flash_dmd import FlashDMDParams, build
@@ -171,7 +171,7 @@ def test_digits_reward_is_not_the_judge_and_is_differentiable_through_the_decode
     assert r.classifier.config() != judge.config()      # another network, not a copy of the judge
     with pytest.raises(ValueError, match="evaluation judge"):
         DigitsClassReward(JUDGE_WEIGHTS)
-    from fewstep.digits import teacher as digits_teacher
+    from fewstep.digits import embedded_teachers as digits_teacher
 
     t = digits_teacher.load_digits_teacher("vp")
     dec = differentiable_decode(t.decode)

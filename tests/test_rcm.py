@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny import make_tiny
+from tests.tiny import make_tiny
 
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives import _trigflow as tf

@@ -135,9 +135,8 @@ class RCMObjective:
         self.p = params
         self.cm = SCMObjective(params, teacher, student, seed)
         self.path = self.cm.path
-        sd = params.sigma_data
         sim_times = tf.times_from_angles(rcm_angles(params.max_simulation_steps, params.sigma_max,
-                                                    params.mid_angles), self.path, sd)[:-1]
+                                                    params.mid_angles), self.path)[:-1]
         dparams = DMDParams(variant="dmd2", num_steps=len(sim_times), student_times=sim_times,
                             guidance=params.guidance if params.dmd_guidance is None else params.dmd_guidance,
                             dm_t_min=params.dm_t_min, dm_t_max=params.dm_t_max, fake_t_min=params.fake_t_min,
@@ -160,7 +159,7 @@ class RCMObjective:
     # ---- sampler ------------------------------------------------------------------------------
     def sampling_times(self, num_steps: int) -> list[float]:
         a = rcm_angles(num_steps, self.p.sigma_max, self.p.mid_angles)
-        return tf.times_from_angles(a, self.path, self.p.sigma_data)
+        return tf.times_from_angles(a, self.path)
 
     def _sampling(self) -> dict[str, Any]:
         p = self.p
