@@ -42,6 +42,8 @@ REGISTRY: dict[str, str | tuple[str, dict[str, Any]]] = {
     "tdm": "fewstep.objectives.tdm:build",
     "boot": "fewstep.objectives.boot:build",
     "twinflow": "fewstep.objectives.twinflow:build",
+    "rcm": "fewstep.objectives.rcm:build",
+    "flash_dmd": "fewstep.objectives.flash_dmd:build",
 }
 
 
@@ -73,6 +75,8 @@ class BuildContext:
     steps: int = 1                              # total training steps (for warm-up schedules)
     make_student: Callable[[Any], Any] = _full_copy   # teacher Denoiser -> trainable student Denoiser
     make_copy: Callable[[Any], Any] = _full_copy      # teacher Denoiser -> trainable copy (fake score, ...)
+    decode: Callable[[Any], Any] | None = None        # latents -> images in [-1, 1] (teachers with a VAE), for
+                                                      #   objectives that score images (Flash-DMD's rewards)
 
 
 # ---------------------------------------------------------------------------------------------
