@@ -31,7 +31,7 @@ def _own_cache(_module_cache, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_dit_dir(tmp_path_factory):
     """A tiny random DiTPipeline folder (DDIM trailing): a stand-in class-conditional teacher."""
-    from tiny import make_tiny_pipeline
+    from tests.tiny import make_tiny_pipeline
 
     d = tmp_path_factory.mktemp("tinydit")
     make_tiny_pipeline("dit", seed=0).save_pretrained(d, safe_serialization=True)
@@ -234,7 +234,7 @@ def tiny_clip_dir(tmp_path_factory):
     the text projection's sign is chosen so that the test's mean cosine is positive."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from tiny import tiny_clip_tokenizer
+    from tests.tiny import tiny_clip_tokenizer
 
     d = tmp_path_factory.mktemp("clip")
     tok = tiny_clip_tokenizer(max_length=16)
@@ -286,7 +286,7 @@ def test_caption_protocol_end_to_end(tiny_clip_dir, tmp_path):
     folder, the judge as extractor (no Inception offline), CLIP score and per-caption diversity."""
     from PIL import Image
 
-    from tiny import make_tiny_pipeline
+    from tests.tiny import make_tiny_pipeline
 
     pipe_dir = tmp_path / "sd15"
     make_tiny_pipeline("sd15").save_pretrained(pipe_dir, safe_serialization=True)
@@ -488,10 +488,10 @@ def test_hybrid_sampling_hands_over_from_teacher_to_student(tiny_dit_dir, tmp_pa
 def test_an_exported_student_folder_scores_alike_with_both_samplers(tiny_dit_dir, tmp_path):
     """A run exported as a stock DiTPipeline folder: fewstep's sampler with the card's times and
     the folder's own pipeline give the same images; unsupported step counts are refused."""
+    import fewstep.export as export
     from fewstep.evaluation import InputError
     from fewstep.evaluation.sources import load_source
 
-    export = pytest.importorskip("fewstep.export")
     run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.5, 0.0], "renoise": "ddim"})
     export.export_student(run, tmp_path / "export")
     src = load_source(str(tmp_path / "export"))
