@@ -119,6 +119,7 @@ METHODS = {
     "tbcm": "TBCM (trajectory-backward consistency distillation, data-free sCM)",
     "tdm": "TDM (trajectory distribution matching)",
     "dsm": "DSM fine-tuning (denoising score matching on the teacher's own sampler)",
+    "msd": "MSD (multi-student distillation: one DMD2 student per subset of the conditions)",
 }
 
 

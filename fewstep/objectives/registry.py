@@ -104,6 +104,7 @@ REGISTRY: dict[str, str | tuple[str, dict[str, Any]]] = {
     "scm": "fewstep.objectives.scm:build_scm",
     "tbcm": "fewstep.objectives.scm:build_tbcm",
     "tdm": "fewstep.objectives.tdm:build",
+    "msd": ("fewstep.objectives.msd:build", {"variant": "dmd2"}),
 }
 
 

@@ -141,6 +141,10 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
     caller set up processes / FSDP itself."""
     t_start = time.time()
     cfg.validate()
+    if cfg.objective.name == "msd" and cfg.objective.params.get("student_index") is None:
+        from ..msd.train import run_msd  # K students, one sub-run each (fewstep/msd/train.py)
+
+        return run_msd(cfg, teacher, accelerator)
 
     # 1. accelerator, output folder, seeds ----------------------------------------------------------
     run_dir = cfg.run_dir()
@@ -167,7 +171,8 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
 
     # 3. data -------------------------------------------------------------------------------------------
     source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, rank, world, device, cfg.data.real_data,
-                         cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents)
+                         cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents,
+                         conditions=cfg.data.conditions)
 
     # 4. objective via the registry ----------------------------------------------------------------------
     family = bundle.family or family_of(tden.backbone)
