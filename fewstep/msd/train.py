@@ -160,7 +160,7 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
         card = {
             "name": cfg.name,
             "objective": "msd",
-            "objective_params": first.get("objective_params"),
+            "objective_params": {**(first.get("objective_params") or {}), "student_index": None},
             "teacher": first.get("teacher"),
             "sampling": first.get("sampling"),
             "msd": {
@@ -171,6 +171,7 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
                               "train_time_s": r.get("train_time_s")} for k, r in enumerate(results)],
                 "student_width": params.student_width,
                 "student_depth": params.student_depth,
+                "stages": dict(zip(("pretrain_steps", "gan_start_step"), params.stages(cfg.steps))),
             },
             "steps": steps,
             "steps_per_student": cfg.steps,

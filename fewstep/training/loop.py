@@ -145,6 +145,9 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
         from ..msd.train import run_msd  # K students, one sub-run each (fewstep/msd/train.py)
 
         return run_msd(cfg, teacher, accelerator)
+    if cfg.objective.name == "msd" and cfg.data.conditions is None:
+        raise ConfigError("objective.student_index is set by the entry point for each MSD student's sub-run "
+                          "(with data.conditions); remove it to train all students")
 
     # 1. accelerator, output folder, seeds ----------------------------------------------------------
     run_dir = cfg.run_dir()
