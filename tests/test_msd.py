@@ -31,7 +31,7 @@ from fewstep.paths import VPPath  # noqa: E402
 from fewstep.testing import gmm_denoiser  # noqa: E402
 from fewstep.training import run  # noqa: E402
 from fewstep.training.data import BatchSource  # noqa: E402
-from fewstep.training.teacher import TeacherBundle  # noqa: E402
+from fewstep.training.bundle import TeacherBundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "export_check" / "run_pipeline.py"

@@ -80,7 +80,7 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
     from ..objectives.registry import make_params
     from ..training.loop import RunResult, run
     from ..training.parallel import make_accelerator
-    from ..training.teacher import load_bundle
+    from ..training.bundle import load_bundle
 
     t0 = time.time()
     cfg.validate()
