@@ -424,3 +424,31 @@ def test_eval_source_of_an_msd_export_routes_like_the_students(msd_export):
     run_src = load_source(str(root / "run"))
     again, _ = run_src.generate(1, seeds=range(4), labels=labels, progress=False)
     assert torch.allclose(again, imgs, atol=1e-5)
+
+
+# ---- the real-family preset at tiny size ----------------------------------------------------------------
+def test_sd15_msd_preset_runs_each_student_at_tiny_size(tmp_path):
+    """configs/sd15/msd_4students.yaml on a tiny SD1.5-class UNet: four students, one step each, each
+    on its hash-partitioned prompts; k-means on the tiny encoder's embeddings also splits them."""
+    from fewstep.msd.train import make_partition
+    from fewstep.training.data import read_prompts
+
+    preset = ROOT / "configs" / "sd15" / "msd_4students.yaml"
+    cfg = load_config(preset, [f"output_dir={tmp_path / 'run'}", "steps=1", "data.batch_size=2", "checkpoint.every=0",
+                               "log.sample_count=2", "log.trackers=[]", "log.progress=false",
+                               "precision.mixed_precision=no"])
+    bundle = tiny_bundle("sd15")
+    before = {k: v.clone() for k, v in bundle.denoiser.backbone.state_dict().items()}
+    res = run(cfg, teacher=bundle)
+    assert res.steps == 4 and res.skipped == 0
+    card = json.loads((tmp_path / "run" / "run_card.json").read_text())
+    prompts = read_prompts(ROOT / cfg.data.prompts)
+    subsets = [s["conditions"] for s in card["msd"]["students"]]
+    assert sorted(i for s in subsets for i in s) == list(range(len(prompts)))
+    assert all(hash_student(prompts[i], 4) == k for k, s in enumerate(subsets) for i in s)
+    for k in range(4):
+        assert (tmp_path / "run" / f"student_{k}" / "final" / "student" / "diffusion_pytorch_model.safetensors").is_file()
+    assert all(torch.equal(before[k], v) for k, v in bundle.denoiser.backbone.state_dict().items())
+    cfg.objective.params["partition"] = "kmeans"
+    km = make_partition(cfg, make_params("msd", cfg.objective.params), bundle)
+    assert km.rule == "kmeans" and sorted(i for s in km.subsets for i in s) == list(range(len(prompts)))
