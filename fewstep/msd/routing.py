@@ -188,6 +188,8 @@ def load_routed_source(folder: Path, device: str, dtype: torch.dtype, student_we
         info["export_card"] = first.info["export_card"]
     fields = {f.name: getattr(first, f.name) for f in dataclasses.fields(Source) if f.init}
     fields.update(name=str(folder), denoiser=den, pipeline=pipeline, info=info)
+    if route is not None:
+        fields["num_classes"] = first.num_classes or int(route.numel())
     return RoutedSource(**fields, routing=rec)
 
 
