@@ -452,3 +452,31 @@ def test_sd15_msd_preset_runs_each_student_at_tiny_size(tmp_path):
     cfg.objective.params["partition"] = "kmeans"
     km = make_partition(cfg, make_params("msd", cfg.objective.params), bundle)
     assert km.rule == "kmeans" and sorted(i for s in km.subsets for i in s) == list(range(len(prompts)))
+
+
+def test_batches_hold_only_the_students_conditions():
+    """data.conditions: class labels balanced over the subset (real latents of those classes with
+    them), prompt lines of the subset only; a condition out of range names the key."""
+    import dataclasses
+
+    b = tiny_bundle("dit")
+    lat, lab = torch.randn(40, *b.latent_shape), torch.arange(40) % 10
+    b = dataclasses.replace(b, real_data=lambda: (lat, lab))
+    src = BatchSource(b, 12, real_data=True, conditions=[2, 7, 9])
+    for step in range(3):
+        batch = src(step)
+        labels = batch["cond"]["class_labels"]
+        assert sorted(labels.tolist()) == [2] * 4 + [7] * 4 + [9] * 4
+        for x, c in zip(batch["x0"], labels):  # each real latent is one of its label's
+            assert any(torch.equal(x, lat[i]) for i in range(40) if lab[i] == c)
+    assert src.grid_cond(4)["class_labels"].tolist() == [2, 7, 9, 2]
+    t = tiny_bundle("sd15")
+    prompts = [f"prompt number {i}" for i in range(6)]
+    src = BatchSource(t, 8, prompts=prompts, conditions=[1, 4])
+    key = next(k for k, v in src.text_cond.items() if torch.is_tensor(v) and v.ndim == 3)
+    allowed = src.text_cond[key][[1, 4]]
+    for step in range(3):
+        for row in src(step)["cond"][key]:
+            assert any(torch.equal(row, a) for a in allowed)
+    with pytest.raises(ValueError, match=r"data\.conditions: \[6\] out of range"):
+        BatchSource(t, 8, prompts=prompts, conditions=[1, 6])
