@@ -33,11 +33,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from fewstep.config import TeacherConfig
     from fewstep.denoiser import copy_denoiser
     from fewstep.msd.small import smaller_student
     from fewstep.samplers import initial_noise, sample
     from fewstep.training.bundle import load_bundle
-    from fewstep.config import TeacherConfig
 
     bundle = load_bundle(TeacherConfig(source=args.teacher), "cpu")
     teacher = bundle.denoiser

@@ -12,8 +12,9 @@ table; prompts by the partition rule (hash: any prompt; kmeans / mapping: the tr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["MultiStudentPipeline"]
 
@@ -42,7 +43,7 @@ class MultiStudentPipeline:
         return json.loads(f.read_text()) if f.is_file() else {}
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> "MultiStudentPipeline":
+    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> MultiStudentPipeline:
         """Load every student folder with `diffusers.DiffusionPipeline.from_pretrained(**kwargs)`;
         the students after the first share its components other than the backbone and scheduler
         (the VAE, text encoders and tokenizers are the teacher's in every folder)."""
@@ -68,7 +69,7 @@ class MultiStudentPipeline:
 
         return student_for(self.routing, condition)
 
-    def to(self, *args: Any, **kwargs: Any) -> "MultiStudentPipeline":
+    def to(self, *args: Any, **kwargs: Any) -> MultiStudentPipeline:
         for p in self.pipelines:
             p.to(*args, **kwargs)
         return self

@@ -17,21 +17,21 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist"))
 
-from bundles import tiny_bundle  # noqa: E402
+from bundles import tiny_bundle
 
-from fewstep.conditioning import Conditioner  # noqa: E402
-from fewstep.config import ConfigError, config_from_dict, load_config  # noqa: E402
-from fewstep.denoiser import Denoiser  # noqa: E402
-from fewstep.msd.partition import hash_student, partition_labels, partition_prompts  # noqa: E402
-from fewstep.msd.routing import RoutedDenoiser, routing_record, student_for  # noqa: E402
-from fewstep.objectives.base import trainable_parameters  # noqa: E402
-from fewstep.objectives.msd import MSDParams, build  # noqa: E402
-from fewstep.objectives.registry import make_params  # noqa: E402
-from fewstep.paths import VPPath  # noqa: E402
-from fewstep.testing import gmm_denoiser  # noqa: E402
-from fewstep.training import run  # noqa: E402
-from fewstep.training.data import BatchSource  # noqa: E402
-from fewstep.training.bundle import TeacherBundle  # noqa: E402
+from fewstep.conditioning import Conditioner
+from fewstep.config import ConfigError, config_from_dict, load_config
+from fewstep.denoiser import Denoiser
+from fewstep.msd.partition import hash_student, partition_labels, partition_prompts
+from fewstep.msd.routing import RoutedDenoiser, routing_record, student_for
+from fewstep.objectives.base import trainable_parameters
+from fewstep.objectives.msd import MSDParams, build
+from fewstep.objectives.registry import make_params
+from fewstep.paths import VPPath
+from fewstep.testing import gmm_denoiser
+from fewstep.training import run
+from fewstep.training.bundle import TeacherBundle
+from fewstep.training.data import BatchSource
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "export_check" / "run_pipeline.py"
@@ -216,7 +216,7 @@ def test_msd_students_learn_their_own_subsets_mixture():
         z = torch.randn(len(labels), 2, 1, 1, generator=torch.Generator().manual_seed(2))
         cond = {"class_labels": labels}
 
-        def distance():
+        def distance(obj=obj, z=z, cond=cond, exact=exact):
             with torch.no_grad():
                 return _sliced_w2(obj.nets["student"](z, 1.0, cond), exact)
 
@@ -243,7 +243,7 @@ def test_smaller_student_config_and_stages():
     from fewstep.msd.small import smaller_config, smaller_student
 
     cfg = {"num_attention_heads": 4, "attention_head_dim": 32, "num_layers": 6, "caption_projection_dim": 128}
-    small, changes = smaller_config(cfg, 0.5, 0.5)
+    small, _ = smaller_config(cfg, 0.5, 0.5)
     assert small["num_attention_heads"] == 2 and small["num_layers"] == 3 and small["caption_projection_dim"] == 64
     unet, _ = smaller_config({"block_out_channels": [64, 128], "norm_num_groups": 32, "layers_per_block": 2}, 0.5, 0.5)
     assert unet["block_out_channels"] == [32, 64] and unet["layers_per_block"] == 1
@@ -354,9 +354,9 @@ def test_entry_point_trains_each_student_on_its_subset_and_resumes(tmp_path):
 @pytest.fixture(scope="module")
 def msd_export(tmp_path_factory):
     import diffusers
+    from tiny import make_tiny, tiny_vae
 
     from fewstep.export import export_student
-    from tiny import make_tiny, tiny_vae
 
     root = tmp_path_factory.mktemp("msd")
     tiny = make_tiny("dit", seed=3)
@@ -390,7 +390,7 @@ def test_msd_export_loads_per_student_with_stock_diffusers(msd_export):
                      "guidance_scale": rec["guidance_scale"], "call_kwargs": {}, "labels": [label],
                      "generator_seed": 5, "global_seed": 11})
     (root / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([sys.executable, str(CHECK), str(root / "jobs.json")], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(CHECK), str(root / "jobs.json")], check=False, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["fewstep_imported"] is False

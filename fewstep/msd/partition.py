@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..config import ConfigError
 
-__all__ = ["Partition", "RULES", "partition_labels", "partition_prompts", "hash_student", "prompt_vectors"]
+__all__ = ["RULES", "Partition", "hash_student", "partition_labels", "partition_prompts", "prompt_vectors"]
 
 RULES = {"labels": ("even", "mapping"), "prompts": ("hash", "kmeans", "mapping")}
 
@@ -75,7 +76,7 @@ class Partition:
                 "info": self.info}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Partition":
+    def from_json(cls, d: dict[str, Any]) -> Partition:
         return cls(str(d["kind"]), str(d["rule"]), [[int(c) for c in s] for s in d["subsets"]], d.get("prompts"),
                    dict(d.get("info") or {}))
 

@@ -13,9 +13,10 @@ routing.json (next to one stock pipeline folder per student):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +25,16 @@ from ..conditioning import index_cond
 from ..evaluation.sources import Source
 from .partition import Partition, hash_student
 
-__all__ = ["ROUTING_FILE", "ROUTE_KEY", "FORMAT", "routing_record", "read_routing", "student_for",
-           "RoutedDenoiser", "load_routed_source"]
+__all__ = [
+    "FORMAT",
+    "ROUTE_KEY",
+    "ROUTING_FILE",
+    "RoutedDenoiser",
+    "load_routed_source",
+    "read_routing",
+    "routing_record",
+    "student_for",
+]
 
 ROUTING_FILE = "routing.json"
 FORMAT = "fewstep-msd-routing/1"

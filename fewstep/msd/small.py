@@ -18,8 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from ..config import ConfigError
 from ..denoiser import Denoiser
 
@@ -29,7 +27,7 @@ DEPTH_KEYS = ("num_layers", "num_single_layers", "layers_per_block")
 
 
 def _scale(n: int, f: float, multiple: int = 1) -> int:
-    return max(multiple, int(round(n * f / multiple)) * multiple)
+    return max(multiple, round(n * f / multiple) * multiple)
 
 
 def smaller_config(config: dict[str, Any], width: float = 1.0, depth: float = 1.0) -> tuple[dict[str, Any], dict]:

@@ -24,12 +24,12 @@ from typing import Any
 from ..config import Config, ConfigError, config_to_dict
 from .partition import Partition, partition_labels, partition_prompts, prompt_vectors
 
-__all__ = ["run_msd", "make_partition", "STUDENT_DIR", "PARTITION_FILE"]
+__all__ = ["PARTITION_FILE", "STUDENT_DIR", "make_partition", "run_msd"]
 
 PARTITION_FILE = "msd.json"
 
 
-def STUDENT_DIR(k: int) -> str:  # noqa: N802 - a naming rule used like a constant
+def STUDENT_DIR(k: int) -> str:
     return f"student_{k}"
 
 
@@ -78,9 +78,9 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
     """Train the K students of an `objective.name: msd` config; returns the entry point's RunResult
     (steps = the steps of all students together)."""
     from ..objectives.registry import make_params
+    from ..training.bundle import load_bundle
     from ..training.loop import RunResult, run
     from ..training.parallel import make_accelerator
-    from ..training.bundle import load_bundle
 
     t0 = time.time()
     cfg.validate()
