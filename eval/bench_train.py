@@ -161,8 +161,8 @@ def lora_worker(family: str, mode: str, steps: int, out: Path) -> None:
     if family == "digits":
         bundle, kind = digits_bundle(False)
     else:
-        sys.path.insert(0, str(ROOT / "tests" / "dist"))
-        from bundles import tiny_bundle
+        sys.path.insert(0, str(ROOT))  # the tests package (tiny models of every family)
+        from tests.dist.bundles import tiny_bundle
 
         bundle, kind = tiny_bundle(family), "tiny random"
     lora = mode == "lora"

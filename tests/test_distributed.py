@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist"))
-
-from bundles import tiny_bundle  # noqa: E402
-from run_dist import cfg  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from fewstep.training import run  # noqa: E402
+from fewstep.training import run
+from tests.dist.bundles import tiny_bundle
+from tests.dist.run_dist import cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -13,12 +13,13 @@ from torch import nn
 from fewstep.conditioning import Conditioner
 from fewstep.denoiser import Denoiser, copy_denoiser
 from fewstep.objectives.base import Objective, trainable_parameters
-from fewstep.objectives.dmd import DMDObjective, DMDParams, RoleView, build, context, params_from_dict
+from fewstep.objectives.dmd import DMDObjective, DMDParams, build, context, params_from_dict
 from fewstep.objectives.regression import channel_gaussian_kl, channel_stats
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
-from tiny import make_tiny
+from fewstep.training.shared_base import RoleView
+from tests.tiny import make_tiny
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -490,7 +491,7 @@ class _PlainConvNet(nn.Module):
 
 
 def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
-    from tiny import vp_path
+    from tests.tiny import vp_path
 
     teacher = Denoiser(_PlainConvNet(), vp_path(), _Plain()).requires_grad_(False)
     ctx = context(latent_shape=(4, 8, 8), has_real_data=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
-from tiny import FAMILIES, TINY, make_tiny, make_tiny_pipeline
+from tests.tiny import FAMILIES, TINY, make_tiny, make_tiny_pipeline
 
 from fewstep import families
 from fewstep.conditioning import Conditioner, conditioner_for

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import make_tiny
+from tests.tiny import make_tiny
 
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives.tdm import TDM, TDMParams, _importance_weight, build, student_times

@@ -100,6 +100,23 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
     ])
 
 
+def _evaluation_section(mets: list[dict[str, Any]]) -> list[str]:
+    """The `fewstep eval` results found beside the run, one table per results file."""
+    out = ["## Evaluation", ""]
+    if not mets:
+        out += ["No `fewstep eval` results were found beside the run.", ""]
+    for m in mets:
+        out += [f"`{m.get('command') or m['file']}` (protocol {m.get('protocol')}):", "",
+                "| steps | guidance | hybrid | samples | metrics |", "|---|---|---|---|---|"]
+        for r in m["rows"]:
+            ms = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                           for k, v in r["metrics"].items())
+            hy = (r.get("hybrid") or {}).get("teacher_steps", "-") if isinstance(r.get("hybrid"), dict) else "-"
+            out.append(f"| {r.get('steps')} | {r.get('guidance')} | {hy} | {r.get('num_samples')} | {ms} |")
+        out += [""]
+    return out
+
+
 def render_readme(card: dict[str, Any]) -> str:
     """The model card (markdown with a YAML header) for an export card."""
     t = card["teacher"]
@@ -163,19 +180,7 @@ def render_readme(card: dict[str, Any]) -> str:
     out += [""]
     if card.get("requires_patch"):
         out += ["## Known limits", "", f"- {card['requires_patch']}", ""]
-    mets = card.get("metrics") or []
-    out += ["## Evaluation", ""]
-    if not mets:
-        out += ["No `fewstep eval` results were found beside the run.", ""]
-    for m in mets:
-        out += [f"`{m.get('command') or m['file']}` (protocol {m.get('protocol')}):", "",
-                "| steps | guidance | hybrid | samples | metrics |", "|---|---|---|---|---|"]
-        for r in m["rows"]:
-            ms = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
-                           for k, v in r["metrics"].items())
-            hy = (r.get("hybrid") or {}).get("teacher_steps", "-") if isinstance(r.get("hybrid"), dict) else "-"
-            out.append(f"| {r.get('steps')} | {r.get('guidance')} | {hy} | {r.get('num_samples')} | {ms} |")
-        out += [""]
+    out += _evaluation_section(card.get("metrics") or [])
     ck = card["weights"].get("checkpoint")
     out += ["## Provenance", "", f"Exported by `fewstep export` from `{ck or card['run']['dir']}` "
             f"({'a checkpoint of a run' if ck else str(card['run'].get('steps')) + ' training step(s)'}); "
