@@ -15,10 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist"))
-
-from bundles import tiny_bundle
-
 from fewstep.conditioning import Conditioner
 from fewstep.config import ConfigError, config_from_dict, load_config
 from fewstep.denoiser import Denoiser
@@ -32,6 +28,7 @@ from fewstep.testing import gmm_denoiser
 from fewstep.training import run
 from fewstep.training.bundle import TeacherBundle
 from fewstep.training.data import BatchSource
+from tests.dist.bundles import tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "export_check" / "run_pipeline.py"
@@ -354,9 +351,9 @@ def test_entry_point_trains_each_student_on_its_subset_and_resumes(tmp_path):
 @pytest.fixture(scope="module")
 def msd_export(tmp_path_factory):
     import diffusers
-    from tiny import make_tiny, tiny_vae
 
     from fewstep.export import export_student
+    from tests.tiny import make_tiny, tiny_vae
 
     root = tmp_path_factory.mktemp("msd")
     tiny = make_tiny("dit", seed=3)
