@@ -93,51 +93,15 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
     if accelerator is None:
         accelerator = make_accelerator(cfg.precision.mixed_precision, cfg.log.trackers, str(run_dir))
     main = accelerator.is_main_process
-
-    # output folder rules, for the whole run
-    nonempty = run_dir.is_dir() and any(run_dir.iterdir())
-    if cfg.resume is not None:
-        if cfg.resume != "latest":
-            raise ConfigError(f"resume={cfg.resume!r}: an MSD run resumes with resume=latest (each student continues "
-                              "from its own latest checkpoint)")
-        if (run_dir / "run_card.json").is_file():
-            raise ConfigError(f"resume=latest: {run_dir} holds a finished MSD run")
-    elif nonempty:
-        if not cfg.overwrite:
-            raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to continue "
-                              "it, overwrite=true to replace it, or another output_dir")
-        if main:
-            shutil.rmtree(run_dir)
-    accelerator.wait_for_everyone()
-
-    bundle = teacher if teacher is not None else load_bundle(cfg.teacher, accelerator.device)
-    if bundle.real_data is not None:  # encode the real data once for all students
-        real, cache = bundle.real_data, {}
-
-        def cached_real():
-            if "v" not in cache:
-                cache["v"] = real()
-            return cache["v"]
-
-        bundle = dataclasses.replace(bundle, real_data=cached_real)
+    _prepare_run_dir(cfg, run_dir, accelerator)
+    bundle = _with_cached_real_data(teacher if teacher is not None else load_bundle(cfg.teacher, accelerator.device))
     part = make_partition(cfg, params, bundle)
-    pfile = run_dir / PARTITION_FILE
-    record = {"num_students": part.num_students, "partition": part.to_json(),
-              "students": [STUDENT_DIR(k) for k in range(part.num_students)]}
-    if pfile.is_file():
-        old = json.loads(pfile.read_text())
-        if old.get("partition", {}).get("subsets") != record["partition"]["subsets"]:
-            raise ConfigError(f"resume=latest: objective.partition / num_students now give another partition than "
-                              f"the one {pfile} records; resume with the same settings or start afresh")
-    elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        pfile.write_text(json.dumps(record, indent=1))
-    accelerator.wait_for_everyone()
+    _record_partition(part, run_dir, accelerator)
 
     results, logs, steps, skipped = [], {}, 0, 0
     for k in range(part.num_students):
         d = run_dir / STUDENT_DIR(k)
-        if (d / "run_card.json").is_file():
+        if (d / "run_card.json").is_file():  # finished before a resume
             card = json.loads((d / "run_card.json").read_text())
             steps += int(card.get("steps", 0))
             results.append(card)
@@ -153,36 +117,87 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
             return RunResult(run_dir=run_dir, steps=steps, stopped_early=True, skipped=skipped,
                              wall_time=time.time() - t0, logs=logs)
         results.append(json.loads((d / "run_card.json").read_text()) if main else {})
-
     files: dict[str, str] = {}
     if main:
-        first = results[0]
-        card = {
-            "name": cfg.name,
-            "objective": "msd",
-            "objective_params": {**(first.get("objective_params") or {}), "student_index": None},
-            "teacher": first.get("teacher"),
-            "sampling": first.get("sampling"),
-            "msd": {
-                "num_students": part.num_students,
-                "partition": part.to_json(),
-                "students": [{"index": k, "dir": STUDENT_DIR(k), "conditions": part.subsets[k],
-                              "steps": r.get("steps"), "files": r.get("files"),
-                              "train_time_s": r.get("train_time_s")} for k, r in enumerate(results)],
-                "student_width": params.student_width,
-                "student_depth": params.student_depth,
-                "stages": dict(zip(("pretrain_steps", "gan_start_step"), params.stages(cfg.steps))),
-            },
-            "steps": steps,
-            "steps_per_student": cfg.steps,
-            "wall_time_s": round(time.time() - t0, 2),
-            "files": {},
-            "config": config_to_dict(cfg),
-        }
+        card = _run_card(cfg, params, part, results, steps, time.time() - t0)
         (run_dir / "run_card.json").write_text(json.dumps(card, indent=1, default=str))
         files["run_card"] = "run_card.json"
     return RunResult(run_dir=run_dir, steps=steps, stopped_early=False, skipped=skipped,
                      wall_time=time.time() - t0, logs=logs, files=files)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator: Any) -> None:
+    """The output-folder rules of the entry point, for the whole MSD run."""
+    nonempty = run_dir.is_dir() and any(run_dir.iterdir())
+    if cfg.resume is not None:
+        if cfg.resume != "latest":
+            raise ConfigError(f"resume={cfg.resume!r}: an MSD run resumes with resume=latest (each student continues "
+                              "from its own latest checkpoint)")
+        if (run_dir / "run_card.json").is_file():
+            raise ConfigError(f"resume=latest: {run_dir} holds a finished MSD run")
+    elif nonempty:
+        if not cfg.overwrite:
+            raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to continue "
+                              "it, overwrite=true to replace it, or another output_dir")
+        if accelerator.is_main_process:
+            shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
+
+
+def _with_cached_real_data(bundle: Any) -> Any:
+    """The bundle with its real data encoded once for all students."""
+    if bundle.real_data is None:
+        return bundle
+    real, cache = bundle.real_data, {}
+
+    def cached_real():
+        if "v" not in cache:
+            cache["v"] = real()
+        return cache["v"]
+
+    return dataclasses.replace(bundle, real_data=cached_real)
+
+
+def _record_partition(part: Partition, run_dir: Path, accelerator: Any) -> None:
+    """Write msd.json, or check that a resumed run's partition is unchanged."""
+    pfile = run_dir / PARTITION_FILE
+    record = {"num_students": part.num_students, "partition": part.to_json(),
+              "students": [STUDENT_DIR(k) for k in range(part.num_students)]}
+    if pfile.is_file():
+        old = json.loads(pfile.read_text())
+        if old.get("partition", {}).get("subsets") != record["partition"]["subsets"]:
+            raise ConfigError(f"resume=latest: objective.partition / num_students now give another partition than "
+                              f"the one {pfile} records; resume with the same settings or start afresh")
+    elif accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        pfile.write_text(json.dumps(record, indent=1))
+    accelerator.wait_for_everyone()
+
+
+def _run_card(cfg: Config, params: Any, part: Partition, results: list[dict], steps: int, wall: float) -> dict:
+    first = results[0]
+    return {
+        "name": cfg.name,
+        "objective": "msd",
+        "objective_params": {**(first.get("objective_params") or {}), "student_index": None},
+        "teacher": first.get("teacher"),
+        "sampling": first.get("sampling"),
+        "msd": {
+            "num_students": part.num_students,
+            "partition": part.to_json(),
+            "students": [{"index": k, "dir": STUDENT_DIR(k), "conditions": part.subsets[k],
+                          "steps": r.get("steps"), "files": r.get("files"),
+                          "train_time_s": r.get("train_time_s")} for k, r in enumerate(results)],
+            "student_width": params.student_width,
+            "student_depth": params.student_depth,
+            "stages": dict(zip(("pretrain_steps", "gan_start_step"), params.stages(cfg.steps))),
+        },
+        "steps": steps,
+        "steps_per_student": cfg.steps,
+        "wall_time_s": round(wall, 2),
+        "files": {},
+        "config": config_to_dict(cfg),
+    }
 
 
 def _show(part: Partition, k: int) -> str:
