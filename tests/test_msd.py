@@ -19,7 +19,7 @@ from fewstep.conditioning import Conditioner
 from fewstep.config import ConfigError, config_from_dict, load_config
 from fewstep.denoiser import Denoiser
 from fewstep.msd.partition import hash_student, partition_labels, partition_prompts
-from fewstep.msd.routing import RoutedDenoiser, routing_record, student_for
+from fewstep.msd.routing import ROUTE_KEY, RoutedDenoiser, routing_record, student_for
 from fewstep.objectives.base import trainable_parameters
 from fewstep.objectives.msd import MSDParams, build
 from fewstep.objectives.registry import make_params
@@ -312,9 +312,14 @@ def test_routing_sends_each_label_to_its_student():
     assert out[:, 0, 0, 0].tolist() == [float(route[c]) for c in labels]
     with pytest.raises(ValueError, match="class label"):
         den(torch.zeros(1, 1, 2, 2), 0.5, {"class_labels": torch.tensor([10])})
-    # text: per-sample student indices travel in the condition
-    prec = routing_record(partition_prompts([f"p{i}" for i in range(12)], 2, "hash"), ["a", "b"])
-    assert student_for(prec, "p3") == hash_student("p3", 2)
+    # text: per-sample student indices travel in the condition (the evaluation source puts them there)
+    prompts = [f"p{i}" for i in range(12)]
+    prec = routing_record(partition_prompts(prompts, 2, "hash"), ["a", "b"])
+    who = torch.tensor([student_for(prec, p) for p in prompts])
+    assert who.tolist() == [hash_student(p, 2) for p in prompts] and set(who.tolist()) == {0, 1}
+    text = RoutedDenoiser([_Const(0.0), _Const(1.0)])
+    out = text(torch.zeros(12, 1, 2, 2), 0.5, {"class_labels": torch.zeros(12, dtype=torch.long), ROUTE_KEY: who})
+    assert out[:, 0, 0, 0].tolist() == who.float().tolist()
 
 
 # ---- the entry point: one run dir, a sub-run per student, resume per student ------------------------------

@@ -180,12 +180,6 @@ class MSDStudentObjective:
         logs["stage"] = 2.0 if gan else 1.0
         return loss, logs
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        return None
-
 
 def build(params: MSDParams | dict | None, teacher: Denoiser, ctx: Any) -> MSDStudentObjective:
     """The registry's builder for `msd`: one student's objective (the entry point's MSD driver sets
