@@ -98,7 +98,7 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
     part = make_partition(cfg, params, bundle)
     _record_partition(part, run_dir, accelerator)
 
-    results, logs, steps, skipped = [], {}, 0, 0
+    results, logs, steps, skipped, res = [], {}, 0, 0, None
     for k in range(part.num_students):
         d = run_dir / STUDENT_DIR(k)
         if (d / "run_card.json").is_file():  # finished before a resume
@@ -123,7 +123,8 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
         (run_dir / "run_card.json").write_text(json.dumps(card, indent=1, default=str))
         files["run_card"] = "run_card.json"
     return RunResult(run_dir=run_dir, steps=steps, stopped_early=False, skipped=skipped,
-                     wall_time=time.time() - t0, logs=logs, files=files)
+                     wall_time=time.time() - t0, logs=logs, files=files,
+                     objective=getattr(res, "objective", None))  # the last student's (same sampler for all)
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator: Any) -> None:
