@@ -257,7 +257,8 @@ def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -
                        seed=cfg.seed, device=env.device, family=family, lora=cfg.lora, num_processes=env.world,
                        sharded=env.sharded, mixed_precision=env.mp,
                        gradient_checkpointing=cfg.precision.gradient_checkpointing,
-                       steps=cfg.steps, make_student=make_student, make_copy=make_copy)
+                       steps=cfg.steps, make_student=make_student, make_copy=make_copy,
+                       decode=bundle.decode)
     params = make_params(cfg.objective.name, cfg.objective.params)
     obj = build_objective(cfg.objective.name, params, tden, ctx)
     _check_groups(cfg, obj, cfg.objective.name)
