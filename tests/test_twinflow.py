@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import make_tiny
+from tests.tiny import make_tiny
 from torch import nn
 
 from fewstep.conditioning import Conditioner

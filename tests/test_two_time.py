@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import FAMILIES, make_tiny
+from tests.tiny import FAMILIES, make_tiny
 
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives._two_time import TwoTimeDenoiser
