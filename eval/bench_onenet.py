@@ -26,7 +26,7 @@ import torch
 
 
 def _child(config: str, steps: int, overrides: list[str]) -> dict:
-    from fewstep.training.teacher import load_bundle
+    from fewstep.training.bundle import load_bundle
 
     from fewstep.config import load_config
     from fewstep.objectives.base import trainable_parameters
