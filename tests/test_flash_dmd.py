@@ -226,6 +226,34 @@ def test_dm_steps_move_the_students_samples_against_the_dm_gradient():
     assert cos < -0.1, cos
 
 
+
+def test_adversarial_steps_move_the_students_samples_up_the_discriminator():
+    """At a low-noise step, one SGD step on the generator loss raises the discriminator's logit of
+    the student's (re-noised) samples: the non-saturating generator loss softplus(-D). A sign error
+    in the adversarial term fails here."""
+    tiny = make_tiny("dit")
+    obj = build(FlashDMDParams(guidance=3.0, fake_updates_per_generator=1, gan_generator_weight=1.0),
+                tiny.denoiser, _ctx(tiny))
+    step = next(s for s in range(50) if not obj.is_dm_step(s))
+    batch = _batch(tiny, b=8)
+
+    def mean_logit():
+        torch.manual_seed(5)
+        with torch.no_grad():
+            x_hat, _ = obj.dm.generate(batch, step, grad=False)
+            x_n, tau = obj.dm._noised(x_hat, obj.p.gan_t_min, obj.p.gan_t_max)
+            return float(obj.dm._disc_logits(x_n, tau, batch["cond"])[1].mean())
+
+    before = mean_logit()
+    opt = torch.optim.SGD(trainable_parameters(obj, "generator"), lr=1e-2)
+    torch.manual_seed(5)
+    loss, logs = obj.loss("generator", batch, step)
+    assert logs["dm_step"] == 0.0
+    loss.backward()
+    opt.step()
+    assert mean_logit() > before
+
+
 class _TimeMLP(torch.nn.Module):
     """A multi-step generator x0 = f(x_t, t) in its path's native output (prediction 'sample')."""
 
@@ -249,12 +277,13 @@ class _FakeWithBottleneck(torch.nn.Module):
     starts as the teacher; its "mid block" (an MLP on (x, t), feeding the correction) is where the
     GAN head reads features."""
 
-    def __init__(self, base, d: int, width: int = 32):
+    def __init__(self, base, d: int, width: int = 8):
         super().__init__()
         self.base = base
-        self.mid_block = torch.nn.Sequential(torch.nn.Linear(d + 1, width), torch.nn.SiLU(),
-                                             torch.nn.Unflatten(1, (width, 1, 1)))   # (B, width, 1, 1) features
-        self.out = torch.nn.Linear(width, d)
+        # (B, width, 4, 4) features: the head's GroupNorm needs spatial extent to see anything
+        self.mid_block = torch.nn.Sequential(torch.nn.Linear(d + 1, width * 16), torch.nn.SiLU(),
+                                             torch.nn.Unflatten(1, (width, 4, 4)))
+        self.out = torch.nn.Linear(width * 16, d)
         torch.nn.init.zeros_(self.out.weight)
         torch.nn.init.zeros_(self.out.bias)
         self.config = {"block_out_channels": [width]}
@@ -296,7 +325,8 @@ def test_flash_dmd_learns_the_mixture(kind):
     student = Denoiser(_TimeMLP(2), path, _Plain())
     params = FlashDMDParams(guidance=1.0, fake_updates_per_generator=2, gan_generator_weight=0.1)
     tap = FeatureTap(fake_bb.mid_block)
-    head = DiscriminatorHead(32, (1, 1), 16)
+    head = DiscriminatorHead(8, (4, 4), 128)   # the default width (a width-16 head is constant: its last
+                                               #   GroupNorm has one value per group at 1x1)
     dmd = DMDObjective(params.dmd_params(), teacher, student, fake, latent_shape=(2, 1, 1), disc=head, tap=tap)
     obj = FlashDMDObjective(params, dmd)
     opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=2e-3),
