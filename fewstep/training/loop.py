@@ -31,6 +31,7 @@ from .lora import family_of, lora_meta, lora_only_state_dict, make_factories, me
 from .parallel import (available_trackers, average_gradients, broadcast_parameters, grad_norm_and_clip, is_fsdp,
                        make_accelerator, reduce_mean, shard_module, wrap_autocast)
 from .teacher import TeacherBundle, load_bundle
+from .updates import resolve_steps, update_counts
 
 __all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
 
@@ -177,10 +178,11 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                        null_class=bundle.null_class, text=bundle.text, has_real_data=source.has_real_data,
                        seed=cfg.seed, device=device, family=family, lora=cfg.lora, num_processes=world,
                        sharded=sharded, mixed_precision=mp, gradient_checkpointing=cfg.precision.gradient_checkpointing,
-                       steps=cfg.steps, make_student=make_student, make_copy=make_copy)
+                       steps=cfg.steps or 1, make_student=make_student, make_copy=make_copy)
     params = make_params(cfg.objective.name, cfg.objective.params)
     obj = build_objective(cfg.objective.name, params, tden, ctx)
     _check_groups(cfg, obj, cfg.objective.name)
+    cfg.steps = resolve_steps(cfg, obj)  # generator_steps -> steps (the objective's update schedule)
     nets: dict[str, nn.Module] = obj.nets
     if "student" not in nets:
         raise TypeError(f"objective {cfg.objective.name!r}: nets has no 'student' role (sampling, EMA and the "
@@ -238,12 +240,11 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
     # 6. optimizers and schedulers, one per group ---------------------------------------------------------
     named = dict(holder.named_parameters(remove_duplicate=False))
     group_params = {g: [named[n] for n in names] for g, names in group_names.items()}
-    updates = {g: 0 for g in obj.groups}
     for s in range(cfg.steps):
         for ph in obj.phases(s):
-            if ph not in updates:
+            if ph not in obj.groups:
                 raise TypeError(f"objective {cfg.objective.name!r}: phases({s}) names {ph!r}, not one of its groups")
-            updates[ph] += 1
+    updates = update_counts(obj, cfg.steps)
     optimizers, schedulers, gcfg = {}, {}, {}
     for g, plist in group_params.items():
         gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
@@ -314,6 +315,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
     stopped_early = False
     logs: dict[str, float] = {}
     done = start_step
+    made = update_counts(obj, start_step)      # updates per group so far (attempted)
     t_loop = time.time()
     try:
         for step in range(start_step, cfg.steps):
@@ -353,6 +355,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                     if hasattr(obj, "after_step"):
                         obj.after_step(phase, step)
                     student_updated |= phase == student_group
+                made[phase] += 1
                 logs[f"loss/{phase}"] = loss_v
                 logs[f"grad_norm/{phase}"] = norm
                 logs[f"lr/{phase}"] = schedulers[phase].get_last_lr()[0]
@@ -368,6 +371,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                     vals = accelerator.reduce(vals, reduction="mean")
                     logs.update({k: float(v) for k, v in zip(own, vals.tolist())})
                 logs["skipped"] = float(skipped)
+                logs.update({f"updates/{g}": float(n) for g, n in made.items()})
                 log.record(done, {**logs, "time_s": round(time.time() - t_loop, 4)})
             if cfg.log.sample_every and done % cfg.log.sample_every == 0 and done < cfg.steps:
                 grid(done)
@@ -408,6 +412,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                             if obj.sampling.get("prediction_type") else {})},
             "steps": steps_done,
             "steps_planned": cfg.steps,
+            "updates": dict(made),      # optimizer updates per group (DMD family: "generator" < steps)
             "batch_size": cfg.data.batch_size,
             "wall_time_s": round(wall, 2),
             "train_time_s": round(loop_time, 2),
@@ -430,8 +435,9 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
         its = (steps_done - start_step) / max(loop_time, 1e-9)
         losses = ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in logs.items() if k.startswith("loss/"))
         what = "stopped (checkpoint written, resume=latest continues)" if stopped_early else "done"
-        print(f"fewstep train {what}: {cfg.name} [{cfg.objective.name}] {steps_done}/{cfg.steps} steps in "
-              f"{wall:.1f}s ({its:.2f} it/s), {skipped} non-finite updates skipped"
+        ups = ", ".join(f"{g} {n}" for g, n in made.items())
+        print(f"fewstep train {what}: {cfg.name} [{cfg.objective.name}] {steps_done}/{cfg.steps} steps "
+              f"(updates: {ups}) in {wall:.1f}s ({its:.2f} it/s), {skipped} non-finite updates skipped"
               f"{', final ' + losses if losses else ''}; outputs in {run_dir}", flush=True)
     return RunResult(run_dir=run_dir, steps=steps_done, stopped_early=stopped_early, skipped=skipped,
                      wall_time=wall, logs=logs, files=files)
