@@ -19,8 +19,8 @@ import torch
 
 from fewstep.objectives import _trigflow as tf
 from fewstep.paths import _bcast
-from fewstep.teachers import load_teacher
-from fewstep.training.teacher import bundle_from_teacher
+from fewstep.pipeline_teacher import load_teacher
+from fewstep.training.bundle import bundle_from_teacher
 
 
 def main(argv=None) -> None:

@@ -8,8 +8,8 @@ values (`data.batch_size=64`, `lora.target_modules=[to_q,to_v]`, `resume=latest`
 or a value of the wrong type is an error that names the full dotted key. The `objective:` section
 holds `name` plus the objective's own hyperparameters, which are checked against that objective's
 dataclass (see `fewstep.objectives.registry`); `optim:` holds one entry per optimizer group of the
-objective (`optim.generator`, `optim.guidance`, ...) plus `optim.default`, from which every group
-takes the values it does not set.
+objective (`optim.generator`, `optim.fake_score`, ...) plus `optim.default`, from which every group
+takes the values it does not set (old group names, RENAMED_GROUPS, are read with a warning).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -42,7 +43,10 @@ __all__ = [
     "config_to_dict",
     "resolve_group",
     "DEFAULT_GROUP",
+    "RENAMED_GROUPS",
 ]
+
+RENAMED_GROUPS = {"guidance": "fake_score"}  # old optimizer group name -> now (guidance: the CFG scale only)
 
 
 class ConfigError(ValueError):
@@ -75,6 +79,8 @@ class DataConfig:
                                          #   data.prompts, line i of the prompt file is the caption of latent i
     prompts: str | None = None           # text teachers: prompt file, one prompt a line
     num_classes: int | None = None       # class-conditional teachers: labels 0..num_classes-1 (default: teacher's)
+    conditions: list[int] | None = None  # train on these conditions only: class labels, or (text) 0-based line
+                                         #   numbers of data.prompts (MSD sets one subset per student)
 
 
 @dataclass
@@ -149,11 +155,8 @@ class LogConfig:
 class Config:
     name: str = "run"                    # preset name; the default output_dir is runs/<name>
     seed: int = 0
-    steps: int | None = None             # total training steps (schedules are laid out over these); 1000
-                                         #   when neither this nor generator_steps is given
-    generator_steps: int | None = None   # student (generator) updates instead: steps becomes the step count
-                                         #   that makes them (DMD family: x objective.fake_updates_per_generator);
-                                         #   steps, if also given, must agree (fewstep.training.updates)
+    steps: int | None = None             # total training steps (schedules are laid out over these); default 1000
+    generator_steps: int | None = None   # student updates instead: sets steps (DMD: x fake_updates_per_generator)
     stop_after: int | None = None        # stop (with a checkpoint) after this step; resume continues
     output_dir: str | None = None
     overwrite: bool = False              # allow writing into a non-empty output_dir (its contents are removed)
@@ -178,14 +181,17 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
 
-        if self.steps is None and self.generator_steps is None:
-            self.steps = 1000
+        self.steps = 1000 if self.steps is None and self.generator_steps is None else self.steps
         need(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        need(self.generator_steps is None or self.generator_steps >= 1, "generator_steps",
-             f"must be >= 1, got {self.generator_steps}")
+        need((self.generator_steps or 1) >= 1, "generator_steps", f"must be >= 1, got {self.generator_steps}")
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1")
         need(self.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.data.batch_size}")
         need(self.data.num_classes is None or self.data.num_classes >= 1, "data.num_classes", "must be >= 1")
+        if self.data.conditions is not None:
+            c = self.data.conditions
+            need(len(c) > 0, "data.conditions", "must name at least one condition (or be null for all)")
+            need(min(c) >= 0, "data.conditions", f"must be >= 0, got {sorted(c)[:3]}")
+            need(len(set(c)) == len(c), "data.conditions", "names a condition twice")
         need(self.lora.rank >= 1, "lora.rank", f"must be >= 1, got {self.lora.rank}")
         need(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
         need(0.0 <= self.ema.rate < 1.0, "ema.rate", f"must lie in [0, 1), got {self.ema.rate}")
@@ -376,7 +382,7 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
         if not isinstance(optim, dict):
             raise ConfigError(f"optim: expected a mapping of group name -> settings, got {optim!r}")
         groups = _default_optim()
-        for g, v in optim.items():
+        for g, v in _renamed_groups(optim).items():
             key = f"optim.{g}"
             if v is None:
                 v = {}
@@ -390,6 +396,18 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
             groups[str(g)] = _dataclass_from(OptimGroupConfig, v, key)
         cfg.optim = groups
     return cfg.validate()
+
+
+def _renamed_groups(optim: dict[str, Any]) -> dict[str, Any]:
+    """`optim` with old group names replaced by the new ones (one warning per old name)."""
+    for old, new in RENAMED_GROUPS.items():
+        if old in optim and new in optim:
+            raise ConfigError(f"optim.{old} and optim.{new} are both set: optim.{old} is the old name of "
+                              f"optim.{new}; keep only optim.{new}")
+        if old in optim:
+            warnings.warn(f"optim.{old} is deprecated: the fake score's optimizer group is now optim.{new} "
+                          "(`guidance` means the CFG scale only)", FutureWarning, stacklevel=4)
+    return {RENAMED_GROUPS.get(str(g), g): v for g, v in optim.items()}
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

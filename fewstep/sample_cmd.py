@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .families import is_text
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _rows(args, teacher) -> list:
-    if teacher.family in ("dit", "unet"):
+    if not is_text(teacher.family):
         if args.prompt or args.prompts_file:
             raise SystemExit(f"--prompt: {args.teacher} is class-conditional; use --classes")
         if args.classes is None:
@@ -121,7 +123,7 @@ def sample_grid(teacher, rows: list, per_row: int, times: list[float], guidance:
 
 
 def run(args) -> int:
-    from .teachers import load_teacher
+    from .pipeline_teacher import load_teacher
 
     kw = {} if args.resolution is None else {"resolution": args.resolution}
     t0 = time.time()

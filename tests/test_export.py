@@ -27,9 +27,9 @@ from fewstep.evaluation.sources import load_source
 from fewstep.export import CARD_NAME, ExportError, export_student, plan_scheduler
 from fewstep.objectives.registry import BuildContext, build_objective, make_params
 from fewstep.samplers import initial_noise, sample
-from fewstep.teachers import load_teacher
+from fewstep.pipeline_teacher import load_teacher
 from fewstep.training.lora import make_factories
-from tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
+from tests.tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
 
 diffusers.utils.logging.set_verbosity_error()
 
@@ -117,7 +117,7 @@ def make_run(root: Path, name: str, teacher_folder: str, objective: str, params:
              seed: int = 0, source: str | None = None) -> Path:
     """A run dir as the training entry point writes it: the objective's own student (built by its
     registry builder), perturbed, saved by the entry point's final-weights writer, and a run card."""
-    from fewstep.training.loop import _save_final
+    from fewstep.training.outputs import save_final
 
     t = load_teacher(teacher_folder)
     lcfg = LoraConfig(student=lora, rank=4, alpha=8.0)
@@ -132,7 +132,7 @@ def make_run(root: Path, name: str, teacher_folder: str, objective: str, params:
     _perturb(student.backbone, seed)
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    files = _save_final(run_dir, student, None, SimpleNamespace(is_main_process=True))
+    files = save_final(run_dir, student, None, SimpleNamespace(is_main_process=True))
     card = {"name": name, "objective": objective,
             "objective_params": json.loads(json.dumps(dataclasses.asdict(p), default=str)),
             "teacher": {"source": source or teacher_folder, "family": t.family, "latent_shape": list(t.latent_shape)},
@@ -216,10 +216,10 @@ def pipeline_latents(file: str, card: dict) -> torch.Tensor:
 # ---- everything exported up front; every pipeline runs in one fresh process ------------------------
 def _digits_weights(root: Path, mp: pytest.MonkeyPatch) -> str:
     """The shipped digits teacher folders when this checkout has them; otherwise stand-ins laid out
-    as train/teacher.py writes them (a tiny DiT with its VP DDIM or flow Euler scheduler), put where
+    as train/train_teacher.py writes them (a tiny DiT with its VP DDIM or flow Euler scheduler), put where
     the embedded names resolve."""
     import fewstep.digits.data as data
-    import fewstep.digits.teacher as dteacher
+    import fewstep.digits.embedded_teachers as dteacher
 
     if all((dteacher.teacher_dir(k) / "model_index.json").is_file() for k in ("vp", "flow")):
         return "shipped"
@@ -248,7 +248,7 @@ def _trained_run(root: Path, teacher: str, preset: str, name: str, *extra: str) 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    import fewstep.digits.teacher as dteacher
+    import fewstep.digits.embedded_teachers as dteacher
 
     root = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as mp:
@@ -544,7 +544,7 @@ def test_embedded_default_teachers_export(exported, tmp_path):
     """Students of the embedded teachers, named as the presets name them ("digits-vp",
     "digits-flow"): the export finds the teacher's folder, and the exported DiTPipeline samples
     what fewstep samples at every supported step count."""
-    import fewstep.digits.teacher as dteacher
+    import fewstep.digits.embedded_teachers as dteacher
 
     assert exported["embedded"], exported["weights"]
     for case, run_dir, res, supported, cls in exported["embedded"]:

@@ -184,26 +184,26 @@ def learns(name: str, params: dict, kind: str, w: float, steps: int, lr: dict[st
 @pytest.mark.parametrize("w", [1.0, W])
 def test_dmd2_one_step_learns(w):
     learns("dmd2", {"guidance": w, "fake_updates_per_generator": 2}, "mlp", w, 300,
-           {"generator": 2e-3, "guidance": 1e-2}, 0.5)
+           {"generator": 2e-3, "fake_score": 1e-2}, 0.5)
 
 
 @pytest.mark.parametrize("w", [1.0, W])
 def test_dmd2_four_step_learns(w):
     learns("dmd2", {"guidance": w, "num_steps": 4, "student_times": [1.0, 0.75, 0.5, 0.25],
-                    "fake_updates_per_generator": 2}, "mlp", w, 160, {"generator": 3e-3, "guidance": 1e-2}, 0.5,
+                    "fake_updates_per_generator": 2}, "mlp", w, 160, {"generator": 3e-3, "fake_score": 1e-2}, 0.5,
            batch=64)
 
 
 @pytest.mark.parametrize("w", [1.0, W])
 def test_dmd_with_regression_learns(w, tmp_path):
     learns("dmd", {"guidance": w, "regression_pairs": 256, "regression_steps": 20, "cache_dir": str(tmp_path)},
-           "mlp", w, 160, {"generator": 3e-3, "guidance": 1e-2}, 0.5, batch=64)
+           "mlp", w, 160, {"generator": 3e-3, "fake_score": 1e-2}, 0.5, batch=64)
 
 
 @pytest.mark.parametrize("w", [1.0, W])
 def test_decoupled_dmd_learns(w):
     learns("decoupled_dmd", {"guidance": w, "fake_updates_per_generator": 2}, "mlp", w, 300,
-           {"generator": 2e-3, "guidance": 1e-2}, 0.5)
+           {"generator": 2e-3, "fake_score": 1e-2}, 0.5)
 
 
 @pytest.mark.parametrize("w,factor", [(1.0, 0.5), (W, 0.65)])
@@ -226,7 +226,7 @@ def test_tbcm_learns(w, kind, lr, factor):
 
 @pytest.mark.parametrize("w", [1.0, W])
 def test_tdm_learns(w):
-    learns("tdm", {"guidance": w, "num_steps": 4}, "copy", w, 150, {"generator": 1e-2, "guidance": 5e-2}, 0.5,
+    learns("tdm", {"guidance": w, "num_steps": 4}, "copy", w, 150, {"generator": 1e-2, "fake_score": 5e-2}, 0.5,
            betas=(0.0, 0.95))
 
 

@@ -22,14 +22,15 @@ def student_group(obj: Any) -> str | None:
     return next((g for g, roles in obj.groups.items() if "student" in roles), None)
 
 
-def update_counts(obj: Any, steps: int, start: int = 0) -> dict[str, int]:
+def update_counts(obj: Any, steps: int, start: int = 0, name: str = "objective") -> dict[str, int]:
     """Updates of each optimizer group over steps [start, steps) (attempted updates: a skipped
-    non-finite update counts)."""
+    non-finite update counts). A phase that names no group is a TypeError."""
     counts = {g: 0 for g in obj.groups}
     for s in range(start, steps):
         for ph in obj.phases(s):
-            if ph in counts:
-                counts[ph] += 1
+            if ph not in counts:
+                raise TypeError(f"objective {name!r}: phases({s}) names {ph!r}, not one of its groups")
+            counts[ph] += 1
     return counts
 
 
