@@ -149,17 +149,28 @@ def test_nonfinite_or_misshapen_reward_is_an_error_naming_it():
 
     nan_reward.input = "latents"
     nan_reward.name = "my_broken_reward"
-    obj = build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=nan_reward)
-    with pytest.raises(FloatingPointError, match="my_broken_reward.*non-finite"):
+    # at start-up (a class-conditional teacher: the reward is probed) ...
+    with pytest.raises(ValueError, match="objective.reward.*my_broken_reward.*non-finite"):
+        build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=nan_reward)
+    # ... and during training, where a reward turns non-finite later
+    calls = []
+
+    def late_nan(x, cond):
+        calls.append(1)
+        return nan_reward(x, cond) if len(calls) > 1 else x.flatten(1).mean(1)
+
+    late_nan.input = "latents"
+    late_nan.name = "late_nan_reward"
+    obj = build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=late_nan)
+    with pytest.raises(FloatingPointError, match="late_nan_reward.*non-finite"):
         obj.loss("generator", _batch(tiny), 0)
 
     def scalar_reward(x, cond):
         return x.mean()
 
     scalar_reward.input = "latents"
-    obj = build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=scalar_reward)
-    with pytest.raises(ValueError, match="scalar_reward.*one value per sample"):
-        obj.loss("generator", _batch(tiny), 0)
+    with pytest.raises(ValueError, match="objective.reward.*scalar_reward.*one value per sample"):
+        build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=scalar_reward)
 
 
 @pytest.mark.parametrize(

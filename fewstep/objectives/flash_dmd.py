@@ -247,4 +247,21 @@ def build(
     if reward is None and params.reward is not None:
         reward = make_reward(params.reward, params.reward_model, getattr(ctx, "device", None) or "cpu")
     decode = differentiable_decode(getattr(ctx, "decode", None))
-    return FlashDMDObjective(params, dmd, reward, decode)
+    obj = FlashDMDObjective(params, dmd, reward, decode)
+    if reward is not None and getattr(ctx, "num_classes", None):
+        _probe_reward(obj, ctx)
+    return obj
+
+
+def _probe_reward(obj: FlashDMDObjective, ctx: Any) -> None:
+    """Start-up check of a class-conditional reward on two teacher-shaped inputs (pure-noise
+    latents, labels 0 and 1): one finite value per sample, or an error naming objective.reward.
+    (Text rewards need the batch's prompts; they are checked at every call instead.)"""
+    dev = getattr(ctx, "device", None) or "cpu"
+    x = torch.randn(2, *tuple(ctx.latent_shape), generator=torch.Generator().manual_seed(0)).to(dev)
+    batch = {"cond": {"class_labels": (torch.arange(2) % int(ctx.num_classes)).to(dev)}}
+    try:
+        with torch.no_grad():
+            obj._reward(x, batch, step=-1)
+    except (FloatingPointError, ValueError) as e:
+        raise ValueError(f"objective.reward={obj.p.reward!r}: on a start-up probe batch, {e}") from e
