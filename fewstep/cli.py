@@ -25,12 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (mod, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_)
         if name == chosen:
-            try:
-                modules[name] = importlib.import_module(mod)
-            except ModuleNotFoundError as e:
-                if e.name == mod:
-                    parser.error(f"subcommand {name!r} is not available in this version ({mod} missing)")
-                raise
+            modules[name] = importlib.import_module(mod)
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     return int(modules[args.command].run(args) or 0)

@@ -488,10 +488,10 @@ def test_hybrid_sampling_hands_over_from_teacher_to_student(tiny_dit_dir, tmp_pa
 def test_an_exported_student_folder_scores_alike_with_both_samplers(tiny_dit_dir, tmp_path):
     """A run exported as a stock DiTPipeline folder: fewstep's sampler with the card's times and
     the folder's own pipeline give the same images; unsupported step counts are refused."""
+    import fewstep.export as export
     from fewstep.evaluation import InputError
     from fewstep.evaluation.sources import load_source
 
-    export = pytest.importorskip("fewstep.export")
     run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.5, 0.0], "renoise": "ddim"})
     export.export_student(run, tmp_path / "export")
     src = load_source(str(tmp_path / "export"))

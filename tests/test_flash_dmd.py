@@ -72,8 +72,8 @@ def test_dm_loss_only_at_high_noise_steps_adversarial_only_at_low_noise_steps():
             assert disc_calls and not teacher_calls
         assert logs["t_gen"] == [1.0, 0.75, 0.5, 0.25][k]
     assert seen == {True, False}
-    # the guidance phase trains the fake score and the head on every step's samples
-    loss, logs = obj.loss("guidance", _batch(tiny), 0)
+    # the fake_score phase trains the fake score and the head on every step's samples
+    loss, logs = obj.loss("fake_score", _batch(tiny), 0)
     assert logs["loss_fake"] > 0 and logs["gan_d"] > 0
 
 
@@ -126,8 +126,8 @@ def test_reward_phase_raises_the_reward(keep):
     )
     obj = build(params, tiny.denoiser, _ctx(tiny), reward=reward)
     before = _mean_reward(obj, tiny, reward)
-    assert obj.phases(1) == ["generator", "guidance"]
-    assert obj.phases(2) == (["generator", "guidance"] if keep else ["generator"])
+    assert obj.phases(1) == ["generator", "fake_score"]
+    assert obj.phases(2) == (["generator", "fake_score"] if keep else ["generator"])
     logs = _train(obj, tiny, 14)
     after = _mean_reward(obj, tiny, reward)
     print(f"keep_distillation={keep}: toy reward of 4-step samples {before:.3f} -> {after:.3f}")
@@ -378,7 +378,7 @@ def test_flash_dmd_learns_the_mixture(kind):
     obj = FlashDMDObjective(params, dmd)
     opts = {
         "generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=2e-3),
-        "guidance": torch.optim.Adam(trainable_parameters(obj, "guidance"), lr=1e-2),
+        "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2),
     }
     exact = teacher.backbone.sample_data(2000, generator=torch.Generator().manual_seed(1))
     z = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))

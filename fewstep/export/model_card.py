@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..families import DRIVES
+
 __all__ = ["render_readme", "load_snippet", "hybrid_snippet"]
 
 _PIPELINE_TAG = {"labels": "unconditional-image-generation", "text": "text-to-image"}
@@ -62,7 +64,8 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
     """Diffusers-only hybrid sampling (teacher with CFG for the first step, the student for the
     rest) for pipelines that take latents, step callbacks and custom schedules; None otherwise."""
     cls = card["pipeline_class"]
-    if cls not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+    drive = DRIVES.get(cls)
+    if drive is None or not drive.hybrid:
         return None
     n = int(card["trained_steps"])
     sup = card["supported_steps"].get(str(n))

@@ -8,8 +8,8 @@ Networks (roles):
               samples); never guided
     disc      optional GAN head on the fake score's bottleneck features (needs real latents)
 
-Groups: "generator" trains the student; "guidance" trains the fake score (and the head). The
-guidance group updates every step, the generator every `fake_updates_per_generator` steps (DMD2's
+Groups: "generator" trains the student; "fake_score" trains the fake score (and the head). The
+fake_score group updates every step, the generator every `fake_updates_per_generator` steps (DMD2's
 two time-scale rule).
 
 Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x0 space):
@@ -66,7 +66,7 @@ VARIANTS = ("dmd", "dmd2", "ddmd")  # registry names dmd, dmd2, decoupled_dmd
 class DMDParams:
     """Every default of the DMD family; the YAML keys under `objective:`. The registry sets
     `variant` from objective.name (dmd, dmd2, decoupled_dmd). Optimizer settings (lr, AdamW betas,
-    clipping) are the entry point's `optim.generator` / `optim.guidance`; LoRA rank / alpha /
+    clipping) are the entry point's `optim.generator` / `optim.fake_score`; LoRA rank / alpha /
     targets are `lora.*`; the student's EMA is `ema.rate`."""
 
     variant: str = "dmd2"                  # "dmd2", "dmd" (DM + regression, DMD1) or "ddmd" (Decoupled DMD)
@@ -213,10 +213,10 @@ class DMDObjective:
         self.path = teacher.path
         self.times = params.times
         self.nets: dict[str, nn.Module] = {"teacher": teacher, "student": student, "fake": fake}
-        self.groups: dict[str, list[str]] = {"generator": ["student"], "guidance": ["fake"]}
+        self.groups: dict[str, list[str]] = {"generator": ["student"], "fake_score": ["fake"]}
         if disc is not None:
             self.nets["disc"] = disc
-            self.groups["guidance"].append("disc")
+            self.groups["fake_score"].append("disc")
         self.tap = tap
         self.teacher_key = teacher_key
         self.num_classes = num_classes
@@ -233,8 +233,8 @@ class DMDObjective:
         update, and a run of N x ratio steps ends on a generator update)."""
         r = int(self.p.fake_updates_per_generator)
         if (step + 1) % r == 0:
-            return ["generator", "guidance"]
-        return ["guidance"]
+            return ["generator", "fake_score"]
+        return ["fake_score"]
 
     def sim_steps(self, step: int) -> int:
         """Backward-simulation depth k in {0..K-1}, the same on every process at a given step."""
@@ -347,8 +347,8 @@ class DMDObjective:
         logs["loss_g"] = loss.item()
         return loss, logs
 
-    # ---- guidance (fake score + head) ----------------------------------------------------
-    def guidance_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    # ---- fake score (+ head) ---------------------------------------------------------------
+    def fake_score_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         p, cond = self.p, batch.get("cond")
         with torch.no_grad():
             x_hat, _ = self.generate(batch, step, grad=False)
@@ -383,9 +383,9 @@ class DMDObjective:
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if phase == "generator":
             return self.generator_loss(batch, step)
-        if phase == "guidance":
-            return self.guidance_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'guidance'")
+        if phase == "fake_score":
+            return self.fake_score_loss(batch, step)
+        raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'fake_score'")
 
     # ---- cached teacher samples ------------------------------------------------------------
     def _cond_pool(self, batch: Batch, n: int) -> Cond | None:

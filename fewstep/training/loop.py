@@ -122,13 +122,21 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
     caller set up processes / FSDP itself. Returns the outputs, the trained student and the objective."""
     t_start = time.time()
     cfg.validate()
+    if cfg.objective.name == "msd" and cfg.objective.params.get("student_index") is None:
+        from ..msd.train import run_msd  # K students, one sub-run each (fewstep/msd/train.py)
+
+        return run_msd(cfg, teacher, accelerator)
+    if cfg.objective.name == "msd" and cfg.data.conditions is None:
+        raise ConfigError("objective.student_index is set by the entry point for each MSD student's sub-run "
+                          "(with data.conditions); remove it to train all students")
     env, resume_from = _start(cfg, accelerator)                                  # 1. accelerator, folder, seeds
     bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)   # 2. teacher (frozen)
     tden = bundle.denoiser
     tden.requires_grad_(False)
     tden.to(env.device)
     source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, env.rank, env.world, env.device,   # 3. data
-                         cfg.data.real_data, cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents)
+                         cfg.data.real_data, cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents,
+                         conditions=cfg.data.conditions)
     tr = _build(cfg, env, bundle, source)                                         # 4.-6. objective, optimizers
     start_step = _resume(cfg, env, tr, resume_from)                              # 7. resume
     trackers = _start_trackers(cfg, env)
