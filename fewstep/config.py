@@ -79,6 +79,8 @@ class DataConfig:
                                          #   data.prompts, line i of the prompt file is the caption of latent i
     prompts: str | None = None           # text teachers: prompt file, one prompt a line
     num_classes: int | None = None       # class-conditional teachers: labels 0..num_classes-1 (default: teacher's)
+    conditions: list[int] | None = None  # train on these conditions only: class labels, or (text) 0-based line
+                                         #   numbers of data.prompts (MSD sets one subset per student)
 
 
 @dataclass
@@ -153,7 +155,8 @@ class LogConfig:
 class Config:
     name: str = "run"                    # preset name; the default output_dir is runs/<name>
     seed: int = 0
-    steps: int = 1000                    # total training steps (schedules are laid out over these)
+    steps: int | None = None             # total training steps (schedules are laid out over these); default 1000
+    generator_steps: int | None = None   # student updates instead: sets steps (DMD: x fake_updates_per_generator)
     stop_after: int | None = None        # stop (with a checkpoint) after this step; resume continues
     output_dir: str | None = None
     overwrite: bool = False              # allow writing into a non-empty output_dir (its contents are removed)
@@ -178,10 +181,17 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
 
-        need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        self.steps = 1000 if self.steps is None and self.generator_steps is None else self.steps
+        need(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        need((self.generator_steps or 1) >= 1, "generator_steps", f"must be >= 1, got {self.generator_steps}")
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1")
         need(self.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.data.batch_size}")
         need(self.data.num_classes is None or self.data.num_classes >= 1, "data.num_classes", "must be >= 1")
+        if self.data.conditions is not None:
+            c = self.data.conditions
+            need(len(c) > 0, "data.conditions", "must name at least one condition (or be null for all)")
+            need(min(c) >= 0, "data.conditions", f"must be >= 0, got {sorted(c)[:3]}")
+            need(len(set(c)) == len(c), "data.conditions", "names a condition twice")
         need(self.lora.rank >= 1, "lora.rank", f"must be >= 1, got {self.lora.rank}")
         need(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
         need(0.0 <= self.ema.rate < 1.0, "ema.rate", f"must lie in [0, 1), got {self.ema.rate}")

@@ -135,6 +135,22 @@ def test_phase_order_zeroes_all_grads_and_steps_one_group(tmp_path, toy):
     assert int(obj.after_calls) == 6
 
 
+def test_generator_steps_sets_the_step_count_and_both_counts_are_reported(tmp_path, toy):
+    """The toy objective updates its fake score every step and the student every other step:
+    generator_steps=2 makes a 3-step run; the card, the metrics and the summary line give both
+    counts; steps given as well must agree, else a ConfigError names both keys."""
+    common = ["objective.name=toy", "data.batch_size=4", "optim.default.lr=0.05", "checkpoint.every=0", "log.every=1"]
+    res = run(cfg_for(tmp_path, *common, "generator_steps=2", preset=None), teacher=gmm_bundle())
+    card = json.loads((res.run_dir / "run_card.json").read_text())
+    assert res.steps == 3 and card["steps"] == 3
+    assert card["updates"] == {"guidance": 3, "generator": 2}
+    recs = [json.loads(ln) for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["updates/guidance"], r["updates/generator"]) for r in recs] == [(1, 1), (2, 1), (3, 2)]
+    run(cfg_for(tmp_path, *common, "generator_steps=2", "steps=3", preset=None, name="same"), teacher=gmm_bundle())
+    with pytest.raises(ConfigError, match=r"steps=4 and generator_steps=2 disagree.*steps=3"):
+        run(cfg_for(tmp_path, *common, "generator_steps=2", "steps=4", preset=None, name="bad"), teacher=gmm_bundle())
+
+
 def test_nonfinite_skips_then_stops_with_last_checkpoint_intact(tmp_path, toy):
     common = ["objective.name=toy", "data.batch_size=4", "optim.default.lr=0.05"]
     res = run(cfg_for(tmp_path, *common, "steps=6", "objective.nan_steps=[2]", "checkpoint.every=0", "log.every=1",

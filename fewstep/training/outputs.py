@@ -132,7 +132,7 @@ def _jsonable(p: Any) -> dict | None:
 
 def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes: int | None, *, steps_done: int,
              wall: float, loop_time: float, skipped: int, world: int, sharded: bool, mp: str,
-             files: dict[str, str], logs: dict[str, float]) -> dict[str, Any]:
+             files: dict[str, str], logs: dict[str, float], updates: dict[str, int] | None = None) -> dict[str, Any]:
     """The run card (run_card.json): what was trained, from which teacher, how the student samples,
     how long it took, and where its files are."""
     from ..config import config_to_dict
@@ -148,6 +148,7 @@ def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes
                         if obj.sampling.get("prediction_type") else {})},
         "steps": steps_done,
         "steps_planned": cfg.steps,
+        "updates": updates,          # optimizer updates per group (DMD family: "generator" < steps)
         "batch_size": cfg.data.batch_size,
         "wall_time_s": round(wall, 2),
         "train_time_s": round(loop_time, 2),
