@@ -3,7 +3,6 @@ start-up errors, teacher-sample caches, the shared-base adapter switching (also 
 a short run on the exact Gaussian-mixture teacher."""
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
