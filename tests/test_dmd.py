@@ -580,6 +580,7 @@ class _PlainConvNet(nn.Module):
 
 
 def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
+    from fewstep.objectives.gan import DiscriminatorHead
     from tests.tiny import vp_path
 
     teacher = Denoiser(_PlainConvNet(), vp_path(), _Plain()).requires_grad_(False)
@@ -591,6 +592,8 @@ def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
     obj = build(DMDParams(gan=True, guidance=1.0, fake_updates_per_generator=1, gan_feature_layer="body.mid"),
                 teacher, ctx)
     assert obj.nets["disc"].in_channels == 16  # the GroupNorm's width inside the named layer
+    with pytest.raises(ValueError, match="16 channels .* head expects 8: objective.gan_feature_layer"):
+        DiscriminatorHead(8, (8, 8))(torch.randn(2, 16, 8, 8))
     opts = _optimizers(obj)
     g = torch.Generator().manual_seed(0)
     batch = {"cond": None, "x0": torch.randn((2, 4, 8, 8), generator=g), "shape": (2, 4, 8, 8)}
