@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from .errors import UserError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the dotted key."""
 
 
@@ -152,8 +154,11 @@ class Config:
     steps: int = 1000                    # total training steps (schedules are laid out over these)
     stop_after: int | None = None        # stop (with a checkpoint) after this step; resume continues
     output_dir: str | None = None
-    overwrite: bool = False              # allow writing into a non-empty output_dir (its contents are removed)
+    overwrite: bool = False              # replace a non-empty output_dir: the old run is moved aside, restored if
+                                         #   the new one fails, deleted once it wrote its first checkpoint
     resume: str | None = None            # "latest" (in output_dir) or a checkpoint folder
+    resume_branch: bool = False          # resume from a checkpoint older than the run's latest: the later
+                                         #   checkpoints are moved aside (never deleted); also `resume.branch`
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -197,6 +202,8 @@ class Config:
             need(r.grad_clip >= 0, f"optim.{name}.grad_clip", "must be >= 0 (0 = no clipping)")
             need(r.warmup_steps >= 0, f"optim.{name}.warmup_steps", "must be >= 0")
             need(r.num_cycles >= 1, f"optim.{name}.num_cycles", "must be >= 1")
+        need(not self.resume_branch or self.resume is not None, "resume_branch",
+             "needs resume=<checkpoint folder> (the older checkpoint to branch from)")
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true exclude each other: overwrite would delete what resume reads")
         return self
@@ -243,6 +250,8 @@ def _type_name(tp: Any) -> str:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert `value` to the annotated type `tp` or raise ConfigError naming `key`."""
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):  # YAML .nan / .inf, or "nan" read as float
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if tp is Any:
         return value
     origin = typing.get_origin(tp)
@@ -315,9 +324,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
             try:
-                return float(value)
+                v = float(value)
             except ValueError:
-                pass
+                raise bad from None
+            if not math.isfinite(v):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return v
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -427,6 +439,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for ov in overrides:
         parts, value = parse_override(ov)
+        if parts == ["resume", "branch"]:  # the documented spelling of resume_branch
+            parts = ["resume_branch"]
         node = data
         for i, p in enumerate(parts[:-1]):
             nxt = node.get(p)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,19 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, config_to_dict, resolve_group
+from ..errors import dumps_json, user_errors
 from ..objectives.registry import BuildContext, build_objective, make_params
 from ..samplers import initial_noise, sample
-from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint, saved_keys
+from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint, saved_keys
 from .data import BatchSource
 from .ema import EMA
 from .logging import RunLog, flat_config, save_grid
 from .lora import family_of, lora_meta, lora_only_state_dict, make_factories, merge_lora_state_dict
+from .outdir import OutputFolder
 from .parallel import (available_trackers, average_gradients, broadcast_parameters, grad_norm_and_clip, is_fsdp,
                        make_accelerator, reduce_mean, shard_module, wrap_autocast)
+from .preflight import preflight
+from .resume import check_resumed, settings
 from .teacher import TeacherBundle, load_bundle
 
 __all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
@@ -67,35 +70,6 @@ def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1):
             return 0.5 * (1.0 + math.cos(math.pi * ((cycles * prog) % 1.0)))
         raise ValueError(f"unknown scheduler {kind!r}")
     return f
-
-
-def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator) -> Path | None:
-    """Apply the output-folder rules; returns the checkpoint to resume from, if any."""
-    ckpt = None
-    nonempty = run_dir.is_dir() and any(run_dir.iterdir())
-    if cfg.resume is not None:
-        if cfg.resume == "latest":
-            ckpt = latest_checkpoint(run_dir)
-            if ckpt is None and (run_dir / "run_card.json").is_file():
-                raise ConfigError(f"resume=latest: {run_dir} holds a finished run and no checkpoint to continue")
-            if ckpt is None and accelerator.is_main_process and (run_dir / "metrics.jsonl").is_file():
-                (run_dir / "metrics.jsonl").unlink()  # nothing to continue: start afresh
-        else:
-            ckpt = Path(cfg.resume)
-            if not (ckpt / "state.json").is_file():
-                raise ConfigError(f"resume={cfg.resume!r}: not a complete checkpoint folder (no state.json)")
-    elif nonempty:
-        if not cfg.overwrite:
-            raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to continue "
-                              "it, overwrite=true to replace it, or another output_dir")
-        if accelerator.is_main_process:
-            shutil.rmtree(run_dir)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale(run_dir)
-    accelerator.wait_for_everyone()
-    return ckpt
 
 
 def _seed_all(seed: int) -> None:
@@ -138,9 +112,21 @@ def _plain_config(bb: nn.Module) -> dict | None:
 
 def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> RunResult:
     """Train as `cfg` says. `teacher` overrides cfg.teacher (tests, scripts); `accelerator` lets a
-    caller set up processes / FSDP itself."""
+    caller set up processes / FSDP itself. Everything that can be checked without the teacher is
+    checked before the output folder is touched; a run replacing another (overwrite=true) puts
+    the old one back if it fails before its first checkpoint."""
+    preflight(cfg, check_teacher=teacher is None)
+    output: list[OutputFolder] = []
+    try:
+        return _run(cfg, teacher, accelerator, output)
+    except BaseException:
+        for out in output:
+            out.restore()
+        raise
+
+
+def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[OutputFolder]) -> RunResult:
     t_start = time.time()
-    cfg.validate()
 
     # 1. accelerator, output folder, seeds ----------------------------------------------------------
     run_dir = cfg.run_dir()
@@ -155,19 +141,28 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
     if device.type == "cuda" and cfg.precision.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    resume_from = _prepare_run_dir(cfg, run_dir, accelerator)
+
+    def say(msg: str) -> None:
+        if main:
+            print(msg, flush=True)
+
+    out = OutputFolder.prepare(cfg, run_dir, accelerator, say)
+    output.append(out)
+    resume_from = out.resume_from
     _seed_all(cfg.seed)  # the same on every process while the networks are built
 
     # 2. teacher (frozen) -----------------------------------------------------------------------------
-    bundle = teacher if teacher is not None else load_bundle(cfg.teacher, device)
+    with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
+        bundle = teacher if teacher is not None else load_bundle(cfg.teacher, device)
     tden = bundle.denoiser
     tden.requires_grad_(False)
     tden.to(device)
     teacher_tensors = {id(t) for t in list(tden.parameters()) + list(tden.buffers())}
 
     # 3. data -------------------------------------------------------------------------------------------
-    source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, rank, world, device, cfg.data.real_data,
-                         cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents)
+    with user_errors("data", ValueError, OSError, named="data."):
+        source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, rank, world, device, cfg.data.real_data,
+                             cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents)
 
     # 4. objective via the registry ----------------------------------------------------------------------
     family = bundle.family or family_of(tden.backbone)
@@ -251,6 +246,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                                           weight_decay=gc.weight_decay)
         schedulers[g] = torch.optim.lr_scheduler.LambdaLR(
             optimizers[g], lr_lambda(gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles))
+    run_settings = settings(cfg, gcfg, cfg.objective.name, params)
     ema = None
     if cfg.ema.rate > 0:
         ema = EMA({n: p for n, p in named.items() if n.startswith("student.") and p.requires_grad},
@@ -261,6 +257,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
     ck_kw = dict(accelerator=accelerator, holder=holder, keys=keys, optimizers=optimizers, schedulers=schedulers,
                  ema=ema, objective=obj)
     if resume_from is not None:
+        check_resumed(json.loads((resume_from / "state.json").read_text()), run_settings, say)
         state = load_checkpoint(resume_from, **ck_kw)
         start_step, skipped = int(state["step"]), int(state.get("skipped", 0))
         if main:  # drop records of steps after the checkpoint (an interrupted run wrote them)
@@ -284,8 +281,13 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
         accelerator.init_trackers(cfg.name.replace("/", "_"), config=flat_config(config_to_dict(cfg)))
 
     def checkpoint(step_done: int) -> Path:
-        return save_checkpoint(run_dir, step_done, counters={"skipped": skipped}, sharded=sharded and
+        # a checkpoint written while a group is in a non-finite streak is marked: never "the last good one"
+        counters = {"skipped": skipped, "nonfinite_streak": max(consecutive.values(), default=0),
+                    "settings": run_settings}
+        path = save_checkpoint(run_dir, step_done, counters=counters, sharded=sharded and
                                cfg.checkpoint.state_dict == "sharded", keep=cfg.checkpoint.keep, **ck_kw)
+        out.commit()  # a run this one replaces (overwrite=true) is deleted only now
+        return path
 
     def grid(step_done: int, use_ema: bool = False) -> Path | None:
         if not (main or sharded):
@@ -342,7 +344,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
                     log.write(f"step {step}: non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'} in "
                               f"phase {phase!r}, update skipped ({consecutive[phase]} in a row, {skipped} in all)")
                     if consecutive[phase] > cfg.faults.max_consecutive_nonfinite:
-                        last = latest_checkpoint(run_dir)
+                        last = last_good_checkpoint(run_dir)
                         raise NonFiniteError(
                             f"stopping at step {step}: {consecutive[phase]} non-finite updates in a row of group "
                             f"{phase!r} "
@@ -422,8 +424,10 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
             "final_logs": logs,
             "config": config_to_dict(cfg),
         }
-        (run_dir / "run_card.json").write_text(json.dumps(card, indent=1, default=str))
+        (run_dir / "run_card.json").write_text(dumps_json(card, indent=1, default=str))
         files["run_card"] = "run_card.json"
+    if not stopped_early:
+        out.commit()
     if usable_trackers:
         accelerator.end_training()
     if main:
