@@ -16,8 +16,17 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is for --help), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
+    from .errors import main_guard
+
+    parser = OneLineParser(prog="fewstep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
@@ -33,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    return main_guard(f"fewstep {args.command}", lambda: modules[args.command].run(args))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .errors import UserError, one_line
+from .weights_check import check_weights_folder
+
 __all__ = ["ExportError", "ExportResult", "SchedulerPlan", "export_student", "plan_scheduler", "DRIVES",
            "CARD_NAME", "add_arguments", "run"]
 
@@ -74,7 +77,7 @@ LORA_DIR = "lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A checkpoint, teacher or schedule that cannot be exported (the message says why)."""
 
 
@@ -1079,6 +1082,7 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
                 if key.startswith("_") or key in (drive.backbone, "scheduler"):
                     continue
                 if isinstance(val, list) and val and val[0] is not None and (tdir / key).is_dir():
+                    check_weights_folder(tdir / key, f"teacher component {key!r}")  # never copy damaged weights
                     _copy_component(tdir / key, tmp / key, link_components)
             for f in tdir.iterdir():
                 if f.is_file() and f.name.lower().startswith(("license", "licence", "notice")):
@@ -1218,7 +1222,7 @@ def run(args: argparse.Namespace) -> int:
                              teacher=args.teacher, lora=args.lora, eval_results=args.eval_results,
                              link_components=args.link_components)
     except ExportError as e:
-        print(f"fewstep export: {e}", file=sys.stderr)
+        print(f"fewstep export: error: {one_line(e)}", file=sys.stderr)
         return 2
     steps = ", ".join(res.card["supported_steps"])
     print(f"fewstep export: wrote {res.out} ({res.pipeline_class} + {res.plan.scheduler_class}; "

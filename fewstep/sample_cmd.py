@@ -18,59 +18,92 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import UserError, check_output_file, finite_float, positive_int, user_errors
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True,
                    help="digits-vp, digits-flow, or a diffusers pipeline folder (or a hub id already cached)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps on the teacher's schedule (default 50)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps on the teacher's schedule (default 50)")
     p.add_argument("--times", default=None,
                    help="explicit decreasing times in [0, 1], comma separated (e.g. 1,0.75,0.5,0.25,0); "
                         "overrides --steps")
     p.add_argument("--renoise", choices=("ddim", "fresh"), default="ddim",
                    help="between steps keep the implied noise (ddim, the teacher sampler) or draw fresh noise")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (Imagen form; guidance-distilled Flux: its guidance "
                         "input). Default: 1, or 3.5 for guidance-distilled Flux")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more rows)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--classes", default=None,
                    help="class ids or names for class-conditional teachers, comma separated (default 0..9)")
-    p.add_argument("--per-row", type=int, default=10, help="samples per class / prompt (default 10)")
+    p.add_argument("--per-row", type=positive_int, default=10, help="samples per class / prompt (default 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=100, help="samples per denoiser batch")
-    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the teacher's)")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="samples per denoiser batch")
+    p.add_argument("--resolution", type=positive_int, default=None, help="image size in pixels (default: the teacher's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="backbone precision")
     p.add_argument("--out", default="grid.png", help="output PNG")
 
 
+def num_real_classes(teacher, source: str) -> int | None:
+    """How many real classes a class-conditional teacher has (its null class is not one)."""
+    if str(source).startswith("digits"):
+        from .digits.data import NUM_CLASSES
+
+        return NUM_CLASSES
+    cfg = teacher.denoiser.backbone.config
+    null = getattr(teacher.denoiser.conditioner, "null_class", None)
+    n = cfg.get("num_embeds_ada_norm") if teacher.family == "dit" else cfg.get("num_class_embeds")
+    if n is None:
+        return None
+    return min(int(n), int(null)) if null is not None else int(n)
+
+
 def _rows(args, teacher) -> list:
     if teacher.family in ("dit", "unet"):
         if args.prompt or args.prompts_file:
-            raise SystemExit(f"--prompt: {args.teacher} is class-conditional; use --classes")
+            raise UserError(f"--prompt: {args.teacher} is class-conditional; use --classes")
+        n = num_real_classes(teacher, args.teacher)
         if args.classes is None:
-            return list(range(10))
-        return [int(c) if c.strip().isdigit() else c.strip() for c in args.classes.split(",") if c.strip()]
+            return list(range(min(10, n or 10)))
+        rows = [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in args.classes.split(",") if c.strip()]
+        if not rows:
+            raise UserError(f"--classes {args.classes!r}: give class ids or names, comma separated")
+        bad = [r for r in rows if isinstance(r, int) and not (0 <= r < (n if n is not None else r + 1))]
+        if bad:
+            raise UserError(f"--classes {args.classes!r}: {bad[0]} is not a class of {args.teacher} (its classes are "
+                            f"0..{n - 1})")
+        with user_errors("--classes", ValueError):
+            teacher.encode_prompts(rows)  # names the teacher does not know are refused here
+        return rows
     prompts = list(args.prompt)
     if args.prompts_file:
         lines = Path(args.prompts_file).read_text().splitlines()
         prompts += [ln.strip() for ln in lines if ln.strip()]
     if not prompts:
-        raise SystemExit(f"{args.teacher} is a text-to-image teacher ({teacher.family}): give --prompt or "
+        raise UserError(f"{args.teacher} is a text-to-image teacher ({teacher.family}): give --prompt or "
                          "--prompts-file")
     return prompts
 
 
+def parse_times(text: str) -> list[float]:
+    """--times: finite, strictly decreasing times in [0, 1]; else a UserError naming the flag."""
+    from .samplers import check_times
+
+    try:
+        ts = [finite_float(t) for t in text.split(",") if t.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"--times {text!r}: give comma-separated finite numbers ({e})") from None
+    with user_errors(f"--times {text!r}", ValueError):
+        return check_times(ts)
+
+
 def _times(args, teacher) -> list[float]:
     if args.times:
-        try:
-            return [float(t) for t in args.times.split(",")]
-        except ValueError as e:
-            raise SystemExit(f"--times {args.times!r}: give comma-separated numbers ({e})") from e
-    if args.steps < 1:
-        raise SystemExit(f"--steps must be at least 1, got {args.steps}")
+        return parse_times(args.times)
     return teacher.path.sampling_times(args.steps).tolist()
 
 
@@ -124,8 +157,14 @@ def run(args) -> int:
     from .teachers import load_teacher
 
     kw = {} if args.resolution is None else {"resolution": args.resolution}
+    check_output_file(args.out, "--out")
+    if args.times:
+        parse_times(args.times)
+    if args.prompts_file and not Path(args.prompts_file).is_file():
+        raise UserError(f"--prompts-file {args.prompts_file!r}: no such file")
     t0 = time.time()
-    teacher = load_teacher(args.teacher, device=args.device, dtype=DTYPES[args.dtype], **kw)
+    with user_errors(f"--teacher {args.teacher!r}", ValueError, OSError, named=args.teacher):
+        teacher = load_teacher(args.teacher, device=args.device, dtype=DTYPES[args.dtype], **kw)
     if teacher.pipeline is not None and hasattr(teacher.pipeline, "set_progress_bar_config"):
         teacher.pipeline.set_progress_bar_config(disable=True)
     rows = _rows(args, teacher)

@@ -322,6 +322,11 @@ def _load_teacher(source: str, device: str, dtype: torch.dtype):
 
     try:
         return load_teacher(source, device=device, dtype=dtype)
+    except (ValueError, OSError) as e:  # a missing or damaged pipeline folder: one line naming it
+        if isinstance(e, InputError):
+            raise
+        msg = " ".join(str(e).split())
+        raise InputError(msg if source in msg else f"teacher {source!r}: {msg}") from e
     except TypeError:
         if source not in TEACHER_NAMES:
             raise

@@ -69,6 +69,21 @@ def preflight(cfg: Config, check_teacher: bool = True) -> Config:
     except UserError as e:
         raise ConfigError(str(e)) from None
 
+    for key, value in (("data.prompts", cfg.data.prompts), ("data.real_latents", cfg.data.real_latents)):
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{key}={value!r}: no such file")
+    if cfg.resume not in (None, "latest") and not (Path(cfg.resume) / "state.json").is_file():
+        raise ConfigError(f"resume={cfg.resume!r}: not a complete checkpoint folder (no state.json)")
+    if check_teacher:
+        _check_teacher(cfg.teacher.source)
+        text = teacher_is_text(cfg.teacher.source)
+        if text is False and cfg.data.prompts is not None:
+            raise ConfigError(f"data.prompts: the teacher {cfg.teacher.source!r} is class-conditional (no text "
+                              "encoder); use data.num_classes, or a text-to-image teacher")
+        if text is True and cfg.data.prompts is None:
+            raise ConfigError(f"data.prompts: the teacher {cfg.teacher.source!r} is text-conditioned; give a prompt "
+                              "file (one prompt a line)")
+
     from ..objectives.registry import make_params
 
     try:
@@ -77,24 +92,8 @@ def preflight(cfg: Config, check_teacher: bool = True) -> Config:
         raise
     except ValueError as e:  # a validate() that raises ValueError naming objective.<key>
         raise ConfigError(str(e)) from None
-
     from .parallel import available_trackers
 
     available_trackers(cfg.log.trackers)
 
-    for key, value in (("data.prompts", cfg.data.prompts), ("data.real_latents", cfg.data.real_latents)):
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"{key}={value!r}: no such file")
-    if cfg.resume not in (None, "latest") and not (Path(cfg.resume) / "state.json").is_file():
-        raise ConfigError(f"resume={cfg.resume!r}: not a complete checkpoint folder (no state.json)")
-    if not check_teacher:
-        return cfg
-    _check_teacher(cfg.teacher.source)
-    text = teacher_is_text(cfg.teacher.source)
-    if text is False and cfg.data.prompts is not None:
-        raise ConfigError(f"data.prompts: the teacher {cfg.teacher.source!r} is class-conditional (no text "
-                          "encoder); use data.num_classes, or a text-to-image teacher")
-    if text is True and cfg.data.prompts is None:
-        raise ConfigError(f"data.prompts: the teacher {cfg.teacher.source!r} is text-conditioned; give a prompt "
-                          "file (one prompt a line)")
     return cfg
