@@ -30,16 +30,18 @@ def aside_path(run_dir: Path) -> Path:
 
 
 class OutputFolder:
-    def __init__(self, run_dir: Path, main: bool, resume_from: Path | None, aside: Path | None):
+    def __init__(self, run_dir: Path, main: bool, resume_from: Path | None, aside: Path | None, created: bool):
         self.run_dir = run_dir
         self.main = main
         self.resume_from = resume_from
         self.aside = aside          # the old run while the new one has no checkpoint yet
+        self.created = created      # the folder did not exist before this run
 
     @classmethod
     def prepare(cls, cfg: Config, run_dir: Path, accelerator, say: Callable[[str], None]) -> OutputFolder:
         """Apply the output-folder rules (resume, overwrite, refuse a non-empty folder); collective."""
         main = accelerator.is_main_process
+        created = not run_dir.exists()
         nonempty = run_dir.is_dir() and any(run_dir.iterdir())
         aside = None
         ckpt = None
@@ -68,7 +70,7 @@ class OutputFolder:
             run_dir.mkdir(parents=True, exist_ok=True)
             clean_stale(run_dir)
         accelerator.wait_for_everyone()
-        return cls(run_dir, main, ckpt, aside)
+        return cls(run_dir, main, ckpt, aside, created)
 
     def commit(self) -> None:
         """The new run has a checkpoint (or its final outputs): delete the run it replaces."""
@@ -77,7 +79,10 @@ class OutputFolder:
         self.aside = None
 
     def restore(self) -> None:
-        """The new run failed before its first checkpoint: put the replaced run back."""
+        """The new run failed before its first checkpoint: put the replaced run back (a folder this
+        run created and left empty goes too)."""
+        if self.main and self.created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
         if self.aside is None or not self.main:
             self.aside = None
             return

@@ -111,7 +111,12 @@ def choose_checkpoint(cfg: Config, run_dir: Path, say: Callable[[str], None], ma
                 "Pass resume.branch=true to move the later checkpoints aside (they are kept under "
                 "checkpoints/set_aside/), or resume=latest")
         aside = later
-    step = _step_of(chosen)
+    state = read_state(chosen)
+    step = int(state["step"])
+    was = (state.get("settings") or {}).get("objective")
+    if was is not None and was != cfg.objective.name:
+        raise CheckpointError(f"resume: {chosen} was trained with objective {was!r}, this run asks for "
+                              f"objective.name={cfg.objective.name!r}")
     if cfg.steps < step:
         raise ConfigError(f"steps={cfg.steps} is below the step of the checkpoint to resume ({step}, {chosen}): "
                           f"nothing would be trained; set steps >= {step}")
