@@ -76,7 +76,7 @@ def train_builtin(cfg, run_dir: Path) -> dict:
     from fewstep.digits.data import NUM_CLASSES, load_digits_tensors
     from fewstep.objectives.base import trainable_parameters
     from fewstep.objectives.registry import BuildContext, build_objective
-    from fewstep.teachers import load_teacher
+    from fewstep.pipeline_teacher import load_teacher
 
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(cfg.teacher.source)
@@ -159,7 +159,7 @@ def _build_for_sampling(cfg):
     """The objective of `cfg`, built only to read its sampler."""
     from fewstep.denoiser import copy_denoiser
     from fewstep.objectives.registry import BuildContext, build_objective
-    from fewstep.teachers import load_teacher
+    from fewstep.pipeline_teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher.source)
     ctx = BuildContext(latent_shape=tuple(teacher.latent_shape), has_real_data=bool(cfg.data.real_data),
@@ -215,12 +215,9 @@ def eval_source(source: str, steps: list[int], out: Path, num_samples: int | Non
     return rows
 
 
-def _val(m):
-    if isinstance(m, dict):
-        for k in ("value", "fid", "mean"):
-            if k in m:
-                return float(m[k])
-    return float(m) if isinstance(m, (int, float)) else None
+def _val(m: dict | None) -> float | None:
+    """The number of one metric entry of `fewstep eval`'s results ({"value": ..., provenance})."""
+    return None if m is None else float(m["value"])
 
 
 def table(rows: list[dict]) -> str:

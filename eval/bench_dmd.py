@@ -42,12 +42,9 @@ TEACHER_STEPS = 50
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def _val(m):
-    if isinstance(m, dict):
-        for k in ("value", "fid", "mean"):
-            if k in m:
-                return float(m[k])
-    return float(m) if isinstance(m, (int, float)) else None
+def _val(m: dict | None) -> float | None:
+    """The number of one metric entry of `fewstep eval`'s results ({"value": ..., provenance})."""
+    return None if m is None else float(m["value"])
 
 
 def evaluate_source(source: str, steps: int, out: Path, num_samples: int | None, command: str,
@@ -163,7 +160,7 @@ def _memory_child(backbone: str, mode: str, steps: int, batch: int, rank: int) -
     path = VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     if backbone == "digits-dit":
         try:
-            from fewstep.teachers import load_teacher
+            from fewstep.pipeline_teacher import load_teacher
 
             teacher = load_teacher("digits-vp").denoiser
             source = "digits-vp teacher"

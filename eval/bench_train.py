@@ -14,7 +14,7 @@ lora: trainable parameters, optimizer-state bytes and measured peak resident mem
 student as a full copy vs LoRA on the embedded teacher's DiT (rank 16) and on tiny models of the
 real families (tests/tiny.py; rank 2, since their layers are only 8-32 wide).
 
-The embedded teacher is loaded with `fewstep.teachers.load_teacher("digits-vp")`; where its
+The embedded teacher is loaded with `fewstep.pipeline_teacher.load_teacher("digits-vp")`; where its
 weights are not in the tree yet, the same DiT architecture (fewstep/digits/models.py) is built
 with random weights, which trains at the same speed and memory. The table says which was used.
 """
@@ -46,10 +46,10 @@ def digits_bundle(real_data: bool):
     """(bundle, "trained" | "random init"): the embedded VP teacher, or its architecture."""
     import torch
 
-    from fewstep.training.teacher import TeacherBundle, bundle_from_teacher
+    from fewstep.training.bundle import TeacherBundle, bundle_from_teacher
 
     try:
-        from fewstep.teachers import load_teacher
+        from fewstep.pipeline_teacher import load_teacher
 
         t = load_teacher("digits-vp")
         return bundle_from_teacher(t, "digits-vp", "cpu"), "trained"

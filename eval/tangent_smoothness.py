@@ -19,8 +19,8 @@ import torch
 
 from fewstep.objectives import _trigflow as tf
 from fewstep.paths import _bcast
-from fewstep.teachers import load_teacher
-from fewstep.training.teacher import bundle_from_teacher
+from fewstep.pipeline_teacher import load_teacher
+from fewstep.training.bundle import bundle_from_teacher
 
 
 def main(argv=None) -> None:
@@ -56,10 +56,10 @@ def main(argv=None) -> None:
 
             with torch.no_grad(), tf.forward_ad_safe(d):
                 _, J = torch.func.jvp(F, (theta,), (torch.ones_like(theta),))
-            t_mid = tf.t_of_angle(path, theta.double(), 1.0)
+            t_mid = tf.t_of_angle(path, theta.double())
             for k in args.indices:
-                up = tf.angle_of_t(path, (t_mid + k / n).clamp(max=1.0), 1.0).float()
-                dn = tf.angle_of_t(path, (t_mid - k / n).clamp(min=0.0), 1.0).float()
+                up = tf.angle_of_t(path, (t_mid + k / n).clamp(max=1.0)).float()
+                dn = tf.angle_of_t(path, (t_mid - k / n).clamp(min=0.0)).float()
                 with torch.no_grad():
                     sec = (F(up) - F(dn)) / _bcast(up - dn, x0)
                 nj, ns = J.flatten(1).norm(dim=1), sec.flatten(1).norm(dim=1)

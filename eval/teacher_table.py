@@ -25,8 +25,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from fewstep.digits.data import NUM_CLASSES, WEIGHTS_DIR  # noqa: E402
-from fewstep.digits.teacher import load_digits_teacher  # noqa: E402
-from fewstep.metrics import digits_scores  # noqa: E402
+from fewstep.digits.embedded_teachers import load_digits_teacher  # noqa: E402
+from fewstep.evaluation.digits import digits_scores  # noqa: E402
 from fewstep.samplers import initial_noise, sample  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         cards = json.loads(cards_file.read_text())
         for kind in args.kind:
             cards[kind]["guidance"] = args.guidance
-            cards[kind]["scores"] = {"command": command, "judge": "fewstep.metrics.digits_scores", "seed": args.seed,
+            cards[kind]["scores"] = {"command": command, "judge": "fewstep.evaluation.digits.digits_scores", "seed": args.seed,
                                      "rows": [{k: r[k] for k in ("steps", "fid", "class_acc", "n")}
                                               for r in rows if r["kind"] == kind]}
         cards_file.write_text(json.dumps(cards, indent=2) + "\n")

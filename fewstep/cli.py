@@ -12,7 +12,7 @@ SUBCOMMANDS = {
     "sample": ("fewstep.sample_cmd", "sample a grid from a teacher or student"),
     "train": ("fewstep.train_cmd", "run the training entry point (same as train/train.py)"),
     "export": ("fewstep.export", "write a stock diffusers pipeline folder for a student"),
-    "eval": ("fewstep.evaluate", "score a pipeline or checkpoint: FID, KID, precision/recall, ..."),
+    "eval": ("fewstep.eval_cmd", "score a pipeline or checkpoint: FID, KID, precision/recall, ..."),
 }
 
 

@@ -396,40 +396,22 @@ class FluxConditioner(Conditioner):
         return out
 
 
-_KNOWN_KWARGS = {"null_class", "null_embeds", "null_pooled", "null_mask", "zero_null", "vae_scale_factor",
-                  "default_guidance"}
-
-
 def conditioner_for(backbone: nn.Module, **kwargs) -> Conditioner:
-    """Pick the conditioner for a diffusers backbone by its class.
+    """The conditioner of a diffusers backbone, as its family record (`fewstep.families`) builds it.
 
     kwargs (each family reads the ones it needs): null_class (class-conditional), null_embeds,
     null_pooled (text families: the encoding of the empty prompt), null_mask (PixArt), zero_null
     (SDXL / SD3 zeros as null), vae_scale_factor (PixArt resolution conditions), default_guidance
     (guidance-distilled Flux)."""
-    unknown = set(kwargs) - _KNOWN_KWARGS
+    from .families import all_families, family_of  # the families build on the classes above
+
+    fams = all_families()
+    known = sorted({k for f in fams for k in f.conditioner_kwargs})
+    unknown = set(kwargs) - set(known)
     if unknown:
-        raise ValueError(f"conditioner_for: unknown arguments {sorted(unknown)}; known are {sorted(_KNOWN_KWARGS)}")
-    name = type(backbone).__name__
-    cfg = getattr(backbone, "config", {})
-    if name == "DiTTransformer2DModel":
-        return ClassConditioner(null_class=kwargs.get("null_class", cfg.get("num_embeds_ada_norm")),
-                                in_channels=cfg.get("in_channels"), kind="dit")
-    if name == "UNet2DModel":
-        return ClassConditioner(null_class=kwargs.get("null_class"), in_channels=cfg.get("in_channels"),
-                                kind="unet")
-    if name == "UNet2DConditionModel":
-        return UNetTextConditioner(kwargs.get("null_embeds"), kwargs.get("null_pooled"),
-                                   kwargs.get("zero_null", False))
-    if name == "PixArtTransformer2DModel":
-        return PixArtConditioner(kwargs.get("null_embeds"), kwargs.get("null_mask"), cfg.get("in_channels"),
-                                 vae_scale_factor=kwargs.get("vae_scale_factor", 8))
-    if name == "SD3Transformer2DModel":
-        return SD3Conditioner(kwargs.get("null_embeds"), kwargs.get("null_pooled"), kwargs.get("zero_null", False))
-    if name == "FluxTransformer2DModel":
-        return FluxConditioner(guidance_embeds=bool(cfg.get("guidance_embeds", False)),
-                               null_embeds=kwargs.get("null_embeds"), null_pooled=kwargs.get("null_pooled"),
-                               default_guidance=kwargs.get("default_guidance", 3.5))
-    raise ValueError(f"no conditioner for backbone class {name}: supported are DiTTransformer2DModel, "
-                     "UNet2DModel, UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel, "
-                     "FluxTransformer2DModel")
+        raise ValueError(f"conditioner_for: unknown arguments {sorted(unknown)}; known are {known}")
+    fam = family_of(backbone)
+    if fam is None:
+        classes = ", ".join(dict.fromkeys(c for f in fams for c in f.backbone_classes))
+        raise ValueError(f"no conditioner for backbone class {type(backbone).__name__}: supported are {classes}")
+    return fam.conditioner(backbone, kwargs)

@@ -60,7 +60,7 @@ def _score(source: str, steps: int, out: Path, n: int, device: str, command: str
     row = evaluate(spec)["rows"][0]
 
     def val(m):
-        return float(m["value"]) if isinstance(m, dict) else (float(m) if m is not None else None)
+        return None if m is None else float(m["value"])
 
     m = row.get("metrics", {})
     return {"fid": val(m.get("fid")), "class_acc": val(m.get("class_acc")), "guidance": row.get("guidance"),

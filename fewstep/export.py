@@ -121,6 +121,8 @@ METHODS = {
     "scm": "sCM (continuous-time consistency distillation, TrigFlow)",
     "tbcm": "TBCM (trajectory-backward consistency distillation, data-free sCM)",
     "tdm": "TDM (trajectory distribution matching)",
+    "boot": "BOOT (data-free bootstrapping along the teacher's trajectory)",
+    "twinflow": "TwinFlow (self-adversarial any-step flow, no frozen teacher)",
     "dsm": "DSM fine-tuning (denoising score matching on the teacher's own sampler)",
 }
 
@@ -546,8 +548,7 @@ def _hints(path, drive: Drive, teacher_cfg: dict[str, Any], times: list[float], 
                 if objective in ("scm", "tbcm"):
                     from .objectives._trigflow import angle_of_t
 
-                    sd = float(params.get("sigma_data", 0.5))
-                    angles = [math.pi / 2 if t >= 1 else float(angle_of_t(path, t, sd)) for t in ts[:-1]]
+                    angles = [math.pi / 2 if t >= 1 else float(angle_of_t(path, t)) for t in ts[:-1]]
                     d += f", objective.sampling_angles={angles}"
                 desc.append(d)
             out.append("nearest schedules this pipeline reproduces: " + "; ".join(desc))
@@ -738,7 +739,7 @@ def _teacher_folder(source: str, scratch: Path) -> Path:
         if not (p / "model_index.json").is_file():
             raise ExportError(f"teacher {source!r} has no model_index.json: not a diffusers pipeline folder")
         return p
-    from .teachers import DIGITS_TEACHERS
+    from .pipeline_teacher import DIGITS_TEACHERS
 
     if source in DIGITS_TEACHERS:
         from .digits.data import WEIGHTS_DIR
@@ -746,7 +747,7 @@ def _teacher_folder(source: str, scratch: Path) -> Path:
         folder = WEIGHTS_DIR / f"teacher_{source.split('-', 1)[1]}"
         if (folder / "model_index.json").is_file():
             return folder
-        from .teachers import load_teacher
+        from .pipeline_teacher import load_teacher
 
         try:
             t = load_teacher(source)

@@ -298,7 +298,7 @@ class FlowPath(_PathMaths):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FlowPath":
         if config.get("use_dynamic_shifting", False):
-            # the shift depends on the image size; teachers.py resolves it to a number
+            # the shift depends on the image size; pipeline_teacher.py resolves it to a number
             shift = float(config.get("resolved_shift", config.get("shift", 1.0)))
         else:
             shift = float(config.get("shift", 1.0))

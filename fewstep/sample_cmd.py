@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError, check_output_file, finite_float, positive_int, user_errors
+from .families import is_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,16 +55,17 @@ def num_real_classes(teacher, source: str) -> int | None:
         from .digits.data import NUM_CLASSES
 
         return NUM_CLASSES
-    cfg = teacher.denoiser.backbone.config
-    null = getattr(teacher.denoiser.conditioner, "null_class", None)
-    n = cfg.get("num_embeds_ada_norm") if teacher.family == "dit" else cfg.get("num_class_embeds")
-    if n is None:
+    from .families import family_by_name
+
+    record = family_by_name(teacher.family)
+    if record.num_classes is None:
         return None
-    return min(int(n), int(null)) if null is not None else int(n)
+    null = getattr(teacher.denoiser.conditioner, "null_class", None)
+    return record.num_classes(teacher.denoiser.backbone, null)
 
 
 def _rows(args, teacher) -> list:
-    if teacher.family in ("dit", "unet"):
+    if not is_text(teacher.family):
         if args.prompt or args.prompts_file:
             raise UserError(f"--prompt: {args.teacher} is class-conditional; use --classes")
         n = num_real_classes(teacher, args.teacher)
@@ -154,7 +156,7 @@ def sample_grid(teacher, rows: list, per_row: int, times: list[float], guidance:
 
 
 def run(args) -> int:
-    from .teachers import load_teacher
+    from .pipeline_teacher import load_teacher
 
     kw = {} if args.resolution is None else {"resolution": args.resolution}
     check_output_file(args.out, "--out")

@@ -423,7 +423,7 @@ def test_dmd2_moves_one_step_generator_toward_the_mixture(kind):
 def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_student(tmp_path):
     training = pytest.importorskip("fewstep.training.loop")
     from fewstep.config import config_from_dict
-    from fewstep.training.teacher import TeacherBundle
+    from fewstep.training.bundle import TeacherBundle
 
     tiny = _tiny("dit")
     lat, lab = torch.randn(40, *tiny.latent_shape), torch.arange(40) % 10
@@ -471,3 +471,42 @@ def test_shared_base_merge_record_reproduces_the_student():
     x, cond = torch.randn(2, *tiny.latent_shape), tiny.cond(2)
     with torch.no_grad():
         torch.testing.assert_close(fresh.denoiser(x, 0.7, cond), student(x, 0.7, cond), rtol=1e-4, atol=1e-5)
+
+
+# ---- the GAN feature hook on a backbone of no known family ---------------------------------------
+class _PlainConvNet(nn.Module):
+    """A plain nn.Module backbone (no diffusers class, no `mid_block` or `transformer_blocks`)."""
+
+    def __init__(self, channels: int = 4, width: int = 16):
+        super().__init__()
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.body = nn.ModuleDict({"mid": nn.Sequential(nn.Conv2d(width, width, 3, padding=1),
+                                                        nn.GroupNorm(4, width), nn.SiLU())})
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, timestep):
+        h = self.inp(x) + (timestep.float() / 1000).view(-1, 1, 1, 1)
+        return _Out(self.out(self.body["mid"](h)))
+
+
+def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
+    from tiny import vp_path
+
+    teacher = Denoiser(_PlainConvNet(), vp_path(), _Plain()).requires_grad_(False)
+    ctx = context(latent_shape=(4, 8, 8), has_real_data=True)
+    with pytest.raises(ValueError, match="objective.gan_feature_layer"):
+        build(DMDParams(gan=True, guidance=1.0), teacher, ctx)
+    with pytest.raises(ValueError, match="objective.gan_feature_layer='body.nope'"):
+        build(DMDParams(gan=True, guidance=1.0, gan_feature_layer="body.nope"), teacher, ctx)
+    obj = build(DMDParams(gan=True, guidance=1.0, fake_updates_per_generator=1, gan_feature_layer="body.mid"),
+                teacher, ctx)
+    assert obj.nets["disc"].in_channels == 16  # the GroupNorm's width inside the named layer
+    opts = _optimizers(obj)
+    g = torch.Generator().manual_seed(0)
+    batch = {"cond": None, "x0": torch.randn((2, 4, 8, 8), generator=g), "shape": (2, 4, 8, 8)}
+    before = _snapshot(obj)
+    logs = _step(obj, opts, "generator", batch, 0)
+    assert "gan_g" in logs and _changed(before, obj, "student")
+    mid = _snapshot(obj)
+    logs = _step(obj, opts, obj.phases(0)[-1], batch, 0)
+    assert "gan_d" in logs and _changed(mid, obj, "disc") and not _changed(mid, obj, "student")

@@ -27,7 +27,7 @@ from fewstep.evaluation.sources import load_source
 from fewstep.export import CARD_NAME, ExportError, export_student, plan_scheduler
 from fewstep.objectives.registry import BuildContext, build_objective, make_params
 from fewstep.samplers import initial_noise, sample
-from fewstep.teachers import load_teacher
+from fewstep.pipeline_teacher import load_teacher
 from fewstep.training.lora import make_factories
 from tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
 
@@ -216,10 +216,10 @@ def pipeline_latents(file: str, card: dict) -> torch.Tensor:
 # ---- everything exported up front; every pipeline runs in one fresh process ------------------------
 def _digits_weights(root: Path, mp: pytest.MonkeyPatch) -> str:
     """The shipped digits teacher folders when this checkout has them; otherwise stand-ins laid out
-    as train/teacher.py writes them (a tiny DiT with its VP DDIM or flow Euler scheduler), put where
+    as train/train_teacher.py writes them (a tiny DiT with its VP DDIM or flow Euler scheduler), put where
     the embedded names resolve."""
     import fewstep.digits.data as data
-    import fewstep.digits.teacher as dteacher
+    import fewstep.digits.embedded_teachers as dteacher
 
     if all((dteacher.teacher_dir(k) / "model_index.json").is_file() for k in ("vp", "flow")):
         return "shipped"
@@ -248,7 +248,7 @@ def _trained_run(root: Path, teacher: str, preset: str, name: str, *extra: str) 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    import fewstep.digits.teacher as dteacher
+    import fewstep.digits.embedded_teachers as dteacher
 
     root = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as mp:
@@ -431,11 +431,11 @@ def test_a_refusal_names_schedules_that_export(pipeline_class):
            "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
     path = VPPath.from_config(cfg)
     params = {"sigma_data": 1.0}
-    times = tf.times_from_angles([tf.HALF_PI, 1.1, 0.0], path, 1.0)
+    times = tf.times_from_angles([tf.HALF_PI, 1.1, 0.0], path)
     with pytest.raises(ExportError, match="between integer timesteps") as e:
         plan_scheduler(pipeline_class, cfg, {"times": times, "renoise": "fresh"}, "scm", params)
     angles = json.loads(re.search(r"sampling_angles=(\[[^]]*\])", str(e.value)).group(1))
-    plan = plan_scheduler(pipeline_class, cfg, {"times": tf.times_from_angles(angles + [0.0], path, 1.0),
+    plan = plan_scheduler(pipeline_class, cfg, {"times": tf.times_from_angles(angles + [0.0], path),
                                                 "renoise": "fresh"}, "scm", params)
     want = [999, 499] if pipeline_class == "DiTPipeline" else [999, 392]
     assert plan.supported[2]["timesteps"] == want
@@ -544,7 +544,7 @@ def test_embedded_default_teachers_export(exported, tmp_path):
     """Students of the embedded teachers, named as the presets name them ("digits-vp",
     "digits-flow"): the export finds the teacher's folder, and the exported DiTPipeline samples
     what fewstep samples at every supported step count."""
-    import fewstep.digits.teacher as dteacher
+    import fewstep.digits.embedded_teachers as dteacher
 
     assert exported["embedded"], exported["weights"]
     for case, run_dir, res, supported, cls in exported["embedded"]:

@@ -1,4 +1,5 @@
-"""fewstep.metrics: numbers equal torch-fidelity's own, FID matches the closed form on Gaussians,
+"""fewstep.evaluation's one-call metrics (scores.fidelity_metrics, digits.class_accuracy,
+digits.digits_scores): numbers equal torch-fidelity's own, FID matches the closed form on Gaussians,
 separates real from wrong digits, the reference cache is keyed by the judge's weights, and class
 accuracy reads labels."""
 from __future__ import annotations
@@ -16,10 +17,28 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from fewstep.digits.data import load_digits_tensors, to_uint8_rgb
 from fewstep.digits.judge import JUDGE_NAME, JUDGE_WEIGHTS, load_judge, save_judge, weights_sha256
-from fewstep.metrics import (UInt8ImageDataset, class_accuracy, default_cache_dir, digits_reference_dataset,
-                             digits_scores, fidelity_metrics)
+from fewstep.evaluation.digits import class_accuracy, digits_scores, digits_uint8
+from fewstep.evaluation.inputs import TensorImages as UInt8ImageDataset
+from fewstep.evaluation.scores import cache_dir as default_cache_dir
+from fewstep.evaluation.scores import fidelity_metrics
 
-FID = "frechet_inception_distance"
+FID = "fid"
+DIRECT_FID = "frechet_inception_distance"
+
+
+def digits_reference_dataset():
+    return UInt8ImageDataset(digits_uint8())
+
+
+def _cached_weights(folder):
+    """{file: weights_sha256 in its metadata} of the cached reference features in `folder`."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out[f] = (h.metadata() or {}).get("weights_sha256")
+    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,7 +61,7 @@ def _direct_fid(a, b, **kw) -> float:
     """torch-fidelity called directly, its cache off."""
     extractor = kw.pop("extractor", JUDGE_NAME)
     return torch_fidelity.calculate_metrics(input1=a, input2=b, fid=True, feature_extractor=extractor, cuda=False,
-                                            verbose=False, cache=False, save_cpu_ram=True, **kw)[FID]
+                                            verbose=False, cache=False, save_cpu_ram=True, **kw)[DIRECT_FID]
 
 
 def test_fid_equals_a_direct_torch_fidelity_call(digits, tmp_path):
@@ -54,8 +73,8 @@ def test_fid_equals_a_direct_torch_fidelity_call(digits, tmp_path):
     assert abs(ours - theirs) <= 1e-6 * abs(theirs)
     # against "digits": first call fills the cache, the second reads it; both equal the direct call
     first = fidelity_metrics(a, "digits", batch_size=64, cache_dir=tmp_path)[FID]
-    cached = list((tmp_path / "fidelity").glob("*.safetensors"))
-    assert len(cached) == 1 and weights_sha256(JUDGE_WEIGHTS)[:16] in cached[0].name
+    cached = _cached_weights(tmp_path / "eval-reference")
+    assert list(cached.values()) == [weights_sha256(JUDGE_WEIGHTS)]
     second = fidelity_metrics(a, "digits", batch_size=64, cache_dir=tmp_path)[FID]
     theirs = _direct_fid(UInt8ImageDataset(a), digits_reference_dataset(), batch_size=64)
     assert first == second and abs(first - theirs) <= 1e-6 * abs(theirs)
@@ -90,7 +109,7 @@ def test_fid_separates_real_digits_from_wrong_ones(digits):
     assert fid_noise > 20 * halves and shifted > 5 * halves and dropped > 10 * halves
     # with no cache_dir, the reference features went under $FEWSTEP_CACHE
     assert str(default_cache_dir()) == os.environ["FEWSTEP_CACHE"]
-    assert len(list((default_cache_dir() / "fidelity").glob("digits-all-1797-*.safetensors"))) == 1
+    assert len(list((default_cache_dir() / "eval-reference").glob(f"{JUDGE_NAME}-*.safetensors"))) == 1
 
 
 def test_reference_cache_is_keyed_by_judge_weights(digits, tmp_path):
@@ -102,9 +121,9 @@ def test_reference_cache_is_keyed_by_judge_weights(digits, tmp_path):
         other_judge.to_features.weight.mul_(1.5)
     other = tmp_path / "judge_b.safetensors"
     save_judge(other_judge, other)
-    changed = fidelity_metrics(gen, "digits", cache_dir=tmp_path / "c", feature_extractor_weights_path=str(other))[FID]
-    files = sorted((tmp_path / "c" / "fidelity").glob("*.safetensors"))
-    assert len(files) == 2  # one per weights file, never shared
+    changed = fidelity_metrics(gen, "digits", cache_dir=tmp_path / "c", weights=str(other))[FID]
+    files = _cached_weights(tmp_path / "c" / "eval-reference")
+    assert sorted(files.values()) == sorted([weights_sha256(JUDGE_WEIGHTS), weights_sha256(other)])  # never shared
     # scaling the features by 1.5 scales FID by 2.25: the second judge's features were really used
     assert changed == pytest.approx(2.25 * base, rel=1e-4)
 
@@ -117,7 +136,7 @@ def test_kid_and_prc_with_few_samples(digits):
     fake = fidelity_metrics(noise, u8[perm[60:110]], fid=False, kid=True, prc=True, kid_subsets=10)
     assert FID not in real  # only what was asked for
     # kid_subset_size (default 1000) was clamped to 50 samples; noise is far from digits
-    assert fake["kernel_inception_distance_mean"] > 10 * abs(real["kernel_inception_distance_mean"])
+    assert fake["kid_mean"] > 10 * abs(real["kid_mean"])
     assert real["precision"] > 0.5 and real["recall"] > 0.5 and fake["recall"] == 0.0
     # with 50 references the k-NN balls are wide; against all 1,797 digits noise lies outside them
     assert fidelity_metrics(noise, "digits", fid=False, prc=True)["precision"] == 0.0
@@ -204,12 +223,12 @@ def test_torch_fidelity_fid_equals_the_closed_form(diagonal):
         expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
     f1, f2 = _exact_sample(mu1, s1, 400, 1), _exact_sample(mu2, s2, 500, 2)
     direct = _direct_fid(_Vectors(f1), _Vectors(f2), extractor="fewstep-test-identity")
-    ours = fidelity_metrics(_Vectors(f1), _Vectors(f2), extractor="fewstep-test-identity", cuda=False)[FID]
+    ours = fidelity_metrics(_Vectors(f1), _Vectors(f2), extractor="fewstep-test-identity")[FID]
     assert direct == pytest.approx(expected, rel=1e-4)
     assert ours == pytest.approx(direct, rel=1e-9)
     # a shifted mean adds exactly |shift|^2
     shift = torch.full((d,), 0.25)
-    moved = fidelity_metrics(_Vectors(f1 + shift), _Vectors(f1), extractor="fewstep-test-identity", cuda=False)[FID]
+    moved = fidelity_metrics(_Vectors(f1 + shift), _Vectors(f1), extractor="fewstep-test-identity")[FID]
     assert moved == pytest.approx(d * 0.25**2, rel=1e-4)
 
 

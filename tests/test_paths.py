@@ -166,7 +166,7 @@ def test_path_from_scheduler_config():
     assert isinstance(path_from_scheduler_config(config(LCMScheduler(**SD))), VPPath)
     f = path_from_scheduler_config(config(FlowMatchEulerDiscreteScheduler(shift=3.0)))
     assert isinstance(f, FlowPath) and f.shift == 3.0
-    # a dynamic-shifting config uses the shift resolved for its resolution (teachers.py fills it in)
+    # a dynamic-shifting config uses the shift resolved for its resolution (pipeline_teacher.py fills it in)
     dyn = {**config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)), "resolved_shift": 3.16}
     assert path_from_scheduler_config(dyn).shift == 3.16
     with pytest.raises(ValueError, match="prediction_type 'x0'"):

@@ -25,26 +25,28 @@ def _paths():
 
 
 @pytest.mark.parametrize("name", ["vp_eps", "flow"])
-def test_trigflow_conversion_is_equal_snr(name):
+def test_trigflow_point_is_the_teachers_point(name):
+    """The TrigFlow state sd (cos x0 + sin z) (a TrigFlowPath(sd) point of data sd x0) is the
+    teacher's own point of the same (x0, z) at sigma / alpha = tan(theta), and F read off the
+    teacher's x0 is TrigFlow's own prediction of sd x0."""
     path = _paths()[name]
     trig = TrigFlowPath(SD)
     theta = torch.tensor([0.01, 0.4, 1.0, 1.3, 1.5], dtype=torch.float64)
-    theta = theta.clamp(max=tf.max_angle(path, SD))
+    theta = theta.clamp(max=tf.max_angle(path))
     x0 = torch.randn(5, 2, 4, 4, dtype=torch.float64)
     z = torch.randn_like(x0)
-    x_trig = trig.add_noise(x0, z, trig.t_from_angle(theta))
+    x_trig = trig.add_noise(SD * x0, z, trig.t_from_angle(theta))
     x_p, t_p = tf.to_path(x_trig, theta, path, SD)
-    # the same (x0, noise) pair on the teacher's path, at the time of equal SNR
     assert torch.allclose(x_p, path.add_noise(x0, z, t_p), atol=1e-10)
     a, s = path.alpha_sigma(t_p)
-    assert torch.allclose(s / a, SD * torch.tan(theta), rtol=1e-9)
-    # agrees with the generic `convert` where that is defined, and round-trips through angles
-    x_c, t_c = convert(x_trig, trig.t_from_angle(theta), trig, path)
-    assert torch.allclose(x_c, x_p, atol=1e-10) and torch.allclose(t_c, t_p, atol=1e-12)
-    assert torch.allclose(tf.angle_of_t(path, t_p, SD), theta, atol=1e-9)
-    # F read off x0 is TrigFlow's own prediction: x0 = cos x - sin sd F
+    assert torch.allclose(s / a, torch.tan(theta), rtol=1e-9)
+    assert torch.allclose(tf.angle_of_t(path, t_p), theta, atol=1e-9)
+    # F read off x0 is TrigFlow's own prediction: sd x0 = cos x - sin sd F
     F = tf.F_from_x0(x_trig, theta, x0, SD)
-    assert torch.allclose(trig.to_x0_eps(x_trig, F, trig.t_from_angle(theta))[0], x0, atol=1e-10)
+    assert torch.allclose(trig.to_x0_eps(x_trig, F, trig.t_from_angle(theta))[0], SD * x0, atol=1e-10)
+    # a TrigFlowPath network of another sd_p sees its own state, sd_p / sd times this one
+    x_t2, t_t2 = tf.to_path(x_trig, theta, TrigFlowPath(1.0), SD)
+    assert torch.allclose(x_t2, x_trig / SD) and torch.allclose(t_t2, trig.t_from_angle(theta))
 
 
 @pytest.mark.parametrize("family", ["dit", "sd3"])
@@ -67,13 +69,13 @@ def test_consistency_function_is_identity_at_theta_zero(family):
 
 def test_sampling_angles_map_to_path_times():
     vp, flow = _paths()["vp_eps"], _paths()["flow"]
-    assert tf.max_angle(vp, SD) < math.pi / 2 - 0.01  # SD-like schedules do not reach pure noise
-    assert tf.max_angle(flow, SD) == pytest.approx(math.pi / 2, abs=2e-4)
+    assert tf.max_angle(vp) < math.pi / 2 - 0.01  # SD-like schedules do not reach pure noise
+    assert tf.max_angle(flow) == pytest.approx(math.pi / 2, abs=2e-4)
     for path in (vp, flow):
-        t = tf.times_from_angles([math.pi / 2, 1.3, 0.0], path, SD)
+        t = tf.times_from_angles([math.pi / 2, 1.3, 0.0], path)
         assert t[0] == 1.0 and t[-1] == 0.0
         a, s = path.alpha_sigma(torch.tensor(t[1], dtype=torch.float64))
-        assert float(s / a) == pytest.approx(SD * math.tan(1.3), rel=1e-6)
+        assert float(s / a) == pytest.approx(math.tan(1.3), rel=1e-6)  # the published map, any sd
     tiny = make_tiny("dit")
     obj = SCMObjective(SCMParams(), tiny.denoiser, copy_denoiser(tiny.denoiser))
     assert obj.sampling["renoise"] == "fresh" and len(obj.sampling["times"]) == 3
@@ -109,9 +111,8 @@ def test_output_gain_of_each_prediction_type():
     x = torch.randn(3, 2, 2, 2, dtype=torch.float64)
     c, s = torch.cos(th), torch.sin(th)
     assert torch.allclose(tf.F_output_gain(vp_path("epsilon"), th, SD, x), 1 / c, rtol=1e-6)
-    assert torch.allclose(tf.F_output_gain(vp_path("v_prediction"), th, SD, x), 1 / torch.sqrt(c**2 + (SD * s) ** 2),
-                          rtol=1e-6)
-    assert torch.allclose(tf.F_output_gain(FlowPath(), th, SD, x), 1 / (c + SD * s), rtol=1e-9)
+    assert torch.allclose(tf.F_output_gain(vp_path("v_prediction"), th, SD, x), torch.ones_like(th), rtol=1e-6)
+    assert torch.allclose(tf.F_output_gain(FlowPath(), th, SD, x), 1 / (c + s), rtol=1e-9)
     tiny = make_tiny("dit")
     batch = {"cond": tiny.cond(2), "x0": torch.randn(2, *tiny.latent_shape), "shape": (2, *tiny.latent_shape)}
     losses = []
@@ -167,8 +168,8 @@ def test_jvp_and_tangent_on_exact_gmm_teacher():
     F, JF = _fd_check(teacher, path, None, theta, x, dxdt)
     g = scm_tangent(F, JF, dxdt, x, theta, 1.0, SD, norm_c=None)
 
-    def f(xx, th):  # consistency function: cos x - sin sd F = the network's x0
-        return teacher(*tf.to_path(xx, th, path, SD), None)
+    def f(xx, th):  # consistency function: cos x - sin sd F = sd times the network's x0
+        return SD * teacher(*tf.to_path(xx, th, path, SD), None)
 
     h = 1e-6
     with torch.no_grad():
@@ -186,6 +187,7 @@ def test_jvp_and_tangent_on_exact_gmm_teacher():
 def test_tbcm_trajectory_is_the_teachers_ddim_path(path_name):
     """TBCM's stored points are the teacher's exact DDIM trajectory: TrigFlow-DDIM steps equal the
     teacher path's own DDIM sampler on the route's equal-SNR times."""
+    torch.manual_seed(0)  # the route is stratified at random: a fixed draw keeps the test deterministic
     path = _paths()[path_name]
     means = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     teacher = gmm_denoiser(path, means, 0.1)
@@ -195,15 +197,17 @@ def test_tbcm_trajectory_is_the_teachers_ddim_path(path_name):
     noise = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     xs, ths, vs, x_end = obj.trajectory(noise, None, route)
     assert xs.shape[0] == route.numel() - 1 >= 4 and torch.equal(ths, route[1:])
-    times = [float(v) for v in tf.t_of_angle(path, route, SD)] + [0.0]
+    times = [float(v) for v in tf.t_of_angle(path, route)] + [0.0]
     start = tf.to_path(noise * SD, route[:1].expand(3), path, SD)[0]
     points = []
     ref = sample(teacher, noise, None, times, renoise="ddim", start=start,
                  callback=lambda i, t, x, x0: points.append(x))
-    assert torch.allclose(x_end, ref, atol=1e-8)
+    assert torch.allclose(x_end, SD * ref, atol=1e-8)  # TrigFlow units: sd * latent
     for i in range(1, len(points)):
         x_p = tf.to_path(xs[i - 1], route[i].expand(3), path, SD)[0]
-        assert torch.allclose(x_p, points[i], atol=1e-8)
+        # the eps teacher's x0 divides by alpha near the top angle, which amplifies float64
+        # round-off to ~1e-6 on some draws
+        assert torch.allclose(x_p, points[i], atol=1e-6)
     # the stored velocity is the teacher's dx/dtheta at the stored point
     v = tf.teacher_velocity(teacher, xs[2], route[3].expand(3), None, SD, path)
     assert torch.allclose(v, vs[2], atol=1e-10)
@@ -381,3 +385,84 @@ def test_secant_tangent_is_the_central_difference_and_tends_to_the_jvp():
     f_dn = tf.net_F(d, x - delta * dxdt, theta - delta, cond, SD, path)
     want = b(torch.cos(theta) * torch.sin(theta) / (up + delta)) * (f_up - f_dn)
     assert torch.allclose(S, want, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# The published TrigFlow convention (SANA-Sprint / TBCM), written out independently of fewstep:
+# the TrigFlow state is sigma_d times the teacher's latent, x = sd (cos(theta) x0 + sin(theta) z),
+# so a flow teacher is queried at flow time s = sin / (sin + cos), for every sigma_d; the proposal
+# draws tau ~ N(P_mean, P_std^2) and theta = atan(e^tau / sd); TBCM's route is the shifted flow
+# sigma schedule mapped by atan(s / (1 - s)).
+
+def _ref_flow_time(theta):
+    return torch.sin(theta) / (torch.sin(theta) + torch.cos(theta))
+
+
+def _ref_tbcm_sigmas(steps=16, shift=2.5, n=1000):
+    """The shifted flow sigmas of TBCM's reference route (numpy, as the authors compute them)."""
+    import numpy as np
+
+    ts = np.linspace(1, n, n, dtype=np.float32)[::-1].copy() / n
+    sig = shift * ts / (1 + (shift - 1) * ts)
+    grid = np.linspace(sig[0] * n, sig[-1] * n, steps) / n
+    return torch.from_numpy(shift * grid / (1 + (shift - 1) * grid)).double()
+
+
+@pytest.mark.parametrize("sd", [0.5, 1.0])
+def test_trigflow_convention_matches_sana_sprint_and_tbcm(sd):
+    flow = FlowPath(1000, shift=3.0)
+    vp = vp_path("epsilon")
+    theta = torch.tensor([0.05, 0.4, 1.0, 1.3, 1.5], dtype=torch.float64)
+    # angle -> teacher time: flow time sin / (sin + cos); a VP teacher at sigma / alpha = tan(theta)
+    assert torch.allclose(tf.t_of_angle(flow, theta), _ref_flow_time(theta), atol=1e-12)
+    assert torch.allclose(tf.angle_of_t(flow, _ref_flow_time(theta)), theta, atol=1e-9)
+    t_vp = tf.t_of_angle(vp, theta.clamp(max=tf.max_angle(vp)))
+    a, s = vp.alpha_sigma(t_vp)
+    assert torch.allclose(s / a, torch.tan(theta.clamp(max=tf.max_angle(vp))), rtol=1e-6)
+    # the state: x = sd (cos x0 + sin z) is the teacher's own point (1 - s) x0 + s z, up to scale
+    x0, z = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    c, si = torch.cos(theta).view(-1, 1, 1, 1), torch.sin(theta).view(-1, 1, 1, 1)
+    xp, tp = tf.to_path(sd * (c * x0 + si * z), theta, flow, sd)
+    sref = _ref_flow_time(theta).view(-1, 1, 1, 1)
+    assert torch.allclose(xp, (1 - sref) * x0 + sref * z, atol=1e-10)
+    # ... and the TrigFlow x0 is sd times the teacher's: F = (cos x - sd x0) / (sd sin)
+    F = tf.F_from_x0(sd * (c * x0 + si * z), theta, x0, sd)
+    assert torch.allclose(F, (c * (c * x0 + si * z) - x0) / si, atol=1e-9)
+    # TBCM's route: its angles land on the reference flow sigmas
+    route = tbcm_route(16, 2.5)
+    assert torch.allclose(tf.t_of_angle(flow, route[1:]), _ref_tbcm_sigmas()[1:], atol=1e-6)
+    # the proposal: theta = atan(e^tau / sd) puts the teacher at s / (1 - s) = e^tau / sd
+    teacher = gmm_denoiser(flow, torch.zeros(1, 2, 3, 3))
+    obj = SCMObjective(SCMParams(sigma_data=sd, p_mean=-0.8, p_std=1.6), teacher, copy_denoiser(teacher))
+    torch.manual_seed(3)
+    th = obj.sample_angles(64, "cpu").double()
+    torch.manual_seed(3)
+    tau = (-0.8 + 1.6 * torch.randn(64)).double()
+    ratio = torch.exp(tau) / sd
+    keep = th < obj.theta_max - 1e-6  # draws above the cap are clamped
+    assert torch.allclose(tf.t_of_angle(flow, th)[keep], (ratio / (1 + ratio))[keep], rtol=1e-5)
+    # the sampler: [pi/2, 1.3, 0] at the published flow times
+    times = tf.times_from_angles([math.pi / 2, 1.3, 0.0], flow)
+    assert times[1] == pytest.approx(float(_ref_flow_time(torch.tensor(1.3, dtype=torch.float64))), abs=1e-9)
+
+
+def test_sd3_preset_samples_at_sana_sprint_times():
+    """configs/sd3/scm_2step.yaml (sigma_d 0.5) on SD3's flow scheduler samples at SANA-Sprint's flow
+    times for the same angles [pi/2, 1.3]: 1 and sin(1.3) / (sin(1.3) + cos(1.3)) = 0.783."""
+    from pathlib import Path
+
+    from fewstep.config import load_yaml
+    from fewstep.objectives.registry import make_params
+    from fewstep.paths import path_from_scheduler_config
+
+    raw = load_yaml(Path(__file__).resolve().parents[1] / "configs/sd3/scm_2step.yaml")["objective"]
+    params = make_params("scm", {k: v for k, v in raw.items() if k != "name"})
+    path = path_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                                       "num_train_timesteps": 1000})
+    teacher = gmm_denoiser(path, torch.zeros(1, 2, 3, 3))
+    obj = SCMObjective(params, teacher, copy_denoiser(teacher))
+    angles = torch.tensor(obj.sampling["angles"][:-1], dtype=torch.float64)
+    want = [1.0] + _ref_flow_time(angles[1:]).tolist() + [0.0]
+    assert params.sigma_data == 0.5
+    assert obj.sampling["times"] == pytest.approx(want, abs=1e-7)
+    assert obj.sampling["times"][1] == pytest.approx(0.7827, abs=1e-4)

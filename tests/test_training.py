@@ -266,7 +266,7 @@ def _tiny_pipeline_folder(tmp_path) -> Path:
 def test_dry_run_builds_on_meta_and_estimates_memory(tmp_path, capsys):
     from fewstep.train_cmd import main
     from fewstep.training.dry_run import dry_run
-    from fewstep.training.teacher import meta_bundle
+    from fewstep.training.bundle import meta_bundle
 
     folder = _tiny_pipeline_folder(tmp_path)
     real_params = sum(p.numel() for p in tiny_bundle("dit").denoiser.backbone.parameters())

@@ -24,10 +24,6 @@ from fewstep.conditioning import Cond
 from fewstep.denoiser import Denoiser
 from fewstep.paths import FlowPath, VPPath
 
-FAMILIES = ("dit", "unet", "sd15", "sdxl", "pixart", "sd3", "flux")
-VP_FAMILIES = ("dit", "unet", "sd15", "sdxl", "pixart")
-FLOW_FAMILIES = ("sd3", "flux")
-
 # sizes shared by the tiny models (and by tests that build matching text encoders)
 TEXT_LEN = 6          # tokens per prompt
 NUM_CLASSES = 10      # dit / unet class-conditional; the null class is NUM_CLASSES
@@ -215,8 +211,95 @@ def _flux(seed, guidance_embeds: bool = True):
     return bb, (4, 8, 8), cond, kw
 
 
-_BUILDERS = {"dit": _dit, "unet": _unet, "sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3,
-             "flux": _flux}
+@dataclass(frozen=True)
+class TinyFamily:
+    """The tiny test model of one backbone family (`fewstep.families`): one entry per family."""
+
+    backbone: Callable[..., tuple]          # (seed, **kw) -> (backbone, latent_shape, make_cond, conditioner kwargs)
+    pipeline: Callable[..., Any]            # (backbone, prediction, seed) -> the family's diffusers pipeline
+    flow_shift: float | None = None         # flow-matching families: the FlowPath shift; None: a VP teacher
+
+
+def _pipe_dit(bb, prediction, seed):
+    import diffusers
+
+    return diffusers.DiTPipeline(transformer=bb, vae=tiny_vae(seed=seed), scheduler=ddim_scheduler(prediction),
+                                 id2label={i: w for i, w in enumerate(_WORDS[12:22])})
+
+
+def _pipe_unet(bb, prediction, seed):
+    import diffusers
+
+    return diffusers.DDPMPipeline(unet=bb, scheduler=ddim_scheduler(prediction))
+
+
+def _pipe_sd15(bb, prediction, seed):
+    import diffusers
+
+    return diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(seed=seed), text_encoder=tiny_clip(SD15_TEXT_DIM, seed=seed), tokenizer=tiny_clip_tokenizer(),
+        unet=bb, scheduler=ddim_scheduler(prediction), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def _pipe_sdxl(bb, prediction, seed):
+    import diffusers
+
+    half = SDXL_TEXT_DIM // 2
+    return diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(seed=seed), text_encoder=tiny_clip(half, seed=seed),
+        text_encoder_2=tiny_clip(SDXL_TEXT_DIM - half, projection=SDXL_POOLED_DIM, seed=seed + 1),
+        tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(), unet=bb,
+        scheduler=ddim_scheduler(prediction), force_zeros_for_empty_prompt=True)
+
+
+def _pipe_pixart(bb, prediction, seed):
+    import diffusers
+
+    return diffusers.PixArtAlphaPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=tiny_t5(PIXART_TEXT_DIM, seed),
+                                         vae=tiny_vae(seed=seed), transformer=bb,
+                                         scheduler=ddim_scheduler(prediction))
+
+
+def _pipe_sd3(bb, prediction, seed):
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    h = 8  # two CLIPs of width 8 (padded to the joint width 16 by the pipeline), pooled 6 + 6
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=bb, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
+        text_encoder=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed + 1),
+        tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=tiny_t5(SD3_TEXT_DIM, seed),
+        tokenizer_3=tiny_t5_tokenizer())
+
+
+def _pipe_flux(bb, prediction, seed):
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                            max_image_seq_len=64, base_shift=0.5, max_shift=1.15)
+    return diffusers.FluxPipeline(scheduler=sched, vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
+                                  text_encoder=tiny_clip(FLUX_POOLED_DIM, seed=seed),
+                                  tokenizer=tiny_clip_tokenizer(), text_encoder_2=tiny_t5(FLUX_TEXT_DIM, seed),
+                                  tokenizer_2=tiny_t5_tokenizer(), transformer=bb)
+
+
+# the test models' table: one entry per family of fewstep.families (a test checks they agree)
+TINY: dict[str, TinyFamily] = {
+    "dit": TinyFamily(_dit, _pipe_dit),
+    "unet": TinyFamily(_unet, _pipe_unet),
+    "sd15": TinyFamily(_sd15, _pipe_sd15),
+    "sdxl": TinyFamily(_sdxl, _pipe_sdxl),
+    "pixart": TinyFamily(_pixart, _pipe_pixart),
+    "sd3": TinyFamily(_sd3, _pipe_sd3, flow_shift=3.0),
+    "flux": TinyFamily(_flux, _pipe_flux, flow_shift=1.0),
+}
+FAMILIES = tuple(TINY)
+VP_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is None)
+FLOW_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is not None)
 
 
 def make_tiny(family: str, prediction: str = "epsilon", seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -227,15 +310,16 @@ def make_tiny(family: str, prediction: str = "epsilon", seed: int = 0, dtype: to
     the flow families (sd3, flux) always predict the flow velocity and ignore it.
     kwargs: flux only, `guidance_embeds` (default True: guidance-distilled like Flux-dev).
     """
-    if family not in _BUILDERS:
+    if family not in TINY:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     torch.manual_seed(seed)
-    bb, shape, cond, cond_kwargs = _BUILDERS[family](seed, **kwargs)
+    spec = TINY[family]
+    bb, shape, cond, cond_kwargs = spec.backbone(seed, **kwargs)
     perturb_(bb, seed=seed)
     if dtype != torch.float32:
         _quiet_cast(bb, dtype)
-    if family in FLOW_FAMILIES:
-        path = FlowPath(1000, shift=3.0 if family == "sd3" else 1.0)
+    if spec.flow_shift is not None:
+        path = FlowPath(1000, shift=spec.flow_shift)
         prediction = "flow"
     else:
         if prediction not in ("epsilon", "v_prediction"):
@@ -339,46 +423,5 @@ def make_tiny_pipeline(family: str, prediction: str = "epsilon", seed: int = 0, 
     VP families get `ddim_scheduler(prediction)`; SD3 FlowMatchEuler with shift 3; Flux
     FlowMatchEuler with dynamic shifting (base/max image_seq_len 4/64, so an 8x8 latent gets
     mu = 0.5 + 12 * 0.65 / 60). kwargs go to make_tiny (flux: guidance_embeds)."""
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     tiny = make_tiny(family, prediction=prediction, seed=seed, **kwargs)
-    bb = tiny.backbone
-    if family == "dit":
-        return diffusers.DiTPipeline(transformer=bb, vae=tiny_vae(seed=seed), scheduler=ddim_scheduler(prediction),
-                                     id2label={i: w for i, w in enumerate(_WORDS[12:22])})
-    if family == "unet":
-        return diffusers.DDPMPipeline(unet=bb, scheduler=ddim_scheduler(prediction))
-    if family == "sd15":
-        return diffusers.StableDiffusionPipeline(
-            vae=tiny_vae(seed=seed), text_encoder=tiny_clip(SD15_TEXT_DIM, seed=seed), tokenizer=tiny_clip_tokenizer(),
-            unet=bb, scheduler=ddim_scheduler(prediction), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-    if family == "sdxl":
-        half = SDXL_TEXT_DIM // 2
-        return diffusers.StableDiffusionXLPipeline(
-            vae=tiny_vae(seed=seed), text_encoder=tiny_clip(half, seed=seed),
-            text_encoder_2=tiny_clip(SDXL_TEXT_DIM - half, projection=SDXL_POOLED_DIM, seed=seed + 1),
-            tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(), unet=bb,
-            scheduler=ddim_scheduler(prediction), force_zeros_for_empty_prompt=True)
-    if family == "pixart":
-        return diffusers.PixArtAlphaPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=tiny_t5(PIXART_TEXT_DIM, seed),
-                                             vae=tiny_vae(seed=seed), transformer=bb,
-                                             scheduler=ddim_scheduler(prediction))
-    if family == "sd3":
-        h = 8  # two CLIPs of width 8 (padded to the joint width 16 by the pipeline), pooled 6 + 6
-        return diffusers.StableDiffusion3Pipeline(
-            transformer=bb, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
-            text_encoder=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed), tokenizer=tiny_clip_tokenizer(),
-            text_encoder_2=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed + 1),
-            tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=tiny_t5(SD3_TEXT_DIM, seed),
-            tokenizer_3=tiny_t5_tokenizer())
-    if family == "flux":
-        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
-                                                max_image_seq_len=64, base_shift=0.5, max_shift=1.15)
-        return diffusers.FluxPipeline(scheduler=sched, vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
-                                      text_encoder=tiny_clip(FLUX_POOLED_DIM, seed=seed),
-                                      tokenizer=tiny_clip_tokenizer(), text_encoder_2=tiny_t5(FLUX_TEXT_DIM, seed),
-                                      tokenizer_2=tiny_t5_tokenizer(), transformer=bb)
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    return TINY[family].pipeline(tiny.backbone, prediction, seed)

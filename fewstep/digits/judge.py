@@ -29,28 +29,41 @@ JUDGE_WEIGHTS = WEIGHTS_DIR / "judge.safetensors"
 JUDGE_CARD = WEIGHTS_DIR / "judge.json"
 
 
-class DigitsJudge(nn.Module):
-    """conv(1->w) pool conv(w->2w) pool conv(2w->2w) pool -> linear to `feature_dim` (the FID
-    features, taken before the activation so they are not clipped at zero) -> SiLU -> linear
-    to the class logits. About 120k parameters at the defaults."""
+ARCHITECTURES = {"cnn3": (1, 1, 1), "vgg": (2, 2, 1)}  # convolutions per stage (each stage ends in a 2x pool)
 
-    def __init__(self, width: int = 32, feature_dim: int = 64, num_classes: int = NUM_CLASSES):
+
+class DigitsJudge(nn.Module):
+    """Three stages of convolutions (w, 2w, 2w channels, each stage 3x3 convs with SiLU, then a
+    2x max-pool) -> linear to `feature_dim` (the FID features, taken before the activation so
+    they are not clipped at zero) -> SiLU -> linear to the class logits.
+
+    `arch` names the convolutions per stage: "cnn3" (1, 1, 1; the project's judge, about 120k
+    parameters at width 32) or "vgg" (2, 2, 1: two convolutions in each of the first two stages).
+    """
+
+    def __init__(self, width: int = 32, feature_dim: int = 64, num_classes: int = NUM_CLASSES, arch: str = "cnn3"):
         super().__init__()
-        self.width = int(width)                 # channels of the first conv; later convs use 2x
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"digits judge: unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        self.width = int(width)                 # channels of the first stage; later stages use 2x
         self.feature_dim = int(feature_dim)     # size of the penultimate (FID) feature vector
         self.num_classes = int(num_classes)
+        self.arch = arch
         w = self.width
-        self.body = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),          # 32 -> 16
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),      # 16 -> 8
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),  # 8 -> 4
-            nn.Flatten(),
-        )
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out, depth in zip((w, 2 * w, 2 * w), ARCHITECTURES[arch]):  # 32 -> 16 -> 8 -> 4
+            for _ in range(depth):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.SiLU()]
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers, nn.Flatten())
         self.to_features = nn.Linear(2 * w * (IMAGE_SIZE // 8) ** 2, self.feature_dim)
         self.head = nn.Linear(self.feature_dim, self.num_classes)
 
     def config(self) -> dict[str, int]:
-        return {"width": self.width, "feature_dim": self.feature_dim, "num_classes": self.num_classes}
+        return {"width": self.width, "feature_dim": self.feature_dim, "num_classes": self.num_classes,
+                "arch": self.arch}
 
     @staticmethod
     def prepare(images: Tensor) -> Tensor:
@@ -133,6 +146,25 @@ def save_judge(judge: DigitsJudge, path: str | Path) -> str:
     return weights_sha256(path)
 
 
+def _arch_of(state: dict[str, Tensor]) -> str:
+    """The architecture name from the positions of the convolutions in `body` (a conv + SiLU pair
+    takes two positions, a pool one more), so that no metadata is needed."""
+    convs = sorted(int(k.split(".")[1]) for k, v in state.items() if k.startswith("body.") and v.dim() == 4)
+    depths, run = [], 1
+    for a, b in zip(convs, convs[1:]):
+        if b - a == 2:
+            run += 1
+        else:
+            depths.append(run)
+            run = 1
+    depths.append(run)
+    for name, d in ARCHITECTURES.items():
+        if tuple(depths) == d:
+            return name
+    raise ValueError(f"digits judge weights: convolutions per stage {tuple(depths)} match no architecture "
+                     f"({ARCHITECTURES})")
+
+
 def load_judge(path: str | Path | None = None) -> DigitsJudge:
     """The trained judge, in eval mode on the CPU, gradients off.
 
@@ -150,7 +182,7 @@ def load_judge(path: str | Path | None = None) -> DigitsJudge:
         raise ValueError(f"{path}: cannot read the judge weights: {e}") from e
     try:
         cfg = {"width": state["body.0.weight"].shape[0], "feature_dim": state["to_features.weight"].shape[0],
-               "num_classes": state["head.weight"].shape[0]}
+               "num_classes": state["head.weight"].shape[0], "arch": _arch_of(state)}
     except KeyError as e:
         raise ValueError(f"{path}: not a digits judge file (missing tensor {e})") from e
     judge = DigitsJudge(**cfg)

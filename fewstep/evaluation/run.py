@@ -137,16 +137,13 @@ def _reference(spec: EvalSpec, proto: Protocol, extractor: Extractor) -> Referen
         raise InputError(f"protocol {proto.name!r} needs --reference (an image folder, or a .npz / "
                          ".safetensors statistics file)")
     if ref == "digits":
-        from ..digits.data import IMAGE_SIZE, load_digits_tensors
+        from ..digits.data import IMAGE_SIZE
+        from .digits import digits_reference
 
         if proto.image_size not in (None, IMAGE_SIZE):
             raise InputError(f"the digits reference is {IMAGE_SIZE}x{IMAGE_SIZE}; --image-size "
                              f"{proto.image_size} does not fit it")
-        x, _ = load_digits_tensors()
-        imgs = TensorImages(to_uint8(x))
-        return ReferenceFeatures.compute(imgs, extractor, {"kind": "digits", "count": len(imgs), "size": IMAGE_SIZE},
-                                         {"kind": "digits", "count": len(imgs),
-                                          "what": "all 1,797 scikit-learn digits at 32x32"}, use_cache=spec.cache)
+        return digits_reference(extractor, use_cache=spec.cache)
     p = Path(ref)
     if p.is_dir():
         folder = ImageFolder(p, proto.image_size)
@@ -370,7 +367,7 @@ def _one_steps(spec, proto, metrics, src, steps, seeds, labels, caps, extractor,
     for k, v in _score_fidelity(gen_feats, ref, extractor, proto, metrics).items():
         ms[k] = {**v, **common}
     if "class_acc" in metrics:
-        from ..metrics import class_accuracy
+        from .digits import class_accuracy
 
         ms["class_acc"] = {"value": float(class_accuracy(imgs, labels)), "backend": "fewstep digits judge",
                            "weights_file": judge_ok, "weights_sha256": file_sha256(judge_ok), **common}

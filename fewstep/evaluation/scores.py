@@ -19,7 +19,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,13 +28,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .inputs import InputError, atomic_save_safetensors
+from .inputs import InputError, TensorImages, atomic_save_safetensors
 from .protocols import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, file_sha256
+from .safe_weights import verified_torch_weights
 
 __all__ = [
     "Extractor",
     "ReferenceFeatures",
     "fidelity_from_features",
+    "fidelity_metrics",
     "diversity",
     "vendi_score",
     "mean_pairwise_distance",
@@ -54,33 +55,9 @@ def torch_fidelity_version() -> str:
 
 
 def cache_dir() -> Path:
-    """$FEWSTEP_CACHE or ~/.cache/fewstep (shared with fewstep.metrics)."""
+    """$FEWSTEP_CACHE or ~/.cache/fewstep."""
     root = os.environ.get("FEWSTEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fewstep")
     return Path(root)
-
-
-def _verified_torch_weights(path: Path) -> Path:
-    """torch-fidelity reads .pth weights with `torch.load(weights_only=False)`. Load the file with
-    `weights_only=True` first (refusing anything but plain tensors), and turn a .safetensors file
-    into a tensors-only .pth that it can read."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        out = Path(tempfile.gettempdir()) / f"fewstep-{file_sha256(path)[:16]}.pth"
-        if not out.exists():
-            tmp = out.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, out)
-        return out
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling refusal is the same user error
-        raise InputError(f"feature extractor weights {path} cannot be read as plain tensors "
-                         f"(torch.load weights_only=True): {e}") from e
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise InputError(f"feature extractor weights {path} are not a state dict of tensors")
-    return path
 
 
 @dataclass
@@ -90,6 +67,8 @@ class Extractor:
     name:          registered torch-fidelity name ("fewstep-digits-judge", "inception-v3-compat", ...)
     weights:       local weights file (None: the extractor's own local default, if it has one)
     imports:       modules to import first (they register custom extractors)
+    feature_layer: one feature layer for every metric (None: the extractor's default per metric)
+    extra_layers:  further layers extracted along (e.g. the digits judge's "logits")
     """
 
     name: str = DIGITS_EXTRACTOR
@@ -97,6 +76,8 @@ class Extractor:
     imports: Sequence[str] = ()
     device: str = "cpu"
     batch_size: int = 256
+    feature_layer: str | None = None
+    extra_layers: Sequence[str] = ()
     weights_sha256: str = field(default="", init=False)
     weights_file: str | None = field(default=None, init=False)
     _tf_weights: str | None = field(default=None, init=False, repr=False)
@@ -127,7 +108,7 @@ class Extractor:
                 raise InputError(f"Inception weights {path} not found: pass a local copy of torch-fidelity's "
                                  f"{INCEPTION_FILE} (or a .safetensors of it) with --inception-weights; "
                                  "nothing is downloaded")
-            self.weights_file, self._tf_weights = str(path), str(_verified_torch_weights(path))
+            self.weights_file, self._tf_weights = str(path), str(verified_torch_weights(path))
         elif self.name.startswith("dinov2"):
             raise InputError(f"--feature-extractor {self.name}: torch-fidelity can only download DINOv2 "
                              "weights (no local path), so it cannot run offline")
@@ -137,7 +118,7 @@ class Extractor:
                                  f"(--feature-extractor-weights; got {self.weights!r}); nothing is downloaded")
             path = Path(self.weights)
             self.weights_file = str(path)
-            self._tf_weights = str(path if self.name.startswith("clip-") else _verified_torch_weights(path))
+            self._tf_weights = str(path if self.name.startswith("clip-") else verified_torch_weights(path))
         else:  # a custom extractor: it finds its own weights; hash what we were given
             if self.weights and not Path(self.weights).is_file():
                 raise InputError(f"feature extractor weights {self.weights} not found (--feature-extractor-weights)")
@@ -146,16 +127,23 @@ class Extractor:
             self.weights_sha256 = file_sha256(self.weights_file)
         else:
             self.weights_sha256 = str(getattr(FEATURE_EXTRACTORS_REGISTRY[self.name], "weights_sha256", "unknown"))
+        provided = FEATURE_EXTRACTORS_REGISTRY[self.name].get_provided_features_list()
+        for layer in (self.feature_layer, *self.extra_layers):
+            if layer is not None and layer not in provided:
+                raise InputError(f"feature extractor {self.name!r} has no feature layer {layer!r} "
+                                 f"(provided: {list(provided)})")
         return self
 
     # -------------------------------------------------------------------------------------
     def layer(self, metric: str = "fid") -> str:
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+        if self.feature_layer is not None:
+            return self.feature_layer
         return FEATURE_EXTRACTORS_REGISTRY[self.name].get_default_feature_layer_for_metric(metric)
 
     def layers(self) -> list[str]:
-        return sorted({self.layer(m) for m in ("fid", "kid", "prc")})
+        return sorted({self.layer(m) for m in ("fid", "kid", "prc")} | set(self.extra_layers))
 
     def tf_kwargs(self) -> dict[str, Any]:
         """The torch-fidelity keyword arguments that select this extractor (what a direct
@@ -212,14 +200,14 @@ class ReferenceFeatures:
 
     @classmethod
     def compute(cls, images: Dataset, extractor: Extractor, identity: Any, description: dict[str, Any],
-                use_cache: bool = True) -> "ReferenceFeatures":
+                use_cache: bool = True, root: str | Path | None = None) -> "ReferenceFeatures":
         """Features of a reference image set, cached under (extractor, layers, weights sha256,
-        reference identity)."""
+        reference identity) in `root` (default `cache_dir()`)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         key = cls.cache_key(extractor, identity)
-        path = cache_dir() / "eval-reference" / f"{extractor.name}-{key}.safetensors"
+        path = (Path(root) if root is not None else cache_dir()) / "eval-reference" / f"{extractor.name}-{key}.safetensors"
         desc = {**description, "cache_key": key}
         if use_cache and path.is_file():
             try:
@@ -329,6 +317,59 @@ def fidelity_from_features(gen: dict[str, Tensor], ref: ReferenceFeatures, extra
                                        prc_batch_size=10000, save_cpu_ram=False, verbose=False)
         out.update(precision=float(m["precision"]), recall=float(m["recall"]), f_score=float(m["f_score"]))
     return out
+
+
+def _as_dataset(x, which: str) -> Dataset:
+    if torch.is_tensor(x):
+        if x.is_floating_point():
+            raise InputError(f"{which}: expected uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)} "
+                             "(float images in [-1, 1] go through fewstep.digits.data.to_uint8_rgb first)")
+        return TensorImages(x)
+    if isinstance(x, Dataset):
+        return x
+    if isinstance(x, (str, Path)):
+        from .inputs import ImageFolder
+
+        if not Path(x).is_dir():
+            raise FileNotFoundError(f"{which}: {str(x)!r} is neither an image folder nor 'digits'")
+        return ImageFolder(x, None)
+    raise TypeError(f"{which}: expected a uint8 (N, 3, H, W) tensor, a torch Dataset, an image folder or "
+                    f"'digits', got {type(x).__name__}")
+
+
+def fidelity_metrics(generated, reference, extractor: str = DIGITS_EXTRACTOR, fid: bool = True, kid: bool = False,
+                     prc: bool = False, feature_layer: str | None = None, weights: str | None = None,
+                     cache_dir: str | Path | None = None, cache: bool = True, batch_size: int = 256,
+                     device: str = "cpu", kid_subsets: int = 100, kid_subset_size: int = 1000,
+                     prc_neighborhood: int = 3, rng_seed: int = 2020) -> dict[str, Any]:
+    """FID / KID / precision-recall of `generated` against `reference` in one call (the same
+    `Extractor` and `fidelity_from_features` that `fewstep eval` uses).
+
+    Args:
+        generated: uint8 (N, 3, H, W) tensor, a torch Dataset of such (3, H, W) tensors, or an image folder.
+        reference: the same kinds, or "digits" (all 1,797 real digits; features cached on disk
+            under `cache_dir`, default $FEWSTEP_CACHE or ~/.cache/fewstep, keyed by the weights' sha256).
+        extractor: a registered torch-fidelity feature extractor; default the digits judge.
+        feature_layer: one layer for every metric (default: the extractor's per metric).
+        weights: the extractor's local weights file (default: its own).
+
+    Returns:
+        the keys of `fidelity_from_features` that were asked for: "fid"; "kid_mean", "kid_std",
+        "kid_subset_size"; "precision", "recall", "f_score".
+    """
+    if not (fid or kid or prc):
+        raise ValueError("fidelity_metrics: ask for at least one of fid, kid, prc")
+    ext = Extractor(extractor, weights, device=device, batch_size=batch_size, feature_layer=feature_layer).check()
+    gen = ext.features(_as_dataset(generated, "generated"))
+    if isinstance(reference, str) and reference == "digits":
+        from .digits import digits_reference
+
+        ref = digits_reference(ext, use_cache=cache, root=cache_dir)
+    else:
+        ref = ReferenceFeatures({"kind": "given"}, features=ext.features(_as_dataset(reference, "reference")))
+    return fidelity_from_features(gen, ref, ext, fid=fid, kid=kid, prc=prc, kid_subsets=kid_subsets,
+                                  kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood,
+                                  rng_seed=rng_seed)
 
 
 # ---------------------------------------------------------------------------------------------

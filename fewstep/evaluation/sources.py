@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..families import family_of, is_text
 from ..samplers import initial_noise, sample, sample_hybrid
 from .inputs import InputError
 from .protocols import file_sha256
@@ -293,9 +294,10 @@ def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> S
     decode = teacher.decode if callable(getattr(teacher, "decode", None)) else (
         _vae_decoder(teacher.vae) if getattr(teacher, "vae", None) is not None else (lambda z: z.float()))
     enc = getattr(teacher, "encode_prompts", None)
-    cond_kind = "labels" if type(den.backbone).__name__ in ("DiTTransformer2DModel", "UNet2DModel") or \
-        getattr(teacher, "num_classes", None) else "captions"
-    if getattr(teacher, "family", None) in ("sd15", "sdxl", "pixart", "sd3", "flux"):
+    fam = family_of(den.backbone)
+    cond_kind = "labels" if (fam is not None and not fam.text) or getattr(teacher, "num_classes", None) \
+        else "captions"
+    if is_text(getattr(teacher, "family", None)):
         cond_kind = "captions"
     num_classes = getattr(teacher, "num_classes", None)
     labels = getattr(getattr(teacher, "pipeline", None), "labels", None)
@@ -316,9 +318,9 @@ def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> S
 
 
 def _load_teacher(source: str, device: str, dtype: torch.dtype):
-    """fewstep.teachers.load_teacher; for the embedded names, if that cannot wrap what
-    fewstep.digits.teacher returns, their shipped DiTPipeline folder is loaded as a folder."""
-    from ..teachers import load_teacher
+    """fewstep.pipeline_teacher.load_teacher; for the embedded names, if that cannot wrap what
+    fewstep.digits.embedded_teachers returns, their shipped DiTPipeline folder is loaded as a folder."""
+    from ..pipeline_teacher import load_teacher
 
     try:
         return load_teacher(source, device=device, dtype=dtype)
@@ -330,7 +332,7 @@ def _load_teacher(source: str, device: str, dtype: torch.dtype):
     except TypeError:
         if source not in TEACHER_NAMES:
             raise
-        from ..digits.teacher import teacher_dir
+        from ..digits.embedded_teachers import teacher_dir
 
         return load_teacher(str(teacher_dir(source.split("-", 1)[1])), family="dit", device=device, dtype=dtype)
 

@@ -8,10 +8,24 @@ TrigFlow (Lu & Song 2024): x_theta = cos(theta) x0 + sin(theta) sigma_d z, z ~ N
 and the probability-flow ODE is dx/dtheta = sigma_d F_teacher (the exact DDIM step in these
 coordinates is x' = cos(d) x - sin(d) dxdt for a step of d radians).
 
-No network here is TrigFlow-native: a teacher-architecture `Denoiser` is queried at the point of
-its own path with the same signal-to-noise ratio, and F is read off its x0 as
-F = (cos(theta) x - x0) / (sigma_d sin(theta)), so f(x, theta) is exactly that x0. Angles are
-kept as (B,) tensors in radians (`theta`), path times as `t` in [0, 1].
+The convention (SANA-Sprint, TBCM; the one place fewstep defines it)
+---------------------------------------------------------------------
+The TrigFlow state is sigma_d times the teacher's latent: x0 = sd * latent and the noise is
+sd * z, so x / sd = cos(theta) latent + sin(theta) z is the teacher's own point up to scale, at
+
+    sigma / alpha = tan(theta)         (a flow teacher: time s = sin / (sin + cos)),
+
+for every sigma_d. sigma_d therefore only scales the state, the proposal theta = atan(e^tau / sd)
+and the weight 1 / (sd tan theta), exactly as in the papers, so their hyperparameters (sigma_d
+0.5, P_mean, the middle angles 1.3 and 1.0, TBCM's route) land at the teachers' times they name.
+A student sample in TrigFlow units is sd * latent (the samplers run on the teacher's path at the
+mapped times and return latents directly).
+
+No network here is TrigFlow-native: a teacher-architecture `Denoiser` is queried at that point of
+its own path, and F is read off its x0 as F = (cos(theta) x - sd x0) / (sd sin(theta)), so
+f(x, theta) = sd x0. A `TrigFlowPath(sd_p)` network's own angle is the same angle (its state is
+sd_p / sd times this one). Angles are kept as (B,) tensors in radians (`theta`), path times as
+`t` in [0, 1].
 """
 from __future__ import annotations
 
@@ -46,63 +60,73 @@ HALF_PI = math.pi / 2
 ANGLE_MARGIN = 1e-4
 
 
-def angle_of_t(path, t: Tensor | float, sigma_d: float) -> Tensor:
-    """The TrigFlow angle with the same SNR as time t of `path`: atan2(sigma, sigma_d alpha)."""
+def angle_of_t(path, t: Tensor | float) -> Tensor:
+    """The TrigFlow angle of time t of `path`: atan2(sigma, alpha) (independent of sigma_d)."""
     if not torch.is_tensor(t):
         t = torch.tensor(float(t), dtype=torch.float64)
     if isinstance(path, TrigFlowPath):
         return TrigFlowPath.angle(t)
     a, s = path.alpha_sigma(t)
-    return torch.atan2(s, sigma_d * a)
+    return torch.atan2(s, a)
 
 
-def t_of_angle(path, theta: Tensor, sigma_d: float) -> Tensor:
-    """The time of `path` with the same SNR as angle theta (differentiable, forward AD too)."""
+def t_of_angle(path, theta: Tensor) -> Tensor:
+    """The time of `path` at angle theta: sigma / alpha = tan(theta), independent of sigma_d (a flow
+    path: sin / (sin + cos)); differentiable, forward AD too."""
     if isinstance(path, TrigFlowPath):
         return TrigFlowPath.t_from_angle(theta)
-    ratio = sigma_d * torch.sin(theta) / torch.cos(theta)  # sigma/alpha of the point
+    ratio = torch.sin(theta) / torch.cos(theta)  # sigma/alpha of the point
     return path.t_from_ratio(ratio).clamp(0, 1)
 
 
-def max_angle(path, sigma_d: float) -> float:
+def max_angle(path) -> float:
     """The largest angle a teacher can be queried at: that of its t = 1 (pi/2 for a flow or a
     zero-terminal-SNR path; just below for SD-like schedules), less a small margin."""
-    th = float(angle_of_t(path, torch.tensor(1.0, dtype=torch.float64), sigma_d))
+    th = float(angle_of_t(path, torch.tensor(1.0, dtype=torch.float64)))
     return min(th, HALF_PI - ANGLE_MARGIN)
 
 
-def to_path(x: Tensor, theta: Tensor, path, sigma_d: float) -> tuple[Tensor, Tensor]:
-    """Move a TrigFlow point (x, theta) to `path` at equal SNR: returns (x_path, t_path).
+def _state_per_path_unit(path, sigma_d: float) -> float:
+    """TrigFlow state units per unit of `path`'s own data: sd (the state is sd * latent), or
+    sd / sd_p for a TrigFlowPath(sd_p), whose own state is already sd_p * latent."""
+    if isinstance(path, TrigFlowPath):
+        return sigma_d / path.sigma_d
+    return sigma_d
 
-    The scale is alpha_path / cos(theta); at equal SNR (alpha, sigma) of both paths are
-    proportional, so it equals |(alpha, sigma)_path| / |(cos, sigma_d sin)|, which stays finite
-    at theta = pi/2 (where `fewstep.paths.convert` would divide by cos = 0)."""
+
+def to_path(x: Tensor, theta: Tensor, path, sigma_d: float) -> tuple[Tensor, Tensor]:
+    """Move a TrigFlow point (x, theta) to `path` (see the module docstring): returns (x_path, t_path).
+
+    x / sd = cos latent + sin z has |(cos, sin)| = 1, so the teacher's point alpha latent + sigma z
+    is it times |(alpha, sigma)|, finite at theta = pi/2 (where `fewstep.paths.convert` would
+    divide by cos = 0)."""
     x = _fp(x)
     theta = theta.to(x.dtype)
-    t = t_of_angle(path, theta, sigma_d)
+    t = t_of_angle(path, theta)
+    k = _state_per_path_unit(path, sigma_d)
     if isinstance(path, TrigFlowPath):
-        return x, t
+        return x / k, t
     a, s = path.alpha_sigma(t)
-    norm_trig = torch.sqrt(torch.cos(theta) ** 2 + (sigma_d * torch.sin(theta)) ** 2)
-    scale = torch.sqrt(a * a + s * s) / norm_trig
-    return x * _bcast(scale, x), t
+    return x * _bcast(torch.sqrt(a * a + s * s) / k, x), t
 
 
-def F_from_x0(x: Tensor, theta: Tensor, x0: Tensor, sigma_d: float) -> Tensor:
-    """F = (cos(theta) x - x0) / (sigma_d sin(theta)), the TrigFlow output implied by x0."""
+def F_from_x0(x: Tensor, theta: Tensor, x0: Tensor, sigma_d: float, k: float | None = None) -> Tensor:
+    """F = (cos(theta) x - k x0) / (sigma_d sin(theta)), the TrigFlow output implied by a path's
+    x0 (k: state units per path unit, sd by default: x0 a latent)."""
+    k = sigma_d if k is None else k
     c, s = _bcast(torch.cos(theta), x), _bcast(torch.sin(theta), x)
-    return (c * x - x0) / (sigma_d * s)
+    return (c * x - k * x0) / (sigma_d * s)
 
 
 def net_F(net, x: Tensor, theta: Tensor, cond, sigma_d: float, path, guidance: Tensor | float = 1.0) -> Tensor:
     """F of a teacher-architecture network at TrigFlow point (x, theta), through its x0 at the
-    same-SNR point of `path`. With guidance != 1 the CFG output is used (affine, so CFG on x0 is
+    same point of `path`. With guidance != 1 the CFG output is used (affine, so CFG on x0 is
     CFG on F)."""
     x = _fp(x)
     theta = theta.to(x.dtype)
     xp, tp = to_path(x, theta, path, sigma_d)
     x0 = _fp(net(xp, tp, cond, guidance, output="x0"))
-    return F_from_x0(x, theta, x0, sigma_d)
+    return F_from_x0(x, theta, x0, sigma_d, _state_per_path_unit(path, sigma_d))
 
 
 def teacher_velocity(teacher, x: Tensor, theta: Tensor, cond, sigma_d: float, path,
@@ -140,7 +164,7 @@ def F_output_gain(path, theta: Tensor, sigma_d: float, like: Tensor) -> Tensor:
     xp, tp = to_path(_fp(like), theta.to(_fp(like).dtype), path, sigma_d)
     one = torch.ones_like(xp[:1]).expand_as(xp)
     slope = path.to_x0_eps(xp, one, tp)[0] - path.to_x0_eps(xp, torch.zeros_like(xp), tp)[0]
-    slope = slope.flatten(1)[:, 0].abs()
+    slope = slope.flatten(1)[:, 0].abs() * _state_per_path_unit(path, sigma_d)
     return slope / (sigma_d * torch.sin(theta.to(slope.dtype)))
 
 
@@ -200,11 +224,12 @@ def trigflow_ddim(x: Tensor, dxdt: Tensor, step: Tensor | float) -> Tensor:
     return _bcast(torch.cos(step), x) * x - _bcast(torch.sin(step), x) * dxdt
 
 
-def times_from_angles(angles: Sequence[float], path, sigma_d: float) -> list[float]:
-    """TrigFlow sampling angles (decreasing, ending at 0) as times of `path` at equal SNR, so
-    the generic `fewstep.samplers.sample(..., renoise="fresh")` runs the student on them. An
+def times_from_angles(angles: Sequence[float], path) -> list[float]:
+    """TrigFlow sampling angles (decreasing, ending at 0) as times of `path` (`t_of_angle`), so
+    the generic `fewstep.samplers.sample(..., renoise="fresh")` runs the student on them: the
+    published sampler (x0 = f, re-noised as cos x0 + sin sd z) is that sampler on latents. An
     angle at or above the path's own t = 1 angle maps to t = 1 (the sampler's pure-noise start)."""
-    top = float(angle_of_t(path, torch.tensor(1.0, dtype=torch.float64), sigma_d))
+    top = float(angle_of_t(path, torch.tensor(1.0, dtype=torch.float64)))
     out = []
     for a in angles:
         a = float(a)
@@ -213,5 +238,5 @@ def times_from_angles(angles: Sequence[float], path, sigma_d: float) -> list[flo
         elif a <= 0:
             out.append(0.0)
         else:
-            out.append(float(t_of_angle(path, torch.tensor([a], dtype=torch.float64), sigma_d)[0]))
+            out.append(float(t_of_angle(path, torch.tensor([a], dtype=torch.float64))[0]))
     return out

@@ -1,6 +1,6 @@
 """What every objective looks like to the training entry point.
 
-An objective receives its networks in its constructor (Denoisers built by `fewstep.teachers`),
+An objective receives its networks in its constructor (Denoisers built by `fewstep.pipeline_teacher`),
 says which optimizer group trains which roles and which groups update at a given step, and
 returns a loss plus scalars to log. It never steps optimizers, moves devices or reads global
 arguments.

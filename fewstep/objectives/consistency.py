@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond
 from ..denoiser import Denoiser
+from ..families import all_families, family_of
 from ..paths import _bcast
 from . import _maths
 from .base import Batch, freeze
@@ -44,8 +45,8 @@ class LCMParams:
     sigma_data: float = 0.5               # sigma_data of the boundary scalings (LCMScheduler)
     guidance_embedding: str = "auto"      # "auto": feed the w-embedding where the backbone has
                                           #   time_cond_proj_dim; "off": never
-    add_guidance_embedding: int = 0       # >0: give a UNet2DConditionModel student a zero-initialised
-                                          #   w-embedding of this size (LCM uses 256)
+    add_guidance_embedding: int = 0       # >0: give the student a zero-initialised w-embedding of this
+                                          #   size (LCM uses 256), where its family has the hook
     sample_guidance: float = 8.5          # CFG scale embedded at sampling by a w-conditioned student
     data_source: str = "auto"             # "real" (batch x0), "teacher" (data-free trajectories), "auto"
     trajectory_steps: int = 8             # teacher DDIM steps from noise to t_{n+k} (data-free)
@@ -87,18 +88,17 @@ def guidance_scale_embedding(w: Tensor, dim: int) -> Tensor:
 
 
 def add_guidance_embedding(student: Denoiser, dim: int = 256) -> Denoiser:
-    """Give a UNet2DConditionModel student a w-embedding input (`time_cond_proj_dim`), zero-
-    initialised so the student starts as the teacher; the config records it for export."""
+    """Give a student a w-embedding input of size `dim` through its family's hook
+    (`Family.w_embedding`; the text UNets: `time_cond_proj_dim`), zero-initialised so the
+    student starts as the teacher; the config records it for export."""
     bb = student.backbone
-    if type(bb).__name__ != "UNet2DConditionModel":
-        raise ValueError(f"objective.add_guidance_embedding needs a UNet2DConditionModel student, "
-                         f"got {type(bb).__name__}")
-    te = bb.time_embedding
-    if getattr(te, "cond_proj", None) is None:
-        ref = te.linear_1.weight
-        te.cond_proj = nn.Linear(dim, te.linear_1.in_features, bias=False).to(ref.device, ref.dtype)
-        nn.init.zeros_(te.cond_proj.weight)
-        bb.register_to_config(time_cond_proj_dim=dim)
+    fam = family_of(bb)
+    if fam is None or fam.w_embedding is None:
+        able = ", ".join(f"{f.name} ({'/'.join(f.backbone_classes)})" for f in all_families() if f.w_embedding)
+        what = "of no known family" if fam is None else f"of the {fam.name} family"
+        raise ValueError(f"objective.add_guidance_embedding: {type(bb).__name__} is {what}, which has no "
+                         f"w-embedding hook; families with one: {able}")
+    fam.w_embedding(bb, int(dim))
     return student
 
 

@@ -53,9 +53,10 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser, copy_denoiser
+from ..families import default_lora_targets
 from ._maths import cfg_augmentation, dm_gradient, dsm_loss, mse_per_sample, pseudo_huber, surrogate_loss
 from .base import Batch, step_generator, unwrap
-from .gan import DiscriminatorHead, FeatureTap, bottleneck_block, discriminator_gan_loss, generator_gan_loss
+from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
 from .regression import cached_teacher_samples, channel_gaussian_kl, channel_stats, sample_key, teacher_fingerprint
 
 __all__ = ["DMDParams", "DMDObjective", "SharedBase", "RoleView", "build", "params_from_dict", "unwrap"]
@@ -85,6 +86,8 @@ class DMDParams:
     gan_generator_weight: float = 3e-3     # lambda_G (DMD2 ImageNet 3e-3, SDXL 5e-3)
     gan_disc_weight: float = 1e-2          # lambda_D
     gan_block: int | None = None           # transformer block feeding the head (None: the middle one)
+    gan_feature_layer: str | None = None   # dotted module path feeding the head (any backbone); None: the
+                                           #   family's tap (fewstep.objectives.gan)
     gan_head_width: int = 128              # channels of the head
     gan_t_min: float = 0.001               # noise levels the head sees
     gan_t_max: float = 1.0
@@ -188,16 +191,6 @@ def params_from_dict(d: dict[str, Any] | None) -> DMDParams:
 
 
 # ---- shared base: one frozen backbone, one LoRA adapter per trainable role --------------------
-DEFAULT_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0",                       # attention (all families)
-    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",   # SD3 / Flux text stream
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
-    "proj_in", "proj_out",                                   # UNet transformer in/out, Flux single blocks
-    "conv1", "conv2", "conv_shortcut", "time_emb_proj",      # UNet resnets
-    "norm1.linear", "norm1_context.linear",                  # DiT / SD3 / Flux adaLN modulation
-)
-
-
 class SharedBase:
     """The teacher's backbone with one LoRA adapter per trainable role (peft), so a DMD2 run
     holds one backbone instead of three.
@@ -223,7 +216,7 @@ class SharedBase:
         if getattr(bb, "is_gradient_checkpointing", False):
             raise ValueError("objective.shared_base=true cannot run with gradient checkpointing in the backbone "
                              "(its recomputation would see the wrong adapter); disable one of them")
-        targets = tuple(targets or DEFAULT_LORA_TARGETS)
+        targets = tuple(targets or default_lora_targets(bb))
         names = [n for n, _ in bb.named_modules()]
         found = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
         if not found:
@@ -637,7 +630,7 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
         fake_backbone = unwrap(fake).backbone
     disc = tap = None
     if params.gan:
-        block, channels = bottleneck_block(fake_backbone, params.gan_block)
+        block, channels = feature_layer(fake_backbone, params.gan_feature_layer, params.gan_block)
         tap = FeatureTap(block)
         disc = DiscriminatorHead(channels, latent_shape[1:], params.gan_head_width)
         dev = getattr(ctx, "device", None)

@@ -1,14 +1,18 @@
 """The DMD2 discriminator: a small classifier head on the fake score's bottleneck features.
 
-    tap = FeatureTap(bottleneck_block(backbone))          # a forward hook, idle unless capturing
+    layer, channels = feature_layer(backbone)             # which module feeds the head
+    tap = FeatureTap(layer)                                # a forward hook, idle unless capturing
     head = DiscriminatorHead(channels, latent_hw)
     with tap.capture():
         fake(x_t, t, cond, output="native")                # the fake score's own forward pass
     logits = head(tap.features)                            # (B,)
 
-The features are the UNet mid-block output (B, C, h, w) or, for transformers (DiT, PixArt, SD3,
-Flux), the image tokens (B, N, D) after a chosen block, laid back onto their grid. The head
-follows DMD2's shape: strided 4x4 convolutions with GroupNorm and SiLU down to one logit.
+The feature hook. The layer is, in this order: the module named by `objective.gan_feature_layer`
+(a dotted path inside the backbone, e.g. "mid_block" or "blocks.3"; any nn.Module backbone),
+else the family's tap (`Family.gan_tap` in `fewstep.families`: the UNet mid-block output
+(B, C, h, w), or the image tokens (B, N, D) after a transformer block, laid back onto their
+grid). A backbone of no known family without the key is refused with a message naming it. The
+head follows DMD2's shape: strided 4x4 convolutions with GroupNorm and SiLU down to one logit.
 """
 from __future__ import annotations
 
@@ -20,28 +24,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FeatureTap", "DiscriminatorHead", "bottleneck_block", "generator_gan_loss", "discriminator_gan_loss"]
+from ..families import family_of
+
+__all__ = ["FeatureTap", "DiscriminatorHead", "feature_layer", "generator_gan_loss", "discriminator_gan_loss"]
 
 
-def bottleneck_block(backbone: nn.Module, block: int | None = None) -> tuple[nn.Module, int]:
+def feature_layer(backbone: nn.Module, layer: str | None = None, block: int | None = None
+                  ) -> tuple[nn.Module, int]:
     """The module whose output feeds the head, and its channel count.
 
-    UNet2DModel / UNet2DConditionModel: `mid_block` (channels = last block_out_channels).
-    Transformers: `transformer_blocks[block]` (default the middle one; channels = heads x head dim).
+    Args:
+        backbone: the fake score's network.
+        layer:    `objective.gan_feature_layer`, a dotted module path inside `backbone`; None: the
+                  family's tap.
+        block:    `objective.gan_block`, the transformer block of the family tap (None: the middle).
     """
-    cfg = getattr(backbone, "config", {})
-    mid = getattr(backbone, "mid_block", None)
-    if mid is not None:
-        return mid, int(cfg["block_out_channels"][-1])
-    blocks = getattr(backbone, "transformer_blocks", None)
-    if blocks is not None and len(blocks) > 0:
-        i = len(blocks) // 2 if block is None else int(block)
-        if not -len(blocks) <= i < len(blocks):
-            raise ValueError(f"objective.gan_block={block} is out of range: the backbone has {len(blocks)} "
-                             "transformer blocks")
-        return blocks[i], int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-    raise ValueError(f"objective.gan needs a backbone with a `mid_block` (UNet) or `transformer_blocks` "
-                     f"(DiT, PixArt, SD3, Flux); {type(backbone).__name__} has neither")
+    if layer is not None:
+        try:
+            module = backbone.get_submodule(layer)
+        except AttributeError as e:
+            raise ValueError(f"objective.gan_feature_layer={layer!r} names no module of "
+                             f"{type(backbone).__name__}: {e}") from e
+        return module, _output_width(module, layer)
+    fam = family_of(backbone)
+    if fam is None:
+        raise ValueError(f"objective.gan: {type(backbone).__name__} is of no known backbone family; set "
+                         "objective.gan_feature_layer to the dotted path of the layer whose output feeds the "
+                         "head (e.g. 'mid_block')")
+    return fam.gan_tap(backbone, block)
+
+
+def _output_width(module: nn.Module, layer: str) -> int:
+    """Channels of a named layer's output: its `out_channels` / `out_features` / `num_channels`,
+    else those of its last such submodule (checked against the features at the first pass)."""
+    for m in reversed(list(module.modules())):
+        for attr in ("out_channels", "out_features", "num_channels", "normalized_shape"):
+            v = getattr(m, attr, None)
+            if isinstance(v, (tuple, list)) and len(v) == 1:
+                v = v[0]
+            if isinstance(v, int) and v > 0:
+                return v
+    raise ValueError(f"objective.gan_feature_layer={layer!r}: cannot tell the output channels of "
+                     f"{type(module).__name__}; name a layer with a Conv / Linear / norm inside")
 
 
 class FeatureTap:
@@ -99,6 +123,7 @@ class DiscriminatorHead(nn.Module):
 
     def __init__(self, in_channels: int, latent_hw: tuple[int, int], width: int = 128):
         super().__init__()
+        self.in_channels = int(in_channels)
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         self.net = nn.Sequential(
             nn.GroupNorm(_groups(in_channels), in_channels),
@@ -125,8 +150,12 @@ class DiscriminatorHead(nn.Module):
         return features.transpose(1, 2).reshape(b, d, h, n // h)
 
     def forward(self, features: Tensor) -> Tensor:
-        x = F.adaptive_avg_pool2d(self.grid(features.float()), 4)
-        return self.net(x).flatten(1).mean(1)
+        x = self.grid(features.float())
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"GAN features have {x.shape[1]} channels (shape {tuple(features.shape)}) but the "
+                             f"head expects {self.in_channels}: objective.gan_feature_layer names a layer "
+                             "with another output width")
+        return self.net(F.adaptive_avg_pool2d(x, 4)).flatten(1).mean(1)
 
 
 def generator_gan_loss(logits_fake: Tensor) -> Tensor:

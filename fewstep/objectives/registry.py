@@ -104,6 +104,8 @@ REGISTRY: dict[str, str | tuple[str, dict[str, Any]]] = {
     "scm": "fewstep.objectives.scm:build_scm",
     "tbcm": "fewstep.objectives.scm:build_tbcm",
     "tdm": "fewstep.objectives.tdm:build",
+    "boot": "fewstep.objectives.boot:build",
+    "twinflow": "fewstep.objectives.twinflow:build",
 }
 
 

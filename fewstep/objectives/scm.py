@@ -11,7 +11,8 @@ at the same-SNR point of its own path) with the sCM loss (Alg. 1 of the sCM pape
 
 and differ only in where the training points (x, theta, dxdt = dx/dtheta of the teacher) come from:
 
-- sCM: theta = atan(e^tau / sd), tau ~ N(P_mean, P_std^2); x = cos x0 + sin sd z from real data;
+- sCM: theta = atan(e^tau / sd), tau ~ N(P_mean, P_std^2); x = sd (cos x0 + sin z) from real latents
+  x0 (the published convention: the state is sd times the latent, `_trigflow`);
   dxdt = sd F_teacher with CFG (one teacher pass per point).
 - TBCM: the teacher's own CFG trajectory from noise along a stratified route (no images, no VAE
   encoder); every visited point is stored with the velocity that moved it, and that velocity is
@@ -54,7 +55,8 @@ __all__ = ["SCMParams", "TBCMParams", "SCMObjective", "TBCMObjective", "LogVar",
 
 @dataclass
 class SCMParams:
-    sigma_data: float = 0.5              # TrigFlow data std sd (x = cos x0 + sin sd z)
+    sigma_data: float = 0.5              # TrigFlow sd: the state is sd * latent, x = sd (cos x0 + sin z);
+                                         #   the teacher's time depends on the angle only (`_trigflow`)
     p_mean: float = 0.2                  # log-normal proposal of tan(theta) sd: tau ~ N(p_mean, p_std^2)
     p_std: float = 1.6                   #   (SANA-Sprint's values; the paper uses -0.8, 1.6)
     theta_min: float = 1e-3              # smallest training angle (w = 1/(sd tan) explodes at 0)
@@ -175,7 +177,7 @@ class _ConsistencyLoss:
 
     def sampling_times(self, num_steps: int) -> list[float]:
         """The TrigFlow sampling angles as times of the student's own path (equal SNR)."""
-        return tf.times_from_angles(self.sampling_angles(num_steps), self.path, self.p.sigma_data)
+        return tf.times_from_angles(self.sampling_angles(num_steps), self.path)
 
     def phases(self, step: int) -> list[str]:
         return ["generator"]
@@ -243,8 +245,8 @@ def _init(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_
     # An eps-prediction teacher reads x0 = (x - sigma eps) / alpha, so near its t = 1 (alpha ~ 0.006
     # for the linear DDPM schedule) every error of the network's eps is amplified ~1/alpha in x0,
     # which a one-point consistency sampler re-noises as signal; `max_angle` caps both training
-    # and the sampler's start (SD-like terminal SNR at 1.5 rad, sd = 1: alpha ~ 0.07).
-    self.theta_max = tf.max_angle(self.path, params.sigma_data)
+    # and the sampler's start (SD-like terminal SNR at 1.5 rad: alpha ~ 0.07).
+    self.theta_max = tf.max_angle(self.path)
     if params.max_angle is not None:
         self.theta_max = min(self.theta_max, float(params.max_angle))
     self.sampling = self._sampling()
@@ -274,7 +276,7 @@ class SCMObjective(_ConsistencyLoss):
         sd = self.p.sigma_data
         theta = self.sample_angles(x0.shape[0], x0.device)
         z = torch.randn_like(x0)
-        x = _bcast(torch.cos(theta), x0) * x0 + _bcast(torch.sin(theta), x0) * sd * z
+        x = sd * (_bcast(torch.cos(theta), x0) * x0 + _bcast(torch.sin(theta), x0) * z)
         dxdt = tf.teacher_velocity(self.nets["teacher"], x, theta, cond, sd, self.path, self.p.guidance)
         loss, logs = self.scm_loss(x, theta, dxdt, cond, step)
         logs["theta_mean"] = float(theta.mean())
@@ -304,7 +306,8 @@ class TBCMObjective(_ConsistencyLoss):
     def trajectory(self, noise: Tensor, cond: Cond | None, route: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Run the teacher's CFG ODE along `route` from x = noise * sd with exact TrigFlow-DDIM
         steps, storing (x, theta, dxdt) at every route point but the first (pure noise).
-        Returns x (P, B, ...), theta (P,), dxdt (P, B, ...) and the final sample x(0)."""
+        Returns x (P, B, ...), theta (P,), dxdt (P, B, ...) and the final sample x(0), all in
+        TrigFlow units (sd * latent)."""
         sd = self.p.sigma_data
         x = noise.float() * sd
         xs, ths, vs = [], [], []

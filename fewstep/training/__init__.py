@@ -17,7 +17,7 @@ def __getattr__(name: str) -> Any:  # keep `import fewstep.training` light
 
         return dry_run
     if name == "TeacherBundle":
-        from .teacher import TeacherBundle
+        from .bundle import TeacherBundle
 
         return TeacherBundle
     raise AttributeError(name)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Cond, cat_cond, index_cond
-from .teacher import TeacherBundle
+from .bundle import TeacherBundle
 
 __all__ = ["BatchSource", "read_prompts", "data_generator"]
 

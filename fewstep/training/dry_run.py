@@ -10,9 +10,10 @@ import torch
 
 from ..config import Config
 from ..objectives.registry import BuildContext, build_objective, make_params
-from .lora import family_of, make_factories
+from ..families import family_name
+from .lora import make_factories
 from .memory import estimate_table, format_bytes, role_memory
-from .teacher import TeacherBundle, meta_bundle
+from .bundle import TeacherBundle, meta_bundle
 
 __all__ = ["dry_run", "launch_settings"]
 
@@ -40,7 +41,7 @@ def dry_run(cfg: Config, num_processes: int | None = None, sharding: str | None 
     bundle = teacher if teacher is not None else meta_bundle(cfg.teacher)
     tden = bundle.denoiser
     tden.requires_grad_(False)
-    family = bundle.family or family_of(tden.backbone)
+    family = bundle.family or family_name(tden.backbone)
     make_student, make_copy = make_factories(cfg.lora, sharded=sharded, family=family,
                                              gradient_checkpointing=cfg.precision.gradient_checkpointing)
     ctx = BuildContext(latent_shape=tuple(bundle.latent_shape), num_classes=cfg.data.num_classes or bundle.num_classes,

@@ -27,13 +27,14 @@ from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint, 
 from .data import BatchSource
 from .ema import EMA
 from .logging import RunLog, flat_config, save_grid
-from .lora import family_of, lora_meta, lora_only_state_dict, make_factories, merge_lora_state_dict
+from ..families import family_name
+from .bundle import TeacherBundle, load_bundle
+from .lora import lora_meta, lora_only_state_dict, make_factories, merge_lora_state_dict
 from .outdir import OutputFolder
 from .parallel import (available_trackers, average_gradients, broadcast_parameters, grad_norm_and_clip, is_fsdp,
                        make_accelerator, reduce_mean, shard_module, wrap_autocast)
 from .preflight import preflight
 from .resume import check_resumed, settings
-from .teacher import TeacherBundle, load_bundle
 
 __all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
 
@@ -165,7 +166,7 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
                              cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents)
 
     # 4. objective via the registry ----------------------------------------------------------------------
-    family = bundle.family or family_of(tden.backbone)
+    family = bundle.family or family_name(tden.backbone)
     make_student, make_copy = make_factories(cfg.lora, sharded=sharded, family=family,
                                              gradient_checkpointing=cfg.precision.gradient_checkpointing)
     ctx = BuildContext(latent_shape=tuple(bundle.latent_shape), num_classes=source.num_classes,

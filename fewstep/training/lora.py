@@ -14,10 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import Denoiser
+from ..families import default_lora_targets, family_by_name
 
 __all__ = [
-    "DEFAULT_TARGETS",
-    "family_of",
     "lora_targets",
     "add_lora",
     "has_lora",
@@ -27,52 +26,11 @@ __all__ = [
     "lora_only_state_dict",
 ]
 
-_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-_FF = ["ff.net.0.proj", "ff.net.2"]
-_JOINT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context.net.0.proj", "ff_context.net.2"]
-_UNET_CONV = ["conv1", "conv2", "conv_shortcut", "time_emb_proj"]
-
-# Module-name suffixes that get adapters, per family (the choices of the LCM-LoRA / DMD2 SDXL
-# recipes for UNets: attention, feed-forward, resnet convolutions, up/down samplers).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "sd15": _ATTN + _FF + ["proj_in", "proj_out"] + _UNET_CONV + ["downsamplers.0.conv", "upsamplers.0.conv"],
-    "sdxl": _ATTN + _FF + ["proj_in", "proj_out"] + _UNET_CONV + ["downsamplers.0.conv", "upsamplers.0.conv"],
-    "unet": _ATTN + _UNET_CONV,
-    "dit": _ATTN + _FF,
-    "pixart": _ATTN + _FF,
-    "sd3": _ATTN + _FF + _JOINT,
-    "flux": _ATTN + _FF + _JOINT + ["proj_mlp", "proj_out"],
-}
-
-
-def family_of(backbone: nn.Module) -> str | None:
-    """The family name of a diffusers backbone (None for anything else)."""
-    for cls in type(backbone).__mro__:
-        name = cls.__name__
-        if name == "DiTTransformer2DModel":
-            return "dit"
-        if name == "UNet2DModel":
-            return "unet"
-        if name == "UNet2DConditionModel":
-            cfg = getattr(backbone, "config", {})
-            return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd15"
-        if name == "PixArtTransformer2DModel":
-            return "pixart"
-        if name == "SD3Transformer2DModel":
-            return "sd3"
-        if name == "FluxTransformer2DModel":
-            return "flux"
-    return None
-
-
 def lora_targets(backbone: nn.Module, targets: list[str] | None = None, family: str | None = None) -> list[str]:
-    """The configured targets, or the family default, keeping only suffixes present in the model."""
-    fam = family or family_of(backbone)
+    """The configured targets, or the family default (`Family.lora_targets`), keeping only
+    suffixes present in the model."""
     if targets is None:
-        if fam not in DEFAULT_TARGETS:
-            raise ValueError(f"lora.target_modules: no default for backbone {type(backbone).__name__}; "
-                             "set lora.target_modules to module-name suffixes (e.g. [to_q, to_k, to_v])")
-        targets = DEFAULT_TARGETS[fam]
+        targets = list(family_by_name(family).lora_targets if family else default_lora_targets(backbone))
     names = [n for n, _ in backbone.named_modules()]
     present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
     if not present:

@@ -102,16 +102,13 @@ def is_fsdp(accelerator) -> bool:
 
 
 def block_classes(module: nn.Module) -> list[str]:
-    """Default FSDP wrap units: the model's `_no_split_modules`, except for DiT, whose output layer
-    reuses the first block's embedding after the blocks ran (so its blocks cannot be resharded
-    separately); DiT is sharded as one unit."""
-    from .lora import family_of
+    """Default FSDP wrap units: the family's `fsdp_wrap` (DiT: none, it is sharded as one unit),
+    else the model's `_no_split_modules`."""
+    from ..families import family_of
 
     fam = family_of(module)
-    if fam == "dit":
-        return []
-    if fam == "unet":
-        return ["ResnetBlock2D"]
+    if fam is not None and fam.fsdp_wrap is not None:
+        return list(fam.fsdp_wrap)
     return list(getattr(module, "_no_split_modules", None) or [])
 
 

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ (tiny.py)
 
 from fewstep.testing import gmm_denoiser  # noqa: E402
-from fewstep.training.teacher import TeacherBundle  # noqa: E402
+from fewstep.training.bundle import TeacherBundle  # noqa: E402
 
 K = 4
 

@@ -15,7 +15,7 @@ import diffusers
 from fewstep.conditioning import FluxConditioner
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
-from fewstep.teachers import Teacher, load_teacher, teacher_from_pipeline
+from fewstep.pipeline_teacher import Teacher, load_teacher, teacher_from_pipeline
 from tiny import make_tiny_pipeline
 
 diffusers.utils.logging.set_verbosity_error()
@@ -153,8 +153,8 @@ def test_bad_sources_give_clear_errors(tmp_path, folders):
         load_teacher(folders["sd15"], resolutoin=64)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fewstep.digits.teacher") is None,
-                    reason="the embedded digits teacher (fewstep/digits/teacher.py) is not in this version yet")
+@pytest.mark.skipif(importlib.util.find_spec("fewstep.digits.embedded_teachers") is None,
+                    reason="the embedded digits teacher (fewstep/digits/embedded_teachers.py) is not in this version yet")
 @pytest.mark.parametrize("name,path_type", [("digits-vp", VPPath), ("digits-flow", FlowPath)])
 def test_digits_teachers(name, path_type):
     t = load_teacher(name)
@@ -186,8 +186,8 @@ def test_sample_command_writes_a_prompt_grid(folders, tmp_path):
         main(["sample", "--teacher", folders["sd15"], "--out", str(out)])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fewstep.digits.teacher") is None,
-                    reason="the embedded digits teacher (fewstep/digits/teacher.py) is not in this version yet")
+@pytest.mark.skipif(importlib.util.find_spec("fewstep.digits.embedded_teachers") is None,
+                    reason="the embedded digits teacher (fewstep/digits/embedded_teachers.py) is not in this version yet")
 def test_sample_command_digits_grid(tmp_path):
     from PIL import Image
 

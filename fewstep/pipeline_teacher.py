@@ -5,8 +5,9 @@
     x0 = teacher.denoiser(noise, 1.0, cond, guidance=5.0)
     images = teacher.decode(x0)                             # (B, 3, H, W) in [-1, 1]
 
-The noise path comes from the pipeline's scheduler config, the conditioner from the backbone's
-class, and the null conditioning of classifier-free guidance from the pipeline's own practice:
+The noise path comes from the pipeline's scheduler config; the conditioner, the prompt encoding
+and the null conditioning of classifier-free guidance from the family record
+(`fewstep.families`), which follows each pipeline's own practice:
 the encoding of "" for SD1.5/SD2, PixArt, SD3 and Flux; zeros for SDXL (its
 `force_zeros_for_empty_prompt`). Hub ids are accepted, but only from the local cache
 (`local_files_only=True`): nothing is downloaded here. Weights load from safetensors only, and
@@ -25,35 +26,12 @@ from torch import Tensor, nn
 
 from .conditioning import Cond, conditioner_for
 from .denoiser import Denoiser
+from .families import backbone_of, family_by_name, family_of_pipeline
 from .paths import path_from_scheduler_config
 
-__all__ = ["Teacher", "load_teacher", "teacher_from_pipeline", "family_of", "FAMILIES", "DIGITS_TEACHERS"]
+__all__ = ["Teacher", "load_teacher", "teacher_from_pipeline", "DIGITS_TEACHERS"]
 
-FAMILIES = ("dit", "unet", "sd15", "sdxl", "pixart", "sd3", "flux")
 DIGITS_TEACHERS = ("digits-vp", "digits-flow")
-TEXT_FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux")
-
-# pipeline class -> family (SD2 and LCM pipelines share SD1.5's conditioning)
-_PIPELINE_FAMILY = {
-    "DiTPipeline": "dit",
-    "DDPMPipeline": "unet",
-    "DDIMPipeline": "unet",
-    "StableDiffusionPipeline": "sd15",
-    "LatentConsistencyModelPipeline": "sd15",
-    "StableDiffusionXLPipeline": "sdxl",
-    "PixArtAlphaPipeline": "pixart",
-    "PixArtSigmaPipeline": "pixart",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
-# backbone attribute and class -> family, for pipelines not listed above
-_BACKBONE_FAMILY = {
-    "DiTTransformer2DModel": "dit",
-    "UNet2DModel": "unet",
-    "PixArtTransformer2DModel": "pixart",
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-}
 
 
 @dataclass
@@ -64,7 +42,7 @@ class Teacher:
         denoiser:       `Denoiser` (backbone + path + conditioner with the null conditioning).
         vae:            the pipeline's VAE, or None for pixel-space teachers.
         latent_shape:   (C, H, W) of one sample at the configured resolution.
-        family:         one of FAMILIES.
+        family:         a family name (`fewstep.families.FAMILIES`).
         pipeline_class: the diffusers pipeline class name (what an exported student reuses).
         pipeline_dir:   the folder it was loaded from (None when built in memory).
         pipeline:       the diffusers pipeline object (text encoders, tokenizers, scheduler).
@@ -107,15 +85,16 @@ class Teacher:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("encode_prompts needs at least one prompt")
-        if self.family in ("dit", "unet"):
+        fam = family_by_name(self.family)
+        if not fam.text:
             return {"class_labels": self._labels(prompts)}
         if any(not isinstance(p, str) for p in prompts):
             raise ValueError(f"{self.family} teacher: prompts must be strings, got {prompts!r}")
-        return _ENCODERS[self.family](self, prompts)
+        return fam.encode_prompts(self, prompts)
 
     def null_cond(self, batch_size: int) -> Cond:
         """The unconditional condition (what guidance pushes away from) for `batch_size` samples."""
-        if self.family in ("dit", "unet"):
+        if not family_by_name(self.family).text:
             null = getattr(self.denoiser.conditioner, "null_class", None)
             if null is None:
                 raise ValueError(f"{self.pipeline_class}: this teacher has no null class")
@@ -166,52 +145,6 @@ class Teacher:
         return z * float(cfg.get("scaling_factor") or 1.0)
 
 
-# ---- prompt encoders per family (each uses the pipeline's encode_prompt) ---------------------
-def _device(t: Teacher):
-    return t.device
-
-
-def _f32(x: Tensor) -> Tensor:
-    return x.float()
-
-
-def _enc_sd15(t: Teacher, prompts: list[str]) -> Cond:
-    pe, _ = t.pipeline.encode_prompt(prompts, _device(t), 1, False)
-    return {"encoder_hidden_states": _f32(pe)}
-
-
-def _enc_sdxl(t: Teacher, prompts: list[str]) -> Cond:
-    pe, _, pooled, _ = t.pipeline.encode_prompt(prompts, device=_device(t), num_images_per_prompt=1,
-                                                do_classifier_free_guidance=False)
-    h, w = t.image_size
-    # original size, crop top-left, target size: the SDXL pipeline's defaults for an h x w image
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=_device(t)).expand(len(prompts), 6)
-    return {"encoder_hidden_states": _f32(pe), "text_embeds": _f32(pooled), "time_ids": time_ids.clone()}
-
-
-def _enc_pixart(t: Teacher, prompts: list[str]) -> Cond:
-    kw = {} if t.max_sequence_length is None else {"max_sequence_length": t.max_sequence_length}
-    pe, mask, _, _ = t.pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=_device(t),
-                                              clean_caption=False, **kw)
-    return {"encoder_hidden_states": _f32(pe), "encoder_attention_mask": mask.long()}
-
-
-def _enc_sd3(t: Teacher, prompts: list[str]) -> Cond:
-    kw = {} if t.max_sequence_length is None else {"max_sequence_length": t.max_sequence_length}
-    pe, _, pooled, _ = t.pipeline.encode_prompt(prompts, None, None, device=_device(t),
-                                                do_classifier_free_guidance=False, **kw)
-    return {"encoder_hidden_states": _f32(pe), "pooled_projections": _f32(pooled)}
-
-
-def _enc_flux(t: Teacher, prompts: list[str]) -> Cond:
-    kw = {} if t.max_sequence_length is None else {"max_sequence_length": t.max_sequence_length}
-    pe, pooled, _ = t.pipeline.encode_prompt(prompts, None, device=_device(t), **kw)
-    return {"encoder_hidden_states": _f32(pe), "pooled_projections": _f32(pooled)}
-
-
-_ENCODERS = {"sd15": _enc_sd15, "sdxl": _enc_sdxl, "pixart": _enc_pixart, "sd3": _enc_sd3, "flux": _enc_flux}
-
-
 # ---- loading -------------------------------------------------------------------------------
 def _vae_scale_factor(vae: nn.Module | None) -> int:
     if vae is None:
@@ -219,44 +152,23 @@ def _vae_scale_factor(vae: nn.Module | None) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _backbone_of(pipe) -> nn.Module:
-    for name in ("transformer", "unet"):
-        m = getattr(pipe, name, None)
-        if m is not None:
-            return m
-    raise ValueError(f"{type(pipe).__name__}: no 'unet' or 'transformer' component to distil")
-
-
-def family_of(pipe) -> str:
-    """The fewstep family of a diffusers pipeline (by its class, else by its backbone class)."""
-    name = type(pipe).__name__
-    if name in _PIPELINE_FAMILY:
-        return _PIPELINE_FAMILY[name]
-    bb = _backbone_of(pipe)
-    bname = type(bb).__name__
-    if bname in _BACKBONE_FAMILY:
-        return _BACKBONE_FAMILY[bname]
-    if bname == "UNet2DConditionModel":
-        return "sdxl" if bb.config.get("addition_embed_type") == "text_time" else "sd15"
-    raise ValueError(f"cannot tell the family of pipeline {name} with backbone {bname}; pass family= "
-                     f"one of {FAMILIES}")
-
-
 def _latent_shape(pipe, family: str, backbone: nn.Module, vae, resolution) -> tuple[int, int, int]:
+    fam = family_by_name(family)
+    p = fam.latent_patch
     f = _vae_scale_factor(vae) if vae is not None else 1
     cfg = backbone.config
-    channels = int(cfg.in_channels) // (4 if family == "flux" else 1)
+    channels = int(cfg.in_channels) // (p * p)
     if resolution is None:
-        if family == "flux":  # FluxPipeline: default_sample_size (128) * vae_scale_factor pixels
-            size = getattr(pipe, "default_sample_size", 128) * f
+        if fam.default_latent_size is not None:  # e.g. FluxPipeline: default_sample_size * vae_scale_factor
+            size = getattr(pipe, "default_sample_size", fam.default_latent_size) * f
         else:
             size = int(cfg.sample_size) * f
         resolution = (size, size)
     elif isinstance(resolution, int):
         resolution = (resolution, resolution)
     h, w = (int(resolution[0]) // f, int(resolution[1]) // f)
-    if family == "flux":  # packed into 2x2 patches, as FluxPipeline rounds
-        h, w = 2 * (h // 2), 2 * (w // 2)
+    if p > 1:  # packed into p x p patches, rounded as the pipeline rounds (Flux)
+        h, w = p * (h // p), p * (w // p)
     if h < 1 or w < 1:
         raise ValueError(f"resolution {resolution} is smaller than one latent pixel (VAE factor {f})")
     return channels, h, w
@@ -268,8 +180,9 @@ def _scheduler_config(pipe, family: str, latent_shape) -> dict:
     cfg = dict(pipe.scheduler.config)
     cfg.setdefault("_class_name", type(pipe.scheduler).__name__)
     if cfg.get("use_dynamic_shifting", False):
-        seq_len = (latent_shape[1] // 2) * (latent_shape[2] // 2) if family == "flux" else \
-            latent_shape[1] * latent_shape[2] // max(1, int(getattr(_backbone_of(pipe).config, "patch_size", 1) or 1) ** 2)
+        p = family_by_name(family).latent_patch
+        seq_len = (latent_shape[1] // p) * (latent_shape[2] // p) if p > 1 else \
+            latent_shape[1] * latent_shape[2] // max(1, int(getattr(backbone_of(pipe).config, "patch_size", 1) or 1) ** 2)
         base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
         base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
         m = (max_shift - base_shift) / (max_len - base_len)
@@ -278,28 +191,6 @@ def _scheduler_config(pipe, family: str, latent_shape) -> dict:
         # exponential: sigma' = e^mu / (e^mu + 1/sigma - 1), the shift k = e^mu; linear: k = mu
         cfg["resolved_shift"] = math.exp(mu) if kind == "exponential" else float(mu)
     return cfg
-
-
-def _null_kwargs(t: Teacher) -> dict:
-    """Conditioner arguments for the null conditioning, following each pipeline's practice."""
-    fam = t.family
-    if fam in ("dit", "unet"):
-        cfg = t.denoiser.backbone.config
-        if fam == "dit":
-            return {"null_class": cfg.get("num_embeds_ada_norm")}
-        n = cfg.get("num_class_embeds")
-        return {"null_class": None if n is None else int(n) - 1}
-    if fam == "sdxl" and t.pipeline.config.get("force_zeros_for_empty_prompt", True):
-        return {"zero_null": True}
-    e = t.encode_prompts([""])
-    if fam == "sd15":
-        return {"null_embeds": e["encoder_hidden_states"]}
-    if fam == "sdxl":
-        return {"null_embeds": e["encoder_hidden_states"], "null_pooled": e["text_embeds"]}
-    if fam == "pixart":
-        return {"null_embeds": e["encoder_hidden_states"], "null_mask": e["encoder_attention_mask"],
-                "vae_scale_factor": t.vae_scale_factor}
-    return {"null_embeds": e["encoder_hidden_states"], "null_pooled": e["pooled_projections"]}
 
 
 def teacher_from_pipeline(pipe, family: str | None = None, pipeline_dir: str | None = None,
@@ -311,17 +202,16 @@ def teacher_from_pipeline(pipe, family: str | None = None, pipeline_dir: str | N
     max_sequence_length: T5 token length for PixArt / SD3 / Flux (pipeline default when None).
     null_class: override the unconditional class of a class-conditional UNet2DModel (the last
     class embedding by default)."""
-    fam = family or family_of(pipe)
-    if fam not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {fam!r}")
-    backbone = _backbone_of(pipe)
+    fam = family or family_of_pipeline(pipe).name
+    family_by_name(fam)  # a clear error for an unknown name
+    backbone = backbone_of(pipe)
     vae = getattr(pipe, "vae", None)
     shape = _latent_shape(pipe, fam, backbone, vae, resolution)
     path = path_from_scheduler_config(_scheduler_config(pipe, fam, shape))
     # a placeholder conditioner first: the null conditioning is computed through the teacher
     den = Denoiser(backbone, path, conditioner_for(backbone))
     t = Teacher(den, vae, shape, fam, type(pipe).__name__, pipeline_dir, pipe, max_sequence_length)
-    kw = _null_kwargs(t)
+    kw = family_by_name(fam).null_kwargs(t)
     if null_class is not None:
         kw["null_class"] = null_class
     t.denoiser.conditioner = conditioner_for(backbone, **kw)
@@ -350,7 +240,7 @@ def _load_digits(name: str, device, dtype, **kw) -> Teacher:
     folder = WEIGHTS_DIR / f"teacher_{kind}"
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"the embedded teacher {name!r} has no weights: {folder}/model_index.json is missing "
-                         "(train it with train/teacher.py, see fewstep/digits/weights/teachers.json)")
+                         "(train it with train/train_teacher.py, see fewstep/digits/weights/teachers.json)")
     return load_teacher(str(folder), family="dit", device=device, dtype=dtype, **kw)
 
 
@@ -374,14 +264,14 @@ def load_teacher(source: str, family: str | None = None, device: str | torch.dev
 
     Args:
         source: folder, hub id or embedded name.
-        family: one of FAMILIES; inferred from the pipeline class when omitted.
+        family: a family name (`fewstep.families.FAMILIES`); inferred from the pipeline class when omitted.
         device, dtype: where and in which precision the networks live (the VAE stays float32
             when its config asks for `force_upcast`, as the SDXL VAE does).
         kw: `resolution`, `max_sequence_length`, `null_class` (see `teacher_from_pipeline`),
             `variant` (e.g. "fp16" weight files).
     """
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family is not None:
+        family_by_name(family)  # a clear error for an unknown name
     if source in DIGITS_TEACHERS:
         return _load_digits(source, device, dtype, **kw)
     from diffusers import DiffusionPipeline

@@ -1,4 +1,4 @@
-"""Load the embedded digits teachers (trained by `train/teacher.py`, shipped as stock DiTPipeline
+"""Load the embedded digits teachers (trained by `train/train_teacher.py`, shipped as stock DiTPipeline
 folders under fewstep/digits/weights/).
 
     teacher = load_digits_teacher("vp")          # or "flow"
@@ -109,7 +109,7 @@ def load_digits_teacher(kind: str = "vp", device: str | torch.device = "cpu",
     if missing:
         raise FileNotFoundError(
             f"digits teacher {kind!r}: the pipeline folder {folder} is missing {', '.join(missing)}; "
-            f"train it with `python train/teacher.py --kind {kind} --out {folder}`")
+            f"train it with `python train/train_teacher.py --kind {kind} --out {folder}`")
     pipe = DiTPipeline.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
     path = path_from_scheduler_config(dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__))
     want = "flow" if kind == "flow" else "epsilon"

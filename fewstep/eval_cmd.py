@@ -11,7 +11,7 @@ Writes <out>/results.json (every number with its backend, extractor, weights has
 seeds, steps and guidance) and <out>/results.md, plus a sample grid per step count
 (and every image with --save-images). Nothing is downloaded: a missing weights file stops the
 command before anything is generated, naming the file and the flag that provides it.
-Same as `python -m eval.evaluate`.
+Same as `python -m eval.eval_cmd`.
 """
 from __future__ import annotations
 
@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
     from .errors import main_guard
 
-    p = OneLineParser(prog="python -m eval.evaluate", description=__doc__,
+    p = OneLineParser(prog="python -m eval.eval_cmd", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    args.command_line = "python -m eval.evaluate " + " ".join(shlex.quote(a) for a in argv)
+    args.command_line = "python -m eval.eval_cmd " + " ".join(shlex.quote(a) for a in argv)
     return main_guard("eval", lambda: run(args))
 
 

@@ -1,7 +1,7 @@
 """What the entry point needs from a teacher, whatever loaded it: the frozen Denoiser, latent
 shape, conditioning kind, and the VAE / text-encoder hooks used for data and sample grids.
 
-`load_bundle(cfg.teacher)` goes through `fewstep.teachers.load_teacher`; tests and scripts may
+`load_bundle(cfg.teacher)` goes through `fewstep.pipeline_teacher.load_teacher`; tests and scripts may
 build a `TeacherBundle` themselves (e.g. around `fewstep.testing.gmm_denoiser` or tests/tiny.py)
 and pass it to `fewstep.training.run(cfg, teacher=...)`. `meta_bundle` builds the backbone from
 its config on the meta device for `--dry-run` (no weights are read).
@@ -17,12 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import Denoiser
-from .lora import family_of
+from ..families import FAMILIES, family_by_name, family_name, is_text
 
 __all__ = ["TeacherBundle", "load_bundle", "meta_bundle", "bundle_from_teacher", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TEXT_FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux")
 
 
 @dataclass
@@ -80,9 +79,9 @@ def _digits_real_data(encode: Callable[[Tensor], Tensor], device) -> Callable[[]
 
 
 def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
-    """Adapt what `fewstep.teachers.load_teacher` (or `load_digits_teacher`) returns."""
+    """Adapt what `fewstep.pipeline_teacher.load_teacher` (or `load_digits_teacher`) returns."""
     den = t.denoiser
-    fam = getattr(t, "family", None) or family_of(den.backbone)
+    fam = getattr(t, "family", None) or family_name(den.backbone)
     vae = getattr(t, "vae", None)
     decode = getattr(t, "decode", None) or (_vae_decode(vae) if vae is not None else None)
     encode = getattr(t, "encode", None) or (_vae_encode(vae) if vae is not None else None)
@@ -94,12 +93,10 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
         from ..digits.data import NUM_CLASSES
 
         num_classes = NUM_CLASSES
-    if num_classes is None and fam == "dit":
-        num_classes = int(den.backbone.config.get("num_embeds_ada_norm") or 1000)
-    if num_classes is None and fam == "unet":
-        n = den.backbone.config.get("num_class_embeds")
-        num_classes = (null_class if null_class is not None else n) if n else None
-    text = fam in TEXT_FAMILIES and hasattr(t, "encode_prompts")
+    record = family_by_name(fam) if fam in FAMILIES else None
+    if num_classes is None and record is not None and record.num_classes is not None:
+        num_classes = record.num_classes(den.backbone, null_class)
+    text = is_text(fam) and hasattr(t, "encode_prompts")
     real = None
     if encode is not None and str(source).startswith("digits"):
         real = _digits_real_data(encode, device)
@@ -110,11 +107,11 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
 
 
 def load_bundle(tcfg: Any, device: torch.device | str = "cpu") -> TeacherBundle:
-    """Load `teacher.source` through fewstep.teachers and freeze it."""
+    """Load `teacher.source` through fewstep.pipeline_teacher and freeze it."""
     try:
-        from ..teachers import load_teacher
+        from ..pipeline_teacher import load_teacher
     except ImportError as e:
-        raise RuntimeError(f"teacher.source={tcfg.source!r}: fewstep.teachers is not available ({e}); "
+        raise RuntimeError(f"teacher.source={tcfg.source!r}: fewstep.pipeline_teacher is not available ({e}); "
                            "pass a TeacherBundle to fewstep.training.run(cfg, teacher=...)") from e
     kw: dict[str, Any] = {"device": device, "dtype": DTYPES[tcfg.dtype]}
     if tcfg.family is not None:
@@ -179,23 +176,23 @@ def meta_bundle(tcfg: Any) -> TeacherBundle:
     backbone.to(DTYPES[tcfg.dtype])
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     path = path_from_scheduler_config(sched)
-    fam = tcfg.family or family_of(backbone)
+    fam = tcfg.family or family_name(backbone)
+    record = family_by_name(fam) if fam in FAMILIES else None
+    patch = record.latent_patch if record is not None else 1
     den = Denoiser(backbone, path)
     den.requires_grad_(False)
     # latent shape: the backbone's channels and sample size (or the resolution over the VAE factor)
-    c = int(config.get("in_channels", 4))
-    if fam == "flux":
-        c = c // 4
+    c = int(config.get("in_channels", 4)) // (patch * patch)
     size = config.get("sample_size", 64)
     vae_cfg_file = folder / "vae" / "config.json"
     if tcfg.resolution is not None and vae_cfg_file.is_file():
         vcfg = json.loads(vae_cfg_file.read_text())
         size = int(tcfg.resolution) // (2 ** (len(vcfg.get("block_out_channels", [0, 0, 0, 0])) - 1))
-    if fam == "flux" and tcfg.resolution is None:
-        size = 128
+    if record is not None and record.default_latent_size is not None and tcfg.resolution is None:
+        size = record.default_latent_size
     num_classes = None
-    if fam == "dit":
-        num_classes = 10 if str(tcfg.source).startswith("digits") else int(config.get("num_embeds_ada_norm") or 1000)
+    if record is not None and not record.text and record.num_classes is not None:
+        num_classes = 10 if str(tcfg.source).startswith("digits") else record.num_classes(backbone, None)
     return TeacherBundle(denoiser=den, latent_shape=(c, int(size), int(size)), source=tcfg.source, family=fam,
-                         num_classes=num_classes, text=fam in TEXT_FAMILIES,
+                         num_classes=num_classes, text=is_text(fam),
                          extra={"components": {k: v for k, v in index.items() if not k.startswith("_")}})

@@ -1,10 +1,10 @@
 """Train the embedded digits teacher: a small AutoencoderKL, then a class-conditional DiT on its
 latents, saved as a stock `DiTPipeline` folder with a JSON card.
 
-    python train/teacher.py --kind vp   --out fewstep/digits/weights/teacher_vp
-    python train/teacher.py --kind flow --out fewstep/digits/weights/teacher_flow \
+    python train/train_teacher.py --kind vp   --out fewstep/digits/weights/teacher_vp
+    python train/train_teacher.py --kind flow --out fewstep/digits/weights/teacher_flow \
         --vae-from fewstep/digits/weights/teacher_vp          # reuse the VP teacher's VAE
-    accelerate launch train/teacher.py --kind vp --out /tmp/teacher_vp
+    accelerate launch train/train_teacher.py --kind vp --out /tmp/teacher_vp
 
 Top to bottom: (1) data, (2) VAE (trained here, or loaded with --vae-from), (3) latents and the
 scaling factor, (4) the path of the chosen kind, (5) the DiT trained through the fewstep

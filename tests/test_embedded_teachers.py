@@ -9,7 +9,7 @@ import torch
 
 from fewstep.digits.data import WEIGHTS_DIR, load_digits_tensors
 from fewstep.digits.models import DIT_CONFIG, build_dit
-from fewstep.digits.teacher import load_digits_teacher, teacher_card, teacher_dir
+from fewstep.digits.embedded_teachers import load_digits_teacher, teacher_card, teacher_dir
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
 
@@ -42,7 +42,7 @@ def test_committed_teacher_loads(teachers, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_four_step_sample_decodes_to_digits(teachers, kind):
-    from fewstep.metrics import class_accuracy
+    from fewstep.evaluation.digits import class_accuracy
 
     t = teachers[kind]
     y = torch.arange(20) % 10
@@ -115,7 +115,7 @@ def test_training_script_runs_two_steps(tmp_path):
     start-ups): VAE, VP DiT, pipeline folder, then a flow DiT that reuses that VAE."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_teacher_script", ROOT / "train" / "teacher.py")
+    spec = importlib.util.spec_from_file_location("train_teacher_script", ROOT / "train" / "train_teacher.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     vp, flow = tmp_path / "vp", tmp_path / "flow"

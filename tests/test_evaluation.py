@@ -65,11 +65,11 @@ def test_generated_fid_kid_equal_torch_fidelity_on_the_saved_images(tiny_dit_dir
     assert len(list((out / "images" / "steps2").glob("*.png"))) == 40
 
 
-def test_folder_scoring_equals_fewstep_metrics_and_torch_fidelity(tmp_path):
+def test_folder_scoring_equals_fidelity_metrics_and_torch_fidelity(tmp_path):
     from PIL import Image
 
     import torch_fidelity
-    from fewstep.metrics import fidelity_metrics
+    from fewstep.evaluation.scores import fidelity_metrics
 
     u8, _ = _digits_u8()
     gen, ref = tmp_path / "gen", tmp_path / "ref"
@@ -82,7 +82,7 @@ def test_folder_scoring_equals_fewstep_metrics_and_torch_fidelity(tmp_path):
     res = evaluate(EvalSpec(images=str(gen), reference=str(ref), metrics=["fid"], out=str(tmp_path / "o"),
                             progress=False))
     ours = res["rows"][0]["metrics"]["fid"]["value"]
-    theirs = fidelity_metrics(u8[:200:2], u8[1000:1300], fid=True)["frechet_inception_distance"]
+    theirs = fidelity_metrics(u8[:200:2], u8[1000:1300], fid=True)["fid"]
     direct = torch_fidelity.calculate_metrics(input1=str(gen), input2=str(ref), fid=True, cache=False,
                                               verbose=False, save_cpu_ram=True, **res["torch_fidelity_kwargs"])
     assert res["reference"]["kind"] == "folder" and res["reference"]["count"] == 300
@@ -306,7 +306,7 @@ def test_caption_protocol_end_to_end(tiny_clip_dir, tmp_path):
 # ---- the command line -------------------------------------------------------------------------------
 def test_cli_and_module_entry_point(tiny_dit_dir, tmp_path, capsys):
     from fewstep.cli import main as cli_main
-    from fewstep.evaluate import main as module_main
+    from fewstep.eval_cmd import main as module_main
 
     rc = cli_main(["eval", "--pipeline", str(tiny_dit_dir), "--steps", "1", "--num-samples", "12",
                    "--metrics", "fid,class_acc", "--no-progress", "--out", str(tmp_path / "a")])
@@ -314,7 +314,7 @@ def test_cli_and_module_entry_point(tiny_dit_dir, tmp_path, capsys):
     rc = module_main(["--pipeline", str(tiny_dit_dir), "--steps", "1", "--num-samples", "12", "--metrics", "fid",
                       "--no-progress", "--out", str(tmp_path / "b")])
     res = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert rc == 0 and res["command"].startswith("python -m eval.evaluate --pipeline")
+    assert rc == 0 and res["command"].startswith("python -m eval.eval_cmd --pipeline")
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     assert a["rows"][0]["metrics"]["fid"]["value"] == res["rows"][0]["metrics"]["fid"]["value"]
     rc = cli_main(["eval", "--pipeline", str(tiny_dit_dir), "--feature-extractor", "inception-v3-compat",
@@ -327,7 +327,7 @@ def test_cli_and_module_entry_point(tiny_dit_dir, tmp_path, capsys):
 def test_module_entry_point_runs_as_a_script():
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "eval.evaluate", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "eval.eval_cmd", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--inception-weights" in r.stdout
 
 
