@@ -15,13 +15,15 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from .errors import UserError, check_output_file, finite_float, positive_int, user_errors
-from .families import is_text
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported when sampling starts, so that a bad option is answered at once
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=100, help="samples per denoiser batch")
     p.add_argument("--resolution", type=positive_int, default=None, help="image size in pixels (default: the teacher's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="backbone precision")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="backbone precision")
     p.add_argument("--out", default="grid.png", help="output PNG")
 
 
@@ -65,6 +67,8 @@ def num_real_classes(teacher, source: str) -> int | None:
 
 
 def _rows(args, teacher) -> list:
+    from .families import is_text
+
     if not is_text(teacher.family):
         if args.prompt or args.prompts_file:
             raise UserError(f"--prompt: {args.teacher} is class-conditional; use --classes")
@@ -110,6 +114,8 @@ def _times(args, teacher) -> list[float]:
 
 
 def image_grid(images: Tensor, rows: int, pad: int = 2) -> Tensor:
+    import torch
+
     """(rows * cols, C, H, W) in [-1, 1] -> (3, rows*(H+pad)+pad, cols*(W+pad)+pad) uint8, white gaps."""
     n, c, h, w = images.shape
     cols = n // rows
@@ -133,10 +139,11 @@ def save_png(grid: Tensor, out: str | Path) -> Path:
     return out
 
 
-@torch.no_grad()
 def sample_grid(teacher, rows: list, per_row: int, times: list[float], guidance: float, seed: int = 0,
                 renoise: str = "ddim", batch_size: int = 100) -> Tensor:
     """Decoded samples (len(rows) * per_row, C, H, W) in [-1, 1], row-major."""
+    import torch
+
     from .samplers import initial_noise, sample
 
     if per_row < 1:
@@ -147,26 +154,29 @@ def sample_grid(teacher, rows: list, per_row: int, times: list[float], guidance:
     noise = initial_noise((n, *teacher.latent_shape), gen)
     gen_fresh = torch.Generator().manual_seed(seed + 1)
     out = []
-    for i in range(0, n, batch_size):
-        cond = teacher.encode_prompts(labels[i:i + batch_size])
-        x = sample(teacher.denoiser, noise[i:i + batch_size].to(teacher.device), cond, times, guidance=guidance,
-                   renoise=renoise, generator=gen_fresh)
-        out.append(teacher.decode(x).cpu())
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            cond = teacher.encode_prompts(labels[i:i + batch_size])
+            x = sample(teacher.denoiser, noise[i:i + batch_size].to(teacher.device), cond, times, guidance=guidance,
+                       renoise=renoise, generator=gen_fresh)
+            out.append(teacher.decode(x).cpu())
     return torch.cat(out)
 
 
 def run(args) -> int:
+    check_output_file(args.out, "--out")
+    if args.prompts_file and not Path(args.prompts_file).is_file():
+        raise UserError(f"--prompts-file {args.prompts_file!r}: no such file")
+    if args.times:
+        parse_times(args.times)
+    import torch
+
     from .pipeline_teacher import load_teacher
 
     kw = {} if args.resolution is None else {"resolution": args.resolution}
-    check_output_file(args.out, "--out")
-    if args.times:
-        parse_times(args.times)
-    if args.prompts_file and not Path(args.prompts_file).is_file():
-        raise UserError(f"--prompts-file {args.prompts_file!r}: no such file")
     t0 = time.time()
     with user_errors(f"--teacher {args.teacher!r}", ValueError, OSError, named=args.teacher):
-        teacher = load_teacher(args.teacher, device=args.device, dtype=DTYPES[args.dtype], **kw)
+        teacher = load_teacher(args.teacher, device=args.device, dtype=getattr(torch, args.dtype), **kw)
     if teacher.pipeline is not None and hasattr(teacher.pipeline, "set_progress_bar_config"):
         teacher.pipeline.set_progress_bar_config(disable=True)
     rows = _rows(args, teacher)
