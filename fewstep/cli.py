@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "train": ("fewstep.train_cmd", "run the training entry point (same as train/train.py)"),
     "export": ("fewstep.export", "write a stock diffusers pipeline folder for a student"),
     "eval": ("fewstep.eval_cmd", "score a pipeline or checkpoint: FID, KID, precision/recall, ..."),
+    "launch": ("fewstep.launch_cmd", "accelerate launch the training entry point, the config checked first"),
 }
 
 
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error(f"subcommand {name!r} is not available in this version ({mod} missing)")
                 raise
             modules[name].add_arguments(p)
-    args = parser.parse_args(argv)
+    if chosen == "launch" and argv[1:2] not in (["-h"], ["--help"]):  # the rest is accelerate's and train's
+        args = argparse.Namespace(command="launch", args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     return main_guard(f"fewstep {args.command}", lambda: modules[args.command].run(args))
 
 

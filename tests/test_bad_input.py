@@ -242,6 +242,22 @@ def test_branch_from_an_older_checkpoint_with_keep_1_loses_nothing(trained, fews
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_0000003"]
 
 
+def test_launch_reports_errors_in_one_line(tiny_dit, trained, fewstep, tmp_path):
+    """`fewstep launch` (accelerate launch of the train entry point): a config mistake is found before any
+    process starts; an error inside the training process is its one line, without the launcher's traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = hashes(run)
+    bad = damaged(tiny_dit, tmp_path / "bad_teacher", "transformer/diffusion_pytorch_model.safetensors")
+    accel = ["launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no", "--cpu", "--"]
+    each_user_error(fewstep, [
+        ([*accel, *train_args(tiny_dit, run, "optim.default.lrr=1")[1:]], ["optim.default.lrr"]),
+        ([*accel, *train_args(bad, run, "overwrite=true")[1:]], ["diffusion_pytorch_model.safetensors"]),
+    ])
+    assert hashes(run) == before
+
+
 # ---- fewstep sample --------------------------------------------------------------------------------------
 def test_sample_bad_options(tiny_dit, fewstep, tmp_path):
     folder = tmp_path / "a_folder"
