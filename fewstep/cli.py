@@ -35,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (mod, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_)
         if name == chosen:
-            try:
-                modules[name] = importlib.import_module(mod)
-            except ModuleNotFoundError as e:
-                if e.name == mod:
-                    parser.error(f"subcommand {name!r} is not available in this version ({mod} missing)")
-                raise
+            modules[name] = importlib.import_module(mod)
             modules[name].add_arguments(p)
     if chosen == "launch" and argv[1:2] not in (["-h"], ["--help"]):  # the rest is accelerate's and train's
         args = argparse.Namespace(command="launch", args=argv[1:])

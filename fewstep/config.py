@@ -8,8 +8,8 @@ values (`data.batch_size=64`, `lora.target_modules=[to_q,to_v]`, `resume=latest`
 or a value of the wrong type is an error that names the full dotted key. The `objective:` section
 holds `name` plus the objective's own hyperparameters, which are checked against that objective's
 dataclass (see `fewstep.objectives.registry`); `optim:` holds one entry per optimizer group of the
-objective (`optim.generator`, `optim.guidance`, ...) plus `optim.default`, from which every group
-takes the values it does not set.
+objective (`optim.generator`, `optim.fake_score`, ...) plus `optim.default`, from which every group
+takes the values it does not set (old group names, RENAMED_GROUPS, are read with a warning).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -44,7 +45,10 @@ __all__ = [
     "config_to_dict",
     "resolve_group",
     "DEFAULT_GROUP",
+    "RENAMED_GROUPS",
 ]
+
+RENAMED_GROUPS = {"guidance": "fake_score"}  # old optimizer group name -> now (guidance: the CFG scale only)
 
 
 class ConfigError(UserError):
@@ -380,7 +384,7 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
         if not isinstance(optim, dict):
             raise ConfigError(f"optim: expected a mapping of group name -> settings, got {optim!r}")
         groups = _default_optim()
-        for g, v in optim.items():
+        for g, v in _renamed_groups(optim).items():
             key = f"optim.{g}"
             if v is None:
                 v = {}
@@ -394,6 +398,18 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
             groups[str(g)] = _dataclass_from(OptimGroupConfig, v, key)
         cfg.optim = groups
     return cfg.validate()
+
+
+def _renamed_groups(optim: dict[str, Any]) -> dict[str, Any]:
+    """`optim` with old group names replaced by the new ones (one warning per old name)."""
+    for old, new in RENAMED_GROUPS.items():
+        if old in optim and new in optim:
+            raise ConfigError(f"optim.{old} and optim.{new} are both set: optim.{old} is the old name of "
+                              f"optim.{new}; keep only optim.{new}")
+        if old in optim:
+            warnings.warn(f"optim.{old} is deprecated: the fake score's optimizer group is now optim.{new} "
+                          "(`guidance` means the CFG scale only)", FutureWarning, stacklevel=4)
+    return {RENAMED_GROUPS.get(str(g), g): v for g, v in optim.items()}
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

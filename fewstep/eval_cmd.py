@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=positive_int, help="samples per step count (default: the protocol's)")
     p.add_argument("--seed", type=int, help="sample i starts from noise seeded with seed + i (default: protocol's)")
     p.add_argument("--metrics", type=_str_list,
-                   help="comma-separated subset of fid,kid,prc,clip,class_acc,diversity (default: protocol's)")
+                   help="comma-separated subset of fid,kid,prc,clip,class_acc,diversity,panel (default: protocol's)")
     p.add_argument("--reference", help="'digits', an image folder, or a statistics file (.npz with mu, sigma: "
                    "FID only; .safetensors features from a previous run's cache)")
     p.add_argument("--captions", help="captions for caption protocols: COCO annotation JSON or one a line")
@@ -90,6 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--times", type=_float_list, help="students: sampling times t_0,...,0 (steps + 1 values, one "
                    "--steps N) instead of the run card's, e.g. to try another intermediate time")
     p.add_argument("--kid-subset-size", type=positive_int, help="KID subset size (clamped to the sample counts)")
+    p.add_argument("--bootstrap", type=nonnegative_int, help="panel: resamples of the generated set for the 95%% "
+                   "intervals (default: the protocol's, 200 for digits; 0: none)")
     p.add_argument("--save-images", action="store_true", help="also save every generated image as PNG")
     p.add_argument("--no-cache", action="store_true", help="recompute reference features (no disk cache)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         guidance=args.guidance, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         sampler=args.sampler, student_weights=args.student_weights, hybrid=args.hybrid, times=args.times,
         teacher_guidance=args.teacher_guidance, out=args.out, save_images=args.save_images, cache=not args.no_cache,
-        kid_subset_size=args.kid_subset_size, progress=not args.no_progress,
+        kid_subset_size=args.kid_subset_size, bootstrap=args.bootstrap, progress=not args.no_progress,
         command=getattr(args, "command_line", None) or _command_line(),
     )
     try:

@@ -2,16 +2,12 @@
 so every test is reproducible on its own and in any order."""
 from __future__ import annotations
 
-import os
 import random
-import sys
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
-# `from tiny import make_tiny` works from every test file, whatever the rootdir
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)

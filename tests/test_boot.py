@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import make_tiny
+from tests.tiny import make_tiny
 from torch import nn
 
 from fewstep.denoiser import copy_denoiser

@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist"))
-
-from bundles import gmm_bundle, tiny_bundle  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-import toy_objective  # noqa: E402
-from fewstep.config import ConfigError, load_config  # noqa: E402
-from fewstep.objectives import registry  # noqa: E402
-from fewstep.training import checkpoint as ck  # noqa: E402
-from fewstep.training import loop  # noqa: E402
-from fewstep.training import run  # noqa: E402
+from fewstep.config import ConfigError, load_config
+from fewstep.objectives import registry
+from fewstep.training import checkpoint as ck
+from fewstep.training import loop, run
+from tests.dist import toy_objective
+from tests.dist.bundles import gmm_bundle, tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["log.trackers=[]", "log.progress=false"]
@@ -30,7 +24,7 @@ QUIET = ["log.trackers=[]", "log.progress=false"]
 
 @pytest.fixture
 def toy(monkeypatch):
-    monkeypatch.setitem(registry.REGISTRY, "toy", "toy_objective:build")
+    monkeypatch.setitem(registry.REGISTRY, "toy", "tests.dist.toy_objective:build")
     toy_objective.LAST.clear()
     return toy_objective
 

@@ -9,7 +9,7 @@ import diffusers
 from fewstep.conditioning import (ClassConditioner, FluxConditioner, PixArtConditioner, SD3Conditioner,
                                   UNetTextConditioner, cat_cond, conditioner_for, index_cond)
 from fewstep.samplers import sample
-from tiny import FAMILIES, TEXT_LEN, ddim_scheduler, make_tiny
+from tests.tiny import FAMILIES, TEXT_LEN, ddim_scheduler, make_tiny
 
 diffusers.utils.logging.set_verbosity_error()
 

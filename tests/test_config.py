@@ -10,7 +10,7 @@ import pytest
 from fewstep.config import (Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_override,
                             resolve_group)
 from fewstep.objectives import registry
-from fewstep.objectives.registry import ObjectiveUnavailable, make_params
+from fewstep.objectives.registry import make_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -30,11 +30,11 @@ def test_defaults_and_preset_name():
 def test_overrides_dotted_typed():
     cfg = load_config(CONFIGS / "digits" / "dsm.yaml", [
         "objective.t_min=0.05", "optim.generator.lr=1e-5", "data.batch_size=8", "lora.target_modules=[to_q,to_v]",
-        "optim.guidance.betas=[0.0, 0.95]", "resume=latest", "lora.student=true", "precision.mixed_precision=bf16"])
+        "optim.fake_score.betas=[0.0, 0.95]", "resume=latest", "lora.student=true", "precision.mixed_precision=bf16"])
     assert cfg.objective.params["t_min"] == 0.05
     assert cfg.optim["generator"].lr == 1e-5 and isinstance(cfg.optim["generator"].lr, float)  # YAML reads 1e-5 as str
     assert cfg.data.batch_size == 8 and cfg.lora.target_modules == ["to_q", "to_v"]
-    assert cfg.optim["guidance"].betas == (0.0, 0.95)
+    assert cfg.optim["fake_score"].betas == (0.0, 0.95)
     assert cfg.resume == "latest" and cfg.lora.student is True
     # a group takes what it does not set from optim.default (here the preset's lr 1e-4 -> generator's own 1e-5)
     g = resolve_group(cfg, "generator")
@@ -87,13 +87,27 @@ def test_objective_params_checked_against_its_dataclass():
 
 
 def test_registry_names_fixed_fields():
-    try:
-        p = make_params("decoupled_dmd", {})
-    except ObjectiveUnavailable as e:
-        pytest.skip(str(e))
+    p = make_params("decoupled_dmd", {})
     assert p.variant == "ddmd"
     with pytest.raises(ConfigError, match="objective.variant"):
         make_params("decoupled_dmd", {"variant": "dmd2"})
+
+
+def test_old_fake_score_group_name_is_read_with_a_deprecation_warning(tmp_path):
+    new = CONFIGS / "digits" / "dmd2_1step_vp.yaml"
+    text = new.read_text()
+    assert "\n  fake_score:\n" in text
+    old = tmp_path / "configs" / "digits" / "dmd2_1step_vp.yaml"
+    old.parent.mkdir(parents=True)
+    old.write_text(text.replace("\n  fake_score:\n", "\n  guidance:\n"))
+    with pytest.warns(FutureWarning, match=r"^optim.guidance is deprecated: .* now optim.fake_score"):
+        cfg = load_config(old)
+    assert "guidance" not in cfg.optim and cfg.optim["fake_score"].lr == 1e-4
+    assert config_to_dict(cfg) == config_to_dict(load_config(new))
+    with pytest.warns(FutureWarning, match="optim.guidance"):  # the same for a command-line override
+        assert load_config(CONFIGS / "digits" / "dsm.yaml", ["optim.guidance.lr=3e-4"]).optim["fake_score"].lr == 3e-4
+    with pytest.raises(ConfigError, match="optim.guidance and optim.fake_score are both set"):
+        load_config(new, ["optim.guidance.lr=3e-4"])
 
 
 def test_round_trip_to_dict():
@@ -106,10 +120,7 @@ def test_round_trip_to_dict():
 def test_every_preset_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.name == str(path.relative_to(CONFIGS).with_suffix(""))
-    try:
-        params = make_params(cfg.objective.name, cfg.objective.params)
-    except ObjectiveUnavailable as e:
-        pytest.skip(f"{path.name}: general keys valid; objective not available yet ({e})")
+    params = make_params(cfg.objective.name, cfg.objective.params)
     assert type(params).__name__  # built from the preset without error
     groups = [g for g in cfg.optim if g != "default"]
     for g in groups:

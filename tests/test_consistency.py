@@ -13,7 +13,7 @@ from fewstep.objectives.consistency import (LCMObjective, LCMParams, adapters_di
                                             boundary_scalings, guidance_scale_embedding, has_adapters,
                                             lcm_timesteps)
 from fewstep.samplers import sample
-from tiny import make_tiny
+from tests.tiny import make_tiny
 
 
 def _objective(tiny, **kw):

@@ -8,7 +8,7 @@ import torch
 from fewstep.denoiser import apply_cfg, copy_denoiser
 from fewstep.paths import FlowPath, TrigFlowPath, VPPath, convert
 from fewstep.testing import gmm_denoiser
-from tiny import FAMILIES, FLOW_FAMILIES, VP_FAMILIES, make_tiny
+from tests.tiny import FAMILIES, FLOW_FAMILIES, VP_FAMILIES, make_tiny
 
 SD = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 MEANS = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.0, 1.5]], dtype=torch.float64).view(3, 2, 1, 1)

@@ -13,12 +13,13 @@ from torch import nn
 from fewstep.conditioning import Conditioner
 from fewstep.denoiser import Denoiser, copy_denoiser
 from fewstep.objectives.base import Objective, trainable_parameters
-from fewstep.objectives.dmd import DMDObjective, DMDParams, RoleView, build, context, params_from_dict
+from fewstep.objectives.dmd import DMDObjective, DMDParams, build, context, params_from_dict
 from fewstep.objectives.regression import channel_gaussian_kl, channel_stats
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
-from tiny import make_tiny
+from fewstep.training.shared_base import RoleView
+from tests.tiny import make_tiny
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -96,20 +97,20 @@ def test_one_step_updates_only_its_networks(family, prediction, variant, kw, tmp
     assert isinstance(obj, Objective)
     opts = _optimizers(obj)
     step = params.fake_updates_per_generator - 1  # the first step with a generator update
-    assert obj.phases(step) == ["generator", "guidance"]
+    assert obj.phases(step) == ["generator", "fake_score"]
 
     before = _snapshot(obj)
     logs = _step(obj, opts, "generator", _batch(tiny), 0)
     assert _changed(before, obj, "student"), "the generator phase must update the student"
-    for role in obj.groups["guidance"]:
+    for role in obj.groups["fake_score"]:
         assert not _changed(before, obj, role), f"the generator phase changed {role}"
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
 
     mid = _snapshot(obj)
-    _step(obj, opts, "guidance", _batch(tiny, seed=1), 0)
-    assert not _changed(mid, obj, "student"), "the guidance phase changed the student"
-    for role in obj.groups["guidance"]:
-        assert _changed(mid, obj, role), f"the guidance phase must update {role}"
+    _step(obj, opts, "fake_score", _batch(tiny, seed=1), 0)
+    assert not _changed(mid, obj, "student"), "the fake_score phase changed the student"
+    for role in obj.groups["fake_score"]:
+        assert _changed(mid, obj, role), f"the fake_score phase must update {role}"
 
     # the teacher is bit-identical, as weights and as a function
     after_state = _teacher_state(teacher)
@@ -128,7 +129,7 @@ def test_two_time_scale_schedule_and_backward_simulation_depth():
     obj = build(p, tiny.denoiser, context(latent_shape=tiny.latent_shape, seed=3))
     gen_steps = [s for s in range(20) if "generator" in obj.phases(s)]
     assert gen_steps == [4, 9, 14, 19]
-    assert all("guidance" in obj.phases(s) for s in range(20))
+    assert all("fake_score" in obj.phases(s) for s in range(20))
     ks = [obj.sim_steps(s) for s in range(200)]
     assert set(ks) == {0, 1, 2, 3}
     again = build(p, _tiny("dit").denoiser, context(latent_shape=tiny.latent_shape, seed=3))
@@ -196,13 +197,14 @@ def test_unknown_yaml_key_is_named():
 
 
 def test_registry_builds_each_name():
-    registry = pytest.importorskip("fewstep.objectives.registry")
+    from fewstep.objectives import registry
+
     tiny = _tiny("dit")
     for name, variant in (("dmd2", "dmd2"), ("dmd", "dmd"), ("decoupled_dmd", "ddmd")):
         ctx = registry.BuildContext(latent_shape=tiny.latent_shape, num_classes=10, seed=1)
         obj = registry.build_objective(name, {"guidance": 2.0, "num_steps": 2, "student_times": [1.0, 0.5]}
                                        if name != "dmd" else {"guidance": 2.0}, tiny.denoiser, ctx)
-        assert obj.variant == variant and obj.groups == {"generator": ["student"], "guidance": ["fake"]}
+        assert obj.variant == variant and obj.groups == {"generator": ["student"], "fake_score": ["fake"]}
     with pytest.raises(Exception, match="objective.num_steps"):
         registry.build_objective("dmd2", {"num_steps": 3}, tiny.denoiser,
                                  registry.BuildContext(latent_shape=tiny.latent_shape))
@@ -402,7 +404,7 @@ def test_dmd2_moves_one_step_generator_toward_the_mixture(kind):
     obj = DMDObjective(DMDParams(guidance=1.0, fake_updates_per_generator=2), teacher, student, fake,
                        latent_shape=(2, 1, 1))
     opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=1e-3),
-            "guidance": torch.optim.Adam(trainable_parameters(obj, "guidance"), lr=1e-2)}
+            "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2)}
     exact = teacher.backbone.sample_data(2000, generator=torch.Generator().manual_seed(1))
     z = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
 
@@ -421,8 +423,8 @@ def test_dmd2_moves_one_step_generator_toward_the_mixture(kind):
 
 # ---- through the training entry point ----------------------------------------------------------
 def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_student(tmp_path):
-    training = pytest.importorskip("fewstep.training.loop")
     from fewstep.config import config_from_dict
+    from fewstep.training import loop as training
     from fewstep.training.bundle import TeacherBundle
 
     tiny = _tiny("dit")
@@ -434,12 +436,12 @@ def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_stude
         "objective": {"name": "dmd2", "guidance": 2.0, "gan": True, "shared_base": True, "num_steps": 2,
                       "student_times": [1.0, 0.5], "fake_updates_per_generator": 2},
         "data": {"batch_size": 4, "real_data": True}, "lora": {"rank": 2, "alpha": 2.0},
-        "optim": {"generator": {"lr": 1e-2}, "guidance": {"lr": 1e-2}},
+        "optim": {"generator": {"lr": 1e-2}, "fake_score": {"lr": 1e-2}},
         "log": {"every": 2, "sample_every": 0, "sample_count": 4, "trackers": [], "progress": False},
         "checkpoint": {"every": 0}})
     res = training.run(cfg, teacher=bundle)
     assert res.steps == 2 and res.skipped == 0  # step 1 updates the generator
-    assert res.logs["generator/dm_grad_norm"] > 0 and "guidance/gan_d" in res.logs
+    assert res.logs["generator/dm_grad_norm"] > 0 and "fake_score/gan_d" in res.logs
     card = __import__("json").loads((tmp_path / "run" / "run_card.json").read_text())
     assert card["sampling"] == {"times": [1.0, 0.5, 0.0], "renoise": "fresh"}
     # the saved student is the base with the student adapter merged: it differs from the teacher
@@ -490,7 +492,7 @@ class _PlainConvNet(nn.Module):
 
 
 def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
-    from tiny import vp_path
+    from tests.tiny import vp_path
 
     teacher = Denoiser(_PlainConvNet(), vp_path(), _Plain()).requires_grad_(False)
     ctx = context(latent_shape=(4, 8, 8), has_real_data=True)

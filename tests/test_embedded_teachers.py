@@ -130,4 +130,14 @@ def test_training_script_runs_two_steps(tmp_path):
     z = sample(b.denoiser, torch.randn(2, 4, 8, 8), {"class_labels": torch.tensor([1, 2])}, b.path.sampling_times(2))
     assert b.decode(z).shape == (2, 1, 32, 32)
     assert not list(tmp_path.glob(".*.tmp-*"))             # the pipeline was swapped in whole
+    # one command (--separate-stages) reproduces the two-run history (VAE run, then --vae-from) bit for bit
+    one = tmp_path / "flow_one"
+    assert script.main(["--kind", "flow", "--out", str(one), "--separate-stages", "--vae-steps", "2",
+                        "--vae-batch", "8", *common]) == 0
+    from safetensors.torch import load_file
+
+    for part in ("vae", "transformer"):
+        (fa,), (fb,) = sorted((flow / part).glob("*.safetensors")), sorted((one / part).glob("*.safetensors"))
+        sa, sb = load_file(str(fa)), load_file(str(fb))
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), part
     assert (WEIGHTS_DIR / "teachers.json").read_text() == before   # --no-card leaves the cards alone

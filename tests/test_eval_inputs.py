@@ -286,7 +286,7 @@ def test_run_card_prediction_type_rereads_the_student(tmp_path):
     from fewstep.denoiser import copy_denoiser
     from fewstep.evaluation.inputs import InputError
     from fewstep.evaluation.sources import _with_card_prediction
-    from tiny import make_tiny
+    from tests.tiny import make_tiny
 
     tiny = make_tiny("dit", prediction="epsilon")
     card = {"sampling": {"times": [1.0, 0.0], "renoise": "fresh", "prediction_type": "v_prediction"}}

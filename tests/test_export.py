@@ -29,7 +29,7 @@ from fewstep.objectives.registry import BuildContext, build_objective, make_para
 from fewstep.samplers import initial_noise, sample
 from fewstep.pipeline_teacher import load_teacher
 from fewstep.training.lora import make_factories
-from tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
+from tests.tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
 
 diffusers.utils.logging.set_verbosity_error()
 
@@ -117,7 +117,7 @@ def make_run(root: Path, name: str, teacher_folder: str, objective: str, params:
              seed: int = 0, source: str | None = None) -> Path:
     """A run dir as the training entry point writes it: the objective's own student (built by its
     registry builder), perturbed, saved by the entry point's final-weights writer, and a run card."""
-    from fewstep.training.loop import _save_final
+    from fewstep.training.outputs import save_final
 
     t = load_teacher(teacher_folder)
     lcfg = LoraConfig(student=lora, rank=4, alpha=8.0)
@@ -132,7 +132,7 @@ def make_run(root: Path, name: str, teacher_folder: str, objective: str, params:
     _perturb(student.backbone, seed)
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    files = _save_final(run_dir, student, None, SimpleNamespace(is_main_process=True))
+    files = save_final(run_dir, student, None, SimpleNamespace(is_main_process=True))
     card = {"name": name, "objective": objective,
             "objective_params": json.loads(json.dumps(dataclasses.asdict(p), default=str)),
             "teacher": {"source": source or teacher_folder, "family": t.family, "latent_shape": list(t.latent_shape)},

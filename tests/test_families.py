@@ -1,5 +1,6 @@
 """The family registry: every record is complete and agrees with its tiny model, and nothing
 under fewstep/objectives/ or fewstep/samplers.py names a backbone class (they ask the record)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +10,12 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
-from tiny import FAMILIES, TINY, make_tiny, make_tiny_pipeline
 
 from fewstep import families
 from fewstep.conditioning import Conditioner, conditioner_for
 from fewstep.families import Drive, Family, all_families, family_by_name, family_of, family_of_pipeline
 from fewstep.objectives.gan import DiscriminatorHead, FeatureTap, feature_layer
+from tests.tiny import FAMILIES, TINY, make_tiny, make_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,11 @@ def test_every_family_has_a_tiny_model_and_the_registry_finds_them():
 @pytest.mark.parametrize("name", families.FAMILIES)
 def test_family_record_is_complete(name):
     fam = family_by_name(name)
-    required = [f.name for f in dataclasses.fields(Family)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(Family)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     for key in required:
         value = getattr(fam, key)
         assert value is not None and value != () and value != "", f"{name}: {key} is empty"
@@ -85,6 +89,11 @@ def test_objectives_and_samplers_never_name_a_backbone_class():
     assert {"UNet2DConditionModel", "DiTTransformer2DModel", "FluxTransformer2DModel"} <= names
     pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b")
     files = sorted((ROOT / "fewstep" / "objectives").rglob("*.py")) + [ROOT / "fewstep" / "samplers.py"]
-    hits = [f"{f.relative_to(ROOT)}:{i}: {m.group(1)}" for f in files
-            for i, line in enumerate(f.read_text().splitlines(), 1) for m in [pattern.search(line)] if m]
+    hits = [
+        f"{f.relative_to(ROOT)}:{i}: {m.group(1)}"
+        for f in files
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        for m in [pattern.search(line)]
+        if m
+    ]
     assert not hits, "objectives and samplers ask the family record instead:\n" + "\n".join(hits)

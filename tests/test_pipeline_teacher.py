@@ -16,7 +16,7 @@ from fewstep.conditioning import FluxConditioner
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
 from fewstep.pipeline_teacher import Teacher, load_teacher, teacher_from_pipeline
-from tiny import make_tiny_pipeline
+from tests.tiny import make_tiny_pipeline
 
 diffusers.utils.logging.set_verbosity_error()
 

@@ -13,7 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from fewstep.evaluation.inputs import InputError
-from fewstep.evaluation.safe_weights import converted_path, private_cache_dir, verified_torch_weights
+from fewstep.evaluation.safe_weights import (
+    converted_path,
+    private_cache_dir,
+    verified_torch_weights,
+)
 from fewstep.evaluation.scores import Extractor
 
 
@@ -72,7 +76,7 @@ def test_planted_pickles_never_run(setting):
 
 
 def test_existing_conversion_is_checked_against_the_source(setting):
-    src, state, sha, marker = setting
+    src, state, _, _ = setting
     out = verified_torch_weights(src)
     stamp = out.stat().st_mtime_ns
     assert verified_torch_weights(src) == out and out.stat().st_mtime_ns == stamp  # a good one is reused

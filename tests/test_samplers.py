@@ -10,7 +10,7 @@ from fewstep.denoiser import Denoiser
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import check_times, initial_noise, sample, sample_hybrid
 from fewstep.testing import gmm_denoiser
-from tiny import ddim_scheduler, make_tiny, perturb_, tiny_vae, vp_path
+from tests.tiny import ddim_scheduler, make_tiny, perturb_, tiny_vae, vp_path
 
 diffusers.utils.logging.set_verbosity_error()
 

@@ -15,7 +15,7 @@ from fewstep.objectives.scm import (SCMObjective, SCMParams, TBCMObjective, TBCM
 from fewstep.paths import FlowPath, TrigFlowPath, convert
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
-from tiny import make_tiny, vp_path
+from tests.tiny import make_tiny, vp_path
 
 SD = 0.5
 

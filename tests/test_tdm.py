@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import make_tiny
+from tests.tiny import make_tiny
 
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives.tdm import TDM, TDMParams, _importance_weight, build, student_times
@@ -85,7 +85,7 @@ def test_one_step_trains_only_student_and_fake(family):
     opts = {g: torch.optim.AdamW([p for r in roles for p in obj.nets[r].parameters() if p.requires_grad],
                                  lr=1e-2, betas=(0.0, 0.95), weight_decay=0.0)
             for g, roles in obj.groups.items()}
-    assert obj.phases(0) == ["guidance", "generator"]
+    assert obj.phases(0) == ["fake_score", "generator"]
     assert not any(p.requires_grad for p in obj.nets["teacher"].parameters())
     batch = {"cond": tiny.cond(2), "shape": (2, *tiny.latent_shape)}
     for phase in obj.phases(0):
@@ -97,7 +97,7 @@ def test_one_step_trains_only_student_and_fake(family):
         for o in opts.values():
             o.zero_grad(set_to_none=True)
         changed = {r for r, n in obj.nets.items() if not _same(before[r], _state(n))}
-        want = {"guidance": {"fake"}, "generator": {"student"}}[phase]
+        want = {"fake_score": {"fake"}, "generator": {"student"}}[phase]
         assert changed == want, f"{phase} phase changed {sorted(changed)}, expected {sorted(want)}"
     assert _same(teacher0, _state(obj.nets["teacher"])), "the teacher changed"
 
@@ -168,7 +168,7 @@ def test_build_uses_the_context():
     obj = build({"num_steps": 2, "guidance": 2.0}, tiny.denoiser, ctx)
     assert len(made) == 2 and obj.nets["teacher"] is tiny.denoiser
     assert obj.sampling["times"] == pytest.approx([0.9, 0.45, 0.0])
-    assert obj.groups == {"generator": ["student"], "guidance": ["fake"]}
+    assert obj.groups == {"generator": ["student"], "fake_score": ["fake"]}
 
 
 @pytest.mark.parametrize("path", [VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -182,7 +182,7 @@ def test_student_learns_the_teacher_mixture(path):
     fake = gmm_denoiser(path, means + 0.7, std=0.2, learnable=True)
     obj = TDM(student, fake, teacher, TDMParams(num_steps=4, guidance=1.0))
     opts = {"generator": torch.optim.AdamW(student.parameters(), lr=1e-2, betas=(0.0, 0.95), weight_decay=0.0),
-            "guidance": torch.optim.AdamW(fake.parameters(), lr=5e-2, betas=(0.0, 0.95), weight_decay=0.0)}
+            "fake_score": torch.optim.AdamW(fake.parameters(), lr=5e-2, betas=(0.0, 0.95), weight_decay=0.0)}
     err0 = (student.backbone.means - means).abs().mean().item()
     for step in range(120):
         batch = {"cond": None, "shape": (64, 2, 2, 2)}

@@ -46,6 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     # VAE
     p.add_argument("--vae-from", default=None, help="pipeline (or vae) folder whose VAE to reuse instead of training one")
+    p.add_argument("--separate-stages", action="store_true",
+                   help="train the VAE (with --vae-threads), then start the DiT stage exactly as a separate "
+                        "`--vae-from` run on that VAE would: threads set to --threads, both random streams "
+                        "reseeded. One command for a teacher whose VAE and DiT were trained by two runs")
+    p.add_argument("--vae-threads", type=int, default=None, help="threads of the VAE stage (default --threads)")
     p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=2e-3)
@@ -85,7 +90,9 @@ def main(argv=None) -> int:
     from diffusers import (AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel,
                            FlowMatchEulerDiscreteScheduler)
 
-    torch.set_num_threads(args.threads)
+    if args.separate_stages and args.vae_from:
+        raise SystemExit("train/train_teacher.py: --separate-stages trains the VAE; it excludes --vae-from")
+    torch.set_num_threads(args.vae_threads if args.separate_stages and args.vae_threads else args.threads)
     accelerator = Accelerator()
     device = accelerator.device
     torch.manual_seed(args.seed)
@@ -144,6 +151,12 @@ def main(argv=None) -> int:
         means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, n, 256)])
         if not args.vae_from:
             vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+        if args.separate_stages:  # from here on, as a fresh `--vae-from` run would go
+            torch.set_num_threads(args.threads)
+            torch.manual_seed(args.seed)
+            gen = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
+            means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, n, 256)])
+            vae_card["separate_stages"] = {"vae_threads": args.vae_threads or args.threads}
         sf = float(vae.config.scaling_factor)
         latents = means * sf
         rec = torch.cat([vae.decode(latents[i:i + 256] / sf).sample for i in range(0, n, 256)])

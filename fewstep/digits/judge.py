@@ -14,6 +14,7 @@ it available as `feature_extractor="fewstep-digits-judge"`. Weights come from
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def _arch_of(state: dict[str, Tensor]) -> str:
     takes two positions, a pool one more), so that no metadata is needed."""
     convs = sorted(int(k.split(".")[1]) for k, v in state.items() if k.startswith("body.") and v.dim() == 4)
     depths, run = [], 1
-    for a, b in zip(convs, convs[1:]):
+    for a, b in itertools.pairwise(convs):
         if b - a == 2:
             run += 1
         else:
@@ -210,8 +211,12 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
     Features: "features" (penultimate, the default for FID / KID / PRC), "logits" (ISC) and
     "conv_pooled" (pooled conv activations, a texture-sensitive alternative; see
     `DigitsJudge.all_features`).
-    `feature_extractor_weights_path` (a calculate_metrics keyword) picks another judge file.
+    `feature_extractor_weights_path` (a calculate_metrics keyword) picks another judge file; the
+    default is the class's `default_weights` (the project's judge here; each panel member is a
+    subclass with its own file, see fewstep/digits/panel.py).
     """
+
+    default_weights: Path = JUDGE_WEIGHTS
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None,
                  feature_extractor_internal_dtype=None, **kwargs):
@@ -219,7 +224,7 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
         if feature_extractor_internal_dtype not in (None, "float32"):
             raise ValueError(f"{name}: feature_extractor_internal_dtype must be float32 (or None), "
                              f"got {feature_extractor_internal_dtype!r}")
-        self.weights_path = Path(feature_extractor_weights_path or JUDGE_WEIGHTS)
+        self.weights_path = Path(feature_extractor_weights_path or self.default_weights)
         self.judge = load_judge(self.weights_path)
 
     def forward(self, x):

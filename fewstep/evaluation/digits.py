@@ -17,7 +17,7 @@ from torch import Tensor
 from .inputs import InputError, TensorImages
 from .scores import Extractor, ReferenceFeatures, fidelity_from_features
 
-__all__ = ["digits_uint8", "digits_reference", "class_accuracy", "digits_scores"]
+__all__ = ["class_accuracy", "digits_reference", "digits_scores", "digits_uint8"]
 
 
 @lru_cache(maxsize=1)

@@ -3,7 +3,9 @@ captions, which seed), at which resolution it is scored, with which feature extr
 which reference. Every field is written into the results so a number can be reproduced.
 
     digits        the embedded default: 2,000 samples, labels 0..9 balanced, seed 0, the digits
-                  judge's features, reference = all 1,797 real digits, native 32x32.
+                  judge's features, reference = all 1,797 real digits, native 32x32; plus the
+                  judge panel (metric "panel": every member, median and range, bootstrap
+                  intervals, the real-vs-real floor).
     coco2014-30k  SD1.5 practice (DMD2): 30,000 COCO-2014 val captions, images resized to 256,
                   Inception (pool3) against val2014 images, CLIP score.
     coco-10k      SDXL practice (DMD2): 10,000 COCO captions at 512, Inception, CLIP score.
@@ -45,6 +47,7 @@ class Protocol:
     caption_prefix: str = ""               # prepended to captions for CLIP score only
     diversity_groups: int = 10             # conditions used for diversity (labels or captions)
     diversity_per_group: int = 8           # samples per condition (captions: extra generation)
+    bootstrap: int = 200                   # resamples of the generated set for the panel's intervals
     note: str = ""
 
     def with_overrides(self, **kw: Any) -> "Protocol":
@@ -64,8 +67,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "digits": Protocol(
         name="digits", num_samples=2000, seed=0, conditioning="labels", num_classes=10, image_size=32,
         feature_extractor=DIGITS_EXTRACTOR, reference="digits",
-        metrics=("fid", "kid", "prc", "class_acc", "diversity"), diversity_per_group=200,
-        note="embedded default: labels i % 10, judge penultimate features, all 1,797 real digits"),
+        metrics=("fid", "kid", "prc", "class_acc", "diversity", "panel"), diversity_per_group=200,
+        note="embedded default: labels i % 10, judge penultimate features, all 1,797 real digits; "
+             "the judge panel (fewstep.digits.panel) with bootstrap intervals and the real-vs-real floor"),
     "coco2014-30k": Protocol(
         name="coco2014-30k", num_samples=30000, seed=0, conditioning="captions", image_size=256,
         feature_extractor=INCEPTION_EXTRACTOR, reference=None, metrics=("fid", "clip"),

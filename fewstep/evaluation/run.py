@@ -22,7 +22,7 @@ from .scores import ClipScorer, Extractor, ReferenceFeatures, diversity, fidelit
 
 __all__ = ["EvalSpec", "evaluate", "METRICS", "to_uint8", "resize_uint8", "save_grid", "markdown_table"]
 
-METRICS = ("fid", "kid", "prc", "clip", "class_acc", "diversity")
+METRICS = ("fid", "kid", "prc", "clip", "class_acc", "diversity", "panel")
 FEATURE_METRICS = ("fid", "kid", "prc", "diversity")
 
 
@@ -59,6 +59,7 @@ class EvalSpec:
     save_images: bool = False
     cache: bool = True
     kid_subset_size: int | None = None
+    bootstrap: int | None = None           # panel: resamples for the intervals (None: the protocol's)
     progress: bool = True
     command: str = ""                      # the command line, recorded in the results
 
@@ -183,7 +184,7 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         raise InputError("give exactly one of --pipeline (generate and score) or --images (score a folder)")
     proto = get_protocol(spec.protocol).with_overrides(
         num_samples=spec.num_samples, seed=spec.seed, image_size=spec.image_size,
-        feature_extractor=spec.feature_extractor, kid_subset_size=spec.kid_subset_size)
+        feature_extractor=spec.feature_extractor, kid_subset_size=spec.kid_subset_size, bootstrap=spec.bootstrap)
     if proto.num_samples < 2:
         raise InputError(f"--num-samples must be at least 2, got {proto.num_samples}")
     metrics = _metrics(spec, proto)
@@ -218,6 +219,11 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         if proto.conditioning != "labels":
             raise InputError("class_acc is for the class-conditional digits models (protocol 'digits')")
         judge_ok = str(JUDGE_WEIGHTS)
+    if "panel" in metrics and (proto.reference != "digits" or spec.reference not in (None, "digits")
+                               or proto.image_size != 32):
+        raise InputError("metric 'panel' scores against the real digits with the digits judges (protocol 'digits')")
+    if proto.bootstrap < 0:
+        raise InputError(f"--bootstrap must be 0 or more, got {proto.bootstrap}")
     captions_all = load_captions(spec.captions) if spec.captions else None
     folder = ImageFolder(spec.images, proto.image_size) if spec.images is not None else None
     ref = None
@@ -295,6 +301,12 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         gen_feats = extractor.features(folder)
         row = {"steps": None, "num_samples": len(folder), "images": str(spec.images)}
         row["metrics"] = _score_fidelity(gen_feats, ref, extractor, proto, metrics)
+        if "panel" in metrics:
+            from .panel import panel_scores
+
+            u8 = torch.stack([folder[i] for i in range(len(folder))])
+            row["metrics"]["panel"] = panel_scores(u8, None, bootstrap=proto.bootstrap, seed=proto.seed,
+                                                   cache=spec.cache)
         row["score_seconds"] = time.perf_counter() - t0
         results["rows"].append(row)
     else:
@@ -373,6 +385,11 @@ def _one_steps(spec, proto, metrics, src, steps, seeds, labels, caps, extractor,
                            "weights_file": judge_ok, "weights_sha256": file_sha256(judge_ok), **common}
     if "diversity" in metrics:
         ms.update(_diversity(spec, proto, src, steps, guidance, extractor, gen_feats, labels, caps))
+    if "panel" in metrics:
+        from .panel import panel_scores
+
+        ms["panel"] = {**panel_scores(u8, labels, bootstrap=proto.bootstrap, seed=proto.seed, cache=spec.cache),
+                       **common}
     if embedded is not None:
         for m in ms.values():
             m["embedded_guidance"] = embedded
@@ -453,4 +470,11 @@ def markdown_table(results: dict[str, Any], label: str | None = None) -> str:
               "distance within a class, Vendi the Vendi score within a class.",
               f"Device {results['backend']['device']} ({results['backend']['dtype']}, "
               f"{results['backend']['threads']} threads)."]
+    panel = [(f"{name}, {r['steps']} steps" if r.get("steps") else str(name), r["metrics"]["panel"])
+             for r in rows if "panel" in r.get("metrics", {})]
+    if panel:
+        from .panel import panel_table
+
+        lines += ["", "Judge panel (FID of every member with its 95% bootstrap interval; median and range over "
+                  "the judges; pixel-pca64 is the judge-free pixel-PCA distance):", "", panel_table(panel)]
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .inputs import InputError
 
-__all__ = ["private_cache_dir", "verified_torch_weights", "converted_path"]
+__all__ = ["converted_path", "private_cache_dir", "verified_torch_weights"]
 
 
 def private_cache_dir() -> Path:
@@ -62,7 +62,7 @@ def _read_state(path: Path) -> tuple[dict[str, Tensor], str]:
             state = load(blob)
         else:
             state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any refusal to read it as plain tensors is the same user error
+    except Exception as e:
         raise InputError(f"feature extractor weights {path} cannot be read as plain tensors "
                          f"(safetensors, or torch.load weights_only=True): {e}") from e
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):

@@ -89,11 +89,13 @@ class Extractor:
             importlib.import_module(mod)
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-        if self.name == DIGITS_EXTRACTOR:
-            from fewstep.digits.judge import JUDGE_WEIGHTS, register_judge_extractor
+        if self.name.startswith("fewstep-digits-"):
+            from fewstep.digits.panel import register_panel
 
-            register_judge_extractor()
-            path = Path(self.weights) if self.weights else JUDGE_WEIGHTS
+            register_panel()  # the project's judge, the other panel judges and the pixel-PCA measure
+        default = getattr(FEATURE_EXTRACTORS_REGISTRY.get(self.name), "default_weights", None)
+        if default is not None:  # a digits judge (fewstep.digits.judge.JudgeFeatureExtractor)
+            path = Path(self.weights) if self.weights else Path(default)
             if not path.is_file():
                 raise InputError(f"digits judge weights {path} not found (--feature-extractor-weights, "
                                  "or create them with `python train/judge.py`)")

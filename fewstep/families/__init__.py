@@ -5,9 +5,14 @@
     for fam in all_families(): ...
 
 Every module of this package whose name does not start with "_" and is not `base` defines one
-`FAMILY` record and is registered when the package is imported, so a new family is one new
-file here (plus one tiny test model in tests/tiny.py).
+`FAMILY` record and is registered when the package is imported. Adding a family is:
+  1. `fewstep/families/<name>.py` with `FAMILY = Family(...)` (see `base.Family` for the fields);
+     a backbone with a new call convention defines its `Conditioner` subclass in that file too
+     (the base class and helpers are in `fewstep.conditioning`);
+  2. one entry in `TINY` in `tests/tiny.py`: a tiny backbone and its pipeline.
+`tests/test_families.py` then checks the record against the tiny model.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -94,8 +99,10 @@ def default_lora_targets(backbone: nn.Module) -> tuple[str, ...]:
     no known family."""
     fam = family_of(backbone)
     if fam is None:
-        raise ValueError(f"lora.target_modules: no default for backbone {type(backbone).__name__}; "
-                         "set lora.target_modules to module-name suffixes (e.g. [to_q, to_k, to_v])")
+        raise ValueError(
+            f"lora.target_modules: no default for backbone {type(backbone).__name__}; "
+            "set lora.target_modules to module-name suffixes (e.g. [to_q, to_k, to_v])"
+        )
     return fam.lora_targets
 
 
@@ -117,6 +124,8 @@ def family_of_pipeline(pipe) -> Family:
     bb = backbone_of(pipe)
     fam = family_of(bb)
     if fam is None:
-        raise ValueError(f"cannot tell the family of pipeline {name} with backbone {type(bb).__name__}; "
-                         f"pass family= one of {FAMILIES}")
+        raise ValueError(
+            f"cannot tell the family of pipeline {name} with backbone {type(bb).__name__}; "
+            f"pass family= one of {FAMILIES}"
+        )
     return fam

@@ -6,6 +6,7 @@ where LoRA adapters go, which layer feeds the GAN head, whether it can take an L
 and how its stock pipeline drives a scheduler (what export replays). Nothing outside
 `fewstep/families/` names a backbone class; objectives and samplers ask the record.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -34,26 +35,28 @@ class Drive:
     """How a stock pipeline class drives its scheduler (read from diffusers' `__call__` of each
     class); export replays exactly these calls to check a scheduler configuration."""
 
-    backbone: str                  # the component that holds the network ("transformer" / "unet")
-    init_sigma: bool               # latents *= scheduler.init_noise_sigma
-    scale_input: bool              # calls scheduler.scale_model_input
-    step_generator: bool           # passes its `generator` (and eta=0) to scheduler.step when accepted
-    call_kwargs: tuple[str, ...]   # schedule arguments its __call__ forwards to set_timesteps
-    flux_sigmas: bool = False      # FluxPipeline: sigmas default to linspace(1, 1/n, n), mu always passed
-    one_step_output: int = 0       # PixArt-alpha takes step(...)[1] (pred_original_sample) at one step
-    begin_index: bool = False      # calls scheduler.set_begin_index(0) before the loop
-    step_on_scaled: bool = False   # DiTPipeline passes the scale_model_input output to step as the sample
-    conditioning: str = "text"     # "labels" or "text"
-    lora: str | None = None        # the keyword of `save_lora_weights` for its backbone, if it loads LoRA
+    backbone: str  # the component that holds the network ("transformer" / "unet")
+    init_sigma: bool  # latents *= scheduler.init_noise_sigma
+    scale_input: bool  # calls scheduler.scale_model_input
+    step_generator: bool  # passes its `generator` (and eta=0) to scheduler.step when accepted
+    call_kwargs: tuple[str, ...]  # schedule arguments its __call__ forwards to set_timesteps
+    flux_sigmas: bool = False  # FluxPipeline: sigmas default to linspace(1, 1/n, n), mu always passed
+    one_step_output: int = 0  # PixArt-alpha takes step(...)[1] (pred_original_sample) at one step
+    begin_index: bool = False  # calls scheduler.set_begin_index(0) before the loop
+    step_on_scaled: bool = False  # DiTPipeline passes the scale_model_input output to step as the sample
+    conditioning: str = "text"  # "labels" or "text"
+    lora: str | None = None  # the keyword of `save_lora_weights` for its backbone, if it loads LoRA
+    hybrid: bool = False  # __call__ takes latents, step callbacks and custom timesteps, so the
+    #   model card's diffusers-only hybrid sampling snippet runs
 
 
 def _always(backbone: nn.Module) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one record per family
 class Family:
-    """One backbone family. Callables take the backbone (or the `fewstep.teachers.Teacher`) as
+    """One backbone family. Callables take the backbone (or the `fewstep.pipeline_teacher.Teacher`) as
     their first argument, so a record holds no state.
 
     Fields (all required unless a default is given):
@@ -129,8 +132,9 @@ def transformer_block_tap(backbone: nn.Module, block: int | None = None) -> tupl
     blocks = backbone.transformer_blocks
     i = len(blocks) // 2 if block is None else int(block)
     if not -len(blocks) <= i < len(blocks):
-        raise ValueError(f"objective.gan_block={block} is out of range: the backbone has {len(blocks)} "
-                         "transformer blocks")
+        raise ValueError(
+            f"objective.gan_block={block} is out of range: the backbone has {len(blocks)} transformer blocks"
+        )
     cfg = backbone.config
     return blocks[i], int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
 

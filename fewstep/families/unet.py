@@ -1,5 +1,6 @@
 """Pixel-space `UNet2DModel` (DDPM / DDIM pipelines), unconditional or class-conditional
 through `num_class_embeds` (one reserved class is the null label)."""
+
 from __future__ import annotations
 
 from ..conditioning import ClassConditioner
@@ -7,8 +8,9 @@ from .base import ATTN, UNET_CONV, Family, mid_block_tap
 
 
 def _conditioner(backbone, kw):
-    return ClassConditioner(null_class=kw.get("null_class"), in_channels=backbone.config.get("in_channels"),
-                            kind="unet")
+    return ClassConditioner(
+        null_class=kw.get("null_class"), in_channels=backbone.config.get("in_channels"), kind="unet"
+    )
 
 
 def _null_kwargs(teacher):
@@ -21,17 +23,12 @@ def _num_classes(backbone, null_class):
     return (null_class if null_class is not None else n) if n else None
 
 
+# the record is a table (related fields share a line): kept as written by the formatter
+# fmt: off
 FAMILY = Family(
-    name="unet",
-    backbone_classes=("UNet2DModel",),
-    pipeline_classes=("DDPMPipeline", "DDIMPipeline"),
-    text=False,
-    conditioner=_conditioner,
-    conditioner_kwargs=("null_class",),
-    null_kwargs=_null_kwargs,
-    lora_targets=ATTN + UNET_CONV,
-    gan_tap=mid_block_tap,
+    name="unet", text=False, backbone_classes=("UNet2DModel",), pipeline_classes=("DDPMPipeline", "DDIMPipeline"),
+    conditioner=_conditioner, conditioner_kwargs=("null_class",), null_kwargs=_null_kwargs, num_classes=_num_classes,
+    lora_targets=ATTN + UNET_CONV, gan_tap=mid_block_tap, fsdp_wrap=("ResnetBlock2D",),
     drives={},  # DDPMPipeline takes no class labels: no stock pipeline runs a class-conditional student
-    num_classes=_num_classes,
-    fsdp_wrap=("ResnetBlock2D",),
 )
+# fmt: on

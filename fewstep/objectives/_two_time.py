@@ -21,8 +21,8 @@ saved backbone is the teacher's class with the teacher's config:
     gap, r = 0           weight += W, bias -= W phi(0)     (a = timestep(t) - timestep(0) = timestep(t))
 
 Where the time embedding sits is a fact of the backbone family, read from its structure: a module
-with a `time_proj` projection and a `timestep_embedder` (DiT, PixArt, SD3, Flux) or a
-`time_embedding` (UNet2DModel, UNet2DConditionModel) `TimestepEmbedding`. A backbone with neither
+with a `time_proj` projection and a `timestep_embedder` (the transformer families: DiT, PixArt,
+SD3, Flux) or a `time_embedding` (the UNet families) `TimestepEmbedding`. A backbone with neither
 cannot take a second time (`install` raises). Every matching embedder is extended (DiT has one
 per block), all reading one shared state, set per call by `TwoTimeDenoiser`.
 

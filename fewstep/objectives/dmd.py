@@ -8,8 +8,8 @@ Networks (roles):
               samples); never guided
     disc      optional GAN head on the fake score's bottleneck features (needs real latents)
 
-Groups: "generator" trains the student; "guidance" trains the fake score (and the head). The
-guidance group updates every step, the generator every `fake_updates_per_generator` steps (DMD2's
+Groups: "generator" trains the student; "fake_score" trains the fake score (and the head). The
+fake_score group updates every step, the generator every `fake_updates_per_generator` steps (DMD2's
 two time-scale rule).
 
 Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x0 space):
@@ -35,16 +35,14 @@ noise, re-noising with fresh noise, and its prediction at student_times[k] gets 
 student's sampler is those same times then 0, with fresh noise between steps.
 
 Shared-base mode (`shared_base: true`): the teacher, a LoRA student and a LoRA fake score live on
-one frozen copy of the base weights; each role's call switches the adapters (see `SharedBase`).
+one frozen copy of the base weights; each role's call switches the adapters (see
+`fewstep.training.shared_base.SharedBase`).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import re
-import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -53,13 +51,13 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser, copy_denoiser
-from ..families import default_lora_targets
+from ..training.shared_base import RoleView, SharedBase
 from ._maths import cfg_augmentation, dm_gradient, dsm_loss, mse_per_sample, pseudo_huber, surrogate_loss
 from .base import Batch, step_generator, unwrap
 from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
 from .regression import cached_teacher_samples, channel_gaussian_kl, channel_stats, sample_key, teacher_fingerprint
 
-__all__ = ["DMDParams", "DMDObjective", "SharedBase", "RoleView", "build", "params_from_dict", "unwrap"]
+__all__ = ["DMDParams", "DMDObjective", "build", "params_from_dict", "unwrap"]
 
 VARIANTS = ("dmd", "dmd2", "ddmd")  # registry names dmd, dmd2, decoupled_dmd
 
@@ -68,7 +66,7 @@ VARIANTS = ("dmd", "dmd2", "ddmd")  # registry names dmd, dmd2, decoupled_dmd
 class DMDParams:
     """Every default of the DMD family; the YAML keys under `objective:`. The registry sets
     `variant` from objective.name (dmd, dmd2, decoupled_dmd). Optimizer settings (lr, AdamW betas,
-    clipping) are the entry point's `optim.generator` / `optim.guidance`; LoRA rank / alpha /
+    clipping) are the entry point's `optim.generator` / `optim.fake_score`; LoRA rank / alpha /
     targets are `lora.*`; the student's EMA is `ema.rate`."""
 
     variant: str = "dmd2"                  # "dmd2", "dmd" (DM + regression, DMD1) or "ddmd" (Decoupled DMD)
@@ -190,146 +188,6 @@ def params_from_dict(d: dict[str, Any] | None) -> DMDParams:
     return p
 
 
-# ---- shared base: one frozen backbone, one LoRA adapter per trainable role --------------------
-class SharedBase:
-    """The teacher's backbone with one LoRA adapter per trainable role (peft), so a DMD2 run
-    holds one backbone instead of three.
-
-    `activate(role)` selects the adapter that takes part in the next forward pass (None disables
-    all: the teacher). Autograd records the weights that a pass used, so a backward reaches only
-    the adapter that was active during that pass, whatever is active when backward runs. peft's
-    `set_adapter` also flips requires_grad of the inactive adapters; `activate` restores it, so
-    every adapter stays trainable by its own optimizer. The default state is "disabled", so the
-    teacher Denoiser keeps behaving as the teacher outside role calls.
-
-    Not compatible with activation checkpointing inside the backbone (the recomputation in
-    backward would run with whatever adapter is then active): `build` refuses that combination.
-    """
-
-    def __init__(self, denoiser: Denoiser, roles: list[str], rank: int = 16, alpha: float = 16.0,
-                 targets: list[str] | tuple[str, ...] | None = None, dropout: float = 0.0):
-        from peft import LoraConfig, inject_adapter_in_model
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.denoiser = denoiser
-        bb = denoiser.backbone
-        if getattr(bb, "is_gradient_checkpointing", False):
-            raise ValueError("objective.shared_base=true cannot run with gradient checkpointing in the backbone "
-                             "(its recomputation would see the wrong adapter); disable one of them")
-        targets = tuple(targets or default_lora_targets(bb))
-        names = [n for n, _ in bb.named_modules()]
-        found = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
-        if not found:
-            raise ValueError(f"lora.target_modules: none of {list(targets)} names a module of "
-                             f"{type(bb).__name__}")
-        bb.requires_grad_(False)
-        with warnings.catch_warnings():  # a second adapter on one model is the point here
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            for role in roles:
-                cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=found,
-                                 lora_dropout=float(dropout))
-                inject_adapter_in_model(cfg, bb, adapter_name=role)
-        # what the entry point reads to save the final student with its adapter merged (the
-        # same record fewstep.training.lora.add_lora leaves)
-        bb._fewstep_lora = {"rank": int(rank), "alpha": float(alpha), "targets": found, "adapter": roles[0]}
-        self.layers = [m for m in bb.modules() if isinstance(m, BaseTunerLayer)]
-        self.roles = list(roles)
-        self.adapter_params: dict[str, dict[str, nn.Parameter]] = {}
-        for role in roles:
-            pat = re.compile(rf"\.lora_[A-Za-z_]+\.{re.escape(role)}\.")
-            self.adapter_params[role] = {n: p for n, p in bb.named_parameters() if pat.search(n)}
-            if not self.adapter_params[role]:  # pragma: no cover - peft naming changed
-                raise RuntimeError(f"no LoRA weights found for role {role!r}")
-        lora_ids = {id(p) for ps in self.adapter_params.values() for p in ps.values()}
-        self.base_params = {n: p for n, p in bb.named_parameters() if id(p) not in lora_ids}
-        self._active: str | None = "?"
-        self.activate(None)
-
-    def activate(self, role: str | None) -> None:
-        if role == self._active:
-            return
-        if role is not None and role not in self.roles:
-            raise KeyError(f"no adapter for role {role!r}; roles are {self.roles}")
-        for layer in self.layers:
-            if role is None:
-                layer.enable_adapters(False)
-            else:
-                layer.set_adapter(role)
-                layer.enable_adapters(True)
-        for ps in self.adapter_params.values():
-            for p in ps.values():
-                p.requires_grad_(True)
-        self._active = role
-
-    def parameter_bytes(self) -> int:
-        """Bytes of every weight held (base once, plus all adapters)."""
-        return sum(p.numel() * p.element_size() for p in self.denoiser.backbone.parameters())
-
-
-class RoleView(Denoiser):
-    """One role of a `SharedBase`, called like a Denoiser (it is one, for code that asks).
-
-    It registers as its own parameters only that role's weights (the student's or fake's adapter;
-    the teacher's frozen base weights), so optimizers, gradient averaging, DDP wrappers and
-    checkpoints see each trainable weight under exactly one role; `backbone`, `path` and
-    `conditioner` are the shared ones. Device and dtype moves (`.to`) apply to the whole shared
-    backbone. Only `forward` switches adapters: call the view as a function.
-    """
-
-    def __init__(self, shared: SharedBase, role: str | None):
-        nn.Module.__init__(self)  # not Denoiser.__init__: the backbone is not a submodule here
-        object.__setattr__(self, "_shared", shared)
-        self.role = role
-        params = shared.adapter_params[role] if role is not None else shared.base_params
-        self.weights = nn.ParameterDict({n.replace(".", "__"): p for n, p in params.items()})
-
-    @property
-    def shared(self) -> SharedBase:
-        return self._shared
-
-    @property
-    def path(self):
-        return self._shared.denoiser.path
-
-    @property
-    def conditioner(self):
-        return self._shared.denoiser.conditioner
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self._shared.denoiser.backbone
-
-    def forward(self, x_t: Tensor, t, cond: Cond | None = None, guidance=1.0, output: str = "x0"):
-        self._shared.activate(self.role)
-        try:
-            return self._shared.denoiser(x_t, t, cond, guidance, output=output)
-        finally:
-            self._shared.activate(None)
-
-    def _apply(self, fn, recurse=True):
-        self._shared.denoiser._apply(fn, recurse)
-        return super()._apply(fn, recurse)
-
-    def standalone(self) -> Denoiser:
-        """A plain Denoiser with this role's adapter merged into a copy of the base weights (for
-        export and evaluation with stock code)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        den = self._shared.denoiser
-        bb = copy.deepcopy(den.backbone)
-        tuner = [(n, m) for n, m in bb.named_modules() if isinstance(m, BaseTunerLayer)]
-        for name, m in tuner:
-            if self.role is not None:
-                m.set_adapter(self.role)
-                m.enable_adapters(True)
-                m.merge(adapter_names=[self.role])
-            parent_name, _, child = name.rpartition(".")
-            parent = bb.get_submodule(parent_name) if parent_name else bb
-            setattr(parent, child, m.get_base_layer())
-        bb.requires_grad_(False)
-        return Denoiser(bb, den.path, den.conditioner)
-
-
 # ---- the objective --------------------------------------------------------------------------
 class DMDObjective:
     """DMD / DMD2 / Decoupled DMD. See the module docstring for the maths.
@@ -355,10 +213,10 @@ class DMDObjective:
         self.path = teacher.path
         self.times = params.times
         self.nets: dict[str, nn.Module] = {"teacher": teacher, "student": student, "fake": fake}
-        self.groups: dict[str, list[str]] = {"generator": ["student"], "guidance": ["fake"]}
+        self.groups: dict[str, list[str]] = {"generator": ["student"], "fake_score": ["fake"]}
         if disc is not None:
             self.nets["disc"] = disc
-            self.groups["guidance"].append("disc")
+            self.groups["fake_score"].append("disc")
         self.tap = tap
         self.teacher_key = teacher_key
         self.num_classes = num_classes
@@ -375,8 +233,8 @@ class DMDObjective:
         update, and a run of N x ratio steps ends on a generator update)."""
         r = int(self.p.fake_updates_per_generator)
         if (step + 1) % r == 0:
-            return ["generator", "guidance"]
-        return ["guidance"]
+            return ["generator", "fake_score"]
+        return ["fake_score"]
 
     def sim_steps(self, step: int) -> int:
         """Backward-simulation depth k in {0..K-1}, the same on every process at a given step."""
@@ -489,8 +347,8 @@ class DMDObjective:
         logs["loss_g"] = loss.item()
         return loss, logs
 
-    # ---- guidance (fake score + head) ----------------------------------------------------
-    def guidance_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    # ---- fake score (+ head) ---------------------------------------------------------------
+    def fake_score_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         p, cond = self.p, batch.get("cond")
         with torch.no_grad():
             x_hat, _ = self.generate(batch, step, grad=False)
@@ -525,9 +383,9 @@ class DMDObjective:
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if phase == "generator":
             return self.generator_loss(batch, step)
-        if phase == "guidance":
-            return self.guidance_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'guidance'")
+        if phase == "fake_score":
+            return self.fake_score_loss(batch, step)
+        raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'fake_score'")
 
     # ---- cached teacher samples ------------------------------------------------------------
     def _cond_pool(self, batch: Batch, n: int) -> Cond | None:

@@ -13,7 +13,7 @@ forward diffusion with fresh noise z to a time t inside the segment:
     x_t = (alpha_t / alpha_mid) x_mid + beta z,     beta = sqrt(sigma_t^2 - (alpha_t sigma_mid / alpha_mid)^2)
         = alpha_t x0_hat + sigma_t m,               m = (alpha_t sigma_mid / alpha_mid eps_hat + beta z) / sigma_t
 
-Fake score ("guidance" phase, every step): x0-regression on that marginal,
+Fake score ("fake_score" phase, every step): x0-regression on that marginal,
     L_fake = mean_b[min(SNR_t, snr_clamp) w_IS ||x0_fake(x_t, t) - sg(x0_hat)||^2],
     w_IS   = exp(-mean(m^2)/2) / exp(-mean(z^2)/2)       (the importance weight of the mixed noise)
 Generator ("generator" phase, every step, 1:1), CFG scale w in the Imagen form:
@@ -160,11 +160,11 @@ class TDM:
         self.path = teacher.path
         freeze(teacher)
         self.nets: dict[str, nn.Module] = {"student": student, "fake": fake, "teacher": teacher}
-        self.groups = {"generator": ["student"], "guidance": ["fake"]}
+        self.groups = {"generator": ["student"], "fake_score": ["fake"]}
         # the reference's AdamW settings (a preset's optim.<group> overrides them): beta1 = 0 for
         # both, the generator's gradient norm clipped to 1; its lr (fake lr / 5) is the preset's.
         self.optim = {"generator": {"betas": (0.0, 0.95), "weight_decay": 0.01, "grad_clip": 1.0},
-                      "guidance": {"betas": (0.0, 0.95), "weight_decay": 0.01}}
+                      "fake_score": {"betas": (0.0, 0.95), "weight_decay": 0.01}}
         self.times = student_times(params.num_steps, params.t_total)
         # the trained grid, and TDM's grid at other step counts (same t_total) for comparisons
         self.sampling = {"times": list(self.times), "renoise": "ddim",
@@ -174,14 +174,14 @@ class TDM:
     # ---- the loop ----------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:
         # 1:1 as in the reference: the fake score first (on the rollout), then the generator.
-        return ["guidance", "generator"]
+        return ["fake_score", "generator"]
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase == "guidance":
+        if phase == "fake_score":
             return self._fake_loss(batch, step)
         if phase == "generator":
             return self._generator_loss(batch, step)
-        raise ValueError(f"tdm has phases 'guidance' and 'generator', got {phase!r}")
+        raise ValueError(f"tdm has phases 'fake_score' and 'generator', got {phase!r}")
 
     # ---- pieces ------------------------------------------------------------------------
     def _device(self) -> torch.device:

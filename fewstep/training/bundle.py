@@ -108,11 +108,8 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
 
 def load_bundle(tcfg: Any, device: torch.device | str = "cpu") -> TeacherBundle:
     """Load `teacher.source` through fewstep.pipeline_teacher and freeze it."""
-    try:
-        from ..pipeline_teacher import load_teacher
-    except ImportError as e:
-        raise RuntimeError(f"teacher.source={tcfg.source!r}: fewstep.pipeline_teacher is not available ({e}); "
-                           "pass a TeacherBundle to fewstep.training.run(cfg, teacher=...)") from e
+    from ..pipeline_teacher import load_teacher
+
     kw: dict[str, Any] = {"device": device, "dtype": DTYPES[tcfg.dtype]}
     if tcfg.family is not None:
         kw["family"] = tcfg.family

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import RENAMED_GROUPS
 from ..errors import UserError
 from .manifest import verify_manifest, write_manifest
 
@@ -320,10 +321,12 @@ def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: s
     if unexpected:
         raise CheckpointError(f"resume: tensors {unexpected[:3]} of {path} do not fit this run's networks")
     sched = _load_torch(path / "schedulers.pt")
+    old_names = {new: old for old, new in RENAMED_GROUPS.items()}
     for g, s in schedulers.items():
-        if g not in sched:
+        saved = g if g in sched else old_names.get(g)  # else a checkpoint written under the group's old name
+        if saved not in sched:
             raise CheckpointError(f"resume: {path} has no scheduler state for optimizer group {g!r}")
-        s.load_state_dict(sched[g])
+        s.load_state_dict(sched[saved])
     if objective is not None and hasattr(objective, "load_state_dict") and (path / "objective.pt").is_file():
         objective.load_state_dict(_load_torch(path / "objective.pt"))
     rng_file = path / f"rng_{rank}.pt"

@@ -94,6 +94,7 @@ class BatchSource:
         self.num_classes = num_classes or bundle.num_classes
         self.text_cond: Cond | None = None
         self.num_prompts = 0
+        self.prompts: list[str] | None = None   # caption strings (text teachers), carried as batch["prompts"]
         self.real: tuple[Tensor, Tensor | None] | None = None
         self.by_class: list[Tensor] | None = None
 
@@ -109,6 +110,7 @@ class BatchSource:
             self.text_cond = {k: (v.detach().cpu() if torch.is_tensor(v) else v)
                               for k, v in cat_cond(*parts).items()}
             self.num_prompts = len(plist)
+            self.prompts = plist
         elif prompts is not None:
             raise ValueError(f"data.prompts: the teacher {bundle.source!r} is not text-conditioned")
 
@@ -148,6 +150,7 @@ class BatchSource:
         if self.text_cond is not None:
             idx = torch.randint(0, self.num_prompts, (n,), generator=g)
             out["cond"] = index_cond(self.text_cond, idx)
+            out["prompts"] = [self.prompts[int(i)] for i in idx]
             if self.real is not None:
                 out["x0"] = self.real[0][idx]
         elif self.num_classes:
@@ -182,6 +185,8 @@ class BatchSource:
                              for k, v in index_cond(full["cond"], sl).items()}
         if "x0" in full:
             batch["x0"] = full["x0"][lo:hi].to(self.device)
+        if "prompts" in full:
+            batch["prompts"] = full["prompts"][lo:hi]
         return batch
 
     def grid_cond(self, n: int) -> Cond | None:

@@ -2,15 +2,10 @@
 teacher (with real data drawn from a mixture) and tiny diffusers models of each family."""
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ (tiny.py)
-
-from fewstep.testing import gmm_denoiser  # noqa: E402
-from fewstep.training.bundle import TeacherBundle  # noqa: E402
+from fewstep.testing import gmm_denoiser
+from fewstep.training.bundle import TeacherBundle
 
 K = 4
 
@@ -23,7 +18,7 @@ def true_means(shape=(1, 4, 4)) -> torch.Tensor:
 def gmm_bundle(shift: float = 0.0, real_data: bool = True, learnable: bool = True) -> TeacherBundle:
     """A class-conditional GMM teacher (K classes, null class K) whose means are the true ones
     plus `shift`; its real data are exact samples of the true mixture."""
-    from tiny import vp_path
+    from tests.tiny import vp_path
 
     means = true_means()
     den = gmm_denoiser(vp_path(), means + shift, std=0.3, classes=torch.arange(K), null_class=K, learnable=learnable)
@@ -43,7 +38,7 @@ def gmm_bundle(shift: float = 0.0, real_data: bool = True, learnable: bool = Tru
 def tiny_bundle(family: str = "dit", seed: int = 0, **kw) -> TeacherBundle:
     """A tiny randomly initialised teacher of `family`; text families encode a prompt as a random
     condition seeded by the prompt's text, so the same prompt always gives the same condition."""
-    from tiny import NUM_CLASSES, make_tiny
+    from tests.tiny import NUM_CLASSES, make_tiny
 
     tiny = make_tiny(family, seed=seed, **kw)
     text = family not in ("dit", "unet")

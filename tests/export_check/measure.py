@@ -2,7 +2,7 @@
 time, the scheduler chosen, and the largest difference between the exported pipeline (run in a
 fresh process without fewstep) and fewstep's own sampler, per supported step count.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/export_check/measure.py [--out table.md]
+    OMP_NUM_THREADS=1 .venv/bin/python -m tests.export_check.measure [--out table.md]
 
 Prints a markdown table (absolute max difference, and relative to the sample's max |x|).
 """
@@ -14,10 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (test_export, tiny)
+import torch
 
-import test_export as T  # noqa: E402
-import torch  # noqa: E402
+from tests import test_export as T
 
 
 def main() -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..families import DRIVES
+
 __all__ = ["render_readme", "load_snippet", "hybrid_snippet"]
 
 _PIPELINE_TAG = {"labels": "unconditional-image-generation", "text": "text-to-image"}
@@ -62,7 +64,8 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
     """Diffusers-only hybrid sampling (teacher with CFG for the first step, the student for the
     rest) for pipelines that take latents, step callbacks and custom schedules; None otherwise."""
     cls = card["pipeline_class"]
-    if cls not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+    drive = DRIVES.get(cls)
+    if drive is None or not drive.hybrid:
         return None
     n = int(card["trained_steps"])
     sup = card["supported_steps"].get(str(n))
@@ -98,6 +101,23 @@ def hybrid_snippet(card: dict[str, Any]) -> str | None:
         f"image = student(prompt, timesteps={rest}, guidance_scale={card['guidance_scale']:g}, latents=x,",
         "                generator=torch.Generator().manual_seed(1)).images[0]",
     ])
+
+
+def _evaluation_section(mets: list[dict[str, Any]]) -> list[str]:
+    """The `fewstep eval` results found beside the run, one table per results file."""
+    out = ["## Evaluation", ""]
+    if not mets:
+        out += ["No `fewstep eval` results were found beside the run.", ""]
+    for m in mets:
+        out += [f"`{m.get('command') or m['file']}` (protocol {m.get('protocol')}):", "",
+                "| steps | guidance | hybrid | samples | metrics |", "|---|---|---|---|---|"]
+        for r in m["rows"]:
+            ms = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                           for k, v in r["metrics"].items())
+            hy = (r.get("hybrid") or {}).get("teacher_steps", "-") if isinstance(r.get("hybrid"), dict) else "-"
+            out.append(f"| {r.get('steps')} | {r.get('guidance')} | {hy} | {r.get('num_samples')} | {ms} |")
+        out += [""]
+    return out
 
 
 def render_readme(card: dict[str, Any]) -> str:
@@ -163,19 +183,7 @@ def render_readme(card: dict[str, Any]) -> str:
     out += [""]
     if card.get("requires_patch"):
         out += ["## Known limits", "", f"- {card['requires_patch']}", ""]
-    mets = card.get("metrics") or []
-    out += ["## Evaluation", ""]
-    if not mets:
-        out += ["No `fewstep eval` results were found beside the run.", ""]
-    for m in mets:
-        out += [f"`{m.get('command') or m['file']}` (protocol {m.get('protocol')}):", "",
-                "| steps | guidance | hybrid | samples | metrics |", "|---|---|---|---|---|"]
-        for r in m["rows"]:
-            ms = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
-                           for k, v in r["metrics"].items())
-            hy = (r.get("hybrid") or {}).get("teacher_steps", "-") if isinstance(r.get("hybrid"), dict) else "-"
-            out.append(f"| {r.get('steps')} | {r.get('guidance')} | {hy} | {r.get('num_samples')} | {ms} |")
-        out += [""]
+    out += _evaluation_section(card.get("metrics") or [])
     ck = card["weights"].get("checkpoint")
     out += ["## Provenance", "", f"Exported by `fewstep export` from `{ck or card['run']['dir']}` "
             f"({'a checkpoint of a run' if ck else str(card['run'].get('steps')) + ' training step(s)'}); "

@@ -1,0 +1,265 @@
+"""Panel scores for the digits: every member's FID, precision / recall and within-class diversity,
+each judge's class accuracy, bootstrap intervals (resampling the generated set), the real-vs-real
+floor at the same sample count computed the same way, and the claims rule.
+
+    scores = panel_scores(u8_images, labels)            # one generated set
+    verdict = compare(student_scores, teacher_scores)  # "beats" / "trails" / "within noise"
+
+Definitions (all numbers from torch-fidelity's FID / precision-recall functions on each member's
+features against all 1,797 real digits):
+- bootstrap interval: the 2.5 and 97.5 percentiles over `bootstrap` resamples (with replacement,
+  same size) of the generated set, shifted by the bootstrap's bias (mean of the resampled values
+  minus the estimate: repeated samples inflate FID) so that it is centred on the estimate; the
+  same resample indices serve every member, so the panel median has an interval too.
+- floor: the same statistic for n real digits drawn with replacement from the 1,797 (n = the
+  generated count), against all of them, over as many draws as the bootstrap: median and 95%
+  range. It stands for a generator of real digits at this n (its draws repeat digits, as a
+  bootstrap resample does, and come from the reference itself).
+- diversity: within-class Vendi score (cosine kernel) and mean pairwise feature distance, averaged
+  over the classes, in each member's features.
+- the panel median and range are over the judges (the pixel-PCA distance is in other units and
+  is shown beside it); the claims rule asks every member, pixel-PCA included.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .inputs import InputError, TensorImages
+from .scores import Extractor, diversity, fidelity_from_features
+
+__all__ = ["CLAIMS_RULE", "compare", "comparison", "fid_of", "panel_scores", "panel_table", "verdict_text"]
+
+CLAIMS_RULE = ("a student beats (or trails) a teacher only when every panel member, pixel-PCA included, "
+               "agrees and each member's 95% bootstrap intervals of the two do not overlap; otherwise the "
+               "difference is within noise")
+
+
+def fid_of(features: Tensor, ref_stats: tuple[np.ndarray, np.ndarray]) -> float:
+    """torch-fidelity's FID of (n, D) features against (mu, sigma)."""
+    from torch_fidelity.metric_fid import (
+        fid_features_to_statistics,
+        fid_statistics_to_metric,
+    )
+
+    s = fid_features_to_statistics(features)
+    return float(fid_statistics_to_metric(s, {"mu": ref_stats[0], "sigma": ref_stats[1]}, False)
+                 ["frechet_inception_distance"])
+
+
+def _ref_stats(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    s = fid_features_to_statistics(features)
+    return s["mu"], s["sigma"]
+
+
+def _ci(values: Sequence[float], point: float | None = None) -> list[float]:
+    """95% percentile interval of bootstrap values; with `point`, shifted by the bootstrap's bias
+    (mean of the values minus `point`) so that it is centred on the estimate: resampling with
+    replacement repeats samples, which inflates FID by about the same amount in every resample."""
+    v = np.asarray(values, dtype=np.float64)
+    shift = float(v.mean() - point) if point is not None else 0.0
+    return [float(np.percentile(v, 2.5)) - shift, float(np.percentile(v, 97.5)) - shift]
+
+
+def panel_scores(images: Tensor, labels: Tensor | None, bootstrap: int = 200, seed: int = 0,
+                 members: Sequence[str] | None = None, prc: bool = True, cache: bool = True) -> dict[str, Any]:
+    """Every panel member's scores of uint8 (N, 3, 32, 32) images with their requested labels.
+
+    Args:
+        images: the generated set, uint8 (N, 3, H, W).
+        labels: (N,) requested classes (class accuracy, within-class diversity), or None.
+        bootstrap: resamples for the intervals (0: none).
+        seed: seed of the resample indices (generated set and floor).
+        members: extractor names (default: the whole panel, `fewstep.digits.panel.panel_members()`).
+    """
+    from ..digits.panel import PIXEL_PCA, panel_members
+    from .digits import digits_reference
+
+    if not (torch.is_tensor(images) and images.dtype == torch.uint8):
+        raise InputError("panel_scores: expected uint8 (N, 3, H, W) images")
+    n = int(images.shape[0])
+    if n < 4:
+        raise InputError(f"panel_scores: needs at least 4 images, got {n}")
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1).long().cpu()
+        if labels.shape[0] != n:
+            raise InputError(f"panel_scores: {n} images but {labels.shape[0]} labels")
+    g = torch.Generator().manual_seed(int(seed))
+    gen_idx = torch.randint(0, n, (bootstrap, n), generator=g)
+    out_members = []
+    for name in members or panel_members():
+        judge = name != PIXEL_PCA
+        ext = Extractor(name, extra_layers=("logits",) if judge else ()).check()
+        layer = ext.layer("fid")
+        feats = ext.features(TensorImages(images))
+        ref = digits_reference(ext, use_cache=cache)
+        vals = fidelity_from_features(feats, ref, ext, fid=True, prc=prc)
+        f, rf = feats[layer].double(), ref.features[layer].double()
+        stats = _ref_stats(rf)
+        floor_idx = torch.randint(0, rf.shape[0], (max(bootstrap, 1), n), generator=g)
+        floor = [fid_of(rf[i], stats) for i in floor_idx]
+        m: dict[str, Any] = {"name": name, "kind": "judge" if judge else "pixel-pca", "layer": layer,
+                             "weights_sha256": ext.weights_sha256, "fid": vals["fid"],
+                             "floor_fid": float(np.median(floor)), "floor_ci": _ci(floor)}
+        if bootstrap:
+            boot = [fid_of(f[i], stats) for i in gen_idx]
+            m["fid_ci"], m["_boot"] = _ci(boot, vals["fid"]), boot
+        if prc:
+            m.update(precision=vals["precision"], recall=vals["recall"])
+        if labels is not None:
+            d = diversity(feats[layer], labels.tolist())
+            m.update(vendi=d["vendi"], diversity=d["diversity"])
+            if judge:
+                hit = (feats["logits"].argmax(1) == labels).double()
+                m["class_acc"] = float(hit.mean())
+                if bootstrap:
+                    acc_b = [float(hit[i].mean()) for i in gen_idx]
+                    m["class_acc_ci"], m["_boot_acc"] = _ci(acc_b, m["class_acc"]), acc_b
+        out_members.append(m)
+    return {"n": n, "bootstrap": bootstrap, "seed": int(seed), "members": _public(out_members),
+            "panel": _summary(out_members, bootstrap)}
+
+
+def _public(members: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.startswith("_")} for m in members]
+
+
+def _summary(members: list[dict], bootstrap: int) -> dict[str, Any]:
+    judges = [m for m in members if m["kind"] == "judge"]
+    if not judges:
+        return {}
+    fids = [m["fid"] for m in judges]
+    s: dict[str, Any] = {"judges": len(judges), "fid_median": float(np.median(fids)),
+                         "fid_range": [float(min(fids)), float(max(fids))],
+                         "floor_fid_median": float(np.median([m["floor_fid"] for m in judges]))}
+    if bootstrap:
+        s["fid_median_ci"] = _ci(np.median(np.array([m["_boot"] for m in judges]), axis=0), s["fid_median"])
+    for key in ("class_acc", "precision", "recall", "vendi"):
+        if all(key in m for m in judges):
+            v = [m[key] for m in judges]
+            s[f"{key}_median"], s[f"{key}_range"] = float(np.median(v)), [float(min(v)), float(max(v))]
+    if bootstrap and all("_boot_acc" in m for m in judges):
+        s["class_acc_median_ci"] = _ci(np.median(np.array([m["_boot_acc"] for m in judges]), axis=0),
+                                       s["class_acc_median"])
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+def _side(a: list[float], b: list[float]) -> int:
+    """-1 when interval a lies wholly below b, +1 wholly above, 0 when they overlap."""
+    if a[1] < b[0]:
+        return -1
+    if a[0] > b[1]:
+        return 1
+    return 0
+
+
+def compare(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
+    """The claims rule on two `panel_scores` results (same members, bootstrap on).
+
+    Returns {"fid": verdict, "class_acc": verdict, "members": {name: {"fid_ratio", "fid_side",
+    "class_acc_side"}}, "fid_ratio_median", "fid_ratio_range"}; a verdict is "beats", "trails" or
+    "within noise". Lower FID and higher class accuracy are better."""
+    t_by = {m["name"]: m for m in teacher["members"]}
+    per: dict[str, dict[str, Any]] = {}
+    fid_sides, acc_sides, ratios = [], [], []
+    for m in student["members"]:
+        t = t_by.get(m["name"])
+        if t is None or "fid_ci" not in m or "fid_ci" not in t:
+            raise InputError(f"compare: member {m['name']!r} lacks a bootstrap interval on one side")
+        r = {"fid_ratio": m["fid"] / t["fid"] if t["fid"] else float("nan"), "fid_side": _side(m["fid_ci"], t["fid_ci"])}
+        fid_sides.append(r["fid_side"])
+        ratios.append(r["fid_ratio"])
+        if "class_acc_ci" in m and "class_acc_ci" in t:
+            r["class_acc_side"] = _side(m["class_acc_ci"], t["class_acc_ci"])
+            acc_sides.append(r["class_acc_side"])
+        per[m["name"]] = r
+
+    def verdict(sides: list[int], better: int) -> str:
+        if sides and all(s == better for s in sides):
+            return "beats"
+        if sides and all(s == -better for s in sides):
+            return "trails"
+        return "within noise"
+
+    return {"fid": verdict(fid_sides, -1), "class_acc": verdict(acc_sides, +1), "members": per,
+            "fid_ratio_median": float(np.median(ratios)), "fid_ratio_range": [float(min(ratios)), float(max(ratios))],
+            "rule": CLAIMS_RULE}
+
+
+# ----------------------------------------------------------------------------------------------
+def _short(name: str) -> str:
+    from ..digits.judge import JUDGE_NAME
+
+    return {JUDGE_NAME: "judge"}.get(name, name.removeprefix(JUDGE_NAME + "-").removeprefix("fewstep-digits-"))
+
+
+def panel_table(rows: Sequence[tuple[str, dict[str, Any]]], seeds: dict[str, list[dict]] | None = None) -> str:
+    """Markdown: one line per (label, panel_scores): every member's FID with its interval, the
+    judges' median [range], the median's interval, seed spread (if `seeds` gives other seeds'
+    results for the label), class accuracy, precision / recall / Vendi medians, and the floor."""
+    if not rows:
+        return ""
+    names = [m["name"] for m in rows[0][1]["members"]]
+    head = ["model", *(f"FID {_short(n)}" for n in names), "FID median [range]", "median 95% CI", "seed spread",
+            "class acc median [range]", "precision / recall / Vendi (median)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, sc in rows:
+        by = {m["name"]: m for m in sc["members"]}
+        p = sc["panel"]
+        cells = [label]
+        for n in names:
+            m = by[n]
+            ci = m.get("fid_ci")
+            cells.append(f"{m['fid']:.2f}" + (f" ({ci[0]:.1f}-{ci[1]:.1f})" if ci else ""))
+        cells.append(f"{p['fid_median']:.2f} [{p['fid_range'][0]:.2f}, {p['fid_range'][1]:.2f}]")
+        ci = p.get("fid_median_ci")
+        cells.append(f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-")
+        other = (seeds or {}).get(label) or []
+        if other:
+            meds = [s["panel"]["fid_median"] for s in other]
+            cells.append(f"{min(meds):.2f}-{max(meds):.2f} ({len(meds)} seeds)")
+        else:
+            cells.append("-")
+        if "class_acc_median" in p:
+            r = p["class_acc_range"]
+            cells.append(f"{100 * p['class_acc_median']:.1f}% [{100 * r[0]:.1f}, {100 * r[1]:.1f}]")
+        else:
+            cells.append("-")
+        cells.append(" / ".join(f"{p[k]:.3f}" if k in p else "-" for k in ("precision_median", "recall_median"))
+                     + (f" / {p['vendi_median']:.2f}" if "vendi_median" in p else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    first = rows[0][1]
+    floor = [f"{_short(m['name'])} {m['floor_fid']:.2f} ({m['floor_ci'][0]:.1f}-{m['floor_ci'][1]:.1f})"
+             for m in first["members"]]
+    lines += ["", f"Real-vs-real floor at n = {first['n']} (real digits resampled with replacement against all "
+              f"1,797, {max(first['bootstrap'], 1)} draws; median and 95% range): " + ", ".join(floor) + ".",
+              f"Intervals: 95% bootstrap over {first['bootstrap']} resamples of the generated set."]
+    return "\n".join(lines) + "\n"
+
+
+_PHRASE = {"beats": "beats", "trails": "trails", "within noise": "is within noise of (no claim)"}
+
+
+def verdict_text(student_label: str, teacher_label: str, verdict: dict[str, Any]) -> str:
+    """The conclusion under the claims rule, with the FID ratios of every member."""
+    ratios = ", ".join(f"{_short(k)} {v['fid_ratio']:.2f}x" for k, v in verdict["members"].items())
+    lo, hi = verdict["fid_ratio_range"]
+    return (f"Conclusion (claims rule: {verdict['rule']}): by FID the {student_label} {_PHRASE[verdict['fid']]} "
+            f"the {teacher_label}; by class accuracy it {_PHRASE[verdict['class_acc']]} it. "
+            f"Student/teacher FID per member: {ratios} (median {verdict['fid_ratio_median']:.2f}x, "
+            f"range {lo:.2f}-{hi:.2f}x).")
+
+
+def comparison(student_label: str, student: dict[str, Any], teacher_label: str, teacher: dict[str, Any],
+               seeds: dict[str, list[dict]] | None = None) -> tuple[str, dict[str, Any]]:
+    """(markdown table + conclusion, the `compare` verdict) for a student against its teacher."""
+    verdict = compare(student, teacher)
+    text = panel_table([(student_label, student), (teacher_label, teacher)], seeds)
+    return text + "\n" + verdict_text(student_label, teacher_label, verdict) + "\n", verdict

@@ -1,0 +1,221 @@
+"""Flash-DMD: timestep-aware distribution matching for a multi-step student, then joint reward
+fine-tuning with the distillation losses kept as a regulariser.
+
+(No official code exists; this follows the paper's outline, ALGORITHMS.md section 4.)
+
+Built on DMD2 (`dmd.DMDObjective`, composed, not copied): the same student, fake score, GAN head
+on the fake score's bottleneck, backward simulation over the student's times with fresh noise,
+two-time-scale schedule and fake-score / discriminator loss. What changes is the generator loss,
+chosen by the student step k that backward simulation lands on (the same on every process):
+
+    k <  dm_steps  (high noise: global structure)   L = L_DM               (DMD's DM term only)
+    k >= dm_steps  (low noise: texture)              L = lambda_G L_adv     (the GAN term only)
+
+Reward phase (step >= reward_start): the student is also trained to raise a differentiable reward
+of its x0 prediction (decoded to images when the reward reads images),
+
+    L = [L_DM or lambda_G L_adv] - reward_weight * mean reward(x_hat, cond)
+
+with the distillation term kept as the regulariser against reward hacking;
+`reward_keep_distillation: false` drops it (and the fake-score updates) for the contrast run.
+The reward and the distillation loss are logged side by side ("reward", "loss_distill").
+A reward that returns a non-finite value stops the run with an error naming the reward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..denoiser import Denoiser
+from ._maths import surrogate_loss
+from .base import Batch
+from .dmd import DMDObjective, DMDParams, _build
+from .gan import generator_gan_loss
+from .rewards import differentiable_decode, make_reward
+
+__all__ = ["FlashDMDParams", "FlashDMDObjective", "build"]
+
+
+@dataclass
+class FlashDMDParams:
+    num_steps: int = 4                     # student sampling steps
+    student_times: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+                                           # student input times, one per step, decreasing in (0, 1]
+    dm_steps: int = 2                      # the boundary: the first dm_steps (highest-noise) student steps get
+                                           #   the DM loss only, the later ones the adversarial loss only
+    guidance: float = 4.0                  # CFG scale of the real score (Imagen form)
+    dm_t_min: float = 0.02                 # DM re-noising time range (DMD2)
+    dm_t_max: float = 0.98
+    fake_t_min: float = 0.001              # fake-score denoising time range [fake_t_min, 1]
+    fake_target: str = "native"            # "native" or "x0" (as DMD2)
+    fake_updates_per_generator: int = 5    # DMD2's two time-scale rule
+    gan_generator_weight: float = 3e-3     # lambda_G of the adversarial loss at the low-noise steps
+    gan_disc_weight: float = 1e-2          # lambda_D of the discriminator loss (guidance group)
+    gan_block: int | None = None           # transformer block feeding the head (None: the middle one)
+    gan_head_width: int = 128
+    gan_t_min: float = 0.001               # noise levels the head sees
+    gan_t_max: float = 1.0
+    # ---- reward phase ---------------------------------------------------------------------
+    reward: str | None = None              # "digits_class", "clip", "module.path:factory", or null (no phase)
+    reward_model: str | None = None        # the reward's weights / model folder (None: its default)
+    reward_start: int | None = None        # first step of the reward phase (needs `reward`)
+    reward_weight: float = 1.0             # weight of -mean(reward) in the generator loss
+    reward_keep_distillation: bool = True  # keep the distillation losses as a regulariser (false: contrast run)
+
+    def validate(self) -> None:
+        n = int(self.num_steps)
+        ts = [float(t) for t in self.student_times]
+        if n < 2:
+            raise ValueError(f"objective.num_steps={n}: Flash-DMD splits a multi-step student's steps (>= 2)")
+        if len(ts) != n:
+            raise ValueError(f"objective.num_steps={n} needs objective.student_times with {n} entries, got {ts}")
+        if any(not 0 < t <= 1 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"objective.student_times must be strictly decreasing in (0, 1], got {ts}")
+        if not 1 <= int(self.dm_steps) < n:
+            raise ValueError(f"objective.dm_steps={self.dm_steps} must lie in 1..{n - 1} (some steps get the DM "
+                             "loss, the rest the adversarial loss)")
+        if (self.reward is None) != (self.reward_start is None):
+            raise ValueError("objective.reward and objective.reward_start go together (both set for a reward phase, "
+                             f"both null without one); got reward={self.reward!r}, reward_start={self.reward_start!r}")
+        if self.reward_start is not None and int(self.reward_start) < 0:
+            raise ValueError(f"objective.reward_start={self.reward_start} must be >= 0")
+        if self.reward_weight < 0:
+            raise ValueError(f"objective.reward_weight={self.reward_weight} must be >= 0")
+        if self.gan_generator_weight <= 0:
+            raise ValueError(f"objective.gan_generator_weight={self.gan_generator_weight} must be > 0 (the "
+                             "low-noise steps have no other loss)")
+        self.dmd_params().validate()
+
+    def dmd_params(self) -> DMDParams:
+        """The DMD2 settings of the composed objective (GAN on, no regression)."""
+        return DMDParams(variant="dmd2", num_steps=int(self.num_steps), student_times=[float(t) for t in self.student_times],
+                         guidance=self.guidance, dm_t_min=self.dm_t_min, dm_t_max=self.dm_t_max,
+                         fake_t_min=self.fake_t_min, fake_target=self.fake_target,
+                         fake_updates_per_generator=self.fake_updates_per_generator, gan=True,
+                         gan_generator_weight=self.gan_generator_weight, gan_disc_weight=self.gan_disc_weight,
+                         gan_block=self.gan_block, gan_head_width=self.gan_head_width, gan_t_min=self.gan_t_min,
+                         gan_t_max=self.gan_t_max, regression_weight=0.0)
+
+
+class FlashDMDObjective:
+    """Flash-DMD around a DMD2 objective with its GAN head. nets and groups are DMD2's
+    (student | fake, disc); see the module docstring for the losses.
+
+    Args:
+        params: FlashDMDParams (validated).
+        dmd:    the composed DMDObjective (variant dmd2, gan on) holding the networks.
+        reward: a reward callable (see `rewards`), or None without a reward phase.
+        decode: latents -> images in [-1, 1], differentiable; needed when reward.input == "images".
+    """
+
+    def __init__(self, params: FlashDMDParams, dmd: DMDObjective,
+                 reward: Callable[[Tensor, Any], Tensor] | None = None,
+                 decode: Callable[[Tensor], Tensor] | None = None):
+        params.validate()
+        if params.reward_start is not None and reward is None:
+            raise ValueError("objective.reward_start is set but no reward was given")
+        if reward is not None and getattr(reward, "input", "latents") == "images" and decode is None:
+            raise ValueError(f"objective.reward={_name(reward)!r} reads images, but the teacher has no VAE decoder "
+                             "(give a reward on latents)")
+        self.p = params
+        self.dm = dmd
+        self.nets = dmd.nets
+        self.groups = dmd.groups
+        self.sampling = dmd.sampling
+        self.reward = reward
+        self.decode = decode
+        if isinstance(reward, nn.Module):  # held outside `nets`: frozen, never saved, never trained
+            reward.requires_grad_(False)
+
+    # ---- schedule -----------------------------------------------------------------------
+    def reward_active(self, step: int) -> bool:
+        return self.reward is not None and self.p.reward_start is not None and step >= int(self.p.reward_start)
+
+    def phases(self, step: int) -> list[str]:
+        ph = self.dm.phases(step)
+        if self.reward_active(step) and not self.p.reward_keep_distillation:
+            ph = [g for g in ph if g != "guidance"]  # the contrast run: the fake score plays no part
+        return ph
+
+    def is_dm_step(self, step: int) -> bool:
+        """Whether the student step drawn at `step` is a high-noise one (DM loss) or not (adversarial)."""
+        return self.dm.sim_steps(step) < int(self.p.dm_steps)
+
+    # ---- losses -------------------------------------------------------------------------
+    def _distillation(self, x_hat: Tensor, cond, step: int) -> tuple[Tensor, dict[str, float]]:
+        dm = self.dm
+        if self.is_dm_step(step):
+            g = dm._dm_grad(x_hat, cond, self.p.guidance)
+            return surrogate_loss(x_hat, g), {"dm_grad_norm": g.flatten(1).norm(dim=1).mean().item(), "dm_step": 1.0}
+        x_n, tau = dm._noised(x_hat, self.p.gan_t_min, self.p.gan_t_max, detach=False)
+        out, logits = dm._disc_logits(x_n, tau, cond)
+        adv = generator_gan_loss(logits)
+        loss = self.p.gan_generator_weight * adv
+        if isinstance(dm.nets["fake"], nn.parallel.DistributedDataParallel):
+            loss = loss + 0.0 * out.mean()  # every fake-score weight in the graph (DDP); zero gradient
+        return loss, {"gan_g": adv.item(), "dm_step": 0.0}
+
+    def _reward(self, x_hat: Tensor, batch: Batch, step: int) -> Tensor:
+        r_fn = self.reward
+        x = self.decode(x_hat) if getattr(r_fn, "input", "latents") == "images" else x_hat
+        cond = dict(batch.get("cond") or {})
+        if batch.get("prompts") is not None:
+            cond["prompts"] = batch["prompts"]
+        r = r_fn(x, cond)
+        b = x_hat.shape[0]
+        if not torch.is_tensor(r) or tuple(r.shape) != (b,):
+            shape = tuple(r.shape) if torch.is_tensor(r) else type(r).__name__
+            raise ValueError(f"reward {_name(r_fn)!r} must return one value per sample, shape ({b},); got {shape}")
+        bad = ~torch.isfinite(r.detach())
+        if bad.any():
+            raise FloatingPointError(f"reward {_name(r_fn)!r} returned a non-finite value for {int(bad.sum())} of {b} "
+                                     f"samples at step {step}")
+        return r.float()
+
+    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        cond = batch.get("cond")
+        x_hat, t_gen = self.dm.generate(batch, step, grad=True)
+        logs: dict[str, float] = {"t_gen": float(t_gen)}
+        rewarding = self.reward_active(step)
+        if rewarding and not self.p.reward_keep_distillation:
+            loss = x_hat.new_zeros(())
+            logs["loss_distill"] = 0.0
+        else:
+            loss, dl = self._distillation(x_hat, cond, step)
+            logs.update(dl)
+            logs["loss_distill"] = float(loss.detach())
+        if rewarding:
+            r = self._reward(x_hat, batch, step)
+            loss = loss - self.p.reward_weight * r.mean()
+            logs["reward"] = r.mean().item()
+        logs["loss_g"] = float(loss.detach())
+        return loss, logs
+
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if phase == "generator":
+            return self.generator_loss(batch, step)
+        if phase == "guidance":
+            return self.dm.guidance_loss(batch, step)
+        raise ValueError(f"unknown phase {phase!r}; Flash-DMD has 'generator' and 'guidance'")
+
+
+def _name(reward: Any) -> str:
+    return str(getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__)
+
+
+def build(params: FlashDMDParams, teacher: Denoiser, ctx: Any,
+          reward: Callable[[Tensor, Any], Tensor] | None = None) -> FlashDMDObjective:
+    """Registry builder. The adversarial loss needs real latents (data.real_data: true). `reward`
+    overrides objective.reward with a callable (Python API)."""
+    params.validate()
+    if not bool(getattr(ctx, "has_real_data", False)):
+        raise ValueError("objective 'flash_dmd' needs real data for its adversarial loss (batch['x0']): set "
+                         "data.real_data: true")
+    dmd = _build(params.dmd_params(), teacher, ctx)
+    if reward is None and params.reward is not None:
+        reward = make_reward(params.reward, params.reward_model, getattr(ctx, "device", None) or "cpu")
+    decode = differentiable_decode(getattr(ctx, "decode", None))
+    return FlashDMDObjective(params, dmd, reward, decode)

@@ -1,0 +1,164 @@
+"""What a run leaves behind: the student's final weights (a diffusers model folder with the config
+that rebuilds its backbone, LoRA merged; the EMA likewise; the adapter alone), sample grids, the
+run card and the one-line summary."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..samplers import initial_noise, sample
+from .ema import EMA
+from .logging import save_grid
+from .lora import lora_meta, lora_only_state_dict, merge_lora_state_dict
+
+__all__ = ["save_final", "backbone_config", "backbone_of", "sample_grid", "run_card"]
+
+
+def backbone_of(m: nn.Module) -> nn.Module:
+    """The network a role runs: a Denoiser's (or role view's) backbone, else the module itself."""
+    bb = getattr(m, "backbone", None)
+    return bb if isinstance(bb, nn.Module) else m
+
+
+def backbone_config(bb: nn.Module) -> dict | None:
+    """The config that rebuilds `bb` with diffusers (`<_class_name>.from_pretrained(folder)`), or
+    None for a backbone that is not a diffusers model."""
+    cfg = getattr(bb, "config", None)
+    if cfg is None or not hasattr(cfg, "items"):
+        return None
+    import diffusers
+
+    orig = next((c for c in type(bb).__mro__ if c.__module__.startswith("diffusers.")), type(bb))
+    out = {"_class_name": orig.__name__, "_diffusers_version": diffusers.__version__}
+    out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cfg).items() if not k.startswith("_")})
+    return out
+
+
+def _module_record(bb: nn.Module) -> dict[str, Any]:
+    """For a backbone that is not a diffusers model: its class, for the code that rebuilds it."""
+    cls = type(bb)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}",
+            "note": "not a diffusers model: build this class as the training script did, then load "
+                    "model.safetensors into it"}
+
+
+def save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator,
+               folder: str = "student") -> dict[str, str]:
+    """The student's weights as a diffusers model folder (LoRA merged), its EMA likewise, and the
+    LoRA adapters alone. Collective under FSDP."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if hasattr(student, "standalone"):  # a role view on a shared backbone: its adapter merged into a copy
+        student = student.standalone()
+    bb = backbone_of(student)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def grab() -> dict[str, torch.Tensor]:
+        state = get_model_state_dict(bb, options=opts)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+    sd = grab()
+    sd_ema = None
+    if ema is not None:
+        with ema.swapped():
+            sd_ema = grab()
+    if not accelerator.is_main_process:
+        return {}
+    meta = lora_meta(bb)
+    config = backbone_config(bb)
+    out = run_dir / "final"
+    files = {}
+
+    def write(folder: str, state: dict[str, torch.Tensor]) -> None:
+        d = out / folder
+        d.mkdir(parents=True, exist_ok=True)
+        plain = merge_lora_state_dict(state, meta["alpha"] / meta["rank"], meta["adapter"]) if meta else state
+        if config is not None:
+            (d / "config.json").write_text(json.dumps(config, indent=1, default=list))
+            save_file(plain, str(d / "diffusion_pytorch_model.safetensors"))
+        else:
+            (d / "backbone.json").write_text(json.dumps(_module_record(bb), indent=1))
+            save_file(plain, str(d / "model.safetensors"))
+        files[folder] = str(d.relative_to(run_dir))
+
+    write(folder, sd)
+    if sd_ema is not None:
+        write(f"{folder}_ema", sd_ema)
+    # the student's adapter alone (a shared backbone may also hold other roles' adapters)
+    adapter = {k.replace(f".{meta['adapter']}.", "."): v for k, v in lora_only_state_dict(sd).items()
+               if f".{meta['adapter']}." in k} if meta else {}
+    if adapter:
+        save_file(adapter, str(out / f"{folder}_lora.safetensors"),
+                  metadata={"rank": str(meta["rank"]), "alpha": str(meta["alpha"]),
+                            "target_modules": json.dumps(meta["targets"])})
+        files[f"{folder}_lora"] = str((out / f"{folder}_lora.safetensors").relative_to(run_dir))
+    return files
+
+
+def sample_grid(cfg, student: nn.Module, sampling: dict, bundle, source, run_dir: Path, step_done: int,
+                main: bool, sharded: bool, device, ema: EMA | None = None) -> Path | None:
+    """The student's sample grid at `step_done` (with `ema`: under the EMA weights), written by the
+    main process (every process samples when the networks are sharded); torch's RNG is left as it was."""
+    if not (main or sharded):
+        return None
+    rng = torch.get_rng_state()
+    n = cfg.log.sample_count
+    noise = initial_noise((n, *bundle.latent_shape), torch.Generator().manual_seed(cfg.log.sample_seed), device)
+    with ema.swapped() if ema is not None else nullcontext():
+        x0 = sample(student, noise, source.grid_cond(n), sampling["times"], renoise=sampling["renoise"],
+                    generator=torch.Generator().manual_seed(cfg.log.sample_seed + 1))
+    torch.set_rng_state(rng)
+    if not main:
+        return None
+    images = bundle.decode(x0) if bundle.decode is not None else x0
+    k = source.num_classes
+    tag = "_ema" if ema is not None else ""
+    return save_grid(images, run_dir / "samples" / f"step_{step_done:07d}{tag}.png",
+                     nrow=k if k and k <= n and k <= 16 else None)
+
+
+def _jsonable(p: Any) -> dict | None:
+    if p is None or not dataclasses.is_dataclass(p):
+        return None
+    return json.loads(json.dumps(dataclasses.asdict(p), default=str))
+
+
+def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes: int | None, *, steps_done: int,
+             wall: float, loop_time: float, skipped: int, world: int, sharded: bool, mp: str,
+             files: dict[str, str], logs: dict[str, float]) -> dict[str, Any]:
+    """The run card (run_card.json): what was trained, from which teacher, how the student samples,
+    how long it took, and where its files are."""
+    from ..config import config_to_dict
+
+    return {
+        "name": cfg.name,
+        "objective": cfg.objective.name,
+        "objective_params": _jsonable(params),
+        "teacher": {"source": bundle.source, "family": family, "latent_shape": list(bundle.latent_shape),
+                    "num_classes": num_classes, "null_class": bundle.null_class},
+        "sampling": {"times": [float(t) for t in obj.sampling["times"]], "renoise": obj.sampling["renoise"],
+                     **({"prediction_type": obj.sampling["prediction_type"]}
+                        if obj.sampling.get("prediction_type") else {})},
+        "steps": steps_done,
+        "steps_planned": cfg.steps,
+        "batch_size": cfg.data.batch_size,
+        "wall_time_s": round(wall, 2),
+        "train_time_s": round(loop_time, 2),
+        "nonfinite_skipped": skipped,
+        "processes": world,
+        "sharded": sharded,
+        "mixed_precision": mp,
+        "lora": {"student": cfg.lora.student, "fake": cfg.lora.fake, "rank": cfg.lora.rank,
+                 "alpha": cfg.lora.alpha} if (cfg.lora.student or cfg.lora.fake) else None,
+        "ema_rate": cfg.ema.rate,
+        "files": files,
+        "final_logs": logs,
+        "config": config_to_dict(cfg),
+    }

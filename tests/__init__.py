@@ -1,0 +1,1 @@
+"""fewstep's test suite (a package: helpers are imported as `tests.tiny`, `tests.dist.bundles`)."""

@@ -1,0 +1,1 @@
+"""The export check: pipelines run in a process that never imports fewstep."""

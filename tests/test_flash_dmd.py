@@ -1,0 +1,324 @@
+"""Flash-DMD: the DM loss only at the high-noise student steps and the adversarial loss only at
+the low-noise ones, the reward phase (reward rises with the distillation regulariser on; the
+contrast run drops it), rewards that break (non-finite, wrong shape), start-up errors, and the
+shipped digits reward (a separate network from the judge, differentiable through the decoder)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.tiny import make_tiny
+
+from fewstep.objectives.base import trainable_parameters
+from fewstep.objectives.flash_dmd import FlashDMDParams, build
+from fewstep.objectives.registry import BuildContext, build_objective
+from fewstep.samplers import sample
+
+
+def _ctx(tiny, **kw):
+    return BuildContext(latent_shape=tiny.latent_shape, num_classes=10, has_real_data=True, **kw)
+
+
+def _batch(tiny, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"cond": tiny.cond(b, g), "x0": torch.randn(b, *tiny.latent_shape, generator=g),
+            "shape": (b, *tiny.latent_shape)}
+
+
+def _calls(module) -> list[int]:
+    calls: list[int] = []
+    module.register_forward_hook(lambda m, a, o: calls.append(1))
+    return calls
+
+
+def _toy_reward(target: float = 1.0):
+    def reward(x, cond):   # higher when the latents sit near `target`
+        return -((x.float() - target) ** 2).flatten(1).mean(1)
+    reward.input = "latents"
+    reward.name = "toy_latent_target"
+    return reward
+
+
+def test_dm_loss_only_at_high_noise_steps_adversarial_only_at_low_noise_steps():
+    tiny = make_tiny("dit")
+    obj = build_objective("flash_dmd", {"guidance": 3.0, "dm_steps": 2, "fake_updates_per_generator": 1,
+                                        "gan_generator_weight": 1.0}, tiny.denoiser, _ctx(tiny))
+    assert obj.sampling == {"times": [1.0, 0.75, 0.5, 0.25, 0.0], "renoise": "fresh"}
+    teacher_calls, disc_calls = _calls(tiny.denoiser.backbone), _calls(obj.nets["disc"])
+    student = [p for p in obj.nets["student"].parameters() if p.requires_grad]
+    seen = set()
+    for step in range(12):
+        k = obj.dm.sim_steps(step)
+        high = k < 2
+        seen.add(high)
+        teacher_calls.clear()
+        disc_calls.clear()
+        loss, logs = obj.loss("generator", _batch(tiny, seed=step), step)
+        grads = torch.autograd.grad(loss, student, allow_unused=True)
+        assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0, f"no student gradient at step {k}"
+        if high:   # DM term only: the real and fake scores are queried, the discriminator never
+            assert logs["dm_step"] == 1.0 and logs["dm_grad_norm"] > 0 and "gan_g" not in logs
+            assert teacher_calls and not disc_calls
+        else:      # adversarial term only: the discriminator, never the real score
+            assert logs["dm_step"] == 0.0 and "gan_g" in logs and "dm_grad_norm" not in logs
+            assert disc_calls and not teacher_calls
+        assert logs["t_gen"] == [1.0, 0.75, 0.5, 0.25][k]
+    assert seen == {True, False}
+    # the guidance phase trains the fake score and the head on every step's samples
+    loss, logs = obj.loss("guidance", _batch(tiny), 0)
+    assert logs["loss_fake"] > 0 and logs["gan_d"] > 0
+
+
+def _train(obj, tiny, steps, lr=3e-3, b=4):
+    opts = {g: torch.optim.Adam(trainable_parameters(obj, g), lr=lr) for g in obj.groups}
+    logs_all = []
+    for step in range(steps):
+        for phase in obj.phases(step):
+            loss, logs = obj.loss(phase, _batch(tiny, b=b, seed=100 + step), step)
+            loss.backward()
+            opts[phase].step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+            if phase == "generator":
+                logs_all.append(logs)
+    return logs_all
+
+
+def _mean_reward(obj, tiny, reward, n=16) -> float:
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(n, *tiny.latent_shape, generator=g)
+    cond = tiny.cond(n, torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        x = sample(obj.nets["student"], noise, cond, obj.sampling["times"], renoise="fresh",
+                   generator=torch.Generator().manual_seed(9))
+    return float(reward(x, cond).mean())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_reward_phase_raises_the_reward(keep):
+    """With a toy reward on latents, the student's 4-step samples score higher after the reward
+    phase, with the distillation regulariser on (logged side by side) and, for the contrast run,
+    off (no distillation term, no fake-score updates)."""
+    torch.manual_seed(0)
+    tiny = make_tiny("dit")
+    reward = _toy_reward()
+    params = FlashDMDParams(guidance=2.0, fake_updates_per_generator=1, reward="toy", reward_start=2,
+                            reward_weight=1.0, reward_keep_distillation=keep)
+    obj = build(params, tiny.denoiser, _ctx(tiny), reward=reward)
+    before = _mean_reward(obj, tiny, reward)
+    assert obj.phases(1) == ["generator", "guidance"]
+    assert obj.phases(2) == (["generator", "guidance"] if keep else ["generator"])
+    logs = _train(obj, tiny, 14)
+    after = _mean_reward(obj, tiny, reward)
+    print(f"keep_distillation={keep}: toy reward of 4-step samples {before:.3f} -> {after:.3f}")
+    assert after > before + 0.05 * abs(before)
+    assert "reward" not in logs[0] and "reward" in logs[-1]
+    assert all("loss_distill" in lg for lg in logs)
+    if keep:
+        assert any(lg["loss_distill"] != 0 for lg in logs[2:])
+    else:
+        assert all(lg["loss_distill"] == 0 and "dm_step" not in lg for lg in logs[2:])
+
+
+def test_nonfinite_or_misshapen_reward_is_an_error_naming_it():
+    tiny = make_tiny("dit")
+
+    def nan_reward(x, cond):
+        r = x.flatten(1).mean(1)
+        return r * torch.tensor([float("nan")] + [1.0] * (r.shape[0] - 1))
+    nan_reward.input = "latents"
+    nan_reward.name = "my_broken_reward"
+    obj = build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=nan_reward)
+    with pytest.raises(FloatingPointError, match="my_broken_reward.*non-finite"):
+        obj.loss("generator", _batch(tiny), 0)
+
+    def scalar_reward(x, cond):
+        return x.mean()
+    scalar_reward.input = "latents"
+    obj = build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=scalar_reward)
+    with pytest.raises(ValueError, match="scalar_reward.*one value per sample"):
+        obj.loss("generator", _batch(tiny), 0)
+
+
+@pytest.mark.parametrize("kw,key", [
+    (dict(dm_steps=4), "objective.dm_steps"),
+    (dict(dm_steps=0), "objective.dm_steps"),
+    (dict(num_steps=1, student_times=[1.0]), "objective.num_steps"),
+    (dict(reward="digits_class"), "objective.reward_start"),
+    (dict(reward_start=10), "objective.reward"),
+    (dict(reward="nope", reward_start=0), "objective.reward"),
+    (dict(student_times=[1.0, 0.5, 0.6, 0.2]), "objective.student_times"),
+])
+def test_bad_params_name_the_key(kw, key):
+    tiny = make_tiny("dit")
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build(FlashDMDParams(**kw), tiny.denoiser, _ctx(tiny))
+
+
+def test_needs_real_data_and_a_decoder_for_image_rewards():
+    tiny = make_tiny("dit")
+    with pytest.raises(ValueError, match="data.real_data"):
+        build(FlashDMDParams(), tiny.denoiser, BuildContext(latent_shape=tiny.latent_shape, has_real_data=False))
+    with pytest.raises(ValueError, match="digits_class.*decoder"):
+        build(FlashDMDParams(reward="digits_class", reward_start=0), tiny.denoiser, _ctx(tiny))
+
+
+def test_digits_reward_is_not_the_judge_and_is_differentiable_through_the_decoder():
+    from fewstep.digits.judge import JUDGE_WEIGHTS, load_judge
+    from fewstep.objectives.rewards import DigitsClassReward, differentiable_decode
+
+    r = DigitsClassReward()
+    judge = load_judge()
+    assert r.classifier.config() != judge.config()      # another network, not a copy of the judge
+    with pytest.raises(ValueError, match="evaluation judge"):
+        DigitsClassReward(JUDGE_WEIGHTS)
+    from fewstep.digits import embedded_teachers as digits_teacher
+
+    t = digits_teacher.load_digits_teacher("vp")
+    dec = differentiable_decode(t.decode)
+    z = torch.randn(4, *t.latent_shape, requires_grad=True)
+    labels = torch.tensor([0, 3, 5, 9])
+    out = r(dec(z), {"class_labels": labels})
+    assert out.shape == (4,) and bool((out <= 0).all())          # log-probabilities
+    out.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    # on real digits the reward classifier names the right class
+    from fewstep.digits.data import load_digits_tensors
+
+    x, y = load_digits_tensors()
+    acc = (r.classifier.predict(x[:300]) == y[:300]).float().mean()
+    assert acc > 0.95
+
+
+def test_clip_reward_without_a_local_model_is_a_clear_error(tmp_path):
+    from fewstep.objectives.rewards import make_reward
+
+    with pytest.raises(ValueError, match="objective.reward_model"):
+        make_reward("clip", None)
+    with pytest.raises(Exception, match="CLIP model folder"):
+        make_reward("clip", str(tmp_path / "no_clip_here"))
+
+
+
+def test_dm_steps_move_the_students_samples_against_the_dm_gradient():
+    """At a high-noise step, one SGD step on the generator loss moves the student's x_hat along -g,
+    g = (x0_fake - x0_real) / mean|x_hat - x0_real| (DMD eq. 8). A sign error in the DM term fails here."""
+    tiny = make_tiny("dit")
+    obj = build(FlashDMDParams(guidance=3.0, fake_updates_per_generator=1), tiny.denoiser, _ctx(tiny))
+    step = next(s for s in range(50) if obj.is_dm_step(s))
+    batch = _batch(tiny, b=4)
+
+    def sample_and_grad():
+        torch.manual_seed(5)
+        with torch.no_grad():
+            x_hat, _ = obj.dm.generate(batch, step, grad=False)
+            return x_hat, obj.dm._dm_grad(x_hat, batch["cond"], 3.0)
+
+    x_before, g = sample_and_grad()
+    opt = torch.optim.SGD(trainable_parameters(obj, "generator"), lr=1e-3)
+    torch.manual_seed(5)
+    loss, logs = obj.loss("generator", batch, step)
+    assert logs["dm_step"] == 1.0
+    loss.backward()
+    opt.step()
+    x_after, _ = sample_and_grad()
+    move = (x_after - x_before).flatten()
+    cos = float(torch.dot(move, g.flatten()) / (move.norm() * g.norm()))
+    assert cos < -0.1, cos
+
+
+class _TimeMLP(torch.nn.Module):
+    """A multi-step generator x0 = f(x_t, t) in its path's native output (prediction 'sample')."""
+
+    def __init__(self, d: int, width: int = 64):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(d + 1, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
+                                       torch.nn.SiLU(), torch.nn.Linear(width, d))
+
+    def forward(self, x, timestep, class_labels=None):
+        t = (timestep.float() / 1000.0).view(-1, 1)
+        return _Out(self.net(torch.cat([x.flatten(1), t], 1)).view_as(x))
+
+
+class _Out:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+class _FakeWithBottleneck(torch.nn.Module):
+    """The fake score: the exact teacher plus a zero-initialised MLP correction of (x, t), so it
+    starts as the teacher; its "mid block" (an MLP on (x, t), feeding the correction) is where the
+    GAN head reads features."""
+
+    def __init__(self, base, d: int, width: int = 32):
+        super().__init__()
+        self.base = base
+        self.mid_block = torch.nn.Sequential(torch.nn.Linear(d + 1, width), torch.nn.SiLU(),
+                                             torch.nn.Unflatten(1, (width, 1, 1)))   # (B, width, 1, 1) features
+        self.out = torch.nn.Linear(width, d)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
+        self.config = {"block_out_channels": [width]}
+
+    def forward(self, x, timestep, class_labels=None):
+        t = self.base.t_of(timestep).float().view(-1, 1)
+        h = self.mid_block(torch.cat([x.flatten(1), t], 1))
+        return _Out(self.base(x, timestep).sample + self.out(h.flatten(1)).view_as(x))
+
+
+@pytest.mark.parametrize("kind", ["flow", "vp"])
+def test_flash_dmd_learns_the_mixture(kind):
+    """Exact teacher: a three-component Gaussian mixture in 2-d. A 4-step MLP student trained with
+    DM at its two high-noise steps and the adversarial loss (against exact mixture samples) at the
+    two low-noise ones: its 4-step samples move toward the mixture (sliced W2 to exact samples)."""
+    from fewstep.conditioning import Conditioner
+    from fewstep.denoiser import Denoiser, copy_denoiser
+    from fewstep.objectives.dmd import DMDObjective
+    from fewstep.objectives.flash_dmd import FlashDMDObjective
+    from fewstep.objectives.gan import DiscriminatorHead, FeatureTap
+    from fewstep.paths import FlowPath, VPPath
+    from fewstep.testing import gmm_denoiser
+    from tests.test_dmd import _sliced_w2
+
+    class _Plain(Conditioner):
+        def call(self, backbone, x, timestep, cond):
+            return backbone(x, timestep).sample
+
+        def null(self, cond, batch):
+            return cond
+
+    torch.manual_seed(0)
+    path = FlowPath(1000) if kind == "flow" else VPPath.from_config(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "sample"})
+    means = torch.tensor([[2.0, 2.0], [-2.0, -1.0], [1.5, -2.0]]).view(3, 2, 1, 1)
+    teacher = gmm_denoiser(path, means, std=0.3)
+    fake_bb = _FakeWithBottleneck(copy_denoiser(teacher, trainable=False).backbone, 2)
+    fake = Denoiser(fake_bb, path, _Plain())
+    student = Denoiser(_TimeMLP(2), path, _Plain())
+    params = FlashDMDParams(guidance=1.0, fake_updates_per_generator=2, gan_generator_weight=0.1)
+    tap = FeatureTap(fake_bb.mid_block)
+    head = DiscriminatorHead(32, (1, 1), 16)
+    dmd = DMDObjective(params.dmd_params(), teacher, student, fake, latent_shape=(2, 1, 1), disc=head, tap=tap)
+    obj = FlashDMDObjective(params, dmd)
+    opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=2e-3),
+            "guidance": torch.optim.Adam(trainable_parameters(obj, "guidance"), lr=1e-2)}
+    exact = teacher.backbone.sample_data(2000, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
+
+    def distance():
+        with torch.no_grad():
+            x = sample(student, z, None, obj.sampling["times"], renoise="fresh",
+                       generator=torch.Generator().manual_seed(3))
+        return _sliced_w2(x, exact)
+
+    before = distance()
+    for step in range(250):
+        x0 = teacher.backbone.sample_data(128, generator=torch.Generator().manual_seed(10 + step))
+        for phase in obj.phases(step):
+            loss, _ = obj.loss(phase, {"cond": None, "x0": x0, "shape": (128, 2, 1, 1)}, step)
+            loss.backward()
+            opts[phase].step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+    after = distance()
+    print(f"{kind}: sliced W2 of 4-step samples to exact mixture samples {before:.3f} -> {after:.3f}")
+    assert after < 0.7 * before
