@@ -158,11 +158,9 @@ class Config:
     steps: int = 1000                    # total training steps (schedules are laid out over these)
     stop_after: int | None = None        # stop (with a checkpoint) after this step; resume continues
     output_dir: str | None = None
-    overwrite: bool = False              # replace a non-empty output_dir: the old run is moved aside, restored if
-                                         #   the new one fails, deleted once it wrote its first checkpoint
+    overwrite: bool = False              # replace a non-empty output_dir (the old run is kept until the first checkpoint)
     resume: str | None = None            # "latest" (in output_dir) or a checkpoint folder
-    resume_branch: bool = False          # resume from a checkpoint older than the run's latest: the later
-                                         #   checkpoints are moved aside (never deleted); also `resume.branch`
+    resume_branch: bool = False          # resume a non-latest checkpoint; later ones are moved aside (`resume.branch`)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -206,8 +204,7 @@ class Config:
             need(r.grad_clip >= 0, f"optim.{name}.grad_clip", "must be >= 0 (0 = no clipping)")
             need(r.warmup_steps >= 0, f"optim.{name}.warmup_steps", "must be >= 0")
             need(r.num_cycles >= 1, f"optim.{name}.num_cycles", "must be >= 1")
-        need(not self.resume_branch or self.resume is not None, "resume_branch",
-             "needs resume=<checkpoint folder> (the older checkpoint to branch from)")
+        need(not self.resume_branch or self.resume is not None, "resume_branch", "needs resume=<checkpoint folder>")
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true exclude each other: overwrite would delete what resume reads")
         return self
@@ -331,9 +328,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 v = float(value)
             except ValueError:
                 raise bad from None
-            if not math.isfinite(v):
-                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-            return v
+            return coerce(v, tp, key)  # refuses nan / inf
         raise bad
     if tp is str:
         if isinstance(value, str):

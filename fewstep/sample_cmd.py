@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .errors import UserError, check_output_file, finite_float, positive_int, user_errors

@@ -34,9 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"fewstep train: config error: {one_line(e)}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from .training.dry_run import dry_run
-
         from .errors import user_errors
+        from .training.dry_run import dry_run
 
         with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
             report = dry_run(cfg, num_processes=args.processes, sharding=args.sharding)
@@ -50,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"fewstep train: config error: {one_line(e)}", file=sys.stderr)
         return 2
-    from .training.loop import NonFiniteError, run as train
+    from .training.loop import NonFiniteError
+    from .training.loop import run as train
 
     try:
         train(cfg)

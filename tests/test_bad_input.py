@@ -100,7 +100,7 @@ def each_user_error(fewstep, cases, **kw) -> None:
     """Run the (args, names) cases, two processes at a time (they are independent), and check each."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda c: fewstep(*c[0], **kw), cases))
-    for (args, names), res in zip(cases, results):
+    for (_, names), res in zip(cases, results):
         user_error(res, *names)
 
 
