@@ -345,3 +345,34 @@ def test_truncated_reference_cache_is_recomputed(tmp_path, monkeypatch, capsys):
     assert torch.equal(again.features["f"], first.features["f"])
     assert "recomputing" in capsys.readouterr().err
     assert ReferenceFeatures.compute(None, ext, "ref", {}).description["cached"]  # the rewritten cache reads
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, monkeypatch):
+    """In process, on the exact Gaussian-mixture teacher: a replacing run that fails before its first
+    checkpoint puts the old run back byte for byte; one that writes a checkpoint replaces it."""
+    sys.path.insert(0, str(ROOT / "tests" / "dist"))
+    from bundles import gmm_bundle
+
+    from fewstep.config import load_config
+    from fewstep.objectives import registry
+    from fewstep.training import run
+    from fewstep.training.loop import NonFiniteError
+
+    monkeypatch.setitem(registry.REGISTRY, "toy", "toy_objective:build")
+    old = tmp_path / "run"
+    (old / "checkpoints" / "step_0000005").mkdir(parents=True)
+    (old / "checkpoints" / "step_0000005" / "model.safetensors").write_bytes(b"old weights")
+    (old / "run_card.json").write_text("{}")
+    before = hashes(old)
+
+    def cfg(*ov):
+        return load_config(None, [f"output_dir={old}", "objective.name=toy", "data.batch_size=4", "overwrite=true",
+                                  "log.trackers=[]", "log.progress=false", *ov])
+
+    with pytest.raises(NonFiniteError):  # every update non-finite: stops at step 2, before checkpoint.every=5
+        run(cfg("steps=10", "checkpoint.every=5", "objective.nan_steps=[0,1,2,3]", "objective.nan_phase=guidance",
+                "faults.max_consecutive_nonfinite=2"), teacher=gmm_bundle())
+    assert hashes(old) == before and not (tmp_path / ".run.replaced").exists()
+    run(cfg("steps=3", "checkpoint.every=1"), teacher=gmm_bundle())
+    assert (old / "run_card.json").read_text() != "{}"
+    assert not (old / "checkpoints" / "step_0000005").exists() and not (tmp_path / ".run.replaced").exists()

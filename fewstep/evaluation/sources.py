@@ -414,7 +414,11 @@ def _load_checkpoint(ckpt: Path, device: str, dtype: torch.dtype, student_weight
     from safetensors.torch import load_file
 
     from ..denoiser import copy_denoiser
+    from ..training.manifest import verify_manifest
 
+    problem = verify_manifest(ckpt)
+    if problem is not None and "no manifest.json" not in problem:  # older checkpoints have none
+        raise InputError(f"checkpoint {ckpt} is damaged: {problem}")
     run_dir = ckpt.parent.parent
     card_path = next((run_dir / n for n in RUN_CARD_NAMES if (run_dir / n).is_file()), None)
     if card_path is None:

@@ -275,7 +275,7 @@ def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: s
     path = Path(path)
     if not (path / "state.json").is_file():
         raise CheckpointError(f"resume: {path} is not a complete checkpoint (no state.json)")
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     rank = 0 if accelerator is None else accelerator.process_index
     opt_list = list(optimizers.values())
     if state["format"] == "sharded":
