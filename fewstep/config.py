@@ -81,6 +81,8 @@ class DataConfig:
                                          #   data.prompts, line i of the prompt file is the caption of latent i
     prompts: str | None = None           # text teachers: prompt file, one prompt a line
     num_classes: int | None = None       # class-conditional teachers: labels 0..num_classes-1 (default: teacher's)
+    conditions: list[int] | None = None  # train on these conditions only: class labels, or (text) 0-based line
+                                         #   numbers of data.prompts (MSD sets one subset per student)
 
 
 @dataclass
@@ -185,6 +187,11 @@ class Config:
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1")
         need(self.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.data.batch_size}")
         need(self.data.num_classes is None or self.data.num_classes >= 1, "data.num_classes", "must be >= 1")
+        if self.data.conditions is not None:
+            c = self.data.conditions
+            need(len(c) > 0, "data.conditions", "must name at least one condition (or be null for all)")
+            need(min(c) >= 0, "data.conditions", f"must be >= 0, got {sorted(c)[:3]}")
+            need(len(set(c)) == len(c), "data.conditions", "names a condition twice")
         need(self.lora.rank >= 1, "lora.rank", f"must be >= 1, got {self.lora.rank}")
         need(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
         need(0.0 <= self.ema.rate < 1.0, "ema.rate", f"must lie in [0, 1), got {self.ema.rate}")

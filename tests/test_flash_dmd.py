@@ -63,8 +63,8 @@ def test_dm_loss_only_at_high_noise_steps_adversarial_only_at_low_noise_steps():
             assert disc_calls and not teacher_calls
         assert logs["t_gen"] == [1.0, 0.75, 0.5, 0.25][k]
     assert seen == {True, False}
-    # the guidance phase trains the fake score and the head on every step's samples
-    loss, logs = obj.loss("guidance", _batch(tiny), 0)
+    # the fake_score phase trains the fake score and the head on every step's samples
+    loss, logs = obj.loss("fake_score", _batch(tiny), 0)
     assert logs["loss_fake"] > 0 and logs["gan_d"] > 0
 
 
@@ -105,8 +105,8 @@ def test_reward_phase_raises_the_reward(keep):
                             reward_weight=1.0, reward_keep_distillation=keep)
     obj = build(params, tiny.denoiser, _ctx(tiny), reward=reward)
     before = _mean_reward(obj, tiny, reward)
-    assert obj.phases(1) == ["generator", "guidance"]
-    assert obj.phases(2) == (["generator", "guidance"] if keep else ["generator"])
+    assert obj.phases(1) == ["generator", "fake_score"]
+    assert obj.phases(2) == (["generator", "fake_score"] if keep else ["generator"])
     logs = _train(obj, tiny, 14)
     after = _mean_reward(obj, tiny, reward)
     print(f"keep_distillation={keep}: toy reward of 4-step samples {before:.3f} -> {after:.3f}")
@@ -226,6 +226,34 @@ def test_dm_steps_move_the_students_samples_against_the_dm_gradient():
     assert cos < -0.1, cos
 
 
+
+def test_adversarial_steps_move_the_students_samples_up_the_discriminator():
+    """At a low-noise step, one SGD step on the generator loss raises the discriminator's logit of
+    the student's (re-noised) samples: the non-saturating generator loss softplus(-D). A sign error
+    in the adversarial term fails here."""
+    tiny = make_tiny("dit")
+    obj = build(FlashDMDParams(guidance=3.0, fake_updates_per_generator=1, gan_generator_weight=1.0),
+                tiny.denoiser, _ctx(tiny))
+    step = next(s for s in range(50) if not obj.is_dm_step(s))
+    batch = _batch(tiny, b=8)
+
+    def mean_logit():
+        torch.manual_seed(5)
+        with torch.no_grad():
+            x_hat, _ = obj.dm.generate(batch, step, grad=False)
+            x_n, tau = obj.dm._noised(x_hat, obj.p.gan_t_min, obj.p.gan_t_max)
+            return float(obj.dm._disc_logits(x_n, tau, batch["cond"])[1].mean())
+
+    before = mean_logit()
+    opt = torch.optim.SGD(trainable_parameters(obj, "generator"), lr=1e-2)
+    torch.manual_seed(5)
+    loss, logs = obj.loss("generator", batch, step)
+    assert logs["dm_step"] == 0.0
+    loss.backward()
+    opt.step()
+    assert mean_logit() > before
+
+
 class _TimeMLP(torch.nn.Module):
     """A multi-step generator x0 = f(x_t, t) in its path's native output (prediction 'sample')."""
 
@@ -249,12 +277,13 @@ class _FakeWithBottleneck(torch.nn.Module):
     starts as the teacher; its "mid block" (an MLP on (x, t), feeding the correction) is where the
     GAN head reads features."""
 
-    def __init__(self, base, d: int, width: int = 32):
+    def __init__(self, base, d: int, width: int = 8):
         super().__init__()
         self.base = base
-        self.mid_block = torch.nn.Sequential(torch.nn.Linear(d + 1, width), torch.nn.SiLU(),
-                                             torch.nn.Unflatten(1, (width, 1, 1)))   # (B, width, 1, 1) features
-        self.out = torch.nn.Linear(width, d)
+        # (B, width, 4, 4) features: the head's GroupNorm needs spatial extent to see anything
+        self.mid_block = torch.nn.Sequential(torch.nn.Linear(d + 1, width * 16), torch.nn.SiLU(),
+                                             torch.nn.Unflatten(1, (width, 4, 4)))
+        self.out = torch.nn.Linear(width * 16, d)
         torch.nn.init.zeros_(self.out.weight)
         torch.nn.init.zeros_(self.out.bias)
         self.config = {"block_out_channels": [width]}
@@ -296,11 +325,12 @@ def test_flash_dmd_learns_the_mixture(kind):
     student = Denoiser(_TimeMLP(2), path, _Plain())
     params = FlashDMDParams(guidance=1.0, fake_updates_per_generator=2, gan_generator_weight=0.1)
     tap = FeatureTap(fake_bb.mid_block)
-    head = DiscriminatorHead(32, (1, 1), 16)
+    head = DiscriminatorHead(8, (4, 4), 128)   # the default width (a width-16 head is constant: its last
+                                               #   GroupNorm has one value per group at 1x1)
     dmd = DMDObjective(params.dmd_params(), teacher, student, fake, latent_shape=(2, 1, 1), disc=head, tap=tap)
     obj = FlashDMDObjective(params, dmd)
     opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=2e-3),
-            "guidance": torch.optim.Adam(trainable_parameters(obj, "guidance"), lr=1e-2)}
+            "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2)}
     exact = teacher.backbone.sample_data(2000, generator=torch.Generator().manual_seed(1))
     z = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
 

@@ -125,3 +125,10 @@ def test_training_script_is_deterministic_and_writes_a_loadable_card(tmp_path):
     # one epoch already reads most held-out digits; far above chance (0.1)
     assert cards[0]["heldout_accuracy"] > 0.7
     assert JUDGE_CARD.is_file()
+    # another architecture and augmentation recipe (the panel's options) load back as what they are
+    out = tmp_path / "vgg" / "j.safetensors"
+    card = train.main(["--epochs", "1", "--width", "8", "--arch", "vgg", "--recipe", "strong", "--seed", "5",
+                       "--name", "fewstep-test-judge", "--out", str(out)])
+    assert card["architecture"]["arch"] == "vgg" and card["augmentation"]["recipe"] == "strong"
+    assert card["name"] == "fewstep-test-judge" and card["seed"] == 5
+    assert load_judge(out).config() == card["architecture"]

@@ -22,7 +22,7 @@ from fewstep.digits.panel import (
     register_panel,
 )
 from fewstep.evaluation.inputs import TensorImages
-from fewstep.evaluation.panel import compare, panel_scores
+from fewstep.evaluation.panel import compare, comparison, panel_scores
 from fewstep.evaluation.scores import fidelity_metrics
 
 
@@ -106,3 +106,26 @@ def test_panel_intervals_floor_and_claims_rule(digits):
     assert all(v["fid_ratio"] < 1 for v in verdict["members"].values())
     # a set against itself: overlapping intervals, no claim
     assert compare(real, real)["fid"] == "within noise"
+    # the table and conclusion that the demo and eval/panel.py print
+    text, v = comparison("student", real, "teacher", bad)
+    assert v["fid"] == "beats" and "by FID the student beats the teacher" in text
+    assert all(f"FID {n}" in text for n in ("judge", "cnn3-s1", "vgg-s2", "vgg-s3", "pixel-pca64"))
+    assert "is within noise of (no claim)" in comparison("student", real, "teacher", real)[0]
+
+
+def test_eval_scores_a_folder_with_the_panel(digits, tmp_path):
+    from PIL import Image
+
+    from fewstep.evaluation import EvalSpec, InputError, evaluate
+
+    x, _ = digits
+    for i, im in enumerate(to_uint8_rgb(x[:30])):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:03d}.png")
+    res = evaluate(EvalSpec(images=str(tmp_path), metrics=["fid", "panel"], bootstrap=5, out=str(tmp_path / "o"),
+                            progress=False))
+    pan = res["rows"][0]["metrics"]["panel"]
+    assert pan["n"] == 30 and [m["name"] for m in pan["members"]] == panel_members()
+    # the project judge's entry is the protocol's own FID
+    assert pan["members"][0]["fid"] == pytest.approx(res["rows"][0]["metrics"]["fid"]["value"], rel=1e-9)
+    with pytest.raises(InputError, match="metric 'panel'"):
+        evaluate(EvalSpec(images=str(tmp_path), reference=str(tmp_path), metrics=["panel"], out=str(tmp_path / "p")))

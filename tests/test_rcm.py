@@ -34,10 +34,10 @@ def test_dmd_term_is_off_before_the_warmup_ends_and_on_after():
     tiny = make_tiny("dit")
     ctx = BuildContext(latent_shape=tiny.latent_shape, num_classes=10, has_real_data=True)
     obj = build_objective("rcm", {"tangent_warmup": 3, "guidance": 2.0, "num_steps": 2}, tiny.denoiser, ctx)
-    assert obj.dmd_start == 3 and obj.groups == {"generator": ["student", "logvar"], "guidance": ["fake"]}
+    assert obj.dmd_start == 3 and obj.groups == {"generator": ["student", "logvar"], "fake_score": ["fake"]}
     # warm-up: student only; then 4 critic updates per student update, the student closing each cycle
     assert [obj.phases(s) for s in range(3)] == [["generator"]] * 3
-    assert [obj.phases(s)[0] for s in range(3, 13)] == ["guidance"] * 4 + ["generator"] + ["guidance"] * 4 + ["generator"]
+    assert [obj.phases(s)[0] for s in range(3, 13)] == ["fake_score"] * 4 + ["generator"] + ["fake_score"] * 4 + ["generator"]
     fake_calls = _count_calls(obj.nets["fake"].backbone)
     batch = _batch(tiny)
 
@@ -49,7 +49,7 @@ def test_dmd_term_is_off_before_the_warmup_ends_and_on_after():
     assert logs["dmd"] == 0.0 and "dm_grad_norm" not in logs and not fake_calls
     assert torch.equal(loss, scm_only)
     with pytest.raises(ValueError, match="dmd_start"):
-        obj.loss("guidance", batch, 2)
+        obj.loss("fake_score", batch, 2)
 
     # after: the DM term adds a non-zero gradient on the student (guided real score vs fake score)
     torch.manual_seed(1)
@@ -63,7 +63,7 @@ def test_dmd_term_is_off_before_the_warmup_ends_and_on_after():
     diff = sum(float((a - b).abs().sum()) for a, b in zip(g_all, g_scm) if a is not None and b is not None)
     assert diff > 0
     # the critic trains the fake score only
-    fl, flogs = obj.loss("guidance", batch, 3)
+    fl, flogs = obj.loss("fake_score", batch, 3)
     fl.backward()
     assert flogs["loss_fake"] > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.nets["fake"].parameters())
@@ -82,7 +82,7 @@ def test_sampling_times_are_rcm_angles_and_optimizer_defaults_published():
     assert len(obj.sampling["times_by_steps"]["4"]) == 5
     assert obj.dm.times == obj.sampling["times_by_steps"]["4"][:-1]   # backward simulation on the sampler's grid
     assert obj.optim["generator"] == {"lr": 2e-6, "betas": (0.0, 0.999), "weight_decay": 0.01}
-    assert obj.optim["guidance"]["lr"] == 4e-7 and obj.p.critic_updates_per_student == 4 and obj.p.sigma_data == 1.0
+    assert obj.optim["fake_score"]["lr"] == 4e-7 and obj.p.critic_updates_per_student == 4 and obj.p.sigma_data == 1.0
 
 
 @pytest.mark.parametrize("kw,key", [
@@ -119,7 +119,7 @@ def test_rcm_learns_the_mixture_means(kind):
     kw = dict(tangent_warmup=20, adaptive_weighting=False, num_steps=1, guidance=1.0)
     obj = RCMObjective(RCMParams(**kw), teacher, student, fake, latent_shape=(2, 2, 2))
     opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=2e-2, betas=(0.0, 0.99)),
-            "guidance": torch.optim.Adam(trainable_parameters(obj, "guidance"), lr=5e-2, betas=(0.0, 0.99))}
+            "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=5e-2, betas=(0.0, 0.99))}
     err0 = (student.backbone.means - means).abs().mean().item()
     for step in range(150):
         x0 = teacher.backbone.sample_data(64, generator=torch.Generator().manual_seed(step))

@@ -6,13 +6,17 @@ local weights) and within-condition diversity, under named protocols, offline.
     results = evaluate(EvalSpec(pipeline="digits-vp", steps=[1, 2, 4], out="eval_out"))
 
 Modules: protocols (presets), inputs (reading folders and files, atomic writes), sources (what
-generates), scores (the metrics), run (the evaluation itself).
+generates), scores (the metrics; `fidelity_metrics` for one call on tensors, datasets or folders),
+digits (the real digits as reference, class accuracy, `digits_scores`), panel (the digits judge
+panel, bootstrap intervals, the real-vs-real floor, the claims rule), safe_weights (extractor
+weights handed to torch-fidelity), run (the evaluation itself).
 """
 from .inputs import ImageFolder, InputError
 from .protocols import PROTOCOLS, Protocol, get_protocol
 from .run import METRICS, EvalSpec, evaluate, markdown_table
-from .scores import Extractor, ReferenceFeatures, diversity, fidelity_from_features, vendi_score
+from .scores import Extractor, ReferenceFeatures, diversity, fidelity_from_features, fidelity_metrics, vendi_score
 
 __all__ = ["EvalSpec", "evaluate", "markdown_table", "METRICS", "PROTOCOLS", "Protocol", "get_protocol",
-           "ImageFolder", "InputError", "Extractor", "ReferenceFeatures", "fidelity_from_features", "diversity",
+           "ImageFolder", "InputError", "Extractor", "ReferenceFeatures", "fidelity_from_features", "fidelity_metrics",
+           "diversity",
            "vendi_score"]

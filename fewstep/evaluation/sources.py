@@ -363,6 +363,10 @@ def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     if not p.exists():
         raise InputError(f"--pipeline {source!r} is neither a teacher name ({', '.join(TEACHER_NAMES)}) "
                          "nor an existing folder")
+    if p.is_dir() and ((p / "routing.json").is_file() or _is_msd_run(p)):  # K routed students (MSD)
+        from ..msd.routing import load_routed_source
+
+        return load_routed_source(p, device, dtype, student_weights)
     if p.is_dir() and any((p / n).is_file() for n in RUN_CARD_NAMES) and not (p / "model_index.json").is_file():
         return _load_run(p, device, dtype, student_weights)
     if p.is_dir() and (p / "state.json").is_file() and (p / "model.safetensors").is_file():
@@ -380,6 +384,12 @@ def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         return src
     raise InputError(f"--pipeline {p}: not a diffusers pipeline folder (no model_index.json) nor a run dir "
                      f"(no {' / '.join(RUN_CARD_NAMES)})")
+
+
+def _is_msd_run(p: Path) -> bool:
+    from ..msd.export import is_msd_run
+
+    return is_msd_run(p)
 
 
 def _load_run(run_dir: Path, device: str, dtype: torch.dtype, student_weights: str = "student") -> Source:

@@ -17,4 +17,5 @@ METHODS = {
     "boot": "BOOT (data-free bootstrapping along the teacher's trajectory)",
     "twinflow": "TwinFlow (self-adversarial any-step flow, no frozen teacher)",
     "dsm": "DSM fine-tuning (denoising score matching on the teacher's own sampler)",
+    "msd": "MSD (multi-student distillation: one DMD2 student per subset of the conditions)",
 }

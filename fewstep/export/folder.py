@@ -106,6 +106,11 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
     from .model_card import render_readme
 
     t0 = time.time()
+    from ..msd.export import export_msd, is_msd_run
+
+    if is_msd_run(checkpoint):  # K students: one pipeline folder each + routing.json (fewstep/msd/export.py)
+        return export_msd(checkpoint, out, overwrite=overwrite, weights=weights, teacher=teacher, lora=lora,
+                          eval_results=eval_results, link_components=link_components)
     if lora not in ("auto", "off", "required"):
         raise ExportError(f"lora must be 'auto', 'off' or 'required', got {lora!r}")
     run = _read_run(checkpoint, weights)

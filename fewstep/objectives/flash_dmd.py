@@ -53,7 +53,7 @@ class FlashDMDParams:
     fake_target: str = "native"            # "native" or "x0" (as DMD2)
     fake_updates_per_generator: int = 5    # DMD2's two time-scale rule
     gan_generator_weight: float = 3e-3     # lambda_G of the adversarial loss at the low-noise steps
-    gan_disc_weight: float = 1e-2          # lambda_D of the discriminator loss (guidance group)
+    gan_disc_weight: float = 1e-2          # lambda_D of the discriminator loss (fake_score group)
     gan_block: int | None = None           # transformer block feeding the head (None: the middle one)
     gan_head_width: int = 128
     gan_t_min: float = 0.001               # noise levels the head sees
@@ -137,7 +137,7 @@ class FlashDMDObjective:
     def phases(self, step: int) -> list[str]:
         ph = self.dm.phases(step)
         if self.reward_active(step) and not self.p.reward_keep_distillation:
-            ph = [g for g in ph if g != "guidance"]  # the contrast run: the fake score plays no part
+            ph = [g for g in ph if g != "fake_score"]  # the contrast run: the fake score plays no part
         return ph
 
     def is_dm_step(self, step: int) -> bool:
@@ -197,9 +197,9 @@ class FlashDMDObjective:
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if phase == "generator":
             return self.generator_loss(batch, step)
-        if phase == "guidance":
-            return self.dm.guidance_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; Flash-DMD has 'generator' and 'guidance'")
+        if phase == "fake_score":
+            return self.dm.fake_score_loss(batch, step)
+        raise ValueError(f"unknown phase {phase!r}; Flash-DMD has 'generator' and 'fake_score'")
 
 
 def _name(reward: Any) -> str:

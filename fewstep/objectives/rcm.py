@@ -12,7 +12,7 @@ by composition (one `nets` dict shared by both, so a wrapped network is seen by 
 Schedule (rCM's `is_student_phase`):
 
     step < dmd_start (= convert_steps + tangent_warmup):   ["generator"]   sCM loss only, no fake score
-    after:  cycles of (critic_updates_per_student + 1) steps: critic_updates_per_student x ["guidance"]
+    after:  cycles of (critic_updates_per_student + 1) steps: critic_updates_per_student x ["fake_score"]
             (the fake score), then one ["generator"] with  L = scm_weight L_sCM + dmd_weight L_DM
 
 The generator step ends each cycle (the published code starts it), so the fake score has adapted
@@ -127,7 +127,7 @@ def _check_rcm(p: RCMParams) -> None:
 
 class RCMObjective:
     """sCM + DMD regulariser. nets: "student" and "logvar" (group "generator"), "fake" (group
-    "guidance"), "teacher" (frozen). See the module docstring."""
+    "fake_score"), "teacher" (frozen). See the module docstring."""
 
     def __init__(self, params: RCMParams, teacher: Denoiser, student: Denoiser, fake: Denoiser, *,
                  seed: int = 0, latent_shape: tuple[int, ...] = (4, 8, 8), device: Any = None):
@@ -147,13 +147,13 @@ class RCMObjective:
         self.nets = self.cm.nets
         self.nets["fake"] = fake
         self.dm.nets = self.nets
-        self.groups = {"generator": list(self.cm.groups["generator"]), "guidance": ["fake"]}
+        self.groups = {"generator": list(self.cm.groups["generator"]), "fake_score": ["fake"]}
         self.dmd_start = (params.convert_steps + params.tangent_warmup if params.dmd_start is None
                           else int(params.dmd_start))
         self.sampling = self._sampling()
         self.optim = {  # rCM's published AdamW settings; a preset's optim.<group> overrides them
             "generator": {"lr": 2e-6, "betas": (0.0, 0.999), "weight_decay": 0.01},
-            "guidance": {"lr": 4e-7, "betas": (0.0, 0.999), "weight_decay": 0.01},
+            "fake_score": {"lr": 4e-7, "betas": (0.0, 0.999), "weight_decay": 0.01},
         }
 
     # ---- sampler ------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ class RCMObjective:
         if not self.dmd_active(step):
             return ["generator"]
         cycle = self.p.critic_updates_per_student + 1
-        return ["generator"] if (step - self.dmd_start + 1) % cycle == 0 else ["guidance"]
+        return ["generator"] if (step - self.dmd_start + 1) % cycle == 0 else ["fake_score"]
 
     # ---- losses -------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -198,11 +198,11 @@ class RCMObjective:
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if phase == "generator":
             return self.generator_loss(batch, step)
-        if phase == "guidance":
+        if phase == "fake_score":
             if not self.dmd_active(step):
                 raise ValueError(f"rCM: no fake-score update before objective.dmd_start={self.dmd_start} (step {step})")
-            return self.dm.guidance_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; rCM has 'generator' and 'guidance'")
+            return self.dm.fake_score_loss(batch, step)
+        raise ValueError(f"unknown phase {phase!r}; rCM has 'generator' and 'fake_score'")
 
 
 def build(params: RCMParams, teacher: Denoiser, ctx: Any) -> RCMObjective:

@@ -44,6 +44,7 @@ REGISTRY: dict[str, str | tuple[str, dict[str, Any]]] = {
     "twinflow": "fewstep.objectives.twinflow:build",
     "rcm": "fewstep.objectives.rcm:build",
     "flash_dmd": "fewstep.objectives.flash_dmd:build",
+    "msd": ("fewstep.objectives.msd:build", {"variant": "dmd2"}),
 }
 
 

@@ -10,7 +10,9 @@ see, and a resumed run needs no data state.
   memory): class-balanced draws of real latents with their labels in batch["x0"];
 - text teachers: a prompt file (one prompt a line), encoded once with the teacher's encoders;
   with real latents (a safetensors file), latent i goes with prompt i;
-- unconditional teachers: cond None.
+- unconditional teachers: cond None;
+- `conditions` (data.conditions) restricts every draw to some class labels (balanced over them) or
+  some prompt lines, e.g. one student's subset in multi-student distillation.
 """
 from __future__ import annotations
 
@@ -76,12 +78,14 @@ class BatchSource:
         real_data:     put real latents in batch["x0"].
         prompts:       text teachers: the prompts (or a path to a prompt file).
         num_classes:   class-conditional teachers: override the teacher's class count.
+        conditions:    draw only these class labels (balanced over them) / prompt line numbers.
     """
 
     def __init__(self, bundle: TeacherBundle, batch_size: int, seed: int = 0, process_index: int = 0,
                  num_processes: int = 1, device: torch.device | str = "cpu", real_data: bool = False,
                  prompts: list[str] | str | Path | None = None, num_classes: int | None = None,
-                 real_latents: str | Path | None = None, encode_chunk: int = 64):
+                 real_latents: str | Path | None = None, encode_chunk: int = 64,
+                 conditions: list[int] | None = None):
         if batch_size % num_processes:
             raise ValueError(f"data.batch_size={batch_size} is not divisible by the number of processes "
                              f"({num_processes}); each process takes an equal slice of the global batch")
@@ -127,6 +131,15 @@ class BatchSource:
                 raise ValueError(f"data.real_data: real latents have shape {tuple(x0.shape[1:])}, the teacher's "
                                  f"latents {tuple(bundle.latent_shape)}")
             self.real = (x0, None if labels is None else labels.long().cpu())
+        self.conditions: Tensor | None = None
+        if conditions is not None:
+            limit, what = ((self.num_prompts, "prompt lines of data.prompts") if self.text_cond is not None else
+                           (self.num_classes, "classes") if self.num_classes else (0, "conditions"))
+            bad = [int(c) for c in conditions if not 0 <= int(c) < limit]
+            if not limit or bad:
+                raise ValueError(f"data.conditions: {bad or list(conditions)[:3]} out of range: the teacher has "
+                                 f"{limit} {what}")
+            self.conditions = torch.tensor([int(c) for c in conditions], dtype=torch.long)
         if self.real is not None:
             x0, labels = self.real
             if self.text_cond is not None and x0.shape[0] != self.num_prompts:
@@ -148,13 +161,19 @@ class BatchSource:
         n = self.global_batch
         out: dict[str, Any] = {"cond": None}
         if self.text_cond is not None:
-            idx = torch.randint(0, self.num_prompts, (n,), generator=g)
+            if self.conditions is None:
+                idx = torch.randint(0, self.num_prompts, (n,), generator=g)
+            else:
+                idx = self.conditions[torch.randint(0, len(self.conditions), (n,), generator=g)]
             out["cond"] = index_cond(self.text_cond, idx)
             out["prompts"] = [self.prompts[int(i)] for i in idx]
             if self.real is not None:
                 out["x0"] = self.real[0][idx]
         elif self.num_classes:
-            labels = _balanced_labels(n, self.num_classes, g)
+            if self.conditions is None:
+                labels = _balanced_labels(n, self.num_classes, g)
+            else:
+                labels = self.conditions[_balanced_labels(n, len(self.conditions), g)]
             out["cond"] = {"class_labels": labels}
             if self.real is not None:
                 if self.by_class is not None:
@@ -192,8 +211,12 @@ class BatchSource:
     def grid_cond(self, n: int) -> Cond | None:
         """Fixed conditions for sample grids: labels 0..K-1 cycled, or the first prompts cycled."""
         if self.text_cond is not None:
+            idx = torch.arange(n) % self.num_prompts if self.conditions is None else \
+                self.conditions[torch.arange(n) % len(self.conditions)]
             return {k: (v.to(self.device) if torch.is_tensor(v) else v)
-                    for k, v in index_cond(self.text_cond, torch.arange(n) % self.num_prompts).items()}
+                    for k, v in index_cond(self.text_cond, idx).items()}
         if self.num_classes:
-            return {"class_labels": (torch.arange(n) % self.num_classes).to(self.device)}
+            labels = torch.arange(n) % self.num_classes if self.conditions is None else \
+                self.conditions[torch.arange(n) % len(self.conditions)]
+            return {"class_labels": labels.to(self.device)}
         return None

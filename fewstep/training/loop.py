@@ -129,11 +129,15 @@ class _Trainer:
 def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> RunResult:
     """Train as `cfg` says. `teacher` overrides cfg.teacher (tests, scripts); `accelerator` lets a
     caller set up processes / FSDP itself. Returns the outputs, the trained student and the objective.
-
-    Everything that can be checked without the teacher is checked before the output folder is
-    touched (`preflight`); a run replacing another (overwrite=true) puts the old one back if it
-    fails before its first checkpoint."""
+    Checks come before the output folder is touched (training/preflight.py, training/outdir.py)."""
     preflight(cfg, check_teacher=teacher is None)
+    if cfg.objective.name == "msd" and cfg.objective.params.get("student_index") is None:
+        from ..msd.train import run_msd  # K students, one sub-run each (fewstep/msd/train.py)
+
+        return run_msd(cfg, teacher, accelerator)
+    if cfg.objective.name == "msd" and cfg.data.conditions is None:
+        raise ConfigError("objective.student_index is set by the entry point for each MSD student's sub-run "
+                          "(with data.conditions); remove it to train all students")
     output: list[OutputFolder] = []
     try:
         return _run(cfg, teacher, accelerator, output)
@@ -153,7 +157,8 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     tden.to(env.device)
     with user_errors("data", ValueError, OSError, named="data."):                # 3. data
         source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, env.rank, env.world, env.device,
-                             cfg.data.real_data, cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents)
+                             cfg.data.real_data, cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents,
+                             conditions=cfg.data.conditions)
     tr = _build(cfg, env, bundle, source)                                         # 4.-6. objective, optimizers
     start_step = _resume(cfg, env, tr, resume_from)                              # 7. resume
     trackers = _start_trackers(cfg, env)
