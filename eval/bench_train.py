@@ -35,8 +35,8 @@ PRESETS = {  # objective -> digits preset (VP teacher)
     "dmd2": "digits/dmd2_1step_vp.yaml",
     "decoupled_dmd": "digits/ddmd_4step_vp.yaml",
     "lcm": "digits/lcm_4step_vp.yaml",
-    "scm": "digits/scm_2step_vp.yaml",
-    "tbcm": "digits/tbcm_2step_vp.yaml",
+    "scm": "digits/scm_2step_vp_secant.yaml",
+    "tbcm": "digits/tbcm_2step_vp_secant.yaml",
     "tdm": "digits/tdm_4step_vp.yaml",
 }
 

@@ -157,7 +157,8 @@ class LogConfig:
 class Config:
     name: str = "run"                    # preset name; the default output_dir is runs/<name>
     seed: int = 0
-    steps: int = 1000                    # total training steps (schedules are laid out over these)
+    steps: int | None = None             # total training steps (schedules are laid out over these); default 1000
+    generator_steps: int | None = None   # student updates instead: sets steps (DMD: x fake_updates_per_generator)
     stop_after: int | None = None        # stop (with a checkpoint) after this step; resume continues
     output_dir: str | None = None
     overwrite: bool = False              # replace a non-empty output_dir (the old run is kept until the first checkpoint)
@@ -183,7 +184,9 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
 
-        need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        self.steps = 1000 if self.steps is None and self.generator_steps is None else self.steps
+        need(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        need((self.generator_steps or 1) >= 1, "generator_steps", f"must be >= 1, got {self.generator_steps}")
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1")
         need(self.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.data.batch_size}")
         need(self.data.num_classes is None or self.data.num_classes >= 1, "data.num_classes", "must be >= 1")

@@ -164,6 +164,21 @@ def test_keeps_last_n_and_restores_everything(tmp_path):
         assert scheds[g].last_epoch == 1
 
 
+def test_a_checkpoint_of_the_old_fake_score_group_name_resumes(tmp_path):
+    holder = torch.nn.ModuleDict({"student": torch.nn.Linear(3, 2), "fake": torch.nn.Linear(2, 2)})
+    opts = {"generator": torch.optim.AdamW(holder["student"].parameters(), lr=0.1),
+            "guidance": torch.optim.AdamW(holder["fake"].parameters(), lr=0.01)}
+    scheds = {g: torch.optim.lr_scheduler.LambdaLR(o, lambda n: 1.0 / (n + 1)) for g, o in opts.items()}
+    for _ in range(3):
+        scheds["guidance"].step()
+    kw = dict(accelerator=None, holder=holder, keys=set(holder.state_dict()))
+    ck.save_checkpoint(tmp_path, 1, optimizers=opts, schedulers=scheds, **kw)
+    renamed = {"generator": opts["generator"], "fake_score": opts["guidance"]}
+    new = {g: torch.optim.lr_scheduler.LambdaLR(o, lambda n: 1.0) for g, o in renamed.items()}
+    ck.load_checkpoint(tmp_path / "checkpoints" / "step_0000001", optimizers=renamed, schedulers=new, **kw)
+    assert new["fake_score"].last_epoch == 3 and new["generator"].last_epoch == 0
+
+
 def test_resume_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         run(_cfg(tmp_path / "r", f"resume={tmp_path / 'nowhere'}", "steps=1"), teacher=gmm_bundle())

@@ -3,7 +3,6 @@ start-up errors, teacher-sample caches, the shared-base adapter switching (also 
 a short run on the exact Gaussian-mixture teacher."""
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -96,6 +95,13 @@ def test_one_step_updates_only_its_networks(family, prediction, variant, kw, tmp
     obj = build(params, teacher, context(latent_shape=tiny.latent_shape, has_real_data=True, lora=LORA))
     assert isinstance(obj, Objective)
     opts = _optimizers(obj)
+    if variant == "ddmd" and kw.get("dm_kind") == "meanvar":  # no DM term: no fake score, one group
+        assert "fake" not in obj.nets and obj.groups == {"generator": ["student"]}
+        assert all(obj.phases(s) == ["generator"] for s in range(10))
+        before = _snapshot(obj)
+        _step(obj, opts, "generator", _batch(tiny), 0)
+        assert _changed(before, obj, "student")
+        return
     step = params.fake_updates_per_generator - 1  # the first step with a generator update
     assert obj.phases(step) == ["generator", "fake_score"]
 
@@ -152,16 +158,98 @@ def test_dm_gradient_is_zero_when_fake_equals_real():
             assert logs["dm_grad_norm"] > 0 and total > 0
 
 
-def test_ca_term_is_zero_at_guidance_one():
-    tiny = _tiny("sd15")
-    x_hat = torch.randn(2, *tiny.latent_shape)
-    cond = tiny.cond(2)
-    norms = {}
-    for w in (1.0, 4.0):
-        obj = build(DMDParams(variant="ddmd", guidance=w), tiny.denoiser, context(latent_shape=tiny.latent_shape))
-        norms[w] = obj._ca_grad(x_hat, cond, 1.0).abs().max().item()
-    assert norms[1.0] == 0.0
-    assert norms[4.0] > 0.0
+def _two_class_gmm(path, learnable=False):
+    """Two classes at +-(2, 2) (std 0.3), null class 2 = the whole mixture."""
+    means = torch.tensor([[2.0, 2.0], [-2.0, -2.0]]).view(2, 2, 1, 1)
+    return gmm_denoiser(path, means, std=0.3, classes=torch.arange(2), null_class=2, learnable=learnable), means
+
+
+@pytest.mark.parametrize("kind", ["flow", "vp"])
+def test_ca_term_moves_a_sample_toward_its_class(kind):
+    """The CFG-augmentation term is the update -(w - 1)(x0_c - x0_u) scaled: a gradient step on the
+    student's sample (x <- x - g) moves it toward its own class's mean, for every sample and label,
+    and the term vanishes at w = 1 without calling the teacher."""
+    path = FlowPath(1000) if kind == "flow" else vp_path_sample()
+    teacher, means = _two_class_gmm(path)
+    obj = build(DMDParams(variant="ddmd", guidance=4.0, ca_t_min=0.3, ca_t_max=0.7), teacher,
+                context(latent_shape=(2, 1, 1)))
+    torch.manual_seed(0)
+    x_hat = 0.7 * torch.randn(64, 2, 1, 1)
+    labels = torch.arange(64) % 2
+    g = obj._ca_grad(x_hat, {"class_labels": labels}, 1.0)
+    # exact mixture: x0_c - x0_u = r_other (1 - gain alpha)(mu_c - mu_other), a non-negative multiple of the
+    # class direction (zero where the other class's responsibility underflows)
+    toward = ((-g) * (means[labels] - x_hat)).flatten(1).sum(1)
+    assert bool((toward >= -1e-6).all()), f"CA moves {int((toward < -1e-6).sum())} of 64 samples away from their class"
+    assert float((toward > 1e-6).float().mean()) > 0.75 and float(toward.mean()) > 0.1, toward
+    calls = []
+    obj1 = build(DMDParams(variant="ddmd", guidance=1.0), teacher, context(latent_shape=(2, 1, 1)))
+    obj1.nets["teacher"] = _Recorder(teacher, calls)
+    assert obj1._ca_grad(x_hat, {"class_labels": labels}, 1.0).abs().max() == 0 and not calls
+
+
+class _Recorder(nn.Module):
+    """Forwards to a Denoiser and records (t, output kind) of each call."""
+
+    def __init__(self, net, calls):
+        super().__init__()
+        self.net, self.calls, self.path = net, calls, net.path
+
+    def forward(self, x, t, cond=None, guidance=1.0, output="x0"):
+        self.calls.append((torch.as_tensor(t).detach().clone(), output))
+        return self.net(x, t, cond, guidance, output=output)
+
+
+def vp_path_sample():
+    return VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                               "prediction_type": "epsilon"})
+
+
+def test_ca_renoising_level_never_exceeds_the_generators_input_level():
+    """Over many steps of a 3-step student (inputs 1.0, 0.6, 0.3), the CA term's re-noising time
+    (the teacher's cond/uncond pass) never exceeds the generator's input time of that step, while
+    the DM term's may (its range is [dm_t_min, dm_t_max])."""
+    teacher, _ = _two_class_gmm(FlowPath(1000), learnable=True)
+    obj = build(DMDParams(variant="ddmd", guidance=3.0, num_steps=3, student_times=[1.0, 0.6, 0.3],
+                          ca_t_min=0.02, ca_t_max=0.98), teacher, context(latent_shape=(2, 1, 1)))
+    calls = []
+    obj.nets["teacher"] = _Recorder(teacher, calls)
+    seen = set()
+    dm_above = False
+    for step in range(40):
+        calls.clear()
+        _, logs = obj.loss("generator", {"cond": {"class_labels": torch.arange(8) % 2}, "shape": (8, 2, 1, 1)}, step)
+        t_gen = logs["t_gen"]
+        seen.add(t_gen)
+        ca = [t for t, out in calls if out == "cond_uncond"]
+        dm = [t for t, out in calls if out == "x0"]
+        assert len(ca) == 1 and float(ca[0].max()) <= t_gen + 1e-7, (t_gen, float(ca[0].max()))
+        dm_above |= float(dm[0].max()) > t_gen
+    assert seen == {1.0, 0.6, 0.3} and dm_above
+
+
+def test_ddmd_switches_zero_exactly_the_other_term():
+    """CA only (dm_weight 0) and DM only (ca_weight 0), at the same random draws, give the student
+    gradients whose sum is the full one: each switch removes exactly the other term."""
+    teacher, _ = _two_class_gmm(FlowPath(1000), learnable=True)
+    batch = {"cond": {"class_labels": torch.arange(16) % 2}, "shape": (16, 2, 1, 1)}
+
+    def grad(**kw):
+        obj = build(DMDParams(variant="ddmd", guidance=3.0, **kw), teacher, context(latent_shape=(2, 1, 1)))
+        if "fake" in obj.nets:  # a fake score that differs from the teacher, so the DM term is not 0
+            with torch.no_grad():
+                obj.nets["fake"].backbone.means.add_(0.4)
+        torch.manual_seed(11)
+        loss, logs = obj.loss("generator", batch, 0)
+        loss.backward()
+        return obj.nets["student"].backbone.means.grad.clone(), obj
+    full, _ = grad()
+    ca_only, o_ca = grad(dm_weight=0.0)
+    dm_only, _ = grad(ca_weight=0.0)
+    assert "fake" not in o_ca.nets  # CA only needs no fake score
+    assert ca_only.abs().max() > 1e-4 and dm_only.abs().max() > 1e-4
+    assert torch.allclose(ca_only, full - dm_only, atol=1e-6), (ca_only, full - dm_only)
+    assert torch.allclose(dm_only, full - ca_only, atol=1e-6)
 
 
 def test_channel_kl_vanishes_on_matching_statistics():
@@ -492,6 +580,7 @@ class _PlainConvNet(nn.Module):
 
 
 def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
+    from fewstep.objectives.gan import DiscriminatorHead
     from tests.tiny import vp_path
 
     teacher = Denoiser(_PlainConvNet(), vp_path(), _Plain()).requires_grad_(False)
@@ -503,6 +592,8 @@ def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
     obj = build(DMDParams(gan=True, guidance=1.0, fake_updates_per_generator=1, gan_feature_layer="body.mid"),
                 teacher, ctx)
     assert obj.nets["disc"].in_channels == 16  # the GroupNorm's width inside the named layer
+    with pytest.raises(ValueError, match="16 channels .* head expects 8: objective.gan_feature_layer"):
+        DiscriminatorHead(8, (8, 8))(torch.randn(2, 16, 8, 8))
     opts = _optimizers(obj)
     g = torch.Generator().manual_seed(0)
     batch = {"cond": None, "x0": torch.randn((2, 4, 8, 8), generator=g), "shape": (2, 4, 8, 8)}

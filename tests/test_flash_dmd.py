@@ -2,16 +2,17 @@
 the low-noise ones, the reward phase (reward rises with the distillation regulariser on; the
 contrast run drops it), rewards that break (non-finite, wrong shape), start-up errors, and the
 shipped digits reward (a separate network from the judge, differentiable through the decoder)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from tests.tiny import make_tiny
 
 from fewstep.objectives.base import trainable_parameters
 from fewstep.objectives.flash_dmd import FlashDMDParams, build
 from fewstep.objectives.registry import BuildContext, build_objective
 from fewstep.samplers import sample
+from tests.tiny import make_tiny
 
 
 def _ctx(tiny, **kw):
@@ -20,8 +21,11 @@ def _ctx(tiny, **kw):
 
 def _batch(tiny, b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"cond": tiny.cond(b, g), "x0": torch.randn(b, *tiny.latent_shape, generator=g),
-            "shape": (b, *tiny.latent_shape)}
+    return {
+        "cond": tiny.cond(b, g),
+        "x0": torch.randn(b, *tiny.latent_shape, generator=g),
+        "shape": (b, *tiny.latent_shape),
+    }
 
 
 def _calls(module) -> list[int]:
@@ -31,8 +35,9 @@ def _calls(module) -> list[int]:
 
 
 def _toy_reward(target: float = 1.0):
-    def reward(x, cond):   # higher when the latents sit near `target`
+    def reward(x, cond):  # higher when the latents sit near `target`
         return -((x.float() - target) ** 2).flatten(1).mean(1)
+
     reward.input = "latents"
     reward.name = "toy_latent_target"
     return reward
@@ -40,8 +45,12 @@ def _toy_reward(target: float = 1.0):
 
 def test_dm_loss_only_at_high_noise_steps_adversarial_only_at_low_noise_steps():
     tiny = make_tiny("dit")
-    obj = build_objective("flash_dmd", {"guidance": 3.0, "dm_steps": 2, "fake_updates_per_generator": 1,
-                                        "gan_generator_weight": 1.0}, tiny.denoiser, _ctx(tiny))
+    obj = build_objective(
+        "flash_dmd",
+        {"guidance": 3.0, "dm_steps": 2, "fake_updates_per_generator": 1, "gan_generator_weight": 1.0},
+        tiny.denoiser,
+        _ctx(tiny),
+    )
     assert obj.sampling == {"times": [1.0, 0.75, 0.5, 0.25, 0.0], "renoise": "fresh"}
     teacher_calls, disc_calls = _calls(tiny.denoiser.backbone), _calls(obj.nets["disc"])
     student = [p for p in obj.nets["student"].parameters() if p.requires_grad]
@@ -55,10 +64,10 @@ def test_dm_loss_only_at_high_noise_steps_adversarial_only_at_low_noise_steps():
         loss, logs = obj.loss("generator", _batch(tiny, seed=step), step)
         grads = torch.autograd.grad(loss, student, allow_unused=True)
         assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0, f"no student gradient at step {k}"
-        if high:   # DM term only: the real and fake scores are queried, the discriminator never
+        if high:  # DM term only: the real and fake scores are queried, the discriminator never
             assert logs["dm_step"] == 1.0 and logs["dm_grad_norm"] > 0 and "gan_g" not in logs
             assert teacher_calls and not disc_calls
-        else:      # adversarial term only: the discriminator, never the real score
+        else:  # adversarial term only: the discriminator, never the real score
             assert logs["dm_step"] == 0.0 and "gan_g" in logs and "dm_grad_norm" not in logs
             assert disc_calls and not teacher_calls
         assert logs["t_gen"] == [1.0, 0.75, 0.5, 0.25][k]
@@ -88,8 +97,14 @@ def _mean_reward(obj, tiny, reward, n=16) -> float:
     noise = torch.randn(n, *tiny.latent_shape, generator=g)
     cond = tiny.cond(n, torch.Generator().manual_seed(8))
     with torch.no_grad():
-        x = sample(obj.nets["student"], noise, cond, obj.sampling["times"], renoise="fresh",
-                   generator=torch.Generator().manual_seed(9))
+        x = sample(
+            obj.nets["student"],
+            noise,
+            cond,
+            obj.sampling["times"],
+            renoise="fresh",
+            generator=torch.Generator().manual_seed(9),
+        )
     return float(reward(x, cond).mean())
 
 
@@ -101,8 +116,14 @@ def test_reward_phase_raises_the_reward(keep):
     torch.manual_seed(0)
     tiny = make_tiny("dit")
     reward = _toy_reward()
-    params = FlashDMDParams(guidance=2.0, fake_updates_per_generator=1, reward="toy", reward_start=2,
-                            reward_weight=1.0, reward_keep_distillation=keep)
+    params = FlashDMDParams(
+        guidance=2.0,
+        fake_updates_per_generator=1,
+        reward="toy",
+        reward_start=2,
+        reward_weight=1.0,
+        reward_keep_distillation=keep,
+    )
     obj = build(params, tiny.denoiser, _ctx(tiny), reward=reward)
     before = _mean_reward(obj, tiny, reward)
     assert obj.phases(1) == ["generator", "fake_score"]
@@ -125,29 +146,45 @@ def test_nonfinite_or_misshapen_reward_is_an_error_naming_it():
     def nan_reward(x, cond):
         r = x.flatten(1).mean(1)
         return r * torch.tensor([float("nan")] + [1.0] * (r.shape[0] - 1))
+
     nan_reward.input = "latents"
     nan_reward.name = "my_broken_reward"
-    obj = build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=nan_reward)
-    with pytest.raises(FloatingPointError, match="my_broken_reward.*non-finite"):
+    # at start-up (a class-conditional teacher: the reward is probed) ...
+    with pytest.raises(ValueError, match="objective.reward.*my_broken_reward.*non-finite"):
+        build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=nan_reward)
+    # ... and during training, where a reward turns non-finite later
+    calls = []
+
+    def late_nan(x, cond):
+        calls.append(1)
+        return nan_reward(x, cond) if len(calls) > 1 else x.flatten(1).mean(1)
+
+    late_nan.input = "latents"
+    late_nan.name = "late_nan_reward"
+    obj = build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=late_nan)
+    with pytest.raises(FloatingPointError, match="late_nan_reward.*non-finite"):
         obj.loss("generator", _batch(tiny), 0)
 
     def scalar_reward(x, cond):
         return x.mean()
+
     scalar_reward.input = "latents"
-    obj = build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=scalar_reward)
-    with pytest.raises(ValueError, match="scalar_reward.*one value per sample"):
-        obj.loss("generator", _batch(tiny), 0)
+    with pytest.raises(ValueError, match="objective.reward.*scalar_reward.*one value per sample"):
+        build(FlashDMDParams(reward="x", reward_start=0), tiny.denoiser, _ctx(tiny), reward=scalar_reward)
 
 
-@pytest.mark.parametrize("kw,key", [
-    (dict(dm_steps=4), "objective.dm_steps"),
-    (dict(dm_steps=0), "objective.dm_steps"),
-    (dict(num_steps=1, student_times=[1.0]), "objective.num_steps"),
-    (dict(reward="digits_class"), "objective.reward_start"),
-    (dict(reward_start=10), "objective.reward"),
-    (dict(reward="nope", reward_start=0), "objective.reward"),
-    (dict(student_times=[1.0, 0.5, 0.6, 0.2]), "objective.student_times"),
-])
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        (dict(dm_steps=4), "objective.dm_steps"),
+        (dict(dm_steps=0), "objective.dm_steps"),
+        (dict(num_steps=1, student_times=[1.0]), "objective.num_steps"),
+        (dict(reward="digits_class"), "objective.reward_start"),
+        (dict(reward_start=10), "objective.reward"),
+        (dict(reward="nope", reward_start=0), "objective.reward"),
+        (dict(student_times=[1.0, 0.5, 0.6, 0.2]), "objective.student_times"),
+    ],
+)
 def test_bad_params_name_the_key(kw, key):
     tiny = make_tiny("dit")
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -168,7 +205,7 @@ def test_digits_reward_is_not_the_judge_and_is_differentiable_through_the_decode
 
     r = DigitsClassReward()
     judge = load_judge()
-    assert r.classifier.config() != judge.config()      # another network, not a copy of the judge
+    assert r.classifier.config() != judge.config()  # another network, not a copy of the judge
     with pytest.raises(ValueError, match="evaluation judge"):
         DigitsClassReward(JUDGE_WEIGHTS)
     from fewstep.digits import embedded_teachers as digits_teacher
@@ -178,7 +215,7 @@ def test_digits_reward_is_not_the_judge_and_is_differentiable_through_the_decode
     z = torch.randn(4, *t.latent_shape, requires_grad=True)
     labels = torch.tensor([0, 3, 5, 9])
     out = r(dec(z), {"class_labels": labels})
-    assert out.shape == (4,) and bool((out <= 0).all())          # log-probabilities
+    assert out.shape == (4,) and bool((out <= 0).all())  # log-probabilities
     out.sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
     # on real digits the reward classifier names the right class
@@ -196,7 +233,6 @@ def test_clip_reward_without_a_local_model_is_a_clear_error(tmp_path):
         make_reward("clip", None)
     with pytest.raises(Exception, match="CLIP model folder"):
         make_reward("clip", str(tmp_path / "no_clip_here"))
-
 
 
 def test_dm_steps_move_the_students_samples_against_the_dm_gradient():
@@ -226,14 +262,14 @@ def test_dm_steps_move_the_students_samples_against_the_dm_gradient():
     assert cos < -0.1, cos
 
 
-
 def test_adversarial_steps_move_the_students_samples_up_the_discriminator():
     """At a low-noise step, one SGD step on the generator loss raises the discriminator's logit of
     the student's (re-noised) samples: the non-saturating generator loss softplus(-D). A sign error
     in the adversarial term fails here."""
     tiny = make_tiny("dit")
-    obj = build(FlashDMDParams(guidance=3.0, fake_updates_per_generator=1, gan_generator_weight=1.0),
-                tiny.denoiser, _ctx(tiny))
+    obj = build(
+        FlashDMDParams(guidance=3.0, fake_updates_per_generator=1, gan_generator_weight=1.0), tiny.denoiser, _ctx(tiny)
+    )
     step = next(s for s in range(50) if not obj.is_dm_step(s))
     batch = _batch(tiny, b=8)
 
@@ -259,8 +295,13 @@ class _TimeMLP(torch.nn.Module):
 
     def __init__(self, d: int, width: int = 64):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(d + 1, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
-                                       torch.nn.SiLU(), torch.nn.Linear(width, d))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d + 1, width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(width, d),
+        )
 
     def forward(self, x, timestep, class_labels=None):
         t = (timestep.float() / 1000.0).view(-1, 1)
@@ -281,8 +322,9 @@ class _FakeWithBottleneck(torch.nn.Module):
         super().__init__()
         self.base = base
         # (B, width, 4, 4) features: the head's GroupNorm needs spatial extent to see anything
-        self.mid_block = torch.nn.Sequential(torch.nn.Linear(d + 1, width * 16), torch.nn.SiLU(),
-                                             torch.nn.Unflatten(1, (width, 4, 4)))
+        self.mid_block = torch.nn.Sequential(
+            torch.nn.Linear(d + 1, width * 16), torch.nn.SiLU(), torch.nn.Unflatten(1, (width, 4, 4))
+        )
         self.out = torch.nn.Linear(width * 16, d)
         torch.nn.init.zeros_(self.out.weight)
         torch.nn.init.zeros_(self.out.bias)
@@ -316,8 +358,13 @@ def test_flash_dmd_learns_the_mixture(kind):
             return cond
 
     torch.manual_seed(0)
-    path = FlowPath(1000) if kind == "flow" else VPPath.from_config(
-        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "sample"})
+    path = (
+        FlowPath(1000)
+        if kind == "flow"
+        else VPPath.from_config(
+            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "sample"}
+        )
+    )
     means = torch.tensor([[2.0, 2.0], [-2.0, -1.0], [1.5, -2.0]]).view(3, 2, 1, 1)
     teacher = gmm_denoiser(path, means, std=0.3)
     fake_bb = _FakeWithBottleneck(copy_denoiser(teacher, trainable=False).backbone, 2)
@@ -325,19 +372,22 @@ def test_flash_dmd_learns_the_mixture(kind):
     student = Denoiser(_TimeMLP(2), path, _Plain())
     params = FlashDMDParams(guidance=1.0, fake_updates_per_generator=2, gan_generator_weight=0.1)
     tap = FeatureTap(fake_bb.mid_block)
-    head = DiscriminatorHead(8, (4, 4), 128)   # the default width (a width-16 head is constant: its last
-                                               #   GroupNorm has one value per group at 1x1)
+    head = DiscriminatorHead(8, (4, 4), 128)  # the default width (a width-16 head is constant: its last
+    #   GroupNorm has one value per group at 1x1)
     dmd = DMDObjective(params.dmd_params(), teacher, student, fake, latent_shape=(2, 1, 1), disc=head, tap=tap)
     obj = FlashDMDObjective(params, dmd)
-    opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=2e-3),
-            "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2)}
+    opts = {
+        "generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=2e-3),
+        "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2),
+    }
     exact = teacher.backbone.sample_data(2000, generator=torch.Generator().manual_seed(1))
     z = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
 
     def distance():
         with torch.no_grad():
-            x = sample(student, z, None, obj.sampling["times"], renoise="fresh",
-                       generator=torch.Generator().manual_seed(3))
+            x = sample(
+                student, z, None, obj.sampling["times"], renoise="fresh", generator=torch.Generator().manual_seed(3)
+            )
         return _sliced_w2(x, exact)
 
     before = distance()

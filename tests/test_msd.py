@@ -206,7 +206,7 @@ def test_msd_students_learn_their_own_subsets_mixture():
                                      "fake_updates_per_generator": 2})
         obj = build(params, teacher, ctx)
         opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=1e-3),
-                "guidance": torch.optim.Adam(trainable_parameters(obj, "guidance"), lr=1e-2)}
+                "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2)}
         source = BatchSource(bundle, 256, seed=k, conditions=subset)
         labels = torch.tensor(subset).repeat_interleave(1000)
         exact = teacher.backbone.sample_data(len(labels), labels, generator=exact_gen)

@@ -135,6 +135,22 @@ def test_phase_order_zeroes_all_grads_and_steps_one_group(tmp_path, toy):
     assert int(obj.after_calls) == 6
 
 
+def test_generator_steps_sets_the_step_count_and_both_counts_are_reported(tmp_path, toy):
+    """The toy objective updates its fake score every step and the student every other step:
+    generator_steps=2 makes a 3-step run; the card, the metrics and the summary line give both
+    counts; steps given as well must agree, else a ConfigError names both keys."""
+    common = ["objective.name=toy", "data.batch_size=4", "optim.default.lr=0.05", "checkpoint.every=0", "log.every=1"]
+    res = run(cfg_for(tmp_path, *common, "generator_steps=2", preset=None), teacher=gmm_bundle())
+    card = json.loads((res.run_dir / "run_card.json").read_text())
+    assert res.steps == 3 and card["steps"] == 3
+    assert card["updates"] == {"guidance": 3, "generator": 2}
+    recs = [json.loads(ln) for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["updates/guidance"], r["updates/generator"]) for r in recs] == [(1, 1), (2, 1), (3, 2)]
+    run(cfg_for(tmp_path, *common, "generator_steps=2", "steps=3", preset=None, name="same"), teacher=gmm_bundle())
+    with pytest.raises(ConfigError, match=r"steps=4 and generator_steps=2 disagree.*steps=3"):
+        run(cfg_for(tmp_path, *common, "generator_steps=2", "steps=4", preset=None, name="bad"), teacher=gmm_bundle())
+
+
 def test_nonfinite_skips_then_stops_with_last_checkpoint_intact(tmp_path, toy):
     common = ["objective.name=toy", "data.batch_size=4", "optim.default.lr=0.05"]
     res = run(cfg_for(tmp_path, *common, "steps=6", "objective.nan_steps=[2]", "checkpoint.every=0", "log.every=1",
@@ -338,7 +354,8 @@ def test_cli_reports_config_errors(capsys):
 
 # ---- real-family presets at tiny size ------------------------------------------------------------
 REAL = ["sd15/dmd2_1step.yaml", "sdxl/dmd2_4step_lora.yaml", "pixart/tdm_4step.yaml", "sd3/scm_2step.yaml",
-        "flux/dmd2_4step.yaml"]
+        "flux/dmd2_4step.yaml", "sd15/boot_1step.yaml", "sd3/twinflow.yaml"]
+IN_PLACE = {"twinflow"}   # objectives that train the teacher's own network (one network, no frozen copy)
 
 
 @pytest.mark.parametrize("preset", REAL)
@@ -357,7 +374,8 @@ def test_real_preset_runs_one_step_at_tiny_size(tmp_path, preset):
         n = len(read_prompts(ROOT / cfg.data.prompts))
         save_file({"latents": torch.randn(n, *bundle.latent_shape)}, str(tmp_path / "latents.safetensors"))
         extra.append(f"data.real_latents={tmp_path / 'latents.safetensors'}")
-    cfg = cfg_for(tmp_path, "steps=1", "data.batch_size=2", "checkpoint.every=0", "log.sample_count=2",
+    batch = 4 if cfg.objective.name in IN_PLACE else 2  # twinflow splits each batch into 4 parts
+    cfg = cfg_for(tmp_path, "steps=1", f"data.batch_size={batch}", "checkpoint.every=0", "log.sample_count=2",
                   "precision.mixed_precision=no", "lora.rank=4", *extra, preset=preset)
     res = run(cfg, teacher=bundle)
     assert res.steps == 1 and res.skipped == 0
@@ -367,4 +385,10 @@ def test_real_preset_runs_one_step_at_tiny_size(tmp_path, preset):
     if cfg.lora.student:
         assert (res.run_dir / "final" / "student_lora.safetensors").is_file()
     after = bundle.denoiser.backbone.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # the frozen teacher is untouched
+    if cfg.objective.name in IN_PLACE:  # the teacher's own network was trained; the saved one has its keys
+        from safetensors.torch import load_file
+
+        saved = load_file(str(res.run_dir / "final" / "student" / "diffusion_pytorch_model.safetensors"))
+        assert saved.keys() == before.keys() and any(not torch.equal(before[k], saved[k].to(before[k])) for k in before)
+    else:
+        assert all(torch.equal(before[k], after[k]) for k in before)  # the frozen teacher is untouched

@@ -10,6 +10,7 @@ hacking, not the digits. So the reward classifier is a separate network: the jud
 another feature size (32), trained for fewer epochs (20). The judge that scores runs
 (fewstep/digits/weights/judge.safetensors) is never used as a reward.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,15 @@ DEFAULTS = ["--seed", "7", "--width", "16", "--feature-dim", "32", "--epochs", "
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    card = train_classifier(DEFAULTS + argv)   # later flags override the defaults
-    card.update({
-        "name": "fewstep-digits-reward-classifier",
-        "command": " ".join(["python train/reward_classifier.py", *argv]),
-        "role": "reward for Flash-DMD's reward phase (fewstep.objectives.rewards.DigitsClassReward); "
-                "NOT an evaluation judge: runs are scored by fewstep-digits-judge, a different network",
-    })
+    card = train_classifier(DEFAULTS + argv)  # later flags override the defaults
+    card.update(
+        {
+            "name": "fewstep-digits-reward-classifier",
+            "command": " ".join(["python train/reward_classifier.py", *argv]),
+            "role": "reward for Flash-DMD's reward phase (fewstep.objectives.rewards.DigitsClassReward); "
+            "NOT an evaluation judge: runs are scored by fewstep-digits-judge, a different network",
+        }
+    )
     OUT.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     return card
 

@@ -211,14 +211,14 @@ class LCMObjective:
         x0 = net(x, t, cond, 1.0, output="x0")
         return _bcast(c_skip, x0) * x.to(x0.dtype) + _bcast(c_out, x0) * x0
 
-    def _teacher_x0(self, x: Tensor, t: Tensor, cond: Cond | None, guidance: Tensor) -> Tensor:
+    def _teacher_x0(self, x: Tensor, t: Tensor, cond: Cond | None, guidance: Tensor | float) -> Tensor:
         with torch.no_grad():
             if self.lora:
                 with adapters_disabled(self.nets["student"]):
                     return self.nets["student"](x, t, cond, guidance, output="x0")
             return self.nets["teacher"](x, t, cond, guidance, output="x0")
 
-    def _teacher_trajectory(self, noise: Tensor, t_end: Tensor, cond: Cond | None, guidance: Tensor) -> Tensor:
+    def _teacher_trajectory(self, noise: Tensor, t_end: Tensor, cond: Cond | None, guidance: Tensor | float) -> Tensor:
         """Data-free points: the teacher's CFG DDIM run from pure noise (t = 1) to each sample's
         own t_end in `trajectory_steps` even steps, without grad."""
         x = noise * self.path.init_noise_sigma
@@ -245,6 +245,9 @@ class LCMObjective:
         t_end = ((n - 1) * k).double() / self.num_train_timesteps    # t_end = 0 on the first cell
         t_start, t_end = t_start.float(), t_end.float()
         guidance = p.guidance_min + (p.guidance_max - p.guidance_min) * torch.rand(b, device=dev)
+        # one fixed scale goes to the teacher as a number, so guidance 1 takes the Denoiser's
+        # conditional-only path (one pass, no null condition); the w-embedding keeps the tensor
+        w_teacher: Tensor | float = float(p.guidance_min) if p.guidance_min == p.guidance_max else guidance
 
         if self.data_source == "real":
             if x0 is None:
@@ -252,12 +255,12 @@ class LCMObjective:
             eps = torch.randn_like(x0.float())
             x = self.path.add_noise(x0, eps, t_start)
         else:
-            x = self._teacher_trajectory(torch.randn(shape, device=dev), t_start, cond, guidance)
+            x = self._teacher_trajectory(torch.randn(shape, device=dev), t_start, cond, w_teacher)
 
         s_cond = self.student_cond(cond, guidance)
         pred = self.consistency_fn(self.nets["student"], x, t_start, s_cond)
         with torch.no_grad():
-            x0_teacher = self._teacher_x0(x, t_start, cond, guidance)
+            x0_teacher = self._teacher_x0(x, t_start, cond, w_teacher)
             x_prev = self.path.ddim_step(x, x0_teacher, t_start, t_end)
             target_net = self.nets["student"] if self.lora else self.nets["target"]
             target = self.consistency_fn(target_net, x_prev, t_end, s_cond)

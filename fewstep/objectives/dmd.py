@@ -20,7 +20,11 @@ Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x
            CA  -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|   at tau_CA ~ U[ca_t_min, min(ca_t_max, t_gen)]
            DM  (x0_fake_c - x0_real_c) / mean|x_hat - x0_real_c| at tau_DM ~ U[dm_t_min, dm_t_max]
            or, with dm_kind="meanvar", a per-channel Gaussian KL between the student's samples and
-           the teacher's (or real) latents instead of the DM term.
+           the teacher's (or real) latents instead of the DM term. Both terms' noise is drawn every
+           step, so ca_weight 0 (DM only) or dm_weight 0 (CA only) leaves the other term exactly as
+           it is; a zero-weight term is not computed (at w = 1 the CA term is zero: no teacher pass,
+           no null condition). Without the DM term (meanvar, or dm_weight 0) and without the GAN
+           head no fake score is built: one group, "generator", updated every step.
     + gan_generator_weight * softplus(-D(x_hat))          (optional)
     + regression_weight * dist(G(z_ref), y_ref)           (optional; 1-step students)
 
@@ -203,7 +207,7 @@ class DMDObjective:
                   0..num_classes-1 (otherwise the first training batch's conditions, tiled).
     """
 
-    def __init__(self, params: DMDParams, teacher: nn.Module, student: nn.Module, fake: nn.Module, *,
+    def __init__(self, params: DMDParams, teacher: nn.Module, student: nn.Module, fake: nn.Module | None, *,
                  seed: int = 0, latent_shape: tuple[int, ...] = (4, 8, 8), disc: DiscriminatorHead | None = None,
                  tap: FeatureTap | None = None, teacher_key: str | None = None,
                  num_classes: int | None = None, device: torch.device | str | None = None):
@@ -212,8 +216,11 @@ class DMDObjective:
         self.latent_shape = tuple(latent_shape)
         self.path = teacher.path
         self.times = params.times
-        self.nets: dict[str, nn.Module] = {"teacher": teacher, "student": student, "fake": fake}
-        self.groups: dict[str, list[str]] = {"generator": ["student"], "fake_score": ["fake"]}
+        self.nets: dict[str, nn.Module] = {"teacher": teacher, "student": student}
+        self.groups: dict[str, list[str]] = {"generator": ["student"]}
+        if fake is not None:  # None: Decoupled DMD without a DM term or GAN head uses none
+            self.nets["fake"] = fake
+            self.groups["fake_score"] = ["fake"]
         if disc is not None:
             self.nets["disc"] = disc
             self.groups["fake_score"].append("disc")
@@ -230,7 +237,10 @@ class DMDObjective:
     def phases(self, step: int) -> list[str]:
         """The fake score updates every step; the generator on the last step of each cycle of
         `fake_updates_per_generator` (so the fake score has adapted before the first generator
-        update, and a run of N x ratio steps ends on a generator update)."""
+        update, and a run of N x ratio steps ends on a generator update). Without a fake score the
+        generator updates every step."""
+        if "fake" not in self.nets:
+            return ["generator"]
         r = int(self.p.fake_updates_per_generator)
         if (step + 1) % r == 0:
             return ["generator", "fake_score"]
@@ -279,10 +289,15 @@ class DMDObjective:
             x_hat = student(x, t_gen, cond)
         return x_hat.float(), t_gen
 
-    def _noised(self, x: Tensor, lo: float, hi: float, detach: bool = True) -> tuple[Tensor, Tensor]:
-        """add_noise(x, fresh eps, tau) with tau ~ U[lo, hi] per sample."""
-        tau = self._uniform(x.shape[0], lo, hi, x.device)
-        return self.path.add_noise(x.detach() if detach else x, torch.randn_like(x), tau), tau
+    def _draw(self, x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+        """(tau ~ U[lo, hi] per sample, fresh eps like x)."""
+        return self._uniform(x.shape[0], lo, hi, x.device), torch.randn_like(x)
+
+    def _noised(self, x: Tensor, lo: float, hi: float, detach: bool = True,
+                drawn: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """add_noise(x, eps, tau) with tau ~ U[lo, hi] per sample and fresh eps (or `drawn`)."""
+        tau, eps = drawn if drawn is not None else self._draw(x, lo, hi)
+        return self.path.add_noise(x.detach() if detach else x, eps, tau), tau
 
     def _disc_logits(self, x_in: Tensor, t_in: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor]:
         """Fake-score native output and head logits from one pass (the hook captures the features)."""
@@ -291,19 +306,24 @@ class DMDObjective:
         return out, self.nets["disc"](self.tap.take())
 
     # ---- generator ----------------------------------------------------------------------
-    def _dm_grad(self, x_hat: Tensor, cond: Cond | None, guidance: float) -> Tensor:
-        x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max)
+    def _dm_grad(self, x_hat: Tensor, cond: Cond | None, guidance: float,
+                 drawn: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max, drawn=drawn)
         with torch.no_grad():
             x0_real = self.nets["teacher"](x_tau, tau, cond, guidance)
             x0_fake = self.nets["fake"](x_tau, tau, cond)
         return dm_gradient(x_hat, x0_real, x0_fake)
 
-    def _ca_grad(self, x_hat: Tensor, cond: Cond | None, t_gen: float) -> Tensor:
+    def _ca_grad(self, x_hat: Tensor, cond: Cond | None, t_gen: float,
+                 drawn: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Decoupled DMD's CFG-augmentation term, normalised like DMD's gradient:
         -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|, re-noised below the generator's input time.
-        (dm_gradient(x, x0_cfg, x0_c) is exactly that quotient, since x0_c - x0_cfg = -(w-1)(c-u).)"""
+        (dm_gradient(x, x0_cfg, x0_c) is exactly that quotient, since x0_c - x0_cfg = -(w-1)(c-u).)
+        Zero at w = 1, returned without a teacher pass."""
         hi = min(self.p.ca_t_max, float(t_gen))
-        x_tau, tau = self._noised(x_hat, self.p.ca_t_min, hi)
+        if float(self.p.guidance) == 1.0:
+            return torch.zeros_like(x_hat)
+        x_tau, tau = self._noised(x_hat, self.p.ca_t_min, hi, drawn=drawn)
         with torch.no_grad():
             x0_c, x0_u = self.nets["teacher"](x_tau, tau, cond, output="cond_uncond")
         ca = cfg_augmentation(x0_c, x0_u, self.p.guidance)
@@ -317,13 +337,19 @@ class DMDObjective:
             g = self._dm_grad(x_hat, cond, p.guidance)
             loss = surrogate_loss(x_hat, g)
             logs["dm_grad_norm"] = g.flatten(1).norm(dim=1).mean().item()
-        else:  # Decoupled DMD
-            g = p.ca_weight * self._ca_grad(x_hat, cond, t_gen)
-            logs["ca_grad_norm"] = (g.flatten(1).norm(dim=1).mean() / max(p.ca_weight, 1e-12)).item()
+        else:  # Decoupled DMD; both terms' noise drawn first, so a switched-off term changes nothing else
+            ca_draw = self._draw(x_hat, p.ca_t_min, min(p.ca_t_max, float(t_gen)))
+            dm_draw = self._draw(x_hat, p.dm_t_min, p.dm_t_max)
+            g = torch.zeros_like(x_hat)
+            if p.ca_weight != 0:
+                g_ca = self._ca_grad(x_hat, cond, t_gen, ca_draw)
+                logs["ca_grad_norm"] = g_ca.flatten(1).norm(dim=1).mean().item()
+                g = g + p.ca_weight * g_ca
             if p.dm_kind == "dm":
-                g_dm = self._dm_grad(x_hat, cond, 1.0)
-                logs["dm_grad_norm"] = g_dm.flatten(1).norm(dim=1).mean().item()
-                g = g + p.dm_weight * g_dm
+                if p.dm_weight != 0:
+                    g_dm = self._dm_grad(x_hat, cond, 1.0, dm_draw)
+                    logs["dm_grad_norm"] = g_dm.flatten(1).norm(dim=1).mean().item()
+                    g = g + p.dm_weight * g_dm
                 loss = surrogate_loss(x_hat, g)
             else:
                 mean_ref, var_ref = self._meanvar_reference(batch)
@@ -467,25 +493,30 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
             raise ValueError("objective.shared_base=true cannot run with precision.gradient_checkpointing (the "
                              "recomputation in backward would see whichever adapter is active then)")
     teacher.requires_grad_(False)
+    # Decoupled DMD with the mean/variance regulariser (or without the DM term) never queries a fake
+    # score; it is then built only to feed the GAN head
+    needs_fake = not ddmd or (params.dm_kind == "dm" and params.dm_weight != 0) or params.gan
     latent_shape = tuple(getattr(ctx, "latent_shape"))
     needs_key = params.regression_weight > 0 or (ddmd and params.dm_kind == "meanvar"
                                                  and params.meanvar_target == "teacher")
     key = teacher_fingerprint(teacher) if needs_key else None
     if params.shared_base:
         lora = getattr(ctx, "lora", None)
-        shared = SharedBase(teacher, ["student", "fake"], rank=getattr(lora, "rank", 16),
+        shared = SharedBase(teacher, ["student", "fake"] if needs_fake else ["student"], rank=getattr(lora, "rank", 16),
                             alpha=getattr(lora, "alpha", 16.0), targets=getattr(lora, "target_modules", None),
                             dropout=getattr(lora, "dropout", 0.0))
-        t_net, student, fake = RoleView(shared, None), RoleView(shared, "student"), RoleView(shared, "fake")
+        t_net, student = RoleView(shared, None), RoleView(shared, "student")
+        fake = RoleView(shared, "fake") if needs_fake else None
         fake_backbone = teacher.backbone
     else:
         make_student = getattr(ctx, "make_student", None) or copy_denoiser
         make_copy = getattr(ctx, "make_copy", None) or copy_denoiser
-        t_net, student, fake = teacher, make_student(teacher), make_copy(teacher)
+        t_net, student = teacher, make_student(teacher)
+        fake = make_copy(teacher) if needs_fake else None
         for role, net in (("student", student), ("fake", fake)):
-            if not any(p.requires_grad for p in net.parameters()):
+            if net is not None and not any(p.requires_grad for p in net.parameters()):
                 raise ValueError(f"the {role} network has no trainable weights (check lora.* / the model)")
-        fake_backbone = unwrap(fake).backbone
+        fake_backbone = unwrap(fake).backbone if fake is not None else None
     disc = tap = None
     if params.gan:
         block, channels = feature_layer(fake_backbone, params.gan_feature_layer, params.gan_block)

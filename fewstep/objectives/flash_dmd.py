@@ -21,10 +21,12 @@ with the distillation term kept as the regulariser against reward hacking;
 The reward and the distillation loss are logged side by side ("reward", "loss_distill").
 A reward that returns a non-finite value stops the run with an error naming the reward.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,28 +43,29 @@ __all__ = ["FlashDMDParams", "FlashDMDObjective", "build"]
 
 @dataclass
 class FlashDMDParams:
-    num_steps: int = 4                     # student sampling steps
+    num_steps: int = 4  # student sampling steps
     student_times: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
-                                           # student input times, one per step, decreasing in (0, 1]
-    dm_steps: int = 2                      # the boundary: the first dm_steps (highest-noise) student steps get
-                                           #   the DM loss only, the later ones the adversarial loss only
-    guidance: float = 4.0                  # CFG scale of the real score (Imagen form)
-    dm_t_min: float = 0.02                 # DM re-noising time range (DMD2)
+    # student input times, one per step, decreasing in (0, 1]
+    dm_steps: int = 2  # the boundary: the first dm_steps (highest-noise) student steps get
+    #   the DM loss only, the later ones the adversarial loss only
+    guidance: float = 4.0  # CFG scale of the real score (Imagen form)
+    dm_t_min: float = 0.02  # DM re-noising time range (DMD2)
     dm_t_max: float = 0.98
-    fake_t_min: float = 0.001              # fake-score denoising time range [fake_t_min, 1]
-    fake_target: str = "native"            # "native" or "x0" (as DMD2)
-    fake_updates_per_generator: int = 5    # DMD2's two time-scale rule
-    gan_generator_weight: float = 3e-3     # lambda_G of the adversarial loss at the low-noise steps
-    gan_disc_weight: float = 1e-2          # lambda_D of the discriminator loss (fake_score group)
-    gan_block: int | None = None           # transformer block feeding the head (None: the middle one)
+    fake_t_min: float = 0.001  # fake-score denoising time range [fake_t_min, 1]
+    fake_target: str = "native"  # "native" or "x0" (as DMD2)
+    fake_updates_per_generator: int = 5  # DMD2's two time-scale rule
+    gan_generator_weight: float = 3e-3  # lambda_G of the adversarial loss at the low-noise steps
+    gan_disc_weight: float = 1e-2  # lambda_D of the discriminator loss (fake_score group)
+    gan_block: int | None = None  # transformer block feeding the head (None: the middle one)
+    gan_feature_layer: str | None = None  # dotted module path feeding the head (DMD2's key; None: the family's tap)
     gan_head_width: int = 128
-    gan_t_min: float = 0.001               # noise levels the head sees
+    gan_t_min: float = 0.001  # noise levels the head sees
     gan_t_max: float = 1.0
     # ---- reward phase ---------------------------------------------------------------------
-    reward: str | None = None              # "digits_class", "clip", "module.path:factory", or null (no phase)
-    reward_model: str | None = None        # the reward's weights / model folder (None: its default)
-    reward_start: int | None = None        # first step of the reward phase (needs `reward`)
-    reward_weight: float = 1.0             # weight of -mean(reward) in the generator loss
+    reward: str | None = None  # "digits_class", "clip", "module.path:factory", or null (no phase)
+    reward_model: str | None = None  # the reward's weights / model folder (None: its default)
+    reward_start: int | None = None  # first step of the reward phase (needs `reward`)
+    reward_weight: float = 1.0  # weight of -mean(reward) in the generator loss
     reward_keep_distillation: bool = True  # keep the distillation losses as a regulariser (false: contrast run)
 
     def validate(self) -> None:
@@ -75,29 +78,48 @@ class FlashDMDParams:
         if any(not 0 < t <= 1 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
             raise ValueError(f"objective.student_times must be strictly decreasing in (0, 1], got {ts}")
         if not 1 <= int(self.dm_steps) < n:
-            raise ValueError(f"objective.dm_steps={self.dm_steps} must lie in 1..{n - 1} (some steps get the DM "
-                             "loss, the rest the adversarial loss)")
+            raise ValueError(
+                f"objective.dm_steps={self.dm_steps} must lie in 1..{n - 1} (some steps get the DM "
+                "loss, the rest the adversarial loss)"
+            )
         if (self.reward is None) != (self.reward_start is None):
-            raise ValueError("objective.reward and objective.reward_start go together (both set for a reward phase, "
-                             f"both null without one); got reward={self.reward!r}, reward_start={self.reward_start!r}")
+            raise ValueError(
+                "objective.reward and objective.reward_start go together (both set for a reward phase, "
+                f"both null without one); got reward={self.reward!r}, reward_start={self.reward_start!r}"
+            )
         if self.reward_start is not None and int(self.reward_start) < 0:
             raise ValueError(f"objective.reward_start={self.reward_start} must be >= 0")
         if self.reward_weight < 0:
             raise ValueError(f"objective.reward_weight={self.reward_weight} must be >= 0")
         if self.gan_generator_weight <= 0:
-            raise ValueError(f"objective.gan_generator_weight={self.gan_generator_weight} must be > 0 (the "
-                             "low-noise steps have no other loss)")
+            raise ValueError(
+                f"objective.gan_generator_weight={self.gan_generator_weight} must be > 0 (the "
+                "low-noise steps have no other loss)"
+            )
         self.dmd_params().validate()
 
     def dmd_params(self) -> DMDParams:
         """The DMD2 settings of the composed objective (GAN on, no regression)."""
-        return DMDParams(variant="dmd2", num_steps=int(self.num_steps), student_times=[float(t) for t in self.student_times],
-                         guidance=self.guidance, dm_t_min=self.dm_t_min, dm_t_max=self.dm_t_max,
-                         fake_t_min=self.fake_t_min, fake_target=self.fake_target,
-                         fake_updates_per_generator=self.fake_updates_per_generator, gan=True,
-                         gan_generator_weight=self.gan_generator_weight, gan_disc_weight=self.gan_disc_weight,
-                         gan_block=self.gan_block, gan_head_width=self.gan_head_width, gan_t_min=self.gan_t_min,
-                         gan_t_max=self.gan_t_max, regression_weight=0.0)
+        return DMDParams(
+            variant="dmd2",
+            num_steps=int(self.num_steps),
+            student_times=[float(t) for t in self.student_times],
+            guidance=self.guidance,
+            dm_t_min=self.dm_t_min,
+            dm_t_max=self.dm_t_max,
+            fake_t_min=self.fake_t_min,
+            fake_target=self.fake_target,
+            fake_updates_per_generator=self.fake_updates_per_generator,
+            gan=True,
+            gan_generator_weight=self.gan_generator_weight,
+            gan_disc_weight=self.gan_disc_weight,
+            gan_block=self.gan_block,
+            gan_feature_layer=self.gan_feature_layer,
+            gan_head_width=self.gan_head_width,
+            gan_t_min=self.gan_t_min,
+            gan_t_max=self.gan_t_max,
+            regression_weight=0.0,
+        )
 
 
 class FlashDMDObjective:
@@ -111,15 +133,21 @@ class FlashDMDObjective:
         decode: latents -> images in [-1, 1], differentiable; needed when reward.input == "images".
     """
 
-    def __init__(self, params: FlashDMDParams, dmd: DMDObjective,
-                 reward: Callable[[Tensor, Any], Tensor] | None = None,
-                 decode: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        params: FlashDMDParams,
+        dmd: DMDObjective,
+        reward: Callable[[Tensor, Any], Tensor] | None = None,
+        decode: Callable[[Tensor], Tensor] | None = None,
+    ):
         params.validate()
         if params.reward_start is not None and reward is None:
             raise ValueError("objective.reward_start is set but no reward was given")
         if reward is not None and getattr(reward, "input", "latents") == "images" and decode is None:
-            raise ValueError(f"objective.reward={_name(reward)!r} reads images, but the teacher has no VAE decoder "
-                             "(give a reward on latents)")
+            raise ValueError(
+                f"objective.reward={_name(reward)!r} reads images, but the teacher has no VAE decoder "
+                "(give a reward on latents)"
+            )
         self.p = params
         self.dm = dmd
         self.nets = dmd.nets
@@ -171,8 +199,9 @@ class FlashDMDObjective:
             raise ValueError(f"reward {_name(r_fn)!r} must return one value per sample, shape ({b},); got {shape}")
         bad = ~torch.isfinite(r.detach())
         if bad.any():
-            raise FloatingPointError(f"reward {_name(r_fn)!r} returned a non-finite value for {int(bad.sum())} of {b} "
-                                     f"samples at step {step}")
+            raise FloatingPointError(
+                f"reward {_name(r_fn)!r} returned a non-finite value for {int(bad.sum())} of {b} samples at step {step}"
+            )
         return r.float()
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -206,16 +235,35 @@ def _name(reward: Any) -> str:
     return str(getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__)
 
 
-def build(params: FlashDMDParams, teacher: Denoiser, ctx: Any,
-          reward: Callable[[Tensor, Any], Tensor] | None = None) -> FlashDMDObjective:
+def build(
+    params: FlashDMDParams, teacher: Denoiser, ctx: Any, reward: Callable[[Tensor, Any], Tensor] | None = None
+) -> FlashDMDObjective:
     """Registry builder. The adversarial loss needs real latents (data.real_data: true). `reward`
     overrides objective.reward with a callable (Python API)."""
     params.validate()
     if not bool(getattr(ctx, "has_real_data", False)):
-        raise ValueError("objective 'flash_dmd' needs real data for its adversarial loss (batch['x0']): set "
-                         "data.real_data: true")
+        raise ValueError(
+            "objective 'flash_dmd' needs real data for its adversarial loss (batch['x0']): set data.real_data: true"
+        )
     dmd = _build(params.dmd_params(), teacher, ctx)
     if reward is None and params.reward is not None:
         reward = make_reward(params.reward, params.reward_model, getattr(ctx, "device", None) or "cpu")
     decode = differentiable_decode(getattr(ctx, "decode", None))
-    return FlashDMDObjective(params, dmd, reward, decode)
+    obj = FlashDMDObjective(params, dmd, reward, decode)
+    if reward is not None and getattr(ctx, "num_classes", None):
+        _probe_reward(obj, ctx)
+    return obj
+
+
+def _probe_reward(obj: FlashDMDObjective, ctx: Any) -> None:
+    """Start-up check of a class-conditional reward on two teacher-shaped inputs (pure-noise
+    latents, labels 0 and 1): one finite value per sample, or an error naming objective.reward.
+    (Text rewards need the batch's prompts; they are checked at every call instead.)"""
+    dev = getattr(ctx, "device", None) or "cpu"
+    x = torch.randn(2, *tuple(ctx.latent_shape), generator=torch.Generator().manual_seed(0)).to(dev)
+    batch = {"cond": {"class_labels": (torch.arange(2) % int(ctx.num_classes)).to(dev)}}
+    try:
+        with torch.no_grad():
+            obj._reward(x, batch, step=-1)
+    except (FloatingPointError, ValueError) as e:
+        raise ValueError(f"objective.reward={obj.p.reward!r}: on a start-up probe batch, {e}") from e

@@ -57,7 +57,8 @@ def feature_layer(backbone: nn.Module, layer: str | None = None, block: int | No
 def _output_width(module: nn.Module, layer: str) -> int:
     """Channels of a named layer's output: its `out_channels` / `out_features` / `num_channels`,
     else those of its last such submodule (checked against the features at the first pass)."""
-    for m in reversed(list(module.modules())):
+    inner = list(module.modules())[1:]
+    for m in [module, *reversed(inner)]:
         for attr in ("out_channels", "out_features", "num_channels", "normalized_shape"):
             v = getattr(m, attr, None)
             if isinstance(v, (tuple, list)) and len(v) == 1:

@@ -38,13 +38,13 @@ Known differences from the published code, kept to reuse this project's machiner
 - the DM re-noising time is DMD2's uniform draw in [dm_t_min, dm_t_max] and the fake score is
   trained with DMD2's native-target loss (rCM: log-normal angles, x0 error / sin^2).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
@@ -56,46 +56,49 @@ from .scm import SCMObjective, SCMParams, _check, _student_path
 
 __all__ = ["RCMParams", "RCMObjective", "rcm_angles", "build"]
 
-RCM_MID_ANGLES = (1.5, 1.4, 1.0)   # rCM's backward_timesteps (TrigFlow angles)
+RCM_MID_ANGLES = (1.5, 1.4, 1.0)  # rCM's backward_timesteps (TrigFlow angles)
 
 
 @dataclass
 class RCMParams(SCMParams):
     """sCM's keys (the consistency part) with rCM's defaults, plus the DMD part's."""
 
-    sigma_data: float = 1.0              # rCM: sd = 1 (TrigFlow with unit data std)
-    p_mean: float = -0.8                 # rCM's sCM proposal: tan(theta) log-normal(-0.8, 1.6)
+    sigma_data: float = 1.0  # rCM: sd = 1 (TrigFlow with unit data std)
+    p_mean: float = -0.8  # rCM's sCM proposal: tan(theta) log-normal(-0.8, 1.6)
     p_std: float = 1.6
-    tangent_warmup: int = 1000           # rCM (Wan 2.1): 1000; the DM term starts when it ends
-    num_steps: int = 1                   # student sampling steps (1-4)
-    sigma_max: float = 80.0              # the sampler's first angle is atan(sigma_max) = 1.558
+    tangent_warmup: int = 1000  # rCM (Wan 2.1): 1000; the DM term starts when it ends
+    num_steps: int = 1  # student sampling steps (1-4)
+    sigma_max: float = 80.0  # the sampler's first angle is atan(sigma_max) = 1.558
     mid_angles: list[float] = field(default_factory=lambda: list(RCM_MID_ANGLES))
-                                         # the sampler's later angles, [1.5, 1.4, 1.0][:steps - 1]
-    scm_weight: float = 1.0              # weight of the consistency loss
-    dmd_weight: float = 0.02             # weight of DMD's surrogate loss (rCM's 1 : 100, see the docstring)
-    dmd_start: int | None = None         # first step of the DM term and the critic (None: the end of
-                                         #   the conversion steps and the tangent warm-up)
+    # the sampler's later angles, [1.5, 1.4, 1.0][:steps - 1]
+    scm_weight: float = 1.0  # weight of the consistency loss
+    dmd_weight: float = 0.02  # weight of DMD's surrogate loss (rCM's 1 : 100, see the docstring)
+    dmd_start: int | None = None  # first step of the DM term and the critic (None: the end of
+    #   the conversion steps and the tangent warm-up)
     critic_updates_per_student: int = 4  # fake-score updates per student update after dmd_start (rCM 4 or 9)
-    max_simulation_steps: int = 4        # backward simulation of 1..this many student steps for the DM term
-    dmd_guidance: float | None = None    # CFG of the real score in the DM term (None: `guidance`, as rCM)
-    dm_t_min: float = 0.02               # DM re-noising times U[dm_t_min, dm_t_max] (DMD2's)
+    max_simulation_steps: int = 4  # backward simulation of 1..this many student steps for the DM term
+    dmd_guidance: float | None = None  # CFG of the real score in the DM term (None: `guidance`, as rCM)
+    dm_t_min: float = 0.02  # DM re-noising times U[dm_t_min, dm_t_max] (DMD2's)
     dm_t_max: float = 0.98
-    fake_t_min: float = 0.001            # the fake score's denoising times [fake_t_min, 1]
+    fake_t_min: float = 0.001  # the fake score's denoising times [fake_t_min, 1]
 
     def validate(self) -> None:
         _check_rcm(self)
 
 
-def rcm_angles(num_steps: int, sigma_max: float = 80.0, mid: list[float] | tuple[float, ...] = RCM_MID_ANGLES
-               ) -> list[float]:
+def rcm_angles(
+    num_steps: int, sigma_max: float = 80.0, mid: list[float] | tuple[float, ...] = RCM_MID_ANGLES
+) -> list[float]:
     """rCM's sampling angles: [atan(sigma_max)] + mid[:num_steps - 1] + [0]."""
     return [math.atan(float(sigma_max))] + [float(a) for a in mid[: num_steps - 1]] + [0.0]
 
 
 def _check_rcm(p: RCMParams) -> None:
     if p.sampling_angles is not None:
-        raise ValueError("objective.sampling_angles is not an rCM key: rCM samples at [atan(objective.sigma_max)] "
-                         "+ objective.mid_angles[:steps - 1]")
+        raise ValueError(
+            "objective.sampling_angles is not an rCM key: rCM samples at [atan(objective.sigma_max)] "
+            "+ objective.mid_angles[:steps - 1]"
+        )
     _check(p)
     mid = [float(a) for a in p.mid_angles]
     if p.sigma_max <= 0:
@@ -103,19 +106,25 @@ def _check_rcm(p: RCMParams) -> None:
     top = math.atan(p.sigma_max)
     need = max(p.num_steps, p.max_simulation_steps) - 1
     if len(mid) < need:
-        raise ValueError(f"objective.mid_angles needs at least {need} entries for objective.num_steps="
-                         f"{p.num_steps} / objective.max_simulation_steps={p.max_simulation_steps}, got {mid}")
+        raise ValueError(
+            f"objective.mid_angles needs at least {need} entries for objective.num_steps="
+            f"{p.num_steps} / objective.max_simulation_steps={p.max_simulation_steps}, got {mid}"
+        )
     if any(b >= a for a, b in zip([top] + mid, mid)) or (mid and mid[-1] <= 0):
-        raise ValueError(f"objective.mid_angles must decrease within (0, atan(objective.sigma_max)={top:.4f}), "
-                         f"got {mid}")
+        raise ValueError(
+            f"objective.mid_angles must decrease within (0, atan(objective.sigma_max)={top:.4f}), got {mid}"
+        )
     if not 1 <= p.num_steps <= 4 or not 1 <= p.max_simulation_steps <= 4:
-        raise ValueError("objective.num_steps and objective.max_simulation_steps must lie in 1..4 "
-                         f"(got {p.num_steps}, {p.max_simulation_steps})")
+        raise ValueError(
+            "objective.num_steps and objective.max_simulation_steps must lie in 1..4 "
+            f"(got {p.num_steps}, {p.max_simulation_steps})"
+        )
     if p.critic_updates_per_student < 1:
         raise ValueError(f"objective.critic_updates_per_student={p.critic_updates_per_student} must be >= 1")
     if p.scm_weight < 0 or p.dmd_weight < 0 or p.scm_weight + p.dmd_weight == 0:
-        raise ValueError(f"objective.scm_weight={p.scm_weight} and objective.dmd_weight={p.dmd_weight} must be "
-                         ">= 0 and not both 0")
+        raise ValueError(
+            f"objective.scm_weight={p.scm_weight} and objective.dmd_weight={p.dmd_weight} must be >= 0 and not both 0"
+        )
     if p.dmd_start is not None and p.dmd_start < 0:
         raise ValueError(f"objective.dmd_start={p.dmd_start} must be >= 0 or null")
     if p.dmd_guidance is not None and p.dmd_guidance <= 0:
@@ -129,18 +138,34 @@ class RCMObjective:
     """sCM + DMD regulariser. nets: "student" and "logvar" (group "generator"), "fake" (group
     "fake_score"), "teacher" (frozen). See the module docstring."""
 
-    def __init__(self, params: RCMParams, teacher: Denoiser, student: Denoiser, fake: Denoiser, *,
-                 seed: int = 0, latent_shape: tuple[int, ...] = (4, 8, 8), device: Any = None):
+    def __init__(
+        self,
+        params: RCMParams,
+        teacher: Denoiser,
+        student: Denoiser,
+        fake: Denoiser,
+        *,
+        seed: int = 0,
+        latent_shape: tuple[int, ...] = (4, 8, 8),
+        device: Any = None,
+    ):
         _check_rcm(params)
         self.p = params
         self.cm = SCMObjective(params, teacher, student, seed)
         self.path = self.cm.path
-        sim_times = tf.times_from_angles(rcm_angles(params.max_simulation_steps, params.sigma_max,
-                                                    params.mid_angles), self.path)[:-1]
-        dparams = DMDParams(variant="dmd2", num_steps=len(sim_times), student_times=sim_times,
-                            guidance=params.guidance if params.dmd_guidance is None else params.dmd_guidance,
-                            dm_t_min=params.dm_t_min, dm_t_max=params.dm_t_max, fake_t_min=params.fake_t_min,
-                            fake_updates_per_generator=params.critic_updates_per_student + 1)
+        sim_times = tf.times_from_angles(
+            rcm_angles(params.max_simulation_steps, params.sigma_max, params.mid_angles), self.path
+        )[:-1]
+        dparams = DMDParams(
+            variant="dmd2",
+            num_steps=len(sim_times),
+            student_times=sim_times,
+            guidance=params.guidance if params.dmd_guidance is None else params.dmd_guidance,
+            dm_t_min=params.dm_t_min,
+            dm_t_max=params.dm_t_max,
+            fake_t_min=params.fake_t_min,
+            fake_updates_per_generator=params.critic_updates_per_student + 1,
+        )
         dparams.validate()
         self.dm = DMDObjective(dparams, teacher, student, fake, seed=seed, latent_shape=latent_shape, device=device)
         # one dict for all: the entry point may swap an entry for a wrapped module
@@ -148,8 +173,9 @@ class RCMObjective:
         self.nets["fake"] = fake
         self.dm.nets = self.nets
         self.groups = {"generator": list(self.cm.groups["generator"]), "fake_score": ["fake"]}
-        self.dmd_start = (params.convert_steps + params.tangent_warmup if params.dmd_start is None
-                          else int(params.dmd_start))
+        self.dmd_start = (
+            params.convert_steps + params.tangent_warmup if params.dmd_start is None else int(params.dmd_start)
+        )
         self.sampling = self._sampling()
         self.optim = {  # rCM's published AdamW settings; a preset's optim.<group> overrides them
             "generator": {"lr": 2e-6, "betas": (0.0, 0.999), "weight_decay": 0.01},
@@ -163,9 +189,12 @@ class RCMObjective:
 
     def _sampling(self) -> dict[str, Any]:
         p = self.p
-        out = {"times": self.sampling_times(p.num_steps), "renoise": "fresh",
-               "angles": rcm_angles(p.num_steps, p.sigma_max, p.mid_angles),
-               "times_by_steps": {str(n): self.sampling_times(n) for n in range(1, len(p.mid_angles) + 2)}}
+        out = {
+            "times": self.sampling_times(p.num_steps),
+            "renoise": "fresh",
+            "angles": rcm_angles(p.num_steps, p.sigma_max, p.mid_angles),
+            "times_by_steps": {str(n): self.sampling_times(n) for n in range(1, len(p.mid_angles) + 2)},
+        }
         if p.student_prediction is not None:
             out["prediction_type"] = p.student_prediction
         return out
@@ -213,5 +242,12 @@ def build(params: RCMParams, teacher: Denoiser, ctx: Any) -> RCMObjective:
         raise ValueError("objective 'rcm' needs real data (batch x0) for its sCM part: set data.real_data: true")
     student = ctx.make_student(teacher)
     fake = ctx.make_copy(teacher)
-    return RCMObjective(params, teacher, student, fake, seed=int(getattr(ctx, "seed", 0)),
-                        latent_shape=tuple(ctx.latent_shape), device=getattr(ctx, "device", None))
+    return RCMObjective(
+        params,
+        teacher,
+        student,
+        fake,
+        seed=int(getattr(ctx, "seed", 0)),
+        latent_shape=tuple(ctx.latent_shape),
+        device=getattr(ctx, "device", None),
+    )

@@ -22,13 +22,15 @@ Shipped:
 `make_reward(name, model_path)` builds one from a preset; `module.path:factory` names any other
 factory (called with `model_path` when given), so a user reward needs no edit here.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +60,15 @@ class DigitsClassReward(nn.Module):
 
         path = Path(path) if path is not None else _weights_dir() / REWARD_CLASSIFIER_WEIGHTS
         if path.resolve() == Path(JUDGE_WEIGHTS).resolve():
-            raise ValueError(f"objective.reward_model={path}: that is the evaluation judge; a reward must be a "
-                             "different network (use the reward classifier, train/reward_classifier.py)")
+            raise ValueError(
+                f"objective.reward_model={path}: that is the evaluation judge; a reward must be a "
+                "different network (use the reward classifier, train/reward_classifier.py)"
+            )
         if not path.is_file():
-            raise FileNotFoundError(f"objective.reward_model: digits reward classifier not found: {path} (create it "
-                                    "with `python train/reward_classifier.py`)")
+            raise FileNotFoundError(
+                f"objective.reward_model: digits reward classifier not found: {path} (create it "
+                "with `python train/reward_classifier.py`)"
+            )
         self.classifier = load_judge(path)  # same architecture family; frozen, eval mode
 
     def forward(self, images: Tensor, cond: dict | None) -> Tensor:
@@ -83,8 +89,10 @@ class ClipReward(nn.Module):
     def __init__(self, model_dir: str | Path | None, device: str | torch.device = "cpu"):
         super().__init__()
         if not model_dir:
-            raise ValueError("objective.reward=clip needs objective.reward_model: a local CLIP model folder (the one "
-                             "the evaluation harness uses with --clip-model); nothing is downloaded")
+            raise ValueError(
+                "objective.reward=clip needs objective.reward_model: a local CLIP model folder (the one "
+                "the evaluation harness uses with --clip-model); nothing is downloaded"
+            )
         from ..evaluation.scores import ClipScorer
 
         scorer = ClipScorer(model_dir, device=str(device))  # the harness's loader: a clear error if absent
@@ -92,16 +100,20 @@ class ClipReward(nn.Module):
         self.processor = scorer.metric.processor
         ip = self.processor.image_processor
         size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {"height": 224, "width": 224}
-        self.size = (int(size.get("height", size.get("shortest_edge", 224))),
-                     int(size.get("width", size.get("shortest_edge", 224))))
+        self.size = (
+            int(size.get("height", size.get("shortest_edge", 224))),
+            int(size.get("width", size.get("shortest_edge", 224))),
+        )
         self.register_buffer("mean", torch.tensor(ip.image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(ip.image_std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: Tensor, cond: dict | None) -> Tensor:
         prompts = None if cond is None else cond.get("prompts")
         if prompts is None:
-            raise ValueError("reward 'clip' needs the caption strings (cond['prompts']); the batch carries them "
-                             "for text teachers trained on data.prompts")
+            raise ValueError(
+                "reward 'clip' needs the caption strings (cond['prompts']); the batch carries them "
+                "for text teachers trained on data.prompts"
+            )
         x = (images.float().clamp(-1, 1) + 1) / 2
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)

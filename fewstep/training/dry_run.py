@@ -48,7 +48,7 @@ def dry_run(cfg: Config, num_processes: int | None = None, sharding: str | None 
                        null_class=bundle.null_class, text=bundle.text, has_real_data=cfg.data.real_data or cfg.data.real_latents is not None,
                        seed=cfg.seed, device=torch.device("meta"), family=family, lora=cfg.lora, num_processes=n,
                        sharded=sharded, mixed_precision=mp, gradient_checkpointing=cfg.precision.gradient_checkpointing,
-                       steps=cfg.steps, make_student=make_student, make_copy=make_copy)
+                       steps=cfg.steps or 1, make_student=make_student, make_copy=make_copy)
     notes = []
     params = make_params(cfg.objective.name, cfg.objective.params)
     try:

@@ -46,6 +46,7 @@ from .parallel import (
 )
 from .preflight import preflight
 from .resume import check_resumed, settings
+from .updates import resolve_steps, update_counts
 
 __all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
 
@@ -123,6 +124,7 @@ class _Trainer:
     student_group: str | None
     skipped: int = 0
     consecutive: dict[str, int] = field(default_factory=dict)   # non-finite updates in a row, per group
+    made: dict[str, int] = field(default_factory=dict)          # updates per group so far (attempted)
     settings: dict[str, Any] = field(default_factory=dict)      # what a checkpoint records to check a resume
 
 
@@ -161,6 +163,7 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
                              conditions=cfg.data.conditions)
     tr = _build(cfg, env, bundle, source)                                         # 4.-6. objective, optimizers
     start_step = _resume(cfg, env, tr, resume_from)                              # 7. resume
+    tr.made = update_counts(tr.obj, start_step)
     trackers = _start_trackers(cfg, env)
     log = RunLog(env.accelerator, env.run_dir, cfg.name, start_step, cfg.steps, progress=cfg.log.progress,
                  trackers=trackers)
@@ -195,11 +198,9 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     if env.main and not stopped_early:
         card = run_card(cfg, tr.params, tr.obj, bundle, tr.family, source.num_classes, steps_done=done, wall=wall,
                         loop_time=loop_time, skipped=tr.skipped, world=env.world, sharded=env.sharded, mp=env.mp,
-                        files=files, logs=logs)
+                        files=files, logs=logs, updates=dict(tr.made))
         (env.run_dir / "run_card.json").write_text(dumps_json(card, indent=1, default=str))
         files["run_card"] = "run_card.json"
-    if not stopped_early:
-        env.output.commit()  # a run this one replaces (overwrite=true) is deleted only now
     if trackers:
         env.accelerator.end_training()
     if env.main:
@@ -253,11 +254,12 @@ def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -
                        seed=cfg.seed, device=env.device, family=family, lora=cfg.lora, num_processes=env.world,
                        sharded=env.sharded, mixed_precision=env.mp,
                        gradient_checkpointing=cfg.precision.gradient_checkpointing,
-                       steps=cfg.steps, make_student=make_student, make_copy=make_copy,
+                       steps=cfg.steps or 1, make_student=make_student, make_copy=make_copy,
                        decode=bundle.decode)
     params = make_params(cfg.objective.name, cfg.objective.params)
     obj = build_objective(cfg.objective.name, params, tden, ctx)
     _check_groups(cfg, obj, cfg.objective.name)
+    cfg.steps = resolve_steps(cfg, obj)  # generator_steps -> steps (the objective's update schedule)
     nets: dict[str, nn.Module] = obj.nets
     if "student" not in nets:
         raise TypeError(f"objective {cfg.objective.name!r}: nets has no 'student' role (sampling, EMA and the "
@@ -339,12 +341,7 @@ def _place(env: _Env, tden: nn.Module, holder: nn.ModuleDict) -> None:
 
 def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter]]):
     """6. AdamW and a LambdaLR schedule per group, the schedule's length counted in that group's updates."""
-    updates = {g: 0 for g in obj.groups}
-    for s in range(cfg.steps):
-        for ph in obj.phases(s):
-            if ph not in updates:
-                raise TypeError(f"objective {cfg.objective.name!r}: phases({s}) names {ph!r}, not one of its groups")
-            updates[ph] += 1
+    updates = update_counts(obj, cfg.steps, name=cfg.objective.name)  # raises on a phase that is no group
     optimizers, schedulers, gcfg = {}, {}, {}
     for g, plist in group_params.items():
         gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
@@ -422,6 +419,7 @@ def _update(cfg: Config, env: _Env, tr: _Trainer, phase: str, batch: dict, step:
         _nonfinite(cfg, env, tr, phase, step, loss_v, log)
     elif hasattr(tr.obj, "after_step"):
         tr.obj.after_step(phase, step)
+    tr.made[phase] = tr.made.get(phase, 0) + 1
     logs[f"loss/{phase}"] = loss_v
     logs[f"grad_norm/{phase}"] = norm
     logs[f"lr/{phase}"] = tr.schedulers[phase].get_last_lr()[0]
@@ -451,6 +449,7 @@ def _record(env: _Env, tr: _Trainer, log: RunLog, done: int, logs: dict[str, flo
         vals = env.accelerator.reduce(vals, reduction="mean")
         logs.update({k: float(v) for k, v in zip(own, vals.tolist(), strict=True)})
     logs["skipped"] = float(tr.skipped)
+    logs.update({f"updates/{g}": float(n) for g, n in tr.made.items()})
     log.record(done, {**logs, "time_s": round(time.time() - t_loop, 4)})
 
 
@@ -462,8 +461,7 @@ def _grid(cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: B
 
 def _checkpoint(cfg: Config, env: _Env, tr: _Trainer, done: int) -> Path:
     # a checkpoint written while a group is in a non-finite streak is marked: never "the last good one"
-    counters = {"skipped": tr.skipped, "nonfinite_streak": max(tr.consecutive.values(), default=0),
-                "settings": tr.settings}
+    counters = {"skipped": tr.skipped, "nonfinite_streak": max(tr.consecutive.values(), default=0), "settings": tr.settings}
     path = save_checkpoint(env.run_dir, done, counters=counters, sharded=env.sharded and
                            cfg.checkpoint.state_dict == "sharded", keep=cfg.checkpoint.keep,
                            **_checkpoint_kwargs(env, tr))
@@ -486,6 +484,7 @@ def _save_outputs(cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, s
     files.update(save_final(env.run_dir, tr.nets["student"], tr.ema, env.accelerator))
     if tr.ema is None and isinstance(tr.nets.get("student_ema"), nn.Module):  # an EMA the objective keeps
         files.update(save_final(env.run_dir, tr.nets["student_ema"], None, env.accelerator, folder="student_ema"))
+    env.output.commit()  # the final weights exist: a run this one replaces (overwrite=true) goes now
     return files
 
 
@@ -494,6 +493,7 @@ def _summary(cfg: Config, env: _Env, tr: _Trainer, done: int, start_step: int, w
     its = (done - start_step) / max(loop_time, 1e-9)
     losses = ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in logs.items() if k.startswith("loss/"))
     what = "stopped (checkpoint written, resume=latest continues)" if stopped_early else "done"
-    print(f"fewstep train {what}: {cfg.name} [{cfg.objective.name}] {done}/{cfg.steps} steps in "
-          f"{wall:.1f}s ({its:.2f} it/s), {tr.skipped} non-finite updates skipped"
+    ups = ", ".join(f"{g} {n}" for g, n in tr.made.items())
+    print(f"fewstep train {what}: {cfg.name} [{cfg.objective.name}] {done}/{cfg.steps} steps "
+          f"(updates: {ups}) in {wall:.1f}s ({its:.2f} it/s), {tr.skipped} non-finite updates skipped"
           f"{', final ' + losses if losses else ''}; outputs in {env.run_dir}", flush=True)

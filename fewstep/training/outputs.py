@@ -55,7 +55,7 @@ def save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator,
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if hasattr(student, "standalone"):  # a role view on a shared backbone: its adapter merged into a copy
+    if hasattr(student, "standalone"):  # a role view (adapter merged) or a second-time student (folded): a plain copy
         student = student.standalone()
     bb = backbone_of(student)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -132,7 +132,7 @@ def _jsonable(p: Any) -> dict | None:
 
 def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes: int | None, *, steps_done: int,
              wall: float, loop_time: float, skipped: int, world: int, sharded: bool, mp: str,
-             files: dict[str, str], logs: dict[str, float]) -> dict[str, Any]:
+             files: dict[str, str], logs: dict[str, float], updates: dict[str, int] | None = None) -> dict[str, Any]:
     """The run card (run_card.json): what was trained, from which teacher, how the student samples,
     how long it took, and where its files are."""
     from ..config import config_to_dict
@@ -145,9 +145,14 @@ def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes
                     "num_classes": num_classes, "null_class": bundle.null_class},
         "sampling": {"times": [float(t) for t in obj.sampling["times"]], "renoise": obj.sampling["renoise"],
                      **({"prediction_type": obj.sampling["prediction_type"]}
-                        if obj.sampling.get("prediction_type") else {})},
+                        if obj.sampling.get("prediction_type") else {}),
+                     # the objective's own grids at other step counts (evaluation and export read them)
+                     **({"times_by_steps": {str(k): [float(t) for t in v]
+                                            for k, v in obj.sampling["times_by_steps"].items()}}
+                        if obj.sampling.get("times_by_steps") else {})},
         "steps": steps_done,
         "steps_planned": cfg.steps,
+        "updates": updates,          # optimizer updates per group (DMD family: "generator" < steps)
         "batch_size": cfg.data.batch_size,
         "wall_time_s": round(wall, 2),
         "train_time_s": round(loop_time, 2),

@@ -117,7 +117,7 @@ def choose_checkpoint(cfg: Config, run_dir: Path, say: Callable[[str], None], ma
     if was is not None and was != cfg.objective.name:
         raise CheckpointError(f"resume: {chosen} was trained with objective {was!r}, this run asks for "
                               f"objective.name={cfg.objective.name!r}")
-    if cfg.steps < step:
+    if getattr(cfg, "generator_steps", None) is None and cfg.steps < step:  # else checked once steps is resolved
         raise ConfigError(f"steps={cfg.steps} is below the step of the checkpoint to resume ({step}, {chosen}): "
                           f"nothing would be trained; set steps >= {step}")
     barrier()
@@ -142,6 +142,9 @@ def settings(cfg: Config, gcfg: dict[str, Any], objective: str, params: Any) -> 
 
 def check_resumed(state: dict[str, Any], now: dict[str, Any], say: Callable[[str], None]) -> None:
     """Refuse a resume that changes what the checkpoint's state fixes; say what changes legitimately."""
+    if int(state["step"]) > now["steps"]:
+        raise ConfigError(f"steps={now['steps']} is below the step of the checkpoint to resume ({state['step']}): "
+                          f"nothing would be trained; set steps >= {state['step']}")
     old = state.get("settings")
     if not old:  # a checkpoint of an older fewstep: nothing to compare
         return
