@@ -200,8 +200,8 @@ def test_real_data_is_refused_naming_the_key():
 
 def test_preset_with_real_data_fails_at_start(tmp_path):
     from fewstep.config import config_from_dict
-    from fewstep.training.loop import run
     from fewstep.training.bundle import TeacherBundle
+    from fewstep.training.loop import run
 
     tiny = make_tiny("dit", seed=0)
     lat, lab = torch.randn(20, *tiny.latent_shape), torch.arange(20) % 10

@@ -64,7 +64,16 @@ CASES = [
     ("sd3-scm-2", "sd3", "scm", {"num_steps": 2}, False, {2}),
     ("sd3-tdm-4", "sd3", "tdm", {"num_steps": 4}, False, {1, 2, 4}),
     ("flux-dmd2-4", "flux", "dmd2", DMD4, False, {4}),
+    # one TwinFlow network samples at any step count: SD3's pipeline takes the sigmas, so one folder
+    # runs 1, 2 and 4 steps; DiTPipeline cannot, so its scheduler serves the default step count's grid
+    ("sd3-twinflow", "sd3", "twinflow", {"num_steps": 1}, False, {1, 2, 4}),
+    ("ditflow-twinflow-4", "dit_flow", "twinflow", {"num_steps": 4}, False, {2, 4}),
+    ("ditflow-twinflow-1", "dit_flow", "twinflow", {"num_steps": 1}, False, {1}),
+    ("dit-boot", "dit", "boot", {"input_time": 0.5}, False, {1}),
+    ("ditflow-boot", "dit_flow", "boot", {}, False, {1}),
+    ("sd15-boot", "sd15", "boot", {}, False, {1}),
 ]
+DATA_FREE = {"boot"}  # objectives that refuse a run with real data
 # schedules no stock scheduler reproduces in that pipeline class, and the reason the refusal names
 REFUSED = [
     ("dit-scm-vp", "dit", "scm", {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1}, "between integer"),
@@ -124,7 +133,7 @@ def make_run(root: Path, name: str, teacher_folder: str, objective: str, params:
     make_student, make_copy = make_factories(lcfg, family=t.family)
     text = t.family not in ("dit", "unet")
     ctx = BuildContext(latent_shape=t.latent_shape, num_classes=None if text else 10, text=text,
-                       has_real_data=True, family=t.family, lora=lcfg, make_student=make_student,
+                       has_real_data=objective not in DATA_FREE, family=t.family, lora=lcfg, make_student=make_student,
                        make_copy=make_copy, null_class=None if text else 10)
     p = make_params(objective, params)
     obj = build_objective(objective, p, t.denoiser, ctx)

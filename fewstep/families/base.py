@@ -26,6 +26,8 @@ __all__ = [
     "mid_block_tap",
     "t5_length",
     "transformer_block_tap",
+    "transformer_time_embedding",
+    "unet_time_embedding",
     "unet_w_embedding",
 ]
 
@@ -78,6 +80,9 @@ class Family:
         num_classes:        (backbone, null_class) -> number of classes (class-conditional only).
         w_embedding:        (backbone, dim) -> None: give a student a zero-initialised LCM
                             w-embedding input; None when the family has none.
+        time_embedding:     backbone -> [(TimestepEmbedding, its time projection), ...]: every
+                            embedding of the backbone's timestep, where a second time input goes
+                            (BOOT's trajectory time, TwinFlow's target time); None: it cannot take one.
         matches:            backbone -> bool, to tell apart families that share a class
                             (SD1.5 and SDXL are both UNet2DConditionModel).
         latent_patch:       latents are packed into p x p patches around the call (Flux: 2), so
@@ -100,6 +105,7 @@ class Family:
     encode_prompts: Callable[[Any, list[str]], dict[str, Any]] | None = None
     num_classes: Callable[[nn.Module, int | None], int | None] | None = None
     w_embedding: Callable[[nn.Module, int], None] | None = None
+    time_embedding: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] | None = None
     matches: Callable[[nn.Module], bool] = _always
     latent_patch: int = 1
     default_latent_size: int | None = None
@@ -149,6 +155,20 @@ def unet_w_embedding(backbone: nn.Module, dim: int) -> None:
         te.cond_proj = nn.Linear(dim, te.linear_1.in_features, bias=False).to(ref.device, ref.dtype)
         nn.init.zeros_(te.cond_proj.weight)
         backbone.register_to_config(time_cond_proj_dim=dim)
+
+
+# ---- where the timestep is embedded (a second time input: BOOT, TwinFlow) ---------------------------
+def transformer_time_embedding(backbone: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """DiT / PixArt / SD3 / Flux: every module holding a `time_proj` and a `timestep_embedder`
+    (DiT has one per block; Flux's guidance embedder is not the timestep's)."""
+    return [(m.timestep_embedder, m.time_proj) for m in backbone.modules()
+            if getattr(m, "time_proj", None) is not None and getattr(m, "timestep_embedder", None) is not None]
+
+
+def unet_time_embedding(backbone: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The diffusers UNets: `time_embedding` fed by `time_proj` (SDXL's add_embedding is not the
+    timestep's)."""
+    return [(backbone.time_embedding, backbone.time_proj)]
 
 
 def t5_length(teacher: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ embedded digits teachers are of this family."""
 from __future__ import annotations
 
 from ..conditioning import ClassConditioner
-from .base import ATTN, FF, Drive, Family, transformer_block_tap
+from .base import ATTN, FF, Drive, Family, transformer_block_tap, transformer_time_embedding
 
 
 def _conditioner(backbone, kw):
@@ -28,7 +28,7 @@ def _num_classes(backbone, null_class):
 FAMILY = Family(
     name="dit", text=False, backbone_classes=("DiTTransformer2DModel",), pipeline_classes=("DiTPipeline",),
     conditioner=_conditioner, conditioner_kwargs=("null_class",), null_kwargs=_null_kwargs, num_classes=_num_classes,
-    lora_targets=ATTN + FF, gan_tap=transformer_block_tap,
+    lora_targets=ATTN + FF, gan_tap=transformer_block_tap, time_embedding=transformer_time_embedding,
     drives={"DiTPipeline": Drive("transformer", False, True, False, (), conditioning="labels", step_on_scaled=True)},
     # the output layer reuses the first block's embedding after the blocks ran, so the blocks
     # cannot be resharded separately: DiT is sharded as one unit

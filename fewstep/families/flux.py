@@ -5,7 +5,7 @@ input (`guidance_embeds`)."""
 from __future__ import annotations
 
 from ..conditioning import FluxConditioner
-from .base import ATTN, FF, JOINT, Drive, Family, t5_length, transformer_block_tap
+from .base import ATTN, FF, JOINT, Drive, Family, t5_length, transformer_block_tap, transformer_time_embedding
 from .sd3 import pooled_null_kwargs
 
 
@@ -29,7 +29,7 @@ FAMILY = Family(
     name="flux", text=True, backbone_classes=("FluxTransformer2DModel",), pipeline_classes=("FluxPipeline",),
     conditioner=_conditioner, conditioner_kwargs=("null_embeds", "null_pooled", "default_guidance"),
     null_kwargs=pooled_null_kwargs, encode_prompts=_encode, lora_targets=ATTN + FF + JOINT + ("proj_mlp", "proj_out"),
-    gan_tap=transformer_block_tap, drives={"FluxPipeline": Drive(
+    gan_tap=transformer_block_tap, time_embedding=transformer_time_embedding, drives={"FluxPipeline": Drive(
         "transformer", False, False, False, ("sigmas",), flux_sigmas=True, begin_index=True,
         lora="transformer_lora_layers")},
     latent_patch=2, default_latent_size=128,  # FluxPipeline.default_sample_size

@@ -4,7 +4,7 @@ learned-sigma output; the null condition is the T5 encoding of "" and its mask."
 from __future__ import annotations
 
 from ..conditioning import PixArtConditioner
-from .base import ATTN, FF, Drive, Family, t5_length, transformer_block_tap
+from .base import ATTN, FF, Drive, Family, t5_length, transformer_block_tap, transformer_time_embedding
 
 
 def _conditioner(backbone, kw):
@@ -38,7 +38,7 @@ FAMILY = Family(
     name="pixart", text=True, backbone_classes=("PixArtTransformer2DModel",),
     pipeline_classes=("PixArtAlphaPipeline", "PixArtSigmaPipeline"), encode_prompts=_encode,
     conditioner=_conditioner, conditioner_kwargs=("null_embeds", "null_mask", "vae_scale_factor"),
-    null_kwargs=_null_kwargs, lora_targets=ATTN + FF, gan_tap=transformer_block_tap,
+    null_kwargs=_null_kwargs, lora_targets=ATTN + FF, gan_tap=transformer_block_tap, time_embedding=transformer_time_embedding,
     drives={
         "PixArtAlphaPipeline": Drive("transformer", True, True, True, ("timesteps", "sigmas"), one_step_output=1,
                                      begin_index=True),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..conditioning import UNetTextConditioner
-from .base import SD_UNET, Drive, Family, mid_block_tap, unet_w_embedding
+from .base import SD_UNET, Drive, Family, mid_block_tap, unet_time_embedding, unet_w_embedding
 
 
 def _conditioner(backbone, kw):
@@ -24,7 +24,7 @@ def text_unet_family(**fields) -> Family:
         conditioner=_conditioner,
         conditioner_kwargs=("null_embeds", "null_pooled", "zero_null"),
         lora_targets=SD_UNET,
-        gan_tap=mid_block_tap,
+        gan_tap=mid_block_tap, time_embedding=unet_time_embedding,
         w_embedding=unet_w_embedding,
         **fields,
     )

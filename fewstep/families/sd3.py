@@ -4,7 +4,7 @@ plus pooled projections, a flow-matching path; the null condition is the encodin
 from __future__ import annotations
 
 from ..conditioning import SD3Conditioner
-from .base import ATTN, FF, JOINT, Drive, Family, t5_length, transformer_block_tap
+from .base import ATTN, FF, JOINT, Drive, Family, t5_length, transformer_block_tap, transformer_time_embedding
 
 
 def _conditioner(backbone, kw):
@@ -30,7 +30,7 @@ FAMILY = Family(
     name="sd3", text=True, backbone_classes=("SD3Transformer2DModel",), pipeline_classes=("StableDiffusion3Pipeline",),
     conditioner=_conditioner, conditioner_kwargs=("null_embeds", "null_pooled", "zero_null"),
     null_kwargs=pooled_null_kwargs, encode_prompts=_encode, lora_targets=ATTN + FF + JOINT,
-    gan_tap=transformer_block_tap, drives={"StableDiffusion3Pipeline": Drive(
+    gan_tap=transformer_block_tap, time_embedding=transformer_time_embedding, drives={"StableDiffusion3Pipeline": Drive(
         "transformer", False, False, False, ("sigmas",), lora="transformer_lora_layers")},
 )
 # fmt: on

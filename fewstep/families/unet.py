@@ -4,7 +4,7 @@ through `num_class_embeds` (one reserved class is the null label)."""
 from __future__ import annotations
 
 from ..conditioning import ClassConditioner
-from .base import ATTN, UNET_CONV, Family, mid_block_tap
+from .base import ATTN, UNET_CONV, Family, mid_block_tap, unet_time_embedding
 
 
 def _conditioner(backbone, kw):
@@ -28,7 +28,7 @@ def _num_classes(backbone, null_class):
 FAMILY = Family(
     name="unet", text=False, backbone_classes=("UNet2DModel",), pipeline_classes=("DDPMPipeline", "DDIMPipeline"),
     conditioner=_conditioner, conditioner_kwargs=("null_class",), null_kwargs=_null_kwargs, num_classes=_num_classes,
-    lora_targets=ATTN + UNET_CONV, gan_tap=mid_block_tap, fsdp_wrap=("ResnetBlock2D",),
+    lora_targets=ATTN + UNET_CONV, gan_tap=mid_block_tap, time_embedding=unet_time_embedding, fsdp_wrap=("ResnetBlock2D",),
     drives={},  # DDPMPipeline takes no class labels: no stock pipeline runs a class-conditional student
 )
 # fmt: on

@@ -20,11 +20,11 @@ saved backbone is the teacher's class with the teacher's config:
     trajectory, s = 0    bias   += W (phi(timestep(0)) - phi(timestep(1)))
     gap, r = 0           weight += W, bias -= W phi(0)     (a = timestep(t) - timestep(0) = timestep(t))
 
-Where the time embedding sits is a fact of the backbone family, read from its structure: a module
-with a `time_proj` projection and a `timestep_embedder` (the transformer families: DiT, PixArt,
-SD3, Flux) or a `time_embedding` (the UNet families) `TimestepEmbedding`. A backbone with neither
-cannot take a second time (`install` raises). Every matching embedder is extended (DiT has one
-per block), all reading one shared state, set per call by `TwoTimeDenoiser`.
+Where the time embedding sits is a fact of the backbone family: the family record's
+`time_embedding` lists every TimestepEmbedding fed the timestep with its projection (DiT has one
+per block). A backbone of no known family, or of a family without one, cannot take a second time
+(`install` raises, naming the key). Every listed embedder is extended, all reading one shared
+state, set per call by `TwoTimeDenoiser`.
 
 Activation checkpointing would recompute the embedding in backward with whatever state is set
 then; the objectives refuse it.
@@ -83,20 +83,15 @@ class SecondTimeLinear(nn.Module):
         return out + self.extra(feat.to(x.dtype))
 
 
-def time_embedders(backbone: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, time_proj) of every TimestepEmbedding fed the backbone's timestep."""
-    from diffusers.models.embeddings import TimestepEmbedding
+def time_embedders(backbone: nn.Module) -> list[tuple[nn.Module, str, nn.Module]] | None:
+    """(TimestepEmbedding, "linear_1", time_proj) of every embedding of the backbone's timestep,
+    from its family record; None when the family has no such record."""
+    from ..families import family_of
 
-    found = []
-    for m in backbone.modules():
-        proj = getattr(m, "time_proj", None)
-        if proj is None:
-            continue
-        for attr in ("timestep_embedder", "time_embedding"):
-            emb = getattr(m, attr, None)
-            if isinstance(emb, TimestepEmbedding):
-                found.append((emb, "linear_1", proj))
-    return found
+    fam = family_of(backbone)
+    if fam is None or fam.time_embedding is None:
+        return None
+    return [(emb, "linear_1", proj) for emb, proj in fam.time_embedding(backbone)]
 
 
 def is_installed(backbone: nn.Module) -> bool:
@@ -115,9 +110,11 @@ def install(backbone: nn.Module, mode: str, key: str = "teacher.source") -> _Sta
         return st
     found = time_embedders(backbone)
     if not found:
+        from ..families import all_families
+
+        able = [f.name for f in all_families() if f.time_embedding is not None]
         raise ValueError(f"{key}: the teacher's backbone {type(backbone).__name__} has no time embedding that can "
-                         "take a second time (a `time_proj` with a `timestep_embedder` or `time_embedding` "
-                         "TimestepEmbedding, as in DiT, PixArt, SD3, Flux and the diffusers UNets)")
+                         f"take a second time (its family record names none; families with one: {', '.join(able)})")
     state = _State(mode)
     for emb, attr, proj in found:
         setattr(emb, attr, SecondTimeLinear(getattr(emb, attr), proj, state))
@@ -181,23 +178,28 @@ class TwoTimeDenoiser(Denoiser):
         self._sign = 1.0
 
     def forward(self, x_t: Tensor, t, cond: Cond | None = None, guidance=1.0, output: str = "x0",
-                target: Tensor | float | None = None, sign: float = 1.0):
-        self._target, self._sign = target, float(sign)
+                target: Tensor | float | None = None, sign: Tensor | float = 1.0):
+        """target: the second time (continuous, (B,) or a float; None: 0, the sampling setting);
+        sign: +1, or -1 for TwinFlow's negative-time branch, per sample (B,) or for all."""
+        self._target, self._sign = target, sign
         try:
             return super().forward(x_t, t, cond, guidance, output)
         finally:
             self._target, self._sign = None, 1.0
 
+    @staticmethod
+    def _per_sample(v: Tensor | float, like: Tensor) -> Tensor:
+        """A float or (B,) tensor as a (N,) tensor like `like` (N a multiple of B: CFG batches)."""
+        v = _as_t(v, like) if not torch.is_tensor(v) or v.ndim == 0 else v.to(like)
+        return v.repeat(like.shape[0] // v.shape[0]) if v.shape[0] != like.shape[0] else v
+
     def _pair(self, tt: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
-        target = 0.0 if self._target is None else self._target
-        r = _as_t(target, timestep) if not torch.is_tensor(target) or target.ndim == 0 else target.to(timestep)
-        if r.shape[0] != timestep.shape[0]:  # CFG doubled the batch
-            r = r.repeat(timestep.shape[0] // r.shape[0])
+        r = self._per_sample(0.0 if self._target is None else self._target, timestep)
         ts_r = _fp(self.path.timestep(r))
         if self.mode == "trajectory":
             return ts_r, _fp(self.path.timestep(torch.ones_like(r)))
         gap = _fp(self.path.timestep(tt)) - ts_r
-        return gap * self._sign, torch.zeros_like(gap)
+        return gap * self._per_sample(self._sign, gap), torch.zeros_like(gap)
 
     def output(self, x_t: Tensor, t, cond: Cond | None = None) -> Tensor:
         tt = _as_t(t, x_t)
@@ -205,7 +207,8 @@ class TwoTimeDenoiser(Denoiser):
         timestep = _fp(self.path.timestep(tt))
         a, b = self._pair(tt, timestep)
         with second_time(self.backbone, a, b):
-            out = self.conditioner.call(self.backbone, x_t.to(self.dtype), timestep * self._sign, cond)
+            out = self.conditioner.call(self.backbone, x_t.to(self.dtype), timestep * self._per_sample(self._sign, timestep),
+                                        cond)
         if out.shape != x_t.shape:
             raise ValueError(f"backbone output shape {tuple(out.shape)} does not match input {tuple(x_t.shape)}")
         return _fp(out)

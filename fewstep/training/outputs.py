@@ -55,7 +55,7 @@ def save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator,
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if hasattr(student, "standalone"):  # a role view on a shared backbone: its adapter merged into a copy
+    if hasattr(student, "standalone"):  # a role view (adapter merged) or a second-time student (folded): a plain copy
         student = student.standalone()
     bb = backbone_of(student)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -145,7 +145,11 @@ def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes
                     "num_classes": num_classes, "null_class": bundle.null_class},
         "sampling": {"times": [float(t) for t in obj.sampling["times"]], "renoise": obj.sampling["renoise"],
                      **({"prediction_type": obj.sampling["prediction_type"]}
-                        if obj.sampling.get("prediction_type") else {})},
+                        if obj.sampling.get("prediction_type") else {}),
+                     # the objective's own grids at other step counts (evaluation and export read them)
+                     **({"times_by_steps": {str(k): [float(t) for t in v]
+                                            for k, v in obj.sampling["times_by_steps"].items()}}
+                        if obj.sampling.get("times_by_steps") else {})},
         "steps": steps_done,
         "steps_planned": cfg.steps,
         "updates": updates,          # optimizer updates per group (DMD family: "generator" < steps)
