@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, config_to_dict
-from ..training.outdir import aside_path
+from ..training.outdir import aside_path, set_aside
 from .partition import Partition, partition_labels, partition_prompts, prompt_vectors
 
 __all__ = ["PARTITION_FILE", "STUDENT_DIR", "make_partition", "run_msd"]
@@ -150,16 +150,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator: Any) -> None:
         if (run_dir / "run_card.json").is_file():
             raise ConfigError(f"resume=latest: {run_dir} holds a finished MSD run")
     elif nonempty:
-        if not cfg.overwrite:
-            raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to continue "
-                              "it, overwrite=true to replace it, or another output_dir")
-        aside = aside_path(run_dir)
-        if aside.exists():
-            raise ConfigError(f"overwrite=true: {aside} holds the run an interrupted overwrite of "
-                              f"{str(run_dir)!r} set aside; move it back or delete it first")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            os.replace(run_dir, aside)  # kept until a student of the new run has a checkpoint
+        set_aside(cfg, run_dir, accelerator)  # kept until a student of the new run has a checkpoint
     accelerator.wait_for_everyone()
 
 

@@ -21,12 +21,28 @@ from ..config import Config, ConfigError
 from .checkpoint import clean_stale
 from .resume import choose_checkpoint
 
-__all__ = ["OutputFolder", "aside_path"]
+__all__ = ["OutputFolder", "aside_path", "set_aside"]
 
 
 def aside_path(run_dir: Path) -> Path:
     """Where `overwrite=true` keeps the old run until the new one has a checkpoint."""
     return run_dir.parent / f".{run_dir.name}.replaced"
+
+
+def set_aside(cfg: Config, run_dir: Path, accelerator) -> Path:
+    """A non-empty output folder without resume: refuse it unless overwrite=true, then move the old
+    run aside (collective); returns where it is kept until the new run has a checkpoint."""
+    if not cfg.overwrite:
+        raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to "
+                          "continue it, overwrite=true to replace it, or another output_dir")
+    aside = aside_path(run_dir)
+    if aside.exists():
+        raise ConfigError(f"overwrite=true: {aside} holds the run an interrupted overwrite of "
+                          f"{str(run_dir)!r} set aside; move it back or delete it first")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(run_dir, aside)
+    return aside
 
 
 class OutputFolder:
@@ -53,16 +69,8 @@ class OutputFolder:
                 if main and (run_dir / "metrics.jsonl").is_file():
                     (run_dir / "metrics.jsonl").unlink()  # nothing to continue: start afresh
         elif nonempty:
-            if not cfg.overwrite:
-                raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to "
-                                  "continue it, overwrite=true to replace it, or another output_dir")
-            aside = aside_path(run_dir)
-            if aside.exists():
-                raise ConfigError(f"overwrite=true: {aside} holds the run an interrupted overwrite of "
-                                  f"{str(run_dir)!r} set aside; move it back or delete it first")
-            accelerator.wait_for_everyone()
+            aside = set_aside(cfg, run_dir, accelerator)
             if main:
-                os.replace(run_dir, aside)
                 say(f"overwrite=true: the previous run is kept in {aside} until this run writes its first "
                     "checkpoint")
         accelerator.wait_for_everyone()
