@@ -159,13 +159,13 @@ def teacher_rows(source: str, args, command: str, guidance: float | None) -> lis
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | steps | NFE | guidance | FID | KID x1e3 | class acc | samples | train min |",
+    lines = ["| model | steps | NFE | guidance | FID | KID | class acc | samples | train min |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def fmt(v, f):
             return "-" if v is None else f(v)
         lines.append(f"| {r['name']} | {r['steps']} | {fmt(r.get('nfe'), str)} | {fmt(r.get('guidance'), str)} | "
-                     f"{fmt(r.get('fid'), lambda v: f'{v:.2f}')} | {fmt(r.get('kid'), lambda v: f'{1e3 * v:.2f}')} | "
+                     f"{fmt(r.get('fid'), lambda v: f'{v:.2f}')} | {fmt(r.get('kid'), lambda v: f'{v:.4g}')} | "
                      f"{fmt(r.get('class_acc'), lambda v: f'{100 * v:.1f}%')} | {r.get('num_samples')} | "
                      f"{fmt(r.get('train_seconds'), lambda v: f'{v / 60:.1f}')} |")
     return "\n".join(lines)

@@ -13,11 +13,21 @@ SUBCOMMANDS = {
     "train": ("fewstep.train_cmd", "run the training entry point (same as train/train.py)"),
     "export": ("fewstep.export", "write a stock diffusers pipeline folder for a student"),
     "eval": ("fewstep.eval_cmd", "score a pipeline or checkpoint: FID, KID, precision/recall, ..."),
+    "launch": ("fewstep.launch_cmd", "accelerate launch the training entry point, the config checked first"),
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is for --help), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
+    from .errors import main_guard
+
+    parser = OneLineParser(prog="fewstep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
@@ -27,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             modules[name] = importlib.import_module(mod)
             modules[name].add_arguments(p)
-    args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    if chosen == "launch" and argv[1:2] not in (["-h"], ["--help"]):  # the rest is accelerate's and train's
+        args = argparse.Namespace(command="launch", args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    return main_guard(f"fewstep {args.command}", lambda: modules[args.command].run(args))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from .errors import UserError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -49,7 +51,7 @@ __all__ = [
 RENAMED_GROUPS = {"guidance": "fake_score"}  # old optimizer group name -> now (guidance: the CFG scale only)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the dotted key."""
 
 
@@ -159,8 +161,9 @@ class Config:
     generator_steps: int | None = None   # student updates instead: sets steps (DMD: x fake_updates_per_generator)
     stop_after: int | None = None        # stop (with a checkpoint) after this step; resume continues
     output_dir: str | None = None
-    overwrite: bool = False              # allow writing into a non-empty output_dir (its contents are removed)
+    overwrite: bool = False              # replace a non-empty output_dir (the old run is kept until the first checkpoint)
     resume: str | None = None            # "latest" (in output_dir) or a checkpoint folder
+    resume_branch: bool = False          # resume a non-latest checkpoint; later ones are moved aside (`resume.branch`)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,11 +190,9 @@ class Config:
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1")
         need(self.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.data.batch_size}")
         need(self.data.num_classes is None or self.data.num_classes >= 1, "data.num_classes", "must be >= 1")
-        if self.data.conditions is not None:
-            c = self.data.conditions
-            need(len(c) > 0, "data.conditions", "must name at least one condition (or be null for all)")
-            need(min(c) >= 0, "data.conditions", f"must be >= 0, got {sorted(c)[:3]}")
-            need(len(set(c)) == len(c), "data.conditions", "names a condition twice")
+        c = self.data.conditions
+        need(c is None or (len(c) > 0 and min(c) >= 0 and len(set(c)) == len(c)), "data.conditions",
+             f"must be distinct labels / prompt lines >= 0 (null: all), got {c}")
         need(self.lora.rank >= 1, "lora.rank", f"must be >= 1, got {self.lora.rank}")
         need(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
         need(0.0 <= self.ema.rate < 1.0, "ema.rate", f"must lie in [0, 1), got {self.ema.rate}")
@@ -211,6 +212,7 @@ class Config:
             need(r.grad_clip >= 0, f"optim.{name}.grad_clip", "must be >= 0 (0 = no clipping)")
             need(r.warmup_steps >= 0, f"optim.{name}.warmup_steps", "must be >= 0")
             need(r.num_cycles >= 1, f"optim.{name}.num_cycles", "must be >= 1")
+        need(not self.resume_branch or self.resume is not None, "resume_branch", "needs resume=<checkpoint folder>")
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true exclude each other: overwrite would delete what resume reads")
         return self
@@ -257,6 +259,8 @@ def _type_name(tp: Any) -> str:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert `value` to the annotated type `tp` or raise ConfigError naming `key`."""
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):  # YAML .nan / .inf, or "nan" read as float
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if tp is Any:
         return value
     origin = typing.get_origin(tp)
@@ -329,9 +333,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
             try:
-                return float(value)
+                v = float(value)
             except ValueError:
-                pass
+                raise bad from None
+            return coerce(v, tp, key)  # refuses nan / inf
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -453,6 +458,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for ov in overrides:
         parts, value = parse_override(ov)
+        if parts == ["resume", "branch"]:  # the documented spelling of resume_branch
+            parts = ["resume_branch"]
         node = data
         for i, p in enumerate(parts[:-1]):
             nxt = node.get(p)

@@ -19,6 +19,7 @@ import argparse
 import shlex
 import sys
 
+from .errors import check_output_folder, finite_float, nonnegative_int, positive_int
 from .evaluation.protocols import PROTOCOLS
 
 __all__ = ["add_arguments", "run", "main"]
@@ -36,9 +37,9 @@ def _int_list(s: str) -> list[int]:
 
 def _float_list(s: str) -> list[float]:
     try:
-        vals = [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+        vals = [finite_float(v) for v in s.split(",") if v.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {s!r}") from None
     if not vals:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
     return vals
@@ -57,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated step counts; for a teacher, DDIM / Euler steps (default 1,2,4)")
     p.add_argument("--protocol", default="digits", choices=sorted(PROTOCOLS),
                    help="preset: sample count, labels or captions, seed, extractor, reference (default digits)")
-    p.add_argument("--num-samples", type=int, help="samples per step count (default: the protocol's)")
+    p.add_argument("--num-samples", type=positive_int, help="samples per step count (default: the protocol's)")
     p.add_argument("--seed", type=int, help="sample i starts from noise seeded with seed + i (default: protocol's)")
     p.add_argument("--metrics", type=_str_list,
                    help="comma-separated subset of fid,kid,prc,clip,class_acc,diversity,panel (default: protocol's)")
@@ -72,10 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-model", help="local CLIP folder (transformers CLIPModel + CLIPProcessor files)")
     p.add_argument("--import", dest="imports", action="append", default=[],
                    help="import this module first (e.g. one that registers a custom extractor); repeatable")
-    p.add_argument("--image-size", type=int, help="scoring resolution (default: the protocol's)")
-    p.add_argument("--guidance", type=float,
+    p.add_argument("--image-size", type=positive_int, help="scoring resolution (default: the protocol's)")
+    p.add_argument("--guidance", type=finite_float,
                    help="CFG scale (default: the teacher's recommended value; students 1)")
-    p.add_argument("--batch-size", type=int, default=250, help="generation batch size (default 250); "
+    p.add_argument("--batch-size", type=positive_int, default=250, help="generation batch size (default 250); "
                    "a multi-step student's fresh noise between steps is drawn per batch, so its scores depend on it")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="backbone dtype: float32, bfloat16, float16")
@@ -83,14 +84,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fewstep's sampler (default) or the folder's stock diffusers pipeline")
     p.add_argument("--student-weights", default="student", choices=["student", "student_ema"],
                    help="for a run dir: the raw student weights (default) or their EMA")
-    p.add_argument("--hybrid", type=int, default=0, metavar="K",
+    p.add_argument("--hybrid", type=nonnegative_int, default=0, metavar="K",
                    help="students: the teacher (with CFG) runs the first K steps, the student the rest")
-    p.add_argument("--teacher-guidance", type=float, help="the teacher's CFG scale with --hybrid (default its own)")
+    p.add_argument("--teacher-guidance", type=finite_float, help="the teacher's CFG scale with --hybrid (default its own)")
     p.add_argument("--times", type=_float_list, help="students: sampling times t_0,...,0 (steps + 1 values, one "
                    "--steps N) instead of the run card's, e.g. to try another intermediate time")
-    p.add_argument("--kid-subset-size", type=int, help="KID subset size (clamped to the sample counts)")
-    p.add_argument("--bootstrap", type=int, help="panel: resamples of the generated set for the 95%% intervals "
-                   "(default: the protocol's, 200 for digits; 0: none)")
+    p.add_argument("--kid-subset-size", type=positive_int, help="KID subset size (clamped to the sample counts)")
+    p.add_argument("--bootstrap", type=nonnegative_int, help="panel: resamples of the generated set for the 95%% "
+                   "intervals (default: the protocol's, 200 for digits; 0: none)")
     p.add_argument("--save-images", action="store_true", help="also save every generated image as PNG")
     p.add_argument("--no-cache", action="store_true", help="recompute reference features (no disk cache)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -105,6 +106,8 @@ def _command_line() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .evaluation import EvalSpec, InputError, evaluate
+
+    check_output_folder(args.out, "--out")
 
     spec = EvalSpec(
         pipeline=args.pipeline, images=args.images, steps=args.steps, protocol=args.protocol,
@@ -131,13 +134,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.eval_cmd", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import OneLineParser
+    from .errors import main_guard
+
+    p = OneLineParser(prog="python -m eval.eval_cmd", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.command_line = "python -m eval.eval_cmd " + " ".join(shlex.quote(a) for a in argv)
-    return run(args)
+    return main_guard("eval", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ class MultiStudentPipeline:
         shared = {k: v for k, v in first.components.items() if k not in own}
         pipes = [first] + [diffusers.DiffusionPipeline.from_pretrained(str(folder / s), **kwargs, **shared)
                            for s in rec["students"][1:]]
+        if card0.get("requires_patch"):  # the export card's one-line fix (DiTPipeline + a flow scheduler)
+            for p in pipes:
+                p.scheduler.scale_model_input = lambda sample, timestep: sample
         return cls(pipes, rec, folder)
 
     # ---- routing ----------------------------------------------------------------------------------

@@ -26,37 +26,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
+    from .errors import one_line
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"fewstep train: config error: {e}", file=sys.stderr)
+        print(f"fewstep train: config error: {one_line(e)}", file=sys.stderr)
         return 2
     if args.dry_run:
+        from .errors import user_errors
         from .training.dry_run import dry_run
 
-        report = dry_run(cfg, num_processes=args.processes, sharding=args.sharding)
+        with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
+            report = dry_run(cfg, num_processes=args.processes, sharding=args.sharding)
         if os.environ.get("RANK", "0") == "0":
             print(report, flush=True)
         return 0
-    from .training.loop import NonFiniteError, run as train
+    try:  # everything that can be checked before torch is imported and the teacher loads
+        from .training.preflight import preflight
+
+        preflight(cfg)
+    except ConfigError as e:
+        print(f"fewstep train: config error: {one_line(e)}", file=sys.stderr)
+        return 2
+    from .training.loop import NonFiniteError
+    from .training.loop import run as train
 
     try:
         train(cfg)
     except ConfigError as e:
-        print(f"fewstep train: config error: {e}", file=sys.stderr)
+        print(f"fewstep train: config error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"fewstep train: {e}", file=sys.stderr)
+        print(f"fewstep train: {one_line(e)}", file=sys.stderr)
         return 3
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import OneLineParser
+    from .errors import main_guard
+
+    parser = OneLineParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return main_guard("train.py", lambda: run(args))
 
 
 if __name__ == "__main__":

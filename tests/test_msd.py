@@ -482,3 +482,30 @@ def test_batches_hold_only_the_students_conditions():
             assert any(torch.equal(row, a) for a in allowed)
     with pytest.raises(ValueError, match=r"data\.conditions: \[6\] out of range"):
         BatchSource(t, 8, prompts=prompts, conditions=[1, 6])
+
+
+def test_overwrite_keeps_the_old_msd_run_until_the_new_one_has_a_checkpoint(tmp_path, monkeypatch):
+    """overwrite=true sets the old run aside: a new run that fails before any student's checkpoint
+    puts it back byte for byte; one that finishes removes it."""
+    import fewstep.msd.train as msd_train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.bin").write_bytes(b"the previous run")
+
+    def fail(cfg, params, teacher, run_dir, accelerator, t0):
+        (run_dir / "partial").mkdir(parents=True)
+        raise RuntimeError("failed before any checkpoint")
+
+    monkeypatch.setattr(msd_train, "_train_students", fail)
+    d = {**_cfg(out), "overwrite": True}
+    with pytest.raises(RuntimeError, match="before any checkpoint"):
+        run(config_from_dict(d), teacher=tiny_bundle("dit"))
+    assert sorted(p.name for p in out.iterdir()) == ["old.bin"]
+    assert (out / "old.bin").read_bytes() == b"the previous run"
+    assert not msd_train.aside_path(out).exists()
+
+    monkeypatch.undo()
+    run(config_from_dict({**d, "steps": 1}), teacher=tiny_bundle("dit"))
+    assert not (out / "old.bin").exists() and (out / "run_card.json").is_file()
+    assert not msd_train.aside_path(out).exists()

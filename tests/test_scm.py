@@ -10,9 +10,8 @@ import torch
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives import _trigflow as tf
 from fewstep.objectives.base import trainable_parameters
-from fewstep.objectives.scm import (SCMObjective, SCMParams, TBCMObjective, TBCMParams,
-                                    scm_tangent, tbcm_route)
-from fewstep.paths import FlowPath, TrigFlowPath, convert
+from fewstep.objectives.scm import SCMObjective, SCMParams, TBCMObjective, TBCMParams, scm_tangent, tbcm_route
+from fewstep.paths import FlowPath, TrigFlowPath
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
 from tests.tiny import make_tiny, vp_path

@@ -165,15 +165,19 @@ def test_nonfinite_skips_then_stops_with_last_checkpoint_intact(tmp_path, toy):
     cfg = cfg_for(tmp_path, *common, "steps=20", "objective.nan_steps=[4,5,6,7,8,9,10,11,12]",
                   "objective.nan_phase=guidance", "faults.max_consecutive_nonfinite=2", "checkpoint.every=2",
                   "checkpoint.keep=5", name="stop", preset=None)
-    with pytest.raises(NonFiniteError, match=r"3 non-finite updates in a row.*step_0000006"):
+    # step_0000006 was written two non-finite updates into the streak: it is not the last good one
+    with pytest.raises(NonFiniteError, match=r"3 non-finite updates in a row.*good checkpoint is \S*step_0000004"):
         run(cfg, teacher=gmm_bundle())
     from fewstep.training.checkpoint import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(tmp_path / "stop")] == [2, 4, 6]
-    # the last good checkpoint resumes and finishes once the fault is gone
+    marks = [json.loads((p / "state.json").read_text())["nonfinite_streak"] for _, p in list_checkpoints(tmp_path / "stop")]
+    assert marks == [0, 0, 2]
+    # resume=latest passes over the marked checkpoint (moved aside, not deleted) and finishes once the fault is gone
     res = run(cfg_for(tmp_path, *common, "steps=8", "objective.nan_steps=[]", "resume=latest", name="stop",
                       preset=None), teacher=gmm_bundle())
-    assert res.steps == 8 and res.skipped == 2
+    assert res.steps == 8 and res.skipped == 0
+    assert len(list((tmp_path / "stop" / "checkpoints" / "set_aside").glob("*/step_0000006/state.json"))) == 1
 
 
 def test_lora_student_saves_adapters_and_a_loadable_merged_model(tmp_path):

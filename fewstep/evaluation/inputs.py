@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import UserError, dumps_json
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "InputError",
@@ -44,7 +46,7 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Bad user input (a file, folder or value); the message names it."""
 
 
@@ -187,7 +189,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, dumps_json(obj, indent=2, sort_keys=False) + "\n")  # NaN -> null: valid JSON
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -211,10 +212,17 @@ class ReferenceFeatures:
         path = (Path(root) if root is not None else cache_dir()) / "eval-reference" / f"{extractor.name}-{key}.safetensors"
         desc = {**description, "cache_key": key}
         if use_cache and path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("weights_sha256") == extractor.weights_sha256 and meta.get("extractor") == extractor.name:
-                feats = load_file(str(path))
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                feats = None
+                if meta.get("weights_sha256") == extractor.weights_sha256 and meta.get("extractor") == extractor.name:
+                    feats = load_file(str(path))
+            except Exception as e:  # a truncated or damaged cache file: recompute (and rewrite) it
+                print(f"reference cache {path} cannot be read ({type(e).__name__}); recomputing it",
+                      file=sys.stderr, flush=True)
+                feats = None
+            if feats is not None:
                 return cls({**desc, "cache": str(path), "cached": True}, features=feats)
         feats = extractor.features(images)
         if use_cache:

@@ -324,6 +324,11 @@ def _load_teacher(source: str, device: str, dtype: torch.dtype):
 
     try:
         return load_teacher(source, device=device, dtype=dtype)
+    except (ValueError, OSError) as e:  # a missing or damaged pipeline folder: one line naming it
+        if isinstance(e, InputError):
+            raise
+        msg = " ".join(str(e).split())
+        raise InputError(msg if source in msg else f"teacher {source!r}: {msg}") from e
     except TypeError:
         if source not in TEACHER_NAMES:
             raise
@@ -419,7 +424,11 @@ def _load_checkpoint(ckpt: Path, device: str, dtype: torch.dtype, student_weight
     from safetensors.torch import load_file
 
     from ..denoiser import copy_denoiser
+    from ..training.manifest import verify_manifest
 
+    problem = verify_manifest(ckpt)
+    if problem is not None and "no manifest.json" not in problem:  # older checkpoints have none
+        raise InputError(f"checkpoint {ckpt} is damaged: {problem}")
     run_dir = ckpt.parent.parent
     card_path = next((run_dir / n for n in RUN_CARD_NAMES if (run_dir / n).is_file()), None)
     if card_path is None:

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 CARD_NAME = "fewstep_card.json"
 CARD_FORMAT = "fewstep-export/1"
 RUN_CARD_NAMES = ("run_card.json", "card.json", "run.json")
@@ -14,7 +16,7 @@ LORA_DIR = "lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A checkpoint, teacher or schedule that cannot be exported (the message says why)."""
 
 

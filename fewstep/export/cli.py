@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
                              teacher=args.teacher, lora=args.lora, eval_results=args.eval_results,
                              link_components=args.link_components)
     except ExportError as e:
-        print(f"fewstep export: {e}", file=sys.stderr)
+        from ..errors import one_line
+
+        print(f"fewstep export: error: {one_line(e)}", file=sys.stderr)
         return 2
     steps = ", ".join(res.card["supported_steps"])
     print(f"fewstep export: wrote {res.out} ({res.pipeline_class} + {res.plan.scheduler_class}; "

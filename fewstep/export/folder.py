@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..weights_check import check_weights_folder
 from ._common import CARD_NAME, LORA_DIR, ExportError, _read_json
 from .card import _card
 from .drives import DRIVES, Drive
@@ -210,6 +211,7 @@ def _copy_teacher_components(tp: _TeacherParts, tmp: Path, link: bool) -> None:
         if key.startswith("_") or key in (tp.drive.backbone, "scheduler"):
             continue
         if isinstance(val, list) and val and val[0] is not None and (tp.folder / key).is_dir():
+            check_weights_folder(tp.folder / key, f"teacher component {key!r}")  # never copy damaged weights
             _copy_component(tp.folder / key, tmp / key, link)
     for f in tp.folder.iterdir():
         if f.is_file() and f.name.lower().startswith(("license", "licence", "notice")):

@@ -36,6 +36,11 @@ def _read_run(checkpoint: str | os.PathLike, weights: str) -> _Run:
     ckpt = None
     if (p / "state.json").is_file():
         ckpt, run_dir = p, p.parent.parent
+        from ..training.manifest import verify_manifest
+
+        problem = verify_manifest(p)
+        if problem is not None and "no manifest.json" not in problem:  # older checkpoints have none
+            raise ExportError(f"--checkpoint {str(p)!r} is damaged: {problem}")
     else:
         run_dir = p
     card_path = next((run_dir / n for n in RUN_CARD_NAMES if (run_dir / n).is_file()), None)

@@ -16,12 +16,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, config_to_dict
+from ..training.outdir import aside_path, set_aside
 from .partition import Partition, partition_labels, partition_prompts, prompt_vectors
 
 __all__ = ["PARTITION_FILE", "STUDENT_DIR", "make_partition", "run_msd"]
@@ -78,8 +80,6 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
     """Train the K students of an `objective.name: msd` config; returns the entry point's RunResult
     (steps = the steps of all students together)."""
     from ..objectives.registry import make_params
-    from ..training.bundle import load_bundle
-    from ..training.loop import RunResult, run
     from ..training.parallel import make_accelerator
 
     t0 = time.time()
@@ -92,8 +92,21 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
     run_dir = cfg.run_dir()
     if accelerator is None:
         accelerator = make_accelerator(cfg.precision.mixed_precision, cfg.log.trackers, str(run_dir))
-    main = accelerator.is_main_process
     _prepare_run_dir(cfg, run_dir, accelerator)
+    try:
+        res = _train_students(cfg, params, teacher, run_dir, accelerator, t0)
+    except BaseException:
+        _settle_aside(run_dir, accelerator, failed=True)
+        raise
+    _settle_aside(run_dir, accelerator, failed=False)
+    return res
+
+
+def _train_students(cfg: Config, params: Any, teacher: Any, run_dir: Path, accelerator: Any, t0: float):
+    from ..training.bundle import load_bundle
+    from ..training.loop import RunResult, run
+
+    main = accelerator.is_main_process
     bundle = _with_cached_real_data(teacher if teacher is not None else load_bundle(cfg.teacher, accelerator.device))
     part = make_partition(cfg, params, bundle)
     _record_partition(part, run_dir, accelerator)
@@ -137,12 +150,21 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator: Any) -> None:
         if (run_dir / "run_card.json").is_file():
             raise ConfigError(f"resume=latest: {run_dir} holds a finished MSD run")
     elif nonempty:
-        if not cfg.overwrite:
-            raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to continue "
-                              "it, overwrite=true to replace it, or another output_dir")
-        if accelerator.is_main_process:
-            shutil.rmtree(run_dir)
+        set_aside(cfg, run_dir, accelerator)  # kept until a student of the new run has a checkpoint
     accelerator.wait_for_everyone()
+
+
+def _settle_aside(run_dir: Path, accelerator: Any, failed: bool) -> None:
+    """overwrite=true: delete the replaced run once the new one has a checkpoint or finished; put it
+    back when the new run failed before any student wrote one."""
+    aside = aside_path(run_dir)
+    if not accelerator.is_main_process or not aside.exists():
+        return
+    if failed and not any(run_dir.glob("student_*/checkpoints/*/manifest.json")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.replace(aside, run_dir)
+    elif not failed:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _with_cached_real_data(bundle: Any) -> Any:

@@ -57,6 +57,7 @@ class FlashDMDParams:
     gan_generator_weight: float = 3e-3  # lambda_G of the adversarial loss at the low-noise steps
     gan_disc_weight: float = 1e-2  # lambda_D of the discriminator loss (fake_score group)
     gan_block: int | None = None  # transformer block feeding the head (None: the middle one)
+    gan_feature_layer: str | None = None  # dotted module path feeding the head (DMD2's key; None: the family's tap)
     gan_head_width: int = 128
     gan_t_min: float = 0.001  # noise levels the head sees
     gan_t_max: float = 1.0
@@ -113,6 +114,7 @@ class FlashDMDParams:
             gan_generator_weight=self.gan_generator_weight,
             gan_disc_weight=self.gan_disc_weight,
             gan_block=self.gan_block,
+            gan_feature_layer=self.gan_feature_layer,
             gan_head_width=self.gan_head_width,
             gan_t_min=self.gan_t_min,
             gan_t_max=self.gan_t_max,

@@ -1,7 +1,8 @@
 """Atomic, resumable checkpoints.
 
     <run>/checkpoints/step_0000500/
-        state.json           step, counters, format; written last
+        state.json           step, counters, format, the run's settings (fewstep.training.resume)
+        manifest.json        size and sha256 of every other file; written last (training/manifest.py)
         model.safetensors    the networks' state (full format), keys "<role>.<param>"
         optim.pt             all optimizers, keyed by parameter name (torch.load weights_only)
         ema.safetensors      the student's EMA shadows
@@ -10,7 +11,12 @@
 
 Everything is written into `.tmp-step_XXXXXXX` and renamed when complete; `latest_checkpoint`
 only considers `step_*` folders holding a state.json, so a crash mid-save never leaves a
-checkpoint that resume would pick up. The last `keep` checkpoints are kept.
+checkpoint that resume would pick up; `checkpoint_problem` also checks the manifest, so a file
+damaged later (truncated, overwritten) is found before it is loaded. Pruning keeps the new
+checkpoint and the `keep - 1` newest ones of lower step; a checkpoint of higher step (another
+branch of the run) is never pruned. A checkpoint written while some optimizer group was in a
+streak of non-finite updates is marked (`nonfinite_streak` > 0 in state.json) and is never the
+"last good" one.
 
 What is saved of the networks: every trainable parameter, plus any other parameter or buffer of a
 non-teacher network that is not a frozen tensor shared with the teacher (and not a frozen LoRA
@@ -32,6 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RENAMED_GROUPS
+from ..errors import UserError
+from .manifest import verify_manifest, write_manifest
 
 __all__ = [
     "CheckpointError",
@@ -43,13 +51,16 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "clean_stale",
+    "checkpoint_problem",
+    "is_marked",
+    "last_good_checkpoint",
 ]
 
 _NAME = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used (incomplete, damaged, or of another run's shape)."""
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -67,6 +78,34 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     cks = list_checkpoints(run_dir)
     return cks[-1][1] if cks else None
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: unreadable state.json ({type(e).__name__}: {e})") from None
+
+
+def is_marked(state: dict[str, Any]) -> bool:
+    """Written while an optimizer group was in a streak of non-finite updates."""
+    return int(state.get("nonfinite_streak", 0) or 0) > 0
+
+
+def checkpoint_problem(path: str | Path, hashes: bool = True) -> str | None:
+    """None when the checkpoint is complete and its files match its manifest; else what is wrong."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        return "no state.json (not a complete checkpoint)"
+    return verify_manifest(path, hashes=hashes)
+
+
+def last_good_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that is verified and was not written during a non-finite streak."""
+    for _, p in reversed(list_checkpoints(run_dir)):
+        if checkpoint_problem(p) is None and not is_marked(read_state(p)):
+            return p
+    return None
 
 
 def clean_stale(run_dir: str | Path) -> None:
@@ -199,17 +238,30 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, holder: nn.M
             f.flush()
             os.fsync(f.fileno())
         fail("state")
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
+        older = [p for s, p in list_checkpoints(run_dir) if s < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(accelerator)
     return final
 
 
+def _read(loader, path: Path) -> Any:
+    """Load one checkpoint file; a missing or damaged file is a CheckpointError naming it."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"resume: checkpoint file {path} is missing")
+    try:
+        return loader(str(path))
+    except Exception as e:  # safetensors / pickle-free torch.load errors on damaged files
+        raise CheckpointError(f"resume: cannot read checkpoint file {path} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
 def _load_torch(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _read(lambda f: torch.load(f, map_location="cpu", weights_only=True), path)
 
 
 def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: set[str],
@@ -223,7 +275,7 @@ def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: s
     path = Path(path)
     if not (path / "state.json").is_file():
         raise CheckpointError(f"resume: {path} is not a complete checkpoint (no state.json)")
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     rank = 0 if accelerator is None else accelerator.process_index
     opt_list = list(optimizers.values())
     if state["format"] == "sharded":
@@ -242,7 +294,7 @@ def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: s
         if ema is not None:
             ema.load_state_dict(blob["ema"])
     else:
-        model_sd = load_file(str(path / "model.safetensors"))
+        model_sd = _read(load_file, path / "model.safetensors")
         missing = sorted(keys - set(model_sd))
         if missing:
             raise CheckpointError(f"resume: {path} lacks {len(missing)} tensors of this run's networks, "
@@ -250,6 +302,11 @@ def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: s
         extra = sorted(set(model_sd) - keys)
         if extra:
             raise CheckpointError(f"resume: {path} holds tensors this run does not have, e.g. {extra[:3]}")
+        current = get_model_state_dict(holder, options=_options(False))
+        for k in sorted(keys):
+            if tuple(current[k].shape) != tuple(model_sd[k].shape):
+                raise CheckpointError(f"resume: tensor {k} of {path} has shape {tuple(model_sd[k].shape)}, this run's "
+                                      f"has {tuple(current[k].shape)} (different objective or network settings?)")
         res = set_model_state_dict(holder, model_sd, options=_options(True, strict=False))
         if opt_list:
             optim_sd = _load_torch(path / "optim.pt")
@@ -258,7 +315,7 @@ def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: s
             ema_file = path / "ema.safetensors"
             if not ema_file.is_file():
                 raise CheckpointError(f"resume: {path} has no EMA weights but this run keeps an EMA (ema.rate > 0)")
-            full_ema = load_file(str(ema_file))
+            full_ema = _read(load_file, ema_file)
             ema.load_state_dict({k: _shard_like(v, ema.shadow.get(k)) for k, v in full_ema.items()})
     unexpected = [k for k in getattr(res, "unexpected_keys", []) if k in keys]
     if unexpected:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,16 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, config_to_dict, resolve_group
+from ..errors import dumps_json, user_errors
 from ..families import family_name
 from ..objectives.registry import BuildContext, build_objective, make_params
 from .bundle import TeacherBundle, load_bundle
-from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint, saved_keys
+from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint, saved_keys
 from .data import BatchSource
 from .ema import EMA
 from .logging import RunLog, flat_config
 from .lora import make_factories
+from .outdir import OutputFolder
 from .outputs import backbone_of, run_card, sample_grid, save_final
 from .parallel import (
     available_trackers,
@@ -43,6 +44,8 @@ from .parallel import (
     shard_module,
     wrap_autocast,
 )
+from .preflight import preflight
+from .resume import check_resumed, settings
 from .updates import resolve_steps, update_counts
 
 __all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
@@ -95,6 +98,11 @@ class _Env:
     rank: int
     sharded: bool
     mp: str
+    output: OutputFolder | None = None   # the output folder's rules (overwrite keeps the old run until a checkpoint)
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
 
 
 @dataclass
@@ -117,13 +125,14 @@ class _Trainer:
     skipped: int = 0
     consecutive: dict[str, int] = field(default_factory=dict)   # non-finite updates in a row, per group
     made: dict[str, int] = field(default_factory=dict)          # updates per group so far (attempted)
+    settings: dict[str, Any] = field(default_factory=dict)      # what a checkpoint records to check a resume
 
 
 def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> RunResult:
     """Train as `cfg` says. `teacher` overrides cfg.teacher (tests, scripts); `accelerator` lets a
-    caller set up processes / FSDP itself. Returns the outputs, the trained student and the objective."""
-    t_start = time.time()
-    cfg.validate()
+    caller set up processes / FSDP itself. Returns the outputs, the trained student and the objective.
+    Checks come before the output folder is touched (training/preflight.py, training/outdir.py)."""
+    preflight(cfg, check_teacher=teacher is None)
     if cfg.objective.name == "msd" and cfg.objective.params.get("student_index") is None:
         from ..msd.train import run_msd  # K students, one sub-run each (fewstep/msd/train.py)
 
@@ -131,14 +140,27 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
     if cfg.objective.name == "msd" and cfg.data.conditions is None:
         raise ConfigError("objective.student_index is set by the entry point for each MSD student's sub-run "
                           "(with data.conditions); remove it to train all students")
-    env, resume_from = _start(cfg, accelerator)                                  # 1. accelerator, folder, seeds
-    bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)   # 2. teacher (frozen)
+    output: list[OutputFolder] = []
+    try:
+        return _run(cfg, teacher, accelerator, output)
+    except BaseException:
+        for out in output:
+            out.restore()
+        raise
+
+
+def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[OutputFolder]) -> RunResult:
+    t_start = time.time()
+    env, resume_from = _start(cfg, accelerator, output)                          # 1. accelerator, folder, seeds
+    with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
+        bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)   # 2. teacher (frozen)
     tden = bundle.denoiser
     tden.requires_grad_(False)
     tden.to(env.device)
-    source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, env.rank, env.world, env.device,   # 3. data
-                         cfg.data.real_data, cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents,
-                         conditions=cfg.data.conditions)
+    with user_errors("data", ValueError, OSError, named="data."):                # 3. data
+        source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, env.rank, env.world, env.device,
+                             cfg.data.real_data, cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents,
+                             conditions=cfg.data.conditions)
     tr = _build(cfg, env, bundle, source)                                         # 4.-6. objective, optimizers
     start_step = _resume(cfg, env, tr, resume_from)                              # 7. resume
     tr.made = update_counts(tr.obj, start_step)
@@ -177,7 +199,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
         card = run_card(cfg, tr.params, tr.obj, bundle, tr.family, source.num_classes, steps_done=done, wall=wall,
                         loop_time=loop_time, skipped=tr.skipped, world=env.world, sharded=env.sharded, mp=env.mp,
                         files=files, logs=logs, updates=dict(tr.made))
-        (env.run_dir / "run_card.json").write_text(json.dumps(card, indent=1, default=str))
+        (env.run_dir / "run_card.json").write_text(dumps_json(card, indent=1, default=str))
         files["run_card"] = "run_card.json"
     if trackers:
         env.accelerator.end_training()
@@ -188,7 +210,7 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
 
 
 # ---- 1. accelerator, output folder, seeds ----------------------------------------------------------
-def _start(cfg: Config, accelerator) -> tuple[_Env, Path | None]:
+def _start(cfg: Config, accelerator, output: list[OutputFolder]) -> tuple[_Env, Path | None]:
     run_dir = cfg.run_dir()
     if accelerator is None:
         accelerator = make_accelerator(cfg.precision.mixed_precision, cfg.log.trackers, str(run_dir))
@@ -199,38 +221,10 @@ def _start(cfg: Config, accelerator) -> tuple[_Env, Path | None]:
     if env.device.type == "cuda" and cfg.precision.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    resume_from = _prepare_run_dir(cfg, run_dir, accelerator)
+    env.output = OutputFolder.prepare(cfg, run_dir, accelerator, env.say)
+    output.append(env.output)
     _seed_all(cfg.seed)  # the same on every process while the networks are built
-    return env, resume_from
-
-
-def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator) -> Path | None:
-    """Apply the output-folder rules; returns the checkpoint to resume from, if any."""
-    ckpt = None
-    nonempty = run_dir.is_dir() and any(run_dir.iterdir())
-    if cfg.resume is not None:
-        if cfg.resume == "latest":
-            ckpt = latest_checkpoint(run_dir)
-            if ckpt is None and (run_dir / "run_card.json").is_file():
-                raise ConfigError(f"resume=latest: {run_dir} holds a finished run and no checkpoint to continue")
-            if ckpt is None and accelerator.is_main_process and (run_dir / "metrics.jsonl").is_file():
-                (run_dir / "metrics.jsonl").unlink()  # nothing to continue: start afresh
-        else:
-            ckpt = Path(cfg.resume)
-            if not (ckpt / "state.json").is_file():
-                raise ConfigError(f"resume={cfg.resume!r}: not a complete checkpoint folder (no state.json)")
-    elif nonempty:
-        if not cfg.overwrite:
-            raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to continue "
-                              "it, overwrite=true to replace it, or another output_dir")
-        if accelerator.is_main_process:
-            shutil.rmtree(run_dir)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale(run_dir)
-    accelerator.wait_for_everyone()
-    return ckpt
+    return env, env.output.resume_from
 
 
 def _seed_all(seed: int) -> None:
@@ -293,7 +287,8 @@ def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -
         ema = EMA({n: p for n, p in named.items() if n.startswith("student.") and p.requires_grad},
                   cfg.ema.rate, cfg.ema.start_step)
     return _Trainer(obj, params, family, tden, nets, holder, keys, group_params, optimizers, schedulers, gcfg, ema,
-                    student_group, consecutive={g: 0 for g in obj.groups})
+                    student_group, consecutive={g: 0 for g in obj.groups},
+                    settings=settings(cfg, gcfg, cfg.objective.name, params))
 
 
 def _check_groups(cfg: Config, obj: Any, name: str) -> None:
@@ -368,6 +363,7 @@ def _resume(cfg: Config, env: _Env, tr: _Trainer, resume_from: Path | None) -> i
     Returns the first step to run."""
     start_step = 0
     if resume_from is not None:
+        check_resumed(json.loads((resume_from / "state.json").read_text()), tr.settings, env.say)
         state = load_checkpoint(resume_from, **_checkpoint_kwargs(env, tr))
         start_step, tr.skipped = int(state["step"]), int(state.get("skipped", 0))
         if env.main:  # drop records of steps after the checkpoint (an interrupted run wrote them)
@@ -436,7 +432,7 @@ def _nonfinite(cfg: Config, env: _Env, tr: _Trainer, phase: str, step: int, loss
     log.write(f"step {step}: non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'} in "
               f"phase {phase!r}, update skipped ({tr.consecutive[phase]} in a row, {tr.skipped} in all)")
     if tr.consecutive[phase] > cfg.faults.max_consecutive_nonfinite:
-        last = latest_checkpoint(env.run_dir)
+        last = last_good_checkpoint(env.run_dir)
         raise NonFiniteError(
             f"stopping at step {step}: {tr.consecutive[phase]} non-finite updates in a row of group "
             f"{phase!r} "
@@ -464,9 +460,13 @@ def _grid(cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: B
 
 
 def _checkpoint(cfg: Config, env: _Env, tr: _Trainer, done: int) -> Path:
-    return save_checkpoint(env.run_dir, done, counters={"skipped": tr.skipped}, sharded=env.sharded and
+    # a checkpoint written while a group is in a non-finite streak is marked: never "the last good one"
+    counters = {"skipped": tr.skipped, "nonfinite_streak": max(tr.consecutive.values(), default=0), "settings": tr.settings}
+    path = save_checkpoint(env.run_dir, done, counters=counters, sharded=env.sharded and
                            cfg.checkpoint.state_dict == "sharded", keep=cfg.checkpoint.keep,
                            **_checkpoint_kwargs(env, tr))
+    env.output.commit()  # a run this one replaces (overwrite=true) is deleted only now
+    return path
 
 
 # ---- 9. outputs --------------------------------------------------------------------------------------
@@ -484,6 +484,7 @@ def _save_outputs(cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, s
     files.update(save_final(env.run_dir, tr.nets["student"], tr.ema, env.accelerator))
     if tr.ema is None and isinstance(tr.nets.get("student_ema"), nn.Module):  # an EMA the objective keeps
         files.update(save_final(env.run_dir, tr.nets["student_ema"], None, env.accelerator, folder="student_ema"))
+    env.output.commit()  # the final weights exist: a run this one replaces (overwrite=true) goes now
     return files
 
 

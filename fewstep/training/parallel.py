@@ -60,7 +60,9 @@ def available_trackers(names: list[str]) -> tuple[list[str], list[str]]:
             continue
         check = _TRACKER_CHECKS.get(n)
         if check is None:
-            raise ValueError(f"log.trackers: unknown tracker {n!r}; known: {', '.join(_TRACKER_CHECKS)}")
+            from ..config import ConfigError
+
+            raise ConfigError(f"log.trackers: unknown tracker {n!r}; known: {', '.join(_TRACKER_CHECKS)}")
         fn = getattr(au, check, None)
         (ok if fn is not None and fn() else skipped).append(n)
     return ok, skipped
