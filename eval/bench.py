@@ -23,6 +23,7 @@ Top to bottom:
      --teacher-cache and reused while the teacher's weights are the same;
   5. print a markdown table and write <out>/bench.json (bench_<weights>.json for non-default weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads are slow on a shared machine (set
-                                                     # before torch is imported, in main)
+# before torch is imported, in main)
 
 TEACHER_STEPS = 50
 DEFAULT_METRICS = "fid,kid,class_acc"
@@ -42,30 +43,48 @@ NEEDS_ANGLES = ("scm", "tbcm")
 
 # ---- command line -------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python eval/bench.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python eval/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="preset YAML (configs/digits/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
     p.add_argument("--out", default=None, help="run dir (default: runs/bench/<preset file name>)")
     p.add_argument("--eval-only", action="store_true", help="score the run already in --out (no training)")
-    p.add_argument("--steps-eval", default=None,
-                   help="student step counts to score, comma separated (default: those the run card has times for)")
+    p.add_argument(
+        "--steps-eval",
+        default=None,
+        help="student step counts to score, comma separated (default: those the run card has times for)",
+    )
     p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"metrics to compute (default {DEFAULT_METRICS})")
     p.add_argument("--num-samples", type=int, default=None, help="fewer than the protocol's 2,000 (tuning only)")
-    p.add_argument("--weights", choices=("student", "student_ema"), default=None,
-                   help="which final weights to score (default: student_ema when the preset has ema.rate > 0)")
+    p.add_argument(
+        "--weights",
+        choices=("student", "student_ema"),
+        default=None,
+        help="which final weights to score (default: student_ema when the preset has ema.rate > 0)",
+    )
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher's 50-step row")
     p.add_argument("--teacher", default=None, help="score only this teacher at 50 steps (digits-vp / digits-flow)")
-    p.add_argument("--teacher-guidance", type=float, default=None,
-                   help="the teacher row's CFG scale (default: the preset's objective.guidance, else the "
-                        "teacher card's)")
+    p.add_argument(
+        "--teacher-guidance",
+        type=float,
+        default=None,
+        help="the teacher row's CFG scale (default: the preset's objective.guidance, else the teacher card's)",
+    )
     p.add_argument("--teacher-cache", default="runs/bench/teachers", help="folder of the teachers' results")
     p.add_argument("--refresh-teacher", action="store_true", help="score the teacher again even if cached")
-    p.add_argument("--intermediate-angles", default=None,
-                   help="sCM/TBCM: score the run in --out (no training) at 2 steps with each of these middle "
-                        "angles of the sampler [pi/2, a, 0]; writes <out>/bench_angles_<weights>.json")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: the machine is shared; more threads oversubscribe it)")
+    p.add_argument(
+        "--intermediate-angles",
+        default=None,
+        help="sCM/TBCM: score the run in --out (no training) at 2 steps with each of these middle "
+        "angles of the sampler [pi/2, a, 0]; writes <out>/bench_angles_<weights>.json",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the machine is shared; more threads oversubscribe it)",
+    )
     args, extra = p.parse_known_args(argv)  # key=value overrides may also come after the options
     bad = [a for a in extra if a.startswith("-")]
     if bad:
@@ -115,14 +134,32 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 # ---- scoring --------------------------------------------------------------------------------------
-def score(source: str, steps: list[int], out: Path, args, command: str, guidance: float | None = None,
-          times: list[float] | None = None, weights: str = "student") -> dict:
+def score(
+    source: str,
+    steps: list[int],
+    out: Path,
+    args,
+    command: str,
+    guidance: float | None = None,
+    times: list[float] | None = None,
+    weights: str = "student",
+) -> dict:
     """`fewstep.evaluation.evaluate` on the digits protocol; its results.json as a dict."""
     from fewstep.evaluation import EvalSpec, evaluate
 
-    spec = EvalSpec(pipeline=source, steps=steps, protocol="digits", num_samples=args.num_samples,
-                    metrics=list(args.metrics), out=str(out), progress=False, command=command, guidance=guidance,
-                    times=times, student_weights=weights)
+    spec = EvalSpec(
+        pipeline=source,
+        steps=steps,
+        protocol="digits",
+        num_samples=args.num_samples,
+        metrics=list(args.metrics),
+        out=str(out),
+        progress=False,
+        command=command,
+        guidance=guidance,
+        times=times,
+        student_weights=weights,
+    )
     return evaluate(spec)
 
 
@@ -132,9 +169,19 @@ def rows_of(results: dict, name: str, train_seconds: float | None = None) -> lis
     for r in results["rows"]:
         m = r.get("metrics") or {}
         vals = {k: (None if m.get(k) is None else float(m[k]["value"])) for k in ("fid", "kid", "class_acc")}
-        rows.append({"name": name, "source": results.get("source", {}).get("source"), "steps": r["steps"],
-                     "nfe": r.get("nfe"), "guidance": r.get("guidance"), "times": r.get("times"),
-                     "num_samples": r.get("num_samples"), **vals, "train_seconds": train_seconds})
+        rows.append(
+            {
+                "name": name,
+                "source": results.get("source", {}).get("source"),
+                "steps": r["steps"],
+                "nfe": r.get("nfe"),
+                "guidance": r.get("guidance"),
+                "times": r.get("times"),
+                "num_samples": r.get("num_samples"),
+                **vals,
+                "train_seconds": train_seconds,
+            }
+        )
     return rows
 
 
@@ -159,15 +206,21 @@ def teacher_rows(source: str, args, command: str, guidance: float | None) -> lis
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | steps | NFE | guidance | FID | KID | class acc | samples | train min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | steps | NFE | guidance | FID | KID | class acc | samples | train min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
+
         def fmt(v, f):
             return "-" if v is None else f(v)
-        lines.append(f"| {r['name']} | {r['steps']} | {fmt(r.get('nfe'), str)} | {fmt(r.get('guidance'), str)} | "
-                     f"{fmt(r.get('fid'), lambda v: f'{v:.2f}')} | {fmt(r.get('kid'), lambda v: f'{v:.4g}')} | "
-                     f"{fmt(r.get('class_acc'), lambda v: f'{100 * v:.1f}%')} | {r.get('num_samples')} | "
-                     f"{fmt(r.get('train_seconds'), lambda v: f'{v / 60:.1f}')} |")
+
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {fmt(r.get('nfe'), str)} | {fmt(r.get('guidance'), str)} | "
+            f"{fmt(r.get('fid'), lambda v: f'{v:.2f}')} | {fmt(r.get('kid'), lambda v: f'{v:.4g}')} | "
+            f"{fmt(r.get('class_acc'), lambda v: f'{100 * v:.1f}%')} | {r.get('num_samples')} | "
+            f"{fmt(r.get('train_seconds'), lambda v: f'{v / 60:.1f}')} |"
+        )
     return "\n".join(lines)
 
 
@@ -210,10 +263,13 @@ def sweep_angles(cfg, args, run_dir: Path, weights: str, command: str) -> list[d
     for a in args.intermediate_angles:
         c = load_config(args.config, [*args.overrides, f"objective.intermediate_angle={a}"])
         times = _objective_for_sampling(c).sampling_times(2)
-        res = score(str(run_dir), [2], run_dir / f"eval_angle_{a:g}_{weights}", args, command, times=times,
-                    weights=weights)
-        rows += [{**r, "intermediate_angle": a} for r in
-                 rows_of(res, f"{cfg.objective.name} ({cfg.teacher.source}, {weights}), angle {a:g}")]
+        res = score(
+            str(run_dir), [2], run_dir / f"eval_angle_{a:g}_{weights}", args, command, times=times, weights=weights
+        )
+        rows += [
+            {**r, "intermediate_angle": a}
+            for r in rows_of(res, f"{cfg.objective.name} ({cfg.teacher.source}, {weights}), angle {a:g}")
+        ]
     return rows
 
 
@@ -224,8 +280,12 @@ def _objective_for_sampling(cfg):
     from fewstep.pipeline_teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher.source)
-    ctx = BuildContext(latent_shape=tuple(teacher.latent_shape), has_real_data=bool(cfg.data.real_data),
-                       make_student=lambda t: copy_denoiser(t), make_copy=lambda t: copy_denoiser(t))
+    ctx = BuildContext(
+        latent_shape=tuple(teacher.latent_shape),
+        has_real_data=bool(cfg.data.real_data),
+        make_student=lambda t: copy_denoiser(t),
+        make_copy=lambda t: copy_denoiser(t),
+    )
     return build_objective(cfg.objective.name, cfg.objective.params, teacher.denoiser, ctx)
 
 
@@ -262,8 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--eval-only: {run_dir}/run_card.json is missing (train the run first)")
     card = json.loads((run_dir / "run_card.json").read_text())
     steps = args.steps_eval or card_steps(card)
-    res = score(str(run_dir), steps, run_dir / ("eval" if weights == "student" else f"eval_{weights}"), args,
-                command, weights=weights)
+    res = score(
+        str(run_dir),
+        steps,
+        run_dir / ("eval" if weights == "student" else f"eval_{weights}"),
+        args,
+        command,
+        weights=weights,
+    )
     rows = rows_of(res, f"{cfg.objective.name} ({cfg.teacher.source}, {weights})", card.get("wall_time_s"))
     if not args.no_teacher:
         w = args.teacher_guidance if args.teacher_guidance is not None else cfg.objective.params.get("guidance")

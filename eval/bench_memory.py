@@ -9,6 +9,7 @@ a fresh process builds DMD2, runs a few training steps with AdamW, and reports t
 bytes held (every distinct tensor of every role, the teacher included) and the peak RSS.
 (Benchmarks of students' quality are `eval/bench.py`.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,22 @@ def _sdxl_class_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256),
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(64, 128, 256),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 8), cross_attention_dim=256,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=32,
-        projection_class_embeddings_input_dim=64 + 6 * 32, norm_num_groups=32)
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(2, 4, 8),
+        cross_attention_dim=256,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=32,
+        projection_class_embeddings_input_dim=64 + 6 * 32,
+        norm_num_groups=32,
+    )
 
 
 def _memory_child(backbone: str, mode: str, steps: int, batch: int, rank: int) -> dict:
@@ -72,23 +83,33 @@ def _memory_child(backbone: str, mode: str, steps: int, batch: int, rank: int) -
         shape = (4, 32, 32)
 
         def cond(b):
-            return {"encoder_hidden_states": torch.randn(b, 8, 256), "text_embeds": torch.randn(b, 64),
-                    "time_ids": torch.tensor([256.0, 256, 0, 0, 256, 256]).expand(b, 6).clone()}
+            return {
+                "encoder_hidden_states": torch.randn(b, 8, 256),
+                "text_embeds": torch.randn(b, 64),
+                "time_ids": torch.tensor([256.0, 256, 0, 0, 256, 256]).expand(b, 6).clone(),
+            }
+
     teacher.requires_grad_(False)
     rss_teacher = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # the same adapter targets in both LoRA modes: the entry point's family default
     targets = lora_targets(teacher.backbone)
-    lora = SimpleNamespace(student=mode == "lora", fake=mode == "lora", rank=rank, alpha=float(rank), dropout=0.0,
-                           target_modules=targets)
+    lora = SimpleNamespace(
+        student=mode == "lora", fake=mode == "lora", rank=rank, alpha=float(rank), dropout=0.0, target_modules=targets
+    )
     make_student, make_copy = make_factories(lora)
-    ctx = BuildContext(latent_shape=shape, num_classes=10 if backbone == "digits-dit" else None, lora=lora,
-                       make_student=make_student, make_copy=make_copy)
+    ctx = BuildContext(
+        latent_shape=shape,
+        num_classes=10 if backbone == "digits-dit" else None,
+        lora=lora,
+        make_student=make_student,
+        make_copy=make_copy,
+    )
     obj = build_objective("dmd2", {"guidance": 2.0, "shared_base": mode == "shared"}, teacher, ctx)
     opts = {g: torch.optim.AdamW(trainable_parameters(obj, g), lr=1e-5) for g in obj.groups}
     seen, held, trainable = set(), 0, 0
     for net in list(obj.nets.values()) + [teacher]:
         for m in (net, getattr(net, "backbone", None)):
-            for p in (m.parameters() if m is not None else []):
+            for p in m.parameters() if m is not None else []:
                 if id(p) not in seen:
                     seen.add(id(p))
                     held += p.numel() * p.element_size()
@@ -102,11 +123,19 @@ def _memory_child(backbone: str, mode: str, steps: int, batch: int, rank: int) -
             opts[phase].step()
             for o in opts.values():
                 o.zero_grad(set_to_none=True)
-    return {"backbone": backbone, "source": source, "mode": mode, "lora_rank": rank if mode != "full" else None,
-            "param_bytes": held, "trainable_bytes": trainable,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "rss_after_teacher_bytes": rss_teacher, "steps": steps, "batch": batch,
-            "seconds_per_step": round((time.perf_counter() - t0) / steps, 3)}
+    return {
+        "backbone": backbone,
+        "source": source,
+        "mode": mode,
+        "lora_rank": rank if mode != "full" else None,
+        "param_bytes": held,
+        "trainable_bytes": trainable,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_teacher_bytes": rss_teacher,
+        "steps": steps,
+        "batch": batch,
+        "seconds_per_step": round((time.perf_counter() - t0) / steps, 3),
+    }
 
 
 def cmd_memory(args, command: str) -> int:
@@ -117,9 +146,20 @@ def cmd_memory(args, command: str) -> int:
     rows = []
     for b in ("digits-dit", "sdxl-class"):
         for mode in ("full", "lora", "shared"):
-            cmd = [sys.executable, __file__, "--child", f"{b}:{mode}", "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--rank-digits", str(args.rank["digits-dit"]),
-                   "--rank-sdxl", str(args.rank["sdxl-class"])]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                f"{b}:{mode}",
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--rank-digits",
+                str(args.rank["digits-dit"]),
+                "--rank-sdxl",
+                str(args.rank["sdxl-class"]),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -127,12 +167,17 @@ def cmd_memory(args, command: str) -> int:
             rows.append(json.loads(line[7:]))
             print(json.dumps(rows[-1]), flush=True)
     mib = 2**20
-    lines = ["| backbone | mode | LoRA rank | parameter MiB held | trainable MiB | peak RSS MiB "
-             "| RSS above teacher MiB | s/step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backbone | mode | LoRA rank | parameter MiB held | trainable MiB | peak RSS MiB "
+        "| RSS above teacher MiB | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['backbone']} | {r['mode']} | {r['lora_rank'] or '-'} | {r['param_bytes'] / mib:.1f} | "
-                     f"{r['trainable_bytes'] / mib:.1f} | {r['peak_rss_bytes'] / mib:.0f} | "
-                     f"{(r['peak_rss_bytes'] - r['rss_after_teacher_bytes']) / mib:.0f} | {r['seconds_per_step']} |")
+        lines.append(
+            f"| {r['backbone']} | {r['mode']} | {r['lora_rank'] or '-'} | {r['param_bytes'] / mib:.1f} | "
+            f"{r['trainable_bytes'] / mib:.1f} | {r['peak_rss_bytes'] / mib:.0f} | "
+            f"{(r['peak_rss_bytes'] - r['rss_after_teacher_bytes']) / mib:.0f} | {r['seconds_per_step']} |"
+        )
     print("\n".join(lines))
     out_dir = Path(args.out or "runs/bench/dmd_memory")
     out_dir.mkdir(parents=True, exist_ok=True)

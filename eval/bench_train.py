@@ -18,6 +18,7 @@ The embedded teacher is loaded with `fewstep.pipeline_teacher.load_teacher("digi
 weights are not in the tree yet, the same DiT architecture (fewstep/digits/models.py) is built
 with random weights, which trains at the same speed and memory. The table says which was used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,11 +68,20 @@ def digits_bundle(real_data: bool):
     den = Denoiser(bb, path)
     real = None
     if real_data:
+
         def real():
             g = torch.Generator().manual_seed(0)
             return torch.randn(1797, *LATENT_SHAPE, generator=g), torch.arange(1797) % 10
-    return TeacherBundle(denoiser=den, latent_shape=LATENT_SHAPE, source="digits-vp (architecture)", family="dit",
-                         num_classes=10, null_class=NULL_CLASS, real_data=real), "random init"
+
+    return TeacherBundle(
+        denoiser=den,
+        latent_shape=LATENT_SHAPE,
+        source="digits-vp (architecture)",
+        family="dit",
+        num_classes=10,
+        null_class=NULL_CLASS,
+        real_data=real,
+    ), "random init"
 
 
 # ---- one measured run (runs inside the worker process) ------------------------------------------
@@ -84,8 +94,17 @@ def worker(objective: str, steps: int, out: Path) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     preset = ROOT / "configs" / PRESETS.get(objective, "-")
-    over = [f"output_dir={out}", "overwrite=true", f"steps={steps}", "log.every=1", "log.trackers=[]",
-            "log.progress=false", "checkpoint.every=0", "log.sample_every=0", "log.sample_count=4"]
+    over = [
+        f"output_dir={out}",
+        "overwrite=true",
+        f"steps={steps}",
+        "log.every=1",
+        "log.trackers=[]",
+        "log.progress=false",
+        "checkpoint.every=0",
+        "log.sample_every=0",
+        "log.sample_count=4",
+    ]
     if preset.is_file():
         cfg = load_config(preset, over)
     else:  # no digits preset yet: the objective's defaults
@@ -99,18 +118,32 @@ def worker(objective: str, steps: int, out: Path) -> None:
     t = [r["time_s"] for r in recs]
     sec_per_it = (t[-1] - t[0]) / max(1, len(t) - 1)
     if int(os.environ.get("RANK", "0")) == 0:
-        (out / "bench.json").write_text(json.dumps({
-            "objective": objective, "preset": str(preset.relative_to(ROOT / "configs")) if preset else "(defaults)",
-            "teacher": kind,
-            "batch_size": cfg.data.batch_size, "processes": int(os.environ.get("WORLD_SIZE", "1")),
-            "steps": steps, "sec_per_it": sec_per_it, "rss_peak": peak["rss_peak"], "rss_before": base,
-            "cuda_peak": peak.get("cuda_peak"), "phases_per_step": sum(1 for k in recs[-1] if k.startswith("loss/")),
-        }))
+        (out / "bench.json").write_text(
+            json.dumps(
+                {
+                    "objective": objective,
+                    "preset": str(preset.relative_to(ROOT / "configs")) if preset else "(defaults)",
+                    "teacher": kind,
+                    "batch_size": cfg.data.batch_size,
+                    "processes": int(os.environ.get("WORLD_SIZE", "1")),
+                    "steps": steps,
+                    "sec_per_it": sec_per_it,
+                    "rss_peak": peak["rss_peak"],
+                    "rss_before": base,
+                    "cuda_peak": peak.get("cuda_peak"),
+                    "phases_per_step": sum(1 for k in recs[-1] if k.startswith("loss/")),
+                }
+            )
+        )
 
 
 def _launch(objective: str, steps: int, processes: int, out: Path) -> dict | None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "1"),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "1"),
+        "PYTHONPATH": str(ROOT),
+    }
     args = [str(Path(__file__).resolve()), "worker", "--objective", objective, "--steps", str(steps), "--out", str(out)]
     if processes == 1:
         cmd = [sys.executable, *args]
@@ -139,8 +172,10 @@ def throughput(args) -> None:
     print("| objective | preset | teacher | global batch | processes | s / iteration | peak RSS, process 0 (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['objective']} | {r['preset']} | {r['teacher']} | {r['batch_size']} | {r['processes']} | "
-              f"{r['sec_per_it']:.3f} | {r['rss_peak'] / 2**20:.0f} |")
+        print(
+            f"| {r['objective']} | {r['preset']} | {r['teacher']} | {r['batch_size']} | {r['processes']} | "
+            f"{r['sec_per_it']:.3f} | {r['rss_peak'] / 2**20:.0f} |"
+        )
 
 
 # ---- full vs LoRA ------------------------------------------------------------------------------
@@ -161,11 +196,24 @@ def lora_worker(family: str, mode: str, steps: int, out: Path) -> None:
 
         bundle, kind = tiny_bundle(family), "tiny random"
     lora = mode == "lora"
-    over = [f"output_dir={out}", "overwrite=true", f"steps={steps}", "log.every=1", "log.trackers=[]",
-            "log.progress=false", "checkpoint.every=0", "log.sample_every=0", "log.sample_count=2", "ema.rate=0",
-            "data.real_data=false", "objective.teacher_steps=2", f"lora.student={str(lora).lower()}",
-            f"lora.rank={16 if family == 'digits' else 2}", f"lora.alpha={16 if family == 'digits' else 2}",
-            "data.batch_size=8"]
+    over = [
+        f"output_dir={out}",
+        "overwrite=true",
+        f"steps={steps}",
+        "log.every=1",
+        "log.trackers=[]",
+        "log.progress=false",
+        "checkpoint.every=0",
+        "log.sample_every=0",
+        "log.sample_count=2",
+        "ema.rate=0",
+        "data.real_data=false",
+        "objective.teacher_steps=2",
+        f"lora.student={str(lora).lower()}",
+        f"lora.rank={16 if family == 'digits' else 2}",
+        f"lora.alpha={16 if family == 'digits' else 2}",
+        "data.batch_size=8",
+    ]
     if bundle.text:
         over.append(f"data.prompts={ROOT / 'configs' / 'prompts' / 'example_prompts.txt'}")
     cfg = load_config(ROOT / "configs" / "digits" / "dsm.yaml", over)
@@ -178,11 +226,21 @@ def lora_worker(family: str, mode: str, steps: int, out: Path) -> None:
     res = run(cfg, teacher=bundle)
     peak = peak_memory_bytes()
     recs = [json.loads(ln) for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
-    (out / "bench.json").write_text(json.dumps({
-        "family": family, "mode": mode, "teacher": kind, "params": total, "trainable": trainable,
-        "state_bytes": trainable * 16,  # fp32 weight + grad + 2 AdamW moments of what trains
-        "rss_delta": peak["rss_peak"] - base, "cuda_peak": peak.get("cuda_peak"),
-        "sec_per_it": (recs[-1]["time_s"] - recs[0]["time_s"]) / max(1, len(recs) - 1)}))
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                "family": family,
+                "mode": mode,
+                "teacher": kind,
+                "params": total,
+                "trainable": trainable,
+                "state_bytes": trainable * 16,  # fp32 weight + grad + 2 AdamW moments of what trains
+                "rss_delta": peak["rss_peak"] - base,
+                "cuda_peak": peak.get("cuda_peak"),
+                "sec_per_it": (recs[-1]["time_s"] - recs[0]["time_s"]) / max(1, len(recs) - 1),
+            }
+        )
+    )
 
 
 def lora_table(args) -> None:
@@ -190,26 +248,48 @@ def lora_table(args) -> None:
     for fam in ["digits", "sd15", "sdxl", "pixart", "sd3", "flux"]:
         for mode in ("full", "lora"):
             out = Path(args.out) / f"lora_{fam}_{mode}"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "lora-worker", "--family", fam, "--mode", mode,
-                   "--steps", str(args.steps), "--out", str(out)]
-            p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-                               capture_output=True, text=True, cwd=str(ROOT))
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "lora-worker",
+                "--family",
+                fam,
+                "--mode",
+                mode,
+                "--steps",
+                str(args.steps),
+                "--out",
+                str(out),
+            ]
+            p = subprocess.run(
+                cmd,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                capture_output=True,
+                text=True,
+                cwd=str(ROOT),
+            )
             if p.returncode != 0:
                 print(f"{fam} {mode}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads((out / "bench.json").read_text()))
             r = rows[-1]
-            print(f"{fam} {mode}: trainable {r['trainable']} / {r['params']}, RSS delta {r['rss_delta'] / 2**20:.1f} MiB",
-                  flush=True)
+            print(
+                f"{fam} {mode}: trainable {r['trainable']} / {r['params']}, RSS delta {r['rss_delta'] / 2**20:.1f} MiB",
+                flush=True,
+            )
     print()
-    print("| teacher | student (LoRA rank) | parameters | trainable | weights+grads+AdamW of trainable (MiB) | "
-          "peak RSS above start (MiB) | s / iteration |")
+    print(
+        "| teacher | student (LoRA rank) | parameters | trainable | weights+grads+AdamW of trainable (MiB) | "
+        "peak RSS above start (MiB) | s / iteration |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         name = "digits DiT (" + r["teacher"] + ")" if r["family"] == "digits" else f"tiny {r['family']}"
         mode = r["mode"] if r["mode"] == "full" else f"lora ({16 if r['family'] == 'digits' else 2})"
-        print(f"| {name} | {mode} | {r['params']:,} | {r['trainable']:,} ({100 * r['trainable'] / r['params']:.1f}%) | "
-              f"{r['state_bytes'] / 2**20:.2f} | {r['rss_delta'] / 2**20:.1f} | {r['sec_per_it']:.3f} |")
+        print(
+            f"| {name} | {mode} | {r['params']:,} | {r['trainable']:,} ({100 * r['trainable'] / r['params']:.1f}%) | "
+            f"{r['state_bytes'] / 2**20:.2f} | {r['rss_delta'] / 2**20:.1f} | {r['sec_per_it']:.3f} |"
+        )
 
 
 def main() -> None:

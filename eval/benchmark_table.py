@@ -12,6 +12,7 @@ every source and step count); one `fewstep eval` output folder per source goes u
 "Benchmark table" section of that file is replaced (between its markers) by the table with the
 exact command above it; the rest of the file is left alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,13 +64,28 @@ def table_rows(results: list[dict]) -> list[str]:
         for r in res["rows"]:
             m = r["metrics"]
 
-            def v(k, fmt):
+            def v(k, fmt, m=m):
                 return fmt.format(m[k]["value"]) if k in m else "-"
 
-            lines.append("| " + " | ".join([
-                f"`{src['name']}`", src["kind"], str(r["steps"]), str(r["nfe"]), f"{r['guidance']:g}",
-                v("fid", "{:.2f}"), v("kid", "{:.4g}"), v("class_acc", "{:.3f}"), v("diversity", "{:.2f}"),
-                v("vendi", "{:.2f}"), f"{r['samples_per_second']:.0f}"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"`{src['name']}`",
+                        src["kind"],
+                        str(r["steps"]),
+                        str(r["nfe"]),
+                        f"{r['guidance']:g}",
+                        v("fid", "{:.2f}"),
+                        v("kid", "{:.4g}"),
+                        v("class_acc", "{:.3f}"),
+                        v("diversity", "{:.2f}"),
+                        v("vendi", "{:.2f}"),
+                        f"{r['samples_per_second']:.0f}",
+                    ]
+                )
+                + " |"
+            )
     return lines
 
 
@@ -78,25 +94,28 @@ def section_text(results: list[dict], command: str, out: Path, prepare: list[str
     p, ext, ref, be = first["protocol"], first["extractor"], first["reference"], first["backend"]
     lines = [SECTION, "", START, "", "Reproduce with:", "", "```", *prepare, command, "```", ""]
     lines += table_rows(results)
-    lines += ["",
-              f"Protocol `{p['name']}`: {p['num_samples']} samples per row, labels i % 10 (balanced), sample i "
-              f"starts from noise seeded with {p['seed']} + i; FID, KID (subset size "
-              f"{min(p['kid_subset_size'], p['num_samples'])}, {p['kid_subsets']} subsets) through torch-fidelity "
-              f"{be['torch_fidelity']} on `{ext['name']}` features (weights sha256 {ext['weights_sha256'][:16]}) "
-              f"against {ref['count']} real digits; class acc is the judge's accuracy on the requested labels; "
-              "diversity is the mean pairwise judge-feature distance within a class and Vendi the Vendi score "
-              f"within a class ({min(p['diversity_per_group'], p['num_samples'] // 10)} samples per class). "
-              "Teachers run DDIM (VP) / Euler (flow) on their own schedule with the CFG scale shown; students "
-              "run the times they were trained with (evenly spaced times from 1 at other step counts; each "
-              "row's times are in results.json) with guidance 1. NFE counts CFG's two passes. samples/s: "
-              f"generation and decoding, batch {first['spec']['batch_size']}, {be['device']}, "
-              f"{be['threads']} thread(s), on a shared machine (indicative only).",
-              "",
-              f"![FID against steps]({out.as_posix()}/fid_vs_steps.png)",
-              "",
-              f"Samples (one per class, every source and step count): `{out.as_posix()}/grids.png`; every number "
-              f"with its provenance: `{out.as_posix()}/results.json`.",
-              "", END]
+    lines += [
+        "",
+        f"Protocol `{p['name']}`: {p['num_samples']} samples per row, labels i % 10 (balanced), sample i "
+        f"starts from noise seeded with {p['seed']} + i; FID, KID (subset size "
+        f"{min(p['kid_subset_size'], p['num_samples'])}, {p['kid_subsets']} subsets) through torch-fidelity "
+        f"{be['torch_fidelity']} on `{ext['name']}` features (weights sha256 {ext['weights_sha256'][:16]}) "
+        f"against {ref['count']} real digits; class acc is the judge's accuracy on the requested labels; "
+        "diversity is the mean pairwise judge-feature distance within a class and Vendi the Vendi score "
+        f"within a class ({min(p['diversity_per_group'], p['num_samples'] // 10)} samples per class). "
+        "Teachers run DDIM (VP) / Euler (flow) on their own schedule with the CFG scale shown; students "
+        "run the times they were trained with (evenly spaced times from 1 at other step counts; each "
+        "row's times are in results.json) with guidance 1. NFE counts CFG's two passes. samples/s: "
+        f"generation and decoding, batch {first['spec']['batch_size']}, {be['device']}, "
+        f"{be['threads']} thread(s), on a shared machine (indicative only).",
+        "",
+        f"![FID against steps]({out.as_posix()}/fid_vs_steps.png)",
+        "",
+        f"Samples (one per class, every source and step count): `{out.as_posix()}/grids.png`; every number "
+        f"with its provenance: `{out.as_posix()}/results.json`.",
+        "",
+        END,
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -116,8 +135,18 @@ def write_section(path: Path, text: str) -> None:
 
 
 # ---- pictures (PIL: matplotlib is not a dependency) -------------------------------------------------
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 def plot_fid(results: list[dict], path: Path, width: int = 900, height: int = 560) -> None:
@@ -183,8 +212,13 @@ def grids(results: list[dict], path: Path, per_row: int = 10) -> None:
         for r in res["rows"]:
             g = out / f"grid_steps{r['steps']}.png"
             if g.is_file():
-                rows.append((f"{res['source']['name'][-28:]} {r['steps']} step(s)", r["num_samples"],
-                             Image.open(g).convert("RGB")))
+                rows.append(
+                    (
+                        f"{res['source']['name'][-28:]} {r['steps']} step(s)",
+                        r["num_samples"],
+                        Image.open(g).convert("RGB"),
+                    )
+                )
     if not rows:
         return
     # each grid (fewstep.evaluation.run.save_grid) is up to 100 cells, 10 a row, 2-pixel pads: keep its first row
@@ -205,8 +239,23 @@ def grids(results: list[dict], path: Path, per_row: int = 10) -> None:
 
 
 # ---- reuse -------------------------------------------------------------------------------------------
-_SAME_SPEC = ("pipeline", "steps", "protocol", "num_samples", "seed", "metrics", "reference", "guidance",
-              "device", "dtype", "sampler", "student_weights", "hybrid", "teacher_guidance", "times")
+_SAME_SPEC = (
+    "pipeline",
+    "steps",
+    "protocol",
+    "num_samples",
+    "seed",
+    "metrics",
+    "reference",
+    "guidance",
+    "device",
+    "dtype",
+    "sampler",
+    "student_weights",
+    "hybrid",
+    "teacher_guidance",
+    "times",
+)
 
 
 def reusable(spec: EvalSpec) -> dict | None:
@@ -229,9 +278,11 @@ def reusable(spec: EvalSpec) -> dict | None:
         return None
     if any(r.get("times") != src.schedule(int(r["steps"]))[0] for r in old.get("rows", [])):
         return None
-    if (old["source"].get("backbone_sha256") != src.backbone_sha256()
-            or old["source"].get("default_guidance") != src.default_guidance
-            or (old.get("extractor") or {}).get("weights_sha256") != Extractor().check().weights_sha256):
+    if (
+        old["source"].get("backbone_sha256") != src.backbone_sha256()
+        or old["source"].get("default_guidance") != src.default_guidance
+        or (old.get("extractor") or {}).get("weights_sha256") != Extractor().check().weights_sha256
+    ):
         return None
     return old
 
@@ -266,29 +317,48 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", default=",".join(TEACHERS), help="comma-separated teacher names (or '')")
     ap.add_argument("--teacher-steps", default="1,2,4,8,25,50")
-    ap.add_argument("--students", nargs="*", default=None,
-                    help="run dirs or exported folders (default: those found under --runs)")
+    ap.add_argument(
+        "--students", nargs="*", default=None, help="run dirs or exported folders (default: those found under --runs)"
+    )
     ap.add_argument("--runs", default="runs", help="where to look for students when --students is not given")
     ap.add_argument("--student-steps", default="1,2,4")
     ap.add_argument("--num-samples", type=int, default=None, help="default: the protocol's 2,000")
-    ap.add_argument("--batch-size", type=int, default=250,
-                    help="generation batch size (default 250, as `fewstep eval` and the bench scripts: a multi-step "
-                         "student's fresh noise between steps is drawn per batch, so its 2- and 4-step scores "
-                         "match theirs only at the same batch size)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=250,
+        help="generation batch size (default 250, as `fewstep eval` and the bench scripts: a multi-step "
+        "student's fresh noise between steps is drawn per batch, so its 2- and 4-step scores "
+        "match theirs only at the same batch size)",
+    )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--teacher-guidance", nargs="+", default=None, metavar="[NAME=]W",
-                    help="teachers' CFG scales: W for every teacher, NAME=W for one (repeat NAME=W to score a "
-                         "teacher at several scales); default: each teacher's recommended value")
+    ap.add_argument(
+        "--teacher-guidance",
+        nargs="+",
+        default=None,
+        metavar="[NAME=]W",
+        help="teachers' CFG scales: W for every teacher, NAME=W for one (repeat NAME=W to score a "
+        "teacher at several scales); default: each teacher's recommended value",
+    )
     ap.add_argument("--out", default="eval/benchmark", help="results.json, fid_vs_steps.png, grids.png")
     ap.add_argument("--work", default="runs/benchmark", help="one `fewstep eval` output folder per source")
     ap.add_argument("--write", default=None, help="markdown file whose benchmark-table section is replaced")
-    ap.add_argument("--prepare", action="append", default=[],
-                    help="a command that made the students (printed above this one; not run); repeatable")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep a source's results from an earlier run of this script when everything that "
-                         "determines them (network weights, protocol, steps, guidance, batch, judge) is unchanged")
+    ap.add_argument(
+        "--prepare",
+        action="append",
+        default=[],
+        help="a command that made the students (printed above this one; not run); repeatable",
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a source's results from an earlier run of this script when everything that "
+        "determines them (network weights, protocol, steps, guidance, batch, judge) is unchanged",
+    )
     args = ap.parse_args(argv)
-    command = "python eval/benchmark_table.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python eval/benchmark_table.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
 
     out = Path(args.out)
     teachers = [t for t in args.teachers.split(",") if t]
@@ -305,9 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for src, steps, w in jobs:
         work = Path(args.work) / (_slug(src) + (f"_w{w:g}" if w is not None else ""))
-        spec = EvalSpec(pipeline=src, steps=steps, protocol="digits", num_samples=args.num_samples,
-                        guidance=w, batch_size=args.batch_size, device=args.device, out=str(work),
-                        command=command)
+        spec = EvalSpec(
+            pipeline=src,
+            steps=steps,
+            protocol="digits",
+            num_samples=args.num_samples,
+            guidance=w,
+            batch_size=args.batch_size,
+            device=args.device,
+            out=str(work),
+            command=command,
+        )
         res = reusable(spec) if args.reuse else None
         if res is None:
             res = evaluate(spec)
@@ -315,8 +393,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{src}: reusing {spec.out}/results.json (same weights and settings)", file=sys.stderr)
         results.append(res)
         print("\n".join(table_rows([res])[2:]), file=sys.stderr)
-    atomic_write_json(out / "results.json", {"command": command, "wall_seconds": time.perf_counter() - t0,
-                                             "threads": torch.get_num_threads(), "results": results})
+    atomic_write_json(
+        out / "results.json",
+        {
+            "command": command,
+            "wall_seconds": time.perf_counter() - t0,
+            "threads": torch.get_num_threads(),
+            "results": results,
+        },
+    )
     plot_fid(results, out / "fid_vs_steps.png")
     grids(results, out / "grids.png")
     text = section_text(results, command, out, args.prepare)

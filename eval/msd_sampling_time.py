@@ -11,6 +11,7 @@ interleaved over the students so that load on a shared machine hits all of them 
 per image is reported, with the speed-up over the full-size student. Prints a markdown table and
 writes it (with the command) to --out as JSON when given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     times = [0.5, 0.0]  # the digits 1-step presets' conditioning time
     res = {k: {"net": [], "total": []} for k in students}
     with torch.no_grad():
-        for name, (den, _) in students.items():  # warm-up
+        for den, _ in students.values():  # warm-up
             bundle.decode(sample(den, noise[:8], {"class_labels": cond["class_labels"][:8]}, times))
         for _ in range(args.repeats):
             for name, (den, _) in students.items():
@@ -67,22 +68,35 @@ def main(argv=None) -> int:
     rows = []
     for name, (den, info) in students.items():
         net, tot = statistics.median(res[name]["net"]), statistics.median(res[name]["total"])
-        rows.append({"student": name, "parameters": sum(p.numel() for p in den.backbone.parameters()),
-                     "changes": info.get("changes", {}), "net_ms_per_image": 1e3 * net,
-                     "total_ms_per_image": 1e3 * tot,
-                     "net_speedup": statistics.median(res[full]["net"]) / net,
-                     "total_speedup": statistics.median(res[full]["total"]) / tot})
-    lines = ["| student | backbone parameters | network ms / image | speed-up | with VAE decode ms / image | speed-up |",
-             "|---|---|---|---|---|---|"]
+        rows.append(
+            {
+                "student": name,
+                "parameters": sum(p.numel() for p in den.backbone.parameters()),
+                "changes": info.get("changes", {}),
+                "net_ms_per_image": 1e3 * net,
+                "total_ms_per_image": 1e3 * tot,
+                "net_speedup": statistics.median(res[full]["net"]) / net,
+                "total_speedup": statistics.median(res[full]["total"]) / tot,
+            }
+        )
+    lines = [
+        "| student | backbone parameters | network ms / image | speed-up | with VAE decode ms / image | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['student']} | {r['parameters']:,} | {r['net_ms_per_image']:.3f} | {r['net_speedup']:.2f}x | "
-                     f"{r['total_ms_per_image']:.3f} | {r['total_speedup']:.2f}x |")
+        lines.append(
+            f"| {r['student']} | {r['parameters']:,} | {r['net_ms_per_image']:.3f} | {r['net_speedup']:.2f}x | "
+            f"{r['total_ms_per_image']:.3f} | {r['total_speedup']:.2f}x |"
+        )
     print("\n".join(lines))
     command = "python eval/msd_sampling_time.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": command, "images": n, "repeats": args.repeats, "threads": args.threads,
-                       "rows": rows}, f, indent=1)
+            json.dump(
+                {"command": command, "images": n, "repeats": args.repeats, "threads": args.threads, "rows": rows},
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -13,6 +13,7 @@ far apart because sample i of seed s starts from noise seed s + i. The first see
 row (intervals, verdict); the others give the spread. Prints the table and writes <out>/panel.md
 and <out>/panel.json.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,21 +35,42 @@ def _panel_of(results: dict) -> dict:
     return results["rows"][0]["metrics"]["panel"]
 
 
-def score(source: str, steps: int, seed: int, n: int, guidance: float | None, bootstrap: int, out: Path,
-          command: str, weights: str = "student") -> dict:
+def score(
+    source: str,
+    steps: int,
+    seed: int,
+    n: int,
+    guidance: float | None,
+    bootstrap: int,
+    out: Path,
+    command: str,
+    weights: str = "student",
+) -> dict:
     """The panel scores of one source at one seed (reused from <out>/results.json when every setting,
     the source's weights and the panel's weights match)."""
     from fewstep.evaluation import EvalSpec, evaluate
     from fewstep.evaluation.sources import load_source
 
-    spec = EvalSpec(pipeline=source, steps=[steps], protocol="digits", num_samples=n, seed=seed,
-                    metrics=("panel",), guidance=guidance, bootstrap=bootstrap, out=str(out), progress=False,
-                    command=command, student_weights=weights)
+    spec = EvalSpec(
+        pipeline=source,
+        steps=[steps],
+        protocol="digits",
+        num_samples=n,
+        seed=seed,
+        metrics=("panel",),
+        guidance=guidance,
+        bootstrap=bootstrap,
+        out=str(out),
+        progress=False,
+        command=command,
+        student_weights=weights,
+    )
     f = out / "results.json"
     if f.is_file():
         old = json.loads(f.read_text())
-        same = old.get("complete") and all(old["spec"].get(k) == (list(getattr(spec, k)) if k == "steps"
-                                                                  else getattr(spec, k)) for k in _SAME)
+        same = old.get("complete") and all(
+            old["spec"].get(k) == (list(getattr(spec, k)) if k == "steps" else getattr(spec, k)) for k in _SAME
+        )
         if same and old["source"].get("backbone_sha256") == load_source(source).backbone_sha256():
             from fewstep.digits.panel import register_panel
             from fewstep.evaluation.scores import Extractor
@@ -62,8 +84,9 @@ def score(source: str, steps: int, seed: int, n: int, guidance: float | None, bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--student", required=True, help="a run dir, exported pipeline or teacher name")
     p.add_argument("--student-steps", type=int, help="default: the run card's step count")
     p.add_argument("--student-weights", default="student", choices=["student", "student_ema"])
@@ -92,13 +115,35 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--student-steps and --teacher are needed when --student is not a run dir")
     out = args.out or Path("runs/panel") / Path(student).name
     try:
-        s_runs = [score(student, steps, seed, args.num_samples, None, args.bootstrap, out / f"seed{seed}", command,
-                        args.student_weights) for seed in args.seeds]
+        s_runs = [
+            score(
+                student,
+                steps,
+                seed,
+                args.num_samples,
+                None,
+                args.bootstrap,
+                out / f"seed{seed}",
+                command,
+                args.student_weights,
+            )
+            for seed in args.seeds
+        ]
         t_runs = []
         for seed in args.seeds:
             tag = f"{teacher}_steps{args.teacher_steps}_w{args.teacher_guidance}_n{args.num_samples}_seed{seed}"
-            t_runs.append(score(teacher, args.teacher_steps, seed, args.num_samples, args.teacher_guidance,
-                                args.bootstrap, args.teacher_cache / tag, command))
+            t_runs.append(
+                score(
+                    teacher,
+                    args.teacher_steps,
+                    seed,
+                    args.num_samples,
+                    args.teacher_guidance,
+                    args.bootstrap,
+                    args.teacher_cache / tag,
+                    command,
+                )
+            )
     except InputError as e:
         print(f"eval/panel.py: error: {e}", file=sys.stderr)
         return 2
@@ -106,16 +151,30 @@ def main(argv: list[str] | None = None) -> int:
     s_label = f"{Path(student).name} ({steps} step{'s' if steps > 1 else ''})"
     t_label = f"{teacher} ({args.teacher_steps} steps, w={w:g})"
     seeds = {s_label: [r["panel"] for r in s_runs], t_label: [r["panel"] for r in t_runs]}
-    text, verdict = comparison(s_label, s_runs[0]["panel"], t_label, t_runs[0]["panel"],
-                               seeds if len(args.seeds) > 1 else None)
-    head = (f"`{command}`\n\n{args.num_samples} samples per model and seed (labels i % 10; seeds "
-            f"{', '.join(map(str, args.seeds))}; the first is the headline row).\n\n")
+    text, verdict = comparison(
+        s_label, s_runs[0]["panel"], t_label, t_runs[0]["panel"], seeds if len(args.seeds) > 1 else None
+    )
+    head = (
+        f"`{command}`\n\n{args.num_samples} samples per model and seed (labels i % 10; seeds "
+        f"{', '.join(map(str, args.seeds))}; the first is the headline row).\n\n"
+    )
     print(head + text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "panel.md").write_text(head + text)
-    (out / "panel.json").write_text(json.dumps({"command": command, "student": s_label, "teacher": t_label,
-                                                "seeds": args.seeds, "student_runs": s_runs, "teacher_runs": t_runs,
-                                                "verdict": verdict}, indent=1))
+    (out / "panel.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "student": s_label,
+                "teacher": t_label,
+                "seeds": args.seeds,
+                "student_runs": s_runs,
+                "teacher_runs": t_runs,
+                "verdict": verdict,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ and the mean relative difference |J - secant| / |secant|. A function smooth on t
 sampling steps has all three close; where |J| is several times the 10-index secant, the exact
 tangent of sCM / TBCM is dominated by sub-step variation and `objective.tangent_delta` applies.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", nargs="+", default=["digits-vp", "digits-flow"])
     ap.add_argument("--angles", nargs="+", type=float, default=[0.3, 0.8, 1.2, 1.45])
-    ap.add_argument("--indices", nargs="+", type=float, default=[0.2, 1.0, 10.0],
-                    help="half-widths of the secants, in timestep indices (1/num_train_timesteps of t)")
+    ap.add_argument(
+        "--indices",
+        nargs="+",
+        type=float,
+        default=[0.2, 1.0, 10.0],
+        help="half-widths of the secants, in timestep indices (1/num_train_timesteps of t)",
+    )
     ap.add_argument("--count", type=int, default=16, help="real latents per angle")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    print("| teacher | angle | secant half-width (indices) | mean norm of exact derivative | mean norm of secant | relative difference |")
+    print(
+        "| teacher | angle | secant half-width (indices) | mean norm of exact derivative | mean norm of secant | relative difference |"
+    )
     print("|---|---|---|---|---|---|")
     for name in args.teachers:
         torch.manual_seed(args.seed)
@@ -51,7 +59,7 @@ def main(argv=None) -> None:
             z = torch.randn_like(x0)
             x = _bcast(torch.cos(theta), x0) * x0 + _bcast(torch.sin(theta), x0) * z
 
-            def F(tt, x=x):
+            def F(tt, x=x, d=d, cond=cond, path=path):
                 return tf.net_F(d, x, tt, cond, 1.0, path)
 
             with torch.no_grad(), tf.forward_ad_safe(d):

@@ -10,6 +10,7 @@ command and the sample count) goes into the teacher's card, fewstep/digits/weigh
 under "guidance_choice". The card's recommended "guidance" (the default of every command) is not
 changed by this script.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ KINDS = {"digits-vp": "vp", "digits-flow": "flow"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--teacher", required=True, choices=sorted(KINDS))
     p.add_argument("--scales", type=float, nargs="+", required=True)
     p.add_argument("--steps", type=int, default=50)
@@ -45,37 +47,73 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--scales: every scale must be a finite number >= 0, got {bad}")
     torch.set_num_threads(args.threads)
-    command = "python eval/teacher_guidance.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                                                        else argv))
+    command = "python eval/teacher_guidance.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     from fewstep.evaluation import EvalSpec, evaluate
 
     out = args.out or Path("runs/teacher_guidance") / args.teacher
     rows = []
     for w in args.scales:
-        res = evaluate(EvalSpec(pipeline=args.teacher, steps=[args.steps], num_samples=args.num_samples, seed=args.seed,
-                                metrics=("panel",), guidance=w, bootstrap=args.bootstrap, out=str(out / f"w{w:g}"),
-                                progress=False, command=command))
+        res = evaluate(
+            EvalSpec(
+                pipeline=args.teacher,
+                steps=[args.steps],
+                num_samples=args.num_samples,
+                seed=args.seed,
+                metrics=("panel",),
+                guidance=w,
+                bootstrap=args.bootstrap,
+                out=str(out / f"w{w:g}"),
+                progress=False,
+                command=command,
+            )
+        )
         pan = res["rows"][0]["metrics"]["panel"]
         members = {m["name"]: round(m["fid"], 3) for m in pan["members"]}
-        rows.append({"guidance": w, "fid_median": round(pan["panel"]["fid_median"], 3),
-                     "fid_range": [round(v, 3) for v in pan["panel"]["fid_range"]],
-                     "fid_median_ci": [round(v, 3) for v in pan["panel"]["fid_median_ci"]],
-                     "class_acc_median": round(pan["panel"]["class_acc_median"], 4), "fid_members": members})
-        print(f"# w={w:g}: panel FID median {rows[-1]['fid_median']:.2f} {rows[-1]['fid_range']}, "
-              f"class acc median {rows[-1]['class_acc_median']:.4f}", file=sys.stderr, flush=True)
+        rows.append(
+            {
+                "guidance": w,
+                "fid_median": round(pan["panel"]["fid_median"], 3),
+                "fid_range": [round(v, 3) for v in pan["panel"]["fid_range"]],
+                "fid_median_ci": [round(v, 3) for v in pan["panel"]["fid_median_ci"]],
+                "class_acc_median": round(pan["panel"]["class_acc_median"], 4),
+                "fid_members": members,
+            }
+        )
+        print(
+            f"# w={w:g}: panel FID median {rows[-1]['fid_median']:.2f} {rows[-1]['fid_range']}, "
+            f"class acc median {rows[-1]['class_acc_median']:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
     best_fid = min(rows, key=lambda r: r["fid_median"])["guidance"]
     best_acc = max(rows, key=lambda r: (r["class_acc_median"], -r["guidance"]))["guidance"]
-    lines = [f"`{command}`", "", (f"{args.teacher}, {args.steps} steps, {args.num_samples} samples per scale "
-                                  f"(labels i % 10, seed {args.seed}); FID against all 1,797 real digits."), "",
-             "| w | panel FID median [range] | median 95% CI | pixel-pca64 FID | class acc (panel median) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"`{command}`",
+        "",
+        (
+            f"{args.teacher}, {args.steps} steps, {args.num_samples} samples per scale "
+            f"(labels i % 10, seed {args.seed}); FID against all 1,797 real digits."
+        ),
+        "",
+        "| w | panel FID median [range] | median 95% CI | pixel-pca64 FID | class acc (panel median) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['guidance']:g} | {r['fid_median']:.2f} [{r['fid_range'][0]:.2f}, {r['fid_range'][1]:.2f}] | "
-                     f"{r['fid_median_ci'][0]:.2f}-{r['fid_median_ci'][1]:.2f} | "
-                     f"{r['fid_members'].get('fewstep-digits-pixel-pca64', float('nan')):.2f} | "
-                     f"{100 * r['class_acc_median']:.1f}% |")
-    lines += ["", (f"lowest panel FID at w = {best_fid:g}; highest class accuracy at w = {best_acc:g} "
-                   "(ties: the smaller scale).")]
+        lines.append(
+            f"| {r['guidance']:g} | {r['fid_median']:.2f} [{r['fid_range'][0]:.2f}, {r['fid_range'][1]:.2f}] | "
+            f"{r['fid_median_ci'][0]:.2f}-{r['fid_median_ci'][1]:.2f} | "
+            f"{r['fid_members'].get('fewstep-digits-pixel-pca64', float('nan')):.2f} | "
+            f"{100 * r['class_acc_median']:.1f}% |"
+        )
+    lines += [
+        "",
+        (
+            f"lowest panel FID at w = {best_fid:g}; highest class accuracy at w = {best_acc:g} "
+            "(ties: the smaller scale)."
+        ),
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,10 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         cards_file = WEIGHTS_DIR / "teachers.json"
         cards = json.loads(cards_file.read_text())
         cards[KINDS[args.teacher]]["guidance_choice"] = {
-            "command": command, "num_samples": args.num_samples, "steps": args.steps, "seed": args.seed,
+            "command": command,
+            "num_samples": args.num_samples,
+            "steps": args.steps,
+            "seed": args.seed,
             "measure": "median over the judge panel (fewstep.digits.panel) of FID against all 1,797 real digits, "
-                       "and of class accuracy",
-            "lowest_fid": best_fid, "highest_class_acc": best_acc, "rows": rows}
+            "and of class accuracy",
+            "lowest_fid": best_fid,
+            "highest_class_acc": best_acc,
+            "rows": rows,
+        }
         tmp = cards_file.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(cards, indent=2) + "\n")
         tmp.replace(cards_file)

@@ -10,6 +10,7 @@ Sampling is fewstep's own teacher sampler (DDIM for VP, Euler for flow, the teac
 `sampling_times(n)` schedule) with classifier-free guidance, then the VAE decoder. Labels are
 balanced (i % 10) and the noise of sample i is the same at every step count.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,15 +31,17 @@ from fewstep.evaluation.digits import digits_scores  # noqa: E402
 from fewstep.samplers import initial_noise, sample  # noqa: E402
 
 
-def generate(teacher, n: int, steps: int, guidance: float, seed: int, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    teacher, n: int, steps: int, guidance: float, seed: int, batch: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """n decoded samples (n, 1, 32, 32) in [-1, 1] with balanced labels, and the labels."""
     labels = torch.arange(n) % NUM_CLASSES
     noise = initial_noise((n, *teacher.latent_shape), torch.Generator().manual_seed(seed))
     times = teacher.path.sampling_times(steps)
     out = []
     for i in range(0, n, batch):
-        y = labels[i:i + batch]
-        z0 = sample(teacher.denoiser, noise[i:i + batch], {"class_labels": y}, times, guidance=guidance)
+        y = labels[i : i + batch]
+        z0 = sample(teacher.denoiser, noise[i : i + batch], {"class_labels": y}, times, guidance=guidance)
         out.append(teacher.decode(z0))
     return torch.cat(out), labels
 
@@ -62,20 +65,35 @@ def main(argv=None) -> int:
     if args.write_card and (args.sweep or args.pipeline_dir):
         p.error("--write-card stores the table of the shipped teachers at one guidance scale")
     torch.set_num_threads(args.threads)
-    command = "python eval/teacher_table.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python eval/teacher_table.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
 
     rows = []
     for kind in args.kind:
         teacher = load_digits_teacher(kind, pipeline_dir=args.pipeline_dir)
-        for w in (args.sweep or [args.guidance]):
+        for w in args.sweep or [args.guidance]:
             for steps in args.steps:
                 t0 = time.time()
                 images, labels = generate(teacher, args.n, steps, w, args.seed)
                 s = digits_scores(images, labels)
-                rows.append({"kind": kind, "guidance": w, "steps": steps, "fid": s["fid"], "class_acc": s["class_acc"],
-                             "n": s["n"], "seconds": round(time.time() - t0, 1)})
-                print(f"# {kind} w={w} steps={steps}: fid {s['fid']:.3f} class_acc {s['class_acc']:.4f} "
-                      f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+                rows.append(
+                    {
+                        "kind": kind,
+                        "guidance": w,
+                        "steps": steps,
+                        "fid": s["fid"],
+                        "class_acc": s["class_acc"],
+                        "n": s["n"],
+                        "seconds": round(time.time() - t0, 1),
+                    }
+                )
+                print(
+                    f"# {kind} w={w} steps={steps}: fid {s['fid']:.3f} class_acc {s['class_acc']:.4f} "
+                    f"({time.time() - t0:.0f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     print(f"`{command}`\n")
     print("| teacher | sampler | guidance | steps (NFE) | FID (judge) | class acc | n |")
@@ -83,17 +101,22 @@ def main(argv=None) -> int:
     for r in rows:
         sampler = "DDIM" if r["kind"] == "vp" else "Euler"
         nfe = r["steps"] * (2 if r["guidance"] != 1 else 1)
-        print(f"| {r['kind']} | {sampler} | {r['guidance']:g} | {r['steps']} ({nfe}) | {r['fid']:.2f} | "
-              f"{100 * r['class_acc']:.1f}% | {r['n']} |")
+        print(
+            f"| {r['kind']} | {sampler} | {r['guidance']:g} | {r['steps']} ({nfe}) | {r['fid']:.2f} | "
+            f"{100 * r['class_acc']:.1f}% | {r['n']} |"
+        )
 
     if args.write_card:
         cards_file = WEIGHTS_DIR / "teachers.json"
         cards = json.loads(cards_file.read_text())
         for kind in args.kind:
             cards[kind]["guidance"] = args.guidance
-            cards[kind]["scores"] = {"command": command, "judge": "fewstep.evaluation.digits.digits_scores", "seed": args.seed,
-                                     "rows": [{k: r[k] for k in ("steps", "fid", "class_acc", "n")}
-                                              for r in rows if r["kind"] == kind]}
+            cards[kind]["scores"] = {
+                "command": command,
+                "judge": "fewstep.evaluation.digits.digits_scores",
+                "seed": args.seed,
+                "rows": [{k: r[k] for k in ("steps", "fid", "class_acc", "n")} for r in rows if r["kind"] == kind],
+            }
         cards_file.write_text(json.dumps(cards, indent=2) + "\n")
     return 0
 

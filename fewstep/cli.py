@@ -1,5 +1,6 @@
 """`fewstep` command line. Each subcommand lives in its own module with
 `add_arguments(parser)` and `run(args) -> int`, imported only when used."""
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ A condition is a dict of tensors whose first dimension is the batch (e.g. ``{"cl
 they are. ``null(cond)`` returns the unconditional counterpart used by classifier-free
 guidance.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -79,11 +80,15 @@ def _null_like(null: Tensor | None, ref: Tensor, batch: int, key: str, family: s
     """The stored null embedding, on ref's device/dtype, expanded to the batch, with a clear error
     when its shape does not match the condition's (e.g. a different text length)."""
     if null is None:
-        raise ValueError(f"{family} guidance needs the null conditioning for {key!r} (the encoding of the "
-                         "empty prompt): give it to the conditioner, or use guidance 1")
+        raise ValueError(
+            f"{family} guidance needs the null conditioning for {key!r} (the encoding of the "
+            "empty prompt): give it to the conditioner, or use guidance 1"
+        )
     if tuple(null.shape[1:]) != tuple(ref.shape[1:]):
-        raise ValueError(f"{family}: null {key!r} has shape {tuple(null.shape[1:])} per sample but the "
-                         f"condition has {tuple(ref.shape[1:])}: encode both with the same text length")
+        raise ValueError(
+            f"{family}: null {key!r} has shape {tuple(null.shape[1:])} per sample but the "
+            f"condition has {tuple(ref.shape[1:])}: encode both with the same text length"
+        )
     return _expand_null(null.to(ref), batch)
 
 
@@ -138,8 +143,10 @@ class ClassConditioner(Conditioner):
 
     def null(self, cond, batch):
         if self.null_class is None:
-            raise ValueError("classifier-free guidance needs a null class: this backbone has none "
-                             "(set null_class, or use guidance 1)")
+            raise ValueError(
+                "classifier-free guidance needs a null class: this backbone has none "
+                "(set null_class, or use guidance 1)"
+            )
         _need(cond, ("class_labels",), "class-conditional", "{'class_labels': LongTensor (B,)}")
         ref = cond["class_labels"]
         return {**cond, "class_labels": torch.full_like(ref, self.null_class)}
@@ -161,8 +168,7 @@ class UNetTextConditioner(Conditioner):
     family = "UNet2DConditionModel"
     usage = "{'encoder_hidden_states': (B, L, D)} (+ 'text_embeds': (B, P), 'time_ids': (B, 6) for SDXL)"
 
-    def __init__(self, null_embeds: Tensor | None = None, null_pooled: Tensor | None = None,
-                 zero_null: bool = False):
+    def __init__(self, null_embeds: Tensor | None = None, null_pooled: Tensor | None = None, zero_null: bool = False):
         self.null_embeds = null_embeds
         self.null_pooled = null_pooled
         self.zero_null = zero_null
@@ -179,8 +185,9 @@ class UNetTextConditioner(Conditioner):
         kw = {}
         if cond.get("timestep_cond") is not None:
             kw["timestep_cond"] = cond["timestep_cond"].to(dt)
-        return backbone(x, timestep, encoder_hidden_states=cond["encoder_hidden_states"].to(dt),
-                        added_cond_kwargs=added, **kw).sample
+        return backbone(
+            x, timestep, encoder_hidden_states=cond["encoder_hidden_states"].to(dt), added_cond_kwargs=added, **kw
+        ).sample
 
     def null(self, cond, batch):
         _need(cond, ("encoder_hidden_states",), self.family, self.usage)
@@ -189,12 +196,16 @@ class UNetTextConditioner(Conditioner):
         if self.zero_null:
             out["encoder_hidden_states"] = torch.zeros_like(ehs)
         else:
-            out["encoder_hidden_states"] = _null_like(self.null_embeds, ehs, batch, "encoder_hidden_states",
-                                                      self.family)
+            out["encoder_hidden_states"] = _null_like(
+                self.null_embeds, ehs, batch, "encoder_hidden_states", self.family
+            )
         if cond.get("text_embeds") is not None:
             te = cond["text_embeds"]
-            out["text_embeds"] = (torch.zeros_like(te) if self.zero_null
-                                  else _null_like(self.null_pooled, te, batch, "text_embeds", self.family))
+            out["text_embeds"] = (
+                torch.zeros_like(te)
+                if self.zero_null
+                else _null_like(self.null_pooled, te, batch, "text_embeds", self.family)
+            )
         return out
 
 
@@ -219,8 +230,13 @@ class PixArtConditioner(Conditioner):
     family = "PixArt"
     usage = "{'encoder_hidden_states': (B, L, D), 'encoder_attention_mask': (B, L)}"
 
-    def __init__(self, null_embeds: Tensor | None = None, null_mask: Tensor | None = None,
-                 in_channels: int | None = None, vae_scale_factor: int = 8):
+    def __init__(
+        self,
+        null_embeds: Tensor | None = None,
+        null_mask: Tensor | None = None,
+        in_channels: int | None = None,
+        vae_scale_factor: int = 8,
+    ):
         self.null_embeds = null_embeds
         self.null_mask = null_mask
         self.in_channels = in_channels
@@ -235,14 +251,20 @@ class PixArtConditioner(Conditioner):
             b, _, h, w = x.shape
             res, ar = cond.get("resolution"), cond.get("aspect_ratio")
             if res is None:
-                res = torch.tensor([[h * self.vae_scale_factor, w * self.vae_scale_factor]],
-                                   dtype=torch.float32, device=x.device).expand(b, 2)
+                res = torch.tensor(
+                    [[h * self.vae_scale_factor, w * self.vae_scale_factor]], dtype=torch.float32, device=x.device
+                ).expand(b, 2)
             if ar is None:
-                ar = (res[:, :1].float() / res[:, 1:2].float())
+                ar = res[:, :1].float() / res[:, 1:2].float()
             added = {"resolution": res.to(x.device, dt), "aspect_ratio": ar.to(x.device, dt)}
         mask = cond.get("encoder_attention_mask")
-        out = backbone(x, encoder_hidden_states=cond["encoder_hidden_states"].to(dt), timestep=timestep,
-                       added_cond_kwargs=added, encoder_attention_mask=mask).sample
+        out = backbone(
+            x,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dt),
+            timestep=timestep,
+            added_cond_kwargs=added,
+            encoder_attention_mask=mask,
+        ).sample
         return _learned_sigma_split(out, self.in_channels or x.shape[1])
 
     def null(self, cond, batch):
@@ -251,8 +273,9 @@ class PixArtConditioner(Conditioner):
             raise ValueError("PixArt guidance needs the encoding of the empty prompt (null_embeds, null_mask)")
         ehs = cond["encoder_hidden_states"]
         emb = self.null_embeds.to(ehs)
-        mask = (self.null_mask if self.null_mask is not None
-                else torch.ones(emb.shape[:2], dtype=torch.long)).to(ehs.device)
+        mask = (self.null_mask if self.null_mask is not None else torch.ones(emb.shape[:2], dtype=torch.long)).to(
+            ehs.device
+        )
         length = ehs.shape[1]
         if emb.shape[1] < length:  # pad with masked-out zeros
             pad = length - emb.shape[1]
@@ -260,8 +283,10 @@ class PixArtConditioner(Conditioner):
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1)
         elif emb.shape[1] > length:
             if bool(mask[:, length:].any()):
-                raise ValueError(f"PixArt: the null prompt has {int(mask.sum(1).max())} tokens but the condition "
-                                 f"only {length}: encode both with the same max_sequence_length")
+                raise ValueError(
+                    f"PixArt: the null prompt has {int(mask.sum(1).max())} tokens but the condition "
+                    f"only {length}: encode both with the same max_sequence_length"
+                )
             emb, mask = emb[:, :length], mask[:, :length]
         out = dict(cond)
         out["encoder_hidden_states"] = _null_like(emb, ehs, batch, "encoder_hidden_states", self.family)
@@ -280,8 +305,7 @@ class SD3Conditioner(Conditioner):
     family = "SD3"
     usage = "{'encoder_hidden_states': (B, L, D), 'pooled_projections': (B, P)}"
 
-    def __init__(self, null_embeds: Tensor | None = None, null_pooled: Tensor | None = None,
-                 zero_null: bool = False):
+    def __init__(self, null_embeds: Tensor | None = None, null_pooled: Tensor | None = None, zero_null: bool = False):
         self.null_embeds = null_embeds
         self.null_pooled = null_pooled
         self.zero_null = zero_null
@@ -292,8 +316,12 @@ class SD3Conditioner(Conditioner):
         _check_dim(cond, "encoder_hidden_states", 3, cfg.get("joint_attention_dim"), self.family)
         _check_dim(cond, "pooled_projections", 2, cfg.get("pooled_projection_dim"), self.family)
         dt = x.dtype
-        return backbone(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"].to(dt),
-                        pooled_projections=cond["pooled_projections"].to(dt), timestep=timestep).sample
+        return backbone(
+            hidden_states=x,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dt),
+            pooled_projections=cond["pooled_projections"].to(dt),
+            timestep=timestep,
+        ).sample
 
     def null(self, cond, batch):
         _need(cond, ("encoder_hidden_states", "pooled_projections"), self.family, self.usage)
@@ -302,10 +330,10 @@ class SD3Conditioner(Conditioner):
         if self.zero_null:
             out["encoder_hidden_states"], out["pooled_projections"] = torch.zeros_like(ehs), torch.zeros_like(pooled)
         else:
-            out["encoder_hidden_states"] = _null_like(self.null_embeds, ehs, batch, "encoder_hidden_states",
-                                                      self.family)
-            out["pooled_projections"] = _null_like(self.null_pooled, pooled, batch, "pooled_projections",
-                                                   self.family)
+            out["encoder_hidden_states"] = _null_like(
+                self.null_embeds, ehs, batch, "encoder_hidden_states", self.family
+            )
+            out["pooled_projections"] = _null_like(self.null_pooled, pooled, batch, "pooled_projections", self.family)
         return out
 
 
@@ -324,9 +352,14 @@ class FluxConditioner(Conditioner):
     family = "Flux"
     usage = "{'encoder_hidden_states': (B, L, D), 'pooled_projections': (B, P)} (+ 'guidance': (B,))"
 
-    def __init__(self, guidance_embeds: bool = True, timestep_scale: float = 1000.0,
-                 null_embeds: Tensor | None = None, null_pooled: Tensor | None = None,
-                 default_guidance: float = 3.5):
+    def __init__(
+        self,
+        guidance_embeds: bool = True,
+        timestep_scale: float = 1000.0,
+        null_embeds: Tensor | None = None,
+        null_pooled: Tensor | None = None,
+        default_guidance: float = 3.5,
+    ):
         self.guidance_embedded = guidance_embeds
         self.timestep_scale = timestep_scale
         self.null_embeds = null_embeds
@@ -361,8 +394,10 @@ class FluxConditioner(Conditioner):
         _check_dim(cond, "encoder_hidden_states", 3, cfg.get("joint_attention_dim"), self.family)
         _check_dim(cond, "pooled_projections", 2, cfg.get("pooled_projection_dim"), self.family)
         if cfg.get("in_channels") is not None and 4 * x.shape[1] != cfg.get("in_channels"):
-            raise ValueError(f"Flux backbone takes {cfg.get('in_channels')} packed channels, i.e. latents "
-                             f"with {cfg.get('in_channels') // 4} channels; got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"Flux backbone takes {cfg.get('in_channels')} packed channels, i.e. latents "
+                f"with {cfg.get('in_channels') // 4} channels; got shape {tuple(x.shape)}"
+            )
         b, c, h, w = x.shape
         dt = x.dtype
         ehs = cond["encoder_hidden_states"].to(dt)
@@ -373,25 +408,33 @@ class FluxConditioner(Conditioner):
             if g is None:
                 g = self.default_guidance
             kw["guidance"] = torch.as_tensor(g, dtype=torch.float32).to(x.device).expand(b)
-        out = backbone(hidden_states=self.pack(x), encoder_hidden_states=ehs,
-                       pooled_projections=cond["pooled_projections"].to(dt),
-                       timestep=timestep / self.timestep_scale, img_ids=self.image_ids(h, w, x.device, dt),
-                       txt_ids=txt_ids, **kw).sample
+        out = backbone(
+            hidden_states=self.pack(x),
+            encoder_hidden_states=ehs,
+            pooled_projections=cond["pooled_projections"].to(dt),
+            timestep=timestep / self.timestep_scale,
+            img_ids=self.image_ids(h, w, x.device, dt),
+            txt_ids=txt_ids,
+            **kw,
+        ).sample
         return self.unpack(out, h, w)
 
     def null(self, cond, batch):
         if self.null_embeds is None or self.null_pooled is None:
             if self.guidance_embedded:
-                raise ValueError("this Flux teacher is guidance-distilled: its guidance is an input (the "
-                                 "Denoiser's `guidance` goes to cond['guidance']); an unconditional branch "
-                                 "needs null_embeds and null_pooled (a negative prompt's encoding)")
-            raise ValueError("Flux classifier-free guidance needs null_embeds and null_pooled (the encoding "
-                             "of a negative prompt), or use guidance 1")
+                raise ValueError(
+                    "this Flux teacher is guidance-distilled: its guidance is an input (the "
+                    "Denoiser's `guidance` goes to cond['guidance']); an unconditional branch "
+                    "needs null_embeds and null_pooled (a negative prompt's encoding)"
+                )
+            raise ValueError(
+                "Flux classifier-free guidance needs null_embeds and null_pooled (the encoding "
+                "of a negative prompt), or use guidance 1"
+            )
         _need(cond, ("encoder_hidden_states", "pooled_projections"), self.family, self.usage)
         out = dict(cond)
         ehs, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
-        out["encoder_hidden_states"] = _null_like(self.null_embeds, ehs, batch, "encoder_hidden_states",
-                                                  self.family)
+        out["encoder_hidden_states"] = _null_like(self.null_embeds, ehs, batch, "encoder_hidden_states", self.family)
         out["pooled_projections"] = _null_like(self.null_pooled, pooled, batch, "pooled_projections", self.family)
         return out
 

@@ -11,6 +11,7 @@ dataclass (see `fewstep.objectives.registry`); `optim:` holds one entry per opti
 objective (`optim.generator`, `optim.fake_score`, ...) plus `optim.default`, from which every group
 takes the values it does not set (old group names, RENAMED_GROUPS, are read with a warning).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,29 +61,29 @@ class ConfigError(UserError):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class TeacherConfig:
-    source: str = "digits-vp"            # "digits-vp" | "digits-flow" | local pipeline folder | hub id (cached)
-    family: str | None = None            # override the family detected from the pipeline (sd15, sdxl, ...)
+    source: str = "digits-vp"  # "digits-vp" | "digits-flow" | local pipeline folder | hub id (cached)
+    family: str | None = None  # override the family detected from the pipeline (sd15, sdxl, ...)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the frozen teacher
-    resolution: int | None = None        # text teachers: image size in pixels (default: the model's own)
+    resolution: int | None = None  # text teachers: image size in pixels (default: the model's own)
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "dsm"                                       # a name in fewstep.objectives.registry
-    params: dict[str, Any] = field(default_factory=dict)    # the objective's hyperparameters (its dataclass)
+    name: str = "dsm"  # a name in fewstep.objectives.registry
+    params: dict[str, Any] = field(default_factory=dict)  # the objective's hyperparameters (its dataclass)
 
 
 @dataclass
 class DataConfig:
-    batch_size: int = 32                 # global batch per step, split evenly over the processes
-    real_data: bool = False              # put real latents in batch["x0"] (embedded digits through the teacher VAE)
-    real_latents: str | None = None      # or from a safetensors file: "latents" (N, C, H, W), scaled as the
-                                         #   teacher's VAE scales them, optional "class_labels" (N,); with
-                                         #   data.prompts, line i of the prompt file is the caption of latent i
-    prompts: str | None = None           # text teachers: prompt file, one prompt a line
-    num_classes: int | None = None       # class-conditional teachers: labels 0..num_classes-1 (default: teacher's)
+    batch_size: int = 32  # global batch per step, split evenly over the processes
+    real_data: bool = False  # put real latents in batch["x0"] (embedded digits through the teacher VAE)
+    real_latents: str | None = None  # or from a safetensors file: "latents" (N, C, H, W), scaled as the
+    #   teacher's VAE scales them, optional "class_labels" (N,); with
+    #   data.prompts, line i of the prompt file is the caption of latent i
+    prompts: str | None = None  # text teachers: prompt file, one prompt a line
+    num_classes: int | None = None  # class-conditional teachers: labels 0..num_classes-1 (default: teacher's)
     conditions: list[int] | None = None  # train on these conditions only: class labels, or (text) 0-based line
-                                         #   numbers of data.prompts (MSD sets one subset per student)
+    #   numbers of data.prompts (MSD sets one subset per student)
 
 
 @dataclass
@@ -93,15 +94,23 @@ class OptimGroupConfig:
     betas: tuple[float, float] | None = None
     weight_decay: float | None = None
     eps: float | None = None
-    grad_clip: float | None = None       # max global grad norm of the group; 0 = no clipping
+    grad_clip: float | None = None  # max global grad norm of the group; 0 = no clipping
     scheduler: Literal["constant", "cosine", "cosine_restarts"] | None = None  # all with linear warm-up
-    warmup_steps: int | None = None      # counted in updates of this group
-    num_cycles: int | None = None        # cosine_restarts only
+    warmup_steps: int | None = None  # counted in updates of this group
+    num_cycles: int | None = None  # cosine_restarts only
 
 
 # The defaults every group starts from (DMD2's: AdamW (0.9, 0.999), wd 0.01, clip 10, constant).
-DEFAULT_GROUP = OptimGroupConfig(lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8, grad_clip=10.0,
-                                 scheduler="constant", warmup_steps=0, num_cycles=1)
+DEFAULT_GROUP = OptimGroupConfig(
+    lr=1e-5,
+    betas=(0.9, 0.999),
+    weight_decay=0.01,
+    eps=1e-8,
+    grad_clip=10.0,
+    scheduler="constant",
+    warmup_steps=0,
+    num_cycles=1,
+)
 
 
 def _default_optim() -> dict[str, OptimGroupConfig]:
@@ -110,9 +119,9 @@ def _default_optim() -> dict[str, OptimGroupConfig]:
 
 @dataclass
 class LoraConfig:
-    student: bool = False                # LoRA student on frozen teacher weights (else a full copy)
-    fake: bool = False                   # LoRA fake score / other teacher copies (`ctx.make_copy`)
-    rank: int = 64                       # DMD2 SDXL: rank 64, alpha 8
+    student: bool = False  # LoRA student on frozen teacher weights (else a full copy)
+    fake: bool = False  # LoRA fake score / other teacher copies (`ctx.make_copy`)
+    rank: int = 64  # DMD2 SDXL: rank 64, alpha 8
     alpha: float = 8.0
     dropout: float = 0.0
     target_modules: list[str] | None = None  # module name suffixes; None = the family default (training/lora.py)
@@ -122,19 +131,19 @@ class LoraConfig:
 class PrecisionConfig:
     mixed_precision: Literal["no", "bf16"] | None = None  # None: what `accelerate launch` says ("no" otherwise)
     gradient_checkpointing: bool = False  # activation checkpointing of trainable backbones
-    allow_tf32: bool = True               # CUDA matmuls in TF32 where fp32 runs
+    allow_tf32: bool = True  # CUDA matmuls in TF32 where fp32 runs
 
 
 @dataclass
 class EMAConfig:
-    rate: float = 0.0                    # EMA decay of the student's trainable weights; 0 = off (e.g. 0.999)
-    start_step: int = 0                  # copy the weights (no averaging) before this step
+    rate: float = 0.0  # EMA decay of the student's trainable weights; 0 = off (e.g. 0.999)
+    start_step: int = 0  # copy the weights (no averaging) before this step
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500                     # steps between checkpoints; 0 = only when stopping early
-    keep: int = 3                        # keep the last N complete checkpoints
+    every: int = 500  # steps between checkpoints; 0 = only when stopping early
+    keep: int = 3  # keep the last N complete checkpoints
     state_dict: Literal["full", "sharded"] = "sharded"  # FSDP only: one gathered file or one shard per process
 
 
@@ -145,25 +154,25 @@ class FaultsConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 10                      # steps between tracker / metrics.jsonl records
+    every: int = 10  # steps between tracker / metrics.jsonl records
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # used when installed; [] = none
-    sample_every: int = 500              # steps between sample grids; 0 = only at the end
-    sample_count: int = 16               # images in a grid
-    sample_seed: int = 0                 # fixed noise and labels for the grids
-    progress: bool = True                # tqdm bar on the main process
+    sample_every: int = 500  # steps between sample grids; 0 = only at the end
+    sample_count: int = 16  # images in a grid
+    sample_seed: int = 0  # fixed noise and labels for the grids
+    progress: bool = True  # tqdm bar on the main process
 
 
 @dataclass
 class Config:
-    name: str = "run"                    # preset name; the default output_dir is runs/<name>
+    name: str = "run"  # preset name; the default output_dir is runs/<name>
     seed: int = 0
-    steps: int | None = None             # total training steps (schedules are laid out over these); default 1000
-    generator_steps: int | None = None   # student updates instead: sets steps (DMD: x fake_updates_per_generator)
-    stop_after: int | None = None        # stop (with a checkpoint) after this step; resume continues
+    steps: int | None = None  # total training steps (schedules are laid out over these); default 1000
+    generator_steps: int | None = None  # student updates instead: sets steps (DMD: x fake_updates_per_generator)
+    stop_after: int | None = None  # stop (with a checkpoint) after this step; resume continues
     output_dir: str | None = None
-    overwrite: bool = False              # replace a non-empty output_dir (the old run is kept until the first checkpoint)
-    resume: str | None = None            # "latest" (in output_dir) or a checkpoint folder
-    resume_branch: bool = False          # resume a non-latest checkpoint; later ones are moved aside (`resume.branch`)
+    overwrite: bool = False  # replace a non-empty output_dir (the old run is kept until the first checkpoint)
+    resume: str | None = None  # "latest" (in output_dir) or a checkpoint folder
+    resume_branch: bool = False  # resume a non-latest checkpoint; later ones are moved aside (`resume.branch`)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,8 +187,9 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Range checks that types alone do not catch (each error names its key)."""
+
         def need(ok: bool, key: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
@@ -191,8 +201,11 @@ class Config:
         need(self.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.data.batch_size}")
         need(self.data.num_classes is None or self.data.num_classes >= 1, "data.num_classes", "must be >= 1")
         c = self.data.conditions
-        need(c is None or (len(c) > 0 and min(c) >= 0 and len(set(c)) == len(c)), "data.conditions",
-             f"must be distinct labels / prompt lines >= 0 (null: all), got {c}")
+        need(
+            c is None or (len(c) > 0 and min(c) >= 0 and len(set(c)) == len(c)),
+            "data.conditions",
+            f"must be distinct labels / prompt lines >= 0 (null: all), got {c}",
+        )
         need(self.lora.rank >= 1, "lora.rank", f"must be >= 1, got {self.lora.rank}")
         need(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
         need(0.0 <= self.ema.rate < 1.0, "ema.rate", f"must lie in [0, 1), got {self.ema.rate}")
@@ -203,7 +216,7 @@ class Config:
         need(self.log.sample_every >= 0, "log.sample_every", "must be >= 0")
         need(self.log.sample_count >= 1, "log.sample_count", "must be >= 1")
         need("default" in self.optim, "optim.default", "is required")
-        for name, g in self.optim.items():
+        for name in self.optim:
             r = resolve_group(self, name)
             need(r.lr is not None and r.lr >= 0 and math.isfinite(r.lr), f"optim.{name}.lr", "must be finite and >= 0")
             need(all(0.0 <= b < 1.0 for b in r.betas), f"optim.{name}.betas", f"must lie in [0, 1), got {r.betas}")
@@ -224,8 +237,11 @@ def resolve_group(cfg: Config, group: str, suggested: dict[str, Any] | None = No
     own = cfg.optim.get(group, OptimGroupConfig())
     base = cfg.optim.get("default", OptimGroupConfig())
     hints = typing.get_type_hints(OptimGroupConfig)
-    sug = {k: coerce(v, hints[k], f"objective's suggested optim.{group}.{k}")
-           for k, v in (suggested or {}).items() if k in hints}
+    sug = {
+        k: coerce(v, hints[k], f"objective's suggested optim.{group}.{k}")
+        for k, v in (suggested or {}).items()
+        if k in hints
+    }
     vals = {}
     for f in dataclasses.fields(OptimGroupConfig):
         v = getattr(own, f.name)
@@ -284,7 +300,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         opts = typing.get_args(tp)
         if isinstance(value, bool):  # YAML 1.1 reads no / off / yes / on as booleans
-            for word in (("no", "off", "false") if not value else ("yes", "on", "true")):
+            for word in ("no", "off", "false") if not value else ("yes", "on", "true"):
                 if word in opts:
                     return word
             raise bad
@@ -358,8 +374,9 @@ def _dataclass_from(cls: type, data: dict, prefix: str) -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            raise ConfigError(f"{key}: unknown key; known keys{' under ' + prefix if prefix else ''}: "
-                              f"{', '.join(sorted(names))}")
+            raise ConfigError(
+                f"{key}: unknown key; known keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(names))}"
+            )
         kw[k] = coerce(v, hints[k], key)
     return cls(**kw)
 
@@ -392,8 +409,10 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
             if v is None:
                 v = {}
             if not isinstance(v, dict):
-                raise ConfigError(f"{key}: expected a mapping of settings "
-                                  f"({', '.join(f.name for f in dataclasses.fields(OptimGroupConfig))}), got {v!r}")
+                raise ConfigError(
+                    f"{key}: expected a mapping of settings "
+                    f"({', '.join(f.name for f in dataclasses.fields(OptimGroupConfig))}), got {v!r}"
+                )
             if g == "default":
                 merged = {f.name: getattr(groups["default"], f.name) for f in dataclasses.fields(OptimGroupConfig)}
                 merged.update(v)
@@ -407,16 +426,23 @@ def _renamed_groups(optim: dict[str, Any]) -> dict[str, Any]:
     """`optim` with old group names replaced by the new ones (one warning per old name)."""
     for old, new in RENAMED_GROUPS.items():
         if old in optim and new in optim:
-            raise ConfigError(f"optim.{old} and optim.{new} are both set: optim.{old} is the old name of "
-                              f"optim.{new}; keep only optim.{new}")
+            raise ConfigError(
+                f"optim.{old} and optim.{new} are both set: optim.{old} is the old name of "
+                f"optim.{new}; keep only optim.{new}"
+            )
         if old in optim:
-            warnings.warn(f"optim.{old} is deprecated: the fake score's optimizer group is now optim.{new} "
-                          "(`guidance` means the CFG scale only)", FutureWarning, stacklevel=4)
+            warnings.warn(
+                f"optim.{old} is deprecated: the fake score's optimizer group is now optim.{new} "
+                "(`guidance` means the CFG scale only)",
+                FutureWarning,
+                stacklevel=4,
+            )
     return {RENAMED_GROUPS.get(str(g), g): v for g, v in optim.items()}
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested data (YAML / JSON ready); the objective is flattened back to name + params."""
+
     def plain(v):
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -468,8 +494,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif isinstance(nxt, str) and p == "objective" and i == 0:  # "objective: dmd2" shorthand
                 nxt = node[p] = {"name": nxt}
             elif not isinstance(nxt, dict):
-                raise ConfigError(f"{'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section "
-                                  f"(it holds {nxt!r})")
+                raise ConfigError(f"{'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section (it holds {nxt!r})")
             node = nxt
         node[parts[-1]] = value
     return data
@@ -479,7 +504,7 @@ def _preset_name(path: Path) -> str:
     parts = path.resolve().with_suffix("").parts
     if "configs" in parts:
         i = len(parts) - 1 - parts[::-1].index("configs")
-        rel = parts[i + 1:]
+        rel = parts[i + 1 :]
         if rel:
             return "/".join(rel)
     return path.stem

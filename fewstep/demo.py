@@ -18,6 +18,7 @@ Top to bottom:
      student "beats" or "trails" the teacher only when every panel member agrees and the
      intervals do not overlap; otherwise it is "within noise".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help=f"preset to run instead of {PRESET}")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--num-samples", type=int, default=2000, help="samples per model for FID (default 2000)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: these small networks gain little from more, and a busy machine loses)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: these small networks gain little from more, and a busy machine loses)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the preset (e.g. optim.generator.lr=3e-5)")
 
@@ -58,16 +63,31 @@ def _preset_path(arg: str | None) -> Path:
 def _score(source: str, steps: int, out: Path, n: int, device: str, command: str) -> dict:
     from .evaluation import EvalSpec, evaluate
 
-    spec = EvalSpec(pipeline=source, steps=[steps], protocol="digits", num_samples=n,
-                    metrics=("fid", "class_acc", "panel"), out=str(out), progress=False, device=device, command=command)
+    spec = EvalSpec(
+        pipeline=source,
+        steps=[steps],
+        protocol="digits",
+        num_samples=n,
+        metrics=("fid", "class_acc", "panel"),
+        out=str(out),
+        progress=False,
+        device=device,
+        command=command,
+    )
     row = evaluate(spec)["rows"][0]
 
     def val(m):
         return None if m is None else float(m["value"])
 
     m = row.get("metrics", {})
-    return {"fid": val(m.get("fid")), "class_acc": val(m.get("class_acc")), "guidance": row.get("guidance"),
-            "num_samples": row.get("num_samples"), "times": row.get("times"), "panel": m["panel"]}
+    return {
+        "fid": val(m.get("fid")),
+        "class_acc": val(m.get("class_acc")),
+        "guidance": row.get("guidance"),
+        "num_samples": row.get("num_samples"),
+        "times": row.get("times"),
+        "panel": m["panel"],
+    }
 
 
 @torch.no_grad()
@@ -78,8 +98,15 @@ def _grid(src, times, renoise: str, guidance: float, path: Path, device: str) ->
 
     labels = torch.arange(10).repeat_interleave(10).to(device)
     noise = initial_noise((100, *src.latent_shape), torch.Generator().manual_seed(0), device)
-    x0 = sample(src.denoiser, noise, {"class_labels": labels}, times, guidance=guidance, renoise=renoise,
-                generator=torch.Generator().manual_seed(1))
+    x0 = sample(
+        src.denoiser,
+        noise,
+        {"class_labels": labels},
+        times,
+        guidance=guidance,
+        renoise=renoise,
+        generator=torch.Generator().manual_seed(1),
+    )
     return save_grid(src.decode(x0), path, nrow=10)
 
 
@@ -97,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
     run_dir = out / "student"
     cfg.output_dir, cfg.overwrite = str(run_dir), True
     cfg.validate()
-    print(f"fewstep demo: {cfg.objective.name} distillation of {cfg.teacher.source}, {cfg.steps} steps "
-          f"(preset {preset}); outputs in {out}", flush=True)
+    print(
+        f"fewstep demo: {cfg.objective.name} distillation of {cfg.teacher.source}, {cfg.steps} steps "
+        f"(preset {preset}); outputs in {out}",
+        flush=True,
+    )
 
     # 1. train -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -108,15 +138,17 @@ def run(args: argparse.Namespace) -> int:
     student_steps = len(card["sampling"]["times"]) - 1
 
     # 2. score -------------------------------------------------------------------------------------
-    print(f"scoring the student ({student_steps} step) and the teacher ({TEACHER_STEPS} steps) on "
-          f"{args.num_samples} samples each ...", flush=True)
+    print(
+        f"scoring the student ({student_steps} step) and the teacher ({TEACHER_STEPS} steps) on "
+        f"{args.num_samples} samples each ...",
+        flush=True,
+    )
     t1 = time.perf_counter()
     student = _score(str(run_dir), student_steps, out / "eval_student", args.num_samples, device, command)
     cache = out / "teacher" / f"scores_{cfg.teacher.source}_{args.num_samples}.json"
     teacher = json.loads(cache.read_text()) if cache.is_file() else None
     if teacher is None or "panel" not in teacher:
-        teacher = _score(cfg.teacher.source, TEACHER_STEPS, out / "teacher" / "eval", args.num_samples, device,
-                         command)
+        teacher = _score(cfg.teacher.source, TEACHER_STEPS, out / "teacher" / "eval", args.num_samples, device, command)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(teacher, indent=1))
     eval_s = time.perf_counter() - t1
@@ -134,18 +166,36 @@ def run(args: argparse.Namespace) -> int:
     # 4. the table ---------------------------------------------------------------------------------
     from .evaluation.panel import comparison
 
-    s_label, t_label = f"student ({cfg.objective.name}, {student_steps} step)", \
-        f"teacher ({cfg.teacher.source}, {TEACHER_STEPS} steps, w={w:g})"
+    s_label, t_label = (
+        f"student ({cfg.objective.name}, {student_steps} step)",
+        f"teacher ({cfg.teacher.source}, {TEACHER_STEPS} steps, w={w:g})",
+    )
     text, verdict = comparison(s_label, student["panel"], t_label, teacher["panel"])
     nfe_teacher = TEACHER_STEPS * (2 if w != 1.0 else 1)  # CFG runs a conditional and an unconditional pass
-    lines = ["", f"n = {args.num_samples} samples per model, labels i % 10, seed 0.", "", text,
-             f"The student uses {student_steps} network evaluation(s) per sample instead of {nfe_teacher}.",
-             f"training {train_s / 60:.1f} min, scoring {eval_s / 60:.1f} min",
-             f"sample grids: {g_student} (student), {g_teacher} (teacher)"]
+    lines = [
+        "",
+        f"n = {args.num_samples} samples per model, labels i % 10, seed 0.",
+        "",
+        text,
+        f"The student uses {student_steps} network evaluation(s) per sample instead of {nfe_teacher}.",
+        f"training {train_s / 60:.1f} min, scoring {eval_s / 60:.1f} min",
+        f"sample grids: {g_student} (student), {g_teacher} (teacher)",
+    ]
     print("\n".join(lines), flush=True)
-    (out / "demo.json").write_text(json.dumps({"command": command, "preset": str(preset), "overrides": overrides,
-                                               "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
-                                               "student": student, "teacher": teacher, "verdict": verdict,
-                                               "grids": {"student": str(g_student), "teacher": str(g_teacher)}},
-                                              indent=1))
+    (out / "demo.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "preset": str(preset),
+                "overrides": overrides,
+                "train_seconds": round(train_s, 1),
+                "eval_seconds": round(eval_s, 1),
+                "student": student,
+                "teacher": teacher,
+                "verdict": verdict,
+                "grids": {"student": str(g_student), "teacher": str(g_teacher)},
+            },
+            indent=1,
+        )
+    )
     return 0

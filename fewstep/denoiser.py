@@ -5,6 +5,7 @@
 Objectives and samplers see only this; prediction type, native timesteps and the backbone's
 keyword arguments live in the path and the conditioner.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -65,8 +66,9 @@ class Denoiser(nn.Module):
             raise ValueError(f"backbone output shape {tuple(out.shape)} does not match input {tuple(x_t.shape)}")
         return _fp(out)  # float32, or float64 for float64 backbones (tests)
 
-    def guided_output(self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None,
-                      guidance: Tensor | float = 1.0) -> Tensor:
+    def guided_output(
+        self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None, guidance: Tensor | float = 1.0
+    ) -> Tensor:
         """Native output with classifier-free guidance; cond and uncond run as one 2B batch.
         Guidance 1 (a float) runs the conditional pass only. A (B,) tensor gives each sample its
         own scale. Guidance-distilled backbones (Flux-dev) get the scale as an input instead."""
@@ -77,13 +79,13 @@ class Denoiser(nn.Module):
             return self.output(x_t, t, cond)
         b = x_t.shape[0]
         tt = _as_t(t, x_t)
-        both = self.output(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                           cat_cond(cond, self.conditioner.null(cond, b)))
+        both = self.output(torch.cat([x_t, x_t]), torch.cat([tt, tt]), cat_cond(cond, self.conditioner.null(cond, b)))
         c, u = both[:b], both[b:]
         return apply_cfg(c, u, guidance)
 
-    def x0_eps(self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None,
-               guidance: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    def x0_eps(
+        self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None, guidance: Tensor | float = 1.0
+    ) -> tuple[Tensor, Tensor]:
         out = self.guided_output(x_t, t, cond, guidance)
         return self.path.to_x0_eps(x_t, out, t)
 
@@ -98,8 +100,14 @@ class Denoiser(nn.Module):
         x0 = self.path.to_x0_eps(x2, both, t2)[0]
         return x0[:b], x0[b:]
 
-    def forward(self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None,
-                guidance: Tensor | float = 1.0, output: str = "x0"):
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor | float,
+        cond: Cond | None = None,
+        guidance: Tensor | float = 1.0,
+        output: str = "x0",
+    ):
         """The one entry point (so that DDP / FSDP wrappers see every pass).
 
         output: "x0" (default, (B, ...) float32), "x0_eps" (a pair), "native" (the guided

@@ -13,6 +13,7 @@ The checks every command shares live here too: finite numbers (argparse types an
 values), positive counts, output files and folders that can be written, and JSON that never holds
 NaN.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ class UserError(ValueError):
 def one_line(e: BaseException, limit: int = 600) -> str:
     """The exception's message on one line (newlines folded), at most `limit` characters."""
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextmanager

@@ -13,6 +13,7 @@ seeds, steps and guidance) and <out>/results.md, plus a sample grid per step cou
 command before anything is generated, naming the file and the flag that provides it.
 Same as `python -m eval.eval_cmd`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,47 +52,104 @@ def _str_list(s: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to score (one of)")
-    src.add_argument("--pipeline", help="teacher name (digits-vp, digits-flow), a diffusers pipeline folder "
-                     "(teacher or exported student) or a training run dir")
+    src.add_argument(
+        "--pipeline",
+        help="teacher name (digits-vp, digits-flow), a diffusers pipeline folder "
+        "(teacher or exported student) or a training run dir",
+    )
     src.add_argument("--images", help="a folder of already generated images (scores fid/kid/prc only)")
-    p.add_argument("--steps", type=_int_list, default=[1, 2, 4],
-                   help="comma-separated step counts; for a teacher, DDIM / Euler steps (default 1,2,4)")
-    p.add_argument("--protocol", default="digits", choices=sorted(PROTOCOLS),
-                   help="preset: sample count, labels or captions, seed, extractor, reference (default digits)")
+    p.add_argument(
+        "--steps",
+        type=_int_list,
+        default=[1, 2, 4],
+        help="comma-separated step counts; for a teacher, DDIM / Euler steps (default 1,2,4)",
+    )
+    p.add_argument(
+        "--protocol",
+        default="digits",
+        choices=sorted(PROTOCOLS),
+        help="preset: sample count, labels or captions, seed, extractor, reference (default digits)",
+    )
     p.add_argument("--num-samples", type=positive_int, help="samples per step count (default: the protocol's)")
     p.add_argument("--seed", type=int, help="sample i starts from noise seeded with seed + i (default: protocol's)")
-    p.add_argument("--metrics", type=_str_list,
-                   help="comma-separated subset of fid,kid,prc,clip,class_acc,diversity,panel (default: protocol's)")
-    p.add_argument("--reference", help="'digits', an image folder, or a statistics file (.npz with mu, sigma: "
-                   "FID only; .safetensors features from a previous run's cache)")
+    p.add_argument(
+        "--metrics",
+        type=_str_list,
+        help="comma-separated subset of fid,kid,prc,clip,class_acc,diversity,panel (default: protocol's)",
+    )
+    p.add_argument(
+        "--reference",
+        help="'digits', an image folder, or a statistics file (.npz with mu, sigma: "
+        "FID only; .safetensors features from a previous run's cache)",
+    )
     p.add_argument("--captions", help="captions for caption protocols: COCO annotation JSON or one a line")
-    p.add_argument("--feature-extractor", help="registered torch-fidelity extractor (default: the protocol's: "
-                   "fewstep-digits-judge or inception-v3-compat)")
+    p.add_argument(
+        "--feature-extractor",
+        help="registered torch-fidelity extractor (default: the protocol's: "
+        "fewstep-digits-judge or inception-v3-compat)",
+    )
     p.add_argument("--feature-extractor-weights", help="local weights file for the feature extractor")
-    p.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's "
-                   "weights-inception-2015-12-05-6726825d.pth, or a .safetensors of it)")
+    p.add_argument(
+        "--inception-weights",
+        help="local Inception weights (torch-fidelity's "
+        "weights-inception-2015-12-05-6726825d.pth, or a .safetensors of it)",
+    )
     p.add_argument("--clip-model", help="local CLIP folder (transformers CLIPModel + CLIPProcessor files)")
-    p.add_argument("--import", dest="imports", action="append", default=[],
-                   help="import this module first (e.g. one that registers a custom extractor); repeatable")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        help="import this module first (e.g. one that registers a custom extractor); repeatable",
+    )
     p.add_argument("--image-size", type=positive_int, help="scoring resolution (default: the protocol's)")
-    p.add_argument("--guidance", type=finite_float,
-                   help="CFG scale (default: the teacher's recommended value; students 1)")
-    p.add_argument("--batch-size", type=positive_int, default=250, help="generation batch size (default 250); "
-                   "a multi-step student's fresh noise between steps is drawn per batch, so its scores depend on it")
+    p.add_argument(
+        "--guidance", type=finite_float, help="CFG scale (default: the teacher's recommended value; students 1)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=250,
+        help="generation batch size (default 250); "
+        "a multi-step student's fresh noise between steps is drawn per batch, so its scores depend on it",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="backbone dtype: float32, bfloat16, float16")
-    p.add_argument("--sampler", default="fewstep", choices=["fewstep", "pipeline"],
-                   help="fewstep's sampler (default) or the folder's stock diffusers pipeline")
-    p.add_argument("--student-weights", default="student", choices=["student", "student_ema"],
-                   help="for a run dir: the raw student weights (default) or their EMA")
-    p.add_argument("--hybrid", type=nonnegative_int, default=0, metavar="K",
-                   help="students: the teacher (with CFG) runs the first K steps, the student the rest")
-    p.add_argument("--teacher-guidance", type=finite_float, help="the teacher's CFG scale with --hybrid (default its own)")
-    p.add_argument("--times", type=_float_list, help="students: sampling times t_0,...,0 (steps + 1 values, one "
-                   "--steps N) instead of the run card's, e.g. to try another intermediate time")
+    p.add_argument(
+        "--sampler",
+        default="fewstep",
+        choices=["fewstep", "pipeline"],
+        help="fewstep's sampler (default) or the folder's stock diffusers pipeline",
+    )
+    p.add_argument(
+        "--student-weights",
+        default="student",
+        choices=["student", "student_ema"],
+        help="for a run dir: the raw student weights (default) or their EMA",
+    )
+    p.add_argument(
+        "--hybrid",
+        type=nonnegative_int,
+        default=0,
+        metavar="K",
+        help="students: the teacher (with CFG) runs the first K steps, the student the rest",
+    )
+    p.add_argument(
+        "--teacher-guidance", type=finite_float, help="the teacher's CFG scale with --hybrid (default its own)"
+    )
+    p.add_argument(
+        "--times",
+        type=_float_list,
+        help="students: sampling times t_0,...,0 (steps + 1 values, one "
+        "--steps N) instead of the run card's, e.g. to try another intermediate time",
+    )
     p.add_argument("--kid-subset-size", type=positive_int, help="KID subset size (clamped to the sample counts)")
-    p.add_argument("--bootstrap", type=nonnegative_int, help="panel: resamples of the generated set for the 95%% "
-                   "intervals (default: the protocol's, 200 for digits; 0: none)")
+    p.add_argument(
+        "--bootstrap",
+        type=nonnegative_int,
+        help="panel: resamples of the generated set for the 95%% "
+        "intervals (default: the protocol's, 200 for digits; 0: none)",
+    )
     p.add_argument("--save-images", action="store_true", help="also save every generated image as PNG")
     p.add_argument("--no-cache", action="store_true", help="recompute reference features (no disk cache)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -110,15 +168,36 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
 
     spec = EvalSpec(
-        pipeline=args.pipeline, images=args.images, steps=args.steps, protocol=args.protocol,
-        num_samples=args.num_samples, seed=args.seed, metrics=args.metrics, reference=args.reference,
-        captions=args.captions, feature_extractor=args.feature_extractor,
-        feature_extractor_weights=args.feature_extractor_weights, inception_weights=args.inception_weights,
-        clip_model=args.clip_model, imports=tuple(args.imports), image_size=args.image_size,
-        guidance=args.guidance, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        sampler=args.sampler, student_weights=args.student_weights, hybrid=args.hybrid, times=args.times,
-        teacher_guidance=args.teacher_guidance, out=args.out, save_images=args.save_images, cache=not args.no_cache,
-        kid_subset_size=args.kid_subset_size, bootstrap=args.bootstrap, progress=not args.no_progress,
+        pipeline=args.pipeline,
+        images=args.images,
+        steps=args.steps,
+        protocol=args.protocol,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        metrics=args.metrics,
+        reference=args.reference,
+        captions=args.captions,
+        feature_extractor=args.feature_extractor,
+        feature_extractor_weights=args.feature_extractor_weights,
+        inception_weights=args.inception_weights,
+        clip_model=args.clip_model,
+        imports=tuple(args.imports),
+        image_size=args.image_size,
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        sampler=args.sampler,
+        student_weights=args.student_weights,
+        hybrid=args.hybrid,
+        times=args.times,
+        teacher_guidance=args.teacher_guidance,
+        out=args.out,
+        save_images=args.save_images,
+        cache=not args.no_cache,
+        kid_subset_size=args.kid_subset_size,
+        bootstrap=args.bootstrap,
+        progress=not args.no_progress,
         command=getattr(args, "command_line", None) or _command_line(),
     )
     try:
@@ -137,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
     from .errors import main_guard
 
-    p = OneLineParser(prog="python -m eval.eval_cmd", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="python -m eval.eval_cmd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)

@@ -11,6 +11,7 @@ training process fails, its own one-line error is what the user reads: `accelera
 add a traceback of the launcher itself (`CalledProcessError`, `ChildFailedError`); here the
 launcher's failure becomes the training process's exit status.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,24 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="[accelerate options] -- [train arguments]",
-                   help="options of `accelerate launch`, then `--`, then `fewstep train` arguments")
+    p.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        metavar="[accelerate options] -- [train arguments]",
+        help="options of `accelerate launch`, then `--`, then `fewstep train` arguments",
+    )
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     from .errors import UserError
 
     if "--" not in argv:
-        raise UserError("fewstep launch: separate the accelerate options from the train arguments with `--`, "
-                        "e.g. fewstep launch --num_processes 2 -- --config configs/digits/dsm.yaml")
+        raise UserError(
+            "fewstep launch: separate the accelerate options from the train arguments with `--`, "
+            "e.g. fewstep launch --num_processes 2 -- --config configs/digits/dsm.yaml"
+        )
     i = argv.index("--")
-    return argv[:i], argv[i + 1:]
+    return argv[:i], argv[i + 1 :]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         if not failures:
             raise
         rank, failure = min(failures.items())
-        print(f"fewstep launch: error: training process {rank} exited with status {failure.exitcode} "
-              f"({one_line(e, 200)})", file=sys.stderr)
+        print(
+            f"fewstep launch: error: training process {rank} exited with status {failure.exitcode} "
+            f"({one_line(e, 200)})",
+            file=sys.stderr,
+        )
         return int(failure.exitcode) if failure.exitcode and failure.exitcode > 0 else 1
     return 0

@@ -10,10 +10,12 @@ Every path converts a network output of its native prediction type to (x0, eps) 
 objectives and samplers never branch on prediction type. All maths is done in float32 (or the
 dtype of the inputs if that is float64); callers cast the backbone input only.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -151,9 +153,7 @@ class _PathMaths:
         raise NotImplementedError
 
 
-def betas_for_schedule(
-    beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int
-) -> Tensor:
+def betas_for_schedule(beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int) -> Tensor:
     """The DDPM beta schedules of diffusers' DDPM/DDIM/LCM schedulers, in float64."""
     n = num_train_timesteps
     if beta_schedule == "linear":
@@ -163,8 +163,9 @@ def betas_for_schedule(
     if beta_schedule == "squaredcos_cap_v2":
         f = lambda i: math.cos((i + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
-    raise ValueError(f"scheduler config: beta_schedule {beta_schedule!r} is not supported "
-                     "(linear, scaled_linear, squaredcos_cap_v2)")
+    raise ValueError(
+        f"scheduler config: beta_schedule {beta_schedule!r} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
+    )
 
 
 class VPPath(_PathMaths):
@@ -184,8 +185,10 @@ class VPPath(_PathMaths):
         rescale_betas_zero_snr: bool = False,
     ):
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"scheduler config: prediction_type {prediction_type!r} is not one of "
-                             "'epsilon', 'v_prediction', 'sample'")
+            raise ValueError(
+                f"scheduler config: prediction_type {prediction_type!r} is not one of "
+                "'epsilon', 'v_prediction', 'sample'"
+            )
         abar = alphas_cumprod.detach().to(torch.float64).cpu()
         if abar.ndim != 1 or abar.numel() < 2:
             raise ValueError(f"alphas_cumprod must be a 1-D table, got shape {tuple(abar.shape)}")
@@ -199,7 +202,7 @@ class VPPath(_PathMaths):
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], prediction_type: str | None = None) -> "VPPath":
+    def from_config(cls, config: Mapping[str, Any], prediction_type: str | None = None) -> VPPath:
         n = int(config.get("num_train_timesteps", 1000))
         if config.get("trained_betas") is not None:
             betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
@@ -222,8 +225,10 @@ class VPPath(_PathMaths):
     def _tables(self, device, dtype):
         key = (str(device), dtype)
         if key not in self._cache:
-            self._cache[key] = (self._logsnr.to(device=device, dtype=dtype),
-                                self.alphas_cumprod.to(device=device, dtype=dtype))
+            self._cache[key] = (
+                self._logsnr.to(device=device, dtype=dtype),
+                self.alphas_cumprod.to(device=device, dtype=dtype),
+            )
         return self._cache[key]
 
     def index(self, t: Tensor) -> Tensor:
@@ -296,7 +301,7 @@ class FlowPath(_PathMaths):
         self.timestep_scale = float(timestep_scale if timestep_scale is not None else num_train_timesteps)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "FlowPath":
+    def from_config(cls, config: Mapping[str, Any]) -> FlowPath:
         if config.get("use_dynamic_shifting", False):
             # the shift depends on the image size; pipeline_teacher.py resolves it to a number
             shift = float(config.get("resolved_shift", config.get("shift", 1.0)))
@@ -390,8 +395,10 @@ def with_prediction(path: Path, prediction_type: str | None) -> Path:
     if prediction_type is None or prediction_type == path.prediction_type:
         return path
     if not isinstance(path, VPPath):
-        raise ValueError(f"prediction type {prediction_type!r}: only a VP (DDPM) path can change its "
-                         f"prediction type; this path is {type(path).__name__} ({path.prediction_type!r})")
+        raise ValueError(
+            f"prediction type {prediction_type!r}: only a VP (DDPM) path can change its "
+            f"prediction type; this path is {type(path).__name__} ({path.prediction_type!r})"
+        )
     return VPPath(path.alphas_cumprod, prediction_type, path.rescale_betas_zero_snr)
 
 

@@ -13,13 +13,15 @@ the encoding of "" for SD1.5/SD2, PixArt, SD3 and Flux; zeros for SDXL (its
 (`local_files_only=True`): nothing is downloaded here. Weights load from safetensors only, and
 never with remote code.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +57,7 @@ class Teacher:
     pipeline_class: str
     pipeline_dir: str | None = None
     pipeline: Any = field(default=None, repr=False)
-    max_sequence_length: int | None = None   # T5 length for PixArt / SD3 / Flux (pipeline default when None)
+    max_sequence_length: int | None = None  # T5 length for PixArt / SD3 / Flux (pipeline default when None)
 
     @property
     def path(self):
@@ -181,8 +183,13 @@ def _scheduler_config(pipe, family: str, latent_shape) -> dict:
     cfg.setdefault("_class_name", type(pipe.scheduler).__name__)
     if cfg.get("use_dynamic_shifting", False):
         p = family_by_name(family).latent_patch
-        seq_len = (latent_shape[1] // p) * (latent_shape[2] // p) if p > 1 else \
-            latent_shape[1] * latent_shape[2] // max(1, int(getattr(backbone_of(pipe).config, "patch_size", 1) or 1) ** 2)
+        seq_len = (
+            (latent_shape[1] // p) * (latent_shape[2] // p)
+            if p > 1
+            else latent_shape[1]
+            * latent_shape[2]
+            // max(1, int(getattr(backbone_of(pipe).config, "patch_size", 1) or 1) ** 2)
+        )
         base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
         base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
         m = (max_shift - base_shift) / (max_len - base_len)
@@ -193,9 +200,14 @@ def _scheduler_config(pipe, family: str, latent_shape) -> dict:
     return cfg
 
 
-def teacher_from_pipeline(pipe, family: str | None = None, pipeline_dir: str | None = None,
-                          resolution: int | tuple[int, int] | None = None,
-                          max_sequence_length: int | None = None, null_class: int | None = None) -> Teacher:
+def teacher_from_pipeline(
+    pipe,
+    family: str | None = None,
+    pipeline_dir: str | None = None,
+    resolution: int | tuple[int, int] | None = None,
+    max_sequence_length: int | None = None,
+    null_class: int | None = None,
+) -> Teacher:
     """Wrap a loaded diffusers pipeline as a Teacher (also used for pipelines built in memory).
 
     resolution: image size in pixels (int or (height, width)); the pipeline's default when None.
@@ -239,8 +251,10 @@ def _load_digits(name: str, device, dtype, **kw) -> Teacher:
     kind = name.split("-", 1)[1]
     folder = WEIGHTS_DIR / f"teacher_{kind}"
     if not (folder / "model_index.json").is_file():
-        raise ValueError(f"the embedded teacher {name!r} has no weights: {folder}/model_index.json is missing "
-                         "(train it with train/train_teacher.py, see fewstep/digits/weights/teachers.json)")
+        raise ValueError(
+            f"the embedded teacher {name!r} has no weights: {folder}/model_index.json is missing "
+            "(train it with train/train_teacher.py, see fewstep/digits/weights/teachers.json)"
+        )
     return load_teacher(str(folder), family="dit", device=device, dtype=dtype, **kw)
 
 
@@ -257,8 +271,13 @@ def _to(t: Teacher, device, dtype) -> None:
             setattr(cond, k, v.to(device))
 
 
-def load_teacher(source: str, family: str | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, **kw: Any) -> Teacher:
+def load_teacher(
+    source: str,
+    family: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **kw: Any,
+) -> Teacher:
     """Load a teacher from a local diffusers pipeline folder, a hub id already in the local cache,
     or "digits-vp" / "digits-flow" (the embedded teachers).
 
@@ -280,8 +299,7 @@ def load_teacher(source: str, family: str | None = None, device: str | torch.dev
     unknown = set(kw) - {"resolution", "max_sequence_length", "null_class"}
     if unknown:
         raise ValueError(f"load_teacher: unknown arguments {sorted(unknown)}")
-    load_kw: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, local_files_only=True,
-                                   trust_remote_code=False)
+    load_kw: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False)
     if variant is not None:
         load_kw["variant"] = variant
     is_dir = os.path.isdir(source)
@@ -290,17 +308,22 @@ def load_teacher(source: str, family: str | None = None, device: str | torch.dev
         if "safety_checker" in index:  # not needed for distillation; skips loading a classifier
             load_kw.update(safety_checker=None, requires_safety_checker=False)
     elif os.path.exists(source) or source.startswith((".", "/", "~")):
-        raise ValueError(f"teacher {source!r} is not a folder: give a diffusers pipeline folder "
-                         f"(with model_index.json), a hub id, or one of {DIGITS_TEACHERS}")
+        raise ValueError(
+            f"teacher {source!r} is not a folder: give a diffusers pipeline folder "
+            f"(with model_index.json), a hub id, or one of {DIGITS_TEACHERS}"
+        )
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **load_kw)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         if is_dir:
-            raise ValueError(f"could not load the pipeline folder {source!r} (fewstep loads safetensors "
-                             f"weights only): {e}") from e
-        raise ValueError(f"teacher {source!r} is not a local folder and is not in the local Hugging Face "
-                         f"cache; nothing is downloaded here: download it first (e.g. `huggingface-cli "
-                         f"download {source}`) or pass its local folder") from e
+            raise ValueError(
+                f"could not load the pipeline folder {source!r} (fewstep loads safetensors weights only): {e}"
+            ) from e
+        raise ValueError(
+            f"teacher {source!r} is not a local folder and is not in the local Hugging Face "
+            f"cache; nothing is downloaded here: download it first (e.g. `huggingface-cli "
+            f"download {source}`) or pass its local folder"
+        ) from e
     except ValueError as e:
         if "safetensors" in str(e).lower() or "use_safetensors" in str(e):
             raise ValueError(f"teacher {source!r}: fewstep loads safetensors weights only: {e}") from e

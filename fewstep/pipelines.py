@@ -9,6 +9,7 @@
 sends each condition to the student that owns it (the folder's routing.json): class labels by
 table; prompts by the partition rule (hash: any prompt; kmeans / mapping: the training prompts).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,12 +55,17 @@ class MultiStudentPipeline:
         folder = Path(folder)
         rec = read_routing(folder)
         first = diffusers.DiffusionPipeline.from_pretrained(str(folder / rec["students"][0]), **kwargs)
-        card0 = json.loads((folder / rec["students"][0] / "fewstep_card.json").read_text()) \
-            if (folder / rec["students"][0] / "fewstep_card.json").is_file() else {}
+        card0 = (
+            json.loads((folder / rec["students"][0] / "fewstep_card.json").read_text())
+            if (folder / rec["students"][0] / "fewstep_card.json").is_file()
+            else {}
+        )
         own = {card0.get("backbone", "transformer"), "unet", "transformer", "scheduler"}
         shared = {k: v for k, v in first.components.items() if k not in own}
-        pipes = [first] + [diffusers.DiffusionPipeline.from_pretrained(str(folder / s), **kwargs, **shared)
-                           for s in rec["students"][1:]]
+        pipes = [first] + [
+            diffusers.DiffusionPipeline.from_pretrained(str(folder / s), **kwargs, **shared)
+            for s in rec["students"][1:]
+        ]
         if card0.get("requires_patch"):  # the export card's one-line fix (DiTPipeline + a flow scheduler)
             for p in pipes:
                 p.scheduler.scale_model_input = lambda sample, timestep: sample
@@ -83,9 +89,16 @@ class MultiStudentPipeline:
                 p.set_progress_bar_config(**kwargs)
 
     # ---- sampling ---------------------------------------------------------------------------------
-    def __call__(self, class_labels: int | Sequence[int] | None = None, prompt: str | Sequence[str] | None = None,
-                 num_inference_steps: int = 1, generator: Any = None, guidance_scale: float | None = None,
-                 output_type: str = "pil", **kwargs: Any):
+    def __call__(
+        self,
+        class_labels: int | Sequence[int] | None = None,
+        prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 1,
+        generator: Any = None,
+        guidance_scale: float | None = None,
+        output_type: str = "pil",
+        **kwargs: Any,
+    ):
         """Sample one image per condition, each from its student.
 
         generator: one torch.Generator per image (each image then depends on its own generator
@@ -120,8 +133,14 @@ class MultiStudentPipeline:
             gen = [generator[i] for i in idx] if isinstance(generator, (list, tuple)) else generator
             sub = [conds[i] for i in idx]
             key = "class_labels" if kind == "labels" else "prompt"
-            out = self.pipelines[k](**{key: sub}, num_inference_steps=num_inference_steps, generator=gen,
-                                    guidance_scale=guidance_scale_k, output_type=output_type, **kw).images
+            out = self.pipelines[k](
+                **{key: sub},
+                num_inference_steps=num_inference_steps,
+                generator=gen,
+                guidance_scale=guidance_scale_k,
+                output_type=output_type,
+                **kw,
+            ).images
             for j, i in enumerate(idx):
                 images[i] = out[j]
             stacked = out
@@ -145,6 +164,8 @@ class MultiStudentPipeline:
         if not sup:
             return {}
         if str(steps) not in sup:
-            raise ValueError(f"num_inference_steps={steps}: student {self.routing['students'][k]} supports "
-                             f"{sorted(sup, key=int)} step(s) (its fewstep_card.json)")
+            raise ValueError(
+                f"num_inference_steps={steps}: student {self.routing['students'][k]} supports "
+                f"{sorted(sup, key=int)} step(s) (its fewstep_card.json)"
+            )
         return dict(sup[str(steps)].get("call_kwargs") or {})

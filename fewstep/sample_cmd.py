@@ -9,6 +9,7 @@ row holds --per-row samples from seeded noise (the same seed gives the same grid
 device: noise is drawn on the CPU). The teacher runs DDIM / flow Euler on its own schedule
 (--steps), or on explicit --times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,25 +27,45 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True,
-                   help="digits-vp, digits-flow, or a diffusers pipeline folder (or a hub id already cached)")
-    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps on the teacher's schedule (default 50)")
-    p.add_argument("--times", default=None,
-                   help="explicit decreasing times in [0, 1], comma separated (e.g. 1,0.75,0.5,0.25,0); "
-                        "overrides --steps")
-    p.add_argument("--renoise", choices=("ddim", "fresh"), default="ddim",
-                   help="between steps keep the implied noise (ddim, the teacher sampler) or draw fresh noise")
-    p.add_argument("--guidance", type=finite_float, default=None,
-                   help="classifier-free guidance scale (Imagen form; guidance-distilled Flux: its guidance "
-                        "input). Default: 1, or 3.5 for guidance-distilled Flux")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="digits-vp, digits-flow, or a diffusers pipeline folder (or a hub id already cached)",
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=50, help="sampling steps on the teacher's schedule (default 50)"
+    )
+    p.add_argument(
+        "--times",
+        default=None,
+        help="explicit decreasing times in [0, 1], comma separated (e.g. 1,0.75,0.5,0.25,0); overrides --steps",
+    )
+    p.add_argument(
+        "--renoise",
+        choices=("ddim", "fresh"),
+        default="ddim",
+        help="between steps keep the implied noise (ddim, the teacher sampler) or draw fresh noise",
+    )
+    p.add_argument(
+        "--guidance",
+        type=finite_float,
+        default=None,
+        help="classifier-free guidance scale (Imagen form; guidance-distilled Flux: its guidance "
+        "input). Default: 1, or 3.5 for guidance-distilled Flux",
+    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more rows)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--classes", default=None,
-                   help="class ids or names for class-conditional teachers, comma separated (default 0..9)")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="class ids or names for class-conditional teachers, comma separated (default 0..9)",
+    )
     p.add_argument("--per-row", type=positive_int, default=10, help="samples per class / prompt (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=100, help="samples per denoiser batch")
-    p.add_argument("--resolution", type=positive_int, default=None, help="image size in pixels (default: the teacher's)")
+    p.add_argument(
+        "--resolution", type=positive_int, default=None, help="image size in pixels (default: the teacher's)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="backbone precision")
     p.add_argument("--out", default="grid.png", help="output PNG")
@@ -79,8 +100,9 @@ def _rows(args, teacher) -> list:
             raise UserError(f"--classes {args.classes!r}: give class ids or names, comma separated")
         bad = [r for r in rows if isinstance(r, int) and not (0 <= r < (n if n is not None else r + 1))]
         if bad:
-            raise UserError(f"--classes {args.classes!r}: {bad[0]} is not a class of {args.teacher} (its classes are "
-                            f"0..{n - 1})")
+            raise UserError(
+                f"--classes {args.classes!r}: {bad[0]} is not a class of {args.teacher} (its classes are 0..{n - 1})"
+            )
         with user_errors("--classes", ValueError):
             teacher.encode_prompts(rows)  # names the teacher does not know are refused here
         return rows
@@ -89,8 +111,9 @@ def _rows(args, teacher) -> list:
         lines = Path(args.prompts_file).read_text().splitlines()
         prompts += [ln.strip() for ln in lines if ln.strip()]
     if not prompts:
-        raise UserError(f"{args.teacher} is a text-to-image teacher ({teacher.family}): give --prompt or "
-                         "--prompts-file")
+        raise UserError(
+            f"{args.teacher} is a text-to-image teacher ({teacher.family}): give --prompt or --prompts-file"
+        )
     return prompts
 
 
@@ -125,7 +148,7 @@ def image_grid(images: Tensor, rows: int, pad: int = 2) -> Tensor:
     for i in range(n):
         r, k = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[:, top:top + h, left:left + w] = x[i, :3]
+        grid[:, top : top + h, left : left + w] = x[i, :3]
     return grid
 
 
@@ -138,8 +161,16 @@ def save_png(grid: Tensor, out: str | Path) -> Path:
     return out
 
 
-def sample_grid(teacher, rows: list, per_row: int, times: list[float], guidance: float, seed: int = 0,
-                renoise: str = "ddim", batch_size: int = 100) -> Tensor:
+def sample_grid(
+    teacher,
+    rows: list,
+    per_row: int,
+    times: list[float],
+    guidance: float,
+    seed: int = 0,
+    renoise: str = "ddim",
+    batch_size: int = 100,
+) -> Tensor:
     """Decoded samples (len(rows) * per_row, C, H, W) in [-1, 1], row-major."""
     import torch
 
@@ -155,9 +186,16 @@ def sample_grid(teacher, rows: list, per_row: int, times: list[float], guidance:
     out = []
     with torch.no_grad():
         for i in range(0, n, batch_size):
-            cond = teacher.encode_prompts(labels[i:i + batch_size])
-            x = sample(teacher.denoiser, noise[i:i + batch_size].to(teacher.device), cond, times, guidance=guidance,
-                       renoise=renoise, generator=gen_fresh)
+            cond = teacher.encode_prompts(labels[i : i + batch_size])
+            x = sample(
+                teacher.denoiser,
+                noise[i : i + batch_size].to(teacher.device),
+                cond,
+                times,
+                guidance=guidance,
+                renoise=renoise,
+                generator=gen_fresh,
+            )
             out.append(teacher.decode(x).cpu())
     return torch.cat(out)
 
@@ -186,6 +224,8 @@ def run(args) -> int:
     t1 = time.time()
     images = sample_grid(teacher, rows, args.per_row, times, guidance, args.seed, args.renoise, args.batch_size)
     out = save_png(image_grid(images, len(rows)), args.out)
-    print(f"{out}: {len(rows)} x {args.per_row} samples of {args.teacher} ({len(times) - 1} steps, guidance "
-          f"{guidance:g}); load {t1 - t0:.1f} s, sampling {time.time() - t1:.1f} s")
+    print(
+        f"{out}: {len(rows)} x {args.per_row} samples of {args.teacher} ({len(times) - 1} steps, guidance "
+        f"{guidance:g}); load {t1 - t0:.1f} s, sampling {time.time() - t1:.1f} s"
+    )
     return 0

@@ -7,9 +7,10 @@ Each step predicts x0 at t_i and moves to t_{i+1}, either deterministically (DDI
 implied noise; for a flow path this is exactly the Euler step) or by re-injecting fresh noise
 (the multistep consistency / DMD2 sampler). Reaching t = 0 returns the x0 prediction.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor

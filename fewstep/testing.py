@@ -5,12 +5,13 @@ Gaussians, E[x0 | x_t] is closed-form, so a test can compare against ground trut
 network can fake. It behaves like a diffusers backbone (native output of its path's prediction
 type, fed the native timestep), so it goes through the same `Denoiser` adapter.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .conditioning import ClassConditioner, Conditioner
+from .conditioning import ClassConditioner
 from .denoiser import Denoiser
 from .paths import FlowPath, Path, TrigFlowPath, VPPath
 
@@ -23,12 +24,22 @@ class GaussianMixtureBackbone(nn.Module):
     network, but its output never depends on it unless `learnable=True`, in which case the
     means are parameters (a trainable "fake score" for tests)."""
 
-    def __init__(self, means: Tensor, std: float, path: Path, classes: Tensor | None = None,
-                 weights: Tensor | None = None, null_class: int = -1, learnable: bool = False):
+    def __init__(
+        self,
+        means: Tensor,
+        std: float,
+        path: Path,
+        classes: Tensor | None = None,
+        weights: Tensor | None = None,
+        null_class: int = -1,
+        learnable: bool = False,
+    ):
         super().__init__()
         k = means.shape[0]
         self.shape = tuple(means.shape[1:])
-        self.means = nn.Parameter(means.clone() if means.is_floating_point() else means.float(), requires_grad=learnable)
+        self.means = nn.Parameter(
+            means.clone() if means.is_floating_point() else means.float(), requires_grad=learnable
+        )
         self.std = float(std)
         self.path = path
         self.register_buffer("classes", classes if classes is not None else torch.zeros(k, dtype=torch.long))
@@ -72,7 +83,6 @@ class GaussianMixtureBackbone(nn.Module):
 
     def sample_data(self, n: int, labels: Tensor | None = None, generator=None) -> Tensor:
         """Exact samples of the mixture (conditioned on labels when given)."""
-        k = self.means.shape[0]
         if labels is None:
             comp = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
         else:
@@ -94,8 +104,14 @@ class _GMMConditioner(ClassConditioner):
         return backbone(x, timestep, class_labels=labels).sample
 
 
-def gmm_denoiser(path: Path, means: Tensor, std: float = 0.1, classes: Tensor | None = None,
-                 null_class: int = -1, learnable: bool = False) -> Denoiser:
+def gmm_denoiser(
+    path: Path,
+    means: Tensor,
+    std: float = 0.1,
+    classes: Tensor | None = None,
+    null_class: int = -1,
+    learnable: bool = False,
+) -> Denoiser:
     """A Denoiser around an exact Gaussian-mixture posterior mean on `path`."""
     bb = GaussianMixtureBackbone(means, std, path, classes, null_class=null_class, learnable=learnable)
     return Denoiser(bb, path, _GMMConditioner(null_class=null_class, kind="gmm"))

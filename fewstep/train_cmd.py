@@ -4,6 +4,7 @@ print the dry-run report).
     accelerate launch train/train.py --config configs/digits/dsm.yaml steps=200 optim.generator.lr=1e-4
     fewstep train --config configs/sdxl/dmd2_4step_lora.yaml --dry-run --processes 8 --sharding fsdp
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,21 @@ __all__ = ["add_arguments", "run", "main"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML preset, e.g. configs/digits/dsm.yaml (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. objective.guidance=3 optim.generator.lr=1e-5 resume=latest")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build the networks on the meta device and print parameter counts and memory per process")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. objective.guidance=3 optim.generator.lr=1e-5 resume=latest",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the networks on the meta device and print parameter counts and memory per process",
+    )
     p.add_argument("--processes", type=int, default=None, help="dry run: number of processes (default: the launcher's)")
-    p.add_argument("--sharding", choices=["none", "fsdp"], default=None,
-                   help="dry run: sharding (default: the launcher's)")
+    p.add_argument(
+        "--sharding", choices=["none", "fsdp"], default=None, help="dry run: sharding (default: the launcher's)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ A safetensors file is an 8-byte header length, a JSON header giving each tensor'
 then the data; a file cut short, padded, or with a garbled header disagrees with its own header.
 Reading the header only (not the tensors) keeps this fast for multi-gigabyte text encoders.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Test defaults: one CPU thread (the suite shares a small machine) and a fixed seed per test,
 so every test is reproducible on its own and in any order."""
+
 from __future__ import annotations
 
 import random

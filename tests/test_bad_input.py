@@ -7,6 +7,7 @@ with checkpoint.keep=1 loses no later checkpoint; overwrite=true with a damaged 
 old run as it was. One tiny run (a 4-step DSM run on a tiny DiT pipeline folder, checkpoints at
 steps 1, 2, 3) is trained once for the module and copied where a case changes it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,14 +23,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = str(ROOT / "configs" / "digits" / "dsm.yaml")
-FAST = ["data.real_data=false", "data.batch_size=2", "objective.teacher_steps=2", "log.sample_count=2",
-        "log.sample_every=0", "log.trackers=[]", "log.progress=false", "ema.rate=0"]
+FAST = [
+    "data.real_data=false",
+    "data.batch_size=2",
+    "objective.teacher_steps=2",
+    "log.sample_count=2",
+    "log.sample_every=0",
+    "log.trackers=[]",
+    "log.progress=false",
+    "ema.rate=0",
+]
 
 
 def _env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", FEWSTEP_CACHE=str(cache),
-               PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        FEWSTEP_CACHE=str(cache),
+        PYTHONWARNINGS="ignore",
+    )
     env.pop("FEWSTEP_DEBUG", None)
     return env
 
@@ -44,8 +59,14 @@ def fewstep(work):
     env = _env(work / "cache")
 
     def call(*args: str, cwd: Path | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        return subprocess.run([*prefix, sys.executable, "-m", "fewstep.cli", *map(str, args)], capture_output=True,
-                              text=True, env=env, cwd=str(cwd or work), timeout=300)
+        return subprocess.run(
+            [*prefix, sys.executable, "-m", "fewstep.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(cwd or work),
+            timeout=300,
+        )
 
     return call
 
@@ -122,11 +143,15 @@ def test_train_refuses_before_touching_anything(work, tiny_dit, fewstep, tmp_pat
     existing_file = tmp_path / "a_file"
     existing_file.write_text("keep me")
     cases = [
-        (train_args(tmp_path / "no_teacher", new), ["teacher.source", "no_teacher"]),        # missing teacher folder
-        (train_args(tiny_dit, new, "objective.num_steps=-1", preset=str(ROOT / "configs/digits/dmd2_4step_vp.yaml")),
-         ["objective.num_steps"]),
-        (train_args(tiny_dit, new, f"data.prompts={ROOT / 'configs/prompts/example_prompts.txt'}"),
-         ["data.prompts", "class-conditional"]),
+        (train_args(tmp_path / "no_teacher", new), ["teacher.source", "no_teacher"]),  # missing teacher folder
+        (
+            train_args(tiny_dit, new, "objective.num_steps=-1", preset=str(ROOT / "configs/digits/dmd2_4step_vp.yaml")),
+            ["objective.num_steps"],
+        ),
+        (
+            train_args(tiny_dit, new, f"data.prompts={ROOT / 'configs/prompts/example_prompts.txt'}"),
+            ["data.prompts", "class-conditional"],
+        ),
         (train_args(tiny_dit, new, "log.trackers=[nosuchtracker]"), ["log.trackers", "nosuchtracker"]),
         (train_args(tiny_dit, existing_file), ["output_dir", "existing file"]),
         (train_args(tiny_dit, new, "objective.teacher_guidance=nan"), ["objective.teacher_guidance", "finite"]),
@@ -151,8 +176,13 @@ def test_train_read_only_output_folder(tiny_dit, fewstep, tmp_path):
     if os.geteuid() == 0:  # root writes anywhere: drop the capability that lets it
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv")
-        prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
-                  "-dac_override,-dac_read_search")
+        prefix = (
+            "setpriv",
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            "--inh-caps",
+            "-dac_override,-dac_read_search",
+        )
     try:
         user_error(fewstep(*train_args(tiny_dit, ro / "run"), prefix=prefix), "output_dir", "cannot write")
         user_error(fewstep(*train_args(tiny_dit, ro, "overwrite=true"), prefix=prefix), "output_dir", "cannot write")
@@ -167,8 +197,10 @@ def test_train_damaged_teacher_and_overwrite_keeps_the_old_run(tiny_dit, trained
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     before = hashes(run)
-    user_error(fewstep(*train_args(bad, run, "overwrite=true", "steps=4", "checkpoint.every=1")),
-               "diffusion_pytorch_model.safetensors")
+    user_error(
+        fewstep(*train_args(bad, run, "overwrite=true", "steps=4", "checkpoint.every=1")),
+        "diffusion_pytorch_model.safetensors",
+    )
     assert hashes(run) == before
     assert not (tmp_path / ".run.replaced").exists()
     # a pipeline folder whose model_index.json is not JSON: refused before anything is touched
@@ -186,14 +218,22 @@ def test_resume_refusals_leave_the_run_unchanged(trained, fewstep, tmp_path):
     older = run / "checkpoints" / "step_0000001"
     teacher = trained_teacher(run)
     cases = [
-        (train_args(teacher, run, "resume=latest", "steps=4", "lora.student=true", "lora.rank=2"),
-         ["resume", "step_0000003"]),                     # another network shape: the checkpoint does not fit
-        (train_args(teacher, run, "resume=latest", "steps=4", "optim.default.lr=1e-3"),
-         ["optim.generator.lr", "0.0001", "0.001"]),      # the restored optimizer would keep the old lr
+        (
+            train_args(teacher, run, "resume=latest", "steps=4", "lora.student=true", "lora.rank=2"),
+            ["resume", "step_0000003"],
+        ),  # another network shape: the checkpoint does not fit
+        (
+            train_args(teacher, run, "resume=latest", "steps=4", "optim.default.lr=1e-3"),
+            ["optim.generator.lr", "0.0001", "0.001"],
+        ),  # the restored optimizer would keep the old lr
         (train_args(teacher, run, "resume=latest", "steps=2"), ["steps=2", "3"]),
         (train_args(teacher, run, f"resume={older}", "steps=4"), ["resume.branch=true", "step_0000003"]),
-        (train_args(teacher, run, "resume=latest", "steps=4", preset=str(ROOT / "configs/digits/dmd2_4step_vp.yaml")),
-         ["objective", "dsm", "dmd2"]),
+        (
+            train_args(
+                teacher, run, "resume=latest", "steps=4", preset=str(ROOT / "configs/digits/dmd2_4step_vp.yaml")
+            ),
+            ["objective", "dsm", "dmd2"],
+        ),
     ]
     each_user_error(fewstep, cases)
     assert hashes(run) == before
@@ -230,14 +270,24 @@ def test_branch_from_an_older_checkpoint_with_keep_1_loses_nothing(trained, fews
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     later = {n: hashes(run / "checkpoints" / n) for n in ("step_0000002", "step_0000003")}
-    res = fewstep(*train_args(trained_teacher(run), run, f"resume={run / 'checkpoints' / 'step_0000001'}",
-                              "resume.branch=true", "steps=4", "checkpoint.every=1", "checkpoint.keep=1"))
+    res = fewstep(
+        *train_args(
+            trained_teacher(run),
+            run,
+            f"resume={run / 'checkpoints' / 'step_0000001'}",
+            "resume.branch=true",
+            "steps=4",
+            "checkpoint.every=1",
+            "checkpoint.keep=1",
+        )
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "moved step_0000002, step_0000003 aside" in res.stdout
     aside = next((run / "checkpoints" / "set_aside").iterdir())
     for n, h in later.items():  # every later checkpoint kept, byte for byte
-        assert {k.replace(str(aside), ""): v for k, v in hashes(aside / n).items()} == \
-               {k.replace(str(run / "checkpoints"), ""): v for k, v in h.items()}
+        assert {k.replace(str(aside), ""): v for k, v in hashes(aside / n).items()} == {
+            k.replace(str(run / "checkpoints"), ""): v for k, v in h.items()
+        }
     # keep=1 pruned only this branch's own older checkpoints: its newest (step 3) remains
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_0000003"]
 
@@ -249,12 +299,26 @@ def test_launch_reports_errors_in_one_line(tiny_dit, trained, fewstep, tmp_path)
     shutil.copytree(trained, run)
     before = hashes(run)
     bad = damaged(tiny_dit, tmp_path / "bad_teacher", "transformer/diffusion_pytorch_model.safetensors")
-    accel = ["launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-             "--dynamo_backend", "no", "--cpu", "--"]
-    each_user_error(fewstep, [
-        ([*accel, *train_args(tiny_dit, run, "optim.default.lrr=1")[1:]], ["optim.default.lrr"]),
-        ([*accel, *train_args(bad, run, "overwrite=true")[1:]], ["diffusion_pytorch_model.safetensors"]),
-    ])
+    accel = [
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--cpu",
+        "--",
+    ]
+    each_user_error(
+        fewstep,
+        [
+            ([*accel, *train_args(tiny_dit, run, "optim.default.lrr=1")[1:]], ["optim.default.lrr"]),
+            ([*accel, *train_args(bad, run, "overwrite=true")[1:]], ["diffusion_pytorch_model.safetensors"]),
+        ],
+    )
     assert hashes(run) == before
 
 
@@ -300,8 +364,11 @@ def test_eval_bad_options(tiny_dit, fewstep, tmp_path):
 def test_export_refuses_a_teacher_with_damaged_vae_weights(tiny_dit, trained, fewstep, tmp_path):
     bad = damaged(tiny_dit, tmp_path / "bad_vae", "vae/diffusion_pytorch_model.safetensors")
     out = tmp_path / "export"
-    user_error(fewstep("export", "--checkpoint", trained, "--teacher", bad, "--out", out),
-               "vae", "diffusion_pytorch_model.safetensors")
+    user_error(
+        fewstep("export", "--checkpoint", trained, "--teacher", bad, "--out", out),
+        "vae",
+        "diffusion_pytorch_model.safetensors",
+    )
     assert not out.exists()
 
 
@@ -312,8 +379,11 @@ def test_json_never_holds_nan(tmp_path):
 
     atomic_write_json(tmp_path / "r.json", {"fid": float("nan"), "rows": [1.0, float("inf")], "guidance": 2.0})
     text = (tmp_path / "r.json").read_text()
-    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == \
-        {"fid": None, "rows": [1.0, None], "guidance": 2.0}
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == {
+        "fid": None,
+        "rows": [1.0, None],
+        "guidance": 2.0,
+    }
     assert dumps_json({"a": float("-inf")}) == '{"a": null}'
 
 
@@ -366,12 +436,30 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     before = hashes(old)
 
     def cfg(*ov):
-        return load_config(None, [f"output_dir={old}", "objective.name=toy", "data.batch_size=4", "overwrite=true",
-                                  "log.trackers=[]", "log.progress=false", *ov])
+        return load_config(
+            None,
+            [
+                f"output_dir={old}",
+                "objective.name=toy",
+                "data.batch_size=4",
+                "overwrite=true",
+                "log.trackers=[]",
+                "log.progress=false",
+                *ov,
+            ],
+        )
 
     with pytest.raises(NonFiniteError):  # every update non-finite: stops at step 2, before checkpoint.every=5
-        run(cfg("steps=10", "checkpoint.every=5", "objective.nan_steps=[0,1,2,3]", "objective.nan_phase=guidance",
-                "faults.max_consecutive_nonfinite=2"), teacher=gmm_bundle())
+        run(
+            cfg(
+                "steps=10",
+                "checkpoint.every=5",
+                "objective.nan_steps=[0,1,2,3]",
+                "objective.nan_phase=guidance",
+                "faults.max_consecutive_nonfinite=2",
+            ),
+            teacher=gmm_bundle(),
+        )
     assert hashes(old) == before and not (tmp_path / ".run.replaced").exists()
     run(cfg("steps=3", "checkpoint.every=1"), teacher=gmm_bundle())
     assert (old / "run_card.json").read_text() != "{}"

@@ -1,6 +1,7 @@
 """Checkpoints: a run stopped after k steps and resumed ends bit-identical to an uninterrupted run
 (two optimizer groups, EMA, cosine schedule, objective state, global-RNG draws; and a LoRA student);
 a crash mid-save never leaves a checkpoint that resume picks up; the last N are kept."""
+
 from __future__ import annotations
 
 import copy
@@ -51,9 +52,19 @@ def _assert_identical(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
-TOY = ["objective.name=toy", "steps=9", "data.batch_size=4", "optim.default.lr=0.02", "optim.default.scheduler=cosine",
-       "optim.default.warmup_steps=2", "optim.generator.lr=0.05", "ema.rate=0.8", "log.every=1", "log.sample_every=4",
-       "checkpoint.every=0"]
+TOY = [
+    "objective.name=toy",
+    "steps=9",
+    "data.batch_size=4",
+    "optim.default.lr=0.02",
+    "optim.default.scheduler=cosine",
+    "optim.default.warmup_steps=2",
+    "optim.generator.lr=0.05",
+    "ema.rate=0.8",
+    "log.every=1",
+    "log.sample_every=4",
+    "checkpoint.every=0",
+]
 
 
 def test_resume_is_bit_identical(tmp_path, toy):
@@ -73,8 +84,17 @@ def test_resume_is_bit_identical(tmp_path, toy):
 
 
 def test_resume_lora_student_bit_identical(tmp_path):
-    common = ["steps=4", "data.batch_size=2", "data.real_data=false", "lora.student=true", "lora.rank=4",
-              "objective.teacher_steps=1", "optim.default.lr=1e-2", "log.every=1", "checkpoint.every=0"]
+    common = [
+        "steps=4",
+        "data.batch_size=2",
+        "data.real_data=false",
+        "lora.student=true",
+        "lora.rank=4",
+        "objective.teacher_steps=1",
+        "optim.default.lr=1e-2",
+        "log.every=1",
+        "checkpoint.every=0",
+    ]
     ref = run(_cfg(tmp_path / "ref", *common, preset="digits/dsm.yaml"), teacher=tiny_bundle("dit"))
     run(_cfg(tmp_path / "cut", *common, "stop_after=2", preset="digits/dsm.yaml"), teacher=tiny_bundle("dit"))
     saved = load_file(str(tmp_path / "cut" / "checkpoints" / "step_0000002" / "model.safetensors"))
@@ -127,8 +147,10 @@ def test_failed_save_leaves_no_checkpoint(tmp_path, part):
 def test_keeps_last_n_and_restores_everything(tmp_path):
     torch.manual_seed(0)
     holder = torch.nn.ModuleDict({"student": torch.nn.Linear(3, 2), "fake": torch.nn.Linear(2, 2)})
-    opts = {"generator": torch.optim.AdamW(holder["student"].parameters(), lr=0.1),
-            "guidance": torch.optim.AdamW(holder["fake"].parameters(), lr=0.01, betas=(0.0, 0.95))}
+    opts = {
+        "generator": torch.optim.AdamW(holder["student"].parameters(), lr=0.1),
+        "guidance": torch.optim.AdamW(holder["fake"].parameters(), lr=0.01, betas=(0.0, 0.95)),
+    }
     scheds = {g: torch.optim.lr_scheduler.LambdaLR(o, lambda n: 1.0 / (n + 1)) for g, o in opts.items()}
     for g, o in opts.items():
         for p in holder["student" if g == "generator" else "fake"].parameters():
@@ -166,8 +188,10 @@ def test_keeps_last_n_and_restores_everything(tmp_path):
 
 def test_a_checkpoint_of_the_old_fake_score_group_name_resumes(tmp_path):
     holder = torch.nn.ModuleDict({"student": torch.nn.Linear(3, 2), "fake": torch.nn.Linear(2, 2)})
-    opts = {"generator": torch.optim.AdamW(holder["student"].parameters(), lr=0.1),
-            "guidance": torch.optim.AdamW(holder["fake"].parameters(), lr=0.01)}
+    opts = {
+        "generator": torch.optim.AdamW(holder["student"].parameters(), lr=0.1),
+        "guidance": torch.optim.AdamW(holder["fake"].parameters(), lr=0.01),
+    }
     scheds = {g: torch.optim.lr_scheduler.LambdaLR(o, lambda n: 1.0 / (n + 1)) for g, o in opts.items()}
     for _ in range(3):
         scheds["guidance"].step()

@@ -1,13 +1,22 @@
 """Conditioners against the diffusers pipelines they stand for: the same backbone call, the same
 guidance batch, the same null inputs; and clear errors for conditions that do not fit."""
+
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 
-import diffusers
-from fewstep.conditioning import (ClassConditioner, FluxConditioner, PixArtConditioner, SD3Conditioner,
-                                  UNetTextConditioner, cat_cond, conditioner_for, index_cond)
+from fewstep.conditioning import (
+    ClassConditioner,
+    FluxConditioner,
+    PixArtConditioner,
+    SD3Conditioner,
+    UNetTextConditioner,
+    cat_cond,
+    conditioner_for,
+    index_cond,
+)
 from fewstep.samplers import sample
 from tests.tiny import FAMILIES, TEXT_LEN, ddim_scheduler, make_tiny
 
@@ -15,9 +24,15 @@ diffusers.utils.logging.set_verbosity_error()
 
 
 def test_conditioner_for_picks_by_backbone_class():
-    want = {"dit": ClassConditioner, "unet": ClassConditioner, "sd15": UNetTextConditioner,
-            "sdxl": UNetTextConditioner, "pixart": PixArtConditioner, "sd3": SD3Conditioner,
-            "flux": FluxConditioner}
+    want = {
+        "dit": ClassConditioner,
+        "unet": ClassConditioner,
+        "sd15": UNetTextConditioner,
+        "sdxl": UNetTextConditioner,
+        "pixart": PixArtConditioner,
+        "sd3": SD3Conditioner,
+        "flux": FluxConditioner,
+    }
     for fam in FAMILIES:
         assert type(make_tiny(fam).denoiser.conditioner) is want[fam], fam
     assert make_tiny("dit").denoiser.conditioner.null_class == 10  # num_embeds_ada_norm
@@ -35,38 +50,85 @@ def _pipeline_latents(fam, tiny, noise, cond, w, n):
     b = noise.shape[0]
     common = dict(num_inference_steps=n, guidance_scale=w, output_type="latent", height=64, width=64)
     if fam == "sd15":
-        p = diffusers.StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=d.backbone,
-                                              scheduler=ddim_scheduler(tiny.prediction), safety_checker=None,
-                                              feature_extractor=None, requires_safety_checker=False)
-        return p(prompt_embeds=cond["encoder_hidden_states"], negative_prompt_embeds=null.null_embeds.expand(b, -1, -1),
-                 latents=noise, **common).images
+        p = diffusers.StableDiffusionPipeline(
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            unet=d.backbone,
+            scheduler=ddim_scheduler(tiny.prediction),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        return p(
+            prompt_embeds=cond["encoder_hidden_states"],
+            negative_prompt_embeds=null.null_embeds.expand(b, -1, -1),
+            latents=noise,
+            **common,
+        ).images
     if fam == "sdxl":
-        p = diffusers.StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                                tokenizer_2=None, unet=d.backbone,
-                                                scheduler=ddim_scheduler(tiny.prediction))
-        return p(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["text_embeds"],
-                 negative_prompt_embeds=torch.zeros_like(cond["encoder_hidden_states"]),
-                 negative_pooled_prompt_embeds=torch.zeros_like(cond["text_embeds"]), latents=noise, **common).images
+        p = diffusers.StableDiffusionXLPipeline(
+            vae=None,
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=d.backbone,
+            scheduler=ddim_scheduler(tiny.prediction),
+        )
+        return p(
+            prompt_embeds=cond["encoder_hidden_states"],
+            pooled_prompt_embeds=cond["text_embeds"],
+            negative_prompt_embeds=torch.zeros_like(cond["encoder_hidden_states"]),
+            negative_pooled_prompt_embeds=torch.zeros_like(cond["text_embeds"]),
+            latents=noise,
+            **common,
+        ).images
     if fam == "pixart":
-        p = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=d.backbone,
-                                          scheduler=ddim_scheduler(tiny.prediction))
-        return p(prompt_embeds=cond["encoder_hidden_states"], prompt_attention_mask=cond["encoder_attention_mask"],
-                 negative_prompt=None, negative_prompt_embeds=null.null_embeds.expand(b, -1, -1),
-                 negative_prompt_attention_mask=null.null_mask.expand(b, -1), latents=noise,
-                 use_resolution_binning=False, **common).images
+        p = diffusers.PixArtAlphaPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=None,
+            transformer=d.backbone,
+            scheduler=ddim_scheduler(tiny.prediction),
+        )
+        return p(
+            prompt_embeds=cond["encoder_hidden_states"],
+            prompt_attention_mask=cond["encoder_attention_mask"],
+            negative_prompt=None,
+            negative_prompt_embeds=null.null_embeds.expand(b, -1, -1),
+            negative_prompt_attention_mask=null.null_mask.expand(b, -1),
+            latents=noise,
+            use_resolution_binning=False,
+            **common,
+        ).images
     if fam == "sd3":
         p = diffusers.StableDiffusion3Pipeline(
-            transformer=d.backbone, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
-            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-            tokenizer_3=None)
-        return p(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
-                 negative_prompt_embeds=null.null_embeds.expand(b, -1, -1),
-                 negative_pooled_prompt_embeds=null.null_pooled.expand(b, -1), latents=noise, **common).images
+            transformer=d.backbone,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+        return p(
+            prompt_embeds=cond["encoder_hidden_states"],
+            pooled_prompt_embeds=cond["pooled_projections"],
+            negative_prompt_embeds=null.null_embeds.expand(b, -1, -1),
+            negative_pooled_prompt_embeds=null.null_pooled.expand(b, -1),
+            latents=noise,
+            **common,
+        ).images
     raise AssertionError(fam)
 
 
-@pytest.mark.parametrize("fam,prediction", [("sd15", "epsilon"), ("sd15", "v_prediction"), ("sdxl", "epsilon"),
-                                            ("pixart", "v_prediction"), ("sd3", "flow")])
+@pytest.mark.parametrize(
+    "fam,prediction",
+    [("sd15", "epsilon"), ("sd15", "v_prediction"), ("sdxl", "epsilon"), ("pixart", "v_prediction"), ("sd3", "flow")],
+)
 def test_guided_sampling_matches_the_pipeline(fam, prediction):
     tiny = make_tiny(fam, prediction=prediction)
     g = torch.Generator().manual_seed(1)
@@ -87,17 +149,35 @@ def test_flux_matches_the_pipeline(guidance_embeds):
     g = torch.Generator().manual_seed(2)
     noise = torch.randn(2, *tiny.latent_shape, generator=g)
     cond = tiny.cond(2, g)
-    p = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-                               tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=d.backbone)
-    kw = dict(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
-              latents=FluxConditioner.pack(noise), num_inference_steps=4, output_type="latent", height=64, width=64)
+    p = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=d.backbone,
+    )
+    kw = dict(
+        prompt_embeds=cond["encoder_hidden_states"],
+        pooled_prompt_embeds=cond["pooled_projections"],
+        latents=FluxConditioner.pack(noise),
+        num_inference_steps=4,
+        output_type="latent",
+        height=64,
+        width=64,
+    )
     if guidance_embeds:
         ref = p(guidance_scale=2.5, **kw).images
         w = 2.5
     else:
         c = d.conditioner
-        ref = p(true_cfg_scale=3.0, negative_prompt_embeds=c.null_embeds.expand(2, -1, -1),
-                negative_pooled_prompt_embeds=c.null_pooled.expand(2, -1), **kw).images
+        ref = p(
+            true_cfg_scale=3.0,
+            negative_prompt_embeds=c.null_embeds.expand(2, -1, -1),
+            negative_pooled_prompt_embeds=c.null_pooled.expand(2, -1),
+            **kw,
+        ).images
         w = 3.0
     ref = FluxConditioner.unpack(ref, 8, 8)
     ours = sample(d, noise, cond, torch.linspace(1, 0, 5), guidance=w)  # shift 1: sigmas linspace(1, 1/4, 4)
@@ -124,9 +204,19 @@ def test_pixart_size_conditions_default_to_the_latent_size():
 
     torch.manual_seed(0)
     # the size embeddings take a third of the width each: width 12
-    bb = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=6, in_channels=4, out_channels=8,
-                                  num_layers=1, cross_attention_dim=12, sample_size=8, patch_size=2,
-                                  caption_channels=16, use_additional_conditions=True, norm_num_groups=4)
+    bb = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=6,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=12,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=16,
+        use_additional_conditions=True,
+        norm_num_groups=4,
+    )
     for p in bb.parameters():
         if (p == 0).all():
             torch.nn.init.normal_(p, std=0.02)
@@ -146,9 +236,10 @@ def test_pixart_null_of_another_length_is_padded_and_masked():
     tiny = make_tiny("pixart")
     c = tiny.denoiser.conditioner
     cond = tiny.cond(2)
-    long_cond = {"encoder_hidden_states": torch.cat([cond["encoder_hidden_states"], torch.randn(2, 3, 16)], 1),
-                 "encoder_attention_mask": torch.cat([cond["encoder_attention_mask"],
-                                                      torch.zeros(2, 3, dtype=torch.long)], 1)}
+    long_cond = {
+        "encoder_hidden_states": torch.cat([cond["encoder_hidden_states"], torch.randn(2, 3, 16)], 1),
+        "encoder_attention_mask": torch.cat([cond["encoder_attention_mask"], torch.zeros(2, 3, dtype=torch.long)], 1),
+    }
     null = c.null(long_cond, 2)
     assert null["encoder_hidden_states"].shape == (2, TEXT_LEN + 3, 16)
     assert null["encoder_attention_mask"][:, TEXT_LEN:].sum() == 0
@@ -192,8 +283,9 @@ def test_guidance_without_a_null_is_a_clear_error():
     with pytest.raises(ValueError, match="guidance-distilled"):
         make_tiny("flux").denoiser(x, 0.5, make_tiny("flux").cond(2), output="cond_uncond")
     with pytest.raises(ValueError, match="null class"):
-        Denoiser(make_tiny("unet").backbone, tiny.path)(torch.randn(2, 1, 8, 8), 0.5,
-                                                        {"class_labels": torch.tensor([1, 2])}, guidance=2.0)
+        Denoiser(make_tiny("unet").backbone, tiny.path)(
+            torch.randn(2, 1, 8, 8), 0.5, {"class_labels": torch.tensor([1, 2])}, guidance=2.0
+        )
 
 
 def test_cat_and_index_cond():

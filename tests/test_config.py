@@ -1,14 +1,22 @@
 """Configs: typed defaults, YAML presets, key=value overrides, errors that name the key, and every
 file in configs/ loads and validates (objective hyperparameters against the objective's own
 dataclass; accelerate launch configs through accelerate's own loader)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from fewstep.config import (Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_override,
-                            resolve_group)
+from fewstep.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_override,
+    resolve_group,
+)
 from fewstep.objectives import registry
 from fewstep.objectives.registry import make_params
 
@@ -28,9 +36,19 @@ def test_defaults_and_preset_name():
 
 
 def test_overrides_dotted_typed():
-    cfg = load_config(CONFIGS / "digits" / "dsm.yaml", [
-        "objective.t_min=0.05", "optim.generator.lr=1e-5", "data.batch_size=8", "lora.target_modules=[to_q,to_v]",
-        "optim.fake_score.betas=[0.0, 0.95]", "resume=latest", "lora.student=true", "precision.mixed_precision=bf16"])
+    cfg = load_config(
+        CONFIGS / "digits" / "dsm.yaml",
+        [
+            "objective.t_min=0.05",
+            "optim.generator.lr=1e-5",
+            "data.batch_size=8",
+            "lora.target_modules=[to_q,to_v]",
+            "optim.fake_score.betas=[0.0, 0.95]",
+            "resume=latest",
+            "lora.student=true",
+            "precision.mixed_precision=bf16",
+        ],
+    )
     assert cfg.objective.params["t_min"] == 0.05
     assert cfg.optim["generator"].lr == 1e-5 and isinstance(cfg.optim["generator"].lr, float)  # YAML reads 1e-5 as str
     assert cfg.data.batch_size == 8 and cfg.lora.target_modules == ["to_q", "to_v"]
@@ -44,20 +62,23 @@ def test_overrides_dotted_typed():
     assert resolve_group(cfg, "generator", {"lr": 3e-3}).lr == 1e-5
 
 
-@pytest.mark.parametrize("override, key", [
-    ("data.batchsize=4", "data.batchsize"),
-    ("optim.generator.lrr=1e-4", "optim.generator.lrr"),
-    ("lora.rnk=4", "lora.rnk"),
-    ("stepz=3", "stepz"),
-    ("data.batch_size=abc", "data.batch_size"),
-    ("lora.student=maybe", "lora.student"),
-    ("optim.generator.betas=[0.9]", "optim.generator.betas"),
-    ("precision.mixed_precision=fp8", "precision.mixed_precision"),
-    ("checkpoint.state_dict=zip", "checkpoint.state_dict"),
-    ("ema.rate=1.5", "ema.rate"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("optim.generator.grad_clip=-1", "optim.generator.grad_clip"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batchsize=4", "data.batchsize"),
+        ("optim.generator.lrr=1e-4", "optim.generator.lrr"),
+        ("lora.rnk=4", "lora.rnk"),
+        ("stepz=3", "stepz"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("lora.student=maybe", "lora.student"),
+        ("optim.generator.betas=[0.9]", "optim.generator.betas"),
+        ("precision.mixed_precision=fp8", "precision.mixed_precision"),
+        ("checkpoint.state_dict=zip", "checkpoint.state_dict"),
+        ("ema.rate=1.5", "ema.rate"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("optim.generator.grad_clip=-1", "optim.generator.grad_clip"),
+    ],
+)
 def test_bad_key_or_type_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "digits" / "dsm.yaml", [override])
@@ -131,8 +152,14 @@ def test_every_preset_loads_and_validates(path):
 
 def test_presets_exist():
     names = {str(p.relative_to(CONFIGS)) for p in PRESETS}
-    for need in ("digits/dsm.yaml", "sd15/dmd2_1step.yaml", "sdxl/dmd2_4step_lora.yaml", "pixart/tdm_4step.yaml",
-                 "sd3/scm_2step.yaml", "flux/dmd2_4step.yaml"):
+    for need in (
+        "digits/dsm.yaml",
+        "sd15/dmd2_1step.yaml",
+        "sdxl/dmd2_4step_lora.yaml",
+        "pixart/tdm_4step.yaml",
+        "sd3/scm_2step.yaml",
+        "flux/dmd2_4step.yaml",
+    ):
         assert need in names
 
 

@@ -1,17 +1,23 @@
 """LCM-style consistency distillation: boundary condition, LCMScheduler agreement, the LoRA
 variant, and one training step on tiny models of several families."""
-from __future__ import annotations
 
-import copy
+from __future__ import annotations
 
 import pytest
 import torch
 
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives.base import trainable_parameters
-from fewstep.objectives.consistency import (LCMObjective, LCMParams, adapters_disabled, add_guidance_embedding,
-                                            boundary_scalings, guidance_scale_embedding, has_adapters,
-                                            lcm_timesteps)
+from fewstep.objectives.consistency import (
+    LCMObjective,
+    LCMParams,
+    adapters_disabled,
+    add_guidance_embedding,
+    boundary_scalings,
+    guidance_scale_embedding,
+    has_adapters,
+    lcm_timesteps,
+)
 from fewstep.samplers import sample
 from tests.tiny import make_tiny
 
@@ -81,11 +87,17 @@ def test_generic_sampler_reproduces_lcm_scheduler():
     assert obj.sampling["times"] == [1.0, 0.76, 0.5, 0.26, 0.0]
     cond = tiny.cond(2)
     noise = torch.randn(2, *tiny.latent_shape)
-    ours = sample(student, noise, cond, obj.sampling["times"], renoise="fresh",
-                  generator=torch.Generator().manual_seed(5))
+    ours = sample(
+        student, noise, cond, obj.sampling["times"], renoise="fresh", generator=torch.Generator().manual_seed(5)
+    )
 
-    sch = LCMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085,
-                       beta_end=0.012, clip_sample=False)
+    sch = LCMScheduler(
+        prediction_type="v_prediction",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+    )
     sch.set_timesteps(4)
     gen = torch.Generator().manual_seed(5)
     x = noise.clone()
@@ -107,9 +119,12 @@ def test_guidance_embedding_matches_pipeline_and_reaches_unet():
     tiny = make_tiny("sd15")
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
         add_guidance_embedding(copy_denoiser(make_tiny("dit").denoiser), 8)
-    obj = LCMObjective(LCMParams(guidance_min=2.0, guidance_max=8.0), tiny.denoiser,
-                       add_guidance_embedding(copy_denoiser(tiny.denoiser), 8),
-                       add_guidance_embedding(copy_denoiser(tiny.denoiser, False), 8))
+    obj = LCMObjective(
+        LCMParams(guidance_min=2.0, guidance_max=8.0),
+        tiny.denoiser,
+        add_guidance_embedding(copy_denoiser(tiny.denoiser), 8),
+        add_guidance_embedding(copy_denoiser(tiny.denoiser, False), 8),
+    )
     assert obj.w_dim == 8 and obj.sampling["guidance_embedding"]["dim"] == 8
     student = obj.nets["student"]
     x, cond = torch.randn(2, *tiny.latent_shape), tiny.cond(2)
@@ -126,9 +141,16 @@ def test_guidance_embedding_matches_pipeline_and_reaches_unet():
     assert (a - b).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("family,prediction,real", [("dit", "epsilon", True), ("sdxl", "v_prediction", True),
-                                                    ("pixart", "epsilon", False), ("sd3", "flow", True),
-                                                    ("flux", "flow", False)])
+@pytest.mark.parametrize(
+    "family,prediction,real",
+    [
+        ("dit", "epsilon", True),
+        ("sdxl", "v_prediction", True),
+        ("pixart", "epsilon", False),
+        ("sd3", "flow", True),
+        ("flux", "flow", False),
+    ],
+)
 def test_one_step_changes_only_student_and_ema_target(family, prediction, real):
     tiny = make_tiny(family, prediction=prediction if prediction != "flow" else "epsilon")
     obj = _objective(tiny)
@@ -165,8 +187,9 @@ def test_lora_variant_teacher_is_student_with_adapters_off():
 
     tiny = make_tiny("sd15")
     student = copy_denoiser(tiny.denoiser, trainable=False)
-    student.backbone.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    student.backbone.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     with torch.no_grad():  # LoRA B starts at zero; give the adapters an effect to detect
         for n, p in student.named_parameters():
             if "lora_B" in n:
@@ -240,8 +263,13 @@ def test_registry_lora_student_selects_the_lora_variant():
 
     tiny = make_tiny("dit")
     make_student, make_copy = make_factories(LoraConfig(student=True, rank=4, alpha=4.0), family="dit")
-    ctx = BuildContext(latent_shape=tiny.latent_shape, num_classes=10, has_real_data=True,
-                       make_student=make_student, make_copy=make_copy)
+    ctx = BuildContext(
+        latent_shape=tiny.latent_shape,
+        num_classes=10,
+        has_real_data=True,
+        make_student=make_student,
+        make_copy=make_copy,
+    )
     obj = build_objective("lcm", {"guidance_min": 2.0, "guidance_max": 3.0}, tiny.denoiser, ctx)
     assert obj.lora and set(obj.nets) == {"student", "teacher"}
     teacher0 = _state(tiny.denoiser)

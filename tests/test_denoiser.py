@@ -1,5 +1,6 @@
 """The Denoiser adapter: exact x0 on an analytic teacher whatever its prediction type, CFG
 algebra, every family at tiny size, and float32 out of low-precision backbones."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,10 +37,16 @@ def _gmm(path):
     return gmm_denoiser(path, MEANS, std=STD, classes=CLASSES)
 
 
-@pytest.mark.parametrize("path", [VPPath.from_config({**SD, "prediction_type": "epsilon"}),
-                                  VPPath.from_config({**SD, "prediction_type": "v_prediction"}),
-                                  FlowPath(1000, shift=3.0), TrigFlowPath(0.5)],
-                         ids=["epsilon", "v_prediction", "flow", "trigflow"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        VPPath.from_config({**SD, "prediction_type": "epsilon"}),
+        VPPath.from_config({**SD, "prediction_type": "v_prediction"}),
+        FlowPath(1000, shift=3.0),
+        TrigFlowPath(0.5),
+    ],
+    ids=["epsilon", "v_prediction", "flow", "trigflow"],
+)
 def test_adapter_gives_the_exact_posterior_mean(path):
     d = _gmm(path)
     g = torch.Generator().manual_seed(0)
@@ -85,8 +92,8 @@ def test_cfg_algebra():
     ws = torch.tensor([1.0, 2.5, 7.0], dtype=torch.float64)
     batched = d(x, 0.6, cond, guidance=ws)
     for i in range(3):
-        one = d(x[i:i + 1], 0.6, {"class_labels": cond["class_labels"][i:i + 1]}, guidance=float(ws[i]))
-        assert torch.allclose(batched[i:i + 1], one, atol=1e-10)
+        one = d(x[i : i + 1], 0.6, {"class_labels": cond["class_labels"][i : i + 1]}, guidance=float(ws[i]))
+        assert torch.allclose(batched[i : i + 1], one, atol=1e-10)
     # cond_uncond: both x0 from one pass
     xc, xu = d(x, 0.6, cond, output="cond_uncond")
     assert torch.allclose(xc, d(x, 0.6, cond), atol=1e-12) and torch.allclose(xu, d(x, 0.6, null), atol=1e-12)

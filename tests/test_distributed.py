@@ -1,6 +1,7 @@
 """Two processes (gloo on CPU, one torchrun launch for the whole file): data parallel gives the
 same losses and weights as one process at the same global batch, and FSDP2 through accelerate's
 plugin trains the same, saves a sharded (and a full) checkpoint, and resumes from it."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,14 @@ def launched(tmp_path_factory):
         pytest.skip("torchrun is not installed")
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/dist/run_dist.py"),
-                           str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/dist/run_dist.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(ROOT),
+    )
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     result = json.loads((out / "dist_result.json").read_text())

@@ -1,6 +1,7 @@
 """DMD / DMD2 / Decoupled DMD: which weights each phase moves, the maths at its fixed points,
 start-up errors, teacher-sample caches, the shared-base adapter switching (also under DDP), and
 a short run on the exact Gaussian-mixture teacher."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -29,8 +30,11 @@ def _tiny(family: str, prediction: str = "epsilon"):
 
 def _batch(tiny, b: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return {"cond": tiny.cond(b, g), "x0": torch.randn((b, *tiny.latent_shape), generator=g),
-            "shape": (b, *tiny.latent_shape)}
+    return {
+        "cond": tiny.cond(b, g),
+        "x0": torch.randn((b, *tiny.latent_shape), generator=g),
+        "shape": (b, *tiny.latent_shape),
+    }
 
 
 def _optimizers(obj, lr: float = 1e-3):
@@ -61,8 +65,9 @@ def _changed(before, obj, role) -> bool:
 
 def _teacher_state(teacher: Denoiser):
     # (peft moves an adapted layer's weights under `base_layer`)
-    return {k.replace(".base_layer", ""): v.clone() for k, v in teacher.backbone.state_dict().items()
-            if "lora_" not in k}
+    return {
+        k.replace(".base_layer", ""): v.clone() for k, v in teacher.backbone.state_dict().items() if "lora_" not in k
+    }
 
 
 # ---- one step of each variant on several backbone families ------------------------------------
@@ -81,8 +86,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,prediction,variant,kw", CASES,
-                         ids=[f"{c[0]}-{c[2]}-{'-'.join(k for k in c[3] if k != 'student_times')}" for c in CASES])
+@pytest.mark.parametrize(
+    "family,prediction,variant,kw",
+    CASES,
+    ids=[f"{c[0]}-{c[2]}-{'-'.join(k for k in c[3] if k != 'student_times')}" for c in CASES],
+)
 def test_one_step_updates_only_its_networks(family, prediction, variant, kw, tmp_path):
     tiny = _tiny(family, prediction)
     teacher = tiny.denoiser
@@ -171,8 +179,9 @@ def test_ca_term_moves_a_sample_toward_its_class(kind):
     and the term vanishes at w = 1 without calling the teacher."""
     path = FlowPath(1000) if kind == "flow" else vp_path_sample()
     teacher, means = _two_class_gmm(path)
-    obj = build(DMDParams(variant="ddmd", guidance=4.0, ca_t_min=0.3, ca_t_max=0.7), teacher,
-                context(latent_shape=(2, 1, 1)))
+    obj = build(
+        DMDParams(variant="ddmd", guidance=4.0, ca_t_min=0.3, ca_t_max=0.7), teacher, context(latent_shape=(2, 1, 1))
+    )
     torch.manual_seed(0)
     x_hat = 0.7 * torch.randn(64, 2, 1, 1)
     labels = torch.arange(64) % 2
@@ -201,8 +210,9 @@ class _Recorder(nn.Module):
 
 
 def vp_path_sample():
-    return VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                               "prediction_type": "epsilon"})
+    return VPPath.from_config(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}
+    )
 
 
 def test_ca_renoising_level_never_exceeds_the_generators_input_level():
@@ -210,8 +220,13 @@ def test_ca_renoising_level_never_exceeds_the_generators_input_level():
     (the teacher's cond/uncond pass) never exceeds the generator's input time of that step, while
     the DM term's may (its range is [dm_t_min, dm_t_max])."""
     teacher, _ = _two_class_gmm(FlowPath(1000), learnable=True)
-    obj = build(DMDParams(variant="ddmd", guidance=3.0, num_steps=3, student_times=[1.0, 0.6, 0.3],
-                          ca_t_min=0.02, ca_t_max=0.98), teacher, context(latent_shape=(2, 1, 1)))
+    obj = build(
+        DMDParams(
+            variant="ddmd", guidance=3.0, num_steps=3, student_times=[1.0, 0.6, 0.3], ca_t_min=0.02, ca_t_max=0.98
+        ),
+        teacher,
+        context(latent_shape=(2, 1, 1)),
+    )
     calls = []
     obj.nets["teacher"] = _Recorder(teacher, calls)
     seen = set()
@@ -243,6 +258,7 @@ def test_ddmd_switches_zero_exactly_the_other_term():
         loss, logs = obj.loss("generator", batch, 0)
         loss.backward()
         return obj.nets["student"].backbone.means.grad.clone(), obj
+
     full, _ = grad()
     ca_only, o_ca = grad(dm_weight=0.0)
     dm_only, _ = grad(ca_weight=0.0)
@@ -259,16 +275,19 @@ def test_channel_kl_vanishes_on_matching_statistics():
 
 
 # ---- start-up errors that name the key -------------------------------------------------------
-@pytest.mark.parametrize("kw,has_real,key", [
-    (dict(gan=True), False, "objective.gan"),
-    (dict(num_steps=4), False, "objective.student_times"),
-    (dict(num_steps=2, student_times=[1.0, 0.6, 0.3]), False, "objective.student_times"),
-    (dict(num_steps=2, student_times=[0.5, 0.9]), False, "objective.student_times"),
-    (dict(variant="dmd", regression_weight=0.0), False, "objective.regression_weight"),
-    (dict(variant="ddmd", dm_kind="meanvar", meanvar_target="real"), False, "objective.meanvar_target"),
-    (dict(variant="ddmd", ca_t_min=0.6, num_steps=2, student_times=[1.0, 0.5]), False, "objective.ca_t_min"),
-    (dict(variant="dmdx"), False, "objective.variant"),
-])
+@pytest.mark.parametrize(
+    "kw,has_real,key",
+    [
+        (dict(gan=True), False, "objective.gan"),
+        (dict(num_steps=4), False, "objective.student_times"),
+        (dict(num_steps=2, student_times=[1.0, 0.6, 0.3]), False, "objective.student_times"),
+        (dict(num_steps=2, student_times=[0.5, 0.9]), False, "objective.student_times"),
+        (dict(variant="dmd", regression_weight=0.0), False, "objective.regression_weight"),
+        (dict(variant="ddmd", dm_kind="meanvar", meanvar_target="real"), False, "objective.meanvar_target"),
+        (dict(variant="ddmd", ca_t_min=0.6, num_steps=2, student_times=[1.0, 0.5]), False, "objective.ca_t_min"),
+        (dict(variant="dmdx"), False, "objective.variant"),
+    ],
+)
 def test_bad_presets_fail_at_start_naming_the_key(kw, has_real, key):
     tiny = _tiny("dit")
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -290,18 +309,30 @@ def test_registry_builds_each_name():
     tiny = _tiny("dit")
     for name, variant in (("dmd2", "dmd2"), ("dmd", "dmd"), ("decoupled_dmd", "ddmd")):
         ctx = registry.BuildContext(latent_shape=tiny.latent_shape, num_classes=10, seed=1)
-        obj = registry.build_objective(name, {"guidance": 2.0, "num_steps": 2, "student_times": [1.0, 0.5]}
-                                       if name != "dmd" else {"guidance": 2.0}, tiny.denoiser, ctx)
+        obj = registry.build_objective(
+            name,
+            {"guidance": 2.0, "num_steps": 2, "student_times": [1.0, 0.5]} if name != "dmd" else {"guidance": 2.0},
+            tiny.denoiser,
+            ctx,
+        )
         assert obj.variant == variant and obj.groups == {"generator": ["student"], "fake_score": ["fake"]}
     with pytest.raises(Exception, match="objective.num_steps"):
-        registry.build_objective("dmd2", {"num_steps": 3}, tiny.denoiser,
-                                 registry.BuildContext(latent_shape=tiny.latent_shape))
+        registry.build_objective(
+            "dmd2", {"num_steps": 3}, tiny.denoiser, registry.BuildContext(latent_shape=tiny.latent_shape)
+        )
 
 
 # ---- regression pairs: made once, cached, keyed by teacher and sampler settings ------------------
 def test_regression_pairs_are_teacher_samples_cached_on_disk(tmp_path):
     tiny = _tiny("dit")
-    kw = dict(variant="dmd", regression_weight=0.25, regression_pairs=6, regression_steps=3, guidance=2.0, cache_dir=str(tmp_path))
+    kw = dict(
+        variant="dmd",
+        regression_weight=0.25,
+        regression_pairs=6,
+        regression_steps=3,
+        guidance=2.0,
+        cache_dir=str(tmp_path),
+    )
     obj = build(DMDParams(**kw), tiny.denoiser, context(latent_shape=tiny.latent_shape))
     batch = _batch(tiny, b=3)
     _, logs = obj.loss("generator", batch, 0)
@@ -318,8 +349,9 @@ def test_regression_pairs_are_teacher_samples_cached_on_disk(tmp_path):
     obj2 = build(DMDParams(**kw), tiny.denoiser, context(latent_shape=tiny.latent_shape))
     obj2.loss("generator", batch, 0)
     assert torch.equal(obj2._pairs[1], y) and files[0].stat().st_mtime_ns == stamp
-    obj3 = build(DMDParams(**{**kw, "regression_guidance": 1.5}), tiny.denoiser,
-                 context(latent_shape=tiny.latent_shape))
+    obj3 = build(
+        DMDParams(**{**kw, "regression_guidance": 1.5}), tiny.denoiser, context(latent_shape=tiny.latent_shape)
+    )
     obj3.loss("generator", batch, 0)
     assert len(list(tmp_path.glob("teacher_samples_*.safetensors"))) == 2
 
@@ -368,7 +400,7 @@ def test_shared_base_holds_fewer_parameter_bytes():
         for net in obj.nets.values():
             mods = [net, getattr(net, "backbone", None)]
             for m in mods:
-                for p in (m.parameters() if m is not None else []):
+                for p in m.parameters() if m is not None else []:
                     if id(p) not in seen:
                         seen.add(id(p))
                         total += p.numel() * p.element_size()
@@ -376,8 +408,9 @@ def test_shared_base_holds_fewer_parameter_bytes():
 
     full = held(build(DMDParams(), _tiny("sdxl").denoiser, context(latent_shape=(4, 8, 8))))
     lora1 = SimpleNamespace(rank=1, alpha=1.0, target_modules=None, dropout=0.0)
-    shared = held(build(DMDParams(shared_base=True), _tiny("sdxl").denoiser,
-                        context(latent_shape=(4, 8, 8), lora=lora1)))
+    shared = held(
+        build(DMDParams(shared_base=True), _tiny("sdxl").denoiser, context(latent_shape=(4, 8, 8), lora=lora1))
+    )
     one = sum(p.numel() * p.element_size() for p in _tiny("sdxl").denoiser.parameters())
     assert full == 3 * one
     assert shared < 0.6 * full
@@ -392,16 +425,18 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     try:
         torch.manual_seed(100 + rank)  # different data and noise per process
         tiny = _tiny("dit")
-        obj = build(DMDParams(shared_base=True, gan=True, guidance=3.0, fake_updates_per_generator=1), tiny.denoiser,
-                    context(latent_shape=tiny.latent_shape, has_real_data=True, seed=7, lora=LORA))
+        obj = build(
+            DMDParams(shared_base=True, gan=True, guidance=3.0, fake_updates_per_generator=1),
+            tiny.denoiser,
+            context(latent_shape=tiny.latent_shape, has_real_data=True, seed=7, lora=LORA),
+        )
         for role in ("student", "fake", "disc"):
             obj.nets[role] = DDP(obj.nets[role])
         opts = _optimizers(obj, lr=1e-2)
         for step in range(2):
             for phase in obj.phases(step):
                 _step(obj, opts, phase, _batch(tiny, seed=10 * rank + step), step)
-        flat = torch.cat([p.detach().flatten() for r in ("student", "fake", "disc")
-                          for p in obj.nets[r].parameters()])
+        flat = torch.cat([p.detach().flatten() for r in ("student", "fake", "disc") for p in obj.nets[r].parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         if rank == 0:
@@ -440,8 +475,9 @@ class _MLPGenerator(nn.Module):
 
     def __init__(self, d: int, width: int = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, d))
+        self.net = nn.Sequential(
+            nn.Linear(d, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d)
+        )
 
     def forward(self, x, timestep, class_labels=None):
         return _Out(self.net(x.flatten(1)).view_as(x))
@@ -454,8 +490,9 @@ class _ResidualFake(nn.Module):
     def __init__(self, base, d: int, width: int = 64):
         super().__init__()
         self.base = base
-        self.net = nn.Sequential(nn.Linear(d + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, d))
+        self.net = nn.Sequential(
+            nn.Linear(d + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d)
+        )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -483,16 +520,24 @@ def _sliced_w2(a, b, n_proj=64, seed=3) -> float:
 
 @pytest.mark.parametrize("kind", ["flow", "vp"])
 def test_dmd2_moves_one_step_generator_toward_the_mixture(kind):
-    path = FlowPath(1000) if kind == "flow" else VPPath.from_config(
-        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "sample"})
+    path = (
+        FlowPath(1000)
+        if kind == "flow"
+        else VPPath.from_config(
+            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "sample"}
+        )
+    )
     means = torch.tensor([[2.0, 2.0], [-2.0, -1.0], [1.5, -2.0]]).view(3, 2, 1, 1)
     teacher = gmm_denoiser(path, means, std=0.3)
     fake = Denoiser(_ResidualFake(copy_denoiser(teacher, trainable=False).backbone, 2), path, _Plain())
     student = Denoiser(_MLPGenerator(2), path, _Plain())
-    obj = DMDObjective(DMDParams(guidance=1.0, fake_updates_per_generator=2), teacher, student, fake,
-                       latent_shape=(2, 1, 1))
-    opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=1e-3),
-            "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2)}
+    obj = DMDObjective(
+        DMDParams(guidance=1.0, fake_updates_per_generator=2), teacher, student, fake, latent_shape=(2, 1, 1)
+    )
+    opts = {
+        "generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=1e-3),
+        "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2),
+    }
     exact = teacher.backbone.sample_data(2000, generator=torch.Generator().manual_seed(1))
     z = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
 
@@ -517,16 +562,35 @@ def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_stude
 
     tiny = _tiny("dit")
     lat, lab = torch.randn(40, *tiny.latent_shape), torch.arange(40) % 10
-    bundle = TeacherBundle(denoiser=tiny.denoiser, latent_shape=tiny.latent_shape, family="dit", num_classes=10,
-                           null_class=10, real_data=lambda: (lat, lab))
-    cfg = config_from_dict({
-        "name": "dmd-test", "output_dir": str(tmp_path / "run"), "steps": 2,
-        "objective": {"name": "dmd2", "guidance": 2.0, "gan": True, "shared_base": True, "num_steps": 2,
-                      "student_times": [1.0, 0.5], "fake_updates_per_generator": 2},
-        "data": {"batch_size": 4, "real_data": True}, "lora": {"rank": 2, "alpha": 2.0},
-        "optim": {"generator": {"lr": 1e-2}, "fake_score": {"lr": 1e-2}},
-        "log": {"every": 2, "sample_every": 0, "sample_count": 4, "trackers": [], "progress": False},
-        "checkpoint": {"every": 0}})
+    bundle = TeacherBundle(
+        denoiser=tiny.denoiser,
+        latent_shape=tiny.latent_shape,
+        family="dit",
+        num_classes=10,
+        null_class=10,
+        real_data=lambda: (lat, lab),
+    )
+    cfg = config_from_dict(
+        {
+            "name": "dmd-test",
+            "output_dir": str(tmp_path / "run"),
+            "steps": 2,
+            "objective": {
+                "name": "dmd2",
+                "guidance": 2.0,
+                "gan": True,
+                "shared_base": True,
+                "num_steps": 2,
+                "student_times": [1.0, 0.5],
+                "fake_updates_per_generator": 2,
+            },
+            "data": {"batch_size": 4, "real_data": True},
+            "lora": {"rank": 2, "alpha": 2.0},
+            "optim": {"generator": {"lr": 1e-2}, "fake_score": {"lr": 1e-2}},
+            "log": {"every": 2, "sample_every": 0, "sample_count": 4, "trackers": [], "progress": False},
+            "checkpoint": {"every": 0},
+        }
+    )
     res = training.run(cfg, teacher=bundle)
     assert res.steps == 2 and res.skipped == 0  # step 1 updates the generator
     assert res.logs["generator/dm_grad_norm"] > 0 and "fake_score/gan_d" in res.logs
@@ -570,8 +634,9 @@ class _PlainConvNet(nn.Module):
     def __init__(self, channels: int = 4, width: int = 16):
         super().__init__()
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
-        self.body = nn.ModuleDict({"mid": nn.Sequential(nn.Conv2d(width, width, 3, padding=1),
-                                                        nn.GroupNorm(4, width), nn.SiLU())})
+        self.body = nn.ModuleDict(
+            {"mid": nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(4, width), nn.SiLU())}
+        )
         self.out = nn.Conv2d(width, channels, 3, padding=1)
 
     def forward(self, x, timestep):
@@ -589,8 +654,9 @@ def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
         build(DMDParams(gan=True, guidance=1.0), teacher, ctx)
     with pytest.raises(ValueError, match="objective.gan_feature_layer='body.nope'"):
         build(DMDParams(gan=True, guidance=1.0, gan_feature_layer="body.nope"), teacher, ctx)
-    obj = build(DMDParams(gan=True, guidance=1.0, fake_updates_per_generator=1, gan_feature_layer="body.mid"),
-                teacher, ctx)
+    obj = build(
+        DMDParams(gan=True, guidance=1.0, fake_updates_per_generator=1, gan_feature_layer="body.mid"), teacher, ctx
+    )
     assert obj.nets["disc"].in_channels == 16  # the GroupNorm's width inside the named layer
     with pytest.raises(ValueError, match="16 channels .* head expects 8: objective.gan_feature_layer"):
         DiscriminatorHead(8, (8, 8))(torch.randn(2, 16, 8, 8))

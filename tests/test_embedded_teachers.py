@@ -1,5 +1,6 @@
 """The embedded digits teachers: they load, sample, decode, and fewstep's samplers reproduce the
 stock DiTPipeline on them (DDIM for VP, Euler for flow)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from fewstep.digits.data import WEIGHTS_DIR, load_digits_tensors
-from fewstep.digits.models import DIT_CONFIG, build_dit
 from fewstep.digits.embedded_teachers import load_digits_teacher, teacher_card, teacher_dir
+from fewstep.digits.models import DIT_CONFIG, build_dit
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
 
@@ -47,7 +48,9 @@ def test_four_step_sample_decodes_to_digits(teachers, kind):
     t = teachers[kind]
     y = torch.arange(20) % 10
     noise = torch.randn(20, *t.latent_shape, generator=torch.Generator().manual_seed(1))
-    z0 = sample(t.denoiser, noise, {"class_labels": y}, t.path.sampling_times(4), guidance=teacher_card(kind)["guidance"])
+    z0 = sample(
+        t.denoiser, noise, {"class_labels": y}, t.path.sampling_times(4), guidance=teacher_card(kind)["guidance"]
+    )
     img = t.decode(z0)
     assert img.shape == (20, 1, 32, 32) and img.dtype == torch.float32
     assert torch.isfinite(img).all() and img.min() >= -1 and img.max() <= 1
@@ -74,8 +77,13 @@ def _pipeline_images(t, labels, guidance, steps, seed):
         # DiTPipeline calls scheduler.scale_model_input, which FlowMatchEulerDiscreteScheduler lacks;
         # for a flow path the input is not scaled, so the identity is exact.
         pipe.scheduler.scale_model_input = lambda sample, timestep=None: sample
-    out = pipe(class_labels=labels, guidance_scale=guidance, num_inference_steps=steps,
-               generator=torch.Generator().manual_seed(seed), output_type="pt")
+    out = pipe(
+        class_labels=labels,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
     return out.images
 
 
@@ -83,17 +91,19 @@ def _pipeline_images(t, labels, guidance, steps, seed):
 def test_fewstep_sampler_reproduces_dit_pipeline(teachers, kind):
     t = teachers[kind]
     labels, guidance, steps, seed = [3, 7, 0], 2.5, 4, 123
-    ref = _pipeline_images(t, labels, guidance, steps, seed)            # (3, 1, 32, 32) in [0, 1]
+    ref = _pipeline_images(t, labels, guidance, steps, seed)  # (3, 1, 32, 32) in [0, 1]
     # DiTPipeline draws its latents with randn_tensor from the generator on the CPU
     noise = torch.randn(3, *t.latent_shape, generator=torch.Generator().manual_seed(seed))
-    z0 = sample(t.denoiser, noise, {"class_labels": torch.tensor(labels)}, t.path.sampling_times(steps),
-                guidance=guidance)
+    z0 = sample(
+        t.denoiser, noise, {"class_labels": torch.tensor(labels)}, t.path.sampling_times(steps), guidance=guidance
+    )
     ours = (t.decode(z0) / 2 + 0.5).clamp(0, 1)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() < 1e-4
     # and the comparison is not vacuous: other labels give other images
-    z1 = sample(t.denoiser, noise, {"class_labels": torch.tensor([4, 4, 4])}, t.path.sampling_times(steps),
-                guidance=guidance)
+    z1 = sample(
+        t.denoiser, noise, {"class_labels": torch.tensor([4, 4, 4])}, t.path.sampling_times(steps), guidance=guidance
+    )
     assert ((t.decode(z1) / 2 + 0.5).clamp(0, 1) - ref).abs().max().item() > 0.1
 
 
@@ -129,15 +139,19 @@ def test_training_script_runs_two_steps(tmp_path):
     assert isinstance(b.path, FlowPath)
     z = sample(b.denoiser, torch.randn(2, 4, 8, 8), {"class_labels": torch.tensor([1, 2])}, b.path.sampling_times(2))
     assert b.decode(z).shape == (2, 1, 32, 32)
-    assert not list(tmp_path.glob(".*.tmp-*"))             # the pipeline was swapped in whole
+    assert not list(tmp_path.glob(".*.tmp-*"))  # the pipeline was swapped in whole
     # one command (--separate-stages) reproduces the two-run history (VAE run, then --vae-from) bit for bit
     one = tmp_path / "flow_one"
-    assert script.main(["--kind", "flow", "--out", str(one), "--separate-stages", "--vae-steps", "2",
-                        "--vae-batch", "8", *common]) == 0
+    assert (
+        script.main(
+            ["--kind", "flow", "--out", str(one), "--separate-stages", "--vae-steps", "2", "--vae-batch", "8", *common]
+        )
+        == 0
+    )
     from safetensors.torch import load_file
 
     for part in ("vae", "transformer"):
         (fa,), (fb,) = sorted((flow / part).glob("*.safetensors")), sorted((one / part).glob("*.safetensors"))
         sa, sb = load_file(str(fa)), load_file(str(fb))
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), part
-    assert (WEIGHTS_DIR / "teachers.json").read_text() == before   # --no-card leaves the cards alone
+    assert (WEIGHTS_DIR / "teachers.json").read_text() == before  # --no-card leaves the cards alone

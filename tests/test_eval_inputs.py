@@ -1,6 +1,7 @@
 """Bad and awkward input to `fewstep eval`: each case either converts as documented in
 fewstep/evaluation/inputs.py or stops with a message naming the file, and no results file is
 left behind as if complete."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,7 @@ def test_truncated_png_fails_when_read_naming_the_file(tmp_path):
     data = full.read_bytes()
     cut = tmp_path / "cut.png"
     cut.write_bytes(data[: len(data) // 2])  # valid header, half the pixel data
-    folder = ImageFolder(tmp_path)           # headers are fine
+    folder = ImageFolder(tmp_path)  # headers are fine
     with pytest.raises(InputError, match="cut.png"):
         [folder[i] for i in range(len(folder))]
 
@@ -92,7 +93,7 @@ def test_grayscale_rgba_palette_and_16bit_convert_as_documented(tmp_path):
     la.save(tmp_path / "la.png")
     assert torch.equal(read_image(tmp_path / "la.png")[1], torch.from_numpy(g))
 
-    g16 = (g.astype(np.uint16) * 257)  # 16-bit grayscale of the same picture
+    g16 = g.astype(np.uint16) * 257  # 16-bit grayscale of the same picture
     Image.fromarray(g16).save(tmp_path / "g16.png")
     assert torch.equal(read_image(tmp_path / "g16.png")[0], torch.from_numpy(g))
 
@@ -116,7 +117,7 @@ def _digits_folder(path, n=24, start=0):
 
     path.mkdir(parents=True, exist_ok=True)
     x, _ = load_digits_tensors()
-    for i, im in enumerate(to_uint8_rgb(x[start:start + n])):
+    for i, im in enumerate(to_uint8_rgb(x[start : start + n])):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(path / f"{i:04d}.png")
     return path
 
@@ -131,18 +132,36 @@ def test_corrupt_reference_stops_before_generation_and_writes_nothing(tmp_path, 
     monkeypatch.setattr("fewstep.evaluation.sources.load_source", no_generation)
     out = tmp_path / "out"
     with pytest.raises(InputError, match="zz_corrupt.png"):
-        evaluate(EvalSpec(pipeline="digits-vp", reference=str(ref), metrics=["fid"], num_samples=10,
-                          out=str(out), cache=False, progress=False))
+        evaluate(
+            EvalSpec(
+                pipeline="digits-vp",
+                reference=str(ref),
+                metrics=["fid"],
+                num_samples=10,
+                out=str(out),
+                cache=False,
+                progress=False,
+            )
+        )
     assert not (out / "results.json").exists() and not (out / "results.md").exists()
 
 
 def test_missing_inception_weights_stop_before_generation_naming_file_and_flag(tmp_path, monkeypatch):
-    monkeypatch.setattr("fewstep.evaluation.sources.load_source",
-                        lambda *a, **k: pytest.fail("generation started without the Inception weights"))
+    monkeypatch.setattr(
+        "fewstep.evaluation.sources.load_source",
+        lambda *a, **k: pytest.fail("generation started without the Inception weights"),
+    )
     missing = tmp_path / "nowhere" / "inception.pth"
     with pytest.raises(InputError, match=r"inception.pth.*--inception-weights"):
-        evaluate(EvalSpec(pipeline="digits-vp", feature_extractor="inception-v3-compat",
-                          inception_weights=str(missing), metrics=["fid"], out=str(tmp_path / "out")))
+        evaluate(
+            EvalSpec(
+                pipeline="digits-vp",
+                feature_extractor="inception-v3-compat",
+                inception_weights=str(missing),
+                metrics=["fid"],
+                out=str(tmp_path / "out"),
+            )
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -150,8 +169,11 @@ def test_missing_clip_model_stops_naming_the_flag(tmp_path):
     with pytest.raises(InputError, match="--clip-model"):
         evaluate(EvalSpec(pipeline="digits-vp", metrics=["clip"], out=str(tmp_path / "out")))
     with pytest.raises(InputError, match=r"nope.*--clip-model"):
-        evaluate(EvalSpec(pipeline="digits-vp", metrics=["clip"], clip_model=str(tmp_path / "nope"),
-                          out=str(tmp_path / "out")))
+        evaluate(
+            EvalSpec(
+                pipeline="digits-vp", metrics=["clip"], clip_model=str(tmp_path / "nope"), out=str(tmp_path / "out")
+            )
+        )
 
 
 def test_unpicklable_inception_file_is_refused(tmp_path):
@@ -161,31 +183,61 @@ def test_unpicklable_inception_file_is_refused(tmp_path):
     with open(bad, "wb") as f:
         pickle.dump({"w": object()}, f)
     with pytest.raises(InputError, match="weights_only=True"):
-        evaluate(EvalSpec(images=str(tmp_path), feature_extractor="inception-v3-compat",
-                          inception_weights=str(bad), metrics=["fid"], reference="digits",
-                          out=str(tmp_path / "out")))
+        evaluate(
+            EvalSpec(
+                images=str(tmp_path),
+                feature_extractor="inception-v3-compat",
+                inception_weights=str(bad),
+                metrics=["fid"],
+                reference="digits",
+                out=str(tmp_path / "out"),
+            )
+        )
 
 
 def test_bad_statistics_files_name_the_file(tmp_path):
     imgs = _digits_folder(tmp_path / "gen")
     np.savez(tmp_path / "stats.npz", mean=np.zeros(3))
     with pytest.raises(InputError, match=r"stats.npz.*'mu' and 'sigma'"):
-        evaluate(EvalSpec(images=str(imgs), reference=str(tmp_path / "stats.npz"), metrics=["fid"],
-                          out=str(tmp_path / "out"), progress=False))
+        evaluate(
+            EvalSpec(
+                images=str(imgs),
+                reference=str(tmp_path / "stats.npz"),
+                metrics=["fid"],
+                out=str(tmp_path / "out"),
+                progress=False,
+            )
+        )
     np.savez(tmp_path / "s2.npz", mu=np.zeros(64), sigma=np.eye(64))
     with pytest.raises(InputError, match="KID and precision/recall need reference features"):
-        evaluate(EvalSpec(images=str(imgs), reference=str(tmp_path / "s2.npz"), metrics=["fid", "kid"],
-                          out=str(tmp_path / "out"), progress=False))
+        evaluate(
+            EvalSpec(
+                images=str(imgs),
+                reference=str(tmp_path / "s2.npz"),
+                metrics=["fid", "kid"],
+                out=str(tmp_path / "out"),
+                progress=False,
+            )
+        )
     assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_a_stats_file_with_kid_stops_before_generation(tmp_path, monkeypatch):
     np.savez(tmp_path / "s2.npz", mu=np.zeros(64), sigma=np.eye(64))
-    monkeypatch.setattr("fewstep.evaluation.sources.load_source",
-                        lambda *a, **k: pytest.fail("generation started although KID cannot be computed"))
+    monkeypatch.setattr(
+        "fewstep.evaluation.sources.load_source",
+        lambda *a, **k: pytest.fail("generation started although KID cannot be computed"),
+    )
     with pytest.raises(InputError, match=r"s2.npz: KID"):
-        evaluate(EvalSpec(pipeline="digits-vp", reference=str(tmp_path / "s2.npz"), metrics=["fid", "kid"],
-                          out=str(tmp_path / "out"), progress=False))
+        evaluate(
+            EvalSpec(
+                pipeline="digits-vp",
+                reference=str(tmp_path / "s2.npz"),
+                metrics=["fid", "kid"],
+                out=str(tmp_path / "out"),
+                progress=False,
+            )
+        )
 
 
 def test_a_run_that_fails_midway_leaves_only_a_partial_file(tmp_path, monkeypatch):
@@ -209,8 +261,7 @@ def test_a_run_that_fails_midway_leaves_only_a_partial_file(tmp_path, monkeypatc
     monkeypatch.setattr(run_mod, "_one_steps", one_steps)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="second step count"):
-        evaluate(EvalSpec(pipeline="fake", steps=[1, 2], metrics=["fid"], num_samples=10, out=str(out),
-                          progress=False))
+        evaluate(EvalSpec(pipeline="fake", steps=[1, 2], metrics=["fid"], num_samples=10, out=str(out), progress=False))
     assert not (out / "results.json").exists() and not (out / "results.md").exists()
     partial = json.loads((out / "results.partial.json").read_text())
     assert partial["complete"] is False and len(partial["rows"]) == 1
@@ -227,7 +278,9 @@ def test_a_folder_of_samples_is_scored_with_the_condition_free_metrics(tmp_path)
     imgs = _digits_folder(tmp_path / "gen", n=30, start=100)
     res = evaluate(EvalSpec(images=str(imgs), out=str(tmp_path / "out"), progress=False))
     assert set(res["rows"][0]["metrics"]) == {"fid", "kid", "precision", "recall"}
-    assert res["rows"][0]["num_samples"] == 30 and json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
+    assert (
+        res["rows"][0]["num_samples"] == 30 and json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
+    )
     with pytest.raises(InputError, match="need --pipeline"):
         evaluate(EvalSpec(images=str(imgs), metrics=["fid", "class_acc"], out=str(tmp_path / "o2")))
 
@@ -237,13 +290,14 @@ def test_inception_from_a_local_weights_file_matches_torch_fidelity(tmp_path):
     torch-fidelity's own format stand in for the real file, which is not shipped)."""
     from unittest import mock
 
-    from PIL import Image
-
     import torch_fidelity
     import torch_fidelity.feature_extractor_inceptionv3 as inc
+    from PIL import Image
 
-    with mock.patch.object(inc, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+    with (
+        mock.patch.object(inc, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
+    ):
         torch.manual_seed(0)
         state = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
     weights = tmp_path / "inception.pth"
@@ -255,13 +309,28 @@ def test_inception_from_a_local_weights_file_matches_torch_fidelity(tmp_path):
         (tmp_path / name).mkdir()
         for i, im in enumerate(part):
             Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / name / f"{i}.png")
-    res = evaluate(EvalSpec(images=str(tmp_path / "gen"), reference=str(tmp_path / "ref"), metrics=["fid"],
-                            feature_extractor="inception-v3-compat", inception_weights=str(weights),
-                            out=str(tmp_path / "o"), progress=False))
-    direct = torch_fidelity.calculate_metrics(input1=str(tmp_path / "gen"), input2=str(tmp_path / "ref"), fid=True,
-                                              feature_extractor="inception-v3-compat", cuda=False, cache=False,
-                                              feature_extractor_weights_path=str(weights), verbose=False,
-                                              save_cpu_ram=True)
+    res = evaluate(
+        EvalSpec(
+            images=str(tmp_path / "gen"),
+            reference=str(tmp_path / "ref"),
+            metrics=["fid"],
+            feature_extractor="inception-v3-compat",
+            inception_weights=str(weights),
+            out=str(tmp_path / "o"),
+            progress=False,
+        )
+    )
+    direct = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "gen"),
+        input2=str(tmp_path / "ref"),
+        fid=True,
+        feature_extractor="inception-v3-compat",
+        cuda=False,
+        cache=False,
+        feature_extractor_weights_path=str(weights),
+        verbose=False,
+        save_cpu_ram=True,
+    )
     ours = res["rows"][0]["metrics"]["fid"]
     assert ours["extractor"] == "inception-v3-compat" and ours["layer"] == "2048"
     assert res["extractor"]["weights_file"] == str(weights)

@@ -1,6 +1,7 @@
 """`fewstep eval` end to end: the harness's FID is torch-fidelity's own number on the same
 images, the maths agrees with closed forms, results carry their provenance, generation is
 seeded, CLIP score and diversity are what they claim, and the command line works."""
+
 from __future__ import annotations
 
 import json
@@ -50,41 +51,70 @@ def test_generated_fid_kid_equal_torch_fidelity_on_the_saved_images(tiny_dit_dir
     import torch_fidelity
 
     out = tmp_path / "out"
-    res = evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[2], num_samples=40, batch_size=16,
-                            metrics=["fid", "kid", "prc"], save_images=True, out=str(out), progress=False))
+    res = evaluate(
+        EvalSpec(
+            pipeline=str(tiny_dit_dir),
+            steps=[2],
+            num_samples=40,
+            batch_size=16,
+            metrics=["fid", "kid", "prc"],
+            save_images=True,
+            out=str(out),
+            progress=False,
+        )
+    )
     row = res["rows"][0]
     ref, _ = _digits_u8()
     direct = torch_fidelity.calculate_metrics(
-        input1=str(out / "images" / "steps2"), input2=TensorImages(ref), fid=True, kid=True, prc=True,
-        kid_subset_size=40, cache=False, verbose=False, save_cpu_ram=True, **res["torch_fidelity_kwargs"])
-    for ours, theirs in ((row["metrics"]["fid"]["value"], direct["frechet_inception_distance"]),
-                         (row["metrics"]["kid"]["value"], direct["kernel_inception_distance_mean"]),
-                         (row["metrics"]["precision"]["value"], direct["precision"]),
-                         (row["metrics"]["recall"]["value"], direct["recall"])):
+        input1=str(out / "images" / "steps2"),
+        input2=TensorImages(ref),
+        fid=True,
+        kid=True,
+        prc=True,
+        kid_subset_size=40,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+        **res["torch_fidelity_kwargs"],
+    )
+    for ours, theirs in (
+        (row["metrics"]["fid"]["value"], direct["frechet_inception_distance"]),
+        (row["metrics"]["kid"]["value"], direct["kernel_inception_distance_mean"]),
+        (row["metrics"]["precision"]["value"], direct["precision"]),
+        (row["metrics"]["recall"]["value"], direct["recall"]),
+    ):
         assert abs(ours - theirs) <= 1e-6 * max(1.0, abs(theirs)), (ours, theirs)
     assert len(list((out / "images" / "steps2").glob("*.png"))) == 40
 
 
 def test_folder_scoring_equals_fidelity_metrics_and_torch_fidelity(tmp_path):
+    import torch_fidelity
     from PIL import Image
 
-    import torch_fidelity
     from fewstep.evaluation.scores import fidelity_metrics
 
     u8, _ = _digits_u8()
     gen, ref = tmp_path / "gen", tmp_path / "ref"
     gen.mkdir()
     ref.mkdir()
-    for i, im in enumerate(u8[:200:2]):      # every other one of the first 200 real digits
+    for i, im in enumerate(u8[:200:2]):  # every other one of the first 200 real digits
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(gen / f"{i:03d}.png")
-    for i, im in enumerate(u8[1000:1300]):   # 300 others as the reference folder
+    for i, im in enumerate(u8[1000:1300]):  # 300 others as the reference folder
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(ref / f"{i:03d}.png")
-    res = evaluate(EvalSpec(images=str(gen), reference=str(ref), metrics=["fid"], out=str(tmp_path / "o"),
-                            progress=False))
+    res = evaluate(
+        EvalSpec(images=str(gen), reference=str(ref), metrics=["fid"], out=str(tmp_path / "o"), progress=False)
+    )
     ours = res["rows"][0]["metrics"]["fid"]["value"]
     theirs = fidelity_metrics(u8[:200:2], u8[1000:1300], fid=True)["fid"]
-    direct = torch_fidelity.calculate_metrics(input1=str(gen), input2=str(ref), fid=True, cache=False,
-                                              verbose=False, save_cpu_ram=True, **res["torch_fidelity_kwargs"])
+    direct = torch_fidelity.calculate_metrics(
+        input1=str(gen),
+        input2=str(ref),
+        fid=True,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+        **res["torch_fidelity_kwargs"],
+    )
     assert res["reference"]["kind"] == "folder" and res["reference"]["count"] == 300
     assert abs(ours - theirs) <= 1e-6 * abs(theirs)
     assert abs(ours - direct["frechet_inception_distance"]) <= 1e-6 * abs(ours)
@@ -122,13 +152,14 @@ def test_statistics_file_reference_gives_the_same_fid(tmp_path):
     np.savez(tmp_path / "digits_stats.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
     g = ext.features(TensorImages(u8[1000:1300]))
     via_stats = fidelity_from_features(g, ReferenceFeatures.from_file(tmp_path / "digits_stats.npz", ext), ext)["fid"]
-    via_feats = fidelity_from_features(g, ReferenceFeatures({}, features={"features": torch.from_numpy(feats).float()}),
-                                       ext)["fid"]
+    via_feats = fidelity_from_features(
+        g, ReferenceFeatures({}, features={"features": torch.from_numpy(feats).float()}), ext
+    )["fid"]
     assert abs(via_stats - via_feats) < 1e-4 * via_feats
 
 
 def test_diversity_and_vendi_known_values():
-    e = torch.eye(4) * 3.0                      # 4 orthogonal points, pairwise distance 3 sqrt(2)
+    e = torch.eye(4) * 3.0  # 4 orthogonal points, pairwise distance 3 sqrt(2)
     assert math.isclose(mean_pairwise_distance(e), 3 * math.sqrt(2), rel_tol=1e-9)
     assert math.isclose(vendi_score(e), 4.0, rel_tol=1e-9)
     same = torch.ones(5, 4)
@@ -145,8 +176,17 @@ def test_results_record_provenance_and_outputs(tiny_dit_dir, tmp_path):
     from fewstep.digits.judge import JUDGE_WEIGHTS, weights_sha256
 
     out = tmp_path / "o"
-    evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[1, 3], num_samples=20, batch_size=8, guidance=1.0,
-                      out=str(out), progress=False))
+    evaluate(
+        EvalSpec(
+            pipeline=str(tiny_dit_dir),
+            steps=[1, 3],
+            num_samples=20,
+            batch_size=8,
+            guidance=1.0,
+            out=str(out),
+            progress=False,
+        )
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is True and res["backend"]["torch_fidelity"] == "0.4.0"
     assert [r["steps"] for r in res["rows"]] == [1, 3]
@@ -238,13 +278,32 @@ def tiny_clip_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("clip")
     tok = tiny_clip_tokenizer(max_length=16)
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
-                                      eos_token_id=1, pad_token_id=1),
-                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                        num_attention_heads=4, image_size=32, patch_size=8), projection_dim=16)
+    proc = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+    )
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     model = CLIPModel(cfg).eval()
     if _direct_clip(model, proc, *_clip_inputs()).mean() < 0:
@@ -275,8 +334,9 @@ def test_clip_score_is_100_times_the_mean_cosine(tiny_clip_dir):
     from fewstep.evaluation.scores import ClipScorer
 
     imgs, caps = _clip_inputs()
-    cos = _direct_clip(CLIPModel.from_pretrained(tiny_clip_dir), CLIPProcessor.from_pretrained(tiny_clip_dir),
-                       imgs, caps)
+    cos = _direct_clip(
+        CLIPModel.from_pretrained(tiny_clip_dir), CLIPProcessor.from_pretrained(tiny_clip_dir), imgs, caps
+    )
     score = ClipScorer(tiny_clip_dir)(imgs, caps, batch_size=2)
     assert score > 0 and abs(score - 100 * cos.mean().item()) < 1e-3
 
@@ -291,18 +351,38 @@ def test_caption_protocol_end_to_end(tiny_clip_dir, tmp_path):
     pipe_dir = tmp_path / "sd15"
     make_tiny_pipeline("sd15").save_pretrained(pipe_dir, safe_serialization=True)
     words = ["a red cat", "a blue dog", "the small photo", "two big dogs", "a green cat"]
-    (tmp_path / "captions.json").write_text(json.dumps({"annotations": [
-        {"image_id": i, "caption": w} for i, w in enumerate(words)] + [{"image_id": 0, "caption": "second"}]}))
+    (tmp_path / "captions.json").write_text(
+        json.dumps(
+            {
+                "annotations": [{"image_id": i, "caption": w} for i, w in enumerate(words)]
+                + [{"image_id": 0, "caption": "second"}]
+            }
+        )
+    )
     ref = tmp_path / "ref"
     ref.mkdir()
     u8, _ = _digits_u8()
     for i, im in enumerate(u8[:12]):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(ref / f"{i}.png")
     out = tmp_path / "out"
-    res = evaluate(EvalSpec(pipeline=str(pipe_dir), protocol="coco2014-30k", steps=[2], num_samples=6, batch_size=6,
-                            captions=str(tmp_path / "captions.json"), reference=str(ref), image_size=32,
-                            feature_extractor="fewstep-digits-judge", clip_model=str(tiny_clip_dir),
-                            metrics=["fid", "clip", "diversity"], guidance=2.0, out=str(out), progress=False))
+    res = evaluate(
+        EvalSpec(
+            pipeline=str(pipe_dir),
+            protocol="coco2014-30k",
+            steps=[2],
+            num_samples=6,
+            batch_size=6,
+            captions=str(tmp_path / "captions.json"),
+            reference=str(ref),
+            image_size=32,
+            feature_extractor="fewstep-digits-judge",
+            clip_model=str(tiny_clip_dir),
+            metrics=["fid", "clip", "diversity"],
+            guidance=2.0,
+            out=str(out),
+            progress=False,
+        )
+    )
     row = res["rows"][0]
     assert set(row["metrics"]) == {"fid", "clip", "diversity", "vendi"}
     assert row["nfe"] == 4 and row["metrics"]["clip"]["n_generated"] == 6
@@ -316,17 +396,55 @@ def test_cli_and_module_entry_point(tiny_dit_dir, tmp_path, capsys):
     from fewstep.cli import main as cli_main
     from fewstep.eval_cmd import main as module_main
 
-    rc = cli_main(["eval", "--pipeline", str(tiny_dit_dir), "--steps", "1", "--num-samples", "12",
-                   "--metrics", "fid,class_acc", "--no-progress", "--out", str(tmp_path / "a")])
+    rc = cli_main(
+        [
+            "eval",
+            "--pipeline",
+            str(tiny_dit_dir),
+            "--steps",
+            "1",
+            "--num-samples",
+            "12",
+            "--metrics",
+            "fid,class_acc",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
     assert rc == 0 and "| " in capsys.readouterr().out
-    rc = module_main(["--pipeline", str(tiny_dit_dir), "--steps", "1", "--num-samples", "12", "--metrics", "fid",
-                      "--no-progress", "--out", str(tmp_path / "b")])
+    rc = module_main(
+        [
+            "--pipeline",
+            str(tiny_dit_dir),
+            "--steps",
+            "1",
+            "--num-samples",
+            "12",
+            "--metrics",
+            "fid",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert rc == 0 and res["command"].startswith("python -m eval.eval_cmd --pipeline")
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     assert a["rows"][0]["metrics"]["fid"]["value"] == res["rows"][0]["metrics"]["fid"]["value"]
-    rc = cli_main(["eval", "--pipeline", str(tiny_dit_dir), "--feature-extractor", "inception-v3-compat",
-                   "--inception-weights", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "c")])
+    rc = cli_main(
+        [
+            "eval",
+            "--pipeline",
+            str(tiny_dit_dir),
+            "--feature-extractor",
+            "inception-v3-compat",
+            "--inception-weights",
+            str(tmp_path / "missing.pth"),
+            "--out",
+            str(tmp_path / "c"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "missing.pth" in err and "--inception-weights" in err
     assert not (tmp_path / "c").exists()
@@ -350,8 +468,14 @@ def _fake_run_dir(root, teacher_dir, sampling, perturb=0.05):
         for p in bb.parameters():
             p.add_(perturb * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     bb.save_pretrained(root / "final" / "student", safe_serialization=True)
-    card = {"name": "tiny", "objective": "dmd2", "teacher": {"source": str(teacher_dir), "family": "dit"},
-            "sampling": sampling, "steps": 2, "files": {"student": "final/student"}}
+    card = {
+        "name": "tiny",
+        "objective": "dmd2",
+        "teacher": {"source": str(teacher_dir), "family": "dit"},
+        "sampling": sampling,
+        "steps": 2,
+        "files": {"student": "final/student"},
+    }
     (root / "run_card.json").write_text(json.dumps(card))
     return root
 
@@ -360,8 +484,11 @@ def test_run_dir_student_samples_with_its_recorded_times(tiny_dit_dir, tmp_path)
     from fewstep.evaluation.sources import load_source
     from fewstep.samplers import initial_noise, sample
 
-    run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.6, 0.0], "renoise": "fresh",
-                                                         "times_by_steps": {"4": [1.0, 0.8, 0.5, 0.2, 0.0]}})
+    run = _fake_run_dir(
+        tmp_path / "run",
+        tiny_dit_dir,
+        {"times": [1.0, 0.6, 0.0], "renoise": "fresh", "times_by_steps": {"4": [1.0, 0.8, 0.5, 0.2, 0.0]}},
+    )
     src = load_source(str(run))
     teacher = load_source(str(tiny_dit_dir))
     assert src.kind == "student" and src.default_guidance == 1.0 and src.info["weights_sha256"]
@@ -371,13 +498,27 @@ def test_run_dir_student_samples_with_its_recorded_times(tiny_dit_dir, tmp_path)
     labels = torch.tensor([1, 2])
     got, _ = src.generate(2, [3, 4], labels=labels, progress=False)
     noise = torch.cat([initial_noise((1, 4, 8, 8), torch.Generator().manual_seed(s)) for s in (3, 4)])
-    lat = sample(src.denoiser, noise, {"class_labels": labels}, [1.0, 0.6, 0.0], renoise="fresh",
-                 generator=torch.Generator().manual_seed(3 * 1_000_003 + 7))
+    lat = sample(
+        src.denoiser,
+        noise,
+        {"class_labels": labels},
+        [1.0, 0.6, 0.0],
+        renoise="fresh",
+        generator=torch.Generator().manual_seed(3 * 1_000_003 + 7),
+    )
     assert torch.allclose(got, src.decode(lat).clamp(-1, 1), atol=1e-5)
     t_img, _ = teacher.generate(2, [3, 4], labels=labels, progress=False)
     assert not torch.allclose(got, t_img, atol=1e-2)  # the student's weights, not the teacher's
-    res = evaluate(EvalSpec(pipeline=str(run), steps=[1, 2], num_samples=10, metrics=["fid", "class_acc"],
-                            out=str(tmp_path / "o"), progress=False))
+    res = evaluate(
+        EvalSpec(
+            pipeline=str(run),
+            steps=[1, 2],
+            num_samples=10,
+            metrics=["fid", "class_acc"],
+            out=str(tmp_path / "o"),
+            progress=False,
+        )
+    )
     assert res["source"]["kind"] == "student" and res["rows"][1]["renoise"] == "fresh"
     assert res["rows"][1]["times_source"] == "card (training times)" and res["rows"][0]["nfe"] == 1
 
@@ -396,15 +537,28 @@ def test_times_override_samples_a_student_at_other_times(tiny_dit_dir, tmp_path)
     base = evaluate(EvalSpec(**spec, out=str(tmp_path / "b")))["rows"][0]
     assert base["times"] == [1.0, 0.6, 0.0] and base["times_source"] == "card (training times)"
     assert (run / "run_card.json").read_text() == card_before  # the run dir is not touched
-    for times, steps, msg in [([1.0, 0.0], [2], "N \\+ 1 times"), ([1.0, 0.5, 0.0], [1, 2], "exactly one"),
-                              ([1.0, 0.5, 0.6], [2], "decrease"), ([1.2, 0.5, 0.0], [2], "at most 1")]:
+    for times, steps, msg in [
+        ([1.0, 0.0], [2], "N \\+ 1 times"),
+        ([1.0, 0.5, 0.0], [1, 2], "exactly one"),
+        ([1.0, 0.5, 0.6], [2], "decrease"),
+        ([1.2, 0.5, 0.0], [2], "at most 1"),
+    ]:
         with pytest.raises(InputError, match=msg):
             evaluate(EvalSpec(**{**spec, "steps": steps}, times=times, out=str(tmp_path / "x")))
     with pytest.raises(InputError, match="--times sets fewstep's sampler"):
         evaluate(EvalSpec(**spec, times=[1.0, 0.3, 0.0], sampler="pipeline", out=str(tmp_path / "x")))
     with pytest.raises(InputError, match="applies to students"):
-        evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[2], num_samples=6, metrics=["class_acc"],
-                          progress=False, times=[1.0, 0.3, 0.0], out=str(tmp_path / "t")))
+        evaluate(
+            EvalSpec(
+                pipeline=str(tiny_dit_dir),
+                steps=[2],
+                num_samples=6,
+                metrics=["class_acc"],
+                progress=False,
+                times=[1.0, 0.3, 0.0],
+                out=str(tmp_path / "t"),
+            )
+        )
     assert not (tmp_path / "x" / "results.json").exists()
 
 
@@ -427,10 +581,19 @@ def test_guidance_embedded_students_get_their_w_as_an_input():
     from fewstep.evaluation.sources import Source
     from fewstep.objectives.consistency import guidance_scale_embedding
 
-    src = Source(kind="student", name="lcm", denoiser=None, decode=lambda z: z, latent_shape=(4, 8, 8),
-                 conditioning="labels", sampling={"times": [1.0, 0.0], "renoise": "fresh",
-                                                  "guidance_embedding": {"key": "timestep_cond", "dim": 16,
-                                                                         "guidance": 8.5}})
+    src = Source(
+        kind="student",
+        name="lcm",
+        denoiser=None,
+        decode=lambda z: z,
+        latent_shape=(4, 8, 8),
+        conditioning="labels",
+        sampling={
+            "times": [1.0, 0.0],
+            "renoise": "fresh",
+            "guidance_embedding": {"key": "timestep_cond", "dim": 16, "guidance": 8.5},
+        },
+    )
     assert src.cfg_and_embedded(None) == (1.0, 8.5) and src.cfg_and_embedded(3.0) == (1.0, 3.0)
     cond = src.conds(torch.tensor([1, 2]), None, "cpu", embedded=8.5)
     assert torch.equal(cond["timestep_cond"], guidance_scale_embedding(torch.full((2,), 7.5), 16))
@@ -444,9 +607,19 @@ def test_a_real_training_run_and_its_checkpoint_are_evaluated(tiny_dit_dir, tmp_
     from fewstep.training import run
 
     preset = Path(__file__).resolve().parents[1] / "configs" / "digits" / "dsm.yaml"
-    cfg = load_config(preset, [
-        f"teacher.source={tiny_dit_dir}", "steps=3", "data.real_data=false", "objective.teacher_steps=2",
-        "data.batch_size=4", "log.sample_every=0", "checkpoint.every=2", f"output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        preset,
+        [
+            f"teacher.source={tiny_dit_dir}",
+            "steps=3",
+            "data.real_data=false",
+            "objective.teacher_steps=2",
+            "data.batch_size=4",
+            "log.sample_every=0",
+            "checkpoint.every=2",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     run(cfg)
     student = load_source(str(tmp_path / "run"))
     ckpt = load_source(str(tmp_path / "run" / "checkpoints" / "step_0000002"))
@@ -472,17 +645,33 @@ def test_hybrid_sampling_hands_over_from_teacher_to_student(tiny_dit_dir, tmp_pa
     got, _ = src.generate(3, [0, 1], labels=labels, hybrid=1, teacher_guidance=1.0, progress=False)
     teacher = load_source(str(tiny_dit_dir))
     noise = torch.cat([initial_noise((1, 4, 8, 8), torch.Generator().manual_seed(s)) for s in (0, 1)])
-    lat = sample_hybrid(teacher.denoiser, src.denoiser, noise, {"class_labels": labels}, [1.0, 0.75],
-                        [0.75, 0.5, 0.0], guidance=1.0, generator=torch.Generator().manual_seed(7))
+    lat = sample_hybrid(
+        teacher.denoiser,
+        src.denoiser,
+        noise,
+        {"class_labels": labels},
+        [1.0, 0.75],
+        [0.75, 0.5, 0.0],
+        guidance=1.0,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert torch.allclose(got, src.decode(lat).clamp(-1, 1), atol=1e-5)
     plain, _ = src.generate(3, [0, 1], labels=labels, progress=False)
     assert not torch.allclose(got, plain, atol=1e-3)
-    res = evaluate(EvalSpec(pipeline=str(run), steps=[3], hybrid=1, num_samples=10, metrics=["fid"],
-                            out=str(tmp_path / "o"), progress=False))
+    res = evaluate(
+        EvalSpec(
+            pipeline=str(run),
+            steps=[3],
+            hybrid=1,
+            num_samples=10,
+            metrics=["fid"],
+            out=str(tmp_path / "o"),
+            progress=False,
+        )
+    )
     assert res["rows"][0]["hybrid"]["teacher_times"] == [1.0, 0.75] and res["rows"][0]["nfe"] == 3
     with pytest.raises(InputError, match="--hybrid needs a student"):
         evaluate(EvalSpec(pipeline=str(tiny_dit_dir), steps=[3], hybrid=1, num_samples=10, out=str(tmp_path / "p")))
-
 
 
 def test_an_exported_student_folder_scores_alike_with_both_samplers(tiny_dit_dir, tmp_path):
@@ -501,8 +690,16 @@ def test_an_exported_student_folder_scores_alike_with_both_samplers(tiny_dit_dir
     stock, _ = src.generate(2, [0, 1, 2], labels=labels, sampler="pipeline", progress=False)
     assert torch.allclose(ours, stock, atol=1e-4)
     with pytest.raises(InputError, match="supports"):
-        evaluate(EvalSpec(pipeline=str(tmp_path / "export"), steps=[1, 2], sampler="pipeline", num_samples=4,
-                          metrics=["fid"], out=str(tmp_path / "o")))
+        evaluate(
+            EvalSpec(
+                pipeline=str(tmp_path / "export"),
+                steps=[1, 2],
+                sampler="pipeline",
+                num_samples=4,
+                metrics=["fid"],
+                out=str(tmp_path / "o"),
+            )
+        )
 
 
 # ---- the benchmark table script ------------------------------------------------------------------------
@@ -520,8 +717,20 @@ def test_benchmark_table_rewrites_only_its_own_section(tiny_dit_dir, tmp_path, c
     bt = _benchmark_module()
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\n## Teachers\n\nteacher rows\n\n## Export\n\nexport rows\n")
-    args = ["--teachers", "", "--students", str(tiny_dit_dir), "--student-steps", "1,2", "--num-samples", "20",
-            "--out", str(tmp_path / "bench"), "--work", str(tmp_path / "work")]
+    args = [
+        "--teachers",
+        "",
+        "--students",
+        str(tiny_dit_dir),
+        "--student-steps",
+        "1,2",
+        "--num-samples",
+        "20",
+        "--out",
+        str(tmp_path / "bench"),
+        "--work",
+        str(tmp_path / "work"),
+    ]
     rc = bt.main(args + ["--write", str(md)])
     first = json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
     assert bt.main(args + ["--reuse"]) == 0 and "reusing" in capsys.readouterr().err
@@ -535,8 +744,14 @@ def test_benchmark_table_rewrites_only_its_own_section(tiny_dit_dir, tmp_path, c
         assert (tmp_path / "bench" / f).is_file()
     # a second run replaces the section in place, and a later section stays after it
     md.write_text(text + "\n## Later\n\nlater rows\n")
-    bt.write_section(md, bt.section_text(json.loads((tmp_path / "bench" / "results.json").read_text())["results"],
-                                         "python eval/benchmark_table.py --again", tmp_path / "bench"))
+    bt.write_section(
+        md,
+        bt.section_text(
+            json.loads((tmp_path / "bench" / "results.json").read_text())["results"],
+            "python eval/benchmark_table.py --again",
+            tmp_path / "bench",
+        ),
+    )
     again = md.read_text()
     assert again.count(bt.SECTION) == 1 and "--again" in again and cmd not in again
     assert again.endswith("## Later\n\nlater rows\n") and "## Export\n\nexport rows" in again
@@ -564,7 +779,7 @@ def test_benchmark_finds_run_dirs_and_exported_students(tiny_dit_dir, tmp_path):
     _fake_run_dir(runs / "a", tiny_dit_dir, {"times": [1.0, 0.0], "renoise": "fresh"})
     (runs / "group" / "b").mkdir(parents=True)
     (runs / "group" / "b" / "run_card.json").write_text("{}")
-    (runs / "cache").mkdir()                       # not a run
+    (runs / "cache").mkdir()  # not a run
     (runs / "exp").mkdir()
     (runs / "exp" / "model_index.json").write_text("{}")
     (runs / "exp" / "fewstep_card.json").write_text("{}")
@@ -578,8 +793,16 @@ def test_embedded_teacher_end_to_end(tmp_path):
     from fewstep.digits.data import WEIGHTS_DIR
 
     card = json.loads((WEIGHTS_DIR / "teachers.json").read_text())["vp"]
-    res = evaluate(EvalSpec(pipeline="digits-vp", steps=[8], num_samples=40, metrics=["fid", "class_acc"],
-                            out=str(tmp_path / "o"), progress=False))
+    res = evaluate(
+        EvalSpec(
+            pipeline="digits-vp",
+            steps=[8],
+            num_samples=40,
+            metrics=["fid", "class_acc"],
+            out=str(tmp_path / "o"),
+            progress=False,
+        )
+    )
     row, src = res["rows"][0], res["source"]
     want = float(card.get("guidance", 1.0))
     assert row["guidance"] == want and (("teachers.json" in src["guidance_source"]) == ("guidance" in card))
@@ -595,8 +818,15 @@ def test_benchmark_reuse_needs_same_times_and_a_students_batch(tiny_dit_dir, tmp
     run = _fake_run_dir(tmp_path / "run", tiny_dit_dir, {"times": [1.0, 0.6, 0.0], "renoise": "fresh"})
 
     def spec(src, out, batch):
-        return EvalSpec(pipeline=str(src), steps=[2], num_samples=8, metrics=["fid"], batch_size=batch,
-                        out=str(tmp_path / out), progress=False)
+        return EvalSpec(
+            pipeline=str(src),
+            steps=[2],
+            num_samples=8,
+            metrics=["fid"],
+            batch_size=batch,
+            out=str(tmp_path / out),
+            progress=False,
+        )
 
     evaluate(spec(run, "s", 4))
     evaluate(spec(tiny_dit_dir, "t", 4))

@@ -8,6 +8,7 @@ never replaces a non-empty folder unless asked.
 Students are built by each objective's own builder around tiny teachers of every family (tests/
 tiny.py pipelines saved with save_pretrained), their weights perturbed as training would, and
 saved by the training entry point's own final-weights writer; one test trains for real."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,17 +18,17 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import diffusers
 import pytest
 import torch
 
-import diffusers
 from fewstep.conditioning import FluxConditioner
 from fewstep.config import LoraConfig
 from fewstep.evaluation.sources import load_source
 from fewstep.export import CARD_NAME, ExportError, export_student, plan_scheduler
 from fewstep.objectives.registry import BuildContext, build_objective, make_params
-from fewstep.samplers import initial_noise, sample
 from fewstep.pipeline_teacher import load_teacher
+from fewstep.samplers import initial_noise, sample
 from fewstep.training.lora import make_factories
 from tests.tiny import _WORDS, make_tiny, make_tiny_pipeline, tiny_vae
 
@@ -37,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "export_check" / "run_pipeline.py"
 PROMPTS = ["a photo of a cat", "two red dogs"]
 LABELS = [3, 7]
-SIZE = 64                      # pixels of the tiny text pipelines (8 x 8 latents)
-GEN_SEED, NOISE_SEED = 11, 5   # fresh noise between steps; initial noise
-HYBRID_W = 3.0                 # the teacher's CFG scale in hybrid sampling
+SIZE = 64  # pixels of the tiny text pipelines (8 x 8 latents)
+GEN_SEED, NOISE_SEED = 11, 5  # fresh noise between steps; initial noise
+HYBRID_W = 3.0  # the teacher's CFG scale in hybrid sampling
 
 DMD4 = {"num_steps": 4, "student_times": [1.0, 0.75, 0.5, 0.25]}
 # (case, teacher, objective, objective params, LoRA student, the step counts the export supports)
@@ -92,8 +93,13 @@ EMBEDDED = [
     ("digits-vp", "lcm", {"num_steps": 4}, {1, 2, 4}, "LCMScheduler"),
     ("digits-vp", "tdm", {"num_steps": 2}, {1, 2, 4}, "DDIMScheduler"),
     ("digits-vp", "dsm", {"sampling_steps": 4}, {4}, "DDIMScheduler"),
-    ("digits-flow", "scm", {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1}, {2},
-     "FlowMatchEulerDiscreteScheduler"),
+    (
+        "digits-flow",
+        "scm",
+        {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1},
+        {2},
+        "FlowMatchEulerDiscreteScheduler",
+    ),
 ]
 
 
@@ -102,9 +108,12 @@ def _teacher_folder(root: Path, kind: str) -> str:
     d = root / kind
     if kind == "dit_flow":  # a flow DiT, as the embedded digits-flow teacher
         tiny = make_tiny("dit")
-        pipe = diffusers.DiTPipeline(transformer=tiny.backbone, vae=tiny_vae(),
-                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
-                                     id2label={i: w for i, w in enumerate(_WORDS[12:22])})
+        pipe = diffusers.DiTPipeline(
+            transformer=tiny.backbone,
+            vae=tiny_vae(),
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
+            id2label={i: w for i, w in enumerate(_WORDS[12:22])},
+        )
     elif kind == "sd15v":  # a v-prediction teacher (as SD 2.x)
         pipe = make_tiny_pipeline("sd15", prediction="v_prediction")
     else:
@@ -122,8 +131,16 @@ def _perturb(backbone: torch.nn.Module, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * (0.02 if "lora_" in n else 0.01))
 
 
-def make_run(root: Path, name: str, teacher_folder: str, objective: str, params: dict, lora: bool = False,
-             seed: int = 0, source: str | None = None) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    teacher_folder: str,
+    objective: str,
+    params: dict,
+    lora: bool = False,
+    seed: int = 0,
+    source: str | None = None,
+) -> Path:
     """A run dir as the training entry point writes it: the objective's own student (built by its
     registry builder), perturbed, saved by the entry point's final-weights writer, and a run card."""
     from fewstep.training.outputs import save_final
@@ -132,9 +149,17 @@ def make_run(root: Path, name: str, teacher_folder: str, objective: str, params:
     lcfg = LoraConfig(student=lora, rank=4, alpha=8.0)
     make_student, make_copy = make_factories(lcfg, family=t.family)
     text = t.family not in ("dit", "unet")
-    ctx = BuildContext(latent_shape=t.latent_shape, num_classes=None if text else 10, text=text,
-                       has_real_data=objective not in DATA_FREE, family=t.family, lora=lcfg, make_student=make_student,
-                       make_copy=make_copy, null_class=None if text else 10)
+    ctx = BuildContext(
+        latent_shape=t.latent_shape,
+        num_classes=None if text else 10,
+        text=text,
+        has_real_data=objective not in DATA_FREE,
+        family=t.family,
+        lora=lcfg,
+        make_student=make_student,
+        make_copy=make_copy,
+        null_class=None if text else 10,
+    )
     p = make_params(objective, params)
     obj = build_objective(objective, p, t.denoiser, ctx)
     student = obj.nets["student"]
@@ -142,11 +167,16 @@ def make_run(root: Path, name: str, teacher_folder: str, objective: str, params:
     run_dir = root / name
     run_dir.mkdir(parents=True)
     files = save_final(run_dir, student, None, SimpleNamespace(is_main_process=True))
-    card = {"name": name, "objective": objective,
-            "objective_params": json.loads(json.dumps(dataclasses.asdict(p), default=str)),
-            "teacher": {"source": source or teacher_folder, "family": t.family, "latent_shape": list(t.latent_shape)},
-            "sampling": obj.sampling, "steps": 1, "files": files,
-            "lora": {"student": True, "fake": False, "rank": 4, "alpha": 8.0} if lora else None}
+    card = {
+        "name": name,
+        "objective": objective,
+        "objective_params": json.loads(json.dumps(dataclasses.asdict(p), default=str)),
+        "teacher": {"source": source or teacher_folder, "family": t.family, "latent_shape": list(t.latent_shape)},
+        "sampling": obj.sampling,
+        "steps": 1,
+        "files": files,
+        "lora": {"student": True, "fake": False, "rank": 4, "alpha": 8.0} if lora else None,
+    }
     (run_dir / "run_card.json").write_text(json.dumps(card, indent=1, default=str))
     return run_dir
 
@@ -190,25 +220,44 @@ def pipeline_jobs(case: str, folder: Path, card: dict, work: Path, lora_base: st
     latents = FluxConditioner.pack(noise) if card["pipeline_class"] == "FluxPipeline" else noise
     save_file({"latents": latents.contiguous()}, str(lat_file))
     for n, s in card["supported_steps"].items():
-        job = {"folder": str(folder), "out": str(work / f"{case}-{n}.safetensors"), "steps": int(n),
-               "guidance_scale": card["guidance_scale"], "call_kwargs": s["call_kwargs"],
-               "generator_seed": GEN_SEED if card["conditioning"] == "text" else NOISE_SEED,
-               "global_seed": GEN_SEED, "patch": bool(card["requires_patch"]), "height": SIZE, "width": SIZE,
-               "extra": {"use_resolution_binning": False} if card["pipeline_class"] == "PixArtAlphaPipeline" else {}}
-        job.update({"labels": LABELS} if card["conditioning"] == "labels" else {"prompts": PROMPTS,
-                                                                               "latents": str(lat_file)})
+        job = {
+            "folder": str(folder),
+            "out": str(work / f"{case}-{n}.safetensors"),
+            "steps": int(n),
+            "guidance_scale": card["guidance_scale"],
+            "call_kwargs": s["call_kwargs"],
+            "generator_seed": GEN_SEED if card["conditioning"] == "text" else NOISE_SEED,
+            "global_seed": GEN_SEED,
+            "patch": bool(card["requires_patch"]),
+            "height": SIZE,
+            "width": SIZE,
+            "extra": {"use_resolution_binning": False} if card["pipeline_class"] == "PixArtAlphaPipeline" else {},
+        }
+        job.update(
+            {"labels": LABELS} if card["conditioning"] == "labels" else {"prompts": PROMPTS, "latents": str(lat_file)}
+        )
         jobs.append(job)
         if lora_base is not None:
-            jobs.append({**job, "out": str(work / f"{case}-{n}-lora.safetensors"),
-                         "lora": {"base": lora_base, "adapter": str(folder / "lora")}})
+            jobs.append(
+                {
+                    **job,
+                    "out": str(work / f"{case}-{n}-lora.safetensors"),
+                    "lora": {"base": lora_base, "adapter": str(folder / "lora")},
+                }
+            )
     return jobs
 
 
 def run_in_fresh_process(jobs: list[dict], work: Path) -> dict:
     spec = work / "jobs.json"
     spec.write_text(json.dumps(jobs))
-    res = subprocess.run([sys.executable, str(CHECK), str(spec)], capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [sys.executable, str(CHECK), str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -232,12 +281,19 @@ def _digits_weights(root: Path, mp: pytest.MonkeyPatch) -> str:
 
     if all((dteacher.teacher_dir(k) / "model_index.json").is_file() for k in ("vp", "flow")):
         return "shipped"
-    for kind, sched in (("vp", diffusers.DDIMScheduler(timestep_spacing="trailing", clip_sample=False,
-                                                       set_alpha_to_one=True, prediction_type="epsilon")),
-                        ("flow", diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0))):
+    for kind, sched in (
+        (
+            "vp",
+            diffusers.DDIMScheduler(
+                timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon"
+            ),
+        ),
+        ("flow", diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)),
+    ):
         tiny = make_tiny("dit", seed=3)
         diffusers.DiTPipeline(transformer=tiny.backbone, vae=tiny_vae(), scheduler=sched).save_pretrained(
-            root / f"teacher_{kind}")
+            root / f"teacher_{kind}"
+        )
     mp.setattr(data, "WEIGHTS_DIR", root)
     mp.setattr(dteacher, "WEIGHTS_DIR", root)
     return "stand-in"
@@ -248,10 +304,21 @@ def _trained_run(root: Path, teacher: str, preset: str, name: str, *extra: str) 
     from fewstep.config import load_config
     from fewstep.training import run
 
-    cfg = load_config(ROOT / "configs" / preset,
-                      [f"teacher.source={teacher}", f"output_dir={root / name}", "steps=2", "data.batch_size=2",
-                       "checkpoint.every=1", "log.sample_count=2", "log.trackers=[]", "log.progress=false",
-                       "objective.fake_updates_per_generator=1", *(extra or ("ema.rate=0",))])
+    cfg = load_config(
+        ROOT / "configs" / preset,
+        [
+            f"teacher.source={teacher}",
+            f"output_dir={root / name}",
+            "steps=2",
+            "data.batch_size=2",
+            "checkpoint.every=1",
+            "log.sample_count=2",
+            "log.trackers=[]",
+            "log.progress=false",
+            "objective.fake_updates_per_generator=1",
+            *(extra or ("ema.rate=0",)),
+        ],
+    )
     return run(cfg).run_dir
 
 
@@ -274,16 +341,33 @@ def exported(tmp_path_factory):
         case = "sdxl-dmd2-4-lora"
         _, res, card = out[case]
         job = pipeline_jobs(case, res.out, card, root)[0]
-        jobs.append({**job, "out": str(root / f"{case}-hybrid.safetensors"),
-                     "hybrid": {"teacher": teachers["sdxl"], "teacher_steps": 1, "guidance": HYBRID_W,
-                                "timesteps": card["supported_steps"]["4"]["timesteps"][1:]}})
+        jobs.append(
+            {
+                **job,
+                "out": str(root / f"{case}-hybrid.safetensors"),
+                "hybrid": {
+                    "teacher": teachers["sdxl"],
+                    "teacher_steps": 1,
+                    "guidance": HYBRID_W,
+                    "timesteps": card["supported_steps"]["4"]["timesteps"][1:],
+                },
+            }
+        )
         # the embedded teachers by name (all cases with the shipped weights; two with the stand-ins)
         embedded = []
-        for i, (name, objective, params, supported, cls) in enumerate(EMBEDDED if weights == "shipped"
-                                                                      else EMBEDDED[:2]):
+        for i, (name, objective, params, supported, cls) in enumerate(
+            EMBEDDED if weights == "shipped" else EMBEDDED[:2]
+        ):
             case = f"{name}-{objective}-{i}"
-            run_dir = make_run(root / "runs", case, str(dteacher.teacher_dir(name.split("-")[1])), objective, params,
-                               seed=i, source=name)
+            run_dir = make_run(
+                root / "runs",
+                case,
+                str(dteacher.teacher_dir(name.split("-")[1])),
+                objective,
+                params,
+                seed=i,
+                source=name,
+            )
             res = export_student(run_dir, root / "exports" / case)
             embedded.append((case, run_dir, res, supported, cls))
             jobs += pipeline_jobs(case, res.out, res.card, root)
@@ -291,21 +375,45 @@ def exported(tmp_path_factory):
         # DiT, and the SDXL LoRA preset (a LoRA checkpoint holds adapters only: merged at export)
         trained = {}
         for key, preset, kind, extra in (
-                ("full", "digits/dmd2_4step_vp.yaml", "dit", ("ema.rate=0.5", "objective.gan=false", "data.real_data=false")),
-                ("lora", "sdxl/dmd2_4step_lora.yaml", "sdxl", ("teacher.dtype=float32", "teacher.resolution=64",
-                                                               "lora.rank=4", "precision.mixed_precision=no",
-                                                               "precision.gradient_checkpointing=false"))):
+            (
+                "full",
+                "digits/dmd2_4step_vp.yaml",
+                "dit",
+                ("ema.rate=0.5", "objective.gan=false", "data.real_data=false"),
+            ),
+            (
+                "lora",
+                "sdxl/dmd2_4step_lora.yaml",
+                "sdxl",
+                (
+                    "teacher.dtype=float32",
+                    "teacher.resolution=64",
+                    "lora.rank=4",
+                    "precision.mixed_precision=no",
+                    "precision.gradient_checkpointing=false",
+                ),
+            ),
+        ):
             run_dir = _trained_run(root, teachers[kind], preset, f"trained-{key}", *extra)
             ck = run_dir / "checkpoints" / "step_0000001"
-            pair = (export_student(run_dir, root / "exports" / f"trained-{key}"),
-                    export_student(ck, root / "exports" / f"trained-{key}-ckpt"))
+            pair = (
+                export_student(run_dir, root / "exports" / f"trained-{key}"),
+                export_student(ck, root / "exports" / f"trained-{key}-ckpt"),
+            )
             base = teachers[kind] if key == "lora" else None
             jobs += pipeline_jobs(f"trained-{key}", pair[0].out, pair[0].card, root, lora_base=base)
             jobs += pipeline_jobs(f"trained-{key}-ckpt", pair[1].out, pair[1].card, root, lora_base=base)
             trained[key] = (run_dir, ck, *pair)
         status = run_in_fresh_process(jobs, root)
-        yield {"root": root, "teachers": teachers, "cases": out, "status": status, "weights": weights,
-               "embedded": embedded, "trained": trained}
+        yield {
+            "root": root,
+            "teachers": teachers,
+            "cases": out,
+            "status": status,
+            "weights": weights,
+            "embedded": embedded,
+            "trained": trained,
+        }
 
 
 def test_the_pipelines_ran_without_fewstep(exported):
@@ -347,8 +455,14 @@ def test_export_card_and_readme(exported):
     index = json.loads((res.out / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "LCMScheduler"] and index["_class_name"] == "DiTPipeline"
     readme = (res.out / "README.md").read_text()
-    for needle in ("DMD2", "num_inference_steps=4", "guidance_scale=1", "torch.manual_seed", "--hybrid",
-                   exported["teachers"]["dit"]):
+    for needle in (
+        "DMD2",
+        "num_inference_steps=4",
+        "guidance_scale=1",
+        "torch.manual_seed",
+        "--hybrid",
+        exported["teachers"]["dit"],
+    ):
         assert needle in readme, needle
     # the student's weights, not the teacher's, are in the folder
     from safetensors.torch import load_file
@@ -399,8 +513,16 @@ def test_hybrid_recipe_of_the_model_card(exported):
     teacher = load_teacher(exported["teachers"]["sdxl"])
     cond = src.conds(None, PROMPTS, "cpu")
     times = card["sampling"]["times"]
-    ref = sample_hybrid(teacher.denoiser, src.denoiser, _noise((2, 4, 8, 8)), cond, times[:2], times[1:],
-                        guidance=HYBRID_W, generator=torch.Generator().manual_seed(GEN_SEED))
+    ref = sample_hybrid(
+        teacher.denoiser,
+        src.denoiser,
+        _noise((2, 4, 8, 8)),
+        cond,
+        times[:2],
+        times[1:],
+        guidance=HYBRID_W,
+        generator=torch.Generator().manual_seed(GEN_SEED),
+    )
     got = pipeline_latents(str(exported["root"] / f"{case}-hybrid.safetensors"), card)
     assert (got - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
     # and it is not simply the student's own sampler
@@ -436,16 +558,23 @@ def test_a_refusal_names_schedules_that_export(pipeline_class):
     from fewstep.objectives import _trigflow as tf
     from fewstep.paths import VPPath
 
-    cfg = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
-           "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
+    cfg = {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "prediction_type": "epsilon",
+    }
     path = VPPath.from_config(cfg)
     params = {"sigma_data": 1.0}
     times = tf.times_from_angles([tf.HALF_PI, 1.1, 0.0], path)
     with pytest.raises(ExportError, match="between integer timesteps") as e:
         plan_scheduler(pipeline_class, cfg, {"times": times, "renoise": "fresh"}, "scm", params)
     angles = json.loads(re.search(r"sampling_angles=(\[[^]]*\])", str(e.value)).group(1))
-    plan = plan_scheduler(pipeline_class, cfg, {"times": tf.times_from_angles(angles + [0.0], path),
-                                                "renoise": "fresh"}, "scm", params)
+    plan = plan_scheduler(
+        pipeline_class, cfg, {"times": tf.times_from_angles(angles + [0.0], path), "renoise": "fresh"}, "scm", params
+    )
     want = [999, 499] if pipeline_class == "DiTPipeline" else [999, 392]
     assert plan.supported[2]["timesteps"] == want
 
@@ -505,17 +634,30 @@ def test_metrics_beside_the_run_go_into_the_card(exported, tmp_path):
     run_dir = exported["cases"]["dit-dmd2-1"][0]
     ev = tmp_path / "eval"
     ev.mkdir()
-    (ev / "results.json").write_text(json.dumps({
-        "format": "fewstep-eval/1", "complete": True, "command": "fewstep eval --pipeline run",
-        "protocol": {"name": "digits"},
-        "rows": [{"steps": 1, "guidance": 1.0, "hybrid": None, "sampler": "fewstep", "num_samples": 100,
-                  "metrics": {"fid": {"value": 12.5}, "class_acc": {"value": 0.91}}}]}))
+    (ev / "results.json").write_text(
+        json.dumps(
+            {
+                "format": "fewstep-eval/1",
+                "complete": True,
+                "command": "fewstep eval --pipeline run",
+                "protocol": {"name": "digits"},
+                "rows": [
+                    {
+                        "steps": 1,
+                        "guidance": 1.0,
+                        "hybrid": None,
+                        "sampler": "fewstep",
+                        "num_samples": 100,
+                        "metrics": {"fid": {"value": 12.5}, "class_acc": {"value": 0.91}},
+                    }
+                ],
+            }
+        )
+    )
     res = export_student(run_dir, tmp_path / "out", eval_results=[ev / "results.json"])
     m = res.card["metrics"]
     assert len(m) == 1 and m[0]["rows"][0]["metrics"] == {"fid": 12.5, "class_acc": 0.91}
     assert "fid 12.5" in (res.out / "README.md").read_text()
-
-
 
 
 def test_trained_runs_and_their_checkpoints_export(exported):
@@ -568,8 +710,14 @@ def test_embedded_default_teachers_export(exported, tmp_path):
             err = (got - ref).abs().max().item()
             assert err < 1e-4 * max(1.0, ref.abs().max().item()), f"{exported['weights']} {case} at {n}: {err:.3g}"
     # the presets' sCM / TBCM angles fall between DDPM indices of the VP teacher: refused, with the reason
-    run_dir = make_run(tmp_path, "vp-scm", str(dteacher.teacher_dir("vp")), "scm",
-                       {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1}, source="digits-vp")
+    run_dir = make_run(
+        tmp_path,
+        "vp-scm",
+        str(dteacher.teacher_dir("vp")),
+        "scm",
+        {"num_steps": 2, "sigma_data": 1.0, "intermediate_angle": 1.1},
+        source="digits-vp",
+    )
     with pytest.raises(ExportError, match="between integer timesteps"):
         export_student(run_dir, tmp_path / "vp-scm-export")
 
@@ -578,14 +726,21 @@ def test_a_v_read_student_of_an_eps_teacher_exports_as_v_prediction():
     """A student trained to be read as v-prediction (the run card's sampling.prediction_type) gets
     a stock scheduler configured for v-prediction, checked against fewstep's sampler on that path;
     a flow teacher cannot change its prediction type and the refusal names the key."""
-    cfg = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
-           "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
+    cfg = {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "prediction_type": "epsilon",
+    }
     sampling = {"times": [1.0, 0.5, 0.0], "renoise": "fresh", "prediction_type": "v_prediction"}
     plan = plan_scheduler("DiTPipeline", cfg, sampling, "scm", {"sigma_data": 1.0})
     assert plan.config["prediction_type"] == "v_prediction"
     assert plan.supported[2]["timesteps"] == [999, 499] and plan.supported[2]["max_rel_error"] < 1e-4
-    plain = plan_scheduler("DiTPipeline", cfg, {"times": [1.0, 0.5, 0.0], "renoise": "fresh"}, "scm",
-                           {"sigma_data": 1.0})
+    plain = plan_scheduler(
+        "DiTPipeline", cfg, {"times": [1.0, 0.5, 0.0], "renoise": "fresh"}, "scm", {"sigma_data": 1.0}
+    )
     assert plain.config["prediction_type"] == "epsilon"
     flow_cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
     with pytest.raises(ExportError, match="prediction_type"):

@@ -1,6 +1,7 @@
 """Guidance 1 needs no unconditional branch: every registered objective, run through the entry
 point at guidance 1 on a teacher without a null condition, trains (or refuses at start-up, naming
 the key), and LCM makes one teacher pass per point."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,15 @@ from tests.dist.bundles import gmm_bundle
 
 QUIET = ["log.trackers=[]", "log.progress=false", "checkpoint.every=0", "log.sample_every=0", "log.sample_count=2"]
 # keys that make the run cheap on the tiny mixture (only where the objective has them)
-CHEAP = {"regression_pairs": 8, "regression_steps": 2, "meanvar_samples": 8, "meanvar_steps": 2,
-         "trajectory_steps": 2, "teacher_steps": 2, "route_steps": 4}
+CHEAP = {
+    "regression_pairs": 8,
+    "regression_steps": 2,
+    "meanvar_samples": 8,
+    "meanvar_steps": 2,
+    "trajectory_steps": 2,
+    "teacher_steps": 2,
+    "route_steps": 4,
+}
 
 
 def _no_null_bundle():
@@ -56,8 +64,15 @@ def test_every_objective_runs_at_guidance_one_without_a_null_condition(name, tmp
     res = None
     for real in ("true", "false"):  # with real data where the objective takes it, else data-free
         out = tmp_path / f"{name}_{real}"
-        over = [f"objective.name={name}", f"output_dir={out}", "data.batch_size=4", f"data.real_data={real}",
-                "generator_steps=1", *QUIET, *_guidance_one_overrides(name)]
+        over = [
+            f"objective.name={name}",
+            f"output_dir={out}",
+            "data.batch_size=4",
+            f"data.real_data={real}",
+            "generator_steps=1",
+            *QUIET,
+            *_guidance_one_overrides(name),
+        ]
         try:
             res = run(load_config(None, over), teacher=_no_null_bundle())
             break

@@ -1,5 +1,6 @@
 """The digits judge: committed weights meet the accuracy bar, both input conventions agree, the
 torch-fidelity extractor follows the interface, and the training script reproduces itself."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +13,16 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from fewstep.digits.data import load_digits_tensors, split_indices, to_uint8_rgb
-from fewstep.digits.judge import (JUDGE_CARD, JUDGE_NAME, JUDGE_WEIGHTS, JudgeFeatureExtractor, load_judge,
-                                  load_judge_card, register_judge_extractor, weights_sha256)
+from fewstep.digits.judge import (
+    JUDGE_CARD,
+    JUDGE_NAME,
+    JUDGE_WEIGHTS,
+    JudgeFeatureExtractor,
+    load_judge,
+    load_judge_card,
+    register_judge_extractor,
+    weights_sha256,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,8 +136,24 @@ def test_training_script_is_deterministic_and_writes_a_loadable_card(tmp_path):
     assert JUDGE_CARD.is_file()
     # another architecture and augmentation recipe (the panel's options) load back as what they are
     out = tmp_path / "vgg" / "j.safetensors"
-    card = train.main(["--epochs", "1", "--width", "8", "--arch", "vgg", "--recipe", "strong", "--seed", "5",
-                       "--name", "fewstep-test-judge", "--out", str(out)])
+    card = train.main(
+        [
+            "--epochs",
+            "1",
+            "--width",
+            "8",
+            "--arch",
+            "vgg",
+            "--recipe",
+            "strong",
+            "--seed",
+            "5",
+            "--name",
+            "fewstep-test-judge",
+            "--out",
+            str(out),
+        ]
+    )
     assert card["architecture"]["arch"] == "vgg" and card["augmentation"]["recipe"] == "strong"
     assert card["name"] == "fewstep-test-judge" and card["seed"] == 5
     assert load_judge(out).config() == card["architecture"]

@@ -1,5 +1,6 @@
 """Length limits of fewstep/: no function over 80 lines, no file over 500, except the entries of
 CONTRIBUTING.md's table (each with its reason), and no stale entries in that table."""
+
 from __future__ import annotations
 
 import ast

@@ -12,6 +12,7 @@ a copy of the mixture whose means are moved 0.7 off (trainable means); the DMD f
 one- or few-step generator maps noise to samples, gets a small MLP generator and an MLP-corrected
 copy of the teacher as its fake score (it starts as the teacher, as the methods prescribe).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,9 @@ W = 3.0  # the CFG scale of the guided tests
 
 
 def teacher_gmm(shift: float = 0.0, learnable: bool = False) -> Denoiser:
-    return gmm_denoiser(FlowPath(1000), MEANS + shift, std=0.3, classes=torch.arange(K), null_class=NULL,
-                        learnable=learnable)
+    return gmm_denoiser(
+        FlowPath(1000), MEANS + shift, std=0.3, classes=torch.arange(K), null_class=NULL, learnable=learnable
+    )
 
 
 def labels(n: int) -> torch.Tensor:
@@ -73,8 +75,14 @@ def distance(obj, w: float) -> float:
     z = torch.randn(N_EVAL, *SHAPE, generator=torch.Generator().manual_seed(2))
     s = obj.sampling
     with torch.no_grad():
-        x = sample(student, z, {"class_labels": labels(N_EVAL)}, s["times"], renoise=s["renoise"],
-                   generator=torch.Generator().manual_seed(4))
+        x = sample(
+            student,
+            z,
+            {"class_labels": labels(N_EVAL)},
+            s["times"],
+            renoise=s["renoise"],
+            generator=torch.Generator().manual_seed(4),
+        )
     return sliced_w2(x, reference(w))
 
 
@@ -90,8 +98,9 @@ class MLPGenerator(nn.Module):
     def __init__(self, width: int = 64):
         super().__init__()
         d = SHAPE[0]
-        self.net = nn.Sequential(nn.Linear(d + K + 2, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, d))
+        self.net = nn.Sequential(
+            nn.Linear(d + K + 2, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d)
+        )
 
     def forward(self, x, timestep, class_labels=None):
         t = (timestep.float() / 1000).view(-1, 1)
@@ -111,8 +120,9 @@ class ResidualFake(nn.Module):
         nn.init.zeros_(self.corr.net[-1].bias)
 
     def forward(self, x, timestep, class_labels=None):
-        return _Out(self.base(x, timestep, class_labels=class_labels).sample
-                    + self.corr(x, timestep, class_labels).sample)
+        return _Out(
+            self.base(x, timestep, class_labels=class_labels).sample + self.corr(x, timestep, class_labels).sample
+        )
 
 
 def _cond():
@@ -126,26 +136,41 @@ def ctx_for(kind: str, real: bool = True) -> BuildContext:
     copies."""
     torch.manual_seed(0)
     if kind == "copy":
+
         def make_student(teacher):
             return teacher_gmm(0.7, learnable=True)
+
         make_copy = make_student
     elif kind == "copy+mlp":
+
         def make_student(teacher):
             return Denoiser(ResidualFake(teacher_gmm(0.7, learnable=True).backbone), teacher.path, _cond())
+
         make_copy = make_student
     else:
+
         def make_student(teacher):
             return Denoiser(MLPGenerator(), teacher.path, _cond())
 
         def make_copy(teacher):
             return Denoiser(ResidualFake(copy_denoiser(teacher, trainable=False).backbone), teacher.path, _cond())
-    return BuildContext(latent_shape=SHAPE, num_classes=K, null_class=NULL, has_real_data=real, seed=0,
-                        make_student=make_student, make_copy=make_copy)
+
+    return BuildContext(
+        latent_shape=SHAPE,
+        num_classes=K,
+        null_class=NULL,
+        has_real_data=real,
+        seed=0,
+        make_student=make_student,
+        make_copy=make_copy,
+    )
 
 
 def train(obj, steps: int, lr: dict[str, float], batch: int = 128, real: bool = True, betas=(0.9, 0.99)):
-    opts = {g: torch.optim.Adam(trainable_parameters(obj, g), lr=lr.get(g, lr["generator"]), betas=betas)
-            for g in obj.groups}
+    opts = {
+        g: torch.optim.Adam(trainable_parameters(obj, g), lr=lr.get(g, lr["generator"]), betas=betas)
+        for g in obj.groups
+    }
     truth = teacher_gmm().backbone
     gen = torch.Generator().manual_seed(5)
     for step in range(steps):
@@ -165,8 +190,17 @@ def train(obj, steps: int, lr: dict[str, float], batch: int = 128, real: bool = 
                 obj.after_step(phase, step)
 
 
-def learns(name: str, params: dict, kind: str, w: float, steps: int, lr: dict[str, float], factor: float,
-           real: bool = True, **kw) -> tuple[float, float]:
+def learns(
+    name: str,
+    params: dict,
+    kind: str,
+    w: float,
+    steps: int,
+    lr: dict[str, float],
+    factor: float,
+    real: bool = True,
+    **kw,
+) -> tuple[float, float]:
     """Train `steps` steps; the distance to the reference must fall below `factor` times its start."""
     teacher = teacher_gmm()
     obj = build_objective(name, params, teacher, ctx_for(kind, real))
@@ -183,33 +217,69 @@ def learns(name: str, params: dict, kind: str, w: float, steps: int, lr: dict[st
 # ---- the tests ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("w", [1.0, W])
 def test_dmd2_one_step_learns(w):
-    learns("dmd2", {"guidance": w, "fake_updates_per_generator": 2}, "mlp", w, 300,
-           {"generator": 2e-3, "fake_score": 1e-2}, 0.5)
+    learns(
+        "dmd2",
+        {"guidance": w, "fake_updates_per_generator": 2},
+        "mlp",
+        w,
+        300,
+        {"generator": 2e-3, "fake_score": 1e-2},
+        0.5,
+    )
 
 
 @pytest.mark.parametrize("w", [1.0, W])
 def test_dmd2_four_step_learns(w):
-    learns("dmd2", {"guidance": w, "num_steps": 4, "student_times": [1.0, 0.75, 0.5, 0.25],
-                    "fake_updates_per_generator": 2}, "mlp", w, 160, {"generator": 3e-3, "fake_score": 1e-2}, 0.5,
-           batch=64)
+    learns(
+        "dmd2",
+        {"guidance": w, "num_steps": 4, "student_times": [1.0, 0.75, 0.5, 0.25], "fake_updates_per_generator": 2},
+        "mlp",
+        w,
+        160,
+        {"generator": 3e-3, "fake_score": 1e-2},
+        0.5,
+        batch=64,
+    )
 
 
 @pytest.mark.parametrize("w", [1.0, W])
 def test_dmd_with_regression_learns(w, tmp_path):
-    learns("dmd", {"guidance": w, "regression_pairs": 256, "regression_steps": 20, "cache_dir": str(tmp_path)},
-           "mlp", w, 160, {"generator": 3e-3, "fake_score": 1e-2}, 0.5, batch=64)
+    learns(
+        "dmd",
+        {"guidance": w, "regression_pairs": 256, "regression_steps": 20, "cache_dir": str(tmp_path)},
+        "mlp",
+        w,
+        160,
+        {"generator": 3e-3, "fake_score": 1e-2},
+        0.5,
+        batch=64,
+    )
 
 
 @pytest.mark.parametrize("w", [1.0, W])
 def test_decoupled_dmd_learns(w):
-    learns("decoupled_dmd", {"guidance": w, "fake_updates_per_generator": 2}, "mlp", w, 300,
-           {"generator": 2e-3, "fake_score": 1e-2}, 0.5)
+    learns(
+        "decoupled_dmd",
+        {"guidance": w, "fake_updates_per_generator": 2},
+        "mlp",
+        w,
+        300,
+        {"generator": 2e-3, "fake_score": 1e-2},
+        0.5,
+    )
 
 
 @pytest.mark.parametrize("w,factor", [(1.0, 0.5), (W, 0.65)])
 def test_lcm_learns(w, factor):
-    learns("lcm", {"guidance_min": w, "guidance_max": w, "num_steps": 4, "ema_decay": 0.9, "loss_type": "l2"},
-           "copy+mlp", w, 150, {"generator": 1e-2}, factor)
+    learns(
+        "lcm",
+        {"guidance_min": w, "guidance_max": w, "num_steps": 4, "ema_decay": 0.9, "loss_type": "l2"},
+        "copy+mlp",
+        w,
+        150,
+        {"generator": 1e-2},
+        factor,
+    )
 
 
 @pytest.mark.parametrize("w,kind,lr,factor", [(1.0, "copy", 2e-2, 0.5), (W, "copy+mlp", 1e-2, 0.65)])
@@ -220,14 +290,31 @@ def test_scm_learns(w, kind, lr, factor):
 
 @pytest.mark.parametrize("w,kind,lr,factor", [(1.0, "copy", 2e-2, 0.5), (W, "copy+mlp", 3e-2, 0.75)])
 def test_tbcm_learns(w, kind, lr, factor):
-    learns("tbcm", {"guidance": w, "tangent_warmup": 20, "num_steps": 2, "route_steps": 8}, kind, w, 150,
-           {"generator": lr}, factor, real=False, batch=16)
+    learns(
+        "tbcm",
+        {"guidance": w, "tangent_warmup": 20, "num_steps": 2, "route_steps": 8},
+        kind,
+        w,
+        150,
+        {"generator": lr},
+        factor,
+        real=False,
+        batch=16,
+    )
 
 
 @pytest.mark.parametrize("w", [1.0, W])
 def test_tdm_learns(w):
-    learns("tdm", {"guidance": w, "num_steps": 4}, "copy", w, 150, {"generator": 1e-2, "fake_score": 5e-2}, 0.5,
-           betas=(0.0, 0.95))
+    learns(
+        "tdm",
+        {"guidance": w, "num_steps": 4},
+        "copy",
+        w,
+        150,
+        {"generator": 1e-2, "fake_score": 5e-2},
+        0.5,
+        betas=(0.0, 0.95),
+    )
 
 
 def test_dsm_learns_the_data():
@@ -235,5 +322,13 @@ def test_dsm_learns_the_data():
 
 
 def test_dsm_learns_the_guided_teacher_data_free():
-    learns("dsm", {"sampling_steps": 8, "teacher_guidance": W, "teacher_steps": 16}, "copy", W, 150,
-           {"generator": 2e-2}, 0.6, real=False)
+    learns(
+        "dsm",
+        {"sampling_steps": 8, "teacher_guidance": W, "teacher_steps": 16},
+        "copy",
+        W,
+        150,
+        {"generator": 2e-2},
+        0.6,
+        real=False,
+    )

@@ -2,6 +2,7 @@
 digits.digits_scores): numbers equal torch-fidelity's own, FID matches the closed form on Gaussians,
 separates real from wrong digits, the reference cache is keyed by the judge's weights, and class
 accuracy reads labels."""
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,17 @@ def digits():
 def _direct_fid(a, b, **kw) -> float:
     """torch-fidelity called directly, its cache off."""
     extractor = kw.pop("extractor", JUDGE_NAME)
-    return torch_fidelity.calculate_metrics(input1=a, input2=b, fid=True, feature_extractor=extractor, cuda=False,
-                                            verbose=False, cache=False, save_cpu_ram=True, **kw)[DIRECT_FID]
+    return torch_fidelity.calculate_metrics(
+        input1=a,
+        input2=b,
+        fid=True,
+        feature_extractor=extractor,
+        cuda=False,
+        verbose=False,
+        cache=False,
+        save_cpu_ram=True,
+        **kw,
+    )[DIRECT_FID]
 
 
 def test_fid_equals_a_direct_torch_fidelity_call(digits, tmp_path):

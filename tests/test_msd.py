@@ -2,6 +2,7 @@
 training on the exact Gaussian-mixture teacher (each moves toward its own subset's mixture), the
 smaller students' stages, the entry point's per-student sub-runs with resume, routing, and the
 export (one stock pipeline folder per student, loaded by diffusers alone) with its evaluation."""
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,17 @@ QUIET = {"trackers": [], "progress": False, "sample_every": 0, "sample_count": 2
 
 
 def _cfg(out: Path, teacher: str = "digits-vp", steps: int = 2, **objective) -> dict:
-    return {"name": "msd-test", "output_dir": str(out), "steps": steps, "teacher": {"source": teacher},
-            "objective": {"name": "msd", "num_students": 2, "guidance": 2.0, "fake_updates_per_generator": 1,
-                          **objective},
-            "data": {"batch_size": 4}, "log": dict(QUIET), "checkpoint": {"every": 0},
-            "optim": {"default": {"lr": 1e-3}}}
+    return {
+        "name": "msd-test",
+        "output_dir": str(out),
+        "steps": steps,
+        "teacher": {"source": teacher},
+        "objective": {"name": "msd", "num_students": 2, "guidance": 2.0, "fake_updates_per_generator": 1, **objective},
+        "data": {"batch_size": 4},
+        "log": dict(QUIET),
+        "checkpoint": {"every": 0},
+        "optim": {"default": {"lr": 1e-3}},
+    }
 
 
 def _real(bundle, n: int = 40):
@@ -78,14 +85,17 @@ def test_mapping_file_routes_prompts_and_lines(tmp_path):
 
 
 # ---- bad input: clear errors at start-up naming the key ---------------------------------------------
-@pytest.mark.parametrize("case, key", [
-    ("too_many_students", "objective.num_students"),
-    ("overlap", "objective.partition_file"),
-    ("empty_student", "objective.partition"),
-    ("unassigned", "objective.partition_file"),
-    ("hash_on_labels", "objective.partition"),
-    ("width", "objective.student_width"),
-])
+@pytest.mark.parametrize(
+    "case, key",
+    [
+        ("too_many_students", "objective.num_students"),
+        ("overlap", "objective.partition_file"),
+        ("empty_student", "objective.partition"),
+        ("unassigned", "objective.partition_file"),
+        ("hash_on_labels", "objective.partition"),
+        ("width", "objective.student_width"),
+    ],
+)
 def test_bad_partitions_fail_at_start_naming_the_key(tmp_path, case, key):
     f = tmp_path / "split.json"
     obj: dict = {}
@@ -140,8 +150,9 @@ class _CondMLP(nn.Module):
     def __init__(self, d: int, classes: int, width: int = 64):
         super().__init__()
         self.classes = classes
-        self.net = nn.Sequential(nn.Linear(d + classes, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, d))
+        self.net = nn.Sequential(
+            nn.Linear(d + classes, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d)
+        )
 
     def forward(self, x, timestep, class_labels=None):
         oh = nn.functional.one_hot(class_labels, self.classes).float()
@@ -154,8 +165,9 @@ class _CondResidualFake(nn.Module):
     def __init__(self, base, d: int, classes: int, width: int = 64):
         super().__init__()
         self.base, self.classes = base, classes
-        self.net = nn.Sequential(nn.Linear(d + 1 + classes, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, d))
+        self.net = nn.Sequential(
+            nn.Linear(d + 1 + classes, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d)
+        )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -188,8 +200,9 @@ def test_msd_students_learn_their_own_subsets_mixture():
     by the msd objective on batches restricted to its subset (BatchSource with data.conditions),
     moves toward the exact class-conditional mixture of its own subset. Breaks when the sign of
     the DM gradient flips (the students then move away)."""
-    path = VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                               "prediction_type": "sample"})
+    path = VPPath.from_config(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "sample"}
+    )
     means = torch.tensor([[2.0, 2.0], [-2.0, -1.0], [1.5, -2.0], [-1.0, 2.5]]).view(4, 2, 1, 1)
     teacher = gmm_denoiser(path, means, std=0.3, classes=torch.arange(4))
     bundle = TeacherBundle(denoiser=teacher, latent_shape=(2, 1, 1), num_classes=4)
@@ -198,15 +211,24 @@ def test_msd_students_learn_their_own_subsets_mixture():
     report = []
     for k, subset in enumerate(part.subsets):
         torch.manual_seed(10 + k)
-        ctx = SimpleNamespace(latent_shape=(2, 1, 1), has_real_data=False, seed=k, device=None, num_classes=4,
-                              steps=300,
-                              make_student=lambda t: Denoiser(_CondMLP(2, 4), path, _Labels()),
-                              make_copy=lambda t: Denoiser(_CondResidualFake(t.backbone, 2, 4), path, _Labels()))
-        params = make_params("msd", {"num_students": 2, "student_index": k, "guidance": 1.0,
-                                     "fake_updates_per_generator": 2})
+        ctx = SimpleNamespace(
+            latent_shape=(2, 1, 1),
+            has_real_data=False,
+            seed=k,
+            device=None,
+            num_classes=4,
+            steps=300,
+            make_student=lambda t: Denoiser(_CondMLP(2, 4), path, _Labels()),
+            make_copy=lambda t: Denoiser(_CondResidualFake(t.backbone, 2, 4), path, _Labels()),
+        )
+        params = make_params(
+            "msd", {"num_students": 2, "student_index": k, "guidance": 1.0, "fake_updates_per_generator": 2}
+        )
         obj = build(params, teacher, ctx)
-        opts = {"generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=1e-3),
-                "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2)}
+        opts = {
+            "generator": torch.optim.Adam(trainable_parameters(obj, "generator"), lr=1e-3),
+            "fake_score": torch.optim.Adam(trainable_parameters(obj, "fake_score"), lr=1e-2),
+        }
         source = BatchSource(bundle, 256, seed=k, conditions=subset)
         labels = torch.tensor(subset).repeat_interleave(1000)
         exact = teacher.backbone.sample_data(len(labels), labels, generator=exact_gen)
@@ -250,8 +272,8 @@ def test_smaller_student_config_and_stages():
     x = torch.randn(2, 4, 8, 8)
     assert den(x, 0.5, {"class_labels": torch.tensor([1, 2])}).shape == x.shape
     p = MSDParams(student_width=0.5)
-    assert p.stages(100) == (20, 60)            # pre-training, then DM, then DM + GAN
-    assert MSDParams().stages(100) == (0, 0)    # same-size students: DMD2 (with its GAN) from the start
+    assert p.stages(100) == (20, 60)  # pre-training, then DM, then DM + GAN
+    assert MSDParams().stages(100) == (0, 0)  # same-size students: DMD2 (with its GAN) from the start
 
 
 def test_smaller_student_pretraining_matches_the_teacher_then_distils(tmp_path):
@@ -260,10 +282,19 @@ def test_smaller_student_pretraining_matches_the_teacher_then_distils(tmp_path):
     bundle = _real(tiny_bundle("dit"))
     from fewstep.objectives.registry import BuildContext
 
-    params = make_params("msd", {"num_students": 1, "student_index": 0, "student_width": 0.5, "gan": True,
-                                 "pretrain_steps": 30, "gan_start_step": 31, "fake_updates_per_generator": 1})
-    ctx = BuildContext(latent_shape=bundle.latent_shape, num_classes=10, has_real_data=True, steps=40,
-                       family="dit")
+    params = make_params(
+        "msd",
+        {
+            "num_students": 1,
+            "student_index": 0,
+            "student_width": 0.5,
+            "gan": True,
+            "pretrain_steps": 30,
+            "gan_start_step": 31,
+            "fake_updates_per_generator": 1,
+        },
+    )
+    ctx = BuildContext(latent_shape=bundle.latent_shape, num_classes=10, has_real_data=True, steps=40, family="dit")
     obj = build(params, bundle.denoiser, ctx)
     assert obj.nets["student"].backbone.config.num_attention_heads < bundle.denoiser.backbone.config.num_attention_heads
     opt = {g: torch.optim.Adam(trainable_parameters(obj, g), lr=3e-3) for g in obj.groups}
@@ -334,8 +365,10 @@ def test_entry_point_trains_each_student_on_its_subset_and_resumes(tmp_path):
     res = run(config_from_dict({**d, "resume": "latest"}), teacher=bundle)
     assert not res.stopped_early and res.steps == 4
     card = json.loads((tmp_path / "run" / "run_card.json").read_text())
-    assert card["objective"] == "msd" and [s["conditions"] for s in card["msd"]["students"]] == \
-        [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert card["objective"] == "msd" and [s["conditions"] for s in card["msd"]["students"]] == [
+        [0, 1, 2, 3, 4],
+        [5, 6, 7, 8, 9],
+    ]
     for k, subset in enumerate(([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])):
         sub = tmp_path / "run" / f"student_{k}"
         scfg = load_config(sub / "config.yaml")
@@ -362,11 +395,15 @@ def msd_export(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("msd")
     tiny = make_tiny("dit", seed=3)
-    sched = diffusers.DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
-                                    prediction_type="epsilon")
+    sched = diffusers.DDIMScheduler(
+        timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon"
+    )
     diffusers.DiTPipeline(transformer=tiny.backbone, vae=tiny_vae(), scheduler=sched).save_pretrained(root / "teacher")
-    cfg = config_from_dict(_cfg(root / "run", teacher=str(root / "teacher"), steps=2, student_depth=0.5,
-                                student_width=0.5, pretrain_steps=1))
+    cfg = config_from_dict(
+        _cfg(
+            root / "run", teacher=str(root / "teacher"), steps=2, student_depth=0.5, student_width=0.5, pretrain_steps=1
+        )
+    )
     run(cfg)
     res = export_student(root / "run", root / "export")
     return root, res
@@ -380,20 +417,40 @@ def test_msd_export_loads_per_student_with_stock_diffusers(msd_export):
     root, res = msd_export
     out = res.out
     rec = json.loads((out / "routing.json").read_text())
-    assert rec["students"] == ["student_0", "student_1"] and rec["routes"]["3"] == "student_0" \
+    assert (
+        rec["students"] == ["student_0", "student_1"]
+        and rec["routes"]["3"] == "student_0"
         and rec["routes"]["7"] == "student_1"
-    assert "routing.json" in (out / "README.md").read_text() and "| `student_1` | 5, 6, 7, 8, 9 |" in \
-        (out / "README.md").read_text()
+    )
+    assert (
+        "routing.json" in (out / "README.md").read_text()
+        and "| `student_1` | 5, 6, 7, 8, 9 |" in (out / "README.md").read_text()
+    )
     cfg = json.loads((out / "student_0" / "transformer" / "config.json").read_text())
     assert cfg["num_attention_heads"] == 1  # the smaller students are exported with their own config
     jobs = []
     for label, folder in ((3, "student_0"), (7, "student_1")):
-        jobs.append({"folder": str(out / folder), "out": str(root / f"{folder}.safetensors"), "steps": 1,
-                     "guidance_scale": rec["guidance_scale"], "call_kwargs": {}, "labels": [label],
-                     "generator_seed": 5, "global_seed": 11})
+        jobs.append(
+            {
+                "folder": str(out / folder),
+                "out": str(root / f"{folder}.safetensors"),
+                "steps": 1,
+                "guidance_scale": rec["guidance_scale"],
+                "call_kwargs": {},
+                "labels": [label],
+                "generator_seed": 5,
+                "global_seed": 11,
+            }
+        )
     (root / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([sys.executable, str(CHECK), str(root / "jobs.json")], check=False, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(CHECK), str(root / "jobs.json")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["fewstep_imported"] is False
     stock = torch.cat([load_file(j["out"])["images"] for j in jobs])
@@ -401,8 +458,12 @@ def test_msd_export_loads_per_student_with_stock_diffusers(msd_export):
     pipe = MultiStudentPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(11)
-    routed = pipe(class_labels=[3, 7], num_inference_steps=1,
-                  generator=[torch.Generator().manual_seed(5) for _ in range(2)], output_type="pt").images
+    routed = pipe(
+        class_labels=[3, 7],
+        num_inference_steps=1,
+        generator=[torch.Generator().manual_seed(5) for _ in range(2)],
+        output_type="pt",
+    ).images
     assert torch.allclose(routed.float(), stock, atol=1e-5)
     assert pipe.pipelines[1].vae is pipe.pipelines[0].vae  # teacher components loaded once
     with pytest.raises(ValueError, match="supports"):
@@ -436,9 +497,19 @@ def test_sd15_msd_preset_runs_each_student_at_tiny_size(tmp_path):
     from fewstep.training.data import read_prompts
 
     preset = ROOT / "configs" / "sd15" / "msd_4students.yaml"
-    cfg = load_config(preset, [f"output_dir={tmp_path / 'run'}", "steps=1", "data.batch_size=2", "checkpoint.every=0",
-                               "log.sample_count=2", "log.trackers=[]", "log.progress=false",
-                               "precision.mixed_precision=no"])
+    cfg = load_config(
+        preset,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "steps=1",
+            "data.batch_size=2",
+            "checkpoint.every=0",
+            "log.sample_count=2",
+            "log.trackers=[]",
+            "log.progress=false",
+            "precision.mixed_precision=no",
+        ],
+    )
     bundle = tiny_bundle("sd15")
     before = {k: v.clone() for k, v in bundle.denoiser.backbone.state_dict().items()}
     res = run(cfg, teacher=bundle)
@@ -449,7 +520,9 @@ def test_sd15_msd_preset_runs_each_student_at_tiny_size(tmp_path):
     assert sorted(i for s in subsets for i in s) == list(range(len(prompts)))
     assert all(hash_student(prompts[i], 4) == k for k, s in enumerate(subsets) for i in s)
     for k in range(4):
-        assert (tmp_path / "run" / f"student_{k}" / "final" / "student" / "diffusion_pytorch_model.safetensors").is_file()
+        assert (
+            tmp_path / "run" / f"student_{k}" / "final" / "student" / "diffusion_pytorch_model.safetensors"
+        ).is_file()
     assert all(torch.equal(before[k], v) for k, v in bundle.denoiser.backbone.state_dict().items())
     cfg.objective.params["partition"] = "kmeans"
     km = make_partition(cfg, make_params("msd", cfg.objective.params), bundle)

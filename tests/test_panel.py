@@ -1,6 +1,7 @@
 """The judge panel: distinct networks, each registered with torch-fidelity, each at least 97%
 accurate on the held-out digits; the judge-free pixel-PCA distance is 0 for the real digits
 against themselves and positive against a blurred copy; the panel's intervals and the claims rule."""
+
 from __future__ import annotations
 
 import itertools
@@ -46,7 +47,7 @@ def test_members_are_distinct_networks():
         same_shapes = set(sa) == set(sb) and all(sa[k].shape == sb[k].shape for k in sa)
         assert not (same_shapes and all(torch.equal(sa[k], sb[k]) for k in sa)), f"{a} and {b} hold the same weights"
     cards = [member_card(n) for n in PANEL_JUDGES]
-    assert len({c["seed"] for c in cards}) == len(cards)                               # different seeds
+    assert len({c["seed"] for c in cards}) == len(cards)  # different seeds
     recipes = {(c["architecture"].get("arch", "cnn3"), c["augmentation"].get("recipe", "geometric")) for c in cards}
     assert len({r[0] for r in recipes}) >= 2 or len({r[1] for r in recipes}) >= 2  # architectures or recipes
 
@@ -69,9 +70,16 @@ def test_every_member_is_registered_with_torch_fidelity(digits):
     for name in names:
         assert name in FEATURE_EXTRACTORS_REGISTRY
         # torch-fidelity itself builds the extractor by name and computes FID with it
-        r = torch_fidelity.calculate_metrics(input1=TensorImages(u8[:60]), input2=TensorImages(u8[60:]), fid=True,
-                                             feature_extractor=name, cuda=False, verbose=False, cache=False,
-                                             save_cpu_ram=True)
+        r = torch_fidelity.calculate_metrics(
+            input1=TensorImages(u8[:60]),
+            input2=TensorImages(u8[60:]),
+            fid=True,
+            feature_extractor=name,
+            cuda=False,
+            verbose=False,
+            cache=False,
+            save_cpu_ram=True,
+        )
         outs[name] = r["frechet_inception_distance"]
         assert outs[name] > 0
     assert len(set(outs.values())) == len(outs)  # every member sees the images differently
@@ -121,8 +129,9 @@ def test_eval_scores_a_folder_with_the_panel(digits, tmp_path):
     x, _ = digits
     for i, im in enumerate(to_uint8_rgb(x[:30])):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:03d}.png")
-    res = evaluate(EvalSpec(images=str(tmp_path), metrics=["fid", "panel"], bootstrap=5, out=str(tmp_path / "o"),
-                            progress=False))
+    res = evaluate(
+        EvalSpec(images=str(tmp_path), metrics=["fid", "panel"], bootstrap=5, out=str(tmp_path / "o"), progress=False)
+    )
     pan = res["rows"][0]["metrics"]["panel"]
     assert pan["n"] == 30 and [m["name"] for m in pan["members"]] == panel_members()
     # the project judge's entry is the protocol's own FID

@@ -1,5 +1,6 @@
 """Noise paths against diffusers' schedulers and closed forms: schedule tables, prediction-type
 conversions, same-SNR moves between paths, flow sampling times, and the forward transition."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,9 @@ SD = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start
 
 def _paths():
     return [VPPath.from_config({**SD, "prediction_type": p}) for p in ("epsilon", "v_prediction", "sample")] + [
-        FlowPath(1000, shift=3.0), TrigFlowPath(sigma_d=0.5)]
+        FlowPath(1000, shift=3.0),
+        TrigFlowPath(sigma_d=0.5),
+    ]
 
 
 @pytest.mark.parametrize("path", _paths(), ids=lambda p: p.prediction_type)
@@ -49,12 +52,16 @@ def test_prediction_types_follow_their_definitions():
     assert torch.allclose(torch.cos(th)[:, None] * xt - torch.sin(th)[:, None] * 0.5 * F, x0)
 
 
-@pytest.mark.parametrize("config", [
-    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
-    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-    {"beta_schedule": "squaredcos_cap_v2"},
-    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True},
-], ids=["linear", "scaled_linear", "cosine", "zero_snr"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True},
+    ],
+    ids=["linear", "scaled_linear", "cosine", "zero_snr"],
+)
 def test_vp_alphas_equal_diffusers_alphas_cumprod(config):
     from diffusers import DDIMScheduler, DDPMScheduler
 

@@ -1,21 +1,21 @@
 """load_teacher on pipeline folders of every family (tiny models saved with save_pretrained, tiny
 text encoders with offline tokenizers): the loaded teacher must sample what the diffusers
 pipeline itself samples from the same prompts and noise, with the pipeline's own null prompt."""
-from __future__ import annotations
 
-from pathlib import Path
+from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
+import diffusers
 import pytest
 import torch
 
-import diffusers
 from fewstep.conditioning import FluxConditioner
 from fewstep.paths import FlowPath, VPPath
-from fewstep.samplers import sample
 from fewstep.pipeline_teacher import Teacher, load_teacher, teacher_from_pipeline
+from fewstep.samplers import sample
 from tests.tiny import make_tiny_pipeline
 
 diffusers.utils.logging.set_verbosity_error()
@@ -153,8 +153,10 @@ def test_bad_sources_give_clear_errors(tmp_path, folders):
         load_teacher(folders["sd15"], resolutoin=64)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fewstep.digits.embedded_teachers") is None,
-                    reason="the embedded digits teacher (fewstep/digits/embedded_teachers.py) is not in this version yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fewstep.digits.embedded_teachers") is None,
+    reason="the embedded digits teacher (fewstep/digits/embedded_teachers.py) is not in this version yet",
+)
 @pytest.mark.parametrize("name,path_type", [("digits-vp", VPPath), ("digits-flow", FlowPath)])
 def test_digits_teachers(name, path_type):
     t = load_teacher(name)
@@ -173,8 +175,25 @@ def test_sample_command_writes_a_prompt_grid(folders, tmp_path, capsys):
     from fewstep.sample_cmd import image_grid, sample_grid
 
     out = tmp_path / "grid.png"
-    argv = ["sample", "--teacher", folders["sd15"], "--prompt", "a cat", "--prompt", "a blue dog", "--per-row", "3",
-            "--steps", "2", "--guidance", "2", "--seed", "4", "--out", str(out)]
+    argv = [
+        "sample",
+        "--teacher",
+        folders["sd15"],
+        "--prompt",
+        "a cat",
+        "--prompt",
+        "a blue dog",
+        "--per-row",
+        "3",
+        "--steps",
+        "2",
+        "--guidance",
+        "2",
+        "--seed",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     png = torch.from_numpy(__import__("numpy").array(Image.open(out))).permute(2, 0, 1)
     assert png.shape == (3, 2 * 66 + 2, 3 * 66 + 2)  # 2 rows x 3 columns of 64 px with 2 px gaps
@@ -187,8 +206,10 @@ def test_sample_command_writes_a_prompt_grid(folders, tmp_path, capsys):
     assert "give --prompt" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fewstep.digits.embedded_teachers") is None,
-                    reason="the embedded digits teacher (fewstep/digits/embedded_teachers.py) is not in this version yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fewstep.digits.embedded_teachers") is None,
+    reason="the embedded digits teacher (fewstep/digits/embedded_teachers.py) is not in this version yet",
+)
 def test_sample_command_digits_grid(tmp_path):
     from PIL import Image
 

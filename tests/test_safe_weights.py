@@ -1,6 +1,7 @@
 """Feature-extractor weights handed to torch-fidelity (which unpickles .pth files without
 weights_only) are converted into a private cache folder and verified there: a planted pickle at
 the old predictable temporary path or at the new path never runs."""
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,8 @@ def _plant(path: Path, marker: Path) -> None:
 
 def test_planted_pickles_never_run(setting):
     src, state, sha, marker = setting
-    old = Path(tempfile.gettempdir()) / f"fewstep-{sha[:16]}.pth"   # where the weights used to go
-    new = converted_path(sha)                                      # where they go now
+    old = Path(tempfile.gettempdir()) / f"fewstep-{sha[:16]}.pth"  # where the weights used to go
+    new = converted_path(sha)  # where they go now
     _plant(old, marker)
     _plant(new, marker)
     out = verified_torch_weights(src)
@@ -80,11 +81,11 @@ def test_existing_conversion_is_checked_against_the_source(setting):
     out = verified_torch_weights(src)
     stamp = out.stat().st_mtime_ns
     assert verified_torch_weights(src) == out and out.stat().st_mtime_ns == stamp  # a good one is reused
-    torch.save({"w": torch.zeros(2, 3), "b": torch.ones(3)}, out)                 # plain tensors, wrong values
+    torch.save({"w": torch.zeros(2, 3), "b": torch.ones(3)}, out)  # plain tensors, wrong values
     assert verified_torch_weights(src) == out
     got = torch.load(out, weights_only=True)
     assert torch.equal(got["w"], state["w"])
-    out.write_bytes(out.read_bytes()[:50])                                         # truncated
+    out.write_bytes(out.read_bytes()[:50])  # truncated
     got = torch.load(verified_torch_weights(src), weights_only=True)
     assert torch.equal(got["w"], state["w"])
 

@@ -1,11 +1,12 @@
 """Samplers against the stock DiTPipeline (DDIM and flow Euler), the analytic mixture, and their
 own contracts (one step, seeded fresh noise, teacher-to-student hand-over)."""
+
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 
-import diffusers
 from fewstep.denoiser import Denoiser
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import check_times, initial_noise, sample, sample_hybrid
@@ -19,9 +20,17 @@ def _dit_1000(seed=0):
     """A tiny DiT with DiTPipeline's label table (1000 classes + the null class 1000, which the
     pipeline hard-codes for guidance)."""
     torch.manual_seed(seed)
-    bb = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                         out_channels=8, num_layers=1, norm_num_groups=4, sample_size=8,
-                                         patch_size=2, num_embeds_ada_norm=1000)
+    bb = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        norm_num_groups=4,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
     return perturb_(bb, seed=seed).eval()
 
 
@@ -32,8 +41,13 @@ def _run_dit_pipeline(bb, scheduler, labels, steps, guidance, seed):
     pipe = diffusers.DiTPipeline(transformer=bb, vae=vae, scheduler=scheduler)
     seen = []
     h = vae.post_quant_conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
-    images = pipe(class_labels=labels, guidance_scale=guidance, num_inference_steps=steps,
-                  generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    images = pipe(
+        class_labels=labels,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
     h.remove()
     return vae, torch.as_tensor(images), seen[0] * vae.config.scaling_factor
 
@@ -105,9 +119,16 @@ def test_fresh_noise_sampling_is_seeded():
     assert not torch.allclose(a, sample(d, noise, cond, times))
 
 
-@pytest.mark.parametrize("path", [VPPath.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-                                                      "beta_start": 0.00085, "beta_end": 0.012}),
-                                  FlowPath(1000, shift=3.0)], ids=["ddim-vp", "euler-flow"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        VPPath.from_config(
+            {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+        ),
+        FlowPath(1000, shift=3.0),
+    ],
+    ids=["ddim-vp", "euler-flow"],
+)
 def test_100_step_teacher_sample_has_the_mixture_moments(path):
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0]]).view(2, 2, 1, 1)
     std = 0.5
@@ -129,19 +150,36 @@ def test_hybrid_hands_over_at_the_right_time():
     teacher, student = make_tiny("dit", seed=0), make_tiny("dit", seed=1)
     seen = {"teacher": [], "student": []}
     teacher.backbone.register_forward_pre_hook(
-        lambda m, a, kw: seen["teacher"].append(kw["timestep"].unique().tolist()), with_kwargs=True)
+        lambda m, a, kw: seen["teacher"].append(kw["timestep"].unique().tolist()), with_kwargs=True
+    )
     student.backbone.register_forward_pre_hook(
-        lambda m, a, kw: seen["student"].append(kw["timestep"].unique().tolist()), with_kwargs=True)
+        lambda m, a, kw: seen["student"].append(kw["timestep"].unique().tolist()), with_kwargs=True
+    )
     noise = torch.randn(2, 4, 8, 8)
     cond = teacher.cond(2)
-    out = sample_hybrid(teacher.denoiser, student.denoiser, noise, cond, teacher_times=(1.0, 0.75),
-                        student_times=(0.75, 0.5, 0.0), guidance=3.0, generator=torch.Generator().manual_seed(0))
+    out = sample_hybrid(
+        teacher.denoiser,
+        student.denoiser,
+        noise,
+        cond,
+        teacher_times=(1.0, 0.75),
+        student_times=(0.75, 0.5, 0.0),
+        guidance=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert seen["teacher"] == [[999.0]]  # one CFG pass (2B) at t = 1
     assert seen["student"] == [[749.0], [499.0]]
     # the same thing written out: teacher DDIM step 1 -> 0.75, then the student with fresh noise
     x = sample(teacher.denoiser, noise, cond, [1.0, 0.75], guidance=3.0)
-    ref = sample(student.denoiser, noise, cond, [0.75, 0.5, 0.0], renoise="fresh",
-                 generator=torch.Generator().manual_seed(0), start=x)
+    ref = sample(
+        student.denoiser,
+        noise,
+        cond,
+        [0.75, 0.5, 0.0],
+        renoise="fresh",
+        generator=torch.Generator().manual_seed(0),
+        start=x,
+    )
     assert torch.allclose(out, ref)
     with pytest.raises(ValueError, match="teacher_times must end where student_times begin"):
         sample_hybrid(teacher.denoiser, student.denoiser, noise, cond, (1.0, 0.75), (0.5, 0.0))

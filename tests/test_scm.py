@@ -1,5 +1,6 @@
 """Continuous-time consistency (sCM, TBCM): TrigFlow conversions, the JVP tangent against finite
 differences in float64, the exact teacher trajectory, and one training step per family."""
+
 from __future__ import annotations
 
 import math
@@ -82,14 +83,17 @@ def test_sampling_angles_map_to_path_times():
     assert [len(v) for v in obj.sampling["times_by_steps"].values()] == [2, 3, 5]
     noise = torch.randn(2, *tiny.latent_shape)
     for times in obj.sampling["times_by_steps"].values():
-        x = sample(obj.nets["student"], noise, tiny.cond(2), times, renoise="fresh",
-                   generator=torch.Generator().manual_seed(0))
+        x = sample(
+            obj.nets["student"], noise, tiny.cond(2), times, renoise="fresh", generator=torch.Generator().manual_seed(0)
+        )
         assert x.shape == noise.shape and torch.isfinite(x).all()
 
 
 def test_max_angle_caps_training_and_sampler_start():
     tiny = make_tiny("dit")
-    obj = SCMObjective(SCMParams(sigma_data=1.0, max_angle=1.5, p_mean=3.0), tiny.denoiser, copy_denoiser(tiny.denoiser))
+    obj = SCMObjective(
+        SCMParams(sigma_data=1.0, max_angle=1.5, p_mean=3.0), tiny.denoiser, copy_denoiser(tiny.denoiser)
+    )
     assert obj.theta_max == 1.5
     assert obj.sample_angles(4000, "cpu").max() <= 1.5
     assert obj.sampling["angles"][0] == 1.5
@@ -117,8 +121,9 @@ def test_output_gain_of_each_prediction_type():
     losses = []
     for pre in (False, True):
         torch.manual_seed(0)
-        obj = SCMObjective(SCMParams(precondition=pre, adaptive_weighting=False), tiny.denoiser,
-                           copy_denoiser(tiny.denoiser))
+        obj = SCMObjective(
+            SCMParams(precondition=pre, adaptive_weighting=False), tiny.denoiser, copy_denoiser(tiny.denoiser)
+        )
         losses.append(float(obj.loss("generator", batch, 10)[0]))
     assert losses[1] < losses[0]  # eps student: every point scaled by cos^2 < 1
 
@@ -126,7 +131,7 @@ def test_output_gain_of_each_prediction_type():
 def _fd_check(net, path, cond, theta, x, dxdt, h=1e-6, fourth_order=False):
     """JVP (F, JF) against a central difference of F along (cos sin dxdt, cos sin)."""
     F, JF = tf.student_F_jvp(net, x, theta, dxdt, cond, SD, path)
-    cs = (torch.cos(theta) * torch.sin(theta))
+    cs = torch.cos(theta) * torch.sin(theta)
 
     def central(hh):
         fp = tf.net_F(net, x + hh * cs.view(-1, 1, 1, 1) * dxdt, theta + hh * cs, cond, SD, path)
@@ -142,8 +147,9 @@ def _fd_check(net, path, cond, theta, x, dxdt, h=1e-6, fourth_order=False):
     return F, JF
 
 
-@pytest.mark.parametrize("family,prediction", [("dit", "epsilon"), ("sd15", "v_prediction"), ("sd3", "epsilon"),
-                                               ("flux", "epsilon")])
+@pytest.mark.parametrize(
+    "family,prediction", [("dit", "epsilon"), ("sd15", "v_prediction"), ("sd3", "epsilon"), ("flux", "epsilon")]
+)
 def test_jvp_tangent_matches_finite_difference_float64(family, prediction):
     tiny = make_tiny(family, prediction=prediction, dtype=torch.float64)
     theta = torch.tensor([0.3, 1.2], dtype=torch.float64)
@@ -199,8 +205,9 @@ def test_tbcm_trajectory_is_the_teachers_ddim_path(path_name):
     times = [float(v) for v in tf.t_of_angle(path, route)] + [0.0]
     start = tf.to_path(noise * SD, route[:1].expand(3), path, SD)[0]
     points = []
-    ref = sample(teacher, noise, None, times, renoise="ddim", start=start,
-                 callback=lambda i, t, x, x0: points.append(x))
+    ref = sample(
+        teacher, noise, None, times, renoise="ddim", start=start, callback=lambda i, t, x, x0: points.append(x)
+    )
     assert torch.allclose(x_end, SD * ref, atol=1e-8)  # TrigFlow units: sd * latent
     for i in range(1, len(points)):
         x_p = tf.to_path(xs[i - 1], route[i].expand(3), path, SD)[0]
@@ -237,8 +244,9 @@ def _state(net):
 
 
 @pytest.mark.parametrize("method", ["scm", "tbcm"])
-@pytest.mark.parametrize("family,prediction", [("dit", "epsilon"), ("sdxl", "v_prediction"), ("pixart", "epsilon"),
-                                               ("sd3", "epsilon")])
+@pytest.mark.parametrize(
+    "family,prediction", [("dit", "epsilon"), ("sdxl", "v_prediction"), ("pixart", "epsilon"), ("sd3", "epsilon")]
+)
 def test_one_step_changes_only_student(method, family, prediction):
     tiny = make_tiny(family, prediction=prediction)
     teacher = tiny.denoiser
@@ -315,8 +323,14 @@ def test_v_student_conversion_phase_fits_the_guided_teacher(method):
     teacher, student = tiny.denoiser, copy_denoiser(tiny.denoiser)
     # max_angle: a random eps network's x0 near pure noise is its error times 1/alpha (~156), which
     # would swamp the regression this test measures
-    common = dict(guidance=2.0, tangent_warmup=10, student_prediction="v_prediction", convert_steps=40,
-                  max_angle=1.2, intermediate_angle=0.8)
+    common = dict(
+        guidance=2.0,
+        tangent_warmup=10,
+        student_prediction="v_prediction",
+        convert_steps=40,
+        max_angle=1.2,
+        intermediate_angle=0.8,
+    )
     if method == "scm":
         obj = SCMObjective(SCMParams(**common), teacher, student)
     else:
@@ -326,12 +340,15 @@ def test_v_student_conversion_phase_fits_the_guided_teacher(method):
     teacher0 = _state(teacher)
     g = torch.Generator().manual_seed(1)
     b = 4
-    batch = {"cond": tiny.cond(b, g), "shape": (b, *tiny.latent_shape),
-             "x0": torch.randn(b, *tiny.latent_shape, generator=g) * SD}
+    batch = {
+        "cond": tiny.cond(b, g),
+        "shape": (b, *tiny.latent_shape),
+        "x0": torch.randn(b, *tiny.latent_shape, generator=g) * SD,
+    }
     opt = torch.optim.Adam(trainable_parameters(obj, "generator"), lr=1e-2)
     losses = []
     for step in range(40):
-        torch.manual_seed(100 + step % 4)   # the same four draws of points, revisited
+        torch.manual_seed(100 + step % 4)  # the same four draws of points, revisited
         loss, logs = obj.loss("generator", batch, step)
         assert logs.get("convert") == 1.0
         opt.zero_grad()
@@ -370,11 +387,11 @@ def test_secant_tangent_is_the_central_difference_and_tends_to_the_jvp():
     dxdt = torch.randn_like(x)
     F, J = tf.student_F_jvp(d, x, theta, dxdt, cond, SD, path)
     errs = []
-    for delta in (2e-3, 5e-4):   # a random tiny DiT varies over ~6 timestep indices (0.006 in t)
+    for delta in (2e-3, 5e-4):  # a random tiny DiT varies over ~6 timestep indices (0.006 in t)
         F2, S = tf.student_F_jvp(d, x, theta, dxdt, cond, SD, path, delta=delta)
         assert torch.allclose(F2, F, atol=1e-10)
         errs.append(float((S - J).norm() / J.norm()))
-    assert errs[1] < errs[0] / 8 and errs[1] < 0.02, errs   # second order in delta (16x for 4x smaller)
+    assert errs[1] < errs[0] / 8 and errs[1] < 0.02, errs  # second order in delta (16x for 4x smaller)
     # by hand at delta = 0.1, and one-sided where theta + delta passes theta_max
     delta, top = 0.1, 1.15
     _, S = tf.student_F_jvp(d, x, theta, dxdt, cond, SD, path, delta=delta, theta_max=top)
@@ -392,6 +409,7 @@ def test_secant_tangent_is_the_central_difference_and_tends_to_the_jvp():
 # so a flow teacher is queried at flow time s = sin / (sin + cos), for every sigma_d; the proposal
 # draws tau ~ N(P_mean, P_std^2) and theta = atan(e^tau / sd); TBCM's route is the shifted flow
 # sigma schedule mapped by atan(s / (1 - s)).
+
 
 def _ref_flow_time(theta):
     return torch.sin(theta) / (torch.sin(theta) + torch.cos(theta))
@@ -456,8 +474,9 @@ def test_sd3_preset_samples_at_sana_sprint_times():
 
     raw = load_yaml(Path(__file__).resolve().parents[1] / "configs/sd3/scm_2step.yaml")["objective"]
     params = make_params("scm", {k: v for k, v in raw.items() if k != "name"})
-    path = path_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
-                                       "num_train_timesteps": 1000})
+    path = path_from_scheduler_config(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000}
+    )
     teacher = gmm_denoiser(path, torch.zeros(1, 2, 3, 3))
     obj = SCMObjective(params, teacher, copy_denoiser(teacher))
     angles = torch.tensor(obj.sampling["angles"][:-1], dtype=torch.float64)

@@ -1,18 +1,19 @@
 """TDM: the inference sampler is the training rollout, one step trains only what it should, the
 importance weight, the time grid, parameter validation, and learning on an exact teacher."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.tiny import make_tiny
 
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives.tdm import TDM, TDMParams, _importance_weight, build, student_times
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import initial_noise, sample
 from fewstep.testing import gmm_denoiser
+from tests.tiny import make_tiny
 
 
 def _tdm(tiny, **kw) -> TDM:
@@ -82,9 +83,15 @@ def test_one_step_trains_only_student_and_fake(family):
     tiny = make_tiny(family, seed=2)
     obj = _tdm(tiny, guidance=3.0)
     teacher0 = _state(obj.nets["teacher"])
-    opts = {g: torch.optim.AdamW([p for r in roles for p in obj.nets[r].parameters() if p.requires_grad],
-                                 lr=1e-2, betas=(0.0, 0.95), weight_decay=0.0)
-            for g, roles in obj.groups.items()}
+    opts = {
+        g: torch.optim.AdamW(
+            [p for r in roles for p in obj.nets[r].parameters() if p.requires_grad],
+            lr=1e-2,
+            betas=(0.0, 0.95),
+            weight_decay=0.0,
+        )
+        for g, roles in obj.groups.items()
+    }
     assert obj.phases(0) == ["fake_score", "generator"]
     assert not any(p.requires_grad for p in obj.nets["teacher"].parameters())
     batch = {"cond": tiny.cond(2), "shape": (2, *tiny.latent_shape)}
@@ -163,16 +170,25 @@ def test_build_uses_the_context():
         made.append(t)
         return copy_denoiser(t)
 
-    ctx = SimpleNamespace(make_student=copy, make_copy=copy, latent_shape=tiny.latent_shape, num_classes=10,
-                          has_real_data=False, seed=0, device="cpu")
+    ctx = SimpleNamespace(
+        make_student=copy,
+        make_copy=copy,
+        latent_shape=tiny.latent_shape,
+        num_classes=10,
+        has_real_data=False,
+        seed=0,
+        device="cpu",
+    )
     obj = build({"num_steps": 2, "guidance": 2.0}, tiny.denoiser, ctx)
     assert len(made) == 2 and obj.nets["teacher"] is tiny.denoiser
     assert obj.sampling["times"] == pytest.approx([0.9, 0.45, 0.0])
     assert obj.groups == {"generator": ["student"], "fake_score": ["fake"]}
 
 
-@pytest.mark.parametrize("path", [VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                                                      "beta_end": 0.012}), FlowPath(1000)])
+@pytest.mark.parametrize(
+    "path",
+    [VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}), FlowPath(1000)],
+)
 def test_student_learns_the_teacher_mixture(path):
     # exact teacher: a two-component Gaussian mixture; student and fake score are mixtures with
     # learnable means, initialised 0.7 away. TDM must bring the student's means to the teacher's.
@@ -181,8 +197,10 @@ def test_student_learns_the_teacher_mixture(path):
     student = gmm_denoiser(path, means + 0.7, std=0.2, learnable=True)
     fake = gmm_denoiser(path, means + 0.7, std=0.2, learnable=True)
     obj = TDM(student, fake, teacher, TDMParams(num_steps=4, guidance=1.0))
-    opts = {"generator": torch.optim.AdamW(student.parameters(), lr=1e-2, betas=(0.0, 0.95), weight_decay=0.0),
-            "fake_score": torch.optim.AdamW(fake.parameters(), lr=5e-2, betas=(0.0, 0.95), weight_decay=0.0)}
+    opts = {
+        "generator": torch.optim.AdamW(student.parameters(), lr=1e-2, betas=(0.0, 0.95), weight_decay=0.0),
+        "fake_score": torch.optim.AdamW(fake.parameters(), lr=5e-2, betas=(0.0, 0.95), weight_decay=0.0),
+    }
     err0 = (student.backbone.means - means).abs().mean().item()
     for step in range(120):
         batch = {"cond": None, "shape": (64, 2, 2, 2)}

@@ -1,6 +1,7 @@
 """The training entry point in one process: a run end to end, output-folder rules, phase order
 and gradient zeroing, non-finite skipping and stopping, LoRA students, bf16 autocast, gradient
 checkpointing, data batches, the dry run, and one step of every real-family preset at tiny size."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,18 @@ def test_dsm_run_learns_and_writes_outputs(tmp_path):
     (exact mixture samples); the run writes weights, a run card, metrics and a sample grid."""
     bundle = gmm_bundle(shift=0.5)
     teacher_before = bundle.denoiser.backbone.means.detach().clone()
-    cfg = cfg_for(tmp_path, "steps=40", "data.batch_size=32", "optim.default.lr=0.05", "optim.default.warmup_steps=0",
-                  "ema.rate=0.5", "log.every=10", "log.sample_every=20", "checkpoint.every=0", "log.sample_count=8")
+    cfg = cfg_for(
+        tmp_path,
+        "steps=40",
+        "data.batch_size=32",
+        "optim.default.lr=0.05",
+        "optim.default.warmup_steps=0",
+        "ema.rate=0.5",
+        "log.every=10",
+        "log.sample_every=20",
+        "checkpoint.every=0",
+        "log.sample_count=8",
+    )
     res = run(cfg, teacher=bundle)
     out = res.run_dir
     student = load_file(str(out / "final" / "student" / "model.safetensors"))["means"]
@@ -72,13 +83,21 @@ def test_run_returns_the_trained_student_and_objective(tmp_path):
     weights it saved) so a script needs no reload; a backbone that is not a diffusers model gets
     its class recorded beside its weights."""
     bundle = gmm_bundle(shift=0.5)
-    cfg = cfg_for(tmp_path, "steps=6", "data.batch_size=16", "optim.default.lr=0.05", "optim.default.warmup_steps=0",
-                  "ema.rate=0", "log.sample_every=0", "checkpoint.every=0")
+    cfg = cfg_for(
+        tmp_path,
+        "steps=6",
+        "data.batch_size=16",
+        "optim.default.lr=0.05",
+        "optim.default.warmup_steps=0",
+        "ema.rate=0",
+        "log.sample_every=0",
+        "checkpoint.every=0",
+    )
     res = run(cfg, teacher=bundle)
     assert res.objective is not None and res.student is res.objective.nets["student"]
     saved = load_file(str(res.run_dir / "final" / "student" / "model.safetensors"))["means"]
     assert torch.equal(res.student.backbone.means.detach(), saved)
-    assert not torch.equal(saved, bundle.denoiser.backbone.means.detach())   # it trained
+    assert not torch.equal(saved, bundle.denoiser.backbone.means.detach())  # it trained
     record = json.loads((res.run_dir / "final" / "student" / "backbone.json").read_text())
     assert record["class"] == "fewstep.testing.GaussianMixtureBackbone"
 
@@ -89,8 +108,17 @@ def test_final_folder_rebuilds_the_returned_student(tmp_path):
     import diffusers
 
     bundle = tiny_bundle("dit")
-    cfg = cfg_for(tmp_path, "steps=2", "data.batch_size=2", "data.real_data=false", "optim.default.lr=1e-2",
-                  "optim.default.warmup_steps=0", "ema.rate=0", "log.sample_every=0", "checkpoint.every=0")
+    cfg = cfg_for(
+        tmp_path,
+        "steps=2",
+        "data.batch_size=2",
+        "data.real_data=false",
+        "optim.default.lr=1e-2",
+        "optim.default.warmup_steps=0",
+        "ema.rate=0",
+        "log.sample_every=0",
+        "checkpoint.every=0",
+    )
     res = run(cfg, teacher=bundle)
     folder = res.run_dir / "final" / "student"
     config = json.loads((folder / "config.json").read_text())
@@ -116,16 +144,32 @@ def test_output_dir_rules(tmp_path):
     with pytest.raises(ConfigError, match="finished run"):
         run(cfg_for(tmp_path, "steps=2", "data.batch_size=4", "resume=latest"), teacher=gmm_bundle())
     with pytest.raises(ConfigError, match="optim.fake_score"):  # dsm has one group, "generator"
-        run(cfg_for(tmp_path, "steps=1", "data.batch_size=4", "optim.fake_score.lr=1e-3", name="g"), teacher=gmm_bundle())
+        run(
+            cfg_for(tmp_path, "steps=1", "data.batch_size=4", "optim.fake_score.lr=1e-3", name="g"),
+            teacher=gmm_bundle(),
+        )
 
 
 def test_phase_order_zeroes_all_grads_and_steps_one_group(tmp_path, toy):
-    cfg = cfg_for(tmp_path, "objective.name=toy", "steps=4", "data.batch_size=4", "optim.default.lr=0.05",
-                  "checkpoint.every=0", preset=None)
+    cfg = cfg_for(
+        tmp_path,
+        "objective.name=toy",
+        "steps=4",
+        "data.batch_size=4",
+        "optim.default.lr=0.05",
+        "checkpoint.every=0",
+        preset=None,
+    )
     run(cfg, teacher=gmm_bundle())
     obj = toy.LAST[-1]
     assert [(r["step"], r["phase"]) for r in obj.records] == [
-        (0, "guidance"), (0, "generator"), (1, "guidance"), (2, "guidance"), (2, "generator"), (3, "guidance")]
+        (0, "guidance"),
+        (0, "generator"),
+        (1, "guidance"),
+        (2, "guidance"),
+        (2, "generator"),
+        (3, "guidance"),
+    ]
     # every phase starts with no gradient anywhere (the generator phase gives the fake score gradients)
     assert all(r["grads_none"] for r in obj.records)
     # a guidance update changes only the fake score, a generator update only the student
@@ -153,8 +197,19 @@ def test_generator_steps_sets_the_step_count_and_both_counts_are_reported(tmp_pa
 
 def test_nonfinite_skips_then_stops_with_last_checkpoint_intact(tmp_path, toy):
     common = ["objective.name=toy", "data.batch_size=4", "optim.default.lr=0.05"]
-    res = run(cfg_for(tmp_path, *common, "steps=6", "objective.nan_steps=[2]", "checkpoint.every=0", "log.every=1",
-                      name="skip", preset=None), teacher=gmm_bundle())
+    res = run(
+        cfg_for(
+            tmp_path,
+            *common,
+            "steps=6",
+            "objective.nan_steps=[2]",
+            "checkpoint.every=0",
+            "log.every=1",
+            name="skip",
+            preset=None,
+        ),
+        teacher=gmm_bundle(),
+    )
     assert res.skipped == 1
     recs = toy.LAST[-1].records
     after_nan = next(r for r in recs if r["step"] == 3)
@@ -162,20 +217,33 @@ def test_nonfinite_skips_then_stops_with_last_checkpoint_intact(tmp_path, toy):
     assert after_nan["student"] == before_nan["student"]  # the NaN update was not applied
     assert json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[2])["skipped"] == 1.0
 
-    cfg = cfg_for(tmp_path, *common, "steps=20", "objective.nan_steps=[4,5,6,7,8,9,10,11,12]",
-                  "objective.nan_phase=guidance", "faults.max_consecutive_nonfinite=2", "checkpoint.every=2",
-                  "checkpoint.keep=5", name="stop", preset=None)
+    cfg = cfg_for(
+        tmp_path,
+        *common,
+        "steps=20",
+        "objective.nan_steps=[4,5,6,7,8,9,10,11,12]",
+        "objective.nan_phase=guidance",
+        "faults.max_consecutive_nonfinite=2",
+        "checkpoint.every=2",
+        "checkpoint.keep=5",
+        name="stop",
+        preset=None,
+    )
     # step_0000006 was written two non-finite updates into the streak: it is not the last good one
     with pytest.raises(NonFiniteError, match=r"3 non-finite updates in a row.*good checkpoint is \S*step_0000004"):
         run(cfg, teacher=gmm_bundle())
     from fewstep.training.checkpoint import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(tmp_path / "stop")] == [2, 4, 6]
-    marks = [json.loads((p / "state.json").read_text())["nonfinite_streak"] for _, p in list_checkpoints(tmp_path / "stop")]
+    marks = [
+        json.loads((p / "state.json").read_text())["nonfinite_streak"] for _, p in list_checkpoints(tmp_path / "stop")
+    ]
     assert marks == [0, 0, 2]
     # resume=latest passes over the marked checkpoint (moved aside, not deleted) and finishes once the fault is gone
-    res = run(cfg_for(tmp_path, *common, "steps=8", "objective.nan_steps=[]", "resume=latest", name="stop",
-                      preset=None), teacher=gmm_bundle())
+    res = run(
+        cfg_for(tmp_path, *common, "steps=8", "objective.nan_steps=[]", "resume=latest", name="stop", preset=None),
+        teacher=gmm_bundle(),
+    )
     assert res.steps == 8 and res.skipped == 0
     assert len(list((tmp_path / "stop" / "checkpoints" / "set_aside").glob("*/step_0000006/state.json"))) == 1
 
@@ -184,9 +252,20 @@ def test_lora_student_saves_adapters_and_a_loadable_merged_model(tmp_path):
     from diffusers import DiTTransformer2DModel
 
     bundle = tiny_bundle("dit")
-    cfg = cfg_for(tmp_path, "steps=2", "data.batch_size=2", "data.real_data=false", "lora.student=true",
-                  "lora.rank=4", "lora.alpha=4", "optim.default.lr=1e-2", "optim.default.warmup_steps=0",
-                  "objective.teacher_steps=1", "precision.mixed_precision=bf16", "checkpoint.every=1")
+    cfg = cfg_for(
+        tmp_path,
+        "steps=2",
+        "data.batch_size=2",
+        "data.real_data=false",
+        "lora.student=true",
+        "lora.rank=4",
+        "lora.alpha=4",
+        "optim.default.lr=1e-2",
+        "optim.default.warmup_steps=0",
+        "objective.teacher_steps=1",
+        "precision.mixed_precision=bf16",
+        "checkpoint.every=1",
+    )
     res = run(cfg, teacher=bundle)
     ck = load_file(str(res.run_dir / "checkpoints" / "step_0000001" / "model.safetensors"))
     assert ck and all("lora_" in k for k in ck)  # only the adapters: frozen weights are the teacher's
@@ -246,12 +325,23 @@ def test_bf16_autocast_runs_the_backbone_only_in_bf16():
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     runs = {}
     for gc in ("false", "true"):
-        cfg = cfg_for(tmp_path, "steps=2", "data.batch_size=2", "data.real_data=false", "objective.teacher_steps=1",
-                      f"precision.gradient_checkpointing={gc}", "optim.default.warmup_steps=0", "log.every=1",
-                      "checkpoint.every=0", name=f"gc_{gc}")
+        cfg = cfg_for(
+            tmp_path,
+            "steps=2",
+            "data.batch_size=2",
+            "data.real_data=false",
+            "objective.teacher_steps=1",
+            f"precision.gradient_checkpointing={gc}",
+            "optim.default.warmup_steps=0",
+            "log.every=1",
+            "checkpoint.every=0",
+            name=f"gc_{gc}",
+        )
         res = run(cfg, teacher=tiny_bundle("dit"))
-        runs[gc] = (load_file(str(res.run_dir / "final" / "student" / "diffusion_pytorch_model.safetensors")),
-                    [json.loads(ln)["loss/generator"] for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()])
+        runs[gc] = (
+            load_file(str(res.run_dir / "final" / "student" / "diffusion_pytorch_model.safetensors")),
+            [json.loads(ln)["loss/generator"] for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()],
+        )
     assert runs["false"][1] == pytest.approx(runs["true"][1], rel=1e-6)
     for k, v in runs["false"][0].items():
         torch.testing.assert_close(runs["true"][0][k], v, rtol=1e-5, atol=1e-7)
@@ -301,9 +391,16 @@ def _tiny_pipeline_folder(tmp_path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
     bb = tiny_bundle("dit").denoiser.backbone
-    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     folder = tmp_path / "tiny_pipe"
     DiTPipeline(transformer=bb, vae=vae, scheduler=DDIMScheduler()).save_pretrained(str(folder))
     return folder
@@ -334,13 +431,30 @@ def test_dry_run_builds_on_meta_and_estimates_memory(tmp_path, capsys):
     assert total(one) == pytest.approx(20 * real_params, rel=0.02)
     two = dry_run(cfg, num_processes=2, sharding="fsdp")
     assert "FSDP2" in two and total(two) == pytest.approx(total(one) / 2, rel=0.02)
-    lora = dry_run(load_config(ROOT / "configs" / "digits" / "dsm.yaml",
-                               [f"teacher.source={folder}", "lora.student=true", "lora.rank=4", "ema.rate=0"]))
+    lora = dry_run(
+        load_config(
+            ROOT / "configs" / "digits" / "dsm.yaml",
+            [f"teacher.source={folder}", "lora.student=true", "lora.rank=4", "ema.rate=0"],
+        )
+    )
     st = next(ln for ln in lora.splitlines() if ln.startswith("student")).split()
     assert "shared" in " ".join(st)  # the LoRA student reuses the teacher's frozen weights
     assert total(lora) < 0.5 * total(one)
-    assert main(["--config", str(ROOT / "configs" / "digits" / "dsm.yaml"), f"teacher.source={folder}",
-                 "--dry-run", "--processes", "4", "--sharding", "fsdp"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(ROOT / "configs" / "digits" / "dsm.yaml"),
+                f"teacher.source={folder}",
+                "--dry-run",
+                "--processes",
+                "4",
+                "--sharding",
+                "fsdp",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "processes 4, FSDP2" in printed and "estimated memory per process" in printed
 
@@ -353,9 +467,16 @@ def test_cli_reports_config_errors(capsys):
 
 
 # ---- real-family presets at tiny size ------------------------------------------------------------
-REAL = ["sd15/dmd2_1step.yaml", "sdxl/dmd2_4step_lora.yaml", "pixart/tdm_4step.yaml", "sd3/scm_2step.yaml",
-        "flux/dmd2_4step.yaml", "sd15/boot_1step.yaml", "sd3/twinflow.yaml"]
-IN_PLACE = {"twinflow"}   # objectives that train the teacher's own network (one network, no frozen copy)
+REAL = [
+    "sd15/dmd2_1step.yaml",
+    "sdxl/dmd2_4step_lora.yaml",
+    "pixart/tdm_4step.yaml",
+    "sd3/scm_2step.yaml",
+    "flux/dmd2_4step.yaml",
+    "sd15/boot_1step.yaml",
+    "sd3/twinflow.yaml",
+]
+IN_PLACE = {"twinflow"}  # objectives that train the teacher's own network (one network, no frozen copy)
 
 
 @pytest.mark.parametrize("preset", REAL)
@@ -375,8 +496,17 @@ def test_real_preset_runs_one_step_at_tiny_size(tmp_path, preset):
         save_file({"latents": torch.randn(n, *bundle.latent_shape)}, str(tmp_path / "latents.safetensors"))
         extra.append(f"data.real_latents={tmp_path / 'latents.safetensors'}")
     batch = 4 if cfg.objective.name in IN_PLACE else 2  # twinflow splits each batch into 4 parts
-    cfg = cfg_for(tmp_path, "steps=1", f"data.batch_size={batch}", "checkpoint.every=0", "log.sample_count=2",
-                  "precision.mixed_precision=no", "lora.rank=4", *extra, preset=preset)
+    cfg = cfg_for(
+        tmp_path,
+        "steps=1",
+        f"data.batch_size={batch}",
+        "checkpoint.every=0",
+        "log.sample_count=2",
+        "precision.mixed_precision=no",
+        "lora.rank=4",
+        *extra,
+        preset=preset,
+    )
     res = run(cfg, teacher=bundle)
     assert res.steps == 1 and res.skipped == 0
     card = json.loads((res.run_dir / "run_card.json").read_text())

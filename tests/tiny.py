@@ -12,10 +12,12 @@ inputs and gradients reach every layer. (One exception: in the last SD3 joint bl
 query projection `add_q_proj` gets a zero gradient, because diffusers drops the text stream's
 output there; that is how SD3 is built.)
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,14 +27,14 @@ from fewstep.denoiser import Denoiser
 from fewstep.paths import FlowPath, VPPath
 
 # sizes shared by the tiny models (and by tests that build matching text encoders)
-TEXT_LEN = 6          # tokens per prompt
-NUM_CLASSES = 10      # dit / unet class-conditional; the null class is NUM_CLASSES
+TEXT_LEN = 6  # tokens per prompt
+NUM_CLASSES = 10  # dit / unet class-conditional; the null class is NUM_CLASSES
 SD15_TEXT_DIM = 16
-SDXL_TEXT_DIM = 16    # cross-attention dim (two CLIP encoders concatenated, in the real thing)
+SDXL_TEXT_DIM = 16  # cross-attention dim (two CLIP encoders concatenated, in the real thing)
 SDXL_POOLED_DIM = 8
-SDXL_TIME_DIM = 4     # addition_time_embed_dim; 6 time ids
+SDXL_TIME_DIM = 4  # addition_time_embed_dim; 6 time ids
 PIXART_TEXT_DIM = 16  # caption_channels (T5 width)
-SD3_TEXT_DIM = 16     # joint_attention_dim
+SD3_TEXT_DIM = 16  # joint_attention_dim
 SD3_POOLED_DIM = 12
 FLUX_TEXT_DIM = 16
 FLUX_POOLED_DIM = 8
@@ -63,8 +65,15 @@ class Tiny:
 
 def vp_path(prediction: str = "epsilon") -> VPPath:
     """The SD/DiT training schedule (scaled_linear 0.00085..0.012, 1000 steps)."""
-    return VPPath.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-                               "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": prediction})
+    return VPPath.from_config(
+        {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "prediction_type": prediction,
+        }
+    )
 
 
 def perturb_(module: nn.Module, scale: float = 0.02, seed: int = 0) -> nn.Module:
@@ -87,9 +96,17 @@ def _randn(shape, generator) -> Tensor:
 def _dit(seed):
     from diffusers import DiTTransformer2DModel
 
-    bb = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                               num_layers=1, norm_num_groups=4, sample_size=8, patch_size=2,
-                               num_embeds_ada_norm=NUM_CLASSES)
+    bb = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        norm_num_groups=4,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=NUM_CLASSES,
+    )
 
     def cond(b, g):
         return {"class_labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
@@ -101,10 +118,18 @@ def _unet(seed):
     from diffusers import UNet2DModel
 
     # pixel-space class-conditional UNet: one reserved class (NUM_CLASSES) is the null label
-    bb = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                     block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                     up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                     attention_head_dim=8, num_class_embeds=NUM_CLASSES + 1)
+    bb = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=NUM_CLASSES + 1,
+    )
 
     def cond(b, g):
         return {"class_labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
@@ -115,11 +140,18 @@ def _unet(seed):
 def _sd15(seed):
     from diffusers import UNet2DConditionModel
 
-    bb = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                              block_out_channels=(8, 16), norm_num_groups=4,
-                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                              cross_attention_dim=SD15_TEXT_DIM, attention_head_dim=2)
+    bb = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=SD15_TEXT_DIM,
+        attention_head_dim=2,
+    )
     g = torch.Generator().manual_seed(seed + 1)
     null = _randn((1, TEXT_LEN, SD15_TEXT_DIM), g)  # stands for the encoding of ""
 
@@ -132,21 +164,32 @@ def _sd15(seed):
 def _sdxl(seed):
     from diffusers import UNet2DConditionModel
 
-    bb = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                              block_out_channels=(8, 16), norm_num_groups=4,
-                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                              cross_attention_dim=SDXL_TEXT_DIM, attention_head_dim=(2, 4),
-                              use_linear_projection=True, addition_embed_type="text_time",
-                              addition_time_embed_dim=SDXL_TIME_DIM,
-                              projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_DIM,
-                              transformer_layers_per_block=(1, 1))
+    bb = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=SDXL_TEXT_DIM,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_DIM,
+        transformer_layers_per_block=(1, 1),
+    )
 
     def cond(b, g):
         # time ids: original size, crop top-left, target size (pixels = 8 x latent size)
         time_ids = torch.tensor([64.0, 64.0, 0.0, 0.0, 64.0, 64.0]).expand(b, 6).clone()
-        return {"encoder_hidden_states": _randn((b, TEXT_LEN, SDXL_TEXT_DIM), g),
-                "text_embeds": _randn((b, SDXL_POOLED_DIM), g), "time_ids": time_ids}
+        return {
+            "encoder_hidden_states": _randn((b, TEXT_LEN, SDXL_TEXT_DIM), g),
+            "text_embeds": _randn((b, SDXL_POOLED_DIM), g),
+            "time_ids": time_ids,
+        }
 
     return bb, (4, 8, 8), cond, {"zero_null": True}
 
@@ -154,10 +197,19 @@ def _sdxl(seed):
 def _pixart(seed):
     from diffusers import PixArtTransformer2DModel
 
-    bb = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                  num_layers=1, cross_attention_dim=16, sample_size=8, patch_size=2,
-                                  caption_channels=PIXART_TEXT_DIM, use_additional_conditions=False,
-                                  norm_num_groups=4)
+    bb = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=PIXART_TEXT_DIM,
+        use_additional_conditions=False,
+        norm_num_groups=4,
+    )
     g = torch.Generator().manual_seed(seed + 1)
     null = _randn((1, TEXT_LEN, PIXART_TEXT_DIM), g)
     null_mask = torch.zeros(1, TEXT_LEN, dtype=torch.long)
@@ -166,8 +218,7 @@ def _pixart(seed):
     def cond(b, g):
         lengths = torch.randint(2, TEXT_LEN + 1, (b,), generator=g)
         mask = (torch.arange(TEXT_LEN)[None] < lengths[:, None]).long()
-        return {"encoder_hidden_states": _randn((b, TEXT_LEN, PIXART_TEXT_DIM), g),
-                "encoder_attention_mask": mask}
+        return {"encoder_hidden_states": _randn((b, TEXT_LEN, PIXART_TEXT_DIM), g), "encoder_attention_mask": mask}
 
     return bb, (4, 8, 8), cond, {"null_embeds": null, "null_mask": null_mask}
 
@@ -175,17 +226,28 @@ def _pixart(seed):
 def _sd3(seed):
     from diffusers import SD3Transformer2DModel
 
-    bb = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
-                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=SD3_TEXT_DIM,
-                               caption_projection_dim=16, pooled_projection_dim=SD3_POOLED_DIM,
-                               pos_embed_max_size=8)
+    bb = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=SD3_TEXT_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=SD3_POOLED_DIM,
+        pos_embed_max_size=8,
+    )
     g = torch.Generator().manual_seed(seed + 1)
     null = _randn((1, TEXT_LEN, SD3_TEXT_DIM), g)
     null_pooled = _randn((1, SD3_POOLED_DIM), g)
 
     def cond(b, g):
-        return {"encoder_hidden_states": _randn((b, TEXT_LEN, SD3_TEXT_DIM), g),
-                "pooled_projections": _randn((b, SD3_POOLED_DIM), g)}
+        return {
+            "encoder_hidden_states": _randn((b, TEXT_LEN, SD3_TEXT_DIM), g),
+            "pooled_projections": _randn((b, SD3_POOLED_DIM), g),
+        }
 
     return bb, (4, 8, 8), cond, {"null_embeds": null, "null_pooled": null_pooled}
 
@@ -194,20 +256,29 @@ def _flux(seed, guidance_embeds: bool = True):
     from diffusers import FluxTransformer2DModel
 
     # latents (4, 8, 8) are packed into 2x2 patches: 16 channels per token
-    bb = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=FLUX_TEXT_DIM,
-                                pooled_projection_dim=FLUX_POOLED_DIM, guidance_embeds=guidance_embeds,
-                                axes_dims_rope=(2, 2, 4))
+    bb = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_TEXT_DIM,
+        pooled_projection_dim=FLUX_POOLED_DIM,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
 
     def cond(b, g):
-        return {"encoder_hidden_states": _randn((b, TEXT_LEN, FLUX_TEXT_DIM), g),
-                "pooled_projections": _randn((b, FLUX_POOLED_DIM), g)}
+        return {
+            "encoder_hidden_states": _randn((b, TEXT_LEN, FLUX_TEXT_DIM), g),
+            "pooled_projections": _randn((b, FLUX_POOLED_DIM), g),
+        }
 
     kw = {}
     if not guidance_embeds:  # a Flux without guidance input can take true CFG with a null prompt
         g = torch.Generator().manual_seed(seed + 1)
-        kw = {"null_embeds": _randn((1, TEXT_LEN, FLUX_TEXT_DIM), g),
-              "null_pooled": _randn((1, FLUX_POOLED_DIM), g)}
+        kw = {"null_embeds": _randn((1, TEXT_LEN, FLUX_TEXT_DIM), g), "null_pooled": _randn((1, FLUX_POOLED_DIM), g)}
     return bb, (4, 8, 8), cond, kw
 
 
@@ -215,16 +286,20 @@ def _flux(seed, guidance_embeds: bool = True):
 class TinyFamily:
     """The tiny test model of one backbone family (`fewstep.families`): one entry per family."""
 
-    backbone: Callable[..., tuple]          # (seed, **kw) -> (backbone, latent_shape, make_cond, conditioner kwargs)
-    pipeline: Callable[..., Any]            # (backbone, prediction, seed) -> the family's diffusers pipeline
-    flow_shift: float | None = None         # flow-matching families: the FlowPath shift; None: a VP teacher
+    backbone: Callable[..., tuple]  # (seed, **kw) -> (backbone, latent_shape, make_cond, conditioner kwargs)
+    pipeline: Callable[..., Any]  # (backbone, prediction, seed) -> the family's diffusers pipeline
+    flow_shift: float | None = None  # flow-matching families: the FlowPath shift; None: a VP teacher
 
 
 def _pipe_dit(bb, prediction, seed):
     import diffusers
 
-    return diffusers.DiTPipeline(transformer=bb, vae=tiny_vae(seed=seed), scheduler=ddim_scheduler(prediction),
-                                 id2label={i: w for i, w in enumerate(_WORDS[12:22])})
+    return diffusers.DiTPipeline(
+        transformer=bb,
+        vae=tiny_vae(seed=seed),
+        scheduler=ddim_scheduler(prediction),
+        id2label={i: w for i, w in enumerate(_WORDS[12:22])},
+    )
 
 
 def _pipe_unet(bb, prediction, seed):
@@ -237,9 +312,15 @@ def _pipe_sd15(bb, prediction, seed):
     import diffusers
 
     return diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(seed=seed), text_encoder=tiny_clip(SD15_TEXT_DIM, seed=seed), tokenizer=tiny_clip_tokenizer(),
-        unet=bb, scheduler=ddim_scheduler(prediction), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_clip(SD15_TEXT_DIM, seed=seed),
+        tokenizer=tiny_clip_tokenizer(),
+        unet=bb,
+        scheduler=ddim_scheduler(prediction),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _pipe_sdxl(bb, prediction, seed):
@@ -247,18 +328,27 @@ def _pipe_sdxl(bb, prediction, seed):
 
     half = SDXL_TEXT_DIM // 2
     return diffusers.StableDiffusionXLPipeline(
-        vae=tiny_vae(seed=seed), text_encoder=tiny_clip(half, seed=seed),
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_clip(half, seed=seed),
         text_encoder_2=tiny_clip(SDXL_TEXT_DIM - half, projection=SDXL_POOLED_DIM, seed=seed + 1),
-        tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(), unet=bb,
-        scheduler=ddim_scheduler(prediction), force_zeros_for_empty_prompt=True)
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=bb,
+        scheduler=ddim_scheduler(prediction),
+        force_zeros_for_empty_prompt=True,
+    )
 
 
 def _pipe_pixart(bb, prediction, seed):
     import diffusers
 
-    return diffusers.PixArtAlphaPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=tiny_t5(PIXART_TEXT_DIM, seed),
-                                         vae=tiny_vae(seed=seed), transformer=bb,
-                                         scheduler=ddim_scheduler(prediction))
+    return diffusers.PixArtAlphaPipeline(
+        tokenizer=tiny_t5_tokenizer(),
+        text_encoder=tiny_t5(PIXART_TEXT_DIM, seed),
+        vae=tiny_vae(seed=seed),
+        transformer=bb,
+        scheduler=ddim_scheduler(prediction),
+    )
 
 
 def _pipe_sd3(bb, prediction, seed):
@@ -267,24 +357,34 @@ def _pipe_sd3(bb, prediction, seed):
 
     h = 8  # two CLIPs of width 8 (padded to the joint width 16 by the pipeline), pooled 6 + 6
     return diffusers.StableDiffusion3Pipeline(
-        transformer=bb, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=bb,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
-        text_encoder=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed), tokenizer=tiny_clip_tokenizer(),
+        text_encoder=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed),
+        tokenizer=tiny_clip_tokenizer(),
         text_encoder_2=tiny_clip(h, projection=SD3_POOLED_DIM // 2, seed=seed + 1),
-        tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=tiny_t5(SD3_TEXT_DIM, seed),
-        tokenizer_3=tiny_t5_tokenizer())
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5(SD3_TEXT_DIM, seed),
+        tokenizer_3=tiny_t5_tokenizer(),
+    )
 
 
 def _pipe_flux(bb, prediction, seed):
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
-                                            max_image_seq_len=64, base_shift=0.5, max_shift=1.15)
-    return diffusers.FluxPipeline(scheduler=sched, vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
-                                  text_encoder=tiny_clip(FLUX_POOLED_DIM, seed=seed),
-                                  tokenizer=tiny_clip_tokenizer(), text_encoder_2=tiny_t5(FLUX_TEXT_DIM, seed),
-                                  tokenizer_2=tiny_t5_tokenizer(), transformer=bb)
+    sched = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5, max_shift=1.15
+    )
+    return diffusers.FluxPipeline(
+        scheduler=sched,
+        vae=tiny_vae(latent_channels=4, seed=seed, shift_factor=0.1),
+        text_encoder=tiny_clip(FLUX_POOLED_DIM, seed=seed),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_t5(FLUX_TEXT_DIM, seed),
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=bb,
+    )
 
 
 # the test models' table: one entry per family of fewstep.families (a test checks they agree)
@@ -302,8 +402,9 @@ VP_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is None)
 FLOW_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is not None)
 
 
-def make_tiny(family: str, prediction: str = "epsilon", seed: int = 0, dtype: torch.dtype = torch.float32,
-              **kwargs: Any) -> Tiny:
+def make_tiny(
+    family: str, prediction: str = "epsilon", seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs: Any
+) -> Tiny:
     """A tiny randomly initialised teacher of `family` (one of FAMILIES).
 
     prediction: "epsilon" or "v_prediction" for the VP families (dit, unet, sd15, sdxl, pixart);
@@ -347,8 +448,30 @@ def num_params(module: nn.Module) -> int:
 
 
 # ---- whole pipelines: tiny backbone + tiny VAE + tiny text encoders and offline tokenizers ----------
-_WORDS = ("a", "an", "the", "photo", "of", "cat", "dog", "red", "blue", "green", "small", "big", "zero", "one",
-          "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_WORDS = (
+    "a",
+    "an",
+    "the",
+    "photo",
+    "of",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "big",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
 
 
 def tiny_clip_tokenizer(max_length: int = TEXT_LEN):
@@ -380,9 +503,18 @@ def tiny_clip(hidden: int, projection: int | None = None, seed: int = 0, vocab_s
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_dim=projection or hidden,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_LEN,
+        projection_dim=projection or hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
 
 
@@ -390,8 +522,18 @@ def tiny_t5(d_model: int, seed: int = 0, vocab_size: int = 128):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=4, d_ff=2 * d_model, num_layers=1, num_heads=2,
-                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=4,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return T5EncoderModel(cfg).eval()
 
 
@@ -400,10 +542,20 @@ def tiny_vae(channels: int = 3, latent_channels: int = 4, seed: int = 0, shift_f
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=latent_channels,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         block_out_channels=(4, 4, 4, 4), layers_per_block=1, norm_num_groups=2, sample_size=64,
-                         scaling_factor=0.5, shift_factor=shift_factor, mid_block_add_attention=False).eval()
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1,
+        norm_num_groups=2,
+        sample_size=64,
+        scaling_factor=0.5,
+        shift_factor=shift_factor,
+        mid_block_add_attention=False,
+    ).eval()
 
 
 def ddim_scheduler(prediction: str = "epsilon"):
@@ -411,9 +563,17 @@ def ddim_scheduler(prediction: str = "epsilon"):
     whose steps are exactly fewstep's DDIM on VPPath.sampling_times."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                         beta_end=0.012, prediction_type=prediction, timestep_spacing="trailing",
-                         clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+    )
 
 
 def make_tiny_pipeline(family: str, prediction: str = "epsilon", seed: int = 0, **kwargs: Any):

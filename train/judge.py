@@ -14,6 +14,7 @@ augmentation is light and geometric (random shifts of up to 3 px, rotations of u
 degrees, scaling by 0.9-1.1) so that the judge also reads slightly misplaced generated digits;
 it adds no blur or noise, so the features stay sensitive to those defects (FID notices them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 from fewstep.digits.data import load_digits_tensors, split_indices
 from fewstep.digits.judge import ARCHITECTURES, JUDGE_NAME, JUDGE_WEIGHTS, DigitsJudge, save_judge
 
-
 # augmentation recipes: random affine warps (shift in pixels at 32x32, rotation in degrees, scale range, shear)
 RECIPES = {
     "geometric": {"max_shift_px": 3.0, "max_rotation_deg": 10.0, "scale": (0.9, 1.1), "max_shear": 0.0},
@@ -46,8 +46,14 @@ PANEL = {
 }
 
 
-def augment(x: torch.Tensor, g: torch.Generator, max_shift: float, max_rot_deg: float,
-            scale_range: tuple[float, float], max_shear: float = 0.0) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    g: torch.Generator,
+    max_shift: float,
+    max_rot_deg: float,
+    scale_range: tuple[float, float],
+    max_shear: float = 0.0,
+) -> torch.Tensor:
     """Random affine warp of (B, 1, H, W) images in [-1, 1]; the background (-1) fills the edges."""
     b, _, h, _ = x.shape
     rot = (torch.rand(b, generator=g) * 2 - 1) * math.radians(max_rot_deg)
@@ -79,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--feature-dim", type=int, default=64)
-    p.add_argument("--arch", default="cnn3", choices=sorted(ARCHITECTURES), help="convolutions per stage (default cnn3)")
+    p.add_argument(
+        "--arch", default="cnn3", choices=sorted(ARCHITECTURES), help="convolutions per stage (default cnn3)"
+    )
     p.add_argument("--recipe", default="geometric", choices=sorted(RECIPES), help="augmentation (default geometric)")
     p.add_argument("--max-shift", type=float, default=None, help="pixels, at 32x32 (default: the recipe's)")
     p.add_argument("--max-rot", type=float, default=None, help="degrees (default: the recipe's)")
@@ -89,8 +97,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.panel:
         for name, a in PANEL.items():
-            print(" ".join(["OMP_NUM_THREADS=1 python train/judge.py", *a, "--name", name,
-                            "--out", f"fewstep/digits/weights/panel/{name.removeprefix(JUDGE_NAME + '-')}.safetensors"]))
+            print(
+                " ".join(
+                    [
+                        "OMP_NUM_THREADS=1 python train/judge.py",
+                        *a,
+                        "--name",
+                        name,
+                        "--out",
+                        f"fewstep/digits/weights/panel/{name.removeprefix(JUDGE_NAME + '-')}.safetensors",
+                    ]
+                )
+            )
         return {}
     aug = dict(RECIPES[args.recipe])
     if args.max_shift is not None:
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         perm = torch.randperm(x_tr.shape[0], generator=g)
         total = 0.0
         for i in range(0, perm.numel(), args.batch_size):
-            idx = perm[i:i + args.batch_size]
+            idx = perm[i : i + args.batch_size]
             xb = augment(x_tr[idx], g, aug["max_shift_px"], aug["max_rotation_deg"], aug["scale"], aug["max_shear"])
             loss = F.cross_entropy(judge.logits(xb), y_tr[idx])
             opt.zero_grad(set_to_none=True)
@@ -126,8 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
             sched.step()
             total += loss.item() * idx.numel()
         if epoch % 5 == 4 or epoch == args.epochs - 1:
-            print(f"epoch {epoch + 1:3d}  train loss {total / x_tr.shape[0]:.4f}  "
-                  f"held-out acc {accuracy(judge, x_val, y_val):.4f}", flush=True)
+            print(
+                f"epoch {epoch + 1:3d}  train loss {total / x_tr.shape[0]:.4f}  "
+                f"held-out acc {accuracy(judge, x_val, y_val):.4f}",
+                flush=True,
+            )
 
     judge.eval()
     val_acc = accuracy(judge, x_val, y_val)

@@ -10,6 +10,7 @@ phase: loss, backward, clip, non-finite check, step, zero all grads, after_step 
 sample grid, checkpoint -> final weights and run card. The loop lives in the package so that
 `fewstep train` and the tests run exactly the same code in-process.
 """
+
 import sys
 
 from fewstep.train_cmd import main

@@ -11,6 +11,7 @@ scaling factor, (4) the path of the chosen kind, (5) the DiT trained through the
 `Denoiser` on the native target of the path, with explicit label dropout and an EMA, (6) the
 pipeline folder and the card. Seeded and deterministic on a given machine and thread count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,17 +46,24 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     # VAE
-    p.add_argument("--vae-from", default=None, help="pipeline (or vae) folder whose VAE to reuse instead of training one")
-    p.add_argument("--separate-stages", action="store_true",
-                   help="train the VAE (with --vae-threads), then start the DiT stage exactly as a separate "
-                        "`--vae-from` run on that VAE would: threads set to --threads, both random streams "
-                        "reseeded. One command for a teacher whose VAE and DiT were trained by two runs")
+    p.add_argument(
+        "--vae-from", default=None, help="pipeline (or vae) folder whose VAE to reuse instead of training one"
+    )
+    p.add_argument(
+        "--separate-stages",
+        action="store_true",
+        help="train the VAE (with --vae-threads), then start the DiT stage exactly as a separate "
+        "`--vae-from` run on that VAE would: threads set to --threads, both random streams "
+        "reseeded. One command for a teacher whose VAE and DiT were trained by two runs",
+    )
     p.add_argument("--vae-threads", type=int, default=None, help="threads of the VAE stage (default --threads)")
     p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-2, help="weight of the per-pixel KL term")
-    p.add_argument("--grad-weight", type=float, default=0.5, help="weight of the L1 loss on image gradients (sharpness)")
+    p.add_argument(
+        "--grad-weight", type=float, default=0.5, help="weight of the L1 loss on image gradients (sharpness)"
+    )
     # DiT
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=128)
@@ -64,8 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with a 1+s/10+s warm-up)")
     p.add_argument("--label-dropout", type=float, default=0.1, help="fraction of labels replaced by the null class")
-    p.add_argument("--flow-t", choices=["uniform", "logit_normal"], default="uniform",
-                   help="flow: how t is drawn in training")
+    p.add_argument(
+        "--flow-t", choices=["uniform", "logit_normal"], default="uniform", help="flow: how t is drawn in training"
+    )
     p.add_argument("--limit-data", type=int, default=None, help="use the first N digits only (smoke tests)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--no-card", action="store_true", help="do not write the entry in teachers.json")
@@ -87,8 +96,13 @@ def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from accelerate import Accelerator
-    from diffusers import (AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel,
-                           FlowMatchEulerDiscreteScheduler)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
     if args.separate_stages and args.vae_from:
         raise SystemExit("train/train_teacher.py: --separate-stages trains the VAE; it excludes --vae-from")
@@ -100,9 +114,9 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     # ---- 1. data -------------------------------------------------------------------------
-    images, labels = load_digits_tensors()            # (1797, 1, 32, 32) in [-1, 1], (1797,)
+    images, labels = load_digits_tensors()  # (1797, 1, 32, 32) in [-1, 1], (1797,)
     if args.limit_data is not None:
-        images, labels = images[:args.limit_data], labels[:args.limit_data]
+        images, labels = images[: args.limit_data], labels[: args.limit_data]
     n = images.shape[0]
     images, labels = images.to(device), labels.to(device)
 
@@ -132,8 +146,8 @@ def main(argv=None) -> int:
             rec = accelerator.unwrap_model(vae).decode(z).sample
             l1 = (rec - x).abs().mean()
             # L1 on horizontal and vertical differences keeps strokes sharp
-            gl = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
-            kl = post.kl().mean() / x[0].numel()        # per pixel
+            gl = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
+            kl = post.kl().mean() / x[0].numel()  # per pixel
             loss = l1 + args.grad_weight * gl + args.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -142,40 +156,50 @@ def main(argv=None) -> int:
             if step % args.log_every == 0 or step == args.vae_steps - 1:
                 log(accelerator, f"vae {step:5d} l1 {l1.item():.4f} grad {gl.item():.4f} kl/px {kl.item():.3f}")
         vae = accelerator.unwrap_model(vae)
-        vae_card = {"steps": args.vae_steps, "batch": args.vae_batch, "lr": args.vae_lr, "kl_weight": args.kl_weight,
-                    "grad_weight": args.grad_weight, "wall_s": round(time.time() - t0, 1)}
+        vae_card = {
+            "steps": args.vae_steps,
+            "batch": args.vae_batch,
+            "lr": args.vae_lr,
+            "kl_weight": args.kl_weight,
+            "grad_weight": args.grad_weight,
+            "wall_s": round(time.time() - t0, 1),
+        }
     vae.eval().requires_grad_(False)
 
     # ---- 3. latents: the posterior mean, scaled to unit std ---------------------------------
     with torch.no_grad():
-        means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, n, 256)])
+        means = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, n, 256)])
         if not args.vae_from:
             vae.register_to_config(scaling_factor=float(1.0 / means.std()))
         if args.separate_stages:  # from here on, as a fresh `--vae-from` run would go
             torch.set_num_threads(args.threads)
             torch.manual_seed(args.seed)
             gen = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
-            means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, n, 256)])
+            means = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, n, 256)])
             vae_card["separate_stages"] = {"vae_threads": args.vae_threads or args.threads}
         sf = float(vae.config.scaling_factor)
         latents = means * sf
-        rec = torch.cat([vae.decode(latents[i:i + 256] / sf).sample for i in range(0, n, 256)])
+        rec = torch.cat([vae.decode(latents[i : i + 256] / sf).sample for i in range(0, n, 256)])
         rec_l1 = (rec.clamp(-1, 1) - images).abs().mean().item()
     vae_card.update(scaling_factor=sf, recon_l1=round(rec_l1, 5), params=count_parameters(vae))
-    log(accelerator, f"latents {tuple(latents.shape)} scaling_factor {sf:.4f} mean {latents.mean():.3f} "
-        f"std {latents.std():.3f}; reconstruction L1 {rec_l1:.4f}")
+    log(
+        accelerator,
+        f"latents {tuple(latents.shape)} scaling_factor {sf:.4f} mean {latents.mean():.3f} "
+        f"std {latents.std():.3f}; reconstruction L1 {rec_l1:.4f}",
+    )
 
     # ---- 4. path ---------------------------------------------------------------------------------
     if args.kind == "vp":
-        scheduler = DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
-                                  prediction_type="epsilon")
+        scheduler = DDIMScheduler(
+            timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon"
+        )
         path = VPPath.from_config(scheduler.config)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
         path = FlowPath.from_config(scheduler.config)
 
     def draw_t(b: int) -> torch.Tensor:
-        if args.kind == "vp":   # the discrete training indices i = 0..N-1 sit at t = (i + 1) / N
+        if args.kind == "vp":  # the discrete training indices i = 0..N-1 sit at t = (i + 1) / N
             i = torch.randint(0, path.num_train_timesteps, (b,), generator=gen)
             return ((i + 1).double() / path.num_train_timesteps).float()
         if args.flow_t == "logit_normal":
@@ -185,7 +209,7 @@ def main(argv=None) -> int:
     # ---- 5. DiT through the Denoiser ----------------------------------------------------------
     dit = build_dit().to(device)
     ema = copy.deepcopy(dit).requires_grad_(False)
-    denoiser = Denoiser(dit, path)               # keeps the backbone in eval mode: dropout is ours
+    denoiser = Denoiser(dit, path)  # keeps the backbone in eval mode: dropout is ours
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     denoiser, opt = accelerator.prepare(denoiser, opt)
     t0 = time.time()
@@ -215,8 +239,11 @@ def main(argv=None) -> int:
         running += loss.item()
         if (step + 1) % args.log_every == 0 or step == args.steps - 1:
             k = (step % args.log_every) + 1
-            log(accelerator, f"dit {step + 1:5d} loss {running / k:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{(time.time() - t0) / (step + 1):.3f}s/step")
+            log(
+                accelerator,
+                f"dit {step + 1:5d} loss {running / k:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{(time.time() - t0) / (step + 1):.3f}s/step",
+            )
             last_loss, running = running / k, 0.0
     dit_wall = time.time() - t0
 
@@ -233,7 +260,10 @@ def main(argv=None) -> int:
             pipe.save_pretrained(tmp, safe_serialization=True)
         wall = time.time() - t_start
         card = {
-            "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
+            "command": "python "
+            + " ".join(
+                shlex.quote(a) for a in [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
+            ),
             "kind": args.kind,
             "folder": str(out),
             "seed": args.seed,
@@ -244,12 +274,20 @@ def main(argv=None) -> int:
             "latents": "posterior mean x scaling_factor",
             "images": n,
             "vae": vae_card,
-            "dit": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
-                    "ema": args.ema, "label_dropout": args.label_dropout, "weight_decay": args.weight_decay,
-                    "params": count_parameters(transformer), "final_loss": round(last_loss, 5),
-                    "wall_s": round(dit_wall, 1)},
+            "dit": {
+                "steps": args.steps,
+                "batch": args.batch,
+                "lr": args.lr,
+                "warmup": args.warmup,
+                "ema": args.ema,
+                "label_dropout": args.label_dropout,
+                "weight_decay": args.weight_decay,
+                "params": count_parameters(transformer),
+                "final_loss": round(last_loss, 5),
+                "wall_s": round(dit_wall, 1),
+            },
             "wall_s": round(wall, 1),
-            "cpu_s": round(time.process_time(), 1),   # all threads; wall time depends on the machine's load
+            "cpu_s": round(time.process_time(), 1),  # all threads; wall time depends on the machine's load
             "torch": torch.__version__,
         }
         if not args.no_card:

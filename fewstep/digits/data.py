@@ -1,5 +1,6 @@
 """scikit-learn's digits (1,797 8x8 images, 10 classes, shipped inside the package) as 32x32
 single-channel images in [-1, 1]."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ folders under fewstep/digits/weights/).
     z0 = sample(teacher.denoiser, noise, {"class_labels": y}, teacher.path.sampling_times(50), guidance=w)
     images = teacher.decode(z0)                  # (8, 1, 32, 32) in [-1, 1]
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,14 @@ from .models import LATENT_SHAPE, NULL_CLASS
 __all__ = ["DigitsTeacher", "load_digits_teacher", "teacher_dir", "teacher_card", "TEACHER_KINDS"]
 
 TEACHER_KINDS = ("vp", "flow")
-_REQUIRED = ("model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
-             "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
-             "vae/diffusion_pytorch_model.safetensors")
+_REQUIRED = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+)
 
 
 @dataclass
@@ -54,8 +60,10 @@ class DigitsTeacher:
     def decode(self, latents: Tensor) -> Tensor:
         """(B, 4, 8, 8) scaled latents -> (B, 1, 32, 32) float32 images in [-1, 1]."""
         if latents.ndim != 4 or tuple(latents.shape[1:]) != tuple(self.latent_shape):
-            raise ValueError(f"decode: latents must have shape (B, {', '.join(map(str, self.latent_shape))}), "
-                             f"got {tuple(latents.shape)}")
+            raise ValueError(
+                f"decode: latents must have shape (B, {', '.join(map(str, self.latent_shape))}), "
+                f"got {tuple(latents.shape)}"
+            )
         p = next(self.vae.parameters())
         x = self.vae.decode(latents.to(p) / self.scaling_factor).sample
         return x.float().clamp(-1, 1)
@@ -69,7 +77,7 @@ class DigitsTeacher:
         p = next(self.vae.parameters())
         return self.vae.encode(images.to(p)).latent_dist.mean.float() * self.scaling_factor
 
-    def to(self, device) -> "DigitsTeacher":
+    def to(self, device) -> DigitsTeacher:
         self.denoiser.to(device)
         self.vae.to(device)
         return self
@@ -92,8 +100,9 @@ def teacher_card(kind: str) -> dict:
     return cards[kind]
 
 
-def load_digits_teacher(kind: str = "vp", device: str | torch.device = "cpu",
-                        pipeline_dir: str | Path | None = None) -> DigitsTeacher:
+def load_digits_teacher(
+    kind: str = "vp", device: str | torch.device = "cpu", pipeline_dir: str | Path | None = None
+) -> DigitsTeacher:
     """Load a digits teacher with `DiTPipeline.from_pretrained` (safetensors only), so the
     networks are exactly what a user's pipeline loads.
 
@@ -109,13 +118,16 @@ def load_digits_teacher(kind: str = "vp", device: str | torch.device = "cpu",
     if missing:
         raise FileNotFoundError(
             f"digits teacher {kind!r}: the pipeline folder {folder} is missing {', '.join(missing)}; "
-            f"train it with `python train/train_teacher.py --kind {kind} --out {folder}`")
+            f"train it with `python train/train_teacher.py --kind {kind} --out {folder}`"
+        )
     pipe = DiTPipeline.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
     path = path_from_scheduler_config(dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__))
     want = "flow" if kind == "flow" else "epsilon"
     if path.prediction_type != want:
-        raise ValueError(f"digits teacher {kind!r} at {folder}: its scheduler {type(pipe.scheduler).__name__} "
-                         f"gives prediction type {path.prediction_type!r}, expected {want!r}")
+        raise ValueError(
+            f"digits teacher {kind!r} at {folder}: its scheduler {type(pipe.scheduler).__name__} "
+            f"gives prediction type {path.prediction_type!r}, expected {want!r}"
+        )
     transformer = pipe.transformer.to(device).requires_grad_(False)
     vae = pipe.vae.to(device).eval().requires_grad_(False)
     denoiser = Denoiser(transformer, path, null_class=NULL_CLASS)

@@ -11,6 +11,7 @@ Two entry points for images:
 it available as `feature_extractor="fewstep-digits-judge"`. Weights come from
 `fewstep/digits/weights/judge.safetensors`, made by `train/judge.py`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,8 @@ class DigitsJudge(nn.Module):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"digits judge: unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-        self.width = int(width)                 # channels of the first stage; later stages use 2x
-        self.feature_dim = int(feature_dim)     # size of the penultimate (FID) feature vector
+        self.width = int(width)  # channels of the first stage; later stages use 2x
+        self.feature_dim = int(feature_dim)  # size of the penultimate (FID) feature vector
         self.num_classes = int(num_classes)
         self.arch = arch
         w = self.width
@@ -63,8 +64,12 @@ class DigitsJudge(nn.Module):
         self.head = nn.Linear(self.feature_dim, self.num_classes)
 
     def config(self) -> dict[str, int]:
-        return {"width": self.width, "feature_dim": self.feature_dim, "num_classes": self.num_classes,
-                "arch": self.arch}
+        return {
+            "width": self.width,
+            "feature_dim": self.feature_dim,
+            "num_classes": self.num_classes,
+            "arch": self.arch,
+        }
 
     @staticmethod
     def prepare(images: Tensor) -> Tensor:
@@ -117,14 +122,16 @@ class DigitsJudge(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 512) -> Tensor:
         """Predicted class (B,) int64 on the CPU, in batches, for float or uint8 images."""
-        out = [self.logits(images[i:i + batch_size]).argmax(1).cpu() for i in range(0, images.shape[0], batch_size)]
+        out = [self.logits(images[i : i + batch_size]).argmax(1).cpu() for i in range(0, images.shape[0], batch_size)]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
     def forward(self, images_uint8: Tensor) -> Tensor:
         """torch-fidelity's input convention: uint8 (B, 3, H, W) in 0..255 -> logits (B, 10)."""
         if images_uint8.dtype != torch.uint8:
-            raise ValueError(f"DigitsJudge.forward takes uint8 images (0..255), got {images_uint8.dtype}; "
-                             "use .logits() / .features() for float images in [-1, 1]")
+            raise ValueError(
+                f"DigitsJudge.forward takes uint8 images (0..255), got {images_uint8.dtype}; "
+                "use .logits() / .features() for float images in [-1, 1]"
+            )
         return self.logits(images_uint8)
 
 
@@ -162,8 +169,9 @@ def _arch_of(state: dict[str, Tensor]) -> str:
     for name, d in ARCHITECTURES.items():
         if tuple(depths) == d:
             return name
-    raise ValueError(f"digits judge weights: convolutions per stage {tuple(depths)} match no architecture "
-                     f"({ARCHITECTURES})")
+    raise ValueError(
+        f"digits judge weights: convolutions per stage {tuple(depths)} match no architecture ({ARCHITECTURES})"
+    )
 
 
 def load_judge(path: str | Path | None = None) -> DigitsJudge:
@@ -182,8 +190,12 @@ def load_judge(path: str | Path | None = None) -> DigitsJudge:
     except Exception as e:  # safetensors raises its own error type on a damaged file
         raise ValueError(f"{path}: cannot read the judge weights: {e}") from e
     try:
-        cfg = {"width": state["body.0.weight"].shape[0], "feature_dim": state["to_features.weight"].shape[0],
-               "num_classes": state["head.weight"].shape[0], "arch": _arch_of(state)}
+        cfg = {
+            "width": state["body.0.weight"].shape[0],
+            "feature_dim": state["to_features.weight"].shape[0],
+            "num_classes": state["head.weight"].shape[0],
+            "arch": _arch_of(state),
+        }
     except KeyError as e:
         raise ValueError(f"{path}: not a digits judge file (missing tensor {e})") from e
     judge = DigitsJudge(**cfg)
@@ -205,6 +217,7 @@ def load_judge_card(path: str | Path | None = None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # torch-fidelity feature extractor
 
+
 class JudgeFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity extractor over the digits judge.
 
@@ -218,12 +231,15 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
 
     default_weights: Path = JUDGE_WEIGHTS
 
-    def __init__(self, name, features_list, feature_extractor_weights_path=None,
-                 feature_extractor_internal_dtype=None, **kwargs):
+    def __init__(
+        self, name, features_list, feature_extractor_weights_path=None, feature_extractor_internal_dtype=None, **kwargs
+    ):
         super().__init__(name, features_list)
         if feature_extractor_internal_dtype not in (None, "float32"):
-            raise ValueError(f"{name}: feature_extractor_internal_dtype must be float32 (or None), "
-                             f"got {feature_extractor_internal_dtype!r}")
+            raise ValueError(
+                f"{name}: feature_extractor_internal_dtype must be float32 (or None), "
+                f"got {feature_extractor_internal_dtype!r}"
+            )
         self.weights_path = Path(feature_extractor_weights_path or self.default_weights)
         self.judge = load_judge(self.weights_path)
 

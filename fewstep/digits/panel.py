@@ -11,6 +11,7 @@ Members (each a registered torch-fidelity feature extractor):
 
 `register_panel()` registers every member (idempotent); `PANEL_JUDGES` and `PIXEL_PCA` name them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,7 +78,7 @@ def pca_basis() -> tuple[Tensor, Tensor]:
     from .data import load_digits_tensors, to_uint8_rgb
 
     # the pixels as a scored image holds them: rounded to uint8, back to [-1, 1]
-    x = to_uint8_rgb(load_digits_tensors()[0])[:, 0].double().div(127.5).sub(1).reshape(-1, IMAGE_SIZE ** 2)
+    x = to_uint8_rgb(load_digits_tensors()[0])[:, 0].double().div(127.5).sub(1).reshape(-1, IMAGE_SIZE**2)
     mean = x.mean(0)
     _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
     comps = vh[:PCA_COMPONENTS].T.contiguous()
@@ -133,8 +134,9 @@ def _judge_class(name: str, weights: Path) -> type:
         return JudgeFeatureExtractor
     if name not in _CLASSES:
         qual = "PanelJudge_" + name.removeprefix(JUDGE_NAME + "-").replace("-", "_")
-        _CLASSES[name] = type(qual, (JudgeFeatureExtractor,), {"default_weights": weights, "__module__": __name__,
-                                                               "__qualname__": qual})
+        _CLASSES[name] = type(
+            qual, (JudgeFeatureExtractor,), {"default_weights": weights, "__module__": __name__, "__qualname__": qual}
+        )
     return _CLASSES[name]
 
 

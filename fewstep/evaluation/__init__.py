@@ -11,12 +11,26 @@ digits (the real digits as reference, class accuracy, `digits_scores`), panel (t
 panel, bootstrap intervals, the real-vs-real floor, the claims rule), safe_weights (extractor
 weights handed to torch-fidelity), run (the evaluation itself).
 """
+
 from .inputs import ImageFolder, InputError
 from .protocols import PROTOCOLS, Protocol, get_protocol
 from .run import METRICS, EvalSpec, evaluate, markdown_table
 from .scores import Extractor, ReferenceFeatures, diversity, fidelity_from_features, fidelity_metrics, vendi_score
 
-__all__ = ["EvalSpec", "evaluate", "markdown_table", "METRICS", "PROTOCOLS", "Protocol", "get_protocol",
-           "ImageFolder", "InputError", "Extractor", "ReferenceFeatures", "fidelity_from_features", "fidelity_metrics",
-           "diversity",
-           "vendi_score"]
+__all__ = [
+    "EvalSpec",
+    "evaluate",
+    "markdown_table",
+    "METRICS",
+    "PROTOCOLS",
+    "Protocol",
+    "get_protocol",
+    "ImageFolder",
+    "InputError",
+    "Extractor",
+    "ReferenceFeatures",
+    "fidelity_from_features",
+    "fidelity_metrics",
+    "diversity",
+    "vendi_score",
+]

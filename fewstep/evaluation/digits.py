@@ -5,6 +5,7 @@ digits judge, and `digits_scores` (FID + class accuracy from one pass of the jud
     class_accuracy(images, labels)      share of float images the judge reads as their label
     digits_scores(images, labels)       {"fid", "class_acc", "n"}
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -28,15 +29,19 @@ def digits_uint8() -> Tensor:
     return to_uint8_rgb(load_digits_tensors()[0])
 
 
-def digits_reference(extractor: Extractor, use_cache: bool = True, root: str | Path | None = None
-                     ) -> ReferenceFeatures:
+def digits_reference(extractor: Extractor, use_cache: bool = True, root: str | Path | None = None) -> ReferenceFeatures:
     """The real digits' features in `extractor`, cached under its weights' sha256."""
     from ..digits.data import IMAGE_SIZE
 
     imgs = TensorImages(digits_uint8())
-    return ReferenceFeatures.compute(imgs, extractor, {"kind": "digits", "count": len(imgs), "size": IMAGE_SIZE},
-                                     {"kind": "digits", "count": len(imgs),
-                                      "what": "all 1,797 scikit-learn digits at 32x32"}, use_cache=use_cache, root=root)
+    return ReferenceFeatures.compute(
+        imgs,
+        extractor,
+        {"kind": "digits", "count": len(imgs), "size": IMAGE_SIZE},
+        {"kind": "digits", "count": len(imgs), "what": "all 1,797 scikit-learn digits at 32x32"},
+        use_cache=use_cache,
+        root=root,
+    )
 
 
 def _check_float_images(images: Tensor, fn: str) -> None:
@@ -73,8 +78,9 @@ def class_accuracy(images: Tensor, labels: Tensor, judge=None) -> float:
     return (pred == labels).float().mean().item()
 
 
-def digits_scores(images: Tensor, labels: Tensor | None, cache_dir: str | Path | None = None,
-                  weights: str | None = None) -> dict[str, Any]:
+def digits_scores(
+    images: Tensor, labels: Tensor | None, cache_dir: str | Path | None = None, weights: str | None = None
+) -> dict[str, Any]:
     """FID (digits-judge features against all 1,797 real digits) and class accuracy, from one
     pass of the judge over the images quantised to uint8 as a saved image would be.
 

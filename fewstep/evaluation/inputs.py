@@ -16,9 +16,9 @@ folder, so a folder scored here and by torch-fidelity directly gives the same nu
 Results are written atomically (a temporary file in the same folder, then a rename), so a
 results file that exists is complete.
 """
+
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -132,8 +132,10 @@ class ImageFolder(Dataset):
         self.source_sizes = sorted(sizes)
         if size is None and len(sizes) > 1:
             shown = ", ".join(f"{w}x{h} ({p.name})" for (w, h), p in list(sizes.items())[:4])
-            raise InputError(f"image folder {self.folder} mixes image sizes: {shown}; give a scoring size "
-                             "(--image-size) to resize them, or use one size")
+            raise InputError(
+                f"image folder {self.folder} mixes image sizes: {shown}; give a scoring size "
+                "(--image-size) to resize them, or use one size"
+            )
 
     def __len__(self) -> int:
         return len(self.files)

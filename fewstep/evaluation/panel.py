@@ -20,6 +20,7 @@ features against all 1,797 real digits):
 - the panel median and range are over the judges (the pixel-PCA distance is in other units and
   is shown beside it); the claims rule asks every member, pixel-PCA included.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -34,9 +35,11 @@ from .scores import Extractor, diversity, fidelity_from_features
 
 __all__ = ["CLAIMS_RULE", "compare", "comparison", "fid_of", "panel_scores", "panel_table", "verdict_text"]
 
-CLAIMS_RULE = ("a student beats (or trails) a teacher only when every panel member, pixel-PCA included, "
-               "agrees and each member's 95% bootstrap intervals of the two do not overlap; otherwise the "
-               "difference is within noise")
+CLAIMS_RULE = (
+    "a student beats (or trails) a teacher only when every panel member, pixel-PCA included, "
+    "agrees and each member's 95% bootstrap intervals of the two do not overlap; otherwise the "
+    "difference is within noise"
+)
 
 
 def fid_of(features: Tensor, ref_stats: tuple[np.ndarray, np.ndarray]) -> float:
@@ -47,8 +50,9 @@ def fid_of(features: Tensor, ref_stats: tuple[np.ndarray, np.ndarray]) -> float:
     )
 
     s = fid_features_to_statistics(features)
-    return float(fid_statistics_to_metric(s, {"mu": ref_stats[0], "sigma": ref_stats[1]}, False)
-                 ["frechet_inception_distance"])
+    return float(
+        fid_statistics_to_metric(s, {"mu": ref_stats[0], "sigma": ref_stats[1]}, False)["frechet_inception_distance"]
+    )
 
 
 def _ref_stats(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +71,15 @@ def _ci(values: Sequence[float], point: float | None = None) -> list[float]:
     return [float(np.percentile(v, 2.5)) - shift, float(np.percentile(v, 97.5)) - shift]
 
 
-def panel_scores(images: Tensor, labels: Tensor | None, bootstrap: int = 200, seed: int = 0,
-                 members: Sequence[str] | None = None, prc: bool = True, cache: bool = True) -> dict[str, Any]:
+def panel_scores(
+    images: Tensor,
+    labels: Tensor | None,
+    bootstrap: int = 200,
+    seed: int = 0,
+    members: Sequence[str] | None = None,
+    prc: bool = True,
+    cache: bool = True,
+) -> dict[str, Any]:
     """Every panel member's scores of uint8 (N, 3, 32, 32) images with their requested labels.
 
     Args:
@@ -104,9 +115,15 @@ def panel_scores(images: Tensor, labels: Tensor | None, bootstrap: int = 200, se
         stats = _ref_stats(rf)
         floor_idx = torch.randint(0, rf.shape[0], (max(bootstrap, 1), n), generator=g)
         floor = [fid_of(rf[i], stats) for i in floor_idx]
-        m: dict[str, Any] = {"name": name, "kind": "judge" if judge else "pixel-pca", "layer": layer,
-                             "weights_sha256": ext.weights_sha256, "fid": vals["fid"],
-                             "floor_fid": float(np.median(floor)), "floor_ci": _ci(floor)}
+        m: dict[str, Any] = {
+            "name": name,
+            "kind": "judge" if judge else "pixel-pca",
+            "layer": layer,
+            "weights_sha256": ext.weights_sha256,
+            "fid": vals["fid"],
+            "floor_fid": float(np.median(floor)),
+            "floor_ci": _ci(floor),
+        }
         if bootstrap:
             boot = [fid_of(f[i], stats) for i in gen_idx]
             m["fid_ci"], m["_boot"] = _ci(boot, vals["fid"]), boot
@@ -122,8 +139,13 @@ def panel_scores(images: Tensor, labels: Tensor | None, bootstrap: int = 200, se
                     acc_b = [float(hit[i].mean()) for i in gen_idx]
                     m["class_acc_ci"], m["_boot_acc"] = _ci(acc_b, m["class_acc"]), acc_b
         out_members.append(m)
-    return {"n": n, "bootstrap": bootstrap, "seed": int(seed), "members": _public(out_members),
-            "panel": _summary(out_members, bootstrap)}
+    return {
+        "n": n,
+        "bootstrap": bootstrap,
+        "seed": int(seed),
+        "members": _public(out_members),
+        "panel": _summary(out_members, bootstrap),
+    }
 
 
 def _public(members: list[dict]) -> list[dict]:
@@ -135,9 +157,12 @@ def _summary(members: list[dict], bootstrap: int) -> dict[str, Any]:
     if not judges:
         return {}
     fids = [m["fid"] for m in judges]
-    s: dict[str, Any] = {"judges": len(judges), "fid_median": float(np.median(fids)),
-                         "fid_range": [float(min(fids)), float(max(fids))],
-                         "floor_fid_median": float(np.median([m["floor_fid"] for m in judges]))}
+    s: dict[str, Any] = {
+        "judges": len(judges),
+        "fid_median": float(np.median(fids)),
+        "fid_range": [float(min(fids)), float(max(fids))],
+        "floor_fid_median": float(np.median([m["floor_fid"] for m in judges])),
+    }
     if bootstrap:
         s["fid_median_ci"] = _ci(np.median(np.array([m["_boot"] for m in judges]), axis=0), s["fid_median"])
     for key in ("class_acc", "precision", "recall", "vendi"):
@@ -145,8 +170,9 @@ def _summary(members: list[dict], bootstrap: int) -> dict[str, Any]:
             v = [m[key] for m in judges]
             s[f"{key}_median"], s[f"{key}_range"] = float(np.median(v)), [float(min(v)), float(max(v))]
     if bootstrap and all("_boot_acc" in m for m in judges):
-        s["class_acc_median_ci"] = _ci(np.median(np.array([m["_boot_acc"] for m in judges]), axis=0),
-                                       s["class_acc_median"])
+        s["class_acc_median_ci"] = _ci(
+            np.median(np.array([m["_boot_acc"] for m in judges]), axis=0), s["class_acc_median"]
+        )
     return s
 
 
@@ -173,7 +199,10 @@ def compare(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
         t = t_by.get(m["name"])
         if t is None or "fid_ci" not in m or "fid_ci" not in t:
             raise InputError(f"compare: member {m['name']!r} lacks a bootstrap interval on one side")
-        r = {"fid_ratio": m["fid"] / t["fid"] if t["fid"] else float("nan"), "fid_side": _side(m["fid_ci"], t["fid_ci"])}
+        r = {
+            "fid_ratio": m["fid"] / t["fid"] if t["fid"] else float("nan"),
+            "fid_side": _side(m["fid_ci"], t["fid_ci"]),
+        }
         fid_sides.append(r["fid_side"])
         ratios.append(r["fid_ratio"])
         if "class_acc_ci" in m and "class_acc_ci" in t:
@@ -188,9 +217,14 @@ def compare(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
             return "trails"
         return "within noise"
 
-    return {"fid": verdict(fid_sides, -1), "class_acc": verdict(acc_sides, +1), "members": per,
-            "fid_ratio_median": float(np.median(ratios)), "fid_ratio_range": [float(min(ratios)), float(max(ratios))],
-            "rule": CLAIMS_RULE}
+    return {
+        "fid": verdict(fid_sides, -1),
+        "class_acc": verdict(acc_sides, +1),
+        "members": per,
+        "fid_ratio_median": float(np.median(ratios)),
+        "fid_ratio_range": [float(min(ratios)), float(max(ratios))],
+        "rule": CLAIMS_RULE,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,8 +241,15 @@ def panel_table(rows: Sequence[tuple[str, dict[str, Any]]], seeds: dict[str, lis
     if not rows:
         return ""
     names = [m["name"] for m in rows[0][1]["members"]]
-    head = ["model", *(f"FID {_short(n)}" for n in names), "FID median [range]", "median 95% CI", "seed spread",
-            "class acc median [range]", "precision / recall / Vendi (median)"]
+    head = [
+        "model",
+        *(f"FID {_short(n)}" for n in names),
+        "FID median [range]",
+        "median 95% CI",
+        "seed spread",
+        "class acc median [range]",
+        "precision / recall / Vendi (median)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, sc in rows:
         by = {m["name"]: m for m in sc["members"]}
@@ -232,15 +273,22 @@ def panel_table(rows: Sequence[tuple[str, dict[str, Any]]], seeds: dict[str, lis
             cells.append(f"{100 * p['class_acc_median']:.1f}% [{100 * r[0]:.1f}, {100 * r[1]:.1f}]")
         else:
             cells.append("-")
-        cells.append(" / ".join(f"{p[k]:.3f}" if k in p else "-" for k in ("precision_median", "recall_median"))
-                     + (f" / {p['vendi_median']:.2f}" if "vendi_median" in p else ""))
+        cells.append(
+            " / ".join(f"{p[k]:.3f}" if k in p else "-" for k in ("precision_median", "recall_median"))
+            + (f" / {p['vendi_median']:.2f}" if "vendi_median" in p else "")
+        )
         lines.append("| " + " | ".join(cells) + " |")
     first = rows[0][1]
-    floor = [f"{_short(m['name'])} {m['floor_fid']:.2f} ({m['floor_ci'][0]:.1f}-{m['floor_ci'][1]:.1f})"
-             for m in first["members"]]
-    lines += ["", f"Real-vs-real floor at n = {first['n']} (real digits resampled with replacement against all "
-              f"1,797, {max(first['bootstrap'], 1)} draws; median and 95% range): " + ", ".join(floor) + ".",
-              f"Intervals: 95% bootstrap over {first['bootstrap']} resamples of the generated set."]
+    floor = [
+        f"{_short(m['name'])} {m['floor_fid']:.2f} ({m['floor_ci'][0]:.1f}-{m['floor_ci'][1]:.1f})"
+        for m in first["members"]
+    ]
+    lines += [
+        "",
+        f"Real-vs-real floor at n = {first['n']} (real digits resampled with replacement against all "
+        f"1,797, {max(first['bootstrap'], 1)} draws; median and 95% range): " + ", ".join(floor) + ".",
+        f"Intervals: 95% bootstrap over {first['bootstrap']} resamples of the generated set.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -251,14 +299,21 @@ def verdict_text(student_label: str, teacher_label: str, verdict: dict[str, Any]
     """The conclusion under the claims rule, with the FID ratios of every member."""
     ratios = ", ".join(f"{_short(k)} {v['fid_ratio']:.2f}x" for k, v in verdict["members"].items())
     lo, hi = verdict["fid_ratio_range"]
-    return (f"Conclusion (claims rule: {verdict['rule']}): by FID the {student_label} {_PHRASE[verdict['fid']]} "
-            f"the {teacher_label}; by class accuracy it {_PHRASE[verdict['class_acc']]} it. "
-            f"Student/teacher FID per member: {ratios} (median {verdict['fid_ratio_median']:.2f}x, "
-            f"range {lo:.2f}-{hi:.2f}x).")
+    return (
+        f"Conclusion (claims rule: {verdict['rule']}): by FID the {student_label} {_PHRASE[verdict['fid']]} "
+        f"the {teacher_label}; by class accuracy it {_PHRASE[verdict['class_acc']]} it. "
+        f"Student/teacher FID per member: {ratios} (median {verdict['fid_ratio_median']:.2f}x, "
+        f"range {lo:.2f}-{hi:.2f}x)."
+    )
 
 
-def comparison(student_label: str, student: dict[str, Any], teacher_label: str, teacher: dict[str, Any],
-               seeds: dict[str, list[dict]] | None = None) -> tuple[str, dict[str, Any]]:
+def comparison(
+    student_label: str,
+    student: dict[str, Any],
+    teacher_label: str,
+    teacher: dict[str, Any],
+    seeds: dict[str, list[dict]] | None = None,
+) -> tuple[str, dict[str, Any]]:
     """(markdown table + conclusion, the `compare` verdict) for a student against its teacher."""
     verdict = compare(student, teacher)
     text = panel_table([(student_label, student), (teacher_label, teacher)], seeds)

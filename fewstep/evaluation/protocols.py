@@ -14,6 +14,7 @@ The COCO presets need local files: `--captions` (COCO annotation JSON or one cap
 `--reference` (an image folder or a statistics/features file), `--inception-weights` and, for CLIP
 score, `--clip-model`. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,24 +34,24 @@ INCEPTION_EXTRACTOR = "inception-v3-compat"
 @dataclass(frozen=True)
 class Protocol:
     name: str
-    num_samples: int                       # images generated per step count
-    seed: int = 0                          # initial noise of sample i comes from seed + i
-    conditioning: str = "labels"           # "labels" (balanced class labels) or "captions"
-    num_classes: int | None = None         # labels are i % num_classes (None: the model's)
-    image_size: int | None = None          # scoring resolution (None: as generated)
+    num_samples: int  # images generated per step count
+    seed: int = 0  # initial noise of sample i comes from seed + i
+    conditioning: str = "labels"  # "labels" (balanced class labels) or "captions"
+    num_classes: int | None = None  # labels are i % num_classes (None: the model's)
+    image_size: int | None = None  # scoring resolution (None: as generated)
     feature_extractor: str = DIGITS_EXTRACTOR
-    reference: str | None = None           # "digits", or None: must be given (--reference)
+    reference: str | None = None  # "digits", or None: must be given (--reference)
     metrics: tuple[str, ...] = ("fid", "kid", "class_acc", "diversity")
-    kid_subset_size: int = 1000            # clamped to the sample counts
+    kid_subset_size: int = 1000  # clamped to the sample counts
     kid_subsets: int = 100
     prc_neighborhood: int = 3
-    caption_prefix: str = ""               # prepended to captions for CLIP score only
-    diversity_groups: int = 10             # conditions used for diversity (labels or captions)
-    diversity_per_group: int = 8           # samples per condition (captions: extra generation)
-    bootstrap: int = 200                   # resamples of the generated set for the panel's intervals
+    caption_prefix: str = ""  # prepended to captions for CLIP score only
+    diversity_groups: int = 10  # conditions used for diversity (labels or captions)
+    diversity_per_group: int = 8  # samples per condition (captions: extra generation)
+    bootstrap: int = 200  # resamples of the generated set for the panel's intervals
     note: str = ""
 
-    def with_overrides(self, **kw: Any) -> "Protocol":
+    def with_overrides(self, **kw: Any) -> Protocol:
         """A copy with the non-None keyword arguments replaced (e.g. a smaller --num-samples)."""
         unknown = set(kw) - set(self.__dataclass_fields__)
         if unknown:
@@ -65,19 +66,41 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "digits": Protocol(
-        name="digits", num_samples=2000, seed=0, conditioning="labels", num_classes=10, image_size=32,
-        feature_extractor=DIGITS_EXTRACTOR, reference="digits",
-        metrics=("fid", "kid", "prc", "class_acc", "diversity", "panel"), diversity_per_group=200,
+        name="digits",
+        num_samples=2000,
+        seed=0,
+        conditioning="labels",
+        num_classes=10,
+        image_size=32,
+        feature_extractor=DIGITS_EXTRACTOR,
+        reference="digits",
+        metrics=("fid", "kid", "prc", "class_acc", "diversity", "panel"),
+        diversity_per_group=200,
         note="embedded default: labels i % 10, judge penultimate features, all 1,797 real digits; "
-             "the judge panel (fewstep.digits.panel) with bootstrap intervals and the real-vs-real floor"),
+        "the judge panel (fewstep.digits.panel) with bootstrap intervals and the real-vs-real floor",
+    ),
     "coco2014-30k": Protocol(
-        name="coco2014-30k", num_samples=30000, seed=0, conditioning="captions", image_size=256,
-        feature_extractor=INCEPTION_EXTRACTOR, reference=None, metrics=("fid", "clip"),
-        note="SD1.5 practice (DMD2): 30k COCO-2014 val captions, FID at 256 against val2014"),
+        name="coco2014-30k",
+        num_samples=30000,
+        seed=0,
+        conditioning="captions",
+        image_size=256,
+        feature_extractor=INCEPTION_EXTRACTOR,
+        reference=None,
+        metrics=("fid", "clip"),
+        note="SD1.5 practice (DMD2): 30k COCO-2014 val captions, FID at 256 against val2014",
+    ),
     "coco-10k": Protocol(
-        name="coco-10k", num_samples=10000, seed=0, conditioning="captions", image_size=512,
-        feature_extractor=INCEPTION_EXTRACTOR, reference=None, metrics=("fid", "clip"),
-        note="SDXL practice (DMD2): 10k COCO captions, FID at 512"),
+        name="coco-10k",
+        num_samples=10000,
+        seed=0,
+        conditioning="captions",
+        image_size=512,
+        feature_extractor=INCEPTION_EXTRACTOR,
+        reference=None,
+        metrics=("fid", "clip"),
+        note="SDXL practice (DMD2): 10k COCO captions, FID at 512",
+    ),
 }
 
 

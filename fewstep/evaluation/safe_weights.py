@@ -10,6 +10,7 @@ and holds exactly the source's tensors; anything else there (a planted pickle, a
 truncated file) is replaced atomically, never unpickled. Nothing is written to the shared
 system temporary folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,9 @@ def private_cache_dir() -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise InputError(f"weights cache {d} is not a folder (a link or a file); remove it")
     if st.st_uid != os.getuid():
-        raise InputError(f"weights cache {d} belongs to another user (uid {st.st_uid}); set FEWSTEP_CACHE "
-                         "to a folder of your own")
+        raise InputError(
+            f"weights cache {d} belongs to another user (uid {st.st_uid}); set FEWSTEP_CACHE to a folder of your own"
+        )
     if st.st_mode & 0o077:
         os.chmod(d, 0o700)  # ours: close it before anything is written or read there
     return d
@@ -63,8 +65,10 @@ def _read_state(path: Path) -> tuple[dict[str, Tensor], str]:
         else:
             state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InputError(f"feature extractor weights {path} cannot be read as plain tensors "
-                         f"(safetensors, or torch.load weights_only=True): {e}") from e
+        raise InputError(
+            f"feature extractor weights {path} cannot be read as plain tensors "
+            f"(safetensors, or torch.load weights_only=True): {e}"
+        ) from e
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise InputError(f"feature extractor weights {path} are not a state dict of tensors")
     return state, sha
@@ -80,9 +84,17 @@ def _matches(path: Path, state: dict[str, Tensor]) -> bool:
         have = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a planted pickle, a truncated file: not a match, rewrite it
         return False
-    return (isinstance(have, dict) and set(have) == set(state)
-            and all(torch.is_tensor(have[k]) and have[k].dtype == v.dtype and have[k].shape == v.shape
-                    and torch.equal(have[k], v) for k, v in state.items()))
+    return (
+        isinstance(have, dict)
+        and set(have) == set(state)
+        and all(
+            torch.is_tensor(have[k])
+            and have[k].dtype == v.dtype
+            and have[k].shape == v.shape
+            and torch.equal(have[k], v)
+            for k, v in state.items()
+        )
+    )
 
 
 def converted_path(sha256: str) -> Path:

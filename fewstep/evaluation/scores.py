@@ -12,6 +12,7 @@ cache key ignores the weights, and its cache unpickles; fewstep's cache is safet
 Nothing here downloads: `Extractor.check()` refuses an extractor whose weights are not local,
 naming the file and the flag that provides it, before anything is generated.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,10 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +85,7 @@ class Extractor:
     _tf_weights: str | None = field(default=None, init=False, repr=False)
     _module: Any = field(default=None, init=False, repr=False)
 
-    def check(self) -> "Extractor":
+    def check(self) -> Extractor:
         """Resolve the weights file and hash it; raise naming the file and flag if it is missing."""
         for mod in self.imports:
             importlib.import_module(mod)
@@ -97,27 +99,36 @@ class Extractor:
         if default is not None:  # a digits judge (fewstep.digits.judge.JudgeFeatureExtractor)
             path = Path(self.weights) if self.weights else Path(default)
             if not path.is_file():
-                raise InputError(f"digits judge weights {path} not found (--feature-extractor-weights, "
-                                 "or create them with `python train/judge.py`)")
+                raise InputError(
+                    f"digits judge weights {path} not found (--feature-extractor-weights, "
+                    "or create them with `python train/judge.py`)"
+                )
             self.weights_file, self._tf_weights = str(path), str(path)
         elif self.name not in FEATURE_EXTRACTORS_REGISTRY:
-            raise InputError(f"--feature-extractor {self.name!r} is not registered with torch-fidelity "
-                             f"(known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}; --import MODULE registers more)")
+            raise InputError(
+                f"--feature-extractor {self.name!r} is not registered with torch-fidelity "
+                f"(known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}; --import MODULE registers more)"
+            )
         elif self.name == INCEPTION_EXTRACTOR:
-            path = Path(self.weights) if self.weights else (
-                Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+            path = Path(self.weights) if self.weights else (Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
             if not path.is_file():
-                raise InputError(f"Inception weights {path} not found: pass a local copy of torch-fidelity's "
-                                 f"{INCEPTION_FILE} (or a .safetensors of it) with --inception-weights; "
-                                 "nothing is downloaded")
+                raise InputError(
+                    f"Inception weights {path} not found: pass a local copy of torch-fidelity's "
+                    f"{INCEPTION_FILE} (or a .safetensors of it) with --inception-weights; "
+                    "nothing is downloaded"
+                )
             self.weights_file, self._tf_weights = str(path), str(verified_torch_weights(path))
         elif self.name.startswith("dinov2"):
-            raise InputError(f"--feature-extractor {self.name}: torch-fidelity can only download DINOv2 "
-                             "weights (no local path), so it cannot run offline")
+            raise InputError(
+                f"--feature-extractor {self.name}: torch-fidelity can only download DINOv2 "
+                "weights (no local path), so it cannot run offline"
+            )
         elif self.name in ("vgg16",) or self.name.startswith("clip-"):
             if not self.weights or not Path(self.weights).is_file():
-                raise InputError(f"--feature-extractor {self.name} needs its local weights file "
-                                 f"(--feature-extractor-weights; got {self.weights!r}); nothing is downloaded")
+                raise InputError(
+                    f"--feature-extractor {self.name} needs its local weights file "
+                    f"(--feature-extractor-weights; got {self.weights!r}); nothing is downloaded"
+                )
             path = Path(self.weights)
             self.weights_file = str(path)
             self._tf_weights = str(path if self.name.startswith("clip-") else verified_torch_weights(path))
@@ -132,8 +143,9 @@ class Extractor:
         provided = FEATURE_EXTRACTORS_REGISTRY[self.name].get_provided_features_list()
         for layer in (self.feature_layer, *self.extra_layers):
             if layer is not None and layer not in provided:
-                raise InputError(f"feature extractor {self.name!r} has no feature layer {layer!r} "
-                                 f"(provided: {list(provided)})")
+                raise InputError(
+                    f"feature extractor {self.name!r} has no feature layer {layer!r} (provided: {list(provided)})"
+                )
         return self
 
     # -------------------------------------------------------------------------------------
@@ -150,8 +162,7 @@ class Extractor:
     def tf_kwargs(self) -> dict[str, Any]:
         """The torch-fidelity keyword arguments that select this extractor (what a direct
         `torch_fidelity.calculate_metrics` call needs to reproduce the numbers)."""
-        kw: dict[str, Any] = {"feature_extractor": self.name, "cuda": self.device.startswith("cuda"),
-                              "verbose": False}
+        kw: dict[str, Any] = {"feature_extractor": self.name, "cuda": self.device.startswith("cuda"), "verbose": False}
         if self._tf_weights:
             kw["feature_extractor_weights_path"] = self._tf_weights
         return kw
@@ -170,12 +181,17 @@ class Extractor:
 
         if len(images) == 0:
             raise InputError("no images to score (0 samples)")
-        return get_featuresdict_from_dataset(images, self.module(), self.batch_size,
-                                             self.device.startswith("cuda"), True, False)
+        return get_featuresdict_from_dataset(
+            images, self.module(), self.batch_size, self.device.startswith("cuda"), True, False
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "layers": {m: self.layer(m) for m in ("fid", "kid", "prc")},
-                "weights_file": self.weights_file, "weights_sha256": self.weights_sha256}
+        return {
+            "name": self.name,
+            "layers": {m: self.layer(m) for m in ("fid", "kid", "prc")},
+            "weights_file": self.weights_file,
+            "weights_sha256": self.weights_sha256,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +201,7 @@ class ReferenceFeatures:
 
     description: dict[str, Any]
     features: dict[str, Tensor] | None = None
-    stats: dict[str, np.ndarray] | None = None   # {"mu", "sigma"}: FID only
+    stats: dict[str, np.ndarray] | None = None  # {"mu", "sigma"}: FID only
 
     @property
     def count(self) -> int | None:
@@ -195,21 +211,38 @@ class ReferenceFeatures:
 
     @staticmethod
     def cache_key(extractor: Extractor, identity: Any) -> str:
-        blob = json.dumps({"extractor": extractor.name, "layers": extractor.layers(),
-                           "weights_sha256": extractor.weights_sha256, "reference": identity,
-                           "reader": 1}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {
+                "extractor": extractor.name,
+                "layers": extractor.layers(),
+                "weights_sha256": extractor.weights_sha256,
+                "reference": identity,
+                "reader": 1,
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     @classmethod
-    def compute(cls, images: Dataset, extractor: Extractor, identity: Any, description: dict[str, Any],
-                use_cache: bool = True, root: str | Path | None = None) -> "ReferenceFeatures":
+    def compute(
+        cls,
+        images: Dataset,
+        extractor: Extractor,
+        identity: Any,
+        description: dict[str, Any],
+        use_cache: bool = True,
+        root: str | Path | None = None,
+    ) -> ReferenceFeatures:
         """Features of a reference image set, cached under (extractor, layers, weights sha256,
         reference identity) in `root` (default `cache_dir()`)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         key = cls.cache_key(extractor, identity)
-        path = (Path(root) if root is not None else cache_dir()) / "eval-reference" / f"{extractor.name}-{key}.safetensors"
+        path = (
+            (Path(root) if root is not None else cache_dir()) / "eval-reference" / f"{extractor.name}-{key}.safetensors"
+        )
         desc = {**description, "cache_key": key}
         if use_cache and path.is_file():
             try:
@@ -219,20 +252,30 @@ class ReferenceFeatures:
                 if meta.get("weights_sha256") == extractor.weights_sha256 and meta.get("extractor") == extractor.name:
                     feats = load_file(str(path))
             except Exception as e:  # a truncated or damaged cache file: recompute (and rewrite) it
-                print(f"reference cache {path} cannot be read ({type(e).__name__}); recomputing it",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"reference cache {path} cannot be read ({type(e).__name__}); recomputing it",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 feats = None
             if feats is not None:
                 return cls({**desc, "cache": str(path), "cached": True}, features=feats)
         feats = extractor.features(images)
         if use_cache:
-            atomic_save_safetensors(path, feats, {"extractor": extractor.name,
-                                                  "weights_sha256": extractor.weights_sha256,
-                                                  "key": key, "description": json.dumps(description, default=str)})
+            atomic_save_safetensors(
+                path,
+                feats,
+                {
+                    "extractor": extractor.name,
+                    "weights_sha256": extractor.weights_sha256,
+                    "key": key,
+                    "description": json.dumps(description, default=str),
+                },
+            )
         return cls({**desc, "cache": str(path) if use_cache else None, "cached": False}, features=feats)
 
     @classmethod
-    def from_file(cls, path: str | Path, extractor: Extractor) -> "ReferenceFeatures":
+    def from_file(cls, path: str | Path, extractor: Extractor) -> ReferenceFeatures:
         """A statistics file: .npz with `mu` and `sigma` (FID only; the extractor cannot be
         checked), or a .safetensors of features written by this module (checked: extractor name
         and weights hash must match)."""
@@ -243,16 +286,19 @@ class ReferenceFeatures:
             try:
                 with np.load(p, allow_pickle=False) as z:
                     if "mu" not in z or "sigma" not in z:
-                        raise InputError(f"reference statistics {p} must hold arrays 'mu' and 'sigma', "
-                                         f"has {sorted(z.keys())}")
+                        raise InputError(
+                            f"reference statistics {p} must hold arrays 'mu' and 'sigma', has {sorted(z.keys())}"
+                        )
                     mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
                     count = int(z["count"]) if "count" in z else None
             except (ValueError, OSError) as e:
                 raise InputError(f"cannot read reference statistics {p}: {e}") from e
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
                 raise InputError(f"reference statistics {p}: mu {mu.shape} and sigma {sigma.shape} do not match")
-            return cls({"kind": "stats", "path": str(p), "sha256": file_sha256(p), "count": count,
-                        "extractor_checked": False}, stats={"mu": mu, "sigma": sigma})
+            return cls(
+                {"kind": "stats", "path": str(p), "sha256": file_sha256(p), "count": count, "extractor_checked": False},
+                stats={"mu": mu, "sigma": sigma},
+            )
         if p.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
             from safetensors.torch import load_file
@@ -264,18 +310,30 @@ class ReferenceFeatures:
             except (SafetensorError, OSError) as e:
                 raise InputError(f"cannot read reference features {p}: {e}") from e
             if meta.get("extractor") != extractor.name or meta.get("weights_sha256") != extractor.weights_sha256:
-                raise InputError(f"reference features {p} were made with extractor {meta.get('extractor')!r} "
-                                 f"(weights {meta.get('weights_sha256', '?')[:12]}), not {extractor.name!r} "
-                                 f"(weights {extractor.weights_sha256[:12]})")
-            return cls({"kind": "features", "path": str(p), "sha256": file_sha256(p),
-                        "extractor_checked": True}, features=feats)
+                raise InputError(
+                    f"reference features {p} were made with extractor {meta.get('extractor')!r} "
+                    f"(weights {meta.get('weights_sha256', '?')[:12]}), not {extractor.name!r} "
+                    f"(weights {extractor.weights_sha256[:12]})"
+                )
+            return cls(
+                {"kind": "features", "path": str(p), "sha256": file_sha256(p), "extractor_checked": True},
+                features=feats,
+            )
         raise InputError(f"--reference {p}: a file must be .npz (mu, sigma) or .safetensors (features)")
 
 
-def fidelity_from_features(gen: dict[str, Tensor], ref: ReferenceFeatures, extractor: Extractor,
-                           fid: bool = True, kid: bool = False, prc: bool = False,
-                           kid_subsets: int = 100, kid_subset_size: int = 1000,
-                           prc_neighborhood: int = 3, rng_seed: int = 2020) -> dict[str, Any]:
+def fidelity_from_features(
+    gen: dict[str, Tensor],
+    ref: ReferenceFeatures,
+    extractor: Extractor,
+    fid: bool = True,
+    kid: bool = False,
+    prc: bool = False,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    rng_seed: int = 2020,
+) -> dict[str, Any]:
     """torch-fidelity's FID / KID / precision-recall on extracted features.
 
     Returns {"fid", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall", "f_score"} for
@@ -294,29 +352,44 @@ def fidelity_from_features(gen: dict[str, Tensor], ref: ReferenceFeatures, extra
             s2 = dict(ref.stats)
             s1 = {"mu": s1["mu"].astype(np.float64), "sigma": s1["sigma"]}
             if s1["mu"].shape != s2["mu"].shape:
-                raise InputError(f"reference statistics have {s2['mu'].shape[0]} dimensions, the extractor's "
-                                 f"{layer!r} features {s1['mu'].shape[0]}")
+                raise InputError(
+                    f"reference statistics have {s2['mu'].shape[0]} dimensions, the extractor's "
+                    f"{layer!r} features {s1['mu'].shape[0]}"
+                )
         out["fid"] = float(fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"])
     if (kid or prc) and ref.features is None:
-        raise InputError("KID and precision/recall need reference features: a statistics file (.npz) "
-                         "gives FID only; give an image folder or a features file as --reference")
+        raise InputError(
+            "KID and precision/recall need reference features: a statistics file (.npz) "
+            "gives FID only; give an image folder or a features file as --reference"
+        )
     if kid:
         layer = extractor.layer("kid")
         n = min(gen[layer].shape[0], ref.features[layer].shape[0])
         size = min(kid_subset_size, n)
         if size < 2:
             raise InputError(f"KID needs at least 2 samples on each side, got {n}")
-        m = kid_featuresdict_to_metric(gen, ref.features, layer, kid_subsets=kid_subsets,
-                                       kid_subset_size=size, rng_seed=rng_seed, verbose=False)
-        out.update(kid_mean=float(m["kernel_inception_distance_mean"]),
-                   kid_std=float(m["kernel_inception_distance_std"]), kid_subset_size=size)
+        m = kid_featuresdict_to_metric(
+            gen, ref.features, layer, kid_subsets=kid_subsets, kid_subset_size=size, rng_seed=rng_seed, verbose=False
+        )
+        out.update(
+            kid_mean=float(m["kernel_inception_distance_mean"]),
+            kid_std=float(m["kernel_inception_distance_std"]),
+            kid_subset_size=size,
+        )
     if prc:
         layer = extractor.layer("prc")
         n = min(gen[layer].shape[0], ref.features[layer].shape[0])
         if n <= prc_neighborhood:
             raise InputError(f"precision/recall needs more than {prc_neighborhood} samples on each side, got {n}")
-        m = prc_featuresdict_to_metric(gen, ref.features, layer, prc_neighborhood=prc_neighborhood,
-                                       prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+        m = prc_featuresdict_to_metric(
+            gen,
+            ref.features,
+            layer,
+            prc_neighborhood=prc_neighborhood,
+            prc_batch_size=10000,
+            save_cpu_ram=False,
+            verbose=False,
+        )
         out.update(precision=float(m["precision"]), recall=float(m["recall"]), f_score=float(m["f_score"]))
     return out
 
@@ -324,8 +397,10 @@ def fidelity_from_features(gen: dict[str, Tensor], ref: ReferenceFeatures, extra
 def _as_dataset(x, which: str) -> Dataset:
     if torch.is_tensor(x):
         if x.is_floating_point():
-            raise InputError(f"{which}: expected uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)} "
-                             "(float images in [-1, 1] go through fewstep.digits.data.to_uint8_rgb first)")
+            raise InputError(
+                f"{which}: expected uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)} "
+                "(float images in [-1, 1] go through fewstep.digits.data.to_uint8_rgb first)"
+            )
         return TensorImages(x)
     if isinstance(x, Dataset):
         return x
@@ -335,15 +410,30 @@ def _as_dataset(x, which: str) -> Dataset:
         if not Path(x).is_dir():
             raise FileNotFoundError(f"{which}: {str(x)!r} is neither an image folder nor 'digits'")
         return ImageFolder(x, None)
-    raise TypeError(f"{which}: expected a uint8 (N, 3, H, W) tensor, a torch Dataset, an image folder or "
-                    f"'digits', got {type(x).__name__}")
+    raise TypeError(
+        f"{which}: expected a uint8 (N, 3, H, W) tensor, a torch Dataset, an image folder or "
+        f"'digits', got {type(x).__name__}"
+    )
 
 
-def fidelity_metrics(generated, reference, extractor: str = DIGITS_EXTRACTOR, fid: bool = True, kid: bool = False,
-                     prc: bool = False, feature_layer: str | None = None, weights: str | None = None,
-                     cache_dir: str | Path | None = None, cache: bool = True, batch_size: int = 256,
-                     device: str = "cpu", kid_subsets: int = 100, kid_subset_size: int = 1000,
-                     prc_neighborhood: int = 3, rng_seed: int = 2020) -> dict[str, Any]:
+def fidelity_metrics(
+    generated,
+    reference,
+    extractor: str = DIGITS_EXTRACTOR,
+    fid: bool = True,
+    kid: bool = False,
+    prc: bool = False,
+    feature_layer: str | None = None,
+    weights: str | None = None,
+    cache_dir: str | Path | None = None,
+    cache: bool = True,
+    batch_size: int = 256,
+    device: str = "cpu",
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    rng_seed: int = 2020,
+) -> dict[str, Any]:
     """FID / KID / precision-recall of `generated` against `reference` in one call (the same
     `Extractor` and `fidelity_from_features` that `fewstep eval` uses).
 
@@ -369,9 +459,18 @@ def fidelity_metrics(generated, reference, extractor: str = DIGITS_EXTRACTOR, fi
         ref = digits_reference(ext, use_cache=cache, root=cache_dir)
     else:
         ref = ReferenceFeatures({"kind": "given"}, features=ext.features(_as_dataset(reference, "reference")))
-    return fidelity_from_features(gen, ref, ext, fid=fid, kid=kid, prc=prc, kid_subsets=kid_subsets,
-                                  kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood,
-                                  rng_seed=rng_seed)
+    return fidelity_from_features(
+        gen,
+        ref,
+        ext,
+        fid=fid,
+        kid=kid,
+        prc=prc,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        prc_neighborhood=prc_neighborhood,
+        rng_seed=rng_seed,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,8 +519,12 @@ def diversity(features: Tensor, groups: Sequence[Any]) -> dict[str, Any]:
         sizes.append(len(idx))
     if not dists:
         raise ValueError("diversity needs a condition with at least 2 samples; none has")
-    return {"diversity": float(np.mean(dists)), "vendi": float(np.mean(vendis)),
-            "diversity_groups": len(dists), "diversity_group_size": int(np.median(sizes))}
+    return {
+        "diversity": float(np.mean(dists)),
+        "vendi": float(np.mean(vendis)),
+        "diversity_groups": len(dists),
+        "diversity_group_size": int(np.median(sizes)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,8 +556,9 @@ class ClipScorer:
     def __init__(self, model_dir: str | Path, device: str = "cpu", prefix: str = ""):
         d = Path(model_dir)
         if not d.is_dir() or not (d / "config.json").is_file():
-            raise InputError(f"CLIP model folder {d} not found or has no config.json (--clip-model); "
-                             "nothing is downloaded")
+            raise InputError(
+                f"CLIP model folder {d} not found or has no config.json (--clip-model); nothing is downloaded"
+            )
         from torchmetrics.multimodal.clip_score import CLIPScore
         from transformers import CLIPModel, CLIPProcessor
 
@@ -480,10 +584,14 @@ class ClipScorer:
         self.metric.reset()
         dev = self.metric.device
         for i in range(0, images.shape[0], batch_size):
-            caps = [self.prefix + c for c in captions[i:i + batch_size]]
-            self.metric.update(images[i:i + batch_size].to(dev), caps)
+            caps = [self.prefix + c for c in captions[i : i + batch_size]]
+            self.metric.update(images[i : i + batch_size].to(dev), caps)
         return float(self.metric.compute())
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "torchmetrics CLIPScore", "model_dir": self.model_dir,
-                "weights_sha256": self.weights_sha256, "prefix": self.prefix}
+        return {
+            "backend": "torchmetrics CLIPScore",
+            "model_dir": self.model_dir,
+            "weights_sha256": self.weights_sha256,
+            "prefix": self.prefix,
+        }

@@ -18,13 +18,15 @@ image does not depend on the batch it is generated in; fresh noise between the s
 stochastic student comes from one generator per batch (seeded from the seed and the batch's
 first index), so it depends on --batch-size, which is recorded.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,20 +52,20 @@ def uniform_times(steps: int) -> list[float]:
 class Source:
     """A generator of images with everything the results need to name it."""
 
-    kind: str                                   # "teacher" or "student"
-    name: str                                   # what the user passed
-    denoiser: Any                               # fewstep Denoiser
-    decode: Callable[[Tensor], Tensor]          # latents -> images (B, C, H, W) in [-1, 1]
+    kind: str  # "teacher" or "student"
+    name: str  # what the user passed
+    denoiser: Any  # fewstep Denoiser
+    decode: Callable[[Tensor], Tensor]  # latents -> images (B, C, H, W) in [-1, 1]
     latent_shape: tuple[int, ...]
-    conditioning: str                           # "labels" or "captions"
+    conditioning: str  # "labels" or "captions"
     num_classes: int | None = None
     encode_prompts: Callable[[list[str]], dict] | None = None
-    sampling: dict[str, Any] | None = None      # students: {"times": [...], "renoise": ...}
+    sampling: dict[str, Any] | None = None  # students: {"times": [...], "renoise": ...}
     default_guidance: float = 1.0
     guidance_source: str = "default"
-    pipeline: Any = None                        # a diffusers pipeline, for --sampler pipeline
+    pipeline: Any = None  # a diffusers pipeline, for --sampler pipeline
     info: dict[str, Any] = field(default_factory=dict)
-    teacher_loader: Callable[[], "Source"] | None = None   # students: their teacher, for --hybrid
+    teacher_loader: Callable[[], Source] | None = None  # students: their teacher, for --hybrid
     _teacher: Any = field(default=None, repr=False)
 
     # -------------------------------------------------------------------------------------
@@ -93,11 +95,14 @@ class Source:
         of the run card's times, for the one step count in `steps` (--times)."""
         ts = [float(t) for t in times]
         if self.kind != "student":
-            raise InputError(f"--times applies to students (run dirs, checkpoints, exported students); "
-                             f"{self.name} is a {self.kind}")
+            raise InputError(
+                f"--times applies to students (run dirs, checkpoints, exported students); {self.name} is a {self.kind}"
+            )
         if len(steps) != 1 or len(ts) != int(steps[0]) + 1:
-            raise InputError(f"--times {ts}: give exactly one --steps N and N + 1 times (got --steps "
-                             f"{list(steps)} and {len(ts)} times)")
+            raise InputError(
+                f"--times {ts}: give exactly one --steps N and N + 1 times (got --steps "
+                f"{list(steps)} and {len(ts)} times)"
+            )
         if not (ts[0] <= 1.0 and ts[-1] == 0.0 and all(b < a for a, b in zip(ts, ts[1:]))):
             raise InputError(f"--times {ts}: must decrease strictly from at most 1 to exactly 0")
         self.info["times_override"] = ts  # read first by `schedule`
@@ -116,8 +121,9 @@ class Source:
             return 1.0, float(ge.get("guidance", 1.0)) if guidance is None else float(guidance)
         return (self.default_guidance if guidance is None else float(guidance)), None
 
-    def conds(self, labels: Tensor | None, captions: Sequence[str] | None, device,
-              embedded: float | None = None) -> dict | None:
+    def conds(
+        self, labels: Tensor | None, captions: Sequence[str] | None, device, embedded: float | None = None
+    ) -> dict | None:
         if self.conditioning == "labels":
             if labels is None:
                 raise ValueError(f"{self.name} is class-conditional: it needs labels")
@@ -127,8 +133,9 @@ class Source:
                 raise ValueError(f"{self.name} is text-conditional: it needs captions (--captions)")
             if self.encode_prompts is None:
                 raise ValueError(f"{self.name}: no prompt encoder")
-            cond = {k: (v.to(device) if torch.is_tensor(v) else v)
-                    for k, v in self.encode_prompts(list(captions)).items()}
+            cond = {
+                k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.encode_prompts(list(captions)).items()
+            }
         if embedded is not None:
             from ..objectives.consistency import guidance_scale_embedding
 
@@ -139,10 +146,20 @@ class Source:
         return cond
 
     @torch.no_grad()
-    def generate(self, steps: int, seeds: Sequence[int], labels: Tensor | None = None,
-                 captions: Sequence[str] | None = None, guidance: float | None = None, batch_size: int = 250,
-                 device: str = "cpu", sampler: str = "fewstep", progress: str | None = None,
-                 hybrid: int = 0, teacher_guidance: float | None = None) -> tuple[Tensor, float]:
+    def generate(
+        self,
+        steps: int,
+        seeds: Sequence[int],
+        labels: Tensor | None = None,
+        captions: Sequence[str] | None = None,
+        guidance: float | None = None,
+        batch_size: int = 250,
+        device: str = "cpu",
+        sampler: str = "fewstep",
+        progress: str | None = None,
+        hybrid: int = 0,
+        teacher_guidance: float | None = None,
+    ) -> tuple[Tensor, float]:
         """Generate one image per seed; returns (images float32 (N, C, H, W) in [-1, 1] on the CPU,
         wall seconds including decoding).
 
@@ -164,30 +181,59 @@ class Source:
             tw = teacher.default_guidance if teacher_guidance is None else float(teacher_guidance)
         out: list[Tensor] = []
         t0 = time.perf_counter()
-        with tqdm(total=n, desc=progress or f"{self.name} {steps} step(s)", unit="img",
-                  disable=progress is False, leave=False) as bar:
+        with tqdm(
+            total=n, desc=progress or f"{self.name} {steps} step(s)", unit="img", disable=progress is False, leave=False
+        ) as bar:
             for s in range(0, n, batch_size):
                 idx = range(s, min(s + batch_size, n))
-                lab = labels[s:idx.stop] if labels is not None else None
-                cap = list(captions[s:idx.stop]) if captions is not None else None
+                lab = labels[s : idx.stop] if labels is not None else None
+                cap = list(captions[s : idx.stop]) if captions is not None else None
                 if sampler == "pipeline":  # a w-embedded student's pipeline takes w as its guidance_scale
-                    img = self._pipeline_batch(steps, [seeds[i] for i in idx], lab, cap,
-                                               w if embedded is None else embedded)
+                    img = self._pipeline_batch(
+                        steps, [seeds[i] for i in idx], lab, cap, w if embedded is None else embedded
+                    )
                 else:
-                    noise = torch.cat([initial_noise((1, *self.latent_shape), torch.Generator().manual_seed(int(seeds[i])))
-                                       for i in idx]).to(device)
+                    noise = torch.cat(
+                        [
+                            initial_noise((1, *self.latent_shape), torch.Generator().manual_seed(int(seeds[i])))
+                            for i in idx
+                        ]
+                    ).to(device)
                     gen = torch.Generator().manual_seed(int(seeds[s]) * 1_000_003 + 7)
                     cond = self.conds(lab, cap, device, embedded)
                     if teacher is None:
                         lat = sample(self.denoiser, noise, cond, times, guidance=w, renoise=renoise, generator=gen)
                     elif embedded is None:
-                        lat = sample_hybrid(teacher.denoiser, self.denoiser, noise, cond, times[:hybrid + 1],
-                                            times[hybrid:], guidance=tw, student_renoise=renoise, generator=gen)
+                        lat = sample_hybrid(
+                            teacher.denoiser,
+                            self.denoiser,
+                            noise,
+                            cond,
+                            times[: hybrid + 1],
+                            times[hybrid:],
+                            guidance=tw,
+                            student_renoise=renoise,
+                            generator=gen,
+                        )
                     else:  # the teacher takes no w-embedding: the two halves get their own conditions
-                        x = sample(teacher.denoiser, noise, teacher.conds(lab, cap, device), times[:hybrid + 1],
-                                   guidance=tw, renoise="ddim")
-                        lat = sample(self.denoiser, noise, cond, times[hybrid:], guidance=w, renoise=renoise,
-                                     generator=gen, start=x)
+                        x = sample(
+                            teacher.denoiser,
+                            noise,
+                            teacher.conds(lab, cap, device),
+                            times[: hybrid + 1],
+                            guidance=tw,
+                            renoise="ddim",
+                        )
+                        lat = sample(
+                            self.denoiser,
+                            noise,
+                            cond,
+                            times[hybrid:],
+                            guidance=w,
+                            renoise=renoise,
+                            generator=gen,
+                            start=x,
+                        )
                     img = self.decode(lat).float().clamp(-1, 1).cpu()
                 out.append(img)
                 bar.update(len(idx))
@@ -198,16 +244,22 @@ class Source:
     def check_pipeline_steps(self, steps: int) -> None:
         """An exported student's pipeline reproduces its sampler only at the step counts its card
         lists as supported; refuse the others rather than score a different sampler."""
-        supported = ((self.info.get("export_card") or {}).get("supported_steps") or {}) if self.kind == "student" else {}
+        supported = (
+            ((self.info.get("export_card") or {}).get("supported_steps") or {}) if self.kind == "student" else {}
+        )
         if supported and str(steps) not in supported:
-            raise InputError(f"{self.name}: its pipeline supports {sorted(supported, key=int)} step(s) "
-                             f"(fewstep_card.json), not {steps}; use the fewstep sampler for other counts")
+            raise InputError(
+                f"{self.name}: its pipeline supports {sorted(supported, key=int)} step(s) "
+                f"(fewstep_card.json), not {steps}; use the fewstep sampler for other counts"
+            )
 
-    def hybrid_teacher(self) -> "Source":
+    def hybrid_teacher(self) -> Source:
         """The teacher this student was distilled from (for the hybrid sampler)."""
         if self.kind != "student" or self.teacher_loader is None:
-            raise InputError(f"--hybrid needs a student whose teacher is known (a run dir, or an exported "
-                             f"folder whose card names its teacher); {self.name} is a {self.kind}")
+            raise InputError(
+                f"--hybrid needs a student whose teacher is known (a run dir, or an exported "
+                f"folder whose card names its teacher); {self.name} is a {self.kind}"
+            )
         if self._teacher is None:
             self._teacher = self.teacher_loader()
         return self._teacher
@@ -222,8 +274,12 @@ class Source:
         pipe = self.pipeline
         torch.manual_seed(int(seeds[0]))
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        kw: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": gens,
-                              "output_type": "np"}
+        kw: dict[str, Any] = {
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": gens,
+            "output_type": "np",
+        }
         if self.conditioning == "labels":
             res = pipe(class_labels=labels.tolist(), **kw)
         else:
@@ -246,10 +302,17 @@ class Source:
 
     def describe(self) -> dict[str, Any]:
         self.backbone_sha256()
-        return {"kind": self.kind, "name": self.name, "conditioning": self.conditioning,
-                "num_classes": self.num_classes, "latent_shape": list(self.latent_shape),
-                "default_guidance": self.default_guidance, "guidance_source": self.guidance_source,
-                "sampling": self.sampling, **self.info}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "conditioning": self.conditioning,
+            "num_classes": self.num_classes,
+            "latent_shape": list(self.latent_shape),
+            "default_guidance": self.default_guidance,
+            "guidance_source": self.guidance_source,
+            "sampling": self.sampling,
+            **self.info,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,12 +354,14 @@ def _teacher_guidance(teacher: Any, name: str) -> tuple[float, str]:
 
 def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> Source:
     den = teacher.denoiser
-    decode = teacher.decode if callable(getattr(teacher, "decode", None)) else (
-        _vae_decoder(teacher.vae) if getattr(teacher, "vae", None) is not None else (lambda z: z.float()))
+    decode = (
+        teacher.decode
+        if callable(getattr(teacher, "decode", None))
+        else (_vae_decoder(teacher.vae) if getattr(teacher, "vae", None) is not None else (lambda z: z.float()))
+    )
     enc = getattr(teacher, "encode_prompts", None)
     fam = family_of(den.backbone)
-    cond_kind = "labels" if (fam is not None and not fam.text) or getattr(teacher, "num_classes", None) \
-        else "captions"
+    cond_kind = "labels" if (fam is not None and not fam.text) or getattr(teacher, "num_classes", None) else "captions"
     if is_text(getattr(teacher, "family", None)):
         cond_kind = "captions"
     num_classes = getattr(teacher, "num_classes", None)
@@ -307,14 +372,26 @@ def _from_teacher(teacher: Any, kind: str, name: str, info: dict[str, Any]) -> S
     pipe = getattr(teacher, "pipeline", None)
     if pipe is not None and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    return Source(kind=kind, name=name, denoiser=den, decode=decode, latent_shape=tuple(teacher.latent_shape),
-                  conditioning=cond_kind, num_classes=num_classes, encode_prompts=enc if callable(enc) else None,
-                  default_guidance=g, guidance_source=gsrc,
-                  # a run dir's student is not in its teacher's pipeline: no stock pipeline to run
-                  pipeline=None if isinstance(teacher, _TeacherView) else pipe,
-                  info={"family": getattr(teacher, "family", None),
-                        "pipeline_class": getattr(teacher, "pipeline_class", None),
-                        "pipeline_dir": str(getattr(teacher, "pipeline_dir", "") or "") or None, **info})
+    return Source(
+        kind=kind,
+        name=name,
+        denoiser=den,
+        decode=decode,
+        latent_shape=tuple(teacher.latent_shape),
+        conditioning=cond_kind,
+        num_classes=num_classes,
+        encode_prompts=enc if callable(enc) else None,
+        default_guidance=g,
+        guidance_source=gsrc,
+        # a run dir's student is not in its teacher's pipeline: no stock pipeline to run
+        pipeline=None if isinstance(teacher, _TeacherView) else pipe,
+        info={
+            "family": getattr(teacher, "family", None),
+            "pipeline_class": getattr(teacher, "pipeline_class", None),
+            "pipeline_dir": str(getattr(teacher, "pipeline_dir", "") or "") or None,
+            **info,
+        },
+    )
 
 
 def _load_teacher(source: str, device: str, dtype: torch.dtype):
@@ -351,8 +428,9 @@ def _card_teacher(card: dict | None) -> str | None:
     return t if isinstance(t, str) and t else None
 
 
-def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                student_weights: str = "student") -> Source:
+def load_source(
+    source: str, device: str = "cpu", dtype: torch.dtype = torch.float32, student_weights: str = "student"
+) -> Source:
     """Resolve --pipeline: a teacher name, a pipeline folder (teacher or exported student) or a
     training run dir (its raw student weights, or with student_weights="student_ema" its EMA).
     Raises InputError naming the path for anything else."""
@@ -361,8 +439,9 @@ def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         t = _load_teacher(source, device, dtype)
         return _from_teacher(t, "teacher", source, {"source": source})
     if not p.exists():
-        raise InputError(f"--pipeline {source!r} is neither a teacher name ({', '.join(TEACHER_NAMES)}) "
-                         "nor an existing folder")
+        raise InputError(
+            f"--pipeline {source!r} is neither a teacher name ({', '.join(TEACHER_NAMES)}) nor an existing folder"
+        )
     if p.is_dir() and ((p / "routing.json").is_file() or _is_msd_run(p)):  # K routed students (MSD)
         from ..msd.routing import load_routed_source
 
@@ -382,8 +461,10 @@ def load_source(source: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         if kind == "student" and teacher_src:
             src.teacher_loader = lambda: load_source(teacher_src, device, dtype)
         return src
-    raise InputError(f"--pipeline {p}: not a diffusers pipeline folder (no model_index.json) nor a run dir "
-                     f"(no {' / '.join(RUN_CARD_NAMES)})")
+    raise InputError(
+        f"--pipeline {p}: not a diffusers pipeline folder (no model_index.json) nor a run dir "
+        f"(no {' / '.join(RUN_CARD_NAMES)})"
+    )
 
 
 def _is_msd_run(p: Path) -> bool:
@@ -408,10 +489,20 @@ def _load_run(run_dir: Path, device: str, dtype: torch.dtype, student_weights: s
     weights = _student_weights(run_dir, card, student_weights)
     student = _with_card_prediction(_student_denoiser(t.denoiser, weights, device, dtype), card, card_path)
     t_student = _TeacherView(t, student)
-    src = _from_teacher(t_student, "student", str(run_dir),
-                        {"source": str(run_dir), "run_card": str(card_path), "weights": str(weights),
-                         "weights_sha256": file_sha256(weights), "teacher_source": teacher_src,
-                         "objective": card.get("objective"), "train_steps": card.get("steps")})
+    src = _from_teacher(
+        t_student,
+        "student",
+        str(run_dir),
+        {
+            "source": str(run_dir),
+            "run_card": str(card_path),
+            "weights": str(weights),
+            "weights_sha256": file_sha256(weights),
+            "teacher_source": teacher_src,
+            "objective": card.get("objective"),
+            "train_steps": card.get("steps"),
+        },
+    )
     src.info["teacher_pipeline_dir"] = src.info.pop("pipeline_dir", None)
     src.sampling = card.get("sampling")
     src.teacher_loader = lambda: _from_teacher(t, "teacher", teacher_src, {"source": teacher_src})
@@ -432,8 +523,10 @@ def _load_checkpoint(ckpt: Path, device: str, dtype: torch.dtype, student_weight
     run_dir = ckpt.parent.parent
     card_path = next((run_dir / n for n in RUN_CARD_NAMES if (run_dir / n).is_file()), None)
     if card_path is None:
-        raise InputError(f"checkpoint {ckpt}: its run dir {run_dir} has no run_card.json (written when training "
-                         "ends), so the student's sampling times are unknown; evaluate the finished run dir")
+        raise InputError(
+            f"checkpoint {ckpt}: its run dir {run_dir} has no run_card.json (written when training "
+            "ends), so the student's sampling times are unknown; evaluate the finished run dir"
+        )
     card = _read_json(card_path)
     teacher_src = (card.get("teacher") or {}).get("source") if isinstance(card.get("teacher"), dict) else None
     if not teacher_src or not card.get("sampling"):
@@ -442,10 +535,12 @@ def _load_checkpoint(ckpt: Path, device: str, dtype: torch.dtype, student_weight
     if not f.is_file():
         raise InputError(f"checkpoint {ckpt} has no {f.name} (--student-weights {student_weights})")
     prefix = "student.backbone."
-    state = {k[len(prefix):]: v for k, v in load_file(str(f)).items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in load_file(str(f)).items() if k.startswith(prefix)}
     if not state or any("lora_" in k for k in state):
-        raise InputError(f"checkpoint {f}: no plain student backbone weights ('{prefix}*'; LoRA students: "
-                         "evaluate the run dir, whose final weights are merged)")
+        raise InputError(
+            f"checkpoint {f}: no plain student backbone weights ('{prefix}*'; LoRA students: "
+            "evaluate the run dir, whose final weights are merged)"
+        )
     t = _load_teacher(teacher_src, device, dtype)
     student = copy_denoiser(t.denoiser, trainable=False)
     missing = set(student.backbone.state_dict()) - set(state)
@@ -457,11 +552,21 @@ def _load_checkpoint(ckpt: Path, device: str, dtype: torch.dtype, student_weight
     if bad:
         raise InputError(f"checkpoint {f}: keys {bad[:3]} are not in the teacher's backbone")
     student = _with_card_prediction(student, card, card_path)
-    src = _from_teacher(_TeacherView(t, student), "student", str(ckpt),  # copy: teacher's device, dtype
-                        {"source": str(ckpt), "run_card": str(card_path), "weights": str(f),
-                         "weights_sha256": file_sha256(f), "teacher_source": teacher_src,
-                         "objective": card.get("objective"), "checkpoint_keys": len(state),
-                         "kept_from_teacher": len(missing)})
+    src = _from_teacher(
+        _TeacherView(t, student),
+        "student",
+        str(ckpt),  # copy: teacher's device, dtype
+        {
+            "source": str(ckpt),
+            "run_card": str(card_path),
+            "weights": str(f),
+            "weights_sha256": file_sha256(f),
+            "teacher_source": teacher_src,
+            "objective": card.get("objective"),
+            "checkpoint_keys": len(state),
+            "kept_from_teacher": len(missing),
+        },
+    )
     src.sampling = card.get("sampling")
     src.teacher_loader = lambda: _from_teacher(t, "teacher", teacher_src, {"source": teacher_src})
     return src
@@ -485,8 +590,10 @@ def _student_weights(run_dir: Path, card: dict, which: str = "student") -> Path:
         elif c.is_file() and c.suffix == ".safetensors":
             return c
     have = ", ".join(sorted(k for k in files if k.startswith("student"))) or "none"
-    raise InputError(f"run dir {run_dir} holds no {which} weights (looked for {', '.join(str(c) for c in cands)}; "
-                     f"the run card lists: {have})")
+    raise InputError(
+        f"run dir {run_dir} holds no {which} weights (looked for {', '.join(str(c) for c in cands)}; "
+        f"the run card lists: {have})"
+    )
 
 
 def _with_card_prediction(student, card: dict, card_path: Path):
@@ -517,8 +624,9 @@ def _student_denoiser(teacher, weights: Path, device: str, dtype: torch.dtype):
     cls = type(teacher.backbone)
     if (weights.parent / "config.json").is_file() and hasattr(cls, "from_pretrained"):
         try:
-            bb = cls.from_pretrained(str(weights.parent), local_files_only=True, torch_dtype=dtype,
-                                     use_safetensors=True)
+            bb = cls.from_pretrained(
+                str(weights.parent), local_files_only=True, torch_dtype=dtype, use_safetensors=True
+            )
         except (OSError, ValueError, RuntimeError) as e:
             raise InputError(f"cannot load the student backbone from {weights.parent} as {cls.__name__}: {e}") from e
         bb.requires_grad_(False)
@@ -527,8 +635,9 @@ def _student_denoiser(teacher, weights: Path, device: str, dtype: torch.dtype):
     try:
         student.backbone.load_state_dict(load_file(str(weights)), strict=True)
     except RuntimeError as e:
-        raise InputError(f"student weights {weights} do not fit the teacher's backbone ({cls.__name__}): "
-                         f"{str(e)[:400]}") from e
+        raise InputError(
+            f"student weights {weights} do not fit the teacher's backbone ({cls.__name__}): {str(e)[:400]}"
+        ) from e
     return student
 
 

@@ -48,6 +48,7 @@ candidates / replay / plan (the scheduler plan), run_dir (reading the run, the t
 eval results), weights (state, fit checks, LoRA), folder (writing the pipeline folder), card and
 model_card (fewstep_card.json and README.md), cli (the command line).
 """
+
 from __future__ import annotations
 
 from ._common import CARD_NAME, ExportError
@@ -57,5 +58,16 @@ from .folder import ExportResult, atomic_folder, export_student
 from .plan import SchedulerPlan, plan_scheduler
 from .replay import replay_pipeline
 
-__all__ = ["ExportError", "ExportResult", "SchedulerPlan", "export_student", "plan_scheduler", "DRIVES",
-           "CARD_NAME", "add_arguments", "run", "atomic_folder", "replay_pipeline"]
+__all__ = [
+    "ExportError",
+    "ExportResult",
+    "SchedulerPlan",
+    "export_student",
+    "plan_scheduler",
+    "DRIVES",
+    "CARD_NAME",
+    "add_arguments",
+    "run",
+    "atomic_folder",
+    "replay_pipeline",
+]

@@ -1,4 +1,5 @@
 """What every part of export shares: the error type, file names and tolerances."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from ..errors import UserError
 CARD_NAME = "fewstep_card.json"
 CARD_FORMAT = "fewstep-export/1"
 RUN_CARD_NAMES = ("run_card.json", "card.json", "run.json")
-PROBE_RTOL = 1e-5            # replayed pipeline vs fewstep sampler, relative to the sample's range
+PROBE_RTOL = 1e-5  # replayed pipeline vs fewstep sampler, relative to the sample's range
 EXACT_TIMESTEP_SCALING = 1e4  # LCMScheduler boundary scalings: c_skip <= 0.25 / 1e8 at index >= 1
 LORA_DIR = "lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -1,5 +1,6 @@
 """Scheduler configurations that might reproduce a student's times and re-noising rule, best
 first (each is then checked by replay, see `replay.py`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -31,8 +32,10 @@ def _vp_indices(path, times: Sequence[float]) -> list[int] | str:
     for t in times[:-1]:
         i = _vp_index(path, t)
         if i < -1e-6 or abs(i - round(i)) > 1e-6:
-            return (f"t={t:g} is DDPM index {i:.4f}, between integer timesteps (stock VP schedulers feed the "
-                    "network integer timesteps and index their noise table with them)")
+            return (
+                f"t={t:g} is DDPM index {i:.4f}, between integer timesteps (stock VP schedulers feed the "
+                "network integer timesteps and index their noise table with them)"
+            )
         out.append(int(round(i)))
     return out
 
@@ -46,8 +49,11 @@ def _vp_table_config(teacher_cfg: dict[str, Any], num_train: int) -> dict[str, A
         cfg = {k: teacher_cfg[k] for k in keys if k in teacher_cfg}
         cfg["num_train_timesteps"] = n
         return cfg
-    return {"num_train_timesteps": int(num_train), "trained_betas": _teacher_betas(teacher_cfg),
-            "rescale_betas_zero_snr": False}
+    return {
+        "num_train_timesteps": int(num_train),
+        "trained_betas": _teacher_betas(teacher_cfg),
+        "rescale_betas_zero_snr": False,
+    }
 
 
 def _teacher_betas(cfg: dict[str, Any]) -> list[float]:
@@ -67,8 +73,12 @@ def _teacher_betas(cfg: dict[str, Any]) -> list[float]:
         if cfg.get("trained_betas") is not None:
             betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
         else:
-            betas = betas_for_schedule(cfg.get("beta_schedule", "linear"), float(cfg.get("beta_start", 1e-4)),
-                                       float(cfg.get("beta_end", 0.02)), n)
+            betas = betas_for_schedule(
+                cfg.get("beta_schedule", "linear"),
+                float(cfg.get("beta_start", 1e-4)),
+                float(cfg.get("beta_end", 0.02)),
+                n,
+            )
         if cfg.get("rescale_betas_zero_snr", False):
             from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
@@ -84,22 +94,44 @@ def _lcm_candidates(path, teacher_cfg, idx: list[int], scaling: float, pred: str
     for o in range(1, top + 1):
         if top % o:
             continue
-        cfg = {**_vp_table_config(teacher_cfg, top), "original_inference_steps": o, "timestep_scaling": scaling,
-               "prediction_type": pred, "set_alpha_to_one": True, "clip_sample": False, "thresholding": False,
-               "timestep_spacing": "leading", "steps_offset": 0}
-        out.append(_Candidate("LCMScheduler", cfg, route=f"LCMScheduler default spacing (original_inference_steps={o}"
-                              + (f", num_train_timesteps={top}" if top != path.num_train_timesteps else "") + ")"))
+        cfg = {
+            **_vp_table_config(teacher_cfg, top),
+            "original_inference_steps": o,
+            "timestep_scaling": scaling,
+            "prediction_type": pred,
+            "set_alpha_to_one": True,
+            "clip_sample": False,
+            "thresholding": False,
+            "timestep_spacing": "leading",
+            "steps_offset": 0,
+        }
+        out.append(
+            _Candidate(
+                "LCMScheduler",
+                cfg,
+                route=f"LCMScheduler default spacing (original_inference_steps={o}"
+                + (f", num_train_timesteps={top}" if top != path.num_train_timesteps else "")
+                + ")",
+            )
+        )
     return out
 
 
-def _candidates(drive: Drive, path, teacher_cfg: dict[str, Any], times: list[float], renoise: str,
-                objective: str | None, objective_params: dict[str, Any]) -> tuple[list[_Candidate], list[str]]:
+def _candidates(
+    drive: Drive,
+    path,
+    teacher_cfg: dict[str, Any],
+    times: list[float],
+    renoise: str,
+    objective: str | None,
+    objective_params: dict[str, Any],
+) -> tuple[list[_Candidate], list[str]]:
     """Scheduler configurations that might reproduce `times` / `renoise`, best first, and the
     reasons routes were ruled out before trying."""
     from ..paths import FlowPath, VPPath
 
     one_step = len(times) == 2
-    kinds = {"fresh", "ddim"} if one_step else {renoise}   # one step never re-noises
+    kinds = {"fresh", "ddim"} if one_step else {renoise}  # one step never re-noises
     if isinstance(path, VPPath):
         return _vp_candidates(drive, path, teacher_cfg, times, renoise, kinds, objective, objective_params)
     if isinstance(path, FlowPath):
@@ -107,9 +139,16 @@ def _candidates(drive: Drive, path, teacher_cfg: dict[str, Any], times: list[flo
     return [], [f"{type(path).__name__} teachers have no stock scheduler route here"]
 
 
-def _vp_candidates(drive: Drive, path, teacher_cfg: dict[str, Any], times: list[float], renoise: str,
-                   kinds: set[str], objective: str | None,
-                   objective_params: dict[str, Any]) -> tuple[list[_Candidate], list[str]]:
+def _vp_candidates(
+    drive: Drive,
+    path,
+    teacher_cfg: dict[str, Any],
+    times: list[float],
+    renoise: str,
+    kinds: set[str],
+    objective: str | None,
+    objective_params: dict[str, Any],
+) -> tuple[list[_Candidate], list[str]]:
     """VP path: LCMScheduler (fresh noise) and DDIMScheduler (deterministic) on the trained DDPM
     indices, then the call-time `timesteps` routes."""
     out: list[_Candidate] = []
@@ -122,10 +161,19 @@ def _vp_candidates(drive: Drive, path, teacher_cfg: dict[str, Any], times: list[
     else:
         scaling = EXACT_TIMESTEP_SCALING
     top = idx[0] + 1
-    ddim = _Candidate("DDIMScheduler", {**_vp_table_config(teacher_cfg, top), "prediction_type": pred,
-                                        "timestep_spacing": "trailing", "set_alpha_to_one": True,
-                                        "clip_sample": False, "thresholding": False, "steps_offset": 0},
-                      route=f"DDIMScheduler, trailing spacing over {top} steps, final alpha 1, eta 0")
+    ddim = _Candidate(
+        "DDIMScheduler",
+        {
+            **_vp_table_config(teacher_cfg, top),
+            "prediction_type": pred,
+            "timestep_spacing": "trailing",
+            "set_alpha_to_one": True,
+            "clip_sample": False,
+            "thresholding": False,
+            "steps_offset": 0,
+        },
+        route=f"DDIMScheduler, trailing spacing over {top} steps, final alpha 1, eta 0",
+    )
     # the scheduler of the student's own re-noising rule first (a one-step student takes either)
     if renoise == "fresh":
         out += _lcm_candidates(path, teacher_cfg, idx, scaling, pred) + ([ddim] if "ddim" in kinds else [])
@@ -134,22 +182,46 @@ def _vp_candidates(drive: Drive, path, teacher_cfg: dict[str, Any], times: list[
     if "timesteps" in drive.call_kwargs:
         base = {**_vp_table_config(teacher_cfg, path.num_train_timesteps), "prediction_type": pred}
         if "fresh" in kinds:
-            cfg = {**base, "original_inference_steps": path.num_train_timesteps, "timestep_scaling": scaling,
-                   "set_alpha_to_one": True, "clip_sample": False, "thresholding": False}
-            out.append(_Candidate("LCMScheduler", cfg, kwargs=lambda ts: {"timesteps": _vp_indices(path, ts)},
-                                  route="LCMScheduler with the timesteps passed at call time"))
+            cfg = {
+                **base,
+                "original_inference_steps": path.num_train_timesteps,
+                "timestep_scaling": scaling,
+                "set_alpha_to_one": True,
+                "clip_sample": False,
+                "thresholding": False,
+            }
+            out.append(
+                _Candidate(
+                    "LCMScheduler",
+                    cfg,
+                    kwargs=lambda ts: {"timesteps": _vp_indices(path, ts)},
+                    route="LCMScheduler with the timesteps passed at call time",
+                )
+            )
         if "ddim" in kinds:
-            cfg = {**base, "algorithm_type": "dpmsolver++", "solver_order": 1, "final_sigmas_type": "zero",
-                   "lower_order_final": True, "thresholding": False, "use_karras_sigmas": False}
-            out.append(_Candidate("DPMSolverMultistepScheduler", cfg,
-                                  kwargs=lambda ts: {"timesteps": _vp_indices(path, ts)},
-                                  route="first-order DPM-Solver++ (exactly DDIM) with the timesteps passed at "
-                                        "call time"))
+            cfg = {
+                **base,
+                "algorithm_type": "dpmsolver++",
+                "solver_order": 1,
+                "final_sigmas_type": "zero",
+                "lower_order_final": True,
+                "thresholding": False,
+                "use_karras_sigmas": False,
+            }
+            out.append(
+                _Candidate(
+                    "DPMSolverMultistepScheduler",
+                    cfg,
+                    kwargs=lambda ts: {"timesteps": _vp_indices(path, ts)},
+                    route="first-order DPM-Solver++ (exactly DDIM) with the timesteps passed at call time",
+                )
+            )
     return out, []
 
 
-def _flow_candidates(drive: Drive, path, teacher_cfg: dict[str, Any], times: list[float], renoise: str,
-                     kinds: set[str]) -> tuple[list[_Candidate], list[str]]:
+def _flow_candidates(
+    drive: Drive, path, teacher_cfg: dict[str, Any], times: list[float], renoise: str, kinds: set[str]
+) -> tuple[list[_Candidate], list[str]]:
     """Flow path: the flow Euler schedulers (stochastic for fresh noise), with `shift_terminal` at
     the last time or the sigmas passed at call time."""
     why: list[str] = []
@@ -159,37 +231,73 @@ def _flow_candidates(drive: Drive, path, teacher_cfg: dict[str, Any], times: lis
     n_train = path.num_train_timesteps
     patch = None
     if drive.scale_input:
-        patch = ("this pipeline calls scheduler.scale_model_input, which FlowMatchEulerDiscreteScheduler does not "
-                 "define; after loading set `pipe.scheduler.scale_model_input = lambda sample, timestep: sample` "
-                 "(the identity, what a flow scheduler's scaling is)")
-    base = {"num_train_timesteps": n_train, "shift": 1.0, "use_dynamic_shifting": False,
-            "invert_sigmas": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-            "use_beta_sigmas": False}
+        patch = (
+            "this pipeline calls scheduler.scale_model_input, which FlowMatchEulerDiscreteScheduler does not "
+            "define; after loading set `pipe.scheduler.scale_model_input = lambda sample, timestep: sample` "
+            "(the identity, what a flow scheduler's scaling is)"
+        )
+    base = {
+        "num_train_timesteps": n_train,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+        "invert_sigmas": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+    }
     last = float(times[-2])
     if abs(times[0] - 1.0) > 1e-12 and "sigmas" not in drive.call_kwargs:
-        why.append(f"the schedule starts at t={times[0]:g}, and this pipeline passes no custom sigmas, so the "
-                   "stock flow schedulers start at sigma 1")
+        why.append(
+            f"the schedule starts at t={times[0]:g}, and this pipeline passes no custom sigmas, so the "
+            "stock flow schedulers start at sigma 1"
+        )
     for kind in sorted(kinds, key=lambda k: k != renoise):
         stoch = kind == "fresh"
         if kind == "ddim" and abs(times[0] - 1.0) < 1e-12:
-            out.append(_Candidate("FlowMapEulerDiscreteScheduler", {"num_train_timesteps": n_train, "shift": 1.0},
-                                  route="FlowMapEulerDiscreteScheduler (Euler), sigmas linspace(1, 0, n + 1)"))
-        if kind == "ddim" and "FlowMatch" in str(teacher_cfg.get("_class_name", "")) and \
-                not teacher_cfg.get("use_dynamic_shifting", False):
+            out.append(
+                _Candidate(
+                    "FlowMapEulerDiscreteScheduler",
+                    {"num_train_timesteps": n_train, "shift": 1.0},
+                    route="FlowMapEulerDiscreteScheduler (Euler), sigmas linspace(1, 0, n + 1)",
+                )
+            )
+        if (
+            kind == "ddim"
+            and "FlowMatch" in str(teacher_cfg.get("_class_name", ""))
+            and not teacher_cfg.get("use_dynamic_shifting", False)
+        ):
             cfg = {k: v for k, v in teacher_cfg.items() if not k.startswith("_")}
             cfg["stochastic_sampling"] = False
-            out.append(_Candidate("FlowMatchEulerDiscreteScheduler", cfg, route="the teacher's own Euler "
-                                  "scheduler (the student samples on the teacher's schedule)", patch=patch))
+            out.append(
+                _Candidate(
+                    "FlowMatchEulerDiscreteScheduler",
+                    cfg,
+                    route="the teacher's own Euler scheduler (the student samples on the teacher's schedule)",
+                    patch=patch,
+                )
+            )
         if abs(times[0] - 1.0) < 1e-12:
             cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": last if len(times) > 2 else None}
             name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
-            out.append(_Candidate("FlowMatchEulerDiscreteScheduler", cfg, patch=patch,
-                                  route=name + (f", shift_terminal {last:g} (sigmas linspace(1, {last:g}, n))"
-                                                if len(times) > 2 else "")))
+            out.append(
+                _Candidate(
+                    "FlowMatchEulerDiscreteScheduler",
+                    cfg,
+                    patch=patch,
+                    route=name
+                    + (f", shift_terminal {last:g} (sigmas linspace(1, {last:g}, n))" if len(times) > 2 else ""),
+                )
+            )
         if "sigmas" in drive.call_kwargs:
             cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": None}
             name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
-            out.append(_Candidate("FlowMatchEulerDiscreteScheduler", cfg, patch=patch,
-                                  kwargs=lambda ts: {"sigmas": [float(t) for t in ts[:-1]]},
-                                  route=name + ", with the sigmas passed at call time"))
+            out.append(
+                _Candidate(
+                    "FlowMatchEulerDiscreteScheduler",
+                    cfg,
+                    patch=patch,
+                    kwargs=lambda ts: {"sigmas": [float(t) for t in ts[:-1]]},
+                    route=name + ", with the sigmas passed at call time",
+                )
+            )
     return out, why

@@ -1,4 +1,5 @@
 """`fewstep export` on the command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,38 +11,63 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="a finished run dir (run_card.json, final/) or <run>/checkpoints/step_N")
+    p.add_argument(
+        "--checkpoint", required=True, help="a finished run dir (run_card.json, final/) or <run>/checkpoints/step_N"
+    )
     p.add_argument("--out", required=True, help="pipeline folder to write (atomically)")
-    p.add_argument("--weights", choices=["student", "student_ema"], default="student",
-                   help="the raw student weights or the EMA the run kept (default: student)")
+    p.add_argument(
+        "--weights",
+        choices=["student", "student_ema"],
+        default="student",
+        help="the raw student weights or the EMA the run kept (default: student)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--teacher", help="the teacher's pipeline folder, instead of the run card's teacher source")
-    p.add_argument("--lora", choices=["auto", "off", "required"], default="auto",
-                   help="LoRA students: also write the adapter in diffusers' format (default auto: where the "
-                        "pipeline class loads LoRA)")
-    p.add_argument("--eval-results", action="append", default=[],
-                   help="a `fewstep eval` results.json to summarise in the card (repeatable; results under the run "
-                        "dir are found on their own)")
-    p.add_argument("--link-components", action="store_true",
-                   help="hard-link the teacher's VAE / text encoders instead of copying them (same file system)")
+    p.add_argument(
+        "--lora",
+        choices=["auto", "off", "required"],
+        default="auto",
+        help="LoRA students: also write the adapter in diffusers' format (default auto: where the "
+        "pipeline class loads LoRA)",
+    )
+    p.add_argument(
+        "--eval-results",
+        action="append",
+        default=[],
+        help="a `fewstep eval` results.json to summarise in the card (repeatable; results under the run "
+        "dir are found on their own)",
+    )
+    p.add_argument(
+        "--link-components",
+        action="store_true",
+        help="hard-link the teacher's VAE / text encoders instead of copying them (same file system)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
     try:
-        res = export_student(args.checkpoint, args.out, weights=args.weights, overwrite=args.overwrite,
-                             teacher=args.teacher, lora=args.lora, eval_results=args.eval_results,
-                             link_components=args.link_components)
+        res = export_student(
+            args.checkpoint,
+            args.out,
+            weights=args.weights,
+            overwrite=args.overwrite,
+            teacher=args.teacher,
+            lora=args.lora,
+            eval_results=args.eval_results,
+            link_components=args.link_components,
+        )
     except ExportError as e:
         from ..errors import one_line
 
         print(f"fewstep export: error: {one_line(e)}", file=sys.stderr)
         return 2
     steps = ", ".join(res.card["supported_steps"])
-    print(f"fewstep export: wrote {res.out} ({res.pipeline_class} + {res.plan.scheduler_class}; "
-          f"num_inference_steps {steps}; guidance_scale {res.card['guidance_scale']:g}) in {res.seconds:.1f}s")
+    print(
+        f"fewstep export: wrote {res.out} ({res.pipeline_class} + {res.plan.scheduler_class}; "
+        f"num_inference_steps {steps}; guidance_scale {res.card['guidance_scale']:g}) in {res.seconds:.1f}s"
+    )
     if res.plan.needs_patch:
         print(f"note: {res.plan.needs_patch}")
     return 0

@@ -1,5 +1,6 @@
 """How each pipeline class drives its scheduler (`Drive`, one per pipeline class, kept in its
 backbone family's record: `fewstep.families`), and the method names the card gives each objective."""
+
 from __future__ import annotations
 
 from ..families import DRIVES, Drive

@@ -1,5 +1,6 @@
 """Writing the pipeline folder: the teacher's components, the student's backbone, the scheduler,
 the LoRA adapter and the cards, atomically."""
+
 from __future__ import annotations
 
 import json
@@ -83,9 +84,17 @@ def _copy_component(src: Path, dst: Path, link: bool) -> None:
     shutil.copytree(src, dst, symlinks=False, copy_function=hard)
 
 
-def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "student",
-                   overwrite: bool = False, teacher: str | None = None, lora: str = "auto",
-                   eval_results: Sequence[str | os.PathLike] = (), link_components: bool = False) -> ExportResult:
+def export_student(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    weights: str = "student",
+    overwrite: bool = False,
+    teacher: str | None = None,
+    lora: str = "auto",
+    eval_results: Sequence[str | os.PathLike] = (),
+    link_components: bool = False,
+) -> ExportResult:
     """Write a stock diffusers pipeline folder for a trained student.
 
     Args:
@@ -109,8 +118,16 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
     from ..msd.export import export_msd, is_msd_run
 
     if is_msd_run(checkpoint):  # K students: one pipeline folder each + routing.json (fewstep/msd/export.py)
-        return export_msd(checkpoint, out, overwrite=overwrite, weights=weights, teacher=teacher, lora=lora,
-                          eval_results=eval_results, link_components=link_components)
+        return export_msd(
+            checkpoint,
+            out,
+            overwrite=overwrite,
+            weights=weights,
+            teacher=teacher,
+            lora=lora,
+            eval_results=eval_results,
+            link_components=link_components,
+        )
     if lora not in ("auto", "off", "required"):
         raise ExportError(f"lora must be 'auto', 'off' or 'required', got {lora!r}")
     run = _read_run(checkpoint, weights)
@@ -119,16 +136,32 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
     scratch_root = out.parent / f".{out.name}.teacher-{os.getpid()}"
     try:
         tp = _read_teacher(run, source, out, scratch_root)
-        plan = plan_scheduler(tp.pipeline_class, tp.scheduler_config, run.sampling, run.card.get("objective"),
-                              run.card.get("objective_params") or {})
+        plan = plan_scheduler(
+            tp.pipeline_class,
+            tp.scheduler_config,
+            run.sampling,
+            run.card.get("objective"),
+            run.card.get("objective_params") or {},
+        )
         student = _read_student(run, tp)
         with atomic_folder(out, overwrite) as tmp:
             _copy_teacher_components(tp, tmp, link_components)
             bb_file = _write_backbone(run, tp, student, tmp)
             _write_scheduler(tp, plan, tmp)
             lora_info = _lora_part(run, tp, student, lora, tmp)
-            card = _card(run, source, tp.folder, tp.scheduler_config, tp.pipeline_class, tp.drive, plan,
-                         student.arch_diff, lora_info, eval_results, bb_file_sha=_sha256(bb_file))
+            card = _card(
+                run,
+                source,
+                tp.folder,
+                tp.scheduler_config,
+                tp.pipeline_class,
+                tp.drive,
+                plan,
+                student.arch_diff,
+                lora_info,
+                eval_results,
+                bb_file_sha=_sha256(bb_file),
+            )
             (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
             (tmp / "README.md").write_text(render_readme(card))
     finally:
@@ -138,11 +171,11 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike, *, wei
 
 @dataclass
 class _TeacherParts:
-    folder: Path                      # the teacher's pipeline folder
-    index: dict[str, Any]             # its model_index.json
+    folder: Path  # the teacher's pipeline folder
+    index: dict[str, Any]  # its model_index.json
     pipeline_class: str
     drive: Drive
-    backbone_class: str               # the class of its backbone component
+    backbone_class: str  # the class of its backbone component
     scheduler_config: dict[str, Any]  # its scheduler config, with `_class_name`
 
 
@@ -168,11 +201,11 @@ def _read_teacher(run: _Run, source: str, out: Path, scratch_root: Path) -> _Tea
 
 @dataclass
 class _Student:
-    config: dict[str, Any]                  # the backbone config to write
-    arch_diff: list[str]                    # config keys that differ from the teacher's
-    state: dict[str, Tensor] | None         # full state (from a checkpoint), or None: copy the weights file
-    adapter: dict[str, Tensor] | None       # the LoRA adapter alone, if any
-    adapter_meta: dict[str, Any]            # its rank and alpha
+    config: dict[str, Any]  # the backbone config to write
+    arch_diff: list[str]  # config keys that differ from the teacher's
+    state: dict[str, Tensor] | None  # full state (from a checkpoint), or None: copy the weights file
+    adapter: dict[str, Tensor] | None  # the LoRA adapter alone, if any
+    adapter_meta: dict[str, Any]  # its rank and alpha
 
 
 def _read_student(run: _Run, tp: _TeacherParts) -> _Student:
@@ -184,11 +217,15 @@ def _read_student(run: _Run, tp: _TeacherParts) -> _Student:
     else:
         student_cfg = dict(teacher_cfg)
     if student_cfg.get("_class_name", bb_cls) != bb_cls:
-        raise ExportError(f"the student is a {student_cfg.get('_class_name')} but the teacher's {drive.backbone} "
-                          f"is a {bb_cls}")
+        raise ExportError(
+            f"the student is a {student_cfg.get('_class_name')} but the teacher's {drive.backbone} is a {bb_cls}"
+        )
     student_cfg["_class_name"] = bb_cls
-    arch_diff = sorted(k for k in set(student_cfg) | set(teacher_cfg) if not k.startswith("_")
-                       and student_cfg.get(k) != teacher_cfg.get(k))
+    arch_diff = sorted(
+        k
+        for k in set(student_cfg) | set(teacher_cfg)
+        if not k.startswith("_") and student_cfg.get(k) != teacher_cfg.get(k)
+    )
     adapter: dict[str, Tensor] | None = None
     adapter_meta: dict[str, Any] = {}
     if run.checkpoint is not None:
@@ -200,8 +237,10 @@ def _read_student(run: _Run, tp: _TeacherParts) -> _Student:
         _check_fit(bb_cls, student_cfg, _header([run.student_file]), f"student weights {run.student_file}")
         if run.lora_file is not None:
             adapter, m = _read_adapter(run.lora_file)
-            adapter_meta = {"rank": int(m.get("rank") or (run.lora or {}).get("rank") or 0),
-                            "alpha": float(m.get("alpha") or (run.lora or {}).get("alpha") or 0)}
+            adapter_meta = {
+                "rank": int(m.get("rank") or (run.lora or {}).get("rank") or 0),
+                "alpha": float(m.get("alpha") or (run.lora or {}).get("alpha") or 0),
+            }
     return _Student(student_cfg, arch_diff, state, adapter, adapter_meta)
 
 
@@ -228,8 +267,9 @@ def _write_backbone(run: _Run, tp: _TeacherParts, student: _Student, tmp: Path) 
     else:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in student.state.items()},
-                  str(bdir / "diffusion_pytorch_model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in student.state.items()}, str(bdir / "diffusion_pytorch_model.safetensors")
+        )
     return bdir / "diffusion_pytorch_model.safetensors"
 
 
@@ -250,20 +290,36 @@ def _lora_part(run: _Run, tp: _TeacherParts, student: _Student, lora: str, tmp: 
     if student.adapter is not None and lora != "off":
         if tp.drive.lora is None:
             if lora == "required":
-                raise ExportError(f"{pipeline_class} has no load_lora_weights; the adapter cannot be exported "
-                                  "in a form it loads (the fused weights are exported)")
-            return {"written": False, "reason": f"{pipeline_class} does not load LoRA weights "
-                    "(no LoRA loader mixin); the folder holds the fused weights"}
+                raise ExportError(
+                    f"{pipeline_class} has no load_lora_weights; the adapter cannot be exported "
+                    "in a form it loads (the fused weights are exported)"
+                )
+            return {
+                "written": False,
+                "reason": f"{pipeline_class} does not load LoRA weights "
+                "(no LoRA loader mixin); the folder holds the fused weights",
+            }
         if not student.adapter_meta.get("rank"):
             raise ExportError("the LoRA adapter has no rank / alpha (run card 'lora' or file metadata)")
-        return {"written": True, **_write_lora(pipeline_class, tp.drive, student.adapter,
-                                               student.adapter_meta["rank"], student.adapter_meta["alpha"],
-                                               tmp / LORA_DIR)}
+        return {
+            "written": True,
+            **_write_lora(
+                pipeline_class,
+                tp.drive,
+                student.adapter,
+                student.adapter_meta["rank"],
+                student.adapter_meta["alpha"],
+                tmp / LORA_DIR,
+            ),
+        }
     if lora == "required":
-        raise ExportError(f"lora='required' but there is no LoRA adapter for the {weights} weights "
-                          + ("(the run saves the raw student's adapter only)" if run.lora else
-                             "(the student was trained in full)"))
+        raise ExportError(
+            f"lora='required' but there is no LoRA adapter for the {weights} weights "
+            + ("(the run saves the raw student's adapter only)" if run.lora else "(the student was trained in full)")
+        )
     if run.lora and lora != "off":
-        return {"written": False, "reason": f"the run holds no adapter file for the {weights} weights; "
-                "the folder holds the fused weights"}
+        return {
+            "written": False,
+            "reason": f"the run holds no adapter file for the {weights} weights; the folder holds the fused weights",
+        }
     return None

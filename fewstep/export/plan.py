@@ -1,5 +1,6 @@
 """Scheduler planning: the candidates, the replay check and the choice, or a refusal that says
 why and which nearby schedule would export."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,8 @@ class SchedulerPlan:
     scheduler_class: str
     config: dict[str, Any]
     supported: dict[int, dict[str, Any]]
-    route: str                             # one line: what was chosen and why it is exact
-    needs_patch: str | None = None         # a one-line fix the pipeline class needs, or None
+    route: str  # one line: what was chosen and why it is exact
+    needs_patch: str | None = None  # a one-line fix the pipeline class needs, or None
     notes: list[str] = field(default_factory=list)
     boundary: dict[str, Any] | None = None  # LCMScheduler: c_skip / c_out per step
 
@@ -35,7 +36,6 @@ class SchedulerPlan:
         import diffusers
 
         return getattr(diffusers, self.scheduler_class).from_config(self.config)
-
 
 
 def _custom_kwargs(drive: Drive, path, times: list[float]) -> dict[str, Any] | None:
@@ -50,8 +50,15 @@ def _custom_kwargs(drive: Drive, path, times: list[float]) -> dict[str, Any] | N
     return None
 
 
-def _choose(drive: Drive, cands: list[_Candidate], path, schedules: dict[int, list[float]], trained: int,
-            renoise: str, first: bool = False) -> tuple[tuple | None, list[str]]:
+def _choose(
+    drive: Drive,
+    cands: list[_Candidate],
+    path,
+    schedules: dict[int, list[float]],
+    trained: int,
+    renoise: str,
+    first: bool = False,
+) -> tuple[tuple | None, list[str]]:
     """The best candidate that reproduces the trained step count: needing no patch, then no call
     arguments at the trained step count, then reproducing the most step counts, then first listed
     (`first`: the first that reproduces it). Another step count that the default spacing misses is
@@ -88,8 +95,15 @@ def _choose(drive: Drive, cands: list[_Candidate], path, schedules: dict[int, li
     return best, tried
 
 
-def _hints(path, drive: Drive, teacher_cfg: dict[str, Any], times: list[float], renoise: str,
-           objective: str | None, params: dict[str, Any]) -> list[str]:
+def _hints(
+    path,
+    drive: Drive,
+    teacher_cfg: dict[str, Any],
+    times: list[float],
+    renoise: str,
+    objective: str | None,
+    params: dict[str, Any],
+) -> list[str]:
     """Nearby schedules this pipeline class does reproduce (for VP times between DDPM indices:
     the neighbouring integer grids, and the grids LCMScheduler's default spacing gives), so the
     refusal can say which objective setting would export."""
@@ -140,9 +154,14 @@ def _hints(path, drive: Drive, teacher_cfg: dict[str, Any], times: list[float], 
     return out
 
 
-def plan_scheduler(pipeline_class: str, teacher_scheduler_config: dict[str, Any], sampling: dict[str, Any],
-                   objective: str | None = None, objective_params: dict[str, Any] | None = None,
-                   path=None) -> SchedulerPlan:
+def plan_scheduler(
+    pipeline_class: str,
+    teacher_scheduler_config: dict[str, Any],
+    sampling: dict[str, Any],
+    objective: str | None = None,
+    objective_params: dict[str, Any] | None = None,
+    path=None,
+) -> SchedulerPlan:
     """Choose the stock scheduler configuration that reproduces the student's sampler.
 
     Args:
@@ -157,8 +176,9 @@ def plan_scheduler(pipeline_class: str, teacher_scheduler_config: dict[str, Any]
     from ..paths import path_from_scheduler_config
 
     if pipeline_class not in DRIVES:
-        raise ExportError(f"pipeline class {pipeline_class!r} is not supported for export; supported: "
-                          f"{', '.join(DRIVES)}")
+        raise ExportError(
+            f"pipeline class {pipeline_class!r} is not supported for export; supported: {', '.join(DRIVES)}"
+        )
     drive = DRIVES[pipeline_class]
     path = path if path is not None else path_from_scheduler_config(teacher_scheduler_config)
     if sampling.get("prediction_type"):  # a student that reads its output otherwise than its teacher
@@ -170,16 +190,23 @@ def plan_scheduler(pipeline_class: str, teacher_scheduler_config: dict[str, Any]
             raise ExportError(f"run card sampling.prediction_type: {e}") from e
     times, renoise, schedules = _read_sampling(sampling)
     trained = len(times) - 1
-    cands, why = _candidates(drive, path, dict(teacher_scheduler_config), times, renoise, objective,
-                             dict(objective_params or {}))
+    cands, why = _candidates(
+        drive, path, dict(teacher_scheduler_config), times, renoise, objective, dict(objective_params or {})
+    )
     with _quiet_diffusers():
         best, tried = _choose(drive, cands, path, schedules, trained, renoise)
     if best is None:
-        reasons = why + tried + _hints(path, drive, dict(teacher_scheduler_config), times, renoise, objective,
-                                       dict(objective_params or {}))
+        reasons = (
+            why
+            + tried
+            + _hints(
+                path, drive, dict(teacher_scheduler_config), times, renoise, objective, dict(objective_params or {})
+            )
+        )
         raise ExportError(
             f"no stock scheduler reproduces this student's sampler ({trained} step(s) at t={times[:-1]}, "
-            f"{renoise} re-noising) in {pipeline_class}: " + ("; ".join(reasons) if reasons else "no route applies"))
+            f"{renoise} re-noising) in {pipeline_class}: " + ("; ".join(reasons) if reasons else "no route applies")
+        )
     _, cand, supported = best
     plan = SchedulerPlan(cand.cls, dict(cand.config), supported, cand.route, cand.patch)
     _add_notes(plan, cand, path, objective, trained, sorted(set(schedules) - set(supported)))
@@ -211,30 +238,39 @@ def _read_sampling(sampling: dict[str, Any]) -> tuple[list[float], str, dict[int
     return times, renoise, schedules
 
 
-def _add_notes(plan: SchedulerPlan, cand: _Candidate, path, objective: str | None, trained: int,
-               missing: list[int]) -> None:
+def _add_notes(
+    plan: SchedulerPlan, cand: _Candidate, path, objective: str | None, trained: int, missing: list[int]
+) -> None:
     """What the card says about the chosen route: LCM boundary scalings, a shortened noise table,
     step counts it does not reproduce."""
     supported = plan.supported
     if cand.cls == "LCMScheduler":
         plan.boundary = _lcm_boundary(cand, supported[trained]["timesteps"])
         if objective == "lcm":
-            plan.notes.append(f"LCMScheduler applies the boundary scalings c_skip x + c_out x0 with the student's own "
-                              f"timestep_scaling {cand.config['timestep_scaling']:g}; fewstep's sampler uses x0 alone. "
-                              f"At the trained timesteps c_skip <= {plan.boundary['max_c_skip']:.2g}.")
+            plan.notes.append(
+                f"LCMScheduler applies the boundary scalings c_skip x + c_out x0 with the student's own "
+                f"timestep_scaling {cand.config['timestep_scaling']:g}; fewstep's sampler uses x0 alone. "
+                f"At the trained timesteps c_skip <= {plan.boundary['max_c_skip']:.2g}."
+            )
         else:
-            plan.notes.append(f"timestep_scaling={cand.config['timestep_scaling']:g} makes LCMScheduler's boundary "
-                              f"scalings exact for a student that predicts x0 directly: c_skip <= "
-                              f"{plan.boundary['max_c_skip']:.2g}, "
-                              f"1 - c_out <= {plan.boundary['max_one_minus_c_out']:.2g}"
-                              f" (with the default 10, c_skip would reach "
-                              f"{max(r['c_skip_at_default_10'] for r in plan.boundary['steps']):.2g}).")
-    if cand.config.get("num_train_timesteps") != getattr(path, "num_train_timesteps", None) and \
-            "trained_betas" in cand.config:
-        plan.notes.append(f"num_train_timesteps is {cand.config['num_train_timesteps']} so that the default spacing "
-                          f"lands on the student's grid; the noise table is the teacher's full "
-                          f"{len(cand.config['trained_betas'])}-entry table, given as trained_betas.")
+            plan.notes.append(
+                f"timestep_scaling={cand.config['timestep_scaling']:g} makes LCMScheduler's boundary "
+                f"scalings exact for a student that predicts x0 directly: c_skip <= "
+                f"{plan.boundary['max_c_skip']:.2g}, "
+                f"1 - c_out <= {plan.boundary['max_one_minus_c_out']:.2g}"
+                f" (with the default 10, c_skip would reach "
+                f"{max(r['c_skip_at_default_10'] for r in plan.boundary['steps']):.2g})."
+            )
+    if (
+        cand.config.get("num_train_timesteps") != getattr(path, "num_train_timesteps", None)
+        and "trained_betas" in cand.config
+    ):
+        plan.notes.append(
+            f"num_train_timesteps is {cand.config['num_train_timesteps']} so that the default spacing "
+            f"lands on the student's grid; the noise table is the teacher's full "
+            f"{len(cand.config['trained_betas'])}-entry table, given as trained_betas."
+        )
     if missing:
-        plan.notes.append(f"step counts {missing} have student times in the run card but this scheduler does not "
-                          "reproduce them")
-
+        plan.notes.append(
+            f"step counts {missing} have student times in the run card but this scheduler does not reproduce them"
+        )

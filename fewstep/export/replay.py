@@ -1,5 +1,6 @@
 """The replay check: a pipeline's own sequence of scheduler calls run around a smooth synthetic
 network, to compare against `fewstep.samplers.sample` on the same noise."""
+
 from __future__ import annotations
 
 import inspect
@@ -44,8 +45,16 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def replay_pipeline(drive: Drive, scheduler, steps: int, call_kwargs: dict[str, Any], model: Callable,
-                    noise: Tensor, seed: int, patch: bool = False) -> tuple[Tensor, list[float]]:
+def replay_pipeline(
+    drive: Drive,
+    scheduler,
+    steps: int,
+    call_kwargs: dict[str, Any],
+    model: Callable,
+    noise: Tensor,
+    seed: int,
+    patch: bool = False,
+) -> tuple[Tensor, list[float]]:
     """Run a scheduler the way the pipeline class of `drive` does (timesteps, noise scale, model
     input scaling, step arguments, fresh-noise source) around `model(x, timestep)`. Returns the
     final sample and the timesteps the network was fed. Uses and restores torch's global RNG."""
@@ -94,8 +103,9 @@ def replay_pipeline(drive: Drive, scheduler, steps: int, call_kwargs: dict[str, 
     return x, fed
 
 
-def _probe(drive: Drive, cand: _Candidate, path, times: list[float], renoise: str,
-           shape=(2, 3, 4, 4), seed: int = 1234) -> tuple[float, list[float], dict[str, Any]]:
+def _probe(
+    drive: Drive, cand: _Candidate, path, times: list[float], renoise: str, shape=(2, 3, 4, 4), seed: int = 1234
+) -> tuple[float, list[float], dict[str, Any]]:
     """Max error, relative to the sample's range, of the replayed pipeline against fewstep's
     sampler for one schedule; also the fed timesteps and the call kwargs."""
     import diffusers
@@ -107,10 +117,12 @@ def _probe(drive: Drive, cand: _Candidate, path, times: list[float], renoise: st
         raise ExportError(next(v for v in kwargs.values() if isinstance(v, str)))
     sched = getattr(diffusers, cand.cls).from_config(cand.config)
     noise = initial_noise(shape, torch.Generator().manual_seed(seed))
-    ref = sample(_ToyDenoiser(path), noise, None, times, renoise=renoise,
-                 generator=torch.Generator().manual_seed(seed + 1))
-    got, fed = replay_pipeline(drive, sched, len(times) - 1, kwargs, _toy_output, noise, seed + 1,
-                               patch=cand.patch is not None)
+    ref = sample(
+        _ToyDenoiser(path), noise, None, times, renoise=renoise, generator=torch.Generator().manual_seed(seed + 1)
+    )
+    got, fed = replay_pipeline(
+        drive, sched, len(times) - 1, kwargs, _toy_output, noise, seed + 1, patch=cand.patch is not None
+    )
     if got.shape != ref.shape or not torch.isfinite(got).all():
         return math.inf, fed, kwargs
     err = (got - ref).abs().max().item() / max(1.0, ref.abs().max().item())
@@ -119,6 +131,7 @@ def _probe(drive: Drive, cand: _Candidate, path, times: list[float], renoise: st
 
 def _lcm_boundary(cand: _Candidate, timesteps: list[float]) -> dict[str, Any]:
     """LCMScheduler's c_skip / c_out at each timestep, with the configured and the default scaling."""
+
     def scal(s: float, ts: float) -> tuple[float, float]:
         u = ts * s
         return 0.25 / (u * u + 0.25), u / math.sqrt(u * u + 0.25)
@@ -128,10 +141,15 @@ def _lcm_boundary(cand: _Candidate, timesteps: list[float]) -> dict[str, Any]:
     for t in timesteps:
         cs, co = scal(s, t)
         cs10, co10 = scal(10.0, t)
-        rows.append({"timestep": t, "c_skip": cs, "c_out": co, "c_skip_at_default_10": cs10,
-                     "c_out_at_default_10": co10})
-    return {"timestep_scaling": s, "steps": rows,
-            "max_c_skip": max(r["c_skip"] for r in rows), "max_one_minus_c_out": max(1 - r["c_out"] for r in rows)}
+        rows.append(
+            {"timestep": t, "c_skip": cs, "c_out": co, "c_skip_at_default_10": cs10, "c_out_at_default_10": co10}
+        )
+    return {
+        "timestep_scaling": s,
+        "steps": rows,
+        "max_c_skip": max(r["c_skip"] for r in rows),
+        "max_one_minus_c_out": max(1 - r["c_out"] for r in rows),
+    }
 
 
 @contextmanager
@@ -150,4 +168,3 @@ def _quiet_diffusers() -> Iterator[None]:
             yield
     finally:
         dlog.set_verbosity(level)
-

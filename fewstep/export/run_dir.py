@@ -1,5 +1,6 @@
 """Reading what export starts from: a run dir or checkpoint (its card, its weights files), the
 teacher's pipeline folder, and the `fewstep eval` results recorded beside the run."""
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,12 @@ class _Run:
     card_path: Path
     teacher_source: str
     sampling: dict[str, Any]
-    weights: str                              # "student" / "student_ema"
-    student_folder: Path | None = None        # a diffusers model folder (config.json + weights)
-    student_file: Path | None = None          # its weights file
-    checkpoint: Path | None = None            # a training checkpoint folder (weights from its files)
-    lora_file: Path | None = None             # the adapter alone (run dir final/<weights>_lora.safetensors)
-    lora: dict[str, Any] | None = None        # {"rank", "alpha"} of a LoRA student
+    weights: str  # "student" / "student_ema"
+    student_folder: Path | None = None  # a diffusers model folder (config.json + weights)
+    student_file: Path | None = None  # its weights file
+    checkpoint: Path | None = None  # a training checkpoint folder (weights from its files)
+    lora_file: Path | None = None  # the adapter alone (run dir final/<weights>_lora.safetensors)
+    lora: dict[str, Any] | None = None  # {"rank", "alpha"} of a LoRA student
 
 
 def _read_run(checkpoint: str | os.PathLike, weights: str) -> _Run:
@@ -46,8 +47,10 @@ def _read_run(checkpoint: str | os.PathLike, weights: str) -> _Run:
     card_path = next((run_dir / n for n in RUN_CARD_NAMES if (run_dir / n).is_file()), None)
     if card_path is None:
         where = f"its run dir {run_dir}" if ckpt else str(run_dir)
-        raise ExportError(f"{where} has no run_card.json (the training entry point writes it when a run finishes; it "
-                          "names the teacher and the student's sampling times). Export a finished run.")
+        raise ExportError(
+            f"{where} has no run_card.json (the training entry point writes it when a run finishes; it "
+            "names the teacher and the student's sampling times). Export a finished run."
+        )
     card = _read_json(card_path)
     teacher = card.get("teacher")
     src = teacher.get("source") if isinstance(teacher, dict) else teacher
@@ -61,9 +64,11 @@ def _read_run(checkpoint: str | os.PathLike, weights: str) -> _Run:
     if ckpt is not None:
         f = ckpt / ("ema.safetensors" if weights == "student_ema" else "model.safetensors")
         if not f.is_file() and (ckpt / "shards").is_dir():
-            raise ExportError(f"checkpoint {ckpt} is sharded (FSDP, torch.distributed.checkpoint): export the finished "
-                              "run dir, whose final weights are gathered, or save full checkpoints "
-                              "(checkpoint.state_dict=full)")
+            raise ExportError(
+                f"checkpoint {ckpt} is sharded (FSDP, torch.distributed.checkpoint): export the finished "
+                "run dir, whose final weights are gathered, or save full checkpoints "
+                "(checkpoint.state_dict=full)"
+            )
         if not f.is_file():
             raise ExportError(f"checkpoint {ckpt} has no {f.name} (weights={weights!r})")
         run.student_file = f
@@ -82,8 +87,10 @@ def _read_run(checkpoint: str | os.PathLike, weights: str) -> _Run:
             break
     if run.student_file is None:
         have = ", ".join(sorted(k for k in files if k.startswith("student"))) or "none"
-        raise ExportError(f"run dir {run_dir} holds no {weights} weights (looked in "
-                          f"{', '.join(str(c) for c in cands)}; the run card lists: {have})")
+        raise ExportError(
+            f"run dir {run_dir} holds no {weights} weights (looked in "
+            f"{', '.join(str(c) for c in cands)}; the run card lists: {have})"
+        )
     # the adapter of these very weights (the run writes the raw student's; an EMA has none)
     lf = files.get(f"{weights}_lora")
     if isinstance(lf, str) and (run_dir / lf).is_file():
@@ -91,7 +98,6 @@ def _read_run(checkpoint: str | os.PathLike, weights: str) -> _Run:
     elif (run_dir / "final" / f"{weights}_lora.safetensors").is_file():
         run.lora_file = run_dir / "final" / f"{weights}_lora.safetensors"
     return run
-
 
 
 def _teacher_folder(source: str, scratch: Path) -> Path:
@@ -130,10 +136,11 @@ def _teacher_folder(source: str, scratch: Path) -> Path:
 
         return Path(snapshot_download(source, local_files_only=True))
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"teacher {source!r} is neither a local folder nor in the local Hugging Face cache "
-                          f"({type(e).__name__}); nothing is downloaded here: download it first or pass "
-                          "--teacher <folder>") from None
-
+        raise ExportError(
+            f"teacher {source!r} is neither a local folder nor in the local Hugging Face cache "
+            f"({type(e).__name__}); nothing is downloaded here: download it first or pass "
+            "--teacher <folder>"
+        ) from None
 
 
 def _find_results(run_dir: Path, extra: Sequence[str | os.PathLike] = ()) -> list[dict[str, Any]]:
@@ -157,9 +164,22 @@ def _find_results(run_dir: Path, extra: Sequence[str | os.PathLike] = ()) -> lis
         rows = []
         for r in res.get("rows", []):
             ms = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in (r.get("metrics") or {}).items()}
-            rows.append({"steps": r.get("steps"), "guidance": r.get("guidance"), "hybrid": r.get("hybrid"),
-                         "sampler": r.get("sampler"), "num_samples": r.get("num_samples"), "metrics": ms})
-        out.append({"file": str(f), "protocol": (res.get("protocol") or {}).get("name"),
-                    "command": res.get("command"), "rows": rows})
+            rows.append(
+                {
+                    "steps": r.get("steps"),
+                    "guidance": r.get("guidance"),
+                    "hybrid": r.get("hybrid"),
+                    "sampler": r.get("sampler"),
+                    "num_samples": r.get("num_samples"),
+                    "metrics": ms,
+                }
+            )
+        out.append(
+            {
+                "file": str(f),
+                "protocol": (res.get("protocol") or {}).get("name"),
+                "command": res.get("command"),
+                "rows": rows,
+            }
+        )
     return out
-

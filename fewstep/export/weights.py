@@ -1,5 +1,6 @@
 """The student's weights: reading safetensors, checking they fit the backbone config, a
 checkpoint's full state (LoRA merged), and the LoRA adapter in diffusers' format."""
+
 from __future__ import annotations
 
 import hashlib
@@ -79,21 +80,27 @@ def _checkpoint_state(run: _Run, teacher_bb: Path, cls_name: str, config: dict[s
     from ..training.lora import merge_lora_state_dict
 
     prefix = "student.backbone."
-    raw = {k[len(prefix):]: v for k, v in _load_all([run.student_file]).items() if k.startswith(prefix)}
+    raw = {k[len(prefix) :]: v for k, v in _load_all([run.student_file]).items() if k.startswith(prefix)}
     if run.weights == "student_ema" and run.checkpoint is not None and (run.checkpoint / "model.safetensors").is_file():
-        base = {k[len(prefix):]: v for k, v in _load_all([run.checkpoint / "model.safetensors"]).items()
-                if k.startswith(prefix)}
+        base = {
+            k[len(prefix) :]: v
+            for k, v in _load_all([run.checkpoint / "model.safetensors"]).items()
+            if k.startswith(prefix)
+        }
         raw = {**base, **raw}
     if not raw:
-        raise ExportError(f"checkpoint {run.student_file} holds no '{prefix}*' tensors (a shared-base or custom "
-                          "student layout): export the finished run dir instead")
+        raise ExportError(
+            f"checkpoint {run.student_file} holds no '{prefix}*' tensors (a shared-base or custom "
+            "student layout): export the finished run dir instead"
+        )
     teacher_sd = _load_all(_safetensors_files(teacher_bb))
     adapter = None
     if any(".lora_A." in k for k in raw):
         meta = run.lora or {}
         if not meta.get("rank") or meta.get("alpha") is None:
-            raise ExportError(f"checkpoint {run.student_file} holds LoRA adapters but the run card gives no lora rank "
-                              "and alpha")
+            raise ExportError(
+                f"checkpoint {run.student_file} holds LoRA adapters but the run card gives no lora rank and alpha"
+            )
         names = {k.split(".lora_A.")[1].split(".")[0] for k in raw if ".lora_A." in k}
         if len(names) != 1:
             raise ExportError(f"checkpoint {run.student_file}: expected one LoRA adapter, found {sorted(names)}")
@@ -117,7 +124,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-
 def _read_adapter(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -127,8 +133,9 @@ def _read_adapter(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return load_file(str(path)), meta
 
 
-def _write_lora(pipeline_class: str, drive: Drive, adapter: dict[str, Tensor], rank: int, alpha: float,
-                out_dir: Path) -> dict[str, Any]:
+def _write_lora(
+    pipeline_class: str, drive: Drive, adapter: dict[str, Tensor], rank: int, alpha: float, out_dir: Path
+) -> dict[str, Any]:
     """Write the adapter with the pipeline class's own `save_lora_weights`. lora_B is multiplied by
     alpha / rank, so the file loads at scale 1 whatever alpha convention a loader assumes."""
     import diffusers
@@ -143,6 +150,11 @@ def _write_lora(pipeline_class: str, drive: Drive, adapter: dict[str, Tensor], r
     cls = getattr(diffusers, pipeline_class)
     out_dir.mkdir(parents=True, exist_ok=True)
     cls.save_lora_weights(str(out_dir), **{drive.lora: sd}, safe_serialization=True)
-    return {"folder": LORA_DIR, "file": f"{LORA_DIR}/{LORA_FILE}", "rank": int(rank), "alpha": float(alpha),
-            "scale_folded_into_lora_B": scale, "tensors": len(sd)}
-
+    return {
+        "folder": LORA_DIR,
+        "file": f"{LORA_DIR}/{LORA_FILE}",
+        "rank": int(rank),
+        "alpha": float(alpha),
+        "scale_folded_into_lora_B": scale,
+        "tensors": len(sd),
+    }

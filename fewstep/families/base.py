@@ -161,8 +161,11 @@ def unet_w_embedding(backbone: nn.Module, dim: int) -> None:
 def transformer_time_embedding(backbone: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """DiT / PixArt / SD3 / Flux: every module holding a `time_proj` and a `timestep_embedder`
     (DiT has one per block; Flux's guidance embedder is not the timestep's)."""
-    return [(m.timestep_embedder, m.time_proj) for m in backbone.modules()
-            if getattr(m, "time_proj", None) is not None and getattr(m, "timestep_embedder", None) is not None]
+    return [
+        (m.timestep_embedder, m.time_proj)
+        for m in backbone.modules()
+        if getattr(m, "time_proj", None) is not None and getattr(m, "timestep_embedder", None) is not None
+    ]
 
 
 def unet_time_embedding(backbone: nn.Module) -> list[tuple[nn.Module, nn.Module]]:

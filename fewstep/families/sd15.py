@@ -24,7 +24,8 @@ def text_unet_family(**fields) -> Family:
         conditioner=_conditioner,
         conditioner_kwargs=("null_embeds", "null_pooled", "zero_null"),
         lora_targets=SD_UNET,
-        gan_tap=mid_block_tap, time_embedding=unet_time_embedding,
+        gan_tap=mid_block_tap,
+        time_embedding=unet_time_embedding,
         w_embedding=unet_w_embedding,
         **fields,
     )

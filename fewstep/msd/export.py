@@ -6,6 +6,7 @@ diffusers alone), a routing file (condition -> folder) and a model card that exp
     <out>/routing.json                    see fewstep.msd.routing
     <out>/README.md                       the routing, per-student cards, how to load and sample
 """
+
 from __future__ import annotations
 
 import json
@@ -52,20 +53,39 @@ def export_msd(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite:
             results.append(export_student(run_dir / d, tmp / d, **kwargs))
         rec = routing_record(part, dirs)
         first = results[0].card
-        rec.update({"pipeline_class": first["pipeline_class"], "backbone": first["backbone"],
-                    "conditioning": first["conditioning"], "guidance_scale": first["guidance_scale"],
-                    "supported_steps": sorted(set.intersection(*(set(r.card["supported_steps"]) for r in results)),
-                                              key=int),
-                    "sampling": first["sampling"],
-                    "students_info": [{"folder": d, "conditions": part.subsets[k] if part.kind == "labels" else
-                                       [part.prompts[i] for i in part.subsets[k]],
-                                       "scheduler": results[k].card["scheduler"]["class"],
-                                       "architecture_differs_from_teacher_in":
-                                           results[k].card["weights"]["architecture_differs_from_teacher_in"]}
-                                      for k, d in enumerate(dirs)],
-                    "teacher": first["teacher"]["source"], "run": {"dir": str(run_dir), "steps": card.get("steps"),
-                                                                  "steps_per_student": card.get("steps_per_student")},
-                    "student_width": msd.get("student_width", 1.0), "student_depth": msd.get("student_depth", 1.0)})
+        rec.update(
+            {
+                "pipeline_class": first["pipeline_class"],
+                "backbone": first["backbone"],
+                "conditioning": first["conditioning"],
+                "guidance_scale": first["guidance_scale"],
+                "supported_steps": sorted(
+                    set.intersection(*(set(r.card["supported_steps"]) for r in results)), key=int
+                ),
+                "sampling": first["sampling"],
+                "students_info": [
+                    {
+                        "folder": d,
+                        "conditions": part.subsets[k]
+                        if part.kind == "labels"
+                        else [part.prompts[i] for i in part.subsets[k]],
+                        "scheduler": results[k].card["scheduler"]["class"],
+                        "architecture_differs_from_teacher_in": results[k].card["weights"][
+                            "architecture_differs_from_teacher_in"
+                        ],
+                    }
+                    for k, d in enumerate(dirs)
+                ],
+                "teacher": first["teacher"]["source"],
+                "run": {
+                    "dir": str(run_dir),
+                    "steps": card.get("steps"),
+                    "steps_per_student": card.get("steps_per_student"),
+                },
+                "student_width": msd.get("student_width", 1.0),
+                "student_depth": msd.get("student_depth", 1.0),
+            }
+        )
         (tmp / ROUTING_FILE).write_text(json.dumps(rec, indent=1) + "\n")
         (tmp / "README.md").write_text(render_card(rec, card))
     res = results[0]
@@ -83,15 +103,20 @@ def render_card(rec: dict[str, Any], run_card: dict[str, Any]) -> str:
         "",
         f"Distilled from `{rec['teacher']}` with MSD: the conditions were split over {k} students, and each "
         "student was trained with DMD2 on its own subset only"
-        + (f" (smaller students: width x{rec['student_width']:g}, depth x{rec['student_depth']:g} of the teacher's "
-           "architecture, pre-trained by score matching on the teacher's outputs first)." if small else
-           " (each initialised from the teacher)."),
+        + (
+            f" (smaller students: width x{rec['student_width']:g}, depth x{rec['student_depth']:g} of the teacher's "
+            "architecture, pre-trained by score matching on the teacher's outputs first)."
+            if small
+            else " (each initialised from the teacher)."
+        ),
         "",
         "## Routing",
         "",
-        (f"`{ROUTING_FILE}` says which student folder owns each condition (rule `{rec['rule']}`). "
-         "Sample a condition with the pipeline in its folder; any other student would see a condition it "
-         "was never trained on."),
+        (
+            f"`{ROUTING_FILE}` says which student folder owns each condition (rule `{rec['rule']}`). "
+            "Sample a condition with the pipeline in its folder; any other student would see a condition it "
+            "was never trained on."
+        ),
         "",
     ]
     if rec["kind"] == "labels":
@@ -101,8 +126,12 @@ def render_card(rec: dict[str, Any], run_card: dict[str, Any]) -> str:
         if rec["rule"] == "hash":
             lines += [f"Prompts go to `students[{rec['hash']}]`; any prompt can be routed this way."]
         else:
-            lines += [(f"Rule `{rec['rule']}` routes the {len(rec['routes'])} training prompts listed in "
-                       f"`{ROUTING_FILE}` (`routes`); other prompts have no student.")]
+            lines += [
+                (
+                    f"Rule `{rec['rule']}` routes the {len(rec['routes'])} training prompts listed in "
+                    f"`{ROUTING_FILE}` (`routes`); other prompts have no student."
+                )
+            ]
         lines += ["", "| student folder | prompts |", "|---|---|"]
         lines += [f"| `{s['folder']}` | {len(s['conditions'])} |" for s in rec["students_info"]]
     arg = "class_labels=[3, 7]" if rec["kind"] == "labels" else "prompt=['a photo of a cat']"
@@ -111,9 +140,11 @@ def render_card(rec: dict[str, Any], run_card: dict[str, Any]) -> str:
         "",
         "## Sampling",
         "",
-        (f"Each `student_<k>/` is a stock `{rec['pipeline_class']}` folder (its own `README.md` and "
-         f"`fewstep_card.json` give the scheduler and step counts: {', '.join(steps) or 'none'}); "
-         f"guidance_scale {rec['guidance_scale']:g}."),
+        (
+            f"Each `student_<k>/` is a stock `{rec['pipeline_class']}` folder (its own `README.md` and "
+            f"`fewstep_card.json` give the scheduler and step counts: {', '.join(steps) or 'none'}); "
+            f"guidance_scale {rec['guidance_scale']:g}."
+        ),
         "",
         "With fewstep's plain-Python router (no remote code):",
         "",
@@ -134,8 +165,10 @@ def render_card(rec: dict[str, Any], run_card: dict[str, Any]) -> str:
         f"pipe = diffusers.DiffusionPipeline.from_pretrained('<this folder>/' + routes['{example}'])",
         "```",
         "",
-        ("Evaluate the whole set as one model: `fewstep eval --pipeline <this folder>` (each sample is "
-         "generated by its condition's student)."),
+        (
+            "Evaluate the whole set as one model: `fewstep eval --pipeline <this folder>` (each sample is "
+            "generated by its condition's student)."
+        ),
         "",
     ]
     return "\n".join(lines)

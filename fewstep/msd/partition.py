@@ -17,6 +17,7 @@ Rules (`objective.partition`):
 A partition that leaves a student without conditions, overlapping subsets, or more students than
 classes is refused with an error naming the key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,10 +42,10 @@ class PartitionError(ConfigError):
 
 @dataclass
 class Partition:
-    kind: str                                  # "labels" or "prompts"
-    rule: str                                  # even | hash | kmeans | mapping
-    subsets: list[list[int]]                   # per student: class labels / prompt line numbers
-    prompts: list[str] | None = None           # text: the prompt lines the numbers refer to
+    kind: str  # "labels" or "prompts"
+    rule: str  # even | hash | kmeans | mapping
+    subsets: list[list[int]]  # per student: class labels / prompt line numbers
+    prompts: list[str] | None = None  # text: the prompt lines the numbers refer to
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -67,18 +68,30 @@ class Partition:
             return hash_student(prompt, self.num_students)
         by_prompt = {self.prompts[i]: k for i, k in self.table().items()}
         if prompt not in by_prompt:
-            raise KeyError(f"prompt {prompt!r} is not in the routing table (partition {self.rule!r} routes the "
-                           "training prompts only; hash routes any prompt)")
+            raise KeyError(
+                f"prompt {prompt!r} is not in the routing table (partition {self.rule!r} routes the "
+                "training prompts only; hash routes any prompt)"
+            )
         return by_prompt[prompt]
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "rule": self.rule, "subsets": self.subsets, "prompts": self.prompts,
-                "info": self.info}
+        return {
+            "kind": self.kind,
+            "rule": self.rule,
+            "subsets": self.subsets,
+            "prompts": self.prompts,
+            "info": self.info,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Partition:
-        return cls(str(d["kind"]), str(d["rule"]), [[int(c) for c in s] for s in d["subsets"]], d.get("prompts"),
-                   dict(d.get("info") or {}))
+        return cls(
+            str(d["kind"]),
+            str(d["rule"]),
+            [[int(c) for c in s] for s in d["subsets"]],
+            d.get("prompts"),
+            dict(d.get("info") or {}),
+        )
 
 
 def hash_student(prompt: str, k: int) -> int:
@@ -90,15 +103,19 @@ def _check_k(k: int, n: int, what: str) -> None:
     if int(k) < 1:
         raise PartitionError(f"objective.num_students={k} must be >= 1")
     if int(k) > n:
-        raise PartitionError(f"objective.num_students={k} is larger than the number of {what} ({n}): every student "
-                             "needs at least one condition")
+        raise PartitionError(
+            f"objective.num_students={k} is larger than the number of {what} ({n}): every student "
+            "needs at least one condition"
+        )
 
 
 def _check_nonempty(subsets: list[list[int]], rule: str, n: int, what: str) -> None:
     empty = [i for i, s in enumerate(subsets) if not s]
     if empty:
-        raise PartitionError(f"objective.partition={rule!r} leaves student(s) {empty} with no conditions (of {n} {what}); "
-                             "use fewer objective.num_students or another objective.partition")
+        raise PartitionError(
+            f"objective.partition={rule!r} leaves student(s) {empty} with no conditions (of {n} {what}); "
+            "use fewer objective.num_students or another objective.partition"
+        )
 
 
 def _read_mapping(path: str | None, k: int, n: int, names: Sequence[str] | None, what: str) -> list[list[int]]:
@@ -116,12 +133,15 @@ def _read_mapping(path: str | None, k: int, n: int, names: Sequence[str] | None,
     if isinstance(raw, list):
         raw = {str(i): v for i, v in enumerate(raw)}
     if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
-        raise PartitionError(f"{key}: {str(p)!r} must map student numbers to lists of conditions, "
-                             "e.g. {\"0\": [0, 1, 2], \"1\": [3, 4]}")
+        raise PartitionError(
+            f'{key}: {str(p)!r} must map student numbers to lists of conditions, e.g. {{"0": [0, 1, 2], "1": [3, 4]}}'
+        )
     want = {str(i) for i in range(k)}
     if set(raw) != want:
-        raise PartitionError(f"{key}: {str(p)!r} names students {sorted(raw)}; objective.num_students={k} needs "
-                             f"exactly {sorted(want, key=int)}")
+        raise PartitionError(
+            f"{key}: {str(p)!r} names students {sorted(raw)}; objective.num_students={k} needs "
+            f"exactly {sorted(want, key=int)}"
+        )
     index = {s: i for i, s in enumerate(names)} if names is not None else {}
     owner: dict[int, int] = {}
     subsets: list[list[int]] = [[] for _ in range(k)]
@@ -136,16 +156,19 @@ def _read_mapping(path: str | None, k: int, n: int, names: Sequence[str] | None,
             else:
                 raise PartitionError(f"{key}: student {s}: {c!r} is not one of the {n} {what} (0..{n - 1})")
             if i in owner and owner[i] != s:
-                raise PartitionError(f"{key}: condition {c!r} is given to students {owner[i]} and {s}; the subsets "
-                                     "must not overlap")
+                raise PartitionError(
+                    f"{key}: condition {c!r} is given to students {owner[i]} and {s}; the subsets must not overlap"
+                )
             if i not in owner:
                 owner[i] = s
                 subsets[s].append(i)
     missing = [i for i in range(n) if i not in owner]
     if missing:
         shown = [names[i] for i in missing[:5]] if names is not None else missing[:10]
-        raise PartitionError(f"{key}: {len(missing)} of the {n} {what} belong to no student (e.g. {shown}); "
-                             "each condition needs exactly one")
+        raise PartitionError(
+            f"{key}: {len(missing)} of the {n} {what} belong to no student (e.g. {shown}); "
+            "each condition needs exactly one"
+        )
     _check_nonempty(subsets, "mapping", n, what)
     return [sorted(s) for s in subsets]
 
@@ -154,13 +177,16 @@ def partition_labels(num_classes: int, k: int, rule: str = "even", mapping_file:
     """Split class labels 0..num_classes-1 over K students."""
     rule = "even" if rule == "auto" else rule
     if rule not in RULES["labels"]:
-        raise PartitionError(f"objective.partition={rule!r}: a class-conditional teacher takes one of "
-                             f"{RULES['labels']} (hash and kmeans are for text teachers)")
+        raise PartitionError(
+            f"objective.partition={rule!r}: a class-conditional teacher takes one of "
+            f"{RULES['labels']} (hash and kmeans are for text teachers)"
+        )
     n = int(num_classes)
     _check_k(k, n, "classes")
     if rule == "mapping":
-        return Partition("labels", rule, _read_mapping(mapping_file, int(k), n, None, "classes"),
-                         info={"file": str(mapping_file)})
+        return Partition(
+            "labels", rule, _read_mapping(mapping_file, int(k), n, None, "classes"), info={"file": str(mapping_file)}
+        )
     bounds = [round(i * n / k) for i in range(int(k) + 1)]
     return Partition("labels", rule, [list(range(bounds[i], bounds[i + 1])) for i in range(int(k))])
 
@@ -180,19 +206,31 @@ def prompt_vectors(cond: dict[str, Any]) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def partition_prompts(prompts: Sequence[str], k: int, rule: str = "hash", mapping_file: str | None = None,
-                      embeddings: torch.Tensor | None = None, seed: int = 0) -> Partition:
+def partition_prompts(
+    prompts: Sequence[str],
+    k: int,
+    rule: str = "hash",
+    mapping_file: str | None = None,
+    embeddings: torch.Tensor | None = None,
+    seed: int = 0,
+) -> Partition:
     """Split the prompt lines over K students by `rule` (see the module docstring)."""
     rule = "hash" if rule == "auto" else rule
     if rule not in RULES["prompts"]:
-        raise PartitionError(f"objective.partition={rule!r}: a text teacher takes one of {RULES['prompts']} "
-                             "(even is for class labels)")
+        raise PartitionError(
+            f"objective.partition={rule!r}: a text teacher takes one of {RULES['prompts']} (even is for class labels)"
+        )
     prompts = list(prompts)
     n = len(prompts)
     _check_k(k, n, "prompts in data.prompts")
     if rule == "mapping":
-        return Partition("prompts", rule, _read_mapping(mapping_file, int(k), n, prompts, "prompts"), prompts,
-                         {"file": str(mapping_file)})
+        return Partition(
+            "prompts",
+            rule,
+            _read_mapping(mapping_file, int(k), n, prompts, "prompts"),
+            prompts,
+            {"file": str(mapping_file)},
+        )
     if rule == "hash":
         subsets: list[list[int]] = [[] for _ in range(int(k))]
         for i, p in enumerate(prompts):

@@ -10,6 +10,7 @@ routing.json (next to one stock pipeline folder per student):
      "hash": "sha256(prompt as UTF-8), first 8 bytes big-endian, mod num_students" (rule hash only),
      ...}
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ __all__ = [
 
 ROUTING_FILE = "routing.json"
 FORMAT = "fewstep-msd-routing/1"
-ROUTE_KEY = "msd_student"      # optional cond entry: the student index of each sample (text routing)
+ROUTE_KEY = "msd_student"  # optional cond entry: the student index of each sample (text routing)
 HASH_RULE = "sha256(prompt as UTF-8), first 8 bytes big-endian, mod num_students"
 
 
@@ -48,8 +49,14 @@ def routing_record(part: Partition, folders: Sequence[str]) -> dict[str, Any]:
         routes = {str(c): folders[k] for c, k in sorted(part.table().items())}
     else:
         routes = {part.prompts[i]: folders[k] for i, k in sorted(part.table().items())}
-    rec = {"format": FORMAT, "kind": part.kind, "rule": part.rule, "num_students": len(folders),
-           "students": list(folders), "routes": routes}
+    rec = {
+        "format": FORMAT,
+        "kind": part.kind,
+        "rule": part.rule,
+        "num_students": len(folders),
+        "students": list(folders),
+        "routes": routes,
+    }
     if part.rule == "hash":
         rec["hash"] = HASH_RULE
     return rec
@@ -61,8 +68,11 @@ def read_routing(folder: str | Path) -> dict[str, Any]:
         rec = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the MSD routing file {p}: {e}") from None
-    if rec.get("format") != FORMAT or not isinstance(rec.get("students"), list) or not isinstance(rec.get("routes"),
-                                                                                                  dict):
+    if (
+        rec.get("format") != FORMAT
+        or not isinstance(rec.get("students"), list)
+        or not isinstance(rec.get("routes"), dict)
+    ):
         raise ValueError(f"{p} is not a fewstep MSD routing file (format {FORMAT!r} with 'students' and 'routes')")
     for s in rec["students"]:
         if not (Path(folder) / s).is_dir():
@@ -77,8 +87,10 @@ def student_for(rec: dict[str, Any], condition: int | str) -> int:
         return hash_student(key, int(rec["num_students"]))
     if key not in rec["routes"]:
         what = "class label" if rec["kind"] == "labels" else "prompt"
-        raise KeyError(f"{what} {condition!r} has no student in the routing file (rule {rec.get('rule')!r} routes "
-                       f"{len(rec['routes'])} {what}s)")
+        raise KeyError(
+            f"{what} {condition!r} has no student in the routing file (rule {rec.get('rule')!r} routes "
+            f"{len(rec['routes'])} {what}s)"
+        )
     return rec["students"].index(rec["routes"][key])
 
 
@@ -94,8 +106,9 @@ class RoutedDenoiser(nn.Module):
     def __init__(self, students: Sequence[nn.Module], route: Tensor | None = None):
         super().__init__()
         self.students = nn.ModuleList(students)
-        self.register_buffer("route", route if route is not None else torch.zeros(0, dtype=torch.long),
-                             persistent=False)
+        self.register_buffer(
+            "route", route if route is not None else torch.zeros(0, dtype=torch.long), persistent=False
+        )
 
     @property
     def path(self):
@@ -121,12 +134,16 @@ class RoutedDenoiser(nn.Module):
             labels = cond["class_labels"].long()
             bad = labels[(labels < 0) | (labels >= self.route.numel())]
             if bad.numel():
-                raise ValueError(f"class label(s) {bad.unique().tolist()} have no MSD student (labels 0.."
-                                 f"{self.route.numel() - 1} are routed)")
+                raise ValueError(
+                    f"class label(s) {bad.unique().tolist()} have no MSD student (labels 0.."
+                    f"{self.route.numel() - 1} are routed)"
+                )
             idx = self.route.to(labels.device)[labels]
         else:
-            raise ValueError("an MSD student set needs class labels or per-sample student indices "
-                             f"(cond[{ROUTE_KEY!r}]) to route each sample")
+            raise ValueError(
+                "an MSD student set needs class labels or per-sample student indices "
+                f"(cond[{ROUTE_KEY!r}]) to route each sample"
+            )
         if idx.shape != (batch,):
             raise ValueError(f"routing: {tuple(idx.shape)} student indices for a batch of {batch}")
         return idx
@@ -139,8 +156,11 @@ class RoutedDenoiser(nn.Module):
         for k in idx.unique().tolist():
             sel = torch.nonzero(idx == k).flatten()
             tk = t[sel] if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == b else t
-            gk = guidance[sel] if torch.is_tensor(guidance) and guidance.ndim > 0 and guidance.shape[0] == b \
+            gk = (
+                guidance[sel]
+                if torch.is_tensor(guidance) and guidance.ndim > 0 and guidance.shape[0] == b
                 else guidance
+            )
             o = self.students[int(k)](x_t[sel], tk, index_cond(cond, sel), gk, output=output)
             if not torch.is_tensor(o):
                 raise ValueError(f"routing supports tensor outputs, not output={output!r}")
@@ -190,9 +210,14 @@ def load_routed_source(folder: Path, device: str, dtype: torch.dtype, student_we
         from ..pipelines import MultiStudentPipeline
 
         pipeline = MultiStudentPipeline([s.pipeline for s in subs], rec, folder)
-    info = {"source": str(folder), "msd": {"routing": {k: rec[k] for k in ("kind", "rule", "num_students", "students")},
-                                          "students": [s.info.get("source") for s in subs]},
-            "objective": "msd"}
+    info = {
+        "source": str(folder),
+        "msd": {
+            "routing": {k: rec[k] for k in ("kind", "rule", "num_students", "students")},
+            "students": [s.info.get("source") for s in subs],
+        },
+        "objective": "msd",
+    }
     if "export_card" in first.info:
         info["export_card"] = first.info["export_card"]
     fields = {f.name: getattr(first, f.name) for f in dataclasses.fields(Source) if f.init}
@@ -212,6 +237,7 @@ class RoutedSource(Source):
     def conds(self, labels, captions, device, embedded=None):
         cond = super().conds(labels, captions, device, embedded)
         if self.routing.get("kind") == "prompts":
-            cond[ROUTE_KEY] = torch.tensor([student_for(self.routing, c) for c in captions], dtype=torch.long,
-                                           device=device)
+            cond[ROUTE_KEY] = torch.tensor(
+                [student_for(self.routing, c) for c in captions], dtype=torch.long, device=device
+            )
         return cond

@@ -13,6 +13,7 @@ Initialisation: every teacher tensor whose name and shape the small network shar
 class's own initialisation. The MSD recipe then pre-trains it by score matching on the teacher's
 outputs (`fewstep.objectives.msd`).
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,10 @@ def smaller_config(config: dict[str, Any], width: float = 1.0, depth: float = 1.
             cfg["block_out_channels"] = new
             changes["block_out_channels"] = (old, new)
         else:
-            raise ConfigError("objective.student_width: the teacher's backbone config has no width key "
-                              "(num_attention_heads with attention_head_dim, or block_out_channels)")
+            raise ConfigError(
+                "objective.student_width: the teacher's backbone config has no width key "
+                "(num_attention_heads with attention_head_dim, or block_out_channels)"
+            )
     if depth < 1:
         found = False
         for k in DEPTH_KEYS:
@@ -78,8 +81,10 @@ def smaller_student(teacher: Denoiser, width: float = 1.0, depth: float = 1.0) -
     bb = teacher.backbone
     config = getattr(bb, "config", None)
     if config is None or not hasattr(type(bb), "from_config"):
-        raise ConfigError(f"objective.student_width / student_depth: the teacher's backbone "
-                          f"({type(bb).__name__}) has no diffusers config to build a smaller copy from")
+        raise ConfigError(
+            f"objective.student_width / student_depth: the teacher's backbone "
+            f"({type(bb).__name__}) has no diffusers config to build a smaller copy from"
+        )
     plain = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     cfg, changes = smaller_config(plain, width, depth)
     dev = next(iter(bb.parameters())).device
@@ -91,10 +96,17 @@ def smaller_student(teacher: Denoiser, width: float = 1.0, depth: float = 1.0) -
     small.requires_grad_(True)
     small.train()
     n_small, n_teacher = sum(p.numel() for p in small.parameters()), sum(p.numel() for p in bb.parameters())
-    info = {"changes": {k: list(v) for k, v in changes.items()}, "parameters": n_small,
-            "teacher_parameters": n_teacher, "copied_tensors": len(shared), "tensors": len(own),
-            "parameter_ratio": round(n_small / max(1, n_teacher), 4)}
+    info = {
+        "changes": {k: list(v) for k, v in changes.items()},
+        "parameters": n_small,
+        "teacher_parameters": n_teacher,
+        "copied_tensors": len(shared),
+        "tensors": len(own),
+        "parameter_ratio": round(n_small / max(1, n_teacher), 4),
+    }
     if math.isclose(n_small, n_teacher):
-        raise ConfigError("objective.student_width / student_depth: the smaller student has as many parameters as "
-                          "the teacher (nothing was scaled)")
+        raise ConfigError(
+            "objective.student_width / student_depth: the smaller student has as many parameters as "
+            "the teacher (nothing was scaled)"
+        )
     return Denoiser(small, teacher.path, teacher.conditioner), info

@@ -11,6 +11,7 @@ K students trained one after another, each an ordinary run of the `msd` objectiv
 (`resume=latest`) skips finished students and continues the unfinished one from its own latest
 checkpoint; `stop_after` stops the student in progress after that many of its steps.
 """
+
 from __future__ import annotations
 
 import copy
@@ -88,7 +89,9 @@ def run_msd(cfg: Config, teacher: Any = None, accelerator: Any = None):
     if params.student_index is not None:
         raise ConfigError("objective.student_index is set by the entry point for each student's sub-run; remove it")
     if cfg.data.conditions is not None:
-        raise ConfigError("data.conditions: MSD sets each student's conditions from objective.partition; leave it unset")
+        raise ConfigError(
+            "data.conditions: MSD sets each student's conditions from objective.partition; leave it unset"
+        )
     run_dir = cfg.run_dir()
     if accelerator is None:
         accelerator = make_accelerator(cfg.precision.mixed_precision, cfg.log.trackers, str(run_dir))
@@ -120,24 +123,35 @@ def _train_students(cfg: Config, params: Any, teacher: Any, run_dir: Path, accel
             results.append(card)
             continue
         if main:
-            print(f"fewstep train [msd]: student {k + 1}/{part.num_students} on {len(part.subsets[k])} condition(s) "
-                  f"{_show(part, k)}", flush=True)
+            print(
+                f"fewstep train [msd]: student {k + 1}/{part.num_students} on {len(part.subsets[k])} condition(s) "
+                f"{_show(part, k)}",
+                flush=True,
+            )
         res = run(_student_cfg(cfg, k, part, run_dir), teacher=bundle, accelerator=accelerator)
         steps += res.steps
         skipped += res.skipped
         logs = {f"student_{k}/{n}": v for n, v in res.logs.items()}
         if res.stopped_early:
-            return RunResult(run_dir=run_dir, steps=steps, stopped_early=True, skipped=skipped,
-                             wall_time=time.time() - t0, logs=logs)
+            return RunResult(
+                run_dir=run_dir, steps=steps, stopped_early=True, skipped=skipped, wall_time=time.time() - t0, logs=logs
+            )
         results.append(json.loads((d / "run_card.json").read_text()) if main else {})
     files: dict[str, str] = {}
     if main:
         card = _run_card(cfg, params, part, results, steps, time.time() - t0)
         (run_dir / "run_card.json").write_text(json.dumps(card, indent=1, default=str))
         files["run_card"] = "run_card.json"
-    return RunResult(run_dir=run_dir, steps=steps, stopped_early=False, skipped=skipped,
-                     wall_time=time.time() - t0, logs=logs, files=files,
-                     objective=getattr(res, "objective", None))  # the last student's (same sampler for all)
+    return RunResult(
+        run_dir=run_dir,
+        steps=steps,
+        stopped_early=False,
+        skipped=skipped,
+        wall_time=time.time() - t0,
+        logs=logs,
+        files=files,
+        objective=getattr(res, "objective", None),
+    )  # the last student's (same sampler for all)
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator: Any) -> None:
@@ -145,8 +159,10 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, accelerator: Any) -> None:
     nonempty = run_dir.is_dir() and any(run_dir.iterdir())
     if cfg.resume is not None:
         if cfg.resume != "latest":
-            raise ConfigError(f"resume={cfg.resume!r}: an MSD run resumes with resume=latest (each student continues "
-                              "from its own latest checkpoint)")
+            raise ConfigError(
+                f"resume={cfg.resume!r}: an MSD run resumes with resume=latest (each student continues "
+                "from its own latest checkpoint)"
+            )
         if (run_dir / "run_card.json").is_file():
             raise ConfigError(f"resume=latest: {run_dir} holds a finished MSD run")
     elif nonempty:
@@ -184,13 +200,18 @@ def _with_cached_real_data(bundle: Any) -> Any:
 def _record_partition(part: Partition, run_dir: Path, accelerator: Any) -> None:
     """Write msd.json, or check that a resumed run's partition is unchanged."""
     pfile = run_dir / PARTITION_FILE
-    record = {"num_students": part.num_students, "partition": part.to_json(),
-              "students": [STUDENT_DIR(k) for k in range(part.num_students)]}
+    record = {
+        "num_students": part.num_students,
+        "partition": part.to_json(),
+        "students": [STUDENT_DIR(k) for k in range(part.num_students)],
+    }
     if pfile.is_file():
         old = json.loads(pfile.read_text())
         if old.get("partition", {}).get("subsets") != record["partition"]["subsets"]:
-            raise ConfigError(f"resume=latest: objective.partition / num_students now give another partition than "
-                              f"the one {pfile} records; resume with the same settings or start afresh")
+            raise ConfigError(
+                f"resume=latest: objective.partition / num_students now give another partition than "
+                f"the one {pfile} records; resume with the same settings or start afresh"
+            )
     elif accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         pfile.write_text(json.dumps(record, indent=1))
@@ -208,9 +229,17 @@ def _run_card(cfg: Config, params: Any, part: Partition, results: list[dict], st
         "msd": {
             "num_students": part.num_students,
             "partition": part.to_json(),
-            "students": [{"index": k, "dir": STUDENT_DIR(k), "conditions": part.subsets[k],
-                          "steps": r.get("steps"), "files": r.get("files"),
-                          "train_time_s": r.get("train_time_s")} for k, r in enumerate(results)],
+            "students": [
+                {
+                    "index": k,
+                    "dir": STUDENT_DIR(k),
+                    "conditions": part.subsets[k],
+                    "steps": r.get("steps"),
+                    "files": r.get("files"),
+                    "train_time_s": r.get("train_time_s"),
+                }
+                for k, r in enumerate(results)
+            ],
             "student_width": params.student_width,
             "student_depth": params.student_depth,
             "stages": dict(zip(("pretrain_steps", "gan_start_step"), params.stages(cfg.steps))),

@@ -2,6 +2,7 @@
 
 Shapes: x, targets (B, C, H, W) float32; per-sample weights (B,).
 """
+
 from __future__ import annotations
 
 import torch

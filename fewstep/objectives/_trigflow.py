@@ -27,11 +27,12 @@ f(x, theta) = sd x0. A `TrigFlowPath(sd_p)` network's own angle is the same angl
 sd_p / sd times this one). Angles are kept as (B,) tensors in radians (`theta`), path times as
 `t` in [0, 1].
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -129,8 +130,9 @@ def net_F(net, x: Tensor, theta: Tensor, cond, sigma_d: float, path, guidance: T
     return F_from_x0(x, theta, x0, sigma_d, _state_per_path_unit(path, sigma_d))
 
 
-def teacher_velocity(teacher, x: Tensor, theta: Tensor, cond, sigma_d: float, path,
-                     guidance: Tensor | float = 1.0) -> Tensor:
+def teacher_velocity(
+    teacher, x: Tensor, theta: Tensor, cond, sigma_d: float, path, guidance: Tensor | float = 1.0
+) -> Tensor:
     """The PF-ODE velocity dx/dtheta = sigma_d F_teacher (CFG baked in), without grad."""
     with torch.no_grad():
         return sigma_d * net_F(teacher, x, theta, cond, sigma_d, path, guidance)
@@ -168,8 +170,17 @@ def F_output_gain(path, theta: Tensor, sigma_d: float, like: Tensor) -> Tensor:
     return slope / (sigma_d * torch.sin(theta.to(slope.dtype)))
 
 
-def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d: float, path,
-                  delta: float | None = None, theta_max: float = HALF_PI) -> tuple[Tensor, Tensor]:
+def student_F_jvp(
+    student,
+    x: Tensor,
+    theta: Tensor,
+    dxdt: Tensor,
+    cond,
+    sigma_d: float,
+    path,
+    delta: float | None = None,
+    theta_max: float = HALF_PI,
+) -> tuple[Tensor, Tensor]:
     """(F, dF/dtheta along the ODE, times cos sin) without grad, with one `torch.func.jvp`:
     tangents (cos sin dxdt, cos sin) as in the sCM paper (Alg. 1); the cos sin factor keeps the
     tangent bounded at both ends.
@@ -201,8 +212,9 @@ def student_F_jvp(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d
     return F.detach(), JF.detach()
 
 
-def _student_F_secant(student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d: float, path,
-                      delta: float, theta_max: float) -> tuple[Tensor, Tensor]:
+def _student_F_secant(
+    student, x: Tensor, theta: Tensor, dxdt: Tensor, cond, sigma_d: float, path, delta: float, theta_max: float
+) -> tuple[Tensor, Tensor]:
     """`student_F_jvp` with `delta`: unwrapped student, detached float inputs."""
     d_up = torch.clamp(theta_max - theta, min=0.0).clamp(max=delta)
     d_dn = torch.clamp(theta - 1e-4, min=0.0).clamp(max=delta)

@@ -70,6 +70,7 @@ The entry point, per phase: loss -> backward -> average gradients over processes
 group's gradient norm -> skip the update if the loss or the norm is not finite -> step the
 group's optimizer and scheduler -> zero the gradients of ALL networks -> after_step.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable

@@ -12,11 +12,13 @@ applies the same scalings to the student's native output, so it reproduces f. Th
 (student backbone carries peft adapters) runs the teacher as the same network with the adapters
 disabled and uses the student itself, without grad, as the target (LCM-LoRA has no EMA net).
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,28 +31,37 @@ from ..paths import _bcast
 from . import _maths
 from .base import Batch, freeze
 
-__all__ = ["LCMParams", "LCMObjective", "build", "boundary_scalings", "lcm_timesteps",
-           "guidance_scale_embedding", "add_guidance_embedding", "has_adapters", "adapters_disabled"]
+__all__ = [
+    "LCMParams",
+    "LCMObjective",
+    "build",
+    "boundary_scalings",
+    "lcm_timesteps",
+    "guidance_scale_embedding",
+    "add_guidance_embedding",
+    "has_adapters",
+    "adapters_disabled",
+]
 
 
 @dataclass
 class LCMParams:
-    num_ddim_timesteps: int = 50          # skipping-step grid of the teacher solver (k = N / this = 20)
-    guidance_min: float = 6.0             # teacher CFG scale range, Imagen form u + w(c-u); LCM's w in
-    guidance_max: float = 16.0            #   [5, 15] of its c + w(c-u) form is [6, 16] here
-    loss_type: str = "huber"              # "huber" (pseudo-Huber) or "l2"
-    huber_c: float = 0.001                # pseudo-Huber constant c
-    ema_decay: float = 0.95               # EMA rate of the target network (full fine-tuning only)
-    timestep_scaling: float = 10.0        # boundary scalings on timestep * this (LCMScheduler)
-    sigma_data: float = 0.5               # sigma_data of the boundary scalings (LCMScheduler)
-    guidance_embedding: str = "auto"      # "auto": feed the w-embedding where the backbone has
-                                          #   time_cond_proj_dim; "off": never
-    add_guidance_embedding: int = 0       # >0: give the student a zero-initialised w-embedding of this
-                                          #   size (LCM uses 256), where its family has the hook
-    sample_guidance: float = 8.5          # CFG scale embedded at sampling by a w-conditioned student
-    data_source: str = "auto"             # "real" (batch x0), "teacher" (data-free trajectories), "auto"
-    trajectory_steps: int = 8             # teacher DDIM steps from noise to t_{n+k} (data-free)
-    num_steps: int = 4                    # student sampling steps (1, 2 or 4 are the usual)
+    num_ddim_timesteps: int = 50  # skipping-step grid of the teacher solver (k = N / this = 20)
+    guidance_min: float = 6.0  # teacher CFG scale range, Imagen form u + w(c-u); LCM's w in
+    guidance_max: float = 16.0  #   [5, 15] of its c + w(c-u) form is [6, 16] here
+    loss_type: str = "huber"  # "huber" (pseudo-Huber) or "l2"
+    huber_c: float = 0.001  # pseudo-Huber constant c
+    ema_decay: float = 0.95  # EMA rate of the target network (full fine-tuning only)
+    timestep_scaling: float = 10.0  # boundary scalings on timestep * this (LCMScheduler)
+    sigma_data: float = 0.5  # sigma_data of the boundary scalings (LCMScheduler)
+    guidance_embedding: str = "auto"  # "auto": feed the w-embedding where the backbone has
+    #   time_cond_proj_dim; "off": never
+    add_guidance_embedding: int = 0  # >0: give the student a zero-initialised w-embedding of this
+    #   size (LCM uses 256), where its family has the hook
+    sample_guidance: float = 8.5  # CFG scale embedded at sampling by a w-conditioned student
+    data_source: str = "auto"  # "real" (batch x0), "teacher" (data-free trajectories), "auto"
+    trajectory_steps: int = 8  # teacher DDIM steps from noise to t_{n+k} (data-free)
+    num_steps: int = 4  # student sampling steps (1, 2 or 4 are the usual)
     sampling_timesteps: list[int] | None = None  # native indices to sample at; None: LCMScheduler's rule
 
     def validate(self) -> None:
@@ -66,8 +77,9 @@ def lcm_timesteps(num_steps: int, num_ddim_timesteps: int = 50, num_train_timest
     return [int(i) for i in grid[picks]]
 
 
-def boundary_scalings(path, t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5
-                      ) -> tuple[Tensor, Tensor]:
+def boundary_scalings(
+    path, t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5
+) -> tuple[Tensor, Tensor]:
     """(c_skip, c_out) of LCMScheduler.get_scalings_for_boundary_condition_discrete, computed on
     the path's native timestep of t (clamped to 0 at t = 0, where c_skip = 1 and c_out = 0)."""
     ts = path.timestep(t.double() if t.dtype == torch.float64 else t.float()) * timestep_scaling
@@ -96,8 +108,10 @@ def add_guidance_embedding(student: Denoiser, dim: int = 256) -> Denoiser:
     if fam is None or fam.w_embedding is None:
         able = ", ".join(f"{f.name} ({'/'.join(f.backbone_classes)})" for f in all_families() if f.w_embedding)
         what = "of no known family" if fam is None else f"of the {fam.name} family"
-        raise ValueError(f"objective.add_guidance_embedding: {type(bb).__name__} is {what}, which has no "
-                         f"w-embedding hook; families with one: {able}")
+        raise ValueError(
+            f"objective.add_guidance_embedding: {type(bb).__name__} is {what}, which has no "
+            f"w-embedding hook; families with one: {able}"
+        )
     fam.w_embedding(bb, int(dim))
     return student
 
@@ -148,8 +162,14 @@ class LCMObjective:
     LoRA variant). One optimizer group, "generator" (the student), updated every step.
     """
 
-    def __init__(self, params: LCMParams, teacher: Denoiser, student: Denoiser,
-                 target: Denoiser | None = None, has_real_data: bool = True):
+    def __init__(
+        self,
+        params: LCMParams,
+        teacher: Denoiser,
+        student: Denoiser,
+        target: Denoiser | None = None,
+        has_real_data: bool = True,
+    ):
         p = params
         _check(p)
         self.p = p
@@ -169,13 +189,17 @@ class LCMObjective:
         else:
             self.data_source = p.data_source
         if self.data_source == "real" and not has_real_data:
-            raise ValueError("objective.data_source='real' needs real data (the data set has none); "
-                             "use 'teacher' for data-free trajectories")
+            raise ValueError(
+                "objective.data_source='real' needs real data (the data set has none); "
+                "use 'teacher' for data-free trajectories"
+            )
         self.w_dim = _w_embedding_dim(student) if p.guidance_embedding == "auto" else None
         self.num_train_timesteps = int(getattr(self.path, "num_train_timesteps", 1000))
         if self.num_train_timesteps % p.num_ddim_timesteps:
-            raise ValueError(f"objective.num_ddim_timesteps={p.num_ddim_timesteps} must divide the "
-                             f"teacher's {self.num_train_timesteps} training timesteps")
+            raise ValueError(
+                f"objective.num_ddim_timesteps={p.num_ddim_timesteps} must divide the "
+                f"teacher's {self.num_train_timesteps} training timesteps"
+            )
         self.sampling = self._sampling()
 
     # ---- sampling ---------------------------------------------------------------------------
@@ -188,11 +212,13 @@ class LCMObjective:
         return [(i + 1) / self.num_train_timesteps for i in idx] + [0.0]
 
     def _sampling(self) -> dict[str, Any]:
-        s: dict[str, Any] = {"times": self.sampling_times(self.p.num_steps), "renoise": "fresh",
-                             "times_by_steps": {str(n): self.sampling_times(n) for n in (1, 2, 4)}}
+        s: dict[str, Any] = {
+            "times": self.sampling_times(self.p.num_steps),
+            "renoise": "fresh",
+            "times_by_steps": {str(n): self.sampling_times(n) for n in (1, 2, 4)},
+        }
         if self.w_dim:
-            s["guidance_embedding"] = {"key": "timestep_cond", "dim": self.w_dim,
-                                       "guidance": self.p.sample_guidance}
+            s["guidance_embedding"] = {"key": "timestep_cond", "dim": self.w_dim, "guidance": self.p.sample_guidance}
         return s
 
     def student_cond(self, cond: Cond | None, guidance: Tensor) -> Cond | None:
@@ -241,8 +267,8 @@ class LCMObjective:
         dev = x0.device if x0 is not None else _device(self.nets["student"])
         k = self.num_train_timesteps // p.num_ddim_timesteps
         n = torch.randint(1, p.num_ddim_timesteps + 1, (b,), device=dev)
-        t_start = (n * k).double() / self.num_train_timesteps        # index n k - 1 -> t = n k / N
-        t_end = ((n - 1) * k).double() / self.num_train_timesteps    # t_end = 0 on the first cell
+        t_start = (n * k).double() / self.num_train_timesteps  # index n k - 1 -> t = n k / N
+        t_end = ((n - 1) * k).double() / self.num_train_timesteps  # t_end = 0 on the first cell
         t_start, t_end = t_start.float(), t_end.float()
         guidance = p.guidance_min + (p.guidance_max - p.guidance_min) * torch.rand(b, device=dev)
         # one fixed scale goes to the teacher as a number, so guidance 1 takes the Denoiser's
@@ -269,8 +295,11 @@ class LCMObjective:
         else:
             per = _maths.mse_per_sample(pred, target)
         loss = per.mean()
-        return loss, {"loss": float(loss.detach()), "t_mean": float(t_start.mean()),
-                      "guidance_mean": float(guidance.mean())}
+        return loss, {
+            "loss": float(loss.detach()),
+            "t_mean": float(t_start.mean()),
+            "guidance_mean": float(guidance.mean()),
+        }
 
     @torch.no_grad()
     def after_step(self, phase: str, step: int) -> None:
@@ -294,8 +323,10 @@ def _check(p: LCMParams) -> None:
     if p.loss_type not in ("huber", "l2"):
         raise ValueError(f"objective.loss_type={p.loss_type!r} must be 'huber' or 'l2'")
     if not 0 < p.guidance_min <= p.guidance_max:
-        raise ValueError(f"objective.guidance_min={p.guidance_min} and guidance_max={p.guidance_max} "
-                         "need 0 < guidance_min <= guidance_max")
+        raise ValueError(
+            f"objective.guidance_min={p.guidance_min} and guidance_max={p.guidance_max} "
+            "need 0 < guidance_min <= guidance_max"
+        )
     if not 0.0 <= p.ema_decay < 1.0:
         raise ValueError(f"objective.ema_decay={p.ema_decay} must lie in [0, 1)")
     if p.data_source not in ("auto", "real", "teacher"):
@@ -309,8 +340,10 @@ def _check(p: LCMParams) -> None:
     if p.sampling_timesteps is not None:
         ts = list(p.sampling_timesteps)
         if len(ts) != p.num_steps:
-            raise ValueError(f"objective.num_steps={p.num_steps} needs objective.sampling_timesteps with "
-                             f"{p.num_steps} entries, got {ts}")
+            raise ValueError(
+                f"objective.num_steps={p.num_steps} needs objective.sampling_timesteps with "
+                f"{p.num_steps} entries, got {ts}"
+            )
         if any(b >= a for a, b in zip(ts, ts[1:])):
             raise ValueError(f"objective.sampling_timesteps must be strictly decreasing, got {ts}")
     if p.huber_c < 0 or p.timestep_scaling <= 0 or p.sigma_data <= 0:

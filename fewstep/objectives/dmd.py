@@ -42,6 +42,7 @@ Shared-base mode (`shared_base: true`): the teacher, a LoRA student and a LoRA f
 one frozen copy of the base weights; each role's call switches the adapters (see
 `fewstep.training.shared_base.SharedBase`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,45 +74,45 @@ class DMDParams:
     clipping) are the entry point's `optim.generator` / `optim.fake_score`; LoRA rank / alpha /
     targets are `lora.*`; the student's EMA is `ema.rate`."""
 
-    variant: str = "dmd2"                  # "dmd2", "dmd" (DM + regression, DMD1) or "ddmd" (Decoupled DMD)
-    num_steps: int = 1                     # student sampling steps (1-4)
+    variant: str = "dmd2"  # "dmd2", "dmd" (DM + regression, DMD1) or "ddmd" (Decoupled DMD)
+    num_steps: int = 1  # student sampling steps (1-4)
     student_times: list[float] | None = None  # student input times, one per step, decreasing in (0, 1]
-    conditioning_time: float = 1.0         # 1-step input time when student_times is unset (DMD2: SD1.5 1.0, SDXL 0.4)
-    guidance: float = 4.0                  # CFG scale of the real score (Imagen form u + w (c - u))
-    dm_t_min: float = 0.02                 # DM re-noising time range (DMD2: timesteps 20..980)
+    conditioning_time: float = 1.0  # 1-step input time when student_times is unset (DMD2: SD1.5 1.0, SDXL 0.4)
+    guidance: float = 4.0  # CFG scale of the real score (Imagen form u + w (c - u))
+    dm_t_min: float = 0.02  # DM re-noising time range (DMD2: timesteps 20..980)
     dm_t_max: float = 0.98
-    fake_t_min: float = 0.001              # fake-score DSM time range [fake_t_min, 1]
-    fake_target: str = "native"            # "native" (eps / v / flow target) or "x0"
+    fake_t_min: float = 0.001  # fake-score DSM time range [fake_t_min, 1]
+    fake_target: str = "native"  # "native" (eps / v / flow target) or "x0"
     fake_updates_per_generator: int | None = None  # two time-scale rule (None: 5; DMD: 1)
     # ---- GAN (DMD2) -----------------------------------------------------------------------
-    gan: bool = False                      # classifier head on the fake score's bottleneck; needs real latents
-    gan_generator_weight: float = 3e-3     # lambda_G (DMD2 ImageNet 3e-3, SDXL 5e-3)
-    gan_disc_weight: float = 1e-2          # lambda_D
-    gan_block: int | None = None           # transformer block feeding the head (None: the middle one)
-    gan_feature_layer: str | None = None   # dotted module path feeding the head (any backbone); None: the
-                                           #   family's tap (fewstep.objectives.gan)
-    gan_head_width: int = 128              # channels of the head
-    gan_t_min: float = 0.001               # noise levels the head sees
+    gan: bool = False  # classifier head on the fake score's bottleneck; needs real latents
+    gan_generator_weight: float = 3e-3  # lambda_G (DMD2 ImageNet 3e-3, SDXL 5e-3)
+    gan_disc_weight: float = 1e-2  # lambda_D
+    gan_block: int | None = None  # transformer block feeding the head (None: the middle one)
+    gan_feature_layer: str | None = None  # dotted module path feeding the head (any backbone); None: the
+    #   family's tap (fewstep.objectives.gan)
+    gan_head_width: int = 128  # channels of the head
+    gan_t_min: float = 0.001  # noise levels the head sees
     gan_t_max: float = 1.0
     # ---- regression (DMD) -----------------------------------------------------------------
     regression_weight: float | None = None  # lambda_reg (None: 0.25 for DMD, 0 otherwise); > 0 caches teacher pairs
-    regression_pairs: int = 1024           # number of (noise, condition) -> teacher sample pairs
-    regression_steps: int = 50             # teacher sampler steps (deterministic DDIM / Euler)
+    regression_pairs: int = 1024  # number of (noise, condition) -> teacher sample pairs
+    regression_steps: int = 50  # teacher sampler steps (deterministic DDIM / Euler)
     regression_guidance: float | None = None  # teacher CFG for the pairs (None: `guidance`)
-    regression_distance: str = "l2"        # "l2" or "pseudo_huber" in latent space (no LPIPS offline)
-    regression_huber_c: float = 0.03       # pseudo-Huber c
+    regression_distance: str = "l2"  # "l2" or "pseudo_huber" in latent space (no LPIPS offline)
+    regression_huber_c: float = 0.03  # pseudo-Huber c
     # ---- Decoupled DMD (variant ddmd) -----------------------------------------------------
-    ca_weight: float = 1.0                 # CFG-augmentation term weight
-    dm_weight: float = 1.0                 # DM term weight (or mean/variance KL weight)
-    ca_t_min: float = 0.02                 # CA re-noising range, capped by the generator's input time
+    ca_weight: float = 1.0  # CFG-augmentation term weight
+    dm_weight: float = 1.0  # DM term weight (or mean/variance KL weight)
+    ca_t_min: float = 0.02  # CA re-noising range, capped by the generator's input time
     ca_t_max: float = 0.98
-    dm_kind: str = "dm"                    # "dm" (fake vs real conditional) or "meanvar" (per-channel KL)
-    meanvar_target: str = "teacher"        # "teacher" (cached teacher samples) or "real" (batch["x0"])
-    meanvar_samples: int = 512             # teacher samples for the "teacher" statistics
-    meanvar_steps: int = 25                # teacher sampler steps for those samples
+    dm_kind: str = "dm"  # "dm" (fake vs real conditional) or "meanvar" (per-channel KL)
+    meanvar_target: str = "teacher"  # "teacher" (cached teacher samples) or "real" (batch["x0"])
+    meanvar_samples: int = 512  # teacher samples for the "teacher" statistics
+    meanvar_steps: int = 25  # teacher sampler steps for those samples
     # ---- memory ---------------------------------------------------------------------------
-    shared_base: bool = False              # one frozen backbone; LoRA student and fake switched per role (lora.*)
-    cache_dir: str = "runs/cache/dmd"      # teacher sample caches (regression pairs, teacher statistics)
+    shared_base: bool = False  # one frozen backbone; LoRA student and fake switched per role (lora.*)
+    cache_dir: str = "runs/cache/dmd"  # teacher sample caches (regression pairs, teacher statistics)
 
     def __post_init__(self):
         if self.regression_weight is None:
@@ -121,10 +122,15 @@ class DMDParams:
 
     @property
     def times(self) -> list[float]:
-        return [float(t) for t in self.student_times] if self.student_times is not None else [float(self.conditioning_time)]
+        return (
+            [float(t) for t in self.student_times]
+            if self.student_times is not None
+            else [float(self.conditioning_time)]
+        )
 
     def validate(self) -> None:
         """Raise on a bad value, naming the key (checks that need the run's data are in `build`)."""
+
         def bad(msg):
             raise ValueError(msg)
 
@@ -134,16 +140,22 @@ class DMDParams:
         if not 1 <= n <= 8:
             bad(f"objective.num_steps={self.num_steps} must be between 1 and 8")
         if self.student_times is None and n > 1:
-            bad(f"objective.num_steps={n} needs objective.student_times with {n} entries "
-                f"(e.g. {[round(1 - i / n, 4) for i in range(n)]})")
+            bad(
+                f"objective.num_steps={n} needs objective.student_times with {n} entries "
+                f"(e.g. {[round(1 - i / n, 4) for i in range(n)]})"
+            )
         ts = self.times
         if len(ts) != n:
             bad(f"objective.num_steps={n} needs objective.student_times with {n} entries, got {len(ts)}: {ts}")
         if any(not 0 < t <= 1 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
             key = "objective.student_times" if self.student_times is not None else "objective.conditioning_time"
             bad(f"{key} must be strictly decreasing in (0, 1], got {ts}")
-        for lo, hi, name in ((self.dm_t_min, self.dm_t_max, "dm_t"), (self.gan_t_min, self.gan_t_max, "gan_t"),
-                             (self.ca_t_min, self.ca_t_max, "ca_t"), (self.fake_t_min, 1.0, "fake_t")):
+        for lo, hi, name in (
+            (self.dm_t_min, self.dm_t_max, "dm_t"),
+            (self.gan_t_min, self.gan_t_max, "gan_t"),
+            (self.ca_t_min, self.ca_t_max, "ca_t"),
+            (self.fake_t_min, 1.0, "fake_t"),
+        ):
             if not 0 <= lo < hi <= 1:
                 bad(f"objective.{name}_min / {name}_max must satisfy 0 <= min < max <= 1, got {lo}, {hi}")
         if self.fake_target not in ("native", "x0"):
@@ -153,8 +165,10 @@ class DMDParams:
         if self.regression_weight < 0:
             bad(f"objective.regression_weight={self.regression_weight} must be >= 0")
         if self.variant == "dmd" and not self.regression_weight > 0:
-            bad("objective.regression_weight must be > 0 for DMD (its regression loss; without it use "
-                "objective.name: dmd2)")
+            bad(
+                "objective.regression_weight must be > 0 for DMD (its regression loss; without it use "
+                "objective.name: dmd2)"
+            )
         if self.regression_weight > 0:
             if n != 1:
                 bad(f"objective.regression_weight > 0 needs a 1-step student (objective.num_steps={n})")
@@ -163,8 +177,10 @@ class DMDParams:
             if int(self.regression_pairs) < 1 or int(self.regression_steps) < 1:
                 bad("objective.regression_pairs and objective.regression_steps must be >= 1")
         if self.variant == "ddmd" and self.ca_t_min >= min(ts):
-            bad(f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
-                "(the CA term is re-noised below the generator's input level)")
+            bad(
+                f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
+                "(the CA term is re-noised below the generator's input level)"
+            )
         if self.dm_kind not in ("dm", "meanvar"):
             bad(f"objective.dm_kind={self.dm_kind!r} must be 'dm' or 'meanvar'")
         if self.dm_kind == "meanvar" and self.variant != "ddmd":
@@ -185,8 +201,9 @@ def params_from_dict(d: dict[str, Any] | None) -> DMDParams:
     known = {f.name for f in dataclasses.fields(DMDParams)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"objective: unknown key(s) {['objective.' + k for k in unknown]}; known keys are "
-                         f"{sorted(known)}")
+        raise ValueError(
+            f"objective: unknown key(s) {['objective.' + k for k in unknown]}; known keys are {sorted(known)}"
+        )
     p = DMDParams(**d)
     p.validate()
     return p
@@ -207,10 +224,21 @@ class DMDObjective:
                   0..num_classes-1 (otherwise the first training batch's conditions, tiled).
     """
 
-    def __init__(self, params: DMDParams, teacher: nn.Module, student: nn.Module, fake: nn.Module | None, *,
-                 seed: int = 0, latent_shape: tuple[int, ...] = (4, 8, 8), disc: DiscriminatorHead | None = None,
-                 tap: FeatureTap | None = None, teacher_key: str | None = None,
-                 num_classes: int | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        params: DMDParams,
+        teacher: nn.Module,
+        student: nn.Module,
+        fake: nn.Module | None,
+        *,
+        seed: int = 0,
+        latent_shape: tuple[int, ...] = (4, 8, 8),
+        disc: DiscriminatorHead | None = None,
+        tap: FeatureTap | None = None,
+        teacher_key: str | None = None,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+    ):
         self.p = params
         self.seed = int(seed)
         self.latent_shape = tuple(latent_shape)
@@ -293,8 +321,9 @@ class DMDObjective:
         """(tau ~ U[lo, hi] per sample, fresh eps like x)."""
         return self._uniform(x.shape[0], lo, hi, x.device), torch.randn_like(x)
 
-    def _noised(self, x: Tensor, lo: float, hi: float, detach: bool = True,
-                drawn: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def _noised(
+        self, x: Tensor, lo: float, hi: float, detach: bool = True, drawn: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """add_noise(x, eps, tau) with tau ~ U[lo, hi] per sample and fresh eps (or `drawn`)."""
         tau, eps = drawn if drawn is not None else self._draw(x, lo, hi)
         return self.path.add_noise(x.detach() if detach else x, eps, tau), tau
@@ -306,16 +335,18 @@ class DMDObjective:
         return out, self.nets["disc"](self.tap.take())
 
     # ---- generator ----------------------------------------------------------------------
-    def _dm_grad(self, x_hat: Tensor, cond: Cond | None, guidance: float,
-                 drawn: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def _dm_grad(
+        self, x_hat: Tensor, cond: Cond | None, guidance: float, drawn: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max, drawn=drawn)
         with torch.no_grad():
             x0_real = self.nets["teacher"](x_tau, tau, cond, guidance)
             x0_fake = self.nets["fake"](x_tau, tau, cond)
         return dm_gradient(x_hat, x0_real, x0_fake)
 
-    def _ca_grad(self, x_hat: Tensor, cond: Cond | None, t_gen: float,
-                 drawn: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def _ca_grad(
+        self, x_hat: Tensor, cond: Cond | None, t_gen: float, drawn: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """Decoupled DMD's CFG-augmentation term, normalised like DMD's gradient:
         -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|, re-noised below the generator's input time.
         (dm_gradient(x, x0_cfg, x0_c) is exactly that quotient, since x0_c - x0_cfg = -(w-1)(c-u).)
@@ -393,7 +424,7 @@ class DMDObjective:
             cond3 = cat_cond(cond, cond, cond) if cond is not None else None
             out_all, logits = self._disc_logits(x_in, t_in, cond3)
             out = out_all[:b]
-            d_loss = discriminator_gan_loss(logits[b:2 * b], logits[2 * b:])
+            d_loss = discriminator_gan_loss(logits[b : 2 * b], logits[2 * b :])
             logs["gan_d"] = d_loss.item()
         else:
             out = self.nets["fake"](x_t, t, cond, output="native")
@@ -430,17 +461,37 @@ class DMDObjective:
         cond = self._cond_pool(batch, n)
         times = [float(t) for t in self.path.sampling_times(steps)]
         seed = self.seed + (0 if tag == "regression" else 1)
-        key = sample_key(self.teacher_key or "unknown", cond, tag=tag, n=n, times=times, guidance=guidance,
-                         renoise="ddim", shape=self.latent_shape, seed=seed)
-        return cached_teacher_samples(self.nets["teacher"], key, cond, n, self.latent_shape, times, guidance,
-                                      seed, self.p.cache_dir, device=self._dev(batch))
+        key = sample_key(
+            self.teacher_key or "unknown",
+            cond,
+            tag=tag,
+            n=n,
+            times=times,
+            guidance=guidance,
+            renoise="ddim",
+            shape=self.latent_shape,
+            seed=seed,
+        )
+        return cached_teacher_samples(
+            self.nets["teacher"],
+            key,
+            cond,
+            n,
+            self.latent_shape,
+            times,
+            guidance,
+            seed,
+            self.p.cache_dir,
+            device=self._dev(batch),
+        )
 
     def _regression_loss(self, batch: Batch) -> Tensor:
         p = self.p
         if self._pairs is None:
             g = p.guidance if p.regression_guidance is None else p.regression_guidance
-            self._pairs = self._teacher_samples(batch, int(p.regression_pairs), int(p.regression_steps), g,
-                                                "regression")
+            self._pairs = self._teacher_samples(
+                batch, int(p.regression_pairs), int(p.regression_steps), g, "regression"
+            )
         noise, y, cond = self._pairs
         b, dev = self._shape(batch)[0], self._dev(batch)
         idx = torch.randint(0, noise.shape[0], (b,))
@@ -456,8 +507,9 @@ class DMDObjective:
                 raise ValueError("objective.meanvar_target='real' but the batch has no 'x0' (real latents)")
             return channel_stats(batch["x0"])
         if self._teacher_stats is None:
-            _, y, _ = self._teacher_samples(batch, int(self.p.meanvar_samples), int(self.p.meanvar_steps),
-                                            self.p.guidance, "meanvar")
+            _, y, _ = self._teacher_samples(
+                batch, int(self.p.meanvar_samples), int(self.p.meanvar_steps), self.p.guidance, "meanvar"
+            )
             dev = self._dev(batch)
             self._teacher_stats = tuple(s.to(dev) for s in channel_stats(y))
         return self._teacher_stats
@@ -476,35 +528,51 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
     name = {"dmd": "dmd", "dmd2": "dmd2", "ddmd": "decoupled_dmd"}[params.variant]
     has_real = bool(getattr(ctx, "has_real_data", False))
     if params.gan and not has_real:
-        raise ValueError(f"objective.gan=true needs real data (real latents in batch['x0']): set data.real_data: "
-                         f"true, or objective.gan: false ({name})")
+        raise ValueError(
+            f"objective.gan=true needs real data (real latents in batch['x0']): set data.real_data: "
+            f"true, or objective.gan: false ({name})"
+        )
     ddmd = params.variant == "ddmd"
     if ddmd and params.dm_kind == "meanvar" and params.meanvar_target == "real" and not has_real:
-        raise ValueError("objective.meanvar_target='real' needs real data (batch['x0']): set data.real_data: true "
-                         "or objective.meanvar_target: teacher")
+        raise ValueError(
+            "objective.meanvar_target='real' needs real data (batch['x0']): set data.real_data: true "
+            "or objective.meanvar_target: teacher"
+        )
     if ddmd and teacher.conditioner.guidance_embedded:
-        raise ValueError("objective.name=decoupled_dmd needs a teacher with an unconditional branch; this one is "
-                         "guidance-distilled (guidance is an input), so the CFG-augmentation term has no (c - u)")
+        raise ValueError(
+            "objective.name=decoupled_dmd needs a teacher with an unconditional branch; this one is "
+            "guidance-distilled (guidance is an input), so the CFG-augmentation term has no (c - u)"
+        )
     if params.shared_base:
         if getattr(ctx, "sharded", False):
-            raise ValueError("objective.shared_base=true cannot run sharded (FSDP shards each network on its own); "
-                             "use lora.student / lora.fake instead")
+            raise ValueError(
+                "objective.shared_base=true cannot run sharded (FSDP shards each network on its own); "
+                "use lora.student / lora.fake instead"
+            )
         if getattr(ctx, "gradient_checkpointing", False):
-            raise ValueError("objective.shared_base=true cannot run with precision.gradient_checkpointing (the "
-                             "recomputation in backward would see whichever adapter is active then)")
+            raise ValueError(
+                "objective.shared_base=true cannot run with precision.gradient_checkpointing (the "
+                "recomputation in backward would see whichever adapter is active then)"
+            )
     teacher.requires_grad_(False)
     # Decoupled DMD with the mean/variance regulariser (or without the DM term) never queries a fake
     # score; it is then built only to feed the GAN head
     needs_fake = not ddmd or (params.dm_kind == "dm" and params.dm_weight != 0) or params.gan
-    latent_shape = tuple(getattr(ctx, "latent_shape"))
-    needs_key = params.regression_weight > 0 or (ddmd and params.dm_kind == "meanvar"
-                                                 and params.meanvar_target == "teacher")
+    latent_shape = tuple(ctx.latent_shape)
+    needs_key = params.regression_weight > 0 or (
+        ddmd and params.dm_kind == "meanvar" and params.meanvar_target == "teacher"
+    )
     key = teacher_fingerprint(teacher) if needs_key else None
     if params.shared_base:
         lora = getattr(ctx, "lora", None)
-        shared = SharedBase(teacher, ["student", "fake"] if needs_fake else ["student"], rank=getattr(lora, "rank", 16),
-                            alpha=getattr(lora, "alpha", 16.0), targets=getattr(lora, "target_modules", None),
-                            dropout=getattr(lora, "dropout", 0.0))
+        shared = SharedBase(
+            teacher,
+            ["student", "fake"] if needs_fake else ["student"],
+            rank=getattr(lora, "rank", 16),
+            alpha=getattr(lora, "alpha", 16.0),
+            targets=getattr(lora, "target_modules", None),
+            dropout=getattr(lora, "dropout", 0.0),
+        )
         t_net, student = RoleView(shared, None), RoleView(shared, "student")
         fake = RoleView(shared, "fake") if needs_fake else None
         fake_backbone = teacher.backbone
@@ -525,9 +593,19 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
         dev = getattr(ctx, "device", None)
         if dev is not None:
             disc.to(dev)
-    return DMDObjective(params, t_net, student, fake, seed=int(getattr(ctx, "seed", 0)), latent_shape=latent_shape,
-                        disc=disc, tap=tap, teacher_key=key, num_classes=getattr(ctx, "num_classes", None),
-                        device=getattr(ctx, "device", None))
+    return DMDObjective(
+        params,
+        t_net,
+        student,
+        fake,
+        seed=int(getattr(ctx, "seed", 0)),
+        latent_shape=latent_shape,
+        disc=disc,
+        tap=tap,
+        teacher_key=key,
+        num_classes=getattr(ctx, "num_classes", None),
+        device=getattr(ctx, "device", None),
+    )
 
 
 def build(params: DMDParams | dict | None, teacher: Denoiser, ctx: Any) -> DMDObjective:

@@ -13,6 +13,7 @@ All draws (t, eps, the teacher's starting noise) come from `step_generator(seed,
 global batch and are indexed by batch["index"], so a step sees the same numbers whether it runs
 on one process or on several: this is what makes N processes reproduce one process exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,16 +32,17 @@ __all__ = ["DSMConfig", "DSM", "build"]
 
 @dataclass
 class DSMConfig:
-    t_min: float = 0.02             # lowest training time
-    t_max: float = 1.0              # highest training time
-    teacher_steps: int = 8          # data-free targets: teacher DDIM steps from noise
-    teacher_guidance: float = 1.0   # data-free targets: teacher CFG scale (Imagen form)
-    sampling_steps: int = 4         # the student's sampler: DDIM / Euler steps on the teacher's schedule
+    t_min: float = 0.02  # lowest training time
+    t_max: float = 1.0  # highest training time
+    teacher_steps: int = 8  # data-free targets: teacher DDIM steps from noise
+    teacher_guidance: float = 1.0  # data-free targets: teacher CFG scale (Imagen form)
+    sampling_steps: int = 4  # the student's sampler: DDIM / Euler steps on the teacher's schedule
 
     def validate(self) -> None:
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
-            raise ValueError(f"objective.t_min={self.t_min}, objective.t_max={self.t_max}: "
-                             "need 0 <= t_min < t_max <= 1")
+            raise ValueError(
+                f"objective.t_min={self.t_min}, objective.t_max={self.t_max}: need 0 <= t_min < t_max <= 1"
+            )
         if self.teacher_steps < 1:
             raise ValueError(f"objective.teacher_steps={self.teacher_steps}: must be >= 1")
         if self.sampling_steps < 1:
@@ -68,8 +70,7 @@ class DSM:
         self.nets = {"student": student, "teacher": teacher}
         self.groups = {"generator": ["student"]}
         path = teacher.path
-        self.sampling = {"times": [float(t) for t in path.sampling_times(params.sampling_steps)],
-                         "renoise": "ddim"}
+        self.sampling = {"times": [float(t) for t in path.sampling_times(params.sampling_steps)], "renoise": "ddim"}
 
     def phases(self, step: int) -> list[str]:
         return ["generator"]

@@ -14,11 +14,12 @@ else the family's tap (`Family.gan_tap` in `fewstep.families`: the UNet mid-bloc
 grid). A backbone of no known family without the key is refused with a message naming it. The
 head follows DMD2's shape: strided 4x4 convolutions with GroupNorm and SiLU down to one logit.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,7 @@ from ..families import family_of
 __all__ = ["FeatureTap", "DiscriminatorHead", "feature_layer", "generator_gan_loss", "discriminator_gan_loss"]
 
 
-def feature_layer(backbone: nn.Module, layer: str | None = None, block: int | None = None
-                  ) -> tuple[nn.Module, int]:
+def feature_layer(backbone: nn.Module, layer: str | None = None, block: int | None = None) -> tuple[nn.Module, int]:
     """The module whose output feeds the head, and its channel count.
 
     Args:
@@ -43,14 +43,17 @@ def feature_layer(backbone: nn.Module, layer: str | None = None, block: int | No
         try:
             module = backbone.get_submodule(layer)
         except AttributeError as e:
-            raise ValueError(f"objective.gan_feature_layer={layer!r} names no module of "
-                             f"{type(backbone).__name__}: {e}") from e
+            raise ValueError(
+                f"objective.gan_feature_layer={layer!r} names no module of {type(backbone).__name__}: {e}"
+            ) from e
         return module, _output_width(module, layer)
     fam = family_of(backbone)
     if fam is None:
-        raise ValueError(f"objective.gan: {type(backbone).__name__} is of no known backbone family; set "
-                         "objective.gan_feature_layer to the dotted path of the layer whose output feeds the "
-                         "head (e.g. 'mid_block')")
+        raise ValueError(
+            f"objective.gan: {type(backbone).__name__} is of no known backbone family; set "
+            "objective.gan_feature_layer to the dotted path of the layer whose output feeds the "
+            "head (e.g. 'mid_block')"
+        )
     return fam.gan_tap(backbone, block)
 
 
@@ -65,8 +68,10 @@ def _output_width(module: nn.Module, layer: str) -> int:
                 v = v[0]
             if isinstance(v, int) and v > 0:
                 return v
-    raise ValueError(f"objective.gan_feature_layer={layer!r}: cannot tell the output channels of "
-                     f"{type(module).__name__}; name a layer with a Conv / Linear / norm inside")
+    raise ValueError(
+        f"objective.gan_feature_layer={layer!r}: cannot tell the output channels of "
+        f"{type(module).__name__}; name a layer with a Conv / Linear / norm inside"
+    )
 
 
 class FeatureTap:
@@ -87,7 +92,7 @@ class FeatureTap:
         self.features = output
 
     @contextmanager
-    def capture(self) -> Iterator["FeatureTap"]:
+    def capture(self) -> Iterator[FeatureTap]:
         self._on, self.features = True, None
         try:
             yield self
@@ -153,9 +158,11 @@ class DiscriminatorHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         x = self.grid(features.float())
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"GAN features have {x.shape[1]} channels (shape {tuple(features.shape)}) but the "
-                             f"head expects {self.in_channels}: objective.gan_feature_layer names a layer "
-                             "with another output width")
+            raise ValueError(
+                f"GAN features have {x.shape[1]} channels (shape {tuple(features.shape)}) but the "
+                f"head expects {self.in_channels}: objective.gan_feature_layer names a layer "
+                "with another output width"
+            )
         return self.net(F.adaptive_avg_pool2d(x, 4)).flatten(1).mean(1)
 
 

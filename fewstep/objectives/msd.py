@@ -24,6 +24,7 @@ module is one student's objective:
 Keys under `objective:` are DMD2's (`dmd.DMDParams`) plus those below; `student_index` is set by
 the entry point for each student's sub-run, never by a preset.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,18 +49,18 @@ __all__ = ["MSDParams", "MSDStudentObjective", "build"]
 class MSDParams(DMDParams):
     """DMD2's keys plus the multi-student ones (flat under `objective:`)."""
 
-    num_students: int = 2                  # K one-step students
-    partition: str = "auto"                # auto (even for class labels, hash for text) | even | hash | kmeans | mapping
-    partition_file: str | None = None      # mapping: JSON {"0": [conditions], "1": [...]} (labels / prompts / lines)
-    partition_seed: int = 0                # kmeans initialisation seed
-    student_width: float = 1.0             # < 1: a narrower copy of the teacher's architecture
-    student_depth: float = 1.0             # < 1: a shallower copy
-    pretrain_steps: int | None = None      # score-matching pre-training of small students (None: 0 for
-                                           #   same-size students, a fifth of the steps for smaller ones)
-    pretrain_teacher_steps: int = 8        # data-free pre-training inputs: teacher sampler steps
-    gan_start_step: int | None = None      # step the GAN term starts (None: after pre-training for same-size
-                                           #   students; halfway through the distillation for smaller ones)
-    student_index: int | None = None       # set by the entry point per student's sub-run
+    num_students: int = 2  # K one-step students
+    partition: str = "auto"  # auto (even for class labels, hash for text) | even | hash | kmeans | mapping
+    partition_file: str | None = None  # mapping: JSON {"0": [conditions], "1": [...]} (labels / prompts / lines)
+    partition_seed: int = 0  # kmeans initialisation seed
+    student_width: float = 1.0  # < 1: a narrower copy of the teacher's architecture
+    student_depth: float = 1.0  # < 1: a shallower copy
+    pretrain_steps: int | None = None  # score-matching pre-training of small students (None: 0 for
+    #   same-size students, a fifth of the steps for smaller ones)
+    pretrain_teacher_steps: int = 8  # data-free pre-training inputs: teacher sampler steps
+    gan_start_step: int | None = None  # step the GAN term starts (None: after pre-training for same-size
+    #   students; halfway through the distillation for smaller ones)
+    student_index: int | None = None  # set by the entry point per student's sub-run
 
     @property
     def smaller(self) -> bool:
@@ -86,7 +87,9 @@ class MSDParams(DMDParams):
         if self.gan_start_step is not None and int(self.gan_start_step) < 0:
             raise ValueError(f"objective.gan_start_step={self.gan_start_step} must be >= 0")
         if self.student_index is not None and not 0 <= int(self.student_index) < int(self.num_students):
-            raise ValueError(f"objective.student_index={self.student_index} must lie in 0..{int(self.num_students) - 1}")
+            raise ValueError(
+                f"objective.student_index={self.student_index} must lie in 0..{int(self.num_students) - 1}"
+            )
 
     def stages(self, steps: int) -> tuple[int, int]:
         """(pre-training steps, first step of the GAN term) for a run of `steps` steps."""
@@ -112,11 +115,17 @@ class MSDStudentObjective:
         pretrain_steps, gan_start: the stage boundaries (`MSDParams.stages`).
     """
 
-    def __init__(self, params: MSDParams, dmd: DMDObjective, pretrain_steps: int, gan_start: int,
-                 student_info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        params: MSDParams,
+        dmd: DMDObjective,
+        pretrain_steps: int,
+        gan_start: int,
+        student_info: dict[str, Any] | None = None,
+    ):
         self.p = params
         self.dmd = dmd
-        self.nets = dmd.nets                  # the same dict: wrappers the entry point sets reach both
+        self.nets = dmd.nets  # the same dict: wrappers the entry point sets reach both
         self.groups = dmd.groups
         self.sampling = dmd.sampling
         self.path = dmd.path
@@ -166,8 +175,7 @@ class MSDStudentObjective:
         shape, dev = self.dmd._shape(batch), self.dmd._dev(batch)
         noise = torch.randn(shape, device=dev) * self.path.init_noise_sigma
         times = [float(t) for t in self.path.sampling_times(int(self.p.pretrain_teacher_steps))]
-        return sample(self.nets["teacher"], noise, batch.get("cond"), times, guidance=self.p.guidance,
-                      renoise="ddim")
+        return sample(self.nets["teacher"], noise, batch.get("cond"), times, guidance=self.p.guidance, renoise="ddim")
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if step < self.pretrain_steps:
@@ -193,11 +201,14 @@ def build(params: MSDParams | dict | None, teacher: Denoiser, ctx: Any) -> MSDSt
 
         lora = getattr(ctx, "lora", None)
         if getattr(lora, "student", False):
-            raise ValueError("objective.student_width / student_depth < 1 builds a new smaller network; it cannot be "
-                             "a LoRA adapter on the teacher (set lora.student: false)")
+            raise ValueError(
+                "objective.student_width / student_depth < 1 builds a new smaller network; it cannot be "
+                "a LoRA adapter on the teacher (set lora.student: false)"
+            )
         if params.shared_base:
-            raise ValueError("objective.shared_base=true needs a same-size student (objective.student_width / "
-                             "student_depth 1)")
+            raise ValueError(
+                "objective.shared_base=true needs a same-size student (objective.student_width / student_depth 1)"
+            )
 
         def make_student(t):
             den, meta = smaller_student(t, params.student_width, params.student_depth)

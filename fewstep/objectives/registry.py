@@ -6,6 +6,7 @@
 name fixes: dmd / dmd2 / decoupled_dmd set DMD's `variant`). What a builder receives and what
 the objective it returns must expose is stated once, in `fewstep/objectives/base.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,9 @@ import importlib
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,24 +62,24 @@ def _full_copy(teacher):
 class BuildContext:
     """What a builder may know about the run besides its own hyperparameters."""
 
-    latent_shape: tuple[int, ...]               # (C, H, W) of the teacher's latents
-    num_classes: int | None = None              # class-conditional teachers: labels 0..num_classes-1
-    null_class: int | None = None               # the label of the unconditional branch, if any
-    text: bool = False                          # conditions are text embeddings (cond dicts from prompts)
-    has_real_data: bool = False                 # batches carry real latents in batch["x0"]
-    seed: int = 0                               # the run's seed (for `base.step_generator`)
+    latent_shape: tuple[int, ...]  # (C, H, W) of the teacher's latents
+    num_classes: int | None = None  # class-conditional teachers: labels 0..num_classes-1
+    null_class: int | None = None  # the label of the unconditional branch, if any
+    text: bool = False  # conditions are text embeddings (cond dicts from prompts)
+    has_real_data: bool = False  # batches carry real latents in batch["x0"]
+    seed: int = 0  # the run's seed (for `base.step_generator`)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    family: str | None = None                   # dit, unet, sd15, sdxl, pixart, sd3, flux (None: other)
-    lora: Any = None                            # fewstep.config.LoraConfig (rank, alpha, targets, switches)
+    family: str | None = None  # dit, unet, sd15, sdxl, pixart, sd3, flux (None: other)
+    lora: Any = None  # fewstep.config.LoraConfig (rank, alpha, targets, switches)
     num_processes: int = 1
-    sharded: bool = False                       # FSDP: networks are sharded, keep them separate modules
-    mixed_precision: str = "no"                 # "no" | "bf16": backbones run under autocast
+    sharded: bool = False  # FSDP: networks are sharded, keep them separate modules
+    mixed_precision: str = "no"  # "no" | "bf16": backbones run under autocast
     gradient_checkpointing: bool = False
-    steps: int = 1                              # total training steps (for warm-up schedules)
-    make_student: Callable[[Any], Any] = _full_copy   # teacher Denoiser -> trainable student Denoiser
-    make_copy: Callable[[Any], Any] = _full_copy      # teacher Denoiser -> trainable copy (fake score, ...)
-    decode: Callable[[Any], Any] | None = None        # latents -> images in [-1, 1] (teachers with a VAE), for
-                                                      #   objectives that score images (Flash-DMD's rewards)
+    steps: int = 1  # total training steps (for warm-up schedules)
+    make_student: Callable[[Any], Any] = _full_copy  # teacher Denoiser -> trainable student Denoiser
+    make_copy: Callable[[Any], Any] = _full_copy  # teacher Denoiser -> trainable copy (fake score, ...)
+    decode: Callable[[Any], Any] | None = None  # latents -> images in [-1, 1] (teachers with a VAE), for
+    #   objectives that score images (Flash-DMD's rewards)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +121,8 @@ def _find_params_class(name: str, mod: types.ModuleType, builder: Callable) -> t
     raise TypeError(
         f"objective {name!r}: cannot find its hyperparameter dataclass in {mod.__name__} "
         f"(give the builder a CONFIG attribute, annotate its first parameter, or name it "
-        f"{name.replace('_', '').upper()}Config)")
+        f"{name.replace('_', '').upper()}Config)"
+    )
 
 
 def params_class(name: str) -> type:
@@ -145,8 +148,11 @@ def make_params(name: str, raw: dict[str, Any] | None, prefix: str = "objective"
     validate = getattr(params, "validate", None)
     if callable(validate):
         # a validate() that needs run facts (e.g. has_real_data) is left to the builder
-        required = [p for p in inspect.signature(validate).parameters.values()
-                    if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [
+            p
+            for p in inspect.signature(validate).parameters.values()
+            if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         if not required:
             validate()
     return params
@@ -180,4 +186,3 @@ def check_objective(obj: Any, name: str = "objective") -> None:
     from ..samplers import check_times
 
     check_times(s["times"])
-

@@ -8,13 +8,15 @@ A cache file is safetensors (`teacher_samples_<key>.safetensors`) holding the no
 deterministic multi-step CFG samples and the conditions; the key hashes the teacher's weights and
 every sampler setting, so a changed teacher or sampler never reads a stale file.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,8 +24,7 @@ from torch import Tensor
 from ..conditioning import Cond, index_cond
 from ..samplers import sample
 
-__all__ = ["teacher_fingerprint", "sample_key", "cached_teacher_samples", "channel_stats",
-           "channel_gaussian_kl"]
+__all__ = ["teacher_fingerprint", "sample_key", "cached_teacher_samples", "channel_stats", "channel_gaussian_kl"]
 
 
 def _tensor_bytes(t: Tensor) -> bytes:
@@ -111,8 +112,11 @@ def cached_teacher_samples(
             tensors["cond." + k] = v.detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"key": key, "n": str(n), "guidance": str(guidance),
-                                           "times": json.dumps([float(t) for t in times])})
+    save_file(
+        tensors,
+        str(tmp),
+        metadata={"key": key, "n": str(n), "guidance": str(guidance), "times": json.dumps([float(t) for t in times])},
+    )
     os.replace(tmp, path)  # atomic: several processes may write the same file
     return noise, samples, cond
 

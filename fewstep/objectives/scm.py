@@ -34,6 +34,7 @@ Two options for teachers on which the plain method struggles:
 logvar is the adaptive weighting (EDM2 / sCM): a zero-initialised Linear on a fixed Fourier
 embedding of log(sd tan theta), trained with the student; with it off, logvar = 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,40 +50,49 @@ from ..paths import _bcast, with_prediction
 from . import _trigflow as tf
 from .base import Batch, freeze, unwrap
 
-__all__ = ["SCMParams", "TBCMParams", "SCMObjective", "TBCMObjective", "LogVar", "scm_tangent",
-           "tbcm_route", "build_scm", "build_tbcm"]
+__all__ = [
+    "SCMParams",
+    "TBCMParams",
+    "SCMObjective",
+    "TBCMObjective",
+    "LogVar",
+    "scm_tangent",
+    "tbcm_route",
+    "build_scm",
+    "build_tbcm",
+]
 
 
 @dataclass
 class SCMParams:
-    sigma_data: float = 0.5              # TrigFlow sd: the state is sd * latent, x = sd (cos x0 + sin z);
-                                         #   the teacher's time depends on the angle only (`_trigflow`)
-    p_mean: float = 0.2                  # log-normal proposal of tan(theta) sd: tau ~ N(p_mean, p_std^2)
-    p_std: float = 1.6                   #   (SANA-Sprint's values; the paper uses -0.8, 1.6)
-    theta_min: float = 1e-3              # smallest training angle (w = 1/(sd tan) explodes at 0)
-    max_angle: float | None = None       # largest training angle and the sampler's first angle; None:
-                                         #   the teacher's own t = 1 (see `_init` on eps teachers)
-    tangent_warmup: int = 4000           # H of the warm-up r = min(1, step / H)
-    tangent_norm_c: float = 0.1          # c of the tangent normalisation g / (||g|| + c)
-    guidance: float = 1.0                # teacher CFG scale baked into the tangent (Imagen form)
-    weighting: str = "tan"               # w(theta): "tan" = 1 / (sd tan theta) (sCM); "x0" = (sd sin theta)^2,
-                                         #   uniform in the consistency function's own output (x0)
-    adaptive_weighting: bool = True      # learn logvar(theta); off: logvar = 0
-    precondition: bool = False           # scale each point's loss by 1 / |dF/d output|^2, so the loss
-                                         #   is as well-conditioned in the network's own output as in F
-                                         #   (eps students: cos^2 theta; see `scm_loss`)
-    logvar_features: int = 128           # size of the Fourier embedding of the adaptive weighting
-    tangent_delta: float | None = None   # None: exact JVP tangent; radians: central secant over
-                                         #   [theta - d, theta + d] (teachers trained at integer timesteps)
+    sigma_data: float = 0.5  # TrigFlow sd: the state is sd * latent, x = sd (cos x0 + sin z);
+    #   the teacher's time depends on the angle only (`_trigflow`)
+    p_mean: float = 0.2  # log-normal proposal of tan(theta) sd: tau ~ N(p_mean, p_std^2)
+    p_std: float = 1.6  #   (SANA-Sprint's values; the paper uses -0.8, 1.6)
+    theta_min: float = 1e-3  # smallest training angle (w = 1/(sd tan) explodes at 0)
+    max_angle: float | None = None  # largest training angle and the sampler's first angle; None:
+    #   the teacher's own t = 1 (see `_init` on eps teachers)
+    tangent_warmup: int = 4000  # H of the warm-up r = min(1, step / H)
+    tangent_norm_c: float = 0.1  # c of the tangent normalisation g / (||g|| + c)
+    guidance: float = 1.0  # teacher CFG scale baked into the tangent (Imagen form)
+    weighting: str = "tan"  # w(theta): "tan" = 1 / (sd tan theta) (sCM); "x0" = (sd sin theta)^2,
+    #   uniform in the consistency function's own output (x0)
+    adaptive_weighting: bool = True  # learn logvar(theta); off: logvar = 0
+    precondition: bool = False  # scale each point's loss by 1 / |dF/d output|^2, so the loss
+    #   is as well-conditioned in the network's own output as in F
+    #   (eps students: cos^2 theta; see `scm_loss`)
+    logvar_features: int = 128  # size of the Fourier embedding of the adaptive weighting
+    tangent_delta: float | None = None  # None: exact JVP tangent; radians: central secant over
+    #   [theta - d, theta + d] (teachers trained at integer timesteps)
     student_prediction: str | None = None  # read the student's output as this prediction type instead of
-                                         #   the teacher's ("v_prediction" for an eps VP teacher: F stays
-                                         #   bounded in the output near pure noise); needs convert_steps
-    convert_steps: int = 0               # first steps: regress the student's F onto the teacher's guided
-                                         #   F (same-SNR conversion, no extra teacher call), then sCM
-    num_steps: int = 2                   # student sampling steps
-    intermediate_angle: float = 1.3      # the middle angle of the 2-step sampler [pi/2, this, 0]
+    #   the teacher's ("v_prediction" for an eps VP teacher: F stays
+    #   bounded in the output near pure noise); needs convert_steps
+    convert_steps: int = 0  # first steps: regress the student's F onto the teacher's guided
+    #   F (same-SNR conversion, no extra teacher call), then sCM
+    num_steps: int = 2  # student sampling steps
+    intermediate_angle: float = 1.3  # the middle angle of the 2-step sampler [pi/2, this, 0]
     sampling_angles: list[float] | None = None  # explicit angles (num_steps entries, from pi/2);
-                                                 #   None: [pi/2, intermediate] for 2, linspace else
+    #   None: [pi/2, intermediate] for 2, linspace else
 
     def validate(self) -> None:
         _check(self)
@@ -90,10 +100,10 @@ class SCMParams:
 
 @dataclass
 class TBCMParams(SCMParams):
-    intermediate_angle: float = 1.0      # TBCM's 2-step sampler [pi/2, 1.0, 0]
-    route_steps: int = 16                # reference route length (15 stored points per trajectory)
-    route_shift: float = 2.5             # flow shift of the reference route
-    points_per_step: int | None = None   # subsample this many stored points a step (None: all)
+    intermediate_angle: float = 1.0  # TBCM's 2-step sampler [pi/2, 1.0, 0]
+    route_steps: int = 16  # reference route length (15 stored points per trajectory)
+    route_shift: float = 2.5  # flow shift of the reference route
+    points_per_step: int | None = None  # subsample this many stored points a step (None: all)
 
     def validate(self) -> None:
         _check(self)
@@ -119,8 +129,16 @@ class LogVar(nn.Module):
         return self.linear(emb)[:, 0]
 
 
-def scm_tangent(F_minus: Tensor, JF: Tensor, dxdt: Tensor, x: Tensor, theta: Tensor, r: float,
-                sigma_d: float, norm_c: float | None = 0.1) -> Tensor:
+def scm_tangent(
+    F_minus: Tensor,
+    JF: Tensor,
+    dxdt: Tensor,
+    x: Tensor,
+    theta: Tensor,
+    r: float,
+    sigma_d: float,
+    norm_c: float | None = 0.1,
+) -> Tensor:
     """The normalised sCM target direction g (detached), shapes (B, C, H, W); theta (B,).
 
     g = -cos^2 (sd F- - dxdt) - r (cos sin x + sd JF) is cos(theta) times the total derivative of
@@ -139,6 +157,7 @@ def tbcm_route(steps: int = 16, shift: float = 2.5, num_train_timesteps: int = 1
     """TBCM's reference angles (float64, decreasing from pi/2): the shifted flow-matching sigma
     schedule of `steps` entries (FlowMatchEulerDiscreteScheduler's double shift), mapped by
     atan(s / (1 - s)), with the first entry pi/2."""
+
     def sh(u):
         return shift * u / (1 + (shift - 1) * u)
 
@@ -158,9 +177,12 @@ class _ConsistencyLoss:
     path: Any
 
     def _sampling(self) -> dict[str, Any]:
-        out = {"times": self.sampling_times(self.p.num_steps), "renoise": "fresh",
-               "times_by_steps": {str(n): self.sampling_times(n) for n in (1, 2, 4)},
-               "angles": self.sampling_angles(self.p.num_steps)}
+        out = {
+            "times": self.sampling_times(self.p.num_steps),
+            "renoise": "fresh",
+            "times_by_steps": {str(n): self.sampling_times(n) for n in (1, 2, 4)},
+            "angles": self.sampling_angles(self.p.num_steps),
+        }
         if self.p.student_prediction is not None:
             out["prediction_type"] = self.p.student_prediction  # how to read the student's output
         return out
@@ -182,15 +204,15 @@ class _ConsistencyLoss:
     def phases(self, step: int) -> list[str]:
         return ["generator"]
 
-    def scm_loss(self, x: Tensor, theta: Tensor, dxdt: Tensor, cond: Cond | None, step: int
-                 ) -> tuple[Tensor, dict[str, float]]:
+    def scm_loss(
+        self, x: Tensor, theta: Tensor, dxdt: Tensor, cond: Cond | None, step: int
+    ) -> tuple[Tensor, dict[str, float]]:
         p = self.p
         sd = p.sigma_data
         student = self.nets["student"]
         if step < p.convert_steps:
             return self.conversion_loss(x, theta, dxdt, cond)
-        F_minus, JF = tf.student_F_jvp(student, x, theta, dxdt, cond, sd, self.path, p.tangent_delta,
-                                       self.theta_max)
+        F_minus, JF = tf.student_F_jvp(student, x, theta, dxdt, cond, sd, self.path, p.tangent_delta, self.theta_max)
         s = step - p.convert_steps
         r = min(1.0, s / p.tangent_warmup) if p.tangent_warmup > 0 else 1.0
         g = scm_tangent(F_minus, JF, dxdt, x, theta, r, sd, p.tangent_norm_c)
@@ -210,12 +232,17 @@ class _ConsistencyLoss:
             # adaptive weighting keeps its optimum).
             per = per / tf.F_output_gain(unwrap(student).path, theta, sd, x).detach() ** 2
         loss = per.mean()
-        return loss, {"loss": float(loss.detach()), "loss_unweighted": float(sq.mean().detach()),
-                      "r": r, "jvp_norm": float(JF.flatten(1).norm(dim=1).mean()),
-                      "logvar_mean": float(logvar.detach().mean())}
+        return loss, {
+            "loss": float(loss.detach()),
+            "loss_unweighted": float(sq.mean().detach()),
+            "r": r,
+            "jvp_norm": float(JF.flatten(1).norm(dim=1).mean()),
+            "logvar_mean": float(logvar.detach().mean()),
+        }
 
-    def conversion_loss(self, x: Tensor, theta: Tensor, dxdt: Tensor, cond: Cond | None
-                        ) -> tuple[Tensor, dict[str, float]]:
+    def conversion_loss(
+        self, x: Tensor, theta: Tensor, dxdt: Tensor, cond: Cond | None
+    ) -> tuple[Tensor, dict[str, float]]:
         """The same-SNR conversion phase: mean ||sd F_student - dxdt||^2, dxdt = sd F of the guided
         teacher at the point, so the student starts sCM as the teacher's guided x0 predictor read
         through its own parameterisation (logvar joins with weight 0)."""
@@ -289,8 +316,9 @@ class TBCMObjective(_ConsistencyLoss):
 
     def __init__(self, params: TBCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0):
         _init(self, params, teacher, student, logvar_seed)
-        self.ref_route = tbcm_route(params.route_steps, params.route_shift,
-                                    int(getattr(self.path, "num_train_timesteps", 1000)))
+        self.ref_route = tbcm_route(
+            params.route_steps, params.route_shift, int(getattr(self.path, "num_train_timesteps", 1000))
+        )
 
     def route(self) -> Tensor:
         """[theta_max] + one angle drawn uniformly in each reference interval (decreasing).
@@ -366,13 +394,15 @@ def _check(p: SCMParams) -> None:
         if not p.theta_min < p.max_angle <= tf.HALF_PI:
             raise ValueError(f"objective.max_angle={p.max_angle} must lie in (objective.theta_min, pi/2]")
         if p.num_steps == 2 and p.sampling_angles is None and p.intermediate_angle >= p.max_angle:
-            raise ValueError(f"objective.intermediate_angle={p.intermediate_angle} must be below "
-                             f"objective.max_angle={p.max_angle}")
+            raise ValueError(
+                f"objective.intermediate_angle={p.intermediate_angle} must be below objective.max_angle={p.max_angle}"
+            )
     if p.sampling_angles is not None:
         a = [float(v) for v in p.sampling_angles]
         if len(a) != p.num_steps:
-            raise ValueError(f"objective.num_steps={p.num_steps} needs objective.sampling_angles with "
-                             f"{p.num_steps} entries, got {a}")
+            raise ValueError(
+                f"objective.num_steps={p.num_steps} needs objective.sampling_angles with {p.num_steps} entries, got {a}"
+            )
         if any(v2 >= v1 for v1, v2 in zip(a, a[1:])) or a[0] > tf.HALF_PI + 1e-6 or a[-1] <= 0:
             raise ValueError(f"objective.sampling_angles must decrease within (0, pi/2], got {a}")
     if isinstance(p, TBCMParams):
@@ -387,8 +417,10 @@ def _check(p: SCMParams) -> None:
     if p.convert_steps < 0:
         raise ValueError(f"objective.convert_steps={p.convert_steps} must be >= 0")
     if p.student_prediction is not None and p.convert_steps == 0:
-        raise ValueError("objective.student_prediction is set but objective.convert_steps=0: a student "
-                         "whose output is read another way than the teacher's needs conversion steps")
+        raise ValueError(
+            "objective.student_prediction is set but objective.convert_steps=0: a student "
+            "whose output is read another way than the teacher's needs conversion steps"
+        )
 
 
 def _student_path(p: SCMParams, teacher: Denoiser):

@@ -36,6 +36,7 @@ Times follow fewstep's continuous t: the reference's DDPM index i is t = (i+1)/1
 T_tot = 900 student timesteps [899, 674, 449, 224] are t = [0.9, 0.675, 0.45, 0.225]. The same
 construction runs on a flow path (x_t = (1-t) x0 + t eps, Euler steps).
 """
+
 from __future__ import annotations
 
 import math
@@ -56,14 +57,14 @@ __all__ = ["TDMParams", "TDM", "build", "student_times", "rollout"]
 
 @dataclass
 class TDMParams:
-    num_steps: int = 4              # K: student sampling steps (= trajectory segments)
-    t_total: float = 0.9            # first student time (reference T_tot = 900 of 1000 DDPM steps)
-    guidance: float = 4.5           # teacher CFG scale w (Imagen form u + w(c - u)) in the generator target
+    num_steps: int = 4  # K: student sampling steps (= trajectory segments)
+    t_total: float = 0.9  # first student time (reference T_tot = 900 of 1000 DDPM steps)
+    guidance: float = 4.5  # teacher CFG scale w (Imagen form u + w(c - u)) in the generator target
     separate_segments: bool = True  # fake score / teacher times inside each segment (sampling-steps aware)
-    t_min: float = 0.02             # lowest time the fake score and teacher are queried at (reference: index 20)
-    t_margin: float = 0.01          # queried times stay this far below the segment start t_k (reference: 10 indices)
-    snr_clamp: float = 5.0          # fake-score weight min(SNR_t, snr_clamp)
-    huber_c: float = 1e-3           # pseudo-Huber constant of the generator loss
+    t_min: float = 0.02  # lowest time the fake score and teacher are queried at (reference: index 20)
+    t_margin: float = 0.01  # queried times stay this far below the segment start t_k (reference: 10 indices)
+    snr_clamp: float = 5.0  # fake-score weight min(SNR_t, snr_clamp)
+    huber_c: float = 1e-3  # pseudo-Huber constant of the generator loss
     importance_weight: bool = True  # weight the fake loss by w_IS (off: plain min-SNR-weighted regression)
 
     def validate(self) -> None:
@@ -85,14 +86,15 @@ class TDMParams:
             raise ValueError(
                 f"objective.t_min={self.t_min} and objective.t_margin={self.t_margin} leave no time range in the "
                 f"last segment [0, {seg:g}] (objective.t_total={self.t_total} / objective.num_steps={self.num_steps}): "
-                "need t_min < t_total / num_steps - t_margin")
+                "need t_min < t_total / num_steps - t_margin"
+            )
         if not self.snr_clamp > 0:
             raise bad("snr_clamp", "must be > 0")
         if not self.huber_c >= 0:
             raise bad("huber_c", "must be >= 0")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "TDMParams":
+    def from_dict(cls, d: dict[str, Any] | None) -> TDMParams:
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -163,12 +165,17 @@ class TDM:
         self.groups = {"generator": ["student"], "fake_score": ["fake"]}
         # the reference's AdamW settings (a preset's optim.<group> overrides them): beta1 = 0 for
         # both, the generator's gradient norm clipped to 1; its lr (fake lr / 5) is the preset's.
-        self.optim = {"generator": {"betas": (0.0, 0.95), "weight_decay": 0.01, "grad_clip": 1.0},
-                      "fake_score": {"betas": (0.0, 0.95), "weight_decay": 0.01}}
+        self.optim = {
+            "generator": {"betas": (0.0, 0.95), "weight_decay": 0.01, "grad_clip": 1.0},
+            "fake_score": {"betas": (0.0, 0.95), "weight_decay": 0.01},
+        }
         self.times = student_times(params.num_steps, params.t_total)
         # the trained grid, and TDM's grid at other step counts (same t_total) for comparisons
-        self.sampling = {"times": list(self.times), "renoise": "ddim",
-                         "times_by_steps": {str(n): student_times(n, params.t_total) for n in (1, 2, 4)}}
+        self.sampling = {
+            "times": list(self.times),
+            "renoise": "ddim",
+            "times_by_steps": {str(n): student_times(n, params.t_total) for n in (1, 2, 4)},
+        }
         self._cache: tuple[int, int, Tensor, Tensor] | None = None  # (step, id(batch), xs, x0s)
 
     # ---- the loop ----------------------------------------------------------------------
@@ -211,8 +218,9 @@ class TDM:
         t = lo + (hi - lo) * torch.rand(b)
         return i.to(device), t_g.to(device), t_mid.to(device), t.to(device)
 
-    def _segment_point(self, x_g: Tensor, x0_hat: Tensor, t_g: Tensor, t_mid: Tensor, t: Tensor
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+    def _segment_point(
+        self, x_g: Tensor, x0_hat: Tensor, t_g: Tensor, t_mid: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """x_t on segment (t_mid, t_g) from the student's (no-grad) prediction at x_g; also the
         fresh noise z and the mixed noise m that x_t carries (x_t = alpha_t x0_hat + sigma_t m)."""
         x0_hat = x0_hat.detach()
@@ -258,8 +266,12 @@ class TDM:
             # mean_CHW |x0_hat - x0_cfg|: the pseudo-Huber distance with c = 0
             norm = _maths.pseudo_huber(x0_hat.detach(), x0_c + ca, c=0.0).clamp_min(1e-8)
         loss = (_maths.pseudo_huber(x0_hat, target, self.p.huber_c) / norm).mean()
-        return loss, {"loss_gen": loss.item(), "dm_norm": dm.flatten(1).norm(dim=1).mean().item(),
-                      "ca_norm": ca.flatten(1).norm(dim=1).mean().item(), "x0_cfg_dist": norm.mean().item()}
+        return loss, {
+            "loss_gen": loss.item(),
+            "dm_norm": dm.flatten(1).norm(dim=1).mean().item(),
+            "ca_norm": ca.flatten(1).norm(dim=1).mean().item(),
+            "x0_cfg_dist": norm.mean().item(),
+        }
 
 
 def build(params: TDMParams | dict[str, Any] | None, teacher: Denoiser, ctx: Any) -> TDM:

@@ -2,6 +2,7 @@
 the loop (`run`, which returns the trained student and the objective with the run's outputs), the
 final outputs (weights, grids, run card), checkpoints, EMA, LoRA and shared-base networks, the
 teacher bundle, data, logging, memory estimates and the dry run."""
+
 from __future__ import annotations
 
 from typing import Any

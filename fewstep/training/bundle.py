@@ -6,12 +6,14 @@ build a `TeacherBundle` themselves (e.g. around `fewstep.testing.gmm_denoiser` o
 and pass it to `fewstep.training.run(cfg, teacher=...)`. `meta_bundle` builds the backbone from
 its config on the meta device for `--dry-run` (no weights are read).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,15 +28,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class TeacherBundle:
-    denoiser: Denoiser                                  # the frozen teacher
-    latent_shape: tuple[int, ...]                       # (C, H, W)
+    denoiser: Denoiser  # the frozen teacher
+    latent_shape: tuple[int, ...]  # (C, H, W)
     source: str = "custom"
     family: str | None = None
-    num_classes: int | None = None                      # class-conditional: labels 0..num_classes-1
+    num_classes: int | None = None  # class-conditional: labels 0..num_classes-1
     null_class: int | None = None
-    text: bool = False                                  # conditions come from encode_prompts
+    text: bool = False  # conditions come from encode_prompts
     encode_prompts: Callable[[list[str]], dict] | None = None
-    decode: Callable[[Tensor], Tensor] | None = None    # latents -> images in [-1, 1]
+    decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]
     real_data: Callable[[], tuple[Tensor, Tensor | None]] | None = None  # () -> (latents, labels)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -72,7 +74,7 @@ def _digits_real_data(encode: Callable[[Tensor], Tensor], device) -> Callable[[]
         from ..digits.data import load_digits_tensors
 
         x, y = load_digits_tensors()
-        lat = torch.cat([encode(x[i:i + 256].to(device)).cpu() for i in range(0, x.shape[0], 256)])
+        lat = torch.cat([encode(x[i : i + 256].to(device)).cpu() for i in range(0, x.shape[0], 256)])
         return lat, y
 
     return real
@@ -100,10 +102,19 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
     real = None
     if encode is not None and str(source).startswith("digits"):
         real = _digits_real_data(encode, device)
-    return TeacherBundle(denoiser=den, latent_shape=tuple(int(s) for s in t.latent_shape), source=str(source),
-                         family=fam, num_classes=num_classes if not text else None, null_class=null_class,
-                         text=text, encode_prompts=getattr(t, "encode_prompts", None) if text else None,
-                         decode=decode, real_data=real, extra={"teacher": t})
+    return TeacherBundle(
+        denoiser=den,
+        latent_shape=tuple(int(s) for s in t.latent_shape),
+        source=str(source),
+        family=fam,
+        num_classes=num_classes if not text else None,
+        null_class=null_class,
+        text=text,
+        encode_prompts=getattr(t, "encode_prompts", None) if text else None,
+        decode=decode,
+        real_data=real,
+        extra={"teacher": t},
+    )
 
 
 def load_bundle(tcfg: Any, device: torch.device | str = "cpu") -> TeacherBundle:
@@ -135,13 +146,15 @@ def _pipeline_folder(source: str) -> Path:
 
         p = WEIGHTS_DIR / ("teacher_vp" if source == "digits-vp" else "teacher_flow")
         if not (p / "model_index.json").is_file():
-            raise FileNotFoundError(f"teacher.source={source!r}: the embedded teacher folder {p} has no "
-                                    "model_index.json")
+            raise FileNotFoundError(
+                f"teacher.source={source!r}: the embedded teacher folder {p} has no model_index.json"
+            )
         return p
     if p.is_dir():
         if not (p / "model_index.json").is_file():
-            raise FileNotFoundError(f"teacher.source={source!r}: {p} has no model_index.json (not a diffusers "
-                                    "pipeline folder)")
+            raise FileNotFoundError(
+                f"teacher.source={source!r}: {p} has no model_index.json (not a diffusers pipeline folder)"
+            )
         return p
     try:
         from huggingface_hub import snapshot_download
@@ -190,6 +203,12 @@ def meta_bundle(tcfg: Any) -> TeacherBundle:
     num_classes = None
     if record is not None and not record.text and record.num_classes is not None:
         num_classes = 10 if str(tcfg.source).startswith("digits") else record.num_classes(backbone, None)
-    return TeacherBundle(denoiser=den, latent_shape=(c, int(size), int(size)), source=tcfg.source, family=fam,
-                         num_classes=num_classes, text=is_text(fam),
-                         extra={"components": {k: v for k, v in index.items() if not k.startswith("_")}})
+    return TeacherBundle(
+        denoiser=den,
+        latent_shape=(c, int(size), int(size)),
+        source=tcfg.source,
+        family=fam,
+        num_classes=num_classes,
+        text=is_text(fam),
+        extra={"components": {k: v for k, v in index.items() if not k.startswith("_")}},
+    )

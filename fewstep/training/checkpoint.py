@@ -23,6 +23,7 @@ non-teacher network that is not a frozen tensor shared with the teacher (and not
 base weight): e.g. a full fake score, a LoRA student's adapters, an EMA target network. The
 teacher is reloaded from its source on resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -142,8 +143,13 @@ def rng_state() -> dict[str, Any]:
         import numpy as np
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        st["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)}
+        st["numpy"] = {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        }
     except ImportError:  # pragma: no cover
         pass
     return st
@@ -181,10 +187,22 @@ def _options(full: bool, **kw):
     return StateDictOptions(full_state_dict=full, cpu_offload=full, **kw)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, holder: nn.Module, keys: set[str],
-                    optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
-                    ema=None, objective: Any = None, counters: dict[str, Any] | None = None,
-                    sharded: bool = False, keep: int = 3, _fail_after: str | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    accelerator,
+    holder: nn.Module,
+    keys: set[str],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    ema=None,
+    objective: Any = None,
+    counters: dict[str, Any] | None = None,
+    sharded: bool = False,
+    keep: int = 3,
+    _fail_after: str | None = None,
+) -> Path:
     """Save everything a resume needs; returns the checkpoint folder. Collective under FSDP:
     every process must call it. `_fail_after` (tests) raises after the named part is written."""
     from safetensors.torch import save_file
@@ -230,9 +248,13 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, holder: nn.M
         fail("rng")
     _barrier(accelerator)
     if main:
-        state = {"step": int(step), "format": "sharded" if sharded else "full",
-                 "num_processes": 1 if accelerator is None else accelerator.num_processes,
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(counters or {})}
+        state = {
+            "step": int(step),
+            "format": "sharded" if sharded else "full",
+            "num_processes": 1 if accelerator is None else accelerator.num_processes,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **(counters or {}),
+        }
         with open(tmp / "state.json", "w") as f:
             json.dump(state, f, indent=1)
             f.flush()
@@ -243,7 +265,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, holder: nn.M
             shutil.rmtree(final)
         os.replace(tmp, final)
         older = [p for s, p in list_checkpoints(run_dir) if s < step]
-        for old in older[:max(0, len(older) - (keep - 1))]:
+        for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(accelerator)
     return final
@@ -256,21 +278,35 @@ def _read(loader, path: Path) -> Any:
     try:
         return loader(str(path))
     except Exception as e:  # safetensors / pickle-free torch.load errors on damaged files
-        raise CheckpointError(f"resume: cannot read checkpoint file {path} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise CheckpointError(
+            f"resume: cannot read checkpoint file {path} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
 
 
 def _load_torch(path: Path) -> Any:
     return _read(lambda f: torch.load(f, map_location="cpu", weights_only=True), path)
 
 
-def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: set[str],
-                    optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
-                    ema=None, objective: Any = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    accelerator,
+    holder: nn.Module,
+    keys: set[str],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    ema=None,
+    objective: Any = None,
+) -> dict[str, Any]:
     """Restore a checkpoint in place; returns its state.json (step and counters)."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     path = Path(path)
     if not (path / "state.json").is_file():
@@ -297,16 +333,20 @@ def load_checkpoint(path: str | Path, *, accelerator, holder: nn.Module, keys: s
         model_sd = _read(load_file, path / "model.safetensors")
         missing = sorted(keys - set(model_sd))
         if missing:
-            raise CheckpointError(f"resume: {path} lacks {len(missing)} tensors of this run's networks, "
-                                  f"e.g. {missing[:3]} (different objective or LoRA settings?)")
+            raise CheckpointError(
+                f"resume: {path} lacks {len(missing)} tensors of this run's networks, "
+                f"e.g. {missing[:3]} (different objective or LoRA settings?)"
+            )
         extra = sorted(set(model_sd) - keys)
         if extra:
             raise CheckpointError(f"resume: {path} holds tensors this run does not have, e.g. {extra[:3]}")
         current = get_model_state_dict(holder, options=_options(False))
         for k in sorted(keys):
             if tuple(current[k].shape) != tuple(model_sd[k].shape):
-                raise CheckpointError(f"resume: tensor {k} of {path} has shape {tuple(model_sd[k].shape)}, this run's "
-                                      f"has {tuple(current[k].shape)} (different objective or network settings?)")
+                raise CheckpointError(
+                    f"resume: tensor {k} of {path} has shape {tuple(model_sd[k].shape)}, this run's "
+                    f"has {tuple(current[k].shape)} (different objective or network settings?)"
+                )
         res = set_model_state_dict(holder, model_sd, options=_options(True, strict=False))
         if opt_list:
             optim_sd = _load_torch(path / "optim.pt")

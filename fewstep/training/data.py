@@ -14,6 +14,7 @@ see, and a resumed run needs no data state.
 - `conditions` (data.conditions) restricts every draw to some class labels (balanced over them) or
   some prompt lines, e.g. one student's subset in multi-student distillation.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,8 +55,10 @@ def _read_latents(path: str | Path, latent_shape) -> tuple[Tensor, Tensor | None
         raise ValueError(f"data.real_latents: {str(p)!r} has no 'latents' tensor (keys: {sorted(d)})")
     x0 = d["latents"].float()
     if x0.ndim != 4 or tuple(x0.shape[1:]) != tuple(latent_shape):
-        raise ValueError(f"data.real_latents: 'latents' has shape {tuple(x0.shape)}, expected (N, "
-                         f"{', '.join(map(str, latent_shape))}) for this teacher")
+        raise ValueError(
+            f"data.real_latents: 'latents' has shape {tuple(x0.shape)}, expected (N, "
+            f"{', '.join(map(str, latent_shape))}) for this teacher"
+        )
     labels = d.get("class_labels")
     return x0, None if labels is None else labels.long()
 
@@ -81,14 +84,26 @@ class BatchSource:
         conditions:    draw only these class labels (balanced over them) / prompt line numbers.
     """
 
-    def __init__(self, bundle: TeacherBundle, batch_size: int, seed: int = 0, process_index: int = 0,
-                 num_processes: int = 1, device: torch.device | str = "cpu", real_data: bool = False,
-                 prompts: list[str] | str | Path | None = None, num_classes: int | None = None,
-                 real_latents: str | Path | None = None, encode_chunk: int = 64,
-                 conditions: list[int] | None = None):
+    def __init__(
+        self,
+        bundle: TeacherBundle,
+        batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+        device: torch.device | str = "cpu",
+        real_data: bool = False,
+        prompts: list[str] | str | Path | None = None,
+        num_classes: int | None = None,
+        real_latents: str | Path | None = None,
+        encode_chunk: int = 64,
+        conditions: list[int] | None = None,
+    ):
         if batch_size % num_processes:
-            raise ValueError(f"data.batch_size={batch_size} is not divisible by the number of processes "
-                             f"({num_processes}); each process takes an equal slice of the global batch")
+            raise ValueError(
+                f"data.batch_size={batch_size} is not divisible by the number of processes "
+                f"({num_processes}); each process takes an equal slice of the global batch"
+            )
         self.global_batch = int(batch_size)
         self.local_batch = self.global_batch // num_processes
         self.rank = int(process_index)
@@ -98,21 +113,22 @@ class BatchSource:
         self.num_classes = num_classes or bundle.num_classes
         self.text_cond: Cond | None = None
         self.num_prompts = 0
-        self.prompts: list[str] | None = None   # caption strings (text teachers), carried as batch["prompts"]
+        self.prompts: list[str] | None = None  # caption strings (text teachers), carried as batch["prompts"]
         self.real: tuple[Tensor, Tensor | None] | None = None
         self.by_class: list[Tensor] | None = None
 
         if bundle.text:
             if prompts is None:
-                raise ValueError(f"data.prompts: the teacher {bundle.source!r} is text-conditioned; give a prompt "
-                                 "file (one prompt a line)")
+                raise ValueError(
+                    f"data.prompts: the teacher {bundle.source!r} is text-conditioned; give a prompt "
+                    "file (one prompt a line)"
+                )
             plist = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
             if bundle.encode_prompts is None:
                 raise ValueError(f"teacher {bundle.source!r} has no encode_prompts(); cannot use data.prompts")
             with torch.no_grad():
-                parts = [bundle.encode_prompts(plist[i:i + encode_chunk]) for i in range(0, len(plist), encode_chunk)]
-            self.text_cond = {k: (v.detach().cpu() if torch.is_tensor(v) else v)
-                              for k, v in cat_cond(*parts).items()}
+                parts = [bundle.encode_prompts(plist[i : i + encode_chunk]) for i in range(0, len(plist), encode_chunk)]
+            self.text_cond = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in cat_cond(*parts).items()}
             self.num_prompts = len(plist)
             self.prompts = plist
         elif prompts is not None:
@@ -122,29 +138,41 @@ class BatchSource:
             self.real = _read_latents(real_latents, bundle.latent_shape)
         elif real_data:
             if bundle.real_data is None:
-                raise ValueError(f"data.real_data=true: no real data for teacher {bundle.source!r} (real latents "
-                                 "come with the embedded digits teachers)")
+                raise ValueError(
+                    f"data.real_data=true: no real data for teacher {bundle.source!r} (real latents "
+                    "come with the embedded digits teachers)"
+                )
             with torch.no_grad():
                 x0, labels = bundle.real_data()
             x0 = x0.detach().float().cpu()
             if tuple(x0.shape[1:]) != tuple(bundle.latent_shape):
-                raise ValueError(f"data.real_data: real latents have shape {tuple(x0.shape[1:])}, the teacher's "
-                                 f"latents {tuple(bundle.latent_shape)}")
+                raise ValueError(
+                    f"data.real_data: real latents have shape {tuple(x0.shape[1:])}, the teacher's "
+                    f"latents {tuple(bundle.latent_shape)}"
+                )
             self.real = (x0, None if labels is None else labels.long().cpu())
         self.conditions: Tensor | None = None
         if conditions is not None:
-            limit, what = ((self.num_prompts, "prompt lines of data.prompts") if self.text_cond is not None else
-                           (self.num_classes, "classes") if self.num_classes else (0, "conditions"))
+            limit, what = (
+                (self.num_prompts, "prompt lines of data.prompts")
+                if self.text_cond is not None
+                else (self.num_classes, "classes")
+                if self.num_classes
+                else (0, "conditions")
+            )
             bad = [int(c) for c in conditions if not 0 <= int(c) < limit]
             if not limit or bad:
-                raise ValueError(f"data.conditions: {bad or list(conditions)[:3]} out of range: the teacher has "
-                                 f"{limit} {what}")
+                raise ValueError(
+                    f"data.conditions: {bad or list(conditions)[:3]} out of range: the teacher has {limit} {what}"
+                )
             self.conditions = torch.tensor([int(c) for c in conditions], dtype=torch.long)
         if self.real is not None:
             x0, labels = self.real
             if self.text_cond is not None and x0.shape[0] != self.num_prompts:
-                raise ValueError(f"data.real_latents: {x0.shape[0]} latents but {self.num_prompts} prompts in "
-                                 "data.prompts; with text, line i of the prompt file is the caption of latent i")
+                raise ValueError(
+                    f"data.real_latents: {x0.shape[0]} latents but {self.num_prompts} prompts in "
+                    "data.prompts; with text, line i of the prompt file is the caption of latent i"
+                )
             if self.num_classes and labels is not None:
                 self.by_class = [torch.nonzero(labels == c).flatten() for c in range(self.num_classes)]
                 empty = [c for c, ix in enumerate(self.by_class) if ix.numel() == 0]
@@ -177,8 +205,14 @@ class BatchSource:
             out["cond"] = {"class_labels": labels}
             if self.real is not None:
                 if self.by_class is not None:
-                    pick = torch.stack([self.by_class[int(c)][int(torch.randint(0, self.by_class[int(c)].numel(), (1,),
-                                                                                 generator=g))] for c in labels])
+                    pick = torch.stack(
+                        [
+                            self.by_class[int(c)][
+                                int(torch.randint(0, self.by_class[int(c)].numel(), (1,), generator=g))
+                            ]
+                            for c in labels
+                        ]
+                    )
                 else:
                     pick = torch.randint(0, self.real[0].shape[0], (n,), generator=g)
                 out["x0"] = self.real[0][pick]
@@ -200,8 +234,9 @@ class BatchSource:
             "global_batch_size": self.global_batch,
         }
         if full["cond"] is not None:
-            batch["cond"] = {k: (v.to(self.device) if torch.is_tensor(v) else v)
-                             for k, v in index_cond(full["cond"], sl).items()}
+            batch["cond"] = {
+                k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in index_cond(full["cond"], sl).items()
+            }
         if "x0" in full:
             batch["x0"] = full["x0"][lo:hi].to(self.device)
         if "prompts" in full:
@@ -211,12 +246,19 @@ class BatchSource:
     def grid_cond(self, n: int) -> Cond | None:
         """Fixed conditions for sample grids: labels 0..K-1 cycled, or the first prompts cycled."""
         if self.text_cond is not None:
-            idx = torch.arange(n) % self.num_prompts if self.conditions is None else \
-                self.conditions[torch.arange(n) % len(self.conditions)]
-            return {k: (v.to(self.device) if torch.is_tensor(v) else v)
-                    for k, v in index_cond(self.text_cond, idx).items()}
+            idx = (
+                torch.arange(n) % self.num_prompts
+                if self.conditions is None
+                else self.conditions[torch.arange(n) % len(self.conditions)]
+            )
+            return {
+                k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in index_cond(self.text_cond, idx).items()
+            }
         if self.num_classes:
-            labels = torch.arange(n) % self.num_classes if self.conditions is None else \
-                self.conditions[torch.arange(n) % len(self.conditions)]
+            labels = (
+                torch.arange(n) % self.num_classes
+                if self.conditions is None
+                else self.conditions[torch.arange(n) % len(self.conditions)]
+            )
             return {"class_labels": labels.to(self.device)}
         return None

@@ -1,6 +1,7 @@
 """`--dry-run`: build the teacher from its config on the meta device (no weights read), build the
 objective's networks the same way, and print per role the parameter count, what is trainable, and
 the estimated memory per process for the chosen precision and sharding."""
+
 from __future__ import annotations
 
 import os
@@ -9,17 +10,21 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..objectives.registry import BuildContext, build_objective, make_params
 from ..families import family_name
+from ..objectives.registry import BuildContext, build_objective, make_params
+from .bundle import TeacherBundle, meta_bundle
 from .lora import make_factories
 from .memory import estimate_table, format_bytes, role_memory
-from .bundle import TeacherBundle, meta_bundle
 
 __all__ = ["dry_run", "launch_settings"]
 
 
-def launch_settings(num_processes: int | None = None, sharding: str | None = None,
-                    mixed_precision: str | None = None, cfg: Config | None = None) -> tuple[int, bool, str]:
+def launch_settings(
+    num_processes: int | None = None,
+    sharding: str | None = None,
+    mixed_precision: str | None = None,
+    cfg: Config | None = None,
+) -> tuple[int, bool, str]:
     """(processes, sharded, mixed precision): explicit arguments first, then what `accelerate
     launch` put in the environment, then the config."""
     n = num_processes or int(os.environ.get("WORLD_SIZE") or os.environ.get("ACCELERATE_NUM_PROCESSES") or 1)
@@ -29,26 +34,49 @@ def launch_settings(num_processes: int | None = None, sharding: str | None = Non
         if sharding not in ("none", "fsdp"):
             raise ValueError(f"--sharding must be 'none' or 'fsdp', got {sharding!r}")
         sharded = sharding == "fsdp"
-    mp = mixed_precision or (cfg.precision.mixed_precision if cfg is not None else None) \
-        or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    mp = (
+        mixed_precision
+        or (cfg.precision.mixed_precision if cfg is not None else None)
+        or os.environ.get("ACCELERATE_MIXED_PRECISION")
+        or "no"
+    )
     return n, sharded, mp
 
 
-def dry_run(cfg: Config, num_processes: int | None = None, sharding: str | None = None,
-            mixed_precision: str | None = None, teacher: TeacherBundle | None = None) -> str:
+def dry_run(
+    cfg: Config,
+    num_processes: int | None = None,
+    sharding: str | None = None,
+    mixed_precision: str | None = None,
+    teacher: TeacherBundle | None = None,
+) -> str:
     """The dry-run report (a string; the caller prints it)."""
     n, sharded, mp = launch_settings(num_processes, sharding, mixed_precision, cfg)
     bundle = teacher if teacher is not None else meta_bundle(cfg.teacher)
     tden = bundle.denoiser
     tden.requires_grad_(False)
     family = bundle.family or family_name(tden.backbone)
-    make_student, make_copy = make_factories(cfg.lora, sharded=sharded, family=family,
-                                             gradient_checkpointing=cfg.precision.gradient_checkpointing)
-    ctx = BuildContext(latent_shape=tuple(bundle.latent_shape), num_classes=cfg.data.num_classes or bundle.num_classes,
-                       null_class=bundle.null_class, text=bundle.text, has_real_data=cfg.data.real_data or cfg.data.real_latents is not None,
-                       seed=cfg.seed, device=torch.device("meta"), family=family, lora=cfg.lora, num_processes=n,
-                       sharded=sharded, mixed_precision=mp, gradient_checkpointing=cfg.precision.gradient_checkpointing,
-                       steps=cfg.steps or 1, make_student=make_student, make_copy=make_copy)
+    make_student, make_copy = make_factories(
+        cfg.lora, sharded=sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
+    )
+    ctx = BuildContext(
+        latent_shape=tuple(bundle.latent_shape),
+        num_classes=cfg.data.num_classes or bundle.num_classes,
+        null_class=bundle.null_class,
+        text=bundle.text,
+        has_real_data=cfg.data.real_data or cfg.data.real_latents is not None,
+        seed=cfg.seed,
+        device=torch.device("meta"),
+        family=family,
+        lora=cfg.lora,
+        num_processes=n,
+        sharded=sharded,
+        mixed_precision=mp,
+        gradient_checkpointing=cfg.precision.gradient_checkpointing,
+        steps=cfg.steps or 1,
+        make_student=make_student,
+        make_copy=make_copy,
+    )
     notes = []
     params = make_params(cfg.objective.name, cfg.objective.params)
     try:
@@ -57,8 +85,10 @@ def dry_run(cfg: Config, num_processes: int | None = None, sharding: str | None 
         nets: dict[str, Any] = dict(obj.nets)
         groups = obj.groups
     except Exception as e:  # an objective that computes at build time cannot run on meta tensors
-        notes.append(f"note: the objective could not be built on the meta device ({type(e).__name__}: {e}); "
-                     "showing the teacher and a student made by ctx.make_student")
+        notes.append(
+            f"note: the objective could not be built on the meta device ({type(e).__name__}: {e}); "
+            "showing the teacher and a student made by ctx.make_student"
+        )
         with torch.device("meta"):
             nets = {"teacher": tden, "student": make_student(tden)}
         groups = {"generator": ["student"]}
@@ -67,22 +97,36 @@ def dry_run(cfg: Config, num_processes: int | None = None, sharding: str | None 
     trainable_roles = {r for roles in groups.values() for r in roles}
     rows = role_memory(nets, trainable_roles, "student" if cfg.ema.rate > 0 else None, n, sharded)
     total = sum(r.total for r in rows)
-    head = (f"dry run: {cfg.name}  objective {cfg.objective.name}  teacher {bundle.source} ({family or '?'}, "
-            f"latents {tuple(bundle.latent_shape)})\n"
-            f"processes {n}, {'FSDP2 sharding (teacher included)' if sharded else 'no sharding (full copies per process)'}, "
-            f"mixed precision {mp}, LoRA student {cfg.lora.student} / copies {cfg.lora.fake}"
-            f"{f' (rank {cfg.lora.rank}, alpha {cfg.lora.alpha})' if cfg.lora.student or cfg.lora.fake else ''}, "
-            f"EMA {cfg.ema.rate or 'off'}\n"
-            f"optimizer groups: " + ", ".join(f"{g} -> {'+'.join(r)}" for g, r in groups.items()))
-    lines = [head, "", estimate_table(rows), "",
-             f"estimated memory per process: {format_bytes(total)} for weights, gradients, AdamW moments and EMA "
-             f"(trainable weights and their states in float32; the teacher in {cfg.teacher.dtype})."]
+    head = (
+        f"dry run: {cfg.name}  objective {cfg.objective.name}  teacher {bundle.source} ({family or '?'}, "
+        f"latents {tuple(bundle.latent_shape)})\n"
+        f"processes {n}, {'FSDP2 sharding (teacher included)' if sharded else 'no sharding (full copies per process)'}, "
+        f"mixed precision {mp}, LoRA student {cfg.lora.student} / copies {cfg.lora.fake}"
+        f"{f' (rank {cfg.lora.rank}, alpha {cfg.lora.alpha})' if cfg.lora.student or cfg.lora.fake else ''}, "
+        f"EMA {cfg.ema.rate or 'off'}\n"
+        f"optimizer groups: " + ", ".join(f"{g} -> {'+'.join(r)}" for g, r in groups.items())
+    )
+    lines = [
+        head,
+        "",
+        estimate_table(rows),
+        "",
+        f"estimated memory per process: {format_bytes(total)} for weights, gradients, AdamW moments and EMA "
+        f"(trainable weights and their states in float32; the teacher in {cfg.teacher.dtype}).",
+    ]
     if mp == "bf16":
-        lines.append("bf16: backbones run under autocast (activations in bf16); "
-                     + ("FSDP2 gathers each unit's weights in bf16 transiently." if sharded else
-                        "the weights above stay float32."))
-    lines.append("not included: activations (batch size, resolution, gradient checkpointing "
-                 f"{'on' if cfg.precision.gradient_checkpointing else 'off'}), the VAE and text encoders (used once "
-                 "to encode data and for sample grids), framework overhead.")
+        lines.append(
+            "bf16: backbones run under autocast (activations in bf16); "
+            + (
+                "FSDP2 gathers each unit's weights in bf16 transiently."
+                if sharded
+                else "the weights above stay float32."
+            )
+        )
+    lines.append(
+        "not included: activations (batch size, resolution, gradient checkpointing "
+        f"{'on' if cfg.precision.gradient_checkpointing else 'off'}), the VAE and text encoders (used once "
+        "to encode data and for sample grids), framework overhead."
+    )
     lines += notes
     return "\n".join(lines)

@@ -1,9 +1,10 @@
 """Exponential moving average of the student's trainable weights (float32 shadows; sharded like
 the weights themselves under FSDP, since the shadows are DTensors then)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

@@ -1,5 +1,6 @@
 """What a user sees: a tqdm bar on the main process, accelerate trackers, a metrics.jsonl file in
 the run folder, and PNG sample grids."""
+
 from __future__ import annotations
 
 import json
@@ -32,15 +33,29 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class RunLog:
     """Progress, trackers and metrics.jsonl; only the main process writes."""
 
-    def __init__(self, accelerator, run_dir: Path, name: str, start_step: int, total: int, progress: bool = True,
-                 trackers: bool = False):
+    def __init__(
+        self,
+        accelerator,
+        run_dir: Path,
+        name: str,
+        start_step: int,
+        total: int,
+        progress: bool = True,
+        trackers: bool = False,
+    ):
         from tqdm.auto import tqdm
 
         self.acc = accelerator
         self.main = accelerator.is_main_process
         self.trackers = trackers
-        self.bar = tqdm(total=total, initial=start_step, disable=not (self.main and progress), desc=name,
-                        dynamic_ncols=True, smoothing=0.1)
+        self.bar = tqdm(
+            total=total,
+            initial=start_step,
+            disable=not (self.main and progress),
+            desc=name,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         self.file = open(Path(run_dir) / "metrics.jsonl", "a") if self.main else None
 
     def step(self, n: int = 1) -> None:
@@ -51,8 +66,9 @@ class RunLog:
             return
         self.file.write(json.dumps({"step": step, **{k: _num(v) for k, v in scalars.items()}}) + "\n")
         self.file.flush()
-        shown = {k.split("/")[-1] if k.startswith("loss/") else k: v for k, v in scalars.items()
-                 if k.startswith("loss/")}
+        shown = {
+            k.split("/")[-1] if k.startswith("loss/") else k: v for k, v in scalars.items() if k.startswith("loss/")
+        }
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         if self.trackers:
             self.acc.log(scalars, step=step)
@@ -88,7 +104,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
     grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), -1.0)
     for i in range(b):
         r, q = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[i]
     arr = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)  # "L" or "RGB" from the shape
     path = Path(path)

@@ -9,6 +9,7 @@
 returns the trained student and the objective with the run's outputs, so a script needs no reload.
 Each numbered section of `run` is one function below; the per-phase update is `_update`.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,18 +59,19 @@ class NonFiniteError(RuntimeError):
 @dataclass
 class RunResult:
     run_dir: Path
-    steps: int                      # steps completed (the next step to run)
-    stopped_early: bool             # stopped by stop_after (a checkpoint holds the state)
-    skipped: int                    # non-finite updates skipped
+    steps: int  # steps completed (the next step to run)
+    stopped_early: bool  # stopped by stop_after (a checkpoint holds the state)
+    skipped: int  # non-finite updates skipped
     wall_time: float
-    logs: dict[str, float] = field(default_factory=dict)   # the last step's (process-averaged) logs
+    logs: dict[str, float] = field(default_factory=dict)  # the last step's (process-averaged) logs
     files: dict[str, str] = field(default_factory=dict)
-    student: nn.Module | None = None   # the trained student (raw weights; the EMA's are in files["student_ema"])
-    objective: Any = None              # the objective, with all its networks (`objective.nets`)
+    student: nn.Module | None = None  # the trained student (raw weights; the EMA's are in files["student_ema"])
+    objective: Any = None  # the objective, with all its networks (`objective.nets`)
 
 
 def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1):
     """Learning-rate factor per update: linear warm-up, then constant / cosine / cosine with restarts."""
+
     def f(n: int) -> float:
         if warmup > 0 and n < warmup:
             return (n + 1) / warmup
@@ -84,12 +86,14 @@ def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1):
                 return 0.0
             return 0.5 * (1.0 + math.cos(math.pi * ((cycles * prog) % 1.0)))
         raise ValueError(f"unknown scheduler {kind!r}")
+
     return f
 
 
 @dataclass
 class _Env:
     """Where and how this process runs."""
+
     accelerator: Any
     run_dir: Path
     device: torch.device
@@ -98,7 +102,7 @@ class _Env:
     rank: int
     sharded: bool
     mp: str
-    output: OutputFolder | None = None   # the output folder's rules (overwrite keeps the old run until a checkpoint)
+    output: OutputFolder | None = None  # the output folder's rules (overwrite keeps the old run until a checkpoint)
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -109,6 +113,7 @@ class _Env:
 class _Trainer:
     """The built run: objective and networks, what each optimizer group trains, the optimizers,
     the EMA, and the counters the loop keeps."""
+
     obj: Any
     params: Any
     family: str | None
@@ -123,9 +128,9 @@ class _Trainer:
     ema: EMA | None
     student_group: str | None
     skipped: int = 0
-    consecutive: dict[str, int] = field(default_factory=dict)   # non-finite updates in a row, per group
-    made: dict[str, int] = field(default_factory=dict)          # updates per group so far (attempted)
-    settings: dict[str, Any] = field(default_factory=dict)      # what a checkpoint records to check a resume
+    consecutive: dict[str, int] = field(default_factory=dict)  # non-finite updates in a row, per group
+    made: dict[str, int] = field(default_factory=dict)  # updates per group so far (attempted)
+    settings: dict[str, Any] = field(default_factory=dict)  # what a checkpoint records to check a resume
 
 
 def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> RunResult:
@@ -138,8 +143,10 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
 
         return run_msd(cfg, teacher, accelerator)
     if cfg.objective.name == "msd" and cfg.data.conditions is None:
-        raise ConfigError("objective.student_index is set by the entry point for each MSD student's sub-run "
-                          "(with data.conditions); remove it to train all students")
+        raise ConfigError(
+            "objective.student_index is set by the entry point for each MSD student's sub-run "
+            "(with data.conditions); remove it to train all students"
+        )
     output: list[OutputFolder] = []
     try:
         return _run(cfg, teacher, accelerator, output)
@@ -151,25 +158,36 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
 
 def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[OutputFolder]) -> RunResult:
     t_start = time.time()
-    env, resume_from = _start(cfg, accelerator, output)                          # 1. accelerator, folder, seeds
+    env, resume_from = _start(cfg, accelerator, output)  # 1. accelerator, folder, seeds
     with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
-        bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)   # 2. teacher (frozen)
+        bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)  # 2. teacher (frozen)
     tden = bundle.denoiser
     tden.requires_grad_(False)
     tden.to(env.device)
-    with user_errors("data", ValueError, OSError, named="data."):                # 3. data
-        source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, env.rank, env.world, env.device,
-                             cfg.data.real_data, cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents,
-                             conditions=cfg.data.conditions)
-    tr = _build(cfg, env, bundle, source)                                         # 4.-6. objective, optimizers
-    start_step = _resume(cfg, env, tr, resume_from)                              # 7. resume
+    with user_errors("data", ValueError, OSError, named="data."):  # 3. data
+        source = BatchSource(
+            bundle,
+            cfg.data.batch_size,
+            cfg.seed,
+            env.rank,
+            env.world,
+            env.device,
+            cfg.data.real_data,
+            cfg.data.prompts,
+            cfg.data.num_classes,
+            cfg.data.real_latents,
+            conditions=cfg.data.conditions,
+        )
+    tr = _build(cfg, env, bundle, source)  # 4.-6. objective, optimizers
+    start_step = _resume(cfg, env, tr, resume_from)  # 7. resume
     tr.made = update_counts(tr.obj, start_step)
     trackers = _start_trackers(cfg, env)
-    log = RunLog(env.accelerator, env.run_dir, cfg.name, start_step, cfg.steps, progress=cfg.log.progress,
-                 trackers=trackers)
+    log = RunLog(
+        env.accelerator, env.run_dir, cfg.name, start_step, cfg.steps, progress=cfg.log.progress, trackers=trackers
+    )
     logs: dict[str, float] = {}
     done, stopped_early, t_loop = start_step, False, time.time()
-    try:                                                                          # 8. the loop
+    try:  # 8. the loop
         for step in range(start_step, cfg.steps):
             batch = source(step)
             logs = {}
@@ -193,20 +211,44 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     finally:
         log.close()
     loop_time = time.time() - t_loop
-    files = {} if stopped_early else _save_outputs(cfg, env, tr, bundle, source, done)   # 9. outputs
+    files = {} if stopped_early else _save_outputs(cfg, env, tr, bundle, source, done)  # 9. outputs
     wall = time.time() - t_start
     if env.main and not stopped_early:
-        card = run_card(cfg, tr.params, tr.obj, bundle, tr.family, source.num_classes, steps_done=done, wall=wall,
-                        loop_time=loop_time, skipped=tr.skipped, world=env.world, sharded=env.sharded, mp=env.mp,
-                        files=files, logs=logs, updates=dict(tr.made))
+        card = run_card(
+            cfg,
+            tr.params,
+            tr.obj,
+            bundle,
+            tr.family,
+            source.num_classes,
+            steps_done=done,
+            wall=wall,
+            loop_time=loop_time,
+            skipped=tr.skipped,
+            world=env.world,
+            sharded=env.sharded,
+            mp=env.mp,
+            files=files,
+            logs=logs,
+            updates=dict(tr.made),
+        )
         (env.run_dir / "run_card.json").write_text(dumps_json(card, indent=1, default=str))
         files["run_card"] = "run_card.json"
     if trackers:
         env.accelerator.end_training()
     if env.main:
         _summary(cfg, env, tr, done, start_step, wall, loop_time, logs, stopped_early)
-    return RunResult(run_dir=env.run_dir, steps=done, stopped_early=stopped_early, skipped=tr.skipped,
-                     wall_time=wall, logs=logs, files=files, student=tr.nets["student"], objective=tr.obj)
+    return RunResult(
+        run_dir=env.run_dir,
+        steps=done,
+        stopped_early=stopped_early,
+        skipped=tr.skipped,
+        wall_time=wall,
+        logs=logs,
+        files=files,
+        student=tr.nets["student"],
+        objective=tr.obj,
+    )
 
 
 # ---- 1. accelerator, output folder, seeds ----------------------------------------------------------
@@ -214,8 +256,16 @@ def _start(cfg: Config, accelerator, output: list[OutputFolder]) -> tuple[_Env, 
     run_dir = cfg.run_dir()
     if accelerator is None:
         accelerator = make_accelerator(cfg.precision.mixed_precision, cfg.log.trackers, str(run_dir))
-    env = _Env(accelerator, run_dir, accelerator.device, accelerator.is_main_process, accelerator.num_processes,
-               accelerator.process_index, is_fsdp(accelerator), accelerator.mixed_precision)
+    env = _Env(
+        accelerator,
+        run_dir,
+        accelerator.device,
+        accelerator.is_main_process,
+        accelerator.num_processes,
+        accelerator.process_index,
+        is_fsdp(accelerator),
+        accelerator.mixed_precision,
+    )
     if env.mp not in ("no", "bf16"):
         raise ConfigError(f"precision.mixed_precision={env.mp!r} is not supported; use 'no' or 'bf16'")
     if env.device.type == "cuda" and cfg.precision.allow_tf32:
@@ -247,23 +297,38 @@ def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -
     tden = bundle.denoiser
     teacher_tensors = {id(t) for t in list(tden.parameters()) + list(tden.buffers())}
     family = bundle.family or family_name(tden.backbone)
-    make_student, make_copy = make_factories(cfg.lora, sharded=env.sharded, family=family,
-                                             gradient_checkpointing=cfg.precision.gradient_checkpointing)
-    ctx = BuildContext(latent_shape=tuple(bundle.latent_shape), num_classes=source.num_classes,
-                       null_class=bundle.null_class, text=bundle.text, has_real_data=source.has_real_data,
-                       seed=cfg.seed, device=env.device, family=family, lora=cfg.lora, num_processes=env.world,
-                       sharded=env.sharded, mixed_precision=env.mp,
-                       gradient_checkpointing=cfg.precision.gradient_checkpointing,
-                       steps=cfg.steps or 1, make_student=make_student, make_copy=make_copy,
-                       decode=bundle.decode)
+    make_student, make_copy = make_factories(
+        cfg.lora, sharded=env.sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
+    )
+    ctx = BuildContext(
+        latent_shape=tuple(bundle.latent_shape),
+        num_classes=source.num_classes,
+        null_class=bundle.null_class,
+        text=bundle.text,
+        has_real_data=source.has_real_data,
+        seed=cfg.seed,
+        device=env.device,
+        family=family,
+        lora=cfg.lora,
+        num_processes=env.world,
+        sharded=env.sharded,
+        mixed_precision=env.mp,
+        gradient_checkpointing=cfg.precision.gradient_checkpointing,
+        steps=cfg.steps or 1,
+        make_student=make_student,
+        make_copy=make_copy,
+        decode=bundle.decode,
+    )
     params = make_params(cfg.objective.name, cfg.objective.params)
     obj = build_objective(cfg.objective.name, params, tden, ctx)
     _check_groups(cfg, obj, cfg.objective.name)
     cfg.steps = resolve_steps(cfg, obj)  # generator_steps -> steps (the objective's update schedule)
     nets: dict[str, nn.Module] = obj.nets
     if "student" not in nets:
-        raise TypeError(f"objective {cfg.objective.name!r}: nets has no 'student' role (sampling, EMA and the "
-                        "final weights need it)")
+        raise TypeError(
+            f"objective {cfg.objective.name!r}: nets has no 'student' role (sampling, EMA and the "
+            "final weights need it)"
+        )
     teacher_roles = {r for r, m in nets.items() if m is tden or r == "teacher"}
     holder = nn.ModuleDict({r: m for r, m in nets.items() if r not in teacher_roles})
     holder.to(env.device)
@@ -284,18 +349,36 @@ def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -
     optimizers, schedulers, gcfg = _optimizers(cfg, obj, group_params)
     ema = None
     if cfg.ema.rate > 0:
-        ema = EMA({n: p for n, p in named.items() if n.startswith("student.") and p.requires_grad},
-                  cfg.ema.rate, cfg.ema.start_step)
-    return _Trainer(obj, params, family, tden, nets, holder, keys, group_params, optimizers, schedulers, gcfg, ema,
-                    student_group, consecutive={g: 0 for g in obj.groups},
-                    settings=settings(cfg, gcfg, cfg.objective.name, params))
+        ema = EMA(
+            {n: p for n, p in named.items() if n.startswith("student.") and p.requires_grad},
+            cfg.ema.rate,
+            cfg.ema.start_step,
+        )
+    return _Trainer(
+        obj,
+        params,
+        family,
+        tden,
+        nets,
+        holder,
+        keys,
+        group_params,
+        optimizers,
+        schedulers,
+        gcfg,
+        ema,
+        student_group,
+        consecutive={g: 0 for g in obj.groups},
+        settings=settings(cfg, gcfg, cfg.objective.name, params),
+    )
 
 
 def _check_groups(cfg: Config, obj: Any, name: str) -> None:
     for g in cfg.optim:
         if g != "default" and g not in obj.groups:
-            raise ConfigError(f"optim.{g}: objective {name!r} has no optimizer group {g!r} "
-                              f"(its groups: {', '.join(obj.groups)})")
+            raise ConfigError(
+                f"optim.{g}: objective {name!r} has no optimizer group {g!r} (its groups: {', '.join(obj.groups)})"
+            )
 
 
 def _group_names(cfg: Config, obj: Any, holder: nn.ModuleDict, teacher_roles: set[str]) -> dict[str, list[str]]:
@@ -329,9 +412,11 @@ def _place(env: _Env, tden: nn.Module, holder: nn.ModuleDict) -> None:
             backbones.append(bb)
     if env.sharded:
         if len(backbones) < 1 + len(holder):
-            raise ConfigError("FSDP sharding needs one backbone per role; this objective shares one backbone "
-                              "between roles (e.g. objective.shared_base=true): use lora.student / lora.fake "
-                              "copies, or run without FSDP")
+            raise ConfigError(
+                "FSDP sharding needs one backbone per role; this objective shares one backbone "
+                "between roles (e.g. objective.shared_base=true): use lora.student / lora.fake "
+                "copies, or run without FSDP"
+            )
         for bb in backbones:
             shard_module(env.accelerator, bb)
     if env.mp == "bf16":
@@ -345,17 +430,26 @@ def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter
     optimizers, schedulers, gcfg = {}, {}, {}
     for g, plist in group_params.items():
         gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
-        optimizers[g] = torch.optim.AdamW(plist, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps,
-                                          weight_decay=gc.weight_decay)
+        optimizers[g] = torch.optim.AdamW(
+            plist, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps, weight_decay=gc.weight_decay
+        )
         schedulers[g] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[g], lr_lambda(gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles))
+            optimizers[g], lr_lambda(gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles)
+        )
     return optimizers, schedulers, gcfg
 
 
 # ---- 7. resume, trackers ------------------------------------------------------------------------------
 def _checkpoint_kwargs(env: _Env, tr: _Trainer) -> dict[str, Any]:
-    return dict(accelerator=env.accelerator, holder=tr.holder, keys=tr.keys, optimizers=tr.optimizers,
-                schedulers=tr.schedulers, ema=tr.ema, objective=tr.obj)
+    return dict(
+        accelerator=env.accelerator,
+        holder=tr.holder,
+        keys=tr.keys,
+        optimizers=tr.optimizers,
+        schedulers=tr.schedulers,
+        ema=tr.ema,
+        objective=tr.obj,
+    )
 
 
 def _resume(cfg: Config, env: _Env, tr: _Trainer, resume_from: Path | None) -> int:
@@ -386,16 +480,19 @@ def _start_trackers(cfg: Config, env: _Env) -> bool:
     if env.accelerator.log_with is None:
         usable = []
     if missing and env.main:
-        print(f"log.trackers: {', '.join(missing)} not installed; metrics go to {env.run_dir / 'metrics.jsonl'}",
-              flush=True)
+        print(
+            f"log.trackers: {', '.join(missing)} not installed; metrics go to {env.run_dir / 'metrics.jsonl'}",
+            flush=True,
+        )
     if usable:
         env.accelerator.init_trackers(cfg.name.replace("/", "_"), config=flat_config(config_to_dict(cfg)))
     return bool(usable)
 
 
 # ---- 8. one phase's update, logging, grids, checkpoints -------------------------------------------------
-def _update(cfg: Config, env: _Env, tr: _Trainer, phase: str, batch: dict, step: int, logs: dict[str, float],
-            log: RunLog) -> bool:
+def _update(
+    cfg: Config, env: _Env, tr: _Trainer, phase: str, batch: dict, step: int, logs: dict[str, float], log: RunLog
+) -> bool:
     """loss -> backward -> average grads -> clip -> non-finite check -> step this group -> zero ALL
     grads -> after_step. Adds the phase's scalars to `logs`; True when the student's group stepped."""
     loss, obj_logs = tr.obj.loss(phase, batch, step)
@@ -429,16 +526,22 @@ def _update(cfg: Config, env: _Env, tr: _Trainer, phase: str, batch: dict, step:
 
 def _nonfinite(cfg: Config, env: _Env, tr: _Trainer, phase: str, step: int, loss_v: float, log: RunLog) -> None:
     """Report a skipped update; stop with NonFiniteError after too many in a row."""
-    log.write(f"step {step}: non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'} in "
-              f"phase {phase!r}, update skipped ({tr.consecutive[phase]} in a row, {tr.skipped} in all)")
+    log.write(
+        f"step {step}: non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'} in "
+        f"phase {phase!r}, update skipped ({tr.consecutive[phase]} in a row, {tr.skipped} in all)"
+    )
     if tr.consecutive[phase] > cfg.faults.max_consecutive_nonfinite:
         last = last_good_checkpoint(env.run_dir)
         raise NonFiniteError(
             f"stopping at step {step}: {tr.consecutive[phase]} non-finite updates in a row of group "
             f"{phase!r} "
             f"(faults.max_consecutive_nonfinite={cfg.faults.max_consecutive_nonfinite}); "
-            + (f"the last good checkpoint is {last} (resume=latest continues from it)" if last
-               else "no checkpoint was written yet"))
+            + (
+                f"the last good checkpoint is {last} (resume=latest continues from it)"
+                if last
+                else "no checkpoint was written yet"
+            )
+        )
 
 
 def _record(env: _Env, tr: _Trainer, log: RunLog, done: int, logs: dict[str, float], t_loop: float) -> None:
@@ -453,25 +556,47 @@ def _record(env: _Env, tr: _Trainer, log: RunLog, done: int, logs: dict[str, flo
     log.record(done, {**logs, "time_s": round(time.time() - t_loop, 4)})
 
 
-def _grid(cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: BatchSource, done: int,
-          use_ema: bool = False) -> Path | None:
-    return sample_grid(cfg, tr.nets["student"], tr.obj.sampling, bundle, source, env.run_dir, done, env.main,
-                       env.sharded, env.device, ema=tr.ema if use_ema else None)
+def _grid(
+    cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: BatchSource, done: int, use_ema: bool = False
+) -> Path | None:
+    return sample_grid(
+        cfg,
+        tr.nets["student"],
+        tr.obj.sampling,
+        bundle,
+        source,
+        env.run_dir,
+        done,
+        env.main,
+        env.sharded,
+        env.device,
+        ema=tr.ema if use_ema else None,
+    )
 
 
 def _checkpoint(cfg: Config, env: _Env, tr: _Trainer, done: int) -> Path:
     # a checkpoint written while a group is in a non-finite streak is marked: never "the last good one"
-    counters = {"skipped": tr.skipped, "nonfinite_streak": max(tr.consecutive.values(), default=0), "settings": tr.settings}
-    path = save_checkpoint(env.run_dir, done, counters=counters, sharded=env.sharded and
-                           cfg.checkpoint.state_dict == "sharded", keep=cfg.checkpoint.keep,
-                           **_checkpoint_kwargs(env, tr))
+    counters = {
+        "skipped": tr.skipped,
+        "nonfinite_streak": max(tr.consecutive.values(), default=0),
+        "settings": tr.settings,
+    }
+    path = save_checkpoint(
+        env.run_dir,
+        done,
+        counters=counters,
+        sharded=env.sharded and cfg.checkpoint.state_dict == "sharded",
+        keep=cfg.checkpoint.keep,
+        **_checkpoint_kwargs(env, tr),
+    )
     env.output.commit()  # a run this one replaces (overwrite=true) is deleted only now
     return path
 
 
 # ---- 9. outputs --------------------------------------------------------------------------------------
-def _save_outputs(cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: BatchSource,
-                  done: int) -> dict[str, str]:
+def _save_outputs(
+    cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: BatchSource, done: int
+) -> dict[str, str]:
     """The last sample grids (raw and EMA) and the final weights; returns the files written."""
     files: dict[str, str] = {}
     g = _grid(cfg, env, tr, bundle, source, done)
@@ -488,12 +613,24 @@ def _save_outputs(cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, s
     return files
 
 
-def _summary(cfg: Config, env: _Env, tr: _Trainer, done: int, start_step: int, wall: float, loop_time: float,
-             logs: dict[str, float], stopped_early: bool) -> None:
+def _summary(
+    cfg: Config,
+    env: _Env,
+    tr: _Trainer,
+    done: int,
+    start_step: int,
+    wall: float,
+    loop_time: float,
+    logs: dict[str, float],
+    stopped_early: bool,
+) -> None:
     its = (done - start_step) / max(loop_time, 1e-9)
     losses = ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in logs.items() if k.startswith("loss/"))
     what = "stopped (checkpoint written, resume=latest continues)" if stopped_early else "done"
     ups = ", ".join(f"{g} {n}" for g, n in tr.made.items())
-    print(f"fewstep train {what}: {cfg.name} [{cfg.objective.name}] {done}/{cfg.steps} steps "
-          f"(updates: {ups}) in {wall:.1f}s ({its:.2f} it/s), {tr.skipped} non-finite updates skipped"
-          f"{', final ' + losses if losses else ''}; outputs in {env.run_dir}", flush=True)
+    print(
+        f"fewstep train {what}: {cfg.name} [{cfg.objective.name}] {done}/{cfg.steps} steps "
+        f"(updates: {ups}) in {wall:.1f}s ({its:.2f} it/s), {tr.skipped} non-finite updates skipped"
+        f"{', final ' + losses if losses else ''}; outputs in {env.run_dir}",
+        flush=True,
+    )

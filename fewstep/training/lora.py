@@ -5,10 +5,12 @@ A LoRA copy shares the teacher's frozen weight tensors (no second copy of the ba
 the networks are sharded with FSDP, where every network is sharded on its own and gets its own
 copy. Adapters start with B = 0 (peft's default), so a LoRA student starts equal to the teacher.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,7 @@ __all__ = [
     "lora_only_state_dict",
 ]
 
+
 def lora_targets(backbone: nn.Module, targets: list[str] | None = None, family: str | None = None) -> list[str]:
     """The configured targets, or the family default (`Family.lora_targets`), keeping only
     suffixes present in the model."""
@@ -34,26 +37,42 @@ def lora_targets(backbone: nn.Module, targets: list[str] | None = None, family: 
     names = [n for n, _ in backbone.named_modules()]
     present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
     if not present:
-        raise ValueError(f"lora.target_modules={targets}: none of these module names occur in "
-                         f"{type(backbone).__name__}")
+        raise ValueError(
+            f"lora.target_modules={targets}: none of these module names occur in {type(backbone).__name__}"
+        )
     return present
 
 
-def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
-             adapter_name: str = "default") -> nn.Module:
+def add_lora(
+    backbone: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    dropout: float = 0.0,
+    adapter_name: str = "default",
+) -> nn.Module:
     """Inject LoRA adapters in place; only adapter weights stay trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
     backbone.requires_grad_(False)
-    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=list(targets),
-                     init_lora_weights=True)
+    cfg = LoraConfig(
+        r=int(rank),
+        lora_alpha=float(alpha),
+        lora_dropout=float(dropout),
+        target_modules=list(targets),
+        init_lora_weights=True,
+    )
     inject_adapter_in_model(cfg, backbone, adapter_name=adapter_name)
     for n, p in backbone.named_parameters():
         p.requires_grad_("lora_" in n)
         if "lora_" in n and p.dtype != torch.float32:  # peft follows the base dtype; train adapters in fp32
             p.data = p.data.float()
-    backbone._fewstep_lora = {"rank": int(rank), "alpha": float(alpha), "targets": list(targets),
-                              "adapter": adapter_name}
+    backbone._fewstep_lora = {
+        "rank": int(rank),
+        "alpha": float(alpha),
+        "targets": list(targets),
+        "adapter": adapter_name,
+    }
     return backbone
 
 
@@ -71,8 +90,9 @@ def copy_backbone(backbone: nn.Module, share_frozen: bool) -> nn.Module:
     return copy.deepcopy(backbone, memo)
 
 
-def make_factories(lora_cfg: Any, *, sharded: bool = False, gradient_checkpointing: bool = False,
-                   family: str | None = None) -> tuple[Callable[[Denoiser], Denoiser], Callable[[Denoiser], Denoiser]]:
+def make_factories(
+    lora_cfg: Any, *, sharded: bool = False, gradient_checkpointing: bool = False, family: str | None = None
+) -> tuple[Callable[[Denoiser], Denoiser], Callable[[Denoiser], Denoiser]]:
     """(make_student, make_copy) for a run: full trainable copies in float32, or LoRA on frozen
     weights, per `lora.student` / `lora.fake`."""
 

@@ -7,6 +7,7 @@ A checkpoint whose manifest is missing (an older fewstep wrote it, or the save s
 end) or disagrees with a file (truncated, overwritten, deleted) is not verified; `resume=latest`
 then falls back to the newest verified checkpoint and says which it skipped and why.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,9 @@ def _files(folder: Path) -> list[Path]:
 def write_manifest(folder: str | Path) -> Path:
     """Record every file under `folder` (sizes and sha256) in folder/manifest.json, synced to disk."""
     folder = Path(folder)
-    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-               for p in _files(folder)}
+    entries = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(folder)
+    }
     out = folder / MANIFEST
     with open(out, "w") as f:
         json.dump({"format": 1, "files": entries}, f, indent=1, sort_keys=True)

@@ -5,6 +5,7 @@ trainable weights a float32 gradient, AdamW's two float32 moments and (for the s
 EMA shadow. Under FSDP all of it is divided by the number of processes (the teacher included).
 Activations are not included: they depend on batch size, resolution and checkpointing.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,16 +15,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["RoleMemory", "role_memory", "estimate_table", "format_bytes", "format_count",
-           "peak_memory_bytes", "current_rss_bytes", "reset_peak"]
+__all__ = [
+    "RoleMemory",
+    "role_memory",
+    "estimate_table",
+    "format_bytes",
+    "format_count",
+    "peak_memory_bytes",
+    "current_rss_bytes",
+    "reset_peak",
+]
 
 
 @dataclass
 class RoleMemory:
     role: str
     cls: str
-    params: int            # parameters of this role not already counted for an earlier role
-    shared: int            # parameters shared with an earlier role (counted there)
+    params: int  # parameters of this role not already counted for an earlier role
+    shared: int  # parameters shared with an earlier role (counted there)
     trainable: int
     weight_bytes: int
     grad_bytes: int
@@ -39,9 +48,14 @@ def _elt(p: torch.Tensor) -> int:
     return p.element_size()
 
 
-def role_memory(nets: dict[str, nn.Module], trainable_roles: set[str], ema_role: str | None,
-                num_processes: int = 1, sharded: bool = False,
-                order: tuple[str, ...] = ("teacher", "student", "fake", "disc", "discriminator")) -> list[RoleMemory]:
+def role_memory(
+    nets: dict[str, nn.Module],
+    trainable_roles: set[str],
+    ema_role: str | None,
+    num_processes: int = 1,
+    sharded: bool = False,
+    order: tuple[str, ...] = ("teacher", "student", "fake", "disc", "discriminator"),
+) -> list[RoleMemory]:
     """Per-role counts and bytes per process. Shared tensors (a LoRA student on the teacher's
     weights, one network under two roles) are counted once, for the first role in `order`."""
     seen: set[int] = set()
@@ -90,19 +104,25 @@ def format_count(n: int) -> str:
 
 
 def estimate_table(rows: list[RoleMemory]) -> str:
-    head = f"{'role':<10} {'class':<26} {'params':>9} {'trainable':>17} {'weights':>11} {'grads':>11} " \
-           f"{'adamw':>11} {'ema':>11} {'total':>11}"
+    head = (
+        f"{'role':<10} {'class':<26} {'params':>9} {'trainable':>17} {'weights':>11} {'grads':>11} "
+        f"{'adamw':>11} {'ema':>11} {'total':>11}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = f" ({100 * r.trainable / max(1, r.params):.1f}%)" if r.trainable else ""
         pshow = format_count(r.params) + (f" +{format_count(r.shared)} shared" if r.shared else "")
-        lines.append(f"{r.role:<10} {r.cls[:26]:<26} {pshow:>9} {format_count(r.trainable) + pct:>17} "
-                     f"{format_bytes(r.weight_bytes):>11} {format_bytes(r.grad_bytes):>11} "
-                     f"{format_bytes(r.optim_bytes):>11} {format_bytes(r.ema_bytes):>11} {format_bytes(r.total):>11}")
+        lines.append(
+            f"{r.role:<10} {r.cls[:26]:<26} {pshow:>9} {format_count(r.trainable) + pct:>17} "
+            f"{format_bytes(r.weight_bytes):>11} {format_bytes(r.grad_bytes):>11} "
+            f"{format_bytes(r.optim_bytes):>11} {format_bytes(r.ema_bytes):>11} {format_bytes(r.total):>11}"
+        )
     tot = sum(r.total for r in rows)
-    lines.append(f"{'total':<10} {'':<26} {format_count(sum(r.params for r in rows)):>9} "
-                 f"{format_count(sum(r.trainable for r in rows)):>17} {'':>11} {'':>11} {'':>11} {'':>11} "
-                 f"{format_bytes(tot):>11}")
+    lines.append(
+        f"{'total':<10} {'':<26} {format_count(sum(r.params for r in rows)):>9} "
+        f"{format_count(sum(r.trainable for r in rows)):>17} {'':>11} {'':>11} {'':>11} {'':>11} "
+        f"{format_bytes(tot):>11}"
+    )
     return "\n".join(lines)
 
 

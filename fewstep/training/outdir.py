@@ -10,6 +10,7 @@ With `overwrite=true` and a non-empty output_dir the old run is renamed to a hid
 removed), `commit()` deletes it. A sibling left by a killed process is never overwritten: the
 next overwrite names it and stops.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,12 +34,16 @@ def set_aside(cfg: Config, run_dir: Path, accelerator) -> Path:
     """A non-empty output folder without resume: refuse it unless overwrite=true, then move the old
     run aside (collective); returns where it is kept until the new run has a checkpoint."""
     if not cfg.overwrite:
-        raise ConfigError(f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to "
-                          "continue it, overwrite=true to replace it, or another output_dir")
+        raise ConfigError(
+            f"output_dir {str(run_dir)!r} exists and is not empty: pass resume=latest to "
+            "continue it, overwrite=true to replace it, or another output_dir"
+        )
     aside = aside_path(run_dir)
     if aside.exists():
-        raise ConfigError(f"overwrite=true: {aside} holds the run an interrupted overwrite of "
-                          f"{str(run_dir)!r} set aside; move it back or delete it first")
+        raise ConfigError(
+            f"overwrite=true: {aside} holds the run an interrupted overwrite of "
+            f"{str(run_dir)!r} set aside; move it back or delete it first"
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(run_dir, aside)
@@ -50,8 +55,8 @@ class OutputFolder:
         self.run_dir = run_dir
         self.main = main
         self.resume_from = resume_from
-        self.aside = aside          # the old run while the new one has no checkpoint yet
-        self.created = created      # the folder did not exist before this run
+        self.aside = aside  # the old run while the new one has no checkpoint yet
+        self.created = created  # the folder did not exist before this run
 
     @classmethod
     def prepare(cls, cfg: Config, run_dir: Path, accelerator, say: Callable[[str], None]) -> OutputFolder:
@@ -71,8 +76,7 @@ class OutputFolder:
         elif nonempty:
             aside = set_aside(cfg, run_dir, accelerator)
             if main:
-                say(f"overwrite=true: the previous run is kept in {aside} until this run writes its first "
-                    "checkpoint")
+                say(f"overwrite=true: the previous run is kept in {aside} until this run writes its first checkpoint")
         accelerator.wait_for_everyone()
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)

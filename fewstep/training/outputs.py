@@ -1,6 +1,7 @@
 """What a run leaves behind: the student's final weights (a diffusers model folder with the config
 that rebuilds its backbone, LoRA merged; the EMA likewise; the adapter alone), sample grids, the
 run card and the one-line summary."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,13 +44,16 @@ def backbone_config(bb: nn.Module) -> dict | None:
 def _module_record(bb: nn.Module) -> dict[str, Any]:
     """For a backbone that is not a diffusers model: its class, for the code that rebuilds it."""
     cls = type(bb)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}",
-            "note": "not a diffusers model: build this class as the training script did, then load "
-                    "model.safetensors into it"}
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "note": "not a diffusers model: build this class as the training script did, then load "
+        "model.safetensors into it",
+    }
 
 
-def save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator,
-               folder: str = "student") -> dict[str, str]:
+def save_final(
+    run_dir: Path, student: nn.Module, ema: EMA | None, accelerator, folder: str = "student"
+) -> dict[str, str]:
     """The student's weights as a diffusers model folder (LoRA merged), its EMA likewise, and the
     LoRA adapters alone. Collective under FSDP."""
     from safetensors.torch import save_file
@@ -92,18 +96,42 @@ def save_final(run_dir: Path, student: nn.Module, ema: EMA | None, accelerator,
     if sd_ema is not None:
         write(f"{folder}_ema", sd_ema)
     # the student's adapter alone (a shared backbone may also hold other roles' adapters)
-    adapter = {k.replace(f".{meta['adapter']}.", "."): v for k, v in lora_only_state_dict(sd).items()
-               if f".{meta['adapter']}." in k} if meta else {}
+    adapter = (
+        {
+            k.replace(f".{meta['adapter']}.", "."): v
+            for k, v in lora_only_state_dict(sd).items()
+            if f".{meta['adapter']}." in k
+        }
+        if meta
+        else {}
+    )
     if adapter:
-        save_file(adapter, str(out / f"{folder}_lora.safetensors"),
-                  metadata={"rank": str(meta["rank"]), "alpha": str(meta["alpha"]),
-                            "target_modules": json.dumps(meta["targets"])})
+        save_file(
+            adapter,
+            str(out / f"{folder}_lora.safetensors"),
+            metadata={
+                "rank": str(meta["rank"]),
+                "alpha": str(meta["alpha"]),
+                "target_modules": json.dumps(meta["targets"]),
+            },
+        )
         files[f"{folder}_lora"] = str((out / f"{folder}_lora.safetensors").relative_to(run_dir))
     return files
 
 
-def sample_grid(cfg, student: nn.Module, sampling: dict, bundle, source, run_dir: Path, step_done: int,
-                main: bool, sharded: bool, device, ema: EMA | None = None) -> Path | None:
+def sample_grid(
+    cfg,
+    student: nn.Module,
+    sampling: dict,
+    bundle,
+    source,
+    run_dir: Path,
+    step_done: int,
+    main: bool,
+    sharded: bool,
+    device,
+    ema: EMA | None = None,
+) -> Path | None:
     """The student's sample grid at `step_done` (with `ema`: under the EMA weights), written by the
     main process (every process samples when the networks are sharded); torch's RNG is left as it was."""
     if not (main or sharded):
@@ -112,16 +140,23 @@ def sample_grid(cfg, student: nn.Module, sampling: dict, bundle, source, run_dir
     n = cfg.log.sample_count
     noise = initial_noise((n, *bundle.latent_shape), torch.Generator().manual_seed(cfg.log.sample_seed), device)
     with ema.swapped() if ema is not None else nullcontext():
-        x0 = sample(student, noise, source.grid_cond(n), sampling["times"], renoise=sampling["renoise"],
-                    generator=torch.Generator().manual_seed(cfg.log.sample_seed + 1))
+        x0 = sample(
+            student,
+            noise,
+            source.grid_cond(n),
+            sampling["times"],
+            renoise=sampling["renoise"],
+            generator=torch.Generator().manual_seed(cfg.log.sample_seed + 1),
+        )
     torch.set_rng_state(rng)
     if not main:
         return None
     images = bundle.decode(x0) if bundle.decode is not None else x0
     k = source.num_classes
     tag = "_ema" if ema is not None else ""
-    return save_grid(images, run_dir / "samples" / f"step_{step_done:07d}{tag}.png",
-                     nrow=k if k and k <= n and k <= 16 else None)
+    return save_grid(
+        images, run_dir / "samples" / f"step_{step_done:07d}{tag}.png", nrow=k if k and k <= n and k <= 16 else None
+    )
 
 
 def _jsonable(p: Any) -> dict | None:
@@ -130,9 +165,25 @@ def _jsonable(p: Any) -> dict | None:
     return json.loads(json.dumps(dataclasses.asdict(p), default=str))
 
 
-def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes: int | None, *, steps_done: int,
-             wall: float, loop_time: float, skipped: int, world: int, sharded: bool, mp: str,
-             files: dict[str, str], logs: dict[str, float], updates: dict[str, int] | None = None) -> dict[str, Any]:
+def run_card(
+    cfg,
+    params: Any,
+    obj: Any,
+    bundle,
+    family: str | None,
+    num_classes: int | None,
+    *,
+    steps_done: int,
+    wall: float,
+    loop_time: float,
+    skipped: int,
+    world: int,
+    sharded: bool,
+    mp: str,
+    files: dict[str, str],
+    logs: dict[str, float],
+    updates: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """The run card (run_card.json): what was trained, from which teacher, how the student samples,
     how long it took, and where its files are."""
     from ..config import config_to_dict
@@ -141,18 +192,27 @@ def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes
         "name": cfg.name,
         "objective": cfg.objective.name,
         "objective_params": _jsonable(params),
-        "teacher": {"source": bundle.source, "family": family, "latent_shape": list(bundle.latent_shape),
-                    "num_classes": num_classes, "null_class": bundle.null_class},
-        "sampling": {"times": [float(t) for t in obj.sampling["times"]], "renoise": obj.sampling["renoise"],
-                     **({"prediction_type": obj.sampling["prediction_type"]}
-                        if obj.sampling.get("prediction_type") else {}),
-                     # the objective's own grids at other step counts (evaluation and export read them)
-                     **({"times_by_steps": {str(k): [float(t) for t in v]
-                                            for k, v in obj.sampling["times_by_steps"].items()}}
-                        if obj.sampling.get("times_by_steps") else {})},
+        "teacher": {
+            "source": bundle.source,
+            "family": family,
+            "latent_shape": list(bundle.latent_shape),
+            "num_classes": num_classes,
+            "null_class": bundle.null_class,
+        },
+        "sampling": {
+            "times": [float(t) for t in obj.sampling["times"]],
+            "renoise": obj.sampling["renoise"],
+            **({"prediction_type": obj.sampling["prediction_type"]} if obj.sampling.get("prediction_type") else {}),
+            # the objective's own grids at other step counts (evaluation and export read them)
+            **(
+                {"times_by_steps": {str(k): [float(t) for t in v] for k, v in obj.sampling["times_by_steps"].items()}}
+                if obj.sampling.get("times_by_steps")
+                else {}
+            ),
+        },
         "steps": steps_done,
         "steps_planned": cfg.steps,
-        "updates": updates,          # optimizer updates per group (DMD family: "generator" < steps)
+        "updates": updates,  # optimizer updates per group (DMD family: "generator" < steps)
         "batch_size": cfg.data.batch_size,
         "wall_time_s": round(wall, 2),
         "train_time_s": round(loop_time, 2),
@@ -160,8 +220,9 @@ def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, num_classes
         "processes": world,
         "sharded": sharded,
         "mixed_precision": mp,
-        "lora": {"student": cfg.lora.student, "fake": cfg.lora.fake, "rank": cfg.lora.rank,
-                 "alpha": cfg.lora.alpha} if (cfg.lora.student or cfg.lora.fake) else None,
+        "lora": {"student": cfg.lora.student, "fake": cfg.lora.fake, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha}
+        if (cfg.lora.student or cfg.lora.fake)
+        else None,
         "ema_rate": cfg.ema.rate,
         "files": files,
         "final_logs": logs,

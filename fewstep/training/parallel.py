@@ -16,11 +16,13 @@ Mixed precision (bf16): each backbone's forward runs under autocast and its outp
 to float32, so only the backbone runs in bf16 and everything around it (paths, guidance,
 losses) stays float32.
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,8 +78,9 @@ def make_accelerator(mixed_precision: str | None, trackers: list[str], project_d
     if mp is None:
         mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
     if mp == "fp16":
-        raise ValueError("precision.mixed_precision=fp16 is not supported (fp16 diverges for score distillation); "
-                         "use bf16")
+        raise ValueError(
+            "precision.mixed_precision=fp16 is not supported (fp16 diverges for score distillation); use bf16"
+        )
     if mp not in ("no", "bf16"):
         raise ValueError(f"precision.mixed_precision={mp!r}: expected 'no' or 'bf16'")
     usable, _ = available_trackers(trackers)
@@ -96,8 +99,10 @@ def is_fsdp(accelerator) -> bool:
         return False
     plugin = accelerator.state.fsdp_plugin
     if getattr(plugin, "fsdp_version", 1) != 2:
-        raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
-                         "(configs/accelerate/fsdp2.yaml)")
+        raise ValueError(
+            "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+            "(configs/accelerate/fsdp2.yaml)"
+        )
     return True
 
 
@@ -154,7 +159,7 @@ def wrap_autocast(module: nn.Module, device_type: str, dtype: torch.dtype = torc
 def _to_fp32(out: Any) -> Any:
     if torch.is_tensor(out):
         return out.float() if out.is_floating_point() and out.dtype in (torch.bfloat16, torch.float16) else out
-    if hasattr(out, "sample") and torch.is_tensor(getattr(out, "sample")):
+    if hasattr(out, "sample") and torch.is_tensor(out.sample):
         out.sample = _to_fp32(out.sample)
         return out
     if isinstance(out, tuple):
@@ -192,13 +197,12 @@ def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
     live = [p for p, h in zip(params, has.tolist()) if h > 0]
     for bucket in _buckets(live):
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for p in bucket])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in bucket])
         dist.all_reduce(flat)
         flat /= world_size
         off = 0
         for p in bucket:
-            g = flat[off:off + p.numel()].view_as(p).to(p.dtype)
+            g = flat[off : off + p.numel()].view_as(p).to(p.dtype)
             if p.grad is None:
                 p.grad = g.clone()
             else:

@@ -8,6 +8,7 @@ repository root or fewstep's source; must be a folder that can be written or cre
 teacher source (an embedded name, a pipeline folder with model_index.json, or a hub id), the data
 files, the prompts against the teacher's kind, and a resume folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def _check_teacher(source: str) -> None:
             raise ConfigError(f"teacher.source={source!r} is a file; give a diffusers pipeline folder")
         index = p / "model_index.json"
         if not index.is_file():
-            raise ConfigError(f"teacher.source={source!r}: {p} has no model_index.json (not a diffusers pipeline "
-                              "folder)")
+            raise ConfigError(
+                f"teacher.source={source!r}: {p} has no model_index.json (not a diffusers pipeline folder)"
+            )
         try:
             json.loads(index.read_text())
         except ValueError as e:
@@ -62,8 +64,10 @@ def preflight(cfg: Config, check_teacher: bool = True) -> Config:
     run_dir = cfg.run_dir()
     why = dangerous_folder(run_dir)
     if why:
-        raise ConfigError(f"output_dir={str(run_dir)!r} is refused: {why} (a run may delete or replace its "
-                          "output folder); give a folder of its own, e.g. runs/<name>")
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} is refused: {why} (a run may delete or replace its "
+            "output folder); give a folder of its own, e.g. runs/<name>"
+        )
     try:
         check_output_folder(run_dir, "output_dir")
     except UserError as e:
@@ -78,11 +82,15 @@ def preflight(cfg: Config, check_teacher: bool = True) -> Config:
         _check_teacher(cfg.teacher.source)
         text = teacher_is_text(cfg.teacher.source)
         if text is False and cfg.data.prompts is not None:
-            raise ConfigError(f"data.prompts: the teacher {cfg.teacher.source!r} is class-conditional (no text "
-                              "encoder); use data.num_classes, or a text-to-image teacher")
+            raise ConfigError(
+                f"data.prompts: the teacher {cfg.teacher.source!r} is class-conditional (no text "
+                "encoder); use data.num_classes, or a text-to-image teacher"
+            )
         if text is True and cfg.data.prompts is None:
-            raise ConfigError(f"data.prompts: the teacher {cfg.teacher.source!r} is text-conditioned; give a prompt "
-                              "file (one prompt a line)")
+            raise ConfigError(
+                f"data.prompts: the teacher {cfg.teacher.source!r} is text-conditioned; give a prompt "
+                "file (one prompt a line)"
+            )
 
     from ..objectives.registry import make_params
 

@@ -16,6 +16,7 @@
   a changed `steps` with a decaying schedule is allowed and said (the schedule is laid out
   over the new total); a different objective is an error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,13 @@ def _step_of(ckpt: Path) -> int:
     return int(read_state(ckpt)["step"])
 
 
-def choose_checkpoint(cfg: Config, run_dir: Path, say: Callable[[str], None], main: bool = True,
-                      barrier: Callable[[], None] = lambda: None) -> Path | None:
+def choose_checkpoint(
+    cfg: Config,
+    run_dir: Path,
+    say: Callable[[str], None],
+    main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path | None:
     """The checkpoint to resume from (None: start afresh), after moving aside what must not stay.
     Every process calls it; only `main` moves folders."""
     if cfg.resume is None:
@@ -82,16 +88,19 @@ def choose_checkpoint(cfg: Config, run_dir: Path, say: Callable[[str], None], ma
             chosen = marked
             notes = [n for n in notes if not n.startswith(marked.name + " ")]
         if chosen is None and cks:
-            raise CheckpointError(f"resume=latest: no usable checkpoint in {run_dir / 'checkpoints'}: "
-                                  + "; ".join(notes))
+            raise CheckpointError(
+                f"resume=latest: no usable checkpoint in {run_dir / 'checkpoints'}: " + "; ".join(notes)
+            )
         if chosen is None:
             return None
         aside = [p for s, p in cks if s > _step_of(chosen)]
         if notes:
             say(f"resume=latest: skipped {', '.join(notes)}; resuming from {chosen}")
         if is_marked(read_state(chosen)):
-            say(f"resume=latest: {chosen} is the only usable checkpoint; it was written during a streak of "
-                "non-finite updates")
+            say(
+                f"resume=latest: {chosen} is the only usable checkpoint; it was written during a streak of "
+                "non-finite updates"
+            )
     else:
         chosen = Path(cfg.resume)
         if not (chosen / "state.json").is_file():
@@ -109,17 +118,22 @@ def choose_checkpoint(cfg: Config, run_dir: Path, say: Callable[[str], None], ma
                 f"resume={cfg.resume!r}: step {step} is older than this run's latest checkpoint "
                 f"({later[-1].name}); continuing from it would write a second history into the same run. "
                 "Pass resume.branch=true to move the later checkpoints aside (they are kept under "
-                "checkpoints/set_aside/), or resume=latest")
+                "checkpoints/set_aside/), or resume=latest"
+            )
         aside = later
     state = read_state(chosen)
     step = int(state["step"])
     was = (state.get("settings") or {}).get("objective")
     if was is not None and was != cfg.objective.name:
-        raise CheckpointError(f"resume: {chosen} was trained with objective {was!r}, this run asks for "
-                              f"objective.name={cfg.objective.name!r}")
+        raise CheckpointError(
+            f"resume: {chosen} was trained with objective {was!r}, this run asks for "
+            f"objective.name={cfg.objective.name!r}"
+        )
     if getattr(cfg, "generator_steps", None) is None and cfg.steps < step:  # else checked once steps is resolved
-        raise ConfigError(f"steps={cfg.steps} is below the step of the checkpoint to resume ({step}, {chosen}): "
-                          f"nothing would be trained; set steps >= {step}")
+        raise ConfigError(
+            f"steps={cfg.steps} is below the step of the checkpoint to resume ({step}, {chosen}): "
+            f"nothing would be trained; set steps >= {step}"
+        )
     barrier()
     if main and aside:
         dest = _move_aside(run_dir, aside)
@@ -135,22 +149,28 @@ def settings(cfg: Config, gcfg: dict[str, Any], objective: str, params: Any) -> 
         "objective": objective,
         "objective_params": json.loads(json.dumps(p, default=str)),
         "steps": cfg.steps,
-        "optim": {g: {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                      ((k, getattr(c, k)) for k in OPTIM_KEYS)} for g, c in gcfg.items()},
+        "optim": {
+            g: {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(c, k)) for k in OPTIM_KEYS)}
+            for g, c in gcfg.items()
+        },
     }
 
 
 def check_resumed(state: dict[str, Any], now: dict[str, Any], say: Callable[[str], None]) -> None:
     """Refuse a resume that changes what the checkpoint's state fixes; say what changes legitimately."""
     if int(state["step"]) > now["steps"]:
-        raise ConfigError(f"steps={now['steps']} is below the step of the checkpoint to resume ({state['step']}): "
-                          f"nothing would be trained; set steps >= {state['step']}")
+        raise ConfigError(
+            f"steps={now['steps']} is below the step of the checkpoint to resume ({state['step']}): "
+            f"nothing would be trained; set steps >= {state['step']}"
+        )
     old = state.get("settings")
     if not old:  # a checkpoint of an older fewstep: nothing to compare
         return
     if old["objective"] != now["objective"]:
-        raise CheckpointError(f"resume: the checkpoint was trained with objective {old['objective']!r}, this run "
-                              f"asks for {now['objective']!r}")
+        raise CheckpointError(
+            f"resume: the checkpoint was trained with objective {old['objective']!r}, this run "
+            f"asks for {now['objective']!r}"
+        )
     for g, new in now["optim"].items():
         was = old["optim"].get(g)
         if was is None:
@@ -160,9 +180,12 @@ def check_resumed(state: dict[str, Any], now: dict[str, Any], say: Callable[[str
                 raise ConfigError(
                     f"optim.{g}.{k}: the checkpoint was trained with {was.get(k)!r}, this run asks for "
                     f"{new.get(k)!r}; the restored optimizer and scheduler state would keep {was.get(k)!r}. "
-                    f"Resume with optim.{g}.{k}={was.get(k)!r}, or start a new run")
+                    f"Resume with optim.{g}.{k}={was.get(k)!r}, or start a new run"
+                )
     if old.get("steps") != now["steps"]:
         moving = [g for g, c in now["optim"].items() if c["scheduler"] != "constant"]
         if moving:
-            say(f"resume: steps {old.get('steps')} -> {now['steps']}: the learning-rate schedule of "
-                f"{', '.join(moving)} is laid out over {now['steps']} steps from here on")
+            say(
+                f"resume: steps {old.get('steps')} -> {now['steps']}: the learning-rate schedule of "
+                f"{', '.join(moving)} is laid out over {now['steps']} steps from here on"
+            )

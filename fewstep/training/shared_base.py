@@ -2,6 +2,7 @@
 Denoiser view of each role, so a DMD2 run (teacher, student, fake score) holds one backbone
 instead of three. Built by `fewstep.objectives.dmd.build` when `objective.shared_base` is true.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,6 +16,7 @@ from ..denoiser import Denoiser
 from ..families import default_lora_targets
 
 __all__ = ["SharedBase", "RoleView"]
+
 
 class SharedBase:
     """The teacher's backbone with one LoRA adapter per trainable role (peft), so a DMD2 run
@@ -31,28 +33,37 @@ class SharedBase:
     backward would run with whatever adapter is then active): `build` refuses that combination.
     """
 
-    def __init__(self, denoiser: Denoiser, roles: list[str], rank: int = 16, alpha: float = 16.0,
-                 targets: list[str] | tuple[str, ...] | None = None, dropout: float = 0.0):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        roles: list[str],
+        rank: int = 16,
+        alpha: float = 16.0,
+        targets: list[str] | tuple[str, ...] | None = None,
+        dropout: float = 0.0,
+    ):
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.denoiser = denoiser
         bb = denoiser.backbone
         if getattr(bb, "is_gradient_checkpointing", False):
-            raise ValueError("objective.shared_base=true cannot run with gradient checkpointing in the backbone "
-                             "(its recomputation would see the wrong adapter); disable one of them")
+            raise ValueError(
+                "objective.shared_base=true cannot run with gradient checkpointing in the backbone "
+                "(its recomputation would see the wrong adapter); disable one of them"
+            )
         targets = tuple(targets or default_lora_targets(bb))
         names = [n for n, _ in bb.named_modules()]
         found = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
         if not found:
-            raise ValueError(f"lora.target_modules: none of {list(targets)} names a module of "
-                             f"{type(bb).__name__}")
+            raise ValueError(f"lora.target_modules: none of {list(targets)} names a module of {type(bb).__name__}")
         bb.requires_grad_(False)
         with warnings.catch_warnings():  # a second adapter on one model is the point here
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             for role in roles:
-                cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=found,
-                                 lora_dropout=float(dropout))
+                cfg = LoraConfig(
+                    r=int(rank), lora_alpha=float(alpha), target_modules=found, lora_dropout=float(dropout)
+                )
                 inject_adapter_in_model(cfg, bb, adapter_name=role)
         # what the entry point reads to save the final student with its adapter merged (the
         # same record fewstep.training.lora.add_lora leaves)

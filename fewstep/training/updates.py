@@ -6,6 +6,7 @@ step and the student every `objective.fake_updates_per_generator` steps, so `ste
 fake-score updates. `generator_steps` sets the number of student updates directly; the run's step
 count is then the first step count that makes that many (and `steps`, where also given, must be it).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,8 +44,10 @@ def resolve_steps(cfg: Config, obj: Any) -> int:
     want = int(cfg.generator_steps)
     g = student_group(obj)
     if g is None:
-        raise ConfigError(f"generator_steps={want}: objective {cfg.objective.name!r} has no optimizer group "
-                          "that trains the student; set steps instead")
+        raise ConfigError(
+            f"generator_steps={want}: objective {cfg.objective.name!r} has no optimizer group "
+            "that trains the student; set steps instead"
+        )
     n = 0
     for s in range(_MAX_STEPS):
         if g in obj.phases(s):
@@ -52,12 +55,16 @@ def resolve_steps(cfg: Config, obj: Any) -> int:
             if n == want:
                 break
     else:
-        raise ConfigError(f"generator_steps={want}: objective {cfg.objective.name!r} does not reach that many "
-                          f"updates of group {g!r} in {_MAX_STEPS} steps")
+        raise ConfigError(
+            f"generator_steps={want}: objective {cfg.objective.name!r} does not reach that many "
+            f"updates of group {g!r} in {_MAX_STEPS} steps"
+        )
     total = s + 1
     if cfg.steps is not None and int(cfg.steps) != total:
         per = total / want
-        raise ConfigError(f"steps={cfg.steps} and generator_steps={want} disagree: objective "
-                          f"{cfg.objective.name!r} updates group {g!r} once every {per:g} steps, so "
-                          f"{want} generator updates take steps={total}; set one of the two")
+        raise ConfigError(
+            f"steps={cfg.steps} and generator_steps={want} disagree: objective "
+            f"{cfg.objective.name!r} updates group {g!r} once every {per:g} steps, so "
+            f"{want} generator updates take steps={total}; set one of the two"
+        )
     return total

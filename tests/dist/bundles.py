@@ -1,5 +1,6 @@
 """Teachers for the entry-point tests and the multi-process scripts: an exact Gaussian-mixture
 teacher (with real data drawn from a mixture) and tiny diffusers models of each family."""
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,15 @@ def gmm_bundle(shift: float = 0.0, real_data: bool = True, learnable: bool = Tru
             labels = torch.arange(256) % K
             return truth.sample_data(256, labels, generator=g), labels
 
-    return TeacherBundle(denoiser=den, latent_shape=tuple(means.shape[1:]), source="gmm", family=None,
-                         num_classes=K, null_class=K, real_data=real)
+    return TeacherBundle(
+        denoiser=den,
+        latent_shape=tuple(means.shape[1:]),
+        source="gmm",
+        family=None,
+        num_classes=K,
+        null_class=K,
+        real_data=real,
+    )
 
 
 def tiny_bundle(family: str = "dit", seed: int = 0, **kw) -> TeacherBundle:
@@ -44,6 +52,7 @@ def tiny_bundle(family: str = "dit", seed: int = 0, **kw) -> TeacherBundle:
     text = family not in ("dit", "unet")
     enc = None
     if text:
+
         def enc(prompts):
             parts = [tiny.cond(1, torch.Generator().manual_seed(sum(map(ord, p)) % 100_003)) for p in prompts]
             from fewstep.conditioning import cat_cond
@@ -51,6 +60,13 @@ def tiny_bundle(family: str = "dit", seed: int = 0, **kw) -> TeacherBundle:
             return cat_cond(*parts)
 
     null = NUM_CLASSES if family in ("dit", "unet") else None
-    return TeacherBundle(denoiser=tiny.denoiser, latent_shape=tuple(tiny.latent_shape), source=f"tiny-{family}",
-                         family=family, num_classes=None if text else NUM_CLASSES, null_class=null, text=text,
-                         encode_prompts=enc)
+    return TeacherBundle(
+        denoiser=tiny.denoiser,
+        latent_shape=tuple(tiny.latent_shape),
+        source=f"tiny-{family}",
+        family=family,
+        num_classes=None if text else NUM_CLASSES,
+        null_class=null,
+        text=text,
+        encode_prompts=enc,
+    )

@@ -12,6 +12,7 @@ Runs the dsm objective on a tiny DiT with two gloo processes:
 On CPU accelerate does not select FSDP itself, so the script sets the distributed type to FSDP
 with the plugin before training (the sharding code path is the one a GPU launch takes).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,18 +27,43 @@ from fewstep.training import run
 from tests.dist.bundles import tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["data.real_data=false", "objective.teacher_steps=1", "steps=4", "data.batch_size=4", "log.every=1",
-          "log.trackers=[]", "log.progress=false", "optim.default.lr=1e-2", "optim.default.warmup_steps=1",
-          "ema.rate=0.5", "checkpoint.every=0", "log.sample_every=0", "log.sample_count=2"]
+COMMON = [
+    "data.real_data=false",
+    "objective.teacher_steps=1",
+    "steps=4",
+    "data.batch_size=4",
+    "log.every=1",
+    "log.trackers=[]",
+    "log.progress=false",
+    "optim.default.lr=1e-2",
+    "optim.default.warmup_steps=1",
+    "ema.rate=0.5",
+    "checkpoint.every=0",
+    "log.sample_every=0",
+    "log.sample_count=2",
+]
 
 
 def cfg(out: Path, *extra: str):
     return load_config(ROOT / "configs" / "digits" / "dsm.yaml", [f"output_dir={out}", *COMMON, *extra])
 
 
-DMD2 = ["objective.fake_updates_per_generator=1", "objective.gan=false", "data.real_data=false", "objective.guidance=2.0", "data.batch_size=4", "steps=4",
-        "log.every=1", "log.trackers=[]", "log.progress=false", "checkpoint.every=0", "log.sample_every=0",
-        "log.sample_count=2", "checkpoint.state_dict=sharded", "optim.default.warmup_steps=0"]
+DMD2 = [
+    "objective.fake_updates_per_generator=1",
+    "objective.gan=false",
+    "data.real_data=false",
+    "objective.guidance=2.0",
+    "data.batch_size=4",
+    "steps=4",
+    "log.every=1",
+    "log.trackers=[]",
+    "log.progress=false",
+    "checkpoint.every=0",
+    "log.sample_every=0",
+    "log.sample_count=2",
+    "checkpoint.state_dict=sharded",
+    "optim.default.warmup_steps=0",
+]
 
 
 def dmd2_cfg(out: Path, *extra: str):
@@ -52,8 +78,12 @@ def fsdp_accelerator():
     AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator()
     acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-        cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,
+        cpu_ram_efficient_loading=False,
+        state_dict_type="SHARDED_STATE_DICT",
+    )
     acc.state.distributed_type = DistributedType.FSDP
     return acc
 
@@ -72,8 +102,7 @@ def main(out: Path) -> None:
         result[f"fsdp_{kind}"] = {"stopped": first.stopped_early, "steps": second.steps}
     run(dmd2_cfg(out / "dmd2_straight"), teacher=tiny_bundle("dit"), accelerator=fsdp_accelerator())
     run(dmd2_cfg(out / "dmd2_resumed", "stop_after=2"), teacher=tiny_bundle("dit"), accelerator=fsdp_accelerator())
-    r = run(dmd2_cfg(out / "dmd2_resumed", "resume=latest"), teacher=tiny_bundle("dit"),
-            accelerator=fsdp_accelerator())
+    r = run(dmd2_cfg(out / "dmd2_resumed", "resume=latest"), teacher=tiny_bundle("dit"), accelerator=fsdp_accelerator())
     result["dmd2"] = {"steps": r.steps}
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "dist_result.json").write_text(json.dumps(result))

@@ -1,6 +1,7 @@
 """A two-group objective for testing the entry point's machinery (not a distillation method):
 phase order, zeroing of every gradient, after_step, objective state, non-finite skipping and
 global-RNG draws that a resume must reproduce. Registered by the tests as "toy"."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 class ToyConfig:
     nan_steps: list[int] = field(default_factory=list)  # steps whose `nan_phase` loss is NaN
     nan_phase: str = "generator"
-    generator_every: int = 2                              # generator update every k steps (guidance every step)
+    generator_every: int = 2  # generator update every k steps (guidance every step)
 
 
 class Toy:
@@ -33,10 +34,17 @@ class Toy:
 
     def loss(self, phase, batch, step):
         grads_none = all(p.grad is None for m in self.nets.values() for p in m.parameters())
-        self.records.append({"step": step, "phase": phase, "student": self._sum("student"),
-                             "fake": self._sum("fake"), "grads_none": grads_none})
+        self.records.append(
+            {
+                "step": step,
+                "phase": phase,
+                "student": self._sum("student"),
+                "fake": self._sum("fake"),
+                "grads_none": grads_none,
+            }
+        )
         shape = batch["shape"]
-        noise = torch.randn(shape)                    # the global RNG: a resume must restore it
+        noise = torch.randn(shape)  # the global RNG: a resume must restore it
         t = torch.rand(shape[0]) * 0.9 + 0.05
         cond = batch["cond"]
         student, fake, teacher = self.nets["student"], self.nets["fake"], self.nets["teacher"]
@@ -67,7 +75,7 @@ class Toy:
         self.after_calls = d["after_calls"].clone()
 
 
-LAST: list[Toy] = []   # the objectives built in this process (tests read their records)
+LAST: list[Toy] = []  # the objectives built in this process (tests read their records)
 
 
 def build(params: ToyConfig, teacher, ctx) -> Toy:

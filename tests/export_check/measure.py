@@ -6,6 +6,7 @@ fresh process without fewstep) and fewstep's own sampler, per supported step cou
 
 Prints a markdown table (absolute max difference, and relative to the sample's max |x|).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,14 +50,19 @@ def main() -> int:
                 ref = T.fewstep_sample(run_dir, res.card, int(n), mp)
             got = T.pipeline_latents(str(root / f"{case}-{n}.safetensors"), res.card)
             err = (got - ref).abs().max().item()
-            rows.append((case, res.pipeline_class, res.plan.scheduler_class, n, err, err / ref.abs().max().item(),
-                         secs))
-    lines = ["| case | pipeline | scheduler | steps | max abs diff | relative | export s |",
-             "|---|---|---|---|---|---|---|"]
+            rows.append(
+                (case, res.pipeline_class, res.plan.scheduler_class, n, err, err / ref.abs().max().item(), secs)
+            )
+    lines = [
+        "| case | pipeline | scheduler | steps | max abs diff | relative | export s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     lines += [f"| {c} | {p} | {s} | {n} | {e:.2e} | {r:.2e} | {t:.2f} |" for c, p, s, n, e, r, t in rows]
     lines.append("")
-    lines.append(f"{len(jobs)} pipeline runs in one fresh process ({pipe_secs:.1f} s, fewstep imported there: "
-                 f"{status['fewstep_imported']}); torch {torch.__version__}, 1 thread.")
+    lines.append(
+        f"{len(jobs)} pipeline runs in one fresh process ({pipe_secs:.1f} s, fewstep imported there: "
+        f"{status['fewstep_imported']}); torch {torch.__version__}, 1 thread."
+    )
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -25,6 +25,7 @@ folder runs. jobs.json is a list of jobs, each a dict with
                      folder's pipeline from those latents at the remaining student timesteps
 Prints one JSON line: {"jobs": n, "fewstep_imported": false}.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,12 @@ def run_job(job):
     from safetensors.torch import load_file, save_file
 
     pipe = load(job)
-    kw = dict(num_inference_steps=job["steps"], guidance_scale=job["guidance_scale"], **job.get("call_kwargs", {}),
-              **job.get("extra", {}))
+    kw = dict(
+        num_inference_steps=job["steps"],
+        guidance_scale=job["guidance_scale"],
+        **job.get("call_kwargs", {}),
+        **job.get("extra", {}),
+    )
     gen = torch.Generator().manual_seed(job["generator_seed"])
     out = {}
     if "labels" in job:
@@ -75,25 +80,51 @@ def run_job(job):
         teacher = diffusers.DiffusionPipeline.from_pretrained(hy["teacher"])
         teacher.set_progress_bar_config(disable=True)
         teacher.scheduler = diffusers.DDIMScheduler.from_config(
-            teacher.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
-            steps_offset=0)
+            teacher.scheduler.config,
+            timestep_spacing="trailing",
+            set_alpha_to_one=True,
+            clip_sample=False,
+            steps_offset=0,
+        )
 
         def stop(p, i, t, kw):
             if i == hy["teacher_steps"] - 1:
                 p._interrupt = True
             return kw
 
-        x = teacher(prompt=job["prompts"], num_inference_steps=job["steps"], guidance_scale=hy["guidance"],
-                    latents=load_file(job["latents"])["latents"], output_type="latent", height=job["height"],
-                    width=job["width"], callback_on_step_end=stop).images
-        res = pipe(prompt=job["prompts"], timesteps=hy["timesteps"], guidance_scale=job["guidance_scale"], latents=x,
-                   generator=gen, output_type="latent", height=job["height"], width=job["width"])
+        x = teacher(
+            prompt=job["prompts"],
+            num_inference_steps=job["steps"],
+            guidance_scale=hy["guidance"],
+            latents=load_file(job["latents"])["latents"],
+            output_type="latent",
+            height=job["height"],
+            width=job["width"],
+            callback_on_step_end=stop,
+        ).images
+        res = pipe(
+            prompt=job["prompts"],
+            timesteps=hy["timesteps"],
+            guidance_scale=job["guidance_scale"],
+            latents=x,
+            generator=gen,
+            output_type="latent",
+            height=job["height"],
+            width=job["width"],
+        )
         out["latents"] = res.images.float()
     else:
         latents = load_file(job["latents"])["latents"]
         torch.manual_seed(job["global_seed"])
-        res = pipe(prompt=job["prompts"], latents=latents, generator=gen, output_type="latent",
-                   height=job["height"], width=job["width"], **kw)
+        res = pipe(
+            prompt=job["prompts"],
+            latents=latents,
+            generator=gen,
+            output_type="latent",
+            height=job["height"],
+            width=job["width"],
+            **kw,
+        )
         out["latents"] = res.images.float()
     save_file({k: v.contiguous() for k, v in out.items()}, job["out"])
 
@@ -103,8 +134,14 @@ def main(argv):
         jobs = json.load(f)
     for job in jobs:
         run_job(job)
-    print(json.dumps({"jobs": len(jobs), "fewstep_imported": any(m == "fewstep" or m.startswith("fewstep.")
-                                                                 for m in sys.modules)}))
+    print(
+        json.dumps(
+            {
+                "jobs": len(jobs),
+                "fewstep_imported": any(m == "fewstep" or m.startswith("fewstep.") for m in sys.modules),
+            }
+        )
+    )
     return 0
 
 
