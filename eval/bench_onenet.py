@@ -11,6 +11,7 @@ once), the trainable bytes, the AdamW state bytes after the run, the peak RSS of
 the mean wall seconds per step (every phase of the step). Wall times on a shared machine are upper
 bounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,10 @@ import torch
 
 
 def _child(config: str, steps: int, overrides: list[str]) -> dict:
-    from fewstep.training.bundle import load_bundle
-
     from fewstep.config import load_config
     from fewstep.objectives.base import trainable_parameters
     from fewstep.objectives.registry import BuildContext, build_objective, make_params
+    from fewstep.training.bundle import load_bundle
     from fewstep.training.data import BatchSource
     from fewstep.training.lora import make_factories
 
@@ -39,13 +39,32 @@ def _child(config: str, steps: int, overrides: list[str]) -> dict:
     bundle = load_bundle(cfg.teacher, torch.device("cpu"))
     tden = bundle.denoiser
     tden.requires_grad_(False)
-    source = BatchSource(bundle, cfg.data.batch_size, cfg.seed, 0, 1, torch.device("cpu"), cfg.data.real_data,
-                         cfg.data.prompts, cfg.data.num_classes, cfg.data.real_latents)
+    source = BatchSource(
+        bundle,
+        cfg.data.batch_size,
+        cfg.seed,
+        0,
+        1,
+        torch.device("cpu"),
+        cfg.data.real_data,
+        cfg.data.prompts,
+        cfg.data.num_classes,
+        cfg.data.real_latents,
+    )
     make_student, make_copy = make_factories(cfg.lora, family=bundle.family)
-    ctx = BuildContext(latent_shape=tuple(bundle.latent_shape), num_classes=source.num_classes,
-                       null_class=bundle.null_class, text=bundle.text, has_real_data=source.has_real_data,
-                       seed=cfg.seed, family=bundle.family, lora=cfg.lora, steps=steps,
-                       make_student=make_student, make_copy=make_copy)
+    ctx = BuildContext(
+        latent_shape=tuple(bundle.latent_shape),
+        num_classes=source.num_classes,
+        null_class=bundle.null_class,
+        text=bundle.text,
+        has_real_data=source.has_real_data,
+        seed=cfg.seed,
+        family=bundle.family,
+        lora=cfg.lora,
+        steps=steps,
+        make_student=make_student,
+        make_copy=make_copy,
+    )
     obj = build_objective(cfg.objective.name, make_params(cfg.objective.name, cfg.objective.params), tden, ctx)
     opts = {g: torch.optim.AdamW(trainable_parameters(obj, g), lr=1e-6) for g in obj.groups}
     seen, held, trainable = set(), 0, 0
@@ -70,13 +89,26 @@ def _child(config: str, steps: int, overrides: list[str]) -> dict:
     for step in range(1, steps + 1):
         one(step)
     sec = (time.perf_counter() - t0) / steps
-    state = sum(t.numel() * t.element_size() for o in opts.values() for s in o.state.values()
-                for t in s.values() if torch.is_tensor(t))
-    return {"config": config, "objective": cfg.objective.name, "teacher": cfg.teacher.source,
-            "batch_size": cfg.data.batch_size, "roles": sorted(obj.nets), "param_bytes": held,
-            "trainable_bytes": trainable, "adam_state_bytes": state, "steps": steps,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "seconds_per_step": round(sec, 3)}
+    state = sum(
+        t.numel() * t.element_size()
+        for o in opts.values()
+        for s in o.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+    return {
+        "config": config,
+        "objective": cfg.objective.name,
+        "teacher": cfg.teacher.source,
+        "batch_size": cfg.data.batch_size,
+        "roles": sorted(obj.nets),
+        "param_bytes": held,
+        "trainable_bytes": trainable,
+        "adam_state_bytes": state,
+        "steps": steps,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds_per_step": round(sec, 3),
+    }
 
 
 def main(argv=None) -> int:
@@ -96,18 +128,24 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, c, "--child", "--steps", str(args.steps)]
         for s in args.set:
             cmd += ["--set", s]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{c} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(line[7:]))
     mib = 2**20
-    lines = ["| preset | roles | parameter MiB held | trainable MiB | AdamW state MiB | peak RSS MiB | s/step |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | roles | parameter MiB held | trainable MiB | AdamW state MiB | peak RSS MiB | s/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| `{r['config']}` | {', '.join(r['roles'])} | {r['param_bytes'] / mib:.1f} | "
-                     f"{r['trainable_bytes'] / mib:.1f} | {r['adam_state_bytes'] / mib:.1f} | "
-                     f"{r['peak_rss_bytes'] / mib:.0f} | {r['seconds_per_step']} |")
+        lines.append(
+            f"| `{r['config']}` | {', '.join(r['roles'])} | {r['param_bytes'] / mib:.1f} | "
+            f"{r['trainable_bytes'] / mib:.1f} | {r['adam_state_bytes'] / mib:.1f} | "
+            f"{r['peak_rss_bytes'] / mib:.0f} | {r['seconds_per_step']} |"
+        )
     print("\n".join(lines))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     command = "python eval/bench_onenet.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,6 +1,7 @@
 """BOOT: the signal-space step is one teacher DDIM step, the bootstrap target is a fixed point of the
 exact student, a short run learns the teacher's ODE map on an exact mixture teacher, one step
 trains only the student on several backbone families, and data is refused."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.tiny import make_tiny
 from torch import nn
 
 from fewstep.denoiser import copy_denoiser
@@ -16,6 +16,7 @@ from fewstep.objectives.boot import BOOT, BOOTParams, build, signal_step
 from fewstep.paths import FlowPath, VPPath
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
+from tests.tiny import make_tiny
 
 VP = VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
 PATHS = {"vp": VP, "flow": FlowPath(1000)}
@@ -24,8 +25,12 @@ CLASSES = torch.tensor([0, 1, 1])
 
 
 def _ctx(**kw):
-    base = {"latent_shape": (2, 1, 1), "has_real_data": False, "gradient_checkpointing": False,
-                "make_student": lambda t: copy_denoiser(t)}
+    base = {
+        "latent_shape": (2, 1, 1),
+        "has_real_data": False,
+        "gradient_checkpointing": False,
+        "make_student": lambda t: copy_denoiser(t),
+    }
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -60,14 +65,13 @@ class _ExactStudent(nn.Module):
             s = float(target[i])
             j = min(range(len(self.grid)), key=lambda m: abs(self.grid[m] - s))
             assert abs(self.grid[j] - s) < 1e-6
-            c = None if cond is None else {k: v[i:i + 1] for k, v in cond.items()}
-            eps = x_in[i:i + 1]
+            c = None if cond is None else {k: v[i : i + 1] for k, v in cond.items()}
+            eps = x_in[i : i + 1]
             x = eps
-            for a, b in zip(self.grid[:j], self.grid[1:j + 1]):
+            for a, b in zip(self.grid[:j], self.grid[1 : j + 1]):
                 x = path.ddim_step(x, self.teacher(x, a, c, self.guidance), a, b)
             a_s, sig_s = path.alpha_sigma(torch.tensor([s]))
-            out[i] = (self.teacher(eps, 1.0, c, self.guidance)[0] if float(a_s) == 0.0
-                      else (x[0] - sig_s * eps[0]) / a_s)
+            out[i] = self.teacher(eps, 1.0, c, self.guidance)[0] if float(a_s) == 0.0 else (x[0] - sig_s * eps[0]) / a_s
         return out
 
 
@@ -100,8 +104,9 @@ class _MLPStudent(nn.Module):
 
     def __init__(self, d: int = 2, width: int = 128):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d + 8, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, d))
+        self.net = nn.Sequential(
+            nn.Linear(d + 8, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d)
+        )
 
     def forward(self, x_in, t, cond=None, guidance=1.0, output="x0", target=None):
         s = torch.as_tensor(target, dtype=torch.float32).reshape(-1, 1).expand(x_in.shape[0], 1)
@@ -119,7 +124,7 @@ def test_boot_learns_the_teachers_one_step_map(kind):
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     z = torch.randn(512, 2, 1, 1, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ode = sample(teacher, z, None, PATHS[kind].sampling_times(50))   # the map BOOT distils
+        ode = sample(teacher, z, None, PATHS[kind].sampling_times(50))  # the map BOOT distils
 
     exact = teacher.backbone.sample_data(2000, generator=torch.Generator().manual_seed(1))
 
@@ -138,8 +143,10 @@ def test_boot_learns_the_teachers_one_step_map(kind):
         opt.step()
         opt.zero_grad(set_to_none=True)
     after, w2_after = distance(), to_mixture()
-    print(f"{kind}: mean distance of the one-step output to the teacher's ODE endpoint {before:.3f} -> {after:.3f}; "
-          f"sliced W2 to the mixture {w2_before:.3f} -> {w2_after:.3f}")
+    print(
+        f"{kind}: mean distance of the one-step output to the teacher's ODE endpoint {before:.3f} -> {after:.3f}; "
+        f"sliced W2 to the mixture {w2_before:.3f} -> {w2_after:.3f}"
+    )
     assert after < 0.35 * before
     assert w2_after < 0.5 * w2_before
 
@@ -155,15 +162,25 @@ def _sliced_w2(a, b, n_proj=64, seed=3) -> float:
     return ((pa - pb) ** 2).mean().sqrt().item()
 
 
-@pytest.mark.parametrize("family,prediction", [("dit", "epsilon"), ("unet", "v_prediction"), ("sd15", "epsilon"),
-                                               ("pixart", "epsilon"), ("sd3", "flow"), ("flux", "flow")])
+@pytest.mark.parametrize(
+    "family,prediction",
+    [
+        ("dit", "epsilon"),
+        ("unet", "v_prediction"),
+        ("sd15", "epsilon"),
+        ("pixart", "epsilon"),
+        ("sd3", "flow"),
+        ("flux", "flow"),
+    ],
+)
 def test_one_step_trains_only_the_student(family, prediction):
     kw = {"guidance_embeds": False} if family == "flux" else {}
     tiny = make_tiny(family, prediction=prediction if prediction != "flow" else "epsilon", seed=1, **kw)
     teacher = tiny.denoiser
     ref = {k: v.clone() for k, v in teacher.backbone.state_dict().items()}
-    obj = build({"guidance": 2.0, "intervals": 4, "boundary_fraction": 0.5}, teacher,
-                _ctx(latent_shape=tiny.latent_shape))
+    obj = build(
+        {"guidance": 2.0, "intervals": 4, "boundary_fraction": 0.5}, teacher, _ctx(latent_shape=tiny.latent_shape)
+    )
     student = obj.nets["student"]
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     extra = [p for n, p in student.named_parameters() if n.endswith("extra.weight")]
@@ -182,10 +199,13 @@ def test_one_step_trains_only_the_student(family, prediction):
     assert type(solo.backbone) is type(teacher.backbone) and solo.backbone.state_dict().keys() == ref.keys()
     x, c = torch.randn(2, *tiny.latent_shape), tiny.cond(2)
     with torch.no_grad():
-        torch.testing.assert_close(solo(x, obj.p.input_time, c), student(x, obj.p.input_time, c),
-                                   rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(student(x, obj.p.input_time, c),
-                                   obj.g(x / teacher.path.init_noise_sigma, torch.zeros(2), c), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(solo(x, obj.p.input_time, c), student(x, obj.p.input_time, c), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            student(x, obj.p.input_time, c),
+            obj.g(x / teacher.path.init_noise_sigma, torch.zeros(2), c),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_real_data_is_refused_naming_the_key():
@@ -205,21 +225,40 @@ def test_preset_with_real_data_fails_at_start(tmp_path):
 
     tiny = make_tiny("dit", seed=0)
     lat, lab = torch.randn(20, *tiny.latent_shape), torch.arange(20) % 10
-    bundle = TeacherBundle(denoiser=tiny.denoiser, latent_shape=tiny.latent_shape, family="dit", num_classes=10,
-                           null_class=10, real_data=lambda: (lat, lab))
-    cfg = config_from_dict({"name": "boot-real", "output_dir": str(tmp_path / "run"), "steps": 1,
-                            "objective": {"name": "boot"}, "data": {"batch_size": 2, "real_data": True},
-                            "log": {"sample_every": 0, "trackers": [], "progress": False},
-                            "checkpoint": {"every": 0}})
+    bundle = TeacherBundle(
+        denoiser=tiny.denoiser,
+        latent_shape=tiny.latent_shape,
+        family="dit",
+        num_classes=10,
+        null_class=10,
+        real_data=lambda: (lat, lab),
+    )
+    cfg = config_from_dict(
+        {
+            "name": "boot-real",
+            "output_dir": str(tmp_path / "run"),
+            "steps": 1,
+            "objective": {"name": "boot"},
+            "data": {"batch_size": 2, "real_data": True},
+            "log": {"sample_every": 0, "trackers": [], "progress": False},
+            "checkpoint": {"every": 0},
+        }
+    )
     with pytest.raises(ValueError, match=r"data\.real_data"):
         run(cfg, teacher=bundle)
     assert not (tmp_path / "run" / "final").exists()
 
 
-@pytest.mark.parametrize("kw,key", [({"guidance": 0.5}, "guidance"), ({"intervals": 0}, "intervals"),
-                                    ({"input_time": 0.0}, "input_time"), ({"boundary_fraction": 1.0},
-                                                                          "boundary_fraction"),
-                                    ({"loss": "l1"}, "loss")])
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"guidance": 0.5}, "guidance"),
+        ({"intervals": 0}, "intervals"),
+        ({"input_time": 0.0}, "input_time"),
+        ({"boundary_fraction": 1.0}, "boundary_fraction"),
+        ({"loss": "l1"}, "loss"),
+    ],
+)
 def test_bad_params_name_the_key(kw, key):
     from fewstep.objectives.registry import make_params
 

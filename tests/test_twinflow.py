@@ -1,5 +1,6 @@
 """TwinFlow: which parts reach the negative-time branch, one step on tiny models of several
 families with one network held, a short run on a mixture, the any-step sampler, and bad input."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.tiny import make_tiny
 from torch import nn
 
 from fewstep.conditioning import Conditioner
@@ -15,6 +15,7 @@ from fewstep.objectives.twinflow import TwinFlow, TwinFlowParams, build, samplin
 from fewstep.paths import FlowPath
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
+from tests.tiny import make_tiny
 
 MEANS = torch.tensor([[2.0, 2.0], [-2.0, -1.0], [1.5, -2.0]]).view(3, 2, 1, 1)
 
@@ -37,8 +38,9 @@ class _TwoBranch(nn.Module):
         self.conditioner = _Plain()
 
         def mlp():
-            return nn.Sequential(nn.Linear(d + 2, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, d))
+            return nn.Sequential(
+                nn.Linear(d + 2, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d)
+            )
 
         self.pos, self.neg = mlp(), mlp()
         with torch.no_grad():  # the target time enters as the gap t - r through a zero-initialised column
@@ -146,8 +148,10 @@ def _ctx(**kw):
     return SimpleNamespace(**base)
 
 
-@pytest.mark.parametrize("family,prediction", [("sd3", "flow"), ("flux", "flow"), ("dit", "epsilon"),
-                                               ("unet", "v_prediction"), ("pixart", "epsilon")])
+@pytest.mark.parametrize(
+    "family,prediction",
+    [("sd3", "flow"), ("flux", "flow"), ("dit", "epsilon"), ("unet", "v_prediction"), ("pixart", "epsilon")],
+)
 def test_one_step_on_tiny_families_with_one_network(family, prediction):
     kw = {"guidance_embeds": False} if family == "flux" else {}
     tiny = make_tiny(family, prediction="epsilon" if prediction == "flow" else prediction, seed=2, **kw)
@@ -233,8 +237,12 @@ def test_bad_input_names_the_key():
         obj.loss("generator", {"cond": tiny.cond(3), "x0": torch.randn(3, 4, 8, 8)}, 0)
     from fewstep.objectives.registry import make_params
 
-    for kw, key in (({"guidance": 0.5}, "guidance"), ({"estimate_order": 0}, "estimate_order"),
-                    ({"sampling_end": 1.0}, "sampling_end"), ({"num_steps": 0}, "num_steps")):
+    for kw, key in (
+        ({"guidance": 0.5}, "guidance"),
+        ({"estimate_order": 0}, "estimate_order"),
+        ({"sampling_end": 1.0}, "sampling_end"),
+        ({"num_steps": 0}, "num_steps"),
+    ):
         with pytest.raises(ValueError, match=rf"objective\.{key}"):
             make_params("twinflow", kw)
     flux = make_tiny("flux", seed=0)  # guidance-distilled: no unconditional branch for the CFG target

@@ -1,14 +1,15 @@
 """The second time input of BOOT and TwinFlow on every backbone family: zero at start, zero where
 its mode says, and folded back into the stock time embedding for export (same class, same keys,
 same output at the sampling setting)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from tests.tiny import FAMILIES, make_tiny
 
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives._two_time import TwoTimeDenoiser
+from tests.tiny import FAMILIES, make_tiny
 
 
 @pytest.mark.parametrize("mode", ["trajectory", "gap"])
@@ -21,7 +22,7 @@ def test_second_time_starts_at_zero_and_folds_for_export(family, mode):
     t = 0.7
     with torch.no_grad():
         ref = tiny.denoiser(x, t, c)
-        torch.testing.assert_close(s(x, t, c), ref, rtol=1e-5, atol=1e-5)   # W = 0: the teacher
+        torch.testing.assert_close(s(x, t, c), ref, rtol=1e-5, atol=1e-5)  # W = 0: the teacher
         extra = [m.extra.weight for m in s.backbone.modules() if hasattr(m, "extra")]
         assert extra
         for w in extra:

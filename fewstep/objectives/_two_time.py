@@ -29,6 +29,7 @@ state, set per call by `TwoTimeDenoiser`.
 Activation checkpointing would recompute the embedding in backward with whatever state is set
 then; the objectives refuse it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,7 +67,7 @@ class SecondTimeLinear(nn.Module):
         lin = getattr(base, "base_layer", base)  # a peft LoRA layer keeps the Linear inside
         self.extra = nn.Linear(lin.in_features, lin.out_features, bias=False).to(lin.weight.device, lin.weight.dtype)
         nn.init.zeros_(self.extra.weight)
-        object.__setattr__(self, "_proj", proj)   # the parent's time_proj (no weights): not a submodule here
+        object.__setattr__(self, "_proj", proj)  # the parent's time_proj (no weights): not a submodule here
         object.__setattr__(self, "_state", state)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,8 +114,10 @@ def install(backbone: nn.Module, mode: str, key: str = "teacher.source") -> _Sta
         from ..families import all_families
 
         able = [f.name for f in all_families() if f.time_embedding is not None]
-        raise ValueError(f"{key}: the teacher's backbone {type(backbone).__name__} has no time embedding that can "
-                         f"take a second time (its family record names none; families with one: {', '.join(able)})")
+        raise ValueError(
+            f"{key}: the teacher's backbone {type(backbone).__name__} has no time embedding that can "
+            f"take a second time (its family record names none; families with one: {', '.join(able)})"
+        )
     state = _State(mode)
     for emb, attr, proj in found:
         setattr(emb, attr, SecondTimeLinear(getattr(emb, attr), proj, state))
@@ -177,8 +180,16 @@ class TwoTimeDenoiser(Denoiser):
         self._target: Tensor | float | None = None
         self._sign = 1.0
 
-    def forward(self, x_t: Tensor, t, cond: Cond | None = None, guidance=1.0, output: str = "x0",
-                target: Tensor | float | None = None, sign: Tensor | float = 1.0):
+    def forward(
+        self,
+        x_t: Tensor,
+        t,
+        cond: Cond | None = None,
+        guidance=1.0,
+        output: str = "x0",
+        target: Tensor | float | None = None,
+        sign: Tensor | float = 1.0,
+    ):
         """target: the second time (continuous, (B,) or a float; None: 0, the sampling setting);
         sign: +1, or -1 for TwinFlow's negative-time branch, per sample (B,) or for all."""
         self._target, self._sign = target, sign
@@ -207,8 +218,9 @@ class TwoTimeDenoiser(Denoiser):
         timestep = _fp(self.path.timestep(tt))
         a, b = self._pair(tt, timestep)
         with second_time(self.backbone, a, b):
-            out = self.conditioner.call(self.backbone, x_t.to(self.dtype), timestep * self._per_sample(self._sign, timestep),
-                                        cond)
+            out = self.conditioner.call(
+                self.backbone, x_t.to(self.dtype), timestep * self._per_sample(self._sign, timestep), cond
+            )
         if out.shape != x_t.shape:
             raise ValueError(f"backbone output shape {tuple(out.shape)} does not match input {tuple(x_t.shape)}")
         return _fp(out)

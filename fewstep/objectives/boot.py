@@ -38,6 +38,7 @@ Few steps: g depends on eps alone, so more student calls cannot refine a sample;
 gives any point x_s = alpha_s g(eps, s) + sigma_s eps of the trajectory in one call, which the
 teacher can continue from (`trajectory_point`). Only the one-step sampler is exported.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,12 +60,12 @@ __all__ = ["BOOT", "BOOTParams", "build", "signal_step", "trajectory_point"]
 
 @dataclass
 class BOOTParams:
-    guidance: float = 1.5            # teacher CFG scale w (Imagen form u + w (c - u)) in every target
-    intervals: int = 16              # bootstrap pairs: consecutive times of path.sampling_times(intervals)
-    input_time: float = 1.0          # time the student is fed with the noise (its one-step sampling time)
+    guidance: float = 1.5  # teacher CFG scale w (Imagen form u + w (c - u)) in every target
+    intervals: int = 16  # bootstrap pairs: consecutive times of path.sampling_times(intervals)
+    input_time: float = 1.0  # time the student is fed with the noise (its one-step sampling time)
     boundary_fraction: float = 0.125  # share of each batch trained on the boundary g(eps, 1) = f_cfg(eps, 1)
-    loss: str = "l2"                 # "l2" or "pseudo_huber" in signal (x0) space
-    huber_c: float = 0.03            # pseudo-Huber constant
+    loss: str = "l2"  # "l2" or "pseudo_huber" in signal (x0) space
+    huber_c: float = 0.03  # pseudo-Huber constant
 
     def validate(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
@@ -149,8 +150,10 @@ class BOOT:
         if phase != "generator":
             raise ValueError(f"boot has one phase, 'generator'; got {phase!r}")
         if batch.get("x0") is not None:
-            raise ValueError("boot is data-free: the batch carries real latents (batch['x0']); set data.real_data: "
-                             "false and leave data.real_latents unset")
+            raise ValueError(
+                "boot is data-free: the batch carries real latents (batch['x0']); set data.real_data: "
+                "false and leave data.real_latents unset"
+            )
         if "shape" not in batch:
             raise ValueError("boot: the batch needs 'shape' (B, C, H, W) for the noise")
         cond = batch.get("cond")
@@ -166,9 +169,11 @@ class BOOT:
             per = _maths.pseudo_huber(pred, target, self.p.huber_c)
         loss = per.mean()
         d = per.detach()
-        logs = {"loss_boot": float(d[~boundary].mean()) if (~boundary).any() else 0.0,
-                "loss_boundary": float(d[boundary].mean()) if boundary.any() else 0.0,
-                "boundary_share": float(boundary.float().mean())}
+        logs = {
+            "loss_boot": float(d[~boundary].mean()) if (~boundary).any() else 0.0,
+            "loss_boundary": float(d[boundary].mean()) if boundary.any() else 0.0,
+            "boundary_share": float(boundary.float().mean()),
+        }
         return loss, logs
 
 
@@ -179,11 +184,15 @@ def build(params: BOOTParams | dict[str, Any] | None, teacher: Denoiser, ctx: An
         params = BOOTParams(**dict(params or {}))
     params.validate()
     if getattr(ctx, "has_real_data", False):
-        raise ValueError("data.real_data: boot is data-free (its training inputs are noise only); set "
-                         "data.real_data: false and leave data.real_latents unset")
+        raise ValueError(
+            "data.real_data: boot is data-free (its training inputs are noise only); set "
+            "data.real_data: false and leave data.real_latents unset"
+        )
     if getattr(ctx, "gradient_checkpointing", False):
-        raise ValueError("precision.gradient_checkpointing: boot's second time input is set per call and would be "
-                         "wrong in the recomputation; turn it off")
+        raise ValueError(
+            "precision.gradient_checkpointing: boot's second time input is set per call and would be "
+            "wrong in the recomputation; turn it off"
+        )
     made = ctx.make_student(teacher)
     student = TwoTimeDenoiser(made.backbone, made.path, made.conditioner, mode="trajectory")
     return BOOT(student, teacher, params)

@@ -40,6 +40,7 @@ Differences from the authors' code, on purpose: the target network is the live n
 ema_decay_rate 0 setting), so the run holds one network and no EMA copy; the CFG enhancement is
 parameterised by the scale it converges to; label dropout is part of the objective.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,17 +63,17 @@ PARTS = ("e2e", "mul", "any", "adv")
 
 @dataclass
 class TwinFlowParams:
-    guidance: float = 1.25           # CFG scale the self-enhanced target converges to (Imagen form); 1: none
-    enhance_t_min: float = 0.0       # flow-time range of the CFG enhancement (authors: [0, 1])
+    guidance: float = 1.25  # CFG scale the self-enhanced target converges to (Imagen form); 1: none
+    enhance_t_min: float = 0.0  # flow-time range of the CFG enhancement (authors: [0, 1])
     enhance_t_max: float = 1.0
-    uncond_prob: float = 0.1         # label dropout of the non-adversarial samples
-    estimate_order: int = 2          # N: hops of the RCGM target
-    rcgm_delta: float = 0.01         # d: the RCGM step
-    mul_gap: float = 0.05            # mul part: r = t - U t mul_gap
-    dm_weight: float = 0.5           # weight of the distribution-matching term (authors' dist_match_cof)
-    barron_c: float = 1e-3           # Barron / pseudo-Huber scale
-    num_steps: int = 1               # sampling steps of the run card's default sampler
-    sampling_end: float = 0.5        # last non-zero sampling time for n >= 2 steps: linspace(1, this, n)
+    uncond_prob: float = 0.1  # label dropout of the non-adversarial samples
+    estimate_order: int = 2  # N: hops of the RCGM target
+    rcgm_delta: float = 0.01  # d: the RCGM step
+    mul_gap: float = 0.05  # mul part: r = t - U t mul_gap
+    dm_weight: float = 0.5  # weight of the distribution-matching term (authors' dist_match_cof)
+    barron_c: float = 1e-3  # Barron / pseudo-Huber scale
+    num_steps: int = 1  # sampling steps of the run card's default sampler
+    sampling_end: float = 0.5  # last non-zero sampling time for n >= 2 steps: linspace(1, this, n)
 
     def validate(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
@@ -135,8 +136,9 @@ class FlowView:
         a, sig = self.path.alpha_sigma(t_p)
         return t_p, a + sig
 
-    def velocity(self, net: nn.Module, x: Tensor, s: Tensor, cond: Cond | None, target: Tensor,
-                 sign: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    def velocity(
+        self, net: nn.Module, x: Tensor, s: Tensor, cond: Cond | None, target: Tensor, sign: Tensor | float = 1.0
+    ) -> tuple[Tensor, Tensor]:
         """(v, x0) of net at (x, s) with second time `target` (flow times, (B,))."""
         t_p, scale = self.to_path(s.abs())
         r_p, _ = self.to_path(target.abs())
@@ -154,7 +156,7 @@ class TwinFlow:
         self.groups = {"generator": ["student"]}
         self.path = student.path
         self.view = FlowView(self.path)
-        self.null_cond = null_cond            # cond -> unconditional cond (None: no CFG / no dropout)
+        self.null_cond = null_cond  # cond -> unconditional cond (None: no CFG / no dropout)
         self.r_cfg = 1.0 - 1.0 / params.guidance
         by_steps = {str(n): self._times(n) for n in (1, 2, 4)}
         self.sampling = {"times": self._times(params.num_steps), "renoise": "fresh", "times_by_steps": by_steps}
@@ -181,7 +183,7 @@ class TwinFlow:
         masks, start = {}, 0
         for k, n in zip(PARTS, sizes):
             m = torch.zeros(b, dtype=torch.bool, device=device)
-            m[start:start + n] = True
+            m[start : start + n] = True
             masks[k] = m
             start += n
         return masks
@@ -256,8 +258,10 @@ class TwinFlow:
         means over the whole batch, so their sum is the authors' mean) and dm."""
         x0 = batch.get("x0")
         if x0 is None:
-            raise ValueError("twinflow trains on real latents (its flow-matching parts): set data.real_data: true "
-                             "(or data.real_latents)")
+            raise ValueError(
+                "twinflow trains on real latents (its flow-matching parts): set data.real_data: true "
+                "(or data.real_latents)"
+            )
         p = self.p
         x0 = x0.float()
         b, dev = x0.shape[0], x0.device
@@ -275,8 +279,11 @@ class TwinFlow:
         x = x0.clone()
         with torch.no_grad():
             if adv.any():  # the network's own one-step samples, for its negative-time flow
-                ca = {k: (v[adv] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in cond.items()} \
-                    if cond is not None else None
+                ca = (
+                    {k: (v[adv] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in cond.items()}
+                    if cond is not None
+                    else None
+                )
                 x[adv] = self.one_step(torch.randn_like(x0[adv]), ca)
             z = torch.randn_like(x0)
             x_t = (1 - _bcast(t, x)) * x + _bcast(t, x) * z
@@ -289,8 +296,11 @@ class TwinFlow:
         target = v.clone()
         if (~adv).any():
             na = ~adv
-            ca = {k: (vv[na] if torch.is_tensor(vv) and vv.ndim > 0 else vv) for k, vv in cond_m.items()} \
-                if cond_m is not None else None
+            ca = (
+                {k: (vv[na] if torch.is_tensor(vv) and vv.ndim > 0 else vv) for k, vv in cond_m.items()}
+                if cond_m is not None
+                else None
+            )
             target[na] = self.rcgm_target(F[na], v[na], x_t[na], t[na], r[na], ca)
         weight = torch.tan((1 - (t - r)) * math.pi / 2.5) + 1
         weight = torch.where(adv, torch.ones_like(weight), weight)
@@ -299,10 +309,13 @@ class TwinFlow:
         logs = {f"loss_{k}": float(parts[k].detach()) for k in PARTS}
         e2e = masks["e2e"]
         if p.dm_weight > 0 and e2e.any():
-            ce = {k: (vv[e2e] if torch.is_tensor(vv) and vv.ndim > 0 else vv) for k, vv in cond_m.items()} \
-                if cond_m is not None else None
+            ce = (
+                {k: (vv[e2e] if torch.is_tensor(vv) and vv.ndim > 0 else vv) for k, vv in cond_m.items()}
+                if cond_m is not None
+                else None
+            )
             F_e = F[e2e]
-            x_hat = (x_t[e2e] - F_e).detach()        # t = 1: x0_hat = x_1 - u
+            x_hat = (x_t[e2e] - F_e).detach()  # t = 1: x0_hat = x_1 - u
             g = self.dm_direction(x_hat, ce)
             parts["dm"] = p.dm_weight * barron(F_e, (F_e - g).detach(), p.barron_c).mean()
             logs["dm_grad_abs"] = float(g.abs().mean())
@@ -327,11 +340,15 @@ def build(params: TwinFlowParams | dict[str, Any] | None, teacher: Denoiser, ctx
         params = TwinFlowParams(**dict(params or {}))
     params.validate()
     if getattr(ctx, "gradient_checkpointing", False):
-        raise ValueError("precision.gradient_checkpointing: twinflow's target-time input is set per call and would "
-                         "be wrong in the recomputation; turn it off")
+        raise ValueError(
+            "precision.gradient_checkpointing: twinflow's target-time input is set per call and would "
+            "be wrong in the recomputation; turn it off"
+        )
     if not getattr(ctx, "has_real_data", True):
-        raise ValueError("data.real_data: twinflow trains on real latents (its flow-matching parts); set "
-                         "data.real_data: true (or data.real_latents)")
+        raise ValueError(
+            "data.real_data: twinflow trains on real latents (its flow-matching parts); set "
+            "data.real_data: true (or data.real_latents)"
+        )
     lora = getattr(ctx, "lora", None)
     if lora is not None and getattr(lora, "student", False):
         made = ctx.make_student(teacher)
@@ -344,7 +361,9 @@ def build(params: TwinFlowParams | dict[str, Any] | None, teacher: Denoiser, ctx
     null = None
     if params.guidance != 1.0 or params.uncond_prob > 0:
         if getattr(cnd, "guidance_embedded", False):
-            raise ValueError("objective.guidance / objective.uncond_prob: this teacher is guidance-distilled (no "
-                             "unconditional branch); set objective.guidance: 1 and objective.uncond_prob: 0")
+            raise ValueError(
+                "objective.guidance / objective.uncond_prob: this teacher is guidance-distilled (no "
+                "unconditional branch); set objective.guidance: 1 and objective.uncond_prob: 0"
+            )
         null = cnd.null
     return TwinFlow(student, params, null_cond=null)
