@@ -10,20 +10,20 @@ holds `name` plus the objective's own hyperparameters, which are checked against
 dataclass (see `fewstep.objectives.registry`); `optim:` holds one entry per optimizer group of the
 objective (`optim.generator`, `optim.fake_score`, ...) plus `optim.default`, from which every group
 takes the values it does not set (old group names, RENAMED_GROUPS, are read with a warning).
+The typed conversion of each value (and ConfigError) is in `fewstep.config_convert`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-from .errors import UserError
+from .config_convert import ConfigError, coerce, dataclass_from
 
 __all__ = [
     "Config",
@@ -50,10 +50,6 @@ __all__ = [
 ]
 
 RENAMED_GROUPS = {"guidance": "fake_score"}  # old optimizer group name -> now (guidance: the CFG scale only)
-
-
-class ConfigError(UserError):
-    """A configuration problem; the message names the dotted key."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,132 +251,6 @@ def resolve_group(cfg: Config, group: str, suggested: dict[str, Any] | None = No
     return OptimGroupConfig(**vals)
 
 
-# ---------------------------------------------------------------------------------------------
-# typed conversion of plain data (YAML) into the dataclasses, with errors naming the key
-# ---------------------------------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert `value` to the annotated type `tp` or raise ConfigError naming `key`."""
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if isinstance(value, float) and not math.isfinite(value):  # YAML .nan / .inf, or "nan" read as float
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        raise bad
-    if origin is Literal:
-        opts = typing.get_args(tp)
-        if isinstance(value, bool):  # YAML 1.1 reads no / off / yes / on as booleans
-            for word in ("no", "off", "false") if not value else ("yes", "on", "true"):
-                if word in opts:
-                    return word
-            raise bad
-        if value in opts:
-            return value
-        raise bad
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise bad
-        return _dataclass_from(tp, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
-            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        out = [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        _, vt = typing.get_args(tp) or (str, Any)
-        return {str(k): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-            try:
-                v = float(value)
-            except ValueError:
-                raise bad from None
-            return coerce(v, tp, key)  # refuses nan / inf
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise bad
-    return value
-
-
-def _dataclass_from(cls: type, data: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(
-                f"{key}: unknown key; known keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(names))}"
-            )
-        kw[k] = coerce(v, hints[k], key)
-    return cls(**kw)
-
-
 def config_from_dict(data: dict[str, Any] | None) -> Config:
     """Build a validated Config from plain nested data (a loaded YAML preset)."""
     data = dict(data or {})
@@ -397,7 +267,7 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
             raise ConfigError(f"objective.params: expected a mapping, got {params!r}")
         params = {**params, **obj}
     optim = data.pop("optim", None)
-    cfg = _dataclass_from(Config, data, "")
+    cfg = dataclass_from(Config, data, "")
     if obj is not None:
         cfg.objective = ObjectiveConfig(name=name, params=params)
     if optim is not None:
@@ -417,7 +287,7 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
                 merged = {f.name: getattr(groups["default"], f.name) for f in dataclasses.fields(OptimGroupConfig)}
                 merged.update(v)
                 v = merged
-            groups[str(g)] = _dataclass_from(OptimGroupConfig, v, key)
+            groups[str(g)] = dataclass_from(OptimGroupConfig, v, key)
         cfg.optim = groups
     return cfg.validate()
 

@@ -131,7 +131,7 @@ def params_class(name: str) -> type:
 
 def make_params(name: str, raw: dict[str, Any] | None, prefix: str = "objective") -> Any:
     """The objective's dataclass from plain data; errors name `objective.<key>`."""
-    from ..config import ConfigError, _dataclass_from
+    from ..config_convert import ConfigError, dataclass_from
 
     cls = params_class(name)
     raw = dict(raw or {})
@@ -140,7 +140,7 @@ def make_params(name: str, raw: dict[str, Any] | None, prefix: str = "objective"
             raise ConfigError(f"{prefix}.{k}={raw[k]!r} contradicts {prefix}.name={name!r}, which means {k}={v!r}")
         raw[k] = v
     try:
-        params = _dataclass_from(cls, raw, prefix)
+        params = dataclass_from(cls, raw, prefix)
     except ConfigError:
         raise
     except TypeError as e:  # e.g. a field without default that the preset did not set
