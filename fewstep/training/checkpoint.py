@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,88 +188,120 @@ def _options(full: bool, **kw):
     return StateDictOptions(full_state_dict=full, cpu_offload=full, **kw)
 
 
+@dataclass
+class _Parts:
+    """What a checkpoint holds of a run: the keyword arguments that `save_checkpoint` and
+    `load_checkpoint` take besides their own."""
+
+    accelerator: Any  # None: one process
+    holder: nn.Module  # the networks other than the teacher, by role
+    keys: set[str]  # the names in holder's state dict that are saved (`saved_keys`)
+    optimizers: dict[str, torch.optim.Optimizer]  # by optimizer group
+    schedulers: dict[str, Any]  # by optimizer group
+    ema: Any = None  # the student's EMA (training/ema.py)
+    objective: Any = None  # saved when it has state_dict / load_state_dict
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.accelerator is None else self.accelerator.process_index
+
+    def state_dicts(self, full: bool) -> dict[str, Any]:
+        """The networks' (saved keys only), optimizers' and EMA's states. Collective under FSDP."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model = {k: v for k, v in get_model_state_dict(self.holder, options=_options(full)).items() if k in self.keys}
+        opt_list = list(self.optimizers.values())
+        optim = get_optimizer_state_dict(self.holder, opt_list, options=_options(full)) if opt_list else {}
+        return {"model": model, "optim": optim, "ema": self.ema.state_dict() if self.ema is not None else {}}
+
+
+def _fail(fail_after: str | None, part: str) -> None:
+    """Tests: raise after the named part of a checkpoint is written."""
+    if fail_after == part:
+        raise CheckpointError(f"simulated failure after writing {part}")
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    accelerator,
-    holder: nn.Module,
-    keys: set[str],
-    optimizers: dict[str, torch.optim.Optimizer],
-    schedulers: dict[str, Any],
-    ema=None,
-    objective: Any = None,
     counters: dict[str, Any] | None = None,
     sharded: bool = False,
     keep: int = 3,
     _fail_after: str | None = None,
+    **parts: Any,
 ) -> Path:
-    """Save everything a resume needs; returns the checkpoint folder. Collective under FSDP:
-    every process must call it. `_fail_after` (tests) raises after the named part is written."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    main = accelerator is None or accelerator.is_main_process
-    rank = 0 if accelerator is None else accelerator.process_index
+    """Save everything a resume needs (`parts`: accelerator, holder, keys, optimizers, schedulers
+    and optionally ema and objective, as `_Parts` describes them); returns the checkpoint folder.
+    Collective under FSDP: every process must call it. `_fail_after` (tests) raises after the
+    named part is written."""
+    s = _Parts(**parts)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}"
-    if main:
+    if s.main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier(accelerator)
-
-    def fail(part: str) -> None:
-        if _fail_after == part:
-            raise CheckpointError(f"simulated failure after writing {part}")
-
-    full = not sharded
-    model_sd = {k: v for k, v in get_model_state_dict(holder, options=_options(full)).items() if k in keys}
-    opt_list = list(optimizers.values())
-    optim_sd = get_optimizer_state_dict(holder, opt_list, options=_options(full)) if opt_list else {}
-    ema_sd = ema.state_dict() if ema is not None else {}
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema_sd}, checkpoint_id=str(tmp / "shards"))
-    else:
-        ema_full = {k: _full(v) for k, v in ema_sd.items()}  # collective for DTensors
-        if main:
-            save_file(_cpu_contig(model_sd), str(tmp / "model.safetensors"))
-            fail("model")
-            torch.save(optim_sd, tmp / "optim.pt")
-            if ema_full:
-                save_file(_cpu_contig(ema_full), str(tmp / "ema.safetensors"))
-    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
-    if main:
-        torch.save({g: s.state_dict() for g, s in schedulers.items()}, tmp / "schedulers.pt")
-        if objective is not None and hasattr(objective, "state_dict"):
-            torch.save(objective.state_dict(), tmp / "objective.pt")
-        fail("rng")
-    _barrier(accelerator)
-    if main:
+    _barrier(s.accelerator)
+    _write_states(tmp, s, sharded, _fail_after)
+    torch.save(rng_state(), tmp / f"rng_{s.rank}.pt")
+    if s.main:
+        torch.save({g: sch.state_dict() for g, sch in s.schedulers.items()}, tmp / "schedulers.pt")
+        if s.objective is not None and hasattr(s.objective, "state_dict"):
+            torch.save(s.objective.state_dict(), tmp / "objective.pt")
+        _fail(_fail_after, "rng")
+    _barrier(s.accelerator)
+    if s.main:
         state = {
             "step": int(step),
             "format": "sharded" if sharded else "full",
-            "num_processes": 1 if accelerator is None else accelerator.num_processes,
+            "num_processes": 1 if s.accelerator is None else s.accelerator.num_processes,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(counters or {}),
         }
-        with open(tmp / "state.json", "w") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        fail("state")
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        older = [p for s, p in list_checkpoints(run_dir) if s < step]
+        _publish(tmp, final, state, _fail_after)
+        older = [p for st, p in list_checkpoints(run_dir) if st < step]
         for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(accelerator)
+    _barrier(s.accelerator)
     return final
+
+
+def _write_states(tmp: Path, s: _Parts, sharded: bool, fail_after: str | None) -> None:
+    """The networks, optimizers and EMA: one shard per process, or gathered files on the main one."""
+    from safetensors.torch import save_file
+
+    sd = s.state_dicts(full=not sharded)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sd, checkpoint_id=str(tmp / "shards"))
+        return
+    ema_full = {k: _full(v) for k, v in sd["ema"].items()}  # collective for DTensors
+    if s.main:
+        save_file(_cpu_contig(sd["model"]), str(tmp / "model.safetensors"))
+        _fail(fail_after, "model")
+        torch.save(sd["optim"], tmp / "optim.pt")
+        if ema_full:
+            save_file(_cpu_contig(ema_full), str(tmp / "ema.safetensors"))
+
+
+def _publish(tmp: Path, final: Path, state: dict[str, Any], fail_after: str | None) -> None:
+    """state.json (synced), then the manifest, then the rename that makes the checkpoint exist."""
+    with open(tmp / "state.json", "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fail(fail_after, "state")
+    write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def _read(loader, path: Path) -> Any:
@@ -288,91 +321,90 @@ def _load_torch(path: Path) -> Any:
     return _read(lambda f: torch.load(f, map_location="cpu", weights_only=True), path)
 
 
-def load_checkpoint(
-    path: str | Path,
-    *,
-    accelerator,
-    holder: nn.Module,
-    keys: set[str],
-    optimizers: dict[str, torch.optim.Optimizer],
-    schedulers: dict[str, Any],
-    ema=None,
-    objective: Any = None,
-) -> dict[str, Any]:
-    """Restore a checkpoint in place; returns its state.json (step and counters)."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
+def load_checkpoint(path: str | Path, **parts: Any) -> dict[str, Any]:
+    """Restore a checkpoint in place (`parts` as for `save_checkpoint`); returns its state.json
+    (step and counters)."""
+    s = _Parts(**parts)
     path = Path(path)
     if not (path / "state.json").is_file():
         raise CheckpointError(f"resume: {path} is not a complete checkpoint (no state.json)")
     state = read_state(path)
-    rank = 0 if accelerator is None else accelerator.process_index
-    opt_list = list(optimizers.values())
-    if state["format"] == "sharded":
-        if not (path / "shards").is_dir():
-            raise CheckpointError(f"resume: {path} says sharded but has no shards/ folder")
-        import torch.distributed.checkpoint as dcp
-
-        model_sd = {k: v for k, v in get_model_state_dict(holder, options=_options(False)).items() if k in keys}
-        optim_sd = get_optimizer_state_dict(holder, opt_list, options=_options(False)) if opt_list else {}
-        ema_sd = ema.state_dict() if ema is not None else {}
-        blob = {"model": model_sd, "optim": optim_sd, "ema": ema_sd}
-        dcp.load(blob, checkpoint_id=str(path / "shards"))
-        res = set_model_state_dict(holder, blob["model"], options=_options(False, strict=False))
-        if opt_list:
-            set_optimizer_state_dict(holder, opt_list, blob["optim"], options=_options(False))
-        if ema is not None:
-            ema.load_state_dict(blob["ema"])
-    else:
-        model_sd = _read(load_file, path / "model.safetensors")
-        missing = sorted(keys - set(model_sd))
-        if missing:
-            raise CheckpointError(
-                f"resume: {path} lacks {len(missing)} tensors of this run's networks, "
-                f"e.g. {missing[:3]} (different objective or LoRA settings?)"
-            )
-        extra = sorted(set(model_sd) - keys)
-        if extra:
-            raise CheckpointError(f"resume: {path} holds tensors this run does not have, e.g. {extra[:3]}")
-        current = get_model_state_dict(holder, options=_options(False))
-        for k in sorted(keys):
-            if tuple(current[k].shape) != tuple(model_sd[k].shape):
-                raise CheckpointError(
-                    f"resume: tensor {k} of {path} has shape {tuple(model_sd[k].shape)}, this run's "
-                    f"has {tuple(current[k].shape)} (different objective or network settings?)"
-                )
-        res = set_model_state_dict(holder, model_sd, options=_options(True, strict=False))
-        if opt_list:
-            optim_sd = _load_torch(path / "optim.pt")
-            set_optimizer_state_dict(holder, opt_list, optim_sd, options=_options(True))
-        if ema is not None:
-            ema_file = path / "ema.safetensors"
-            if not ema_file.is_file():
-                raise CheckpointError(f"resume: {path} has no EMA weights but this run keeps an EMA (ema.rate > 0)")
-            full_ema = _read(load_file, ema_file)
-            ema.load_state_dict({k: _shard_like(v, ema.shadow.get(k)) for k, v in full_ema.items()})
-    unexpected = [k for k in getattr(res, "unexpected_keys", []) if k in keys]
+    res = _load_sharded(path, s) if state["format"] == "sharded" else _load_full(path, s)
+    unexpected = [k for k in getattr(res, "unexpected_keys", []) if k in s.keys]
     if unexpected:
         raise CheckpointError(f"resume: tensors {unexpected[:3]} of {path} do not fit this run's networks")
     sched = _load_torch(path / "schedulers.pt")
     old_names = {new: old for old, new in RENAMED_GROUPS.items()}
-    for g, s in schedulers.items():
+    for g, sch in s.schedulers.items():
         saved = g if g in sched else old_names.get(g)  # else a checkpoint written under the group's old name
         if saved not in sched:
             raise CheckpointError(f"resume: {path} has no scheduler state for optimizer group {g!r}")
-        s.load_state_dict(sched[saved])
-    if objective is not None and hasattr(objective, "load_state_dict") and (path / "objective.pt").is_file():
-        objective.load_state_dict(_load_torch(path / "objective.pt"))
-    rng_file = path / f"rng_{rank}.pt"
+        sch.load_state_dict(sched[saved])
+    if s.objective is not None and hasattr(s.objective, "load_state_dict") and (path / "objective.pt").is_file():
+        s.objective.load_state_dict(_load_torch(path / "objective.pt"))
+    rng_file = path / f"rng_{s.rank}.pt"
     if rng_file.is_file():
         set_rng_state(_load_torch(rng_file))
     return state
+
+
+def _load_sharded(path: Path, s: _Parts) -> Any:
+    """Each process's shards of the networks, optimizers and EMA (torch.distributed.checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not (path / "shards").is_dir():
+        raise CheckpointError(f"resume: {path} says sharded but has no shards/ folder")
+    import torch.distributed.checkpoint as dcp
+
+    blob = s.state_dicts(full=False)
+    dcp.load(blob, checkpoint_id=str(path / "shards"))
+    res = set_model_state_dict(s.holder, blob["model"], options=_options(False, strict=False))
+    opt_list = list(s.optimizers.values())
+    if opt_list:
+        set_optimizer_state_dict(s.holder, opt_list, blob["optim"], options=_options(False))
+    if s.ema is not None:
+        s.ema.load_state_dict(blob["ema"])
+    return res
+
+
+def _load_full(path: Path, s: _Parts) -> Any:
+    """The gathered files: every saved tensor checked against this run's networks (names and
+    shapes) before anything is loaded."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model_sd = _read(load_file, path / "model.safetensors")
+    missing = sorted(s.keys - set(model_sd))
+    if missing:
+        raise CheckpointError(
+            f"resume: {path} lacks {len(missing)} tensors of this run's networks, "
+            f"e.g. {missing[:3]} (different objective or LoRA settings?)"
+        )
+    extra = sorted(set(model_sd) - s.keys)
+    if extra:
+        raise CheckpointError(f"resume: {path} holds tensors this run does not have, e.g. {extra[:3]}")
+    current = get_model_state_dict(s.holder, options=_options(False))
+    for k in sorted(s.keys):
+        if tuple(current[k].shape) != tuple(model_sd[k].shape):
+            raise CheckpointError(
+                f"resume: tensor {k} of {path} has shape {tuple(model_sd[k].shape)}, this run's "
+                f"has {tuple(current[k].shape)} (different objective or network settings?)"
+            )
+    res = set_model_state_dict(s.holder, model_sd, options=_options(True, strict=False))
+    opt_list = list(s.optimizers.values())
+    if opt_list:
+        set_optimizer_state_dict(s.holder, opt_list, _load_torch(path / "optim.pt"), options=_options(True))
+    if s.ema is not None:
+        ema_file = path / "ema.safetensors"
+        if not ema_file.is_file():
+            raise CheckpointError(f"resume: {path} has no EMA weights but this run keeps an EMA (ema.rate > 0)")
+        full_ema = _read(load_file, ema_file)
+        s.ema.load_state_dict({k: _shard_like(v, s.ema.shadow.get(k)) for k, v in full_ema.items()})
+    return res
 
 
 def _shard_like(full: Tensor, like: Tensor | None) -> Tensor:

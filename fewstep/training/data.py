@@ -63,6 +63,24 @@ def _read_latents(path: str | Path, latent_shape) -> tuple[Tensor, Tensor | None
     return x0, None if labels is None else labels.long()
 
 
+def _teacher_real_data(bundle: TeacherBundle) -> tuple[Tensor, Tensor | None]:
+    """The real latents (and labels) that come with the teacher (data.real_data=true), on the CPU."""
+    if bundle.real_data is None:
+        raise ValueError(
+            f"data.real_data=true: no real data for teacher {bundle.source!r} (real latents "
+            "come with the embedded digits teachers)"
+        )
+    with torch.no_grad():
+        x0, labels = bundle.real_data()
+    x0 = x0.detach().float().cpu()
+    if tuple(x0.shape[1:]) != tuple(bundle.latent_shape):
+        raise ValueError(
+            f"data.real_data: real latents have shape {tuple(x0.shape[1:])}, the teacher's "
+            f"latents {tuple(bundle.latent_shape)}"
+        )
+    return x0, None if labels is None else labels.long().cpu()
+
+
 def _balanced_labels(n: int, k: int, g: torch.Generator) -> Tensor:
     offset = int(torch.randint(0, k, (1,), generator=g))
     labels = (torch.arange(n) + offset) % k
@@ -116,68 +134,65 @@ class BatchSource:
         self.prompts: list[str] | None = None  # caption strings (text teachers), carried as batch["prompts"]
         self.real: tuple[Tensor, Tensor | None] | None = None
         self.by_class: list[Tensor] | None = None
-
         if bundle.text:
-            if prompts is None:
-                raise ValueError(
-                    f"data.prompts: the teacher {bundle.source!r} is text-conditioned; give a prompt "
-                    "file (one prompt a line)"
-                )
-            plist = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
-            if bundle.encode_prompts is None:
-                raise ValueError(f"teacher {bundle.source!r} has no encode_prompts(); cannot use data.prompts")
-            with torch.no_grad():
-                parts = [bundle.encode_prompts(plist[i : i + encode_chunk]) for i in range(0, len(plist), encode_chunk)]
-            self.text_cond = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in cat_cond(*parts).items()}
-            self.num_prompts = len(plist)
-            self.prompts = plist
+            self._encode_prompts(bundle, prompts, encode_chunk)
         elif prompts is not None:
             raise ValueError(f"data.prompts: the teacher {bundle.source!r} is not text-conditioned")
-
         if real_latents is not None:
             self.real = _read_latents(real_latents, bundle.latent_shape)
         elif real_data:
-            if bundle.real_data is None:
-                raise ValueError(
-                    f"data.real_data=true: no real data for teacher {bundle.source!r} (real latents "
-                    "come with the embedded digits teachers)"
-                )
-            with torch.no_grad():
-                x0, labels = bundle.real_data()
-            x0 = x0.detach().float().cpu()
-            if tuple(x0.shape[1:]) != tuple(bundle.latent_shape):
-                raise ValueError(
-                    f"data.real_data: real latents have shape {tuple(x0.shape[1:])}, the teacher's "
-                    f"latents {tuple(bundle.latent_shape)}"
-                )
-            self.real = (x0, None if labels is None else labels.long().cpu())
+            self.real = _teacher_real_data(bundle)
         self.conditions: Tensor | None = None
         if conditions is not None:
-            limit, what = (
-                (self.num_prompts, "prompt lines of data.prompts")
-                if self.text_cond is not None
-                else (self.num_classes, "classes")
-                if self.num_classes
-                else (0, "conditions")
-            )
-            bad = [int(c) for c in conditions if not 0 <= int(c) < limit]
-            if not limit or bad:
-                raise ValueError(
-                    f"data.conditions: {bad or list(conditions)[:3]} out of range: the teacher has {limit} {what}"
-                )
-            self.conditions = torch.tensor([int(c) for c in conditions], dtype=torch.long)
+            self.conditions = self._checked_conditions(conditions)
         if self.real is not None:
-            x0, labels = self.real
-            if self.text_cond is not None and x0.shape[0] != self.num_prompts:
-                raise ValueError(
-                    f"data.real_latents: {x0.shape[0]} latents but {self.num_prompts} prompts in "
-                    "data.prompts; with text, line i of the prompt file is the caption of latent i"
-                )
-            if self.num_classes and labels is not None:
-                self.by_class = [torch.nonzero(labels == c).flatten() for c in range(self.num_classes)]
-                empty = [c for c, ix in enumerate(self.by_class) if ix.numel() == 0]
-                if empty:
-                    raise ValueError(f"data.real_data: no real samples of classes {empty}")
+            self._index_real()
+
+    def _encode_prompts(self, bundle: TeacherBundle, prompts, encode_chunk: int) -> None:
+        """Text teachers: the prompts (a list or a prompt file) encoded once, kept on the CPU."""
+        if prompts is None:
+            raise ValueError(
+                f"data.prompts: the teacher {bundle.source!r} is text-conditioned; give a prompt "
+                "file (one prompt a line)"
+            )
+        plist = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
+        if bundle.encode_prompts is None:
+            raise ValueError(f"teacher {bundle.source!r} has no encode_prompts(); cannot use data.prompts")
+        with torch.no_grad():
+            parts = [bundle.encode_prompts(plist[i : i + encode_chunk]) for i in range(0, len(plist), encode_chunk)]
+        self.text_cond = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in cat_cond(*parts).items()}
+        self.num_prompts = len(plist)
+        self.prompts = plist
+
+    def _checked_conditions(self, conditions: list[int]) -> Tensor:
+        """data.conditions as a tensor, each a prompt line or class label the teacher has."""
+        limit, what = (
+            (self.num_prompts, "prompt lines of data.prompts")
+            if self.text_cond is not None
+            else (self.num_classes, "classes")
+            if self.num_classes
+            else (0, "conditions")
+        )
+        bad = [int(c) for c in conditions if not 0 <= int(c) < limit]
+        if not limit or bad:
+            raise ValueError(
+                f"data.conditions: {bad or list(conditions)[:3]} out of range: the teacher has {limit} {what}"
+            )
+        return torch.tensor([int(c) for c in conditions], dtype=torch.long)
+
+    def _index_real(self) -> None:
+        """Check the real latents against the prompts, and index them by class for balanced draws."""
+        x0, labels = self.real
+        if self.text_cond is not None and x0.shape[0] != self.num_prompts:
+            raise ValueError(
+                f"data.real_latents: {x0.shape[0]} latents but {self.num_prompts} prompts in "
+                "data.prompts; with text, line i of the prompt file is the caption of latent i"
+            )
+        if self.num_classes and labels is not None:
+            self.by_class = [torch.nonzero(labels == c).flatten() for c in range(self.num_classes)]
+            empty = [c for c, ix in enumerate(self.by_class) if ix.numel() == 0]
+            if empty:
+                raise ValueError(f"data.real_data: no real samples of classes {empty}")
 
     @property
     def has_real_data(self) -> bool:
