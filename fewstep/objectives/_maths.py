@@ -5,6 +5,9 @@ Shapes: x, targets (B, C, H, W) float32; per-sample weights (B,).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -58,3 +61,14 @@ def mse_per_sample(x: Tensor, y: Tensor) -> Tensor:
 
 def snr(alpha: Tensor, sigma: Tensor) -> Tensor:
     return (alpha.float() / sigma.float().clamp_min(1e-12)) ** 2
+
+
+def input_gradient_only(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Tensor, Any]:
+    """Evaluate `loss, extra = fn(leaf)` on a detached copy `leaf` of x and return (term, loss,
+    extra), where term has the loss's value and d term / d x = d loss / d leaf. Its backward
+    reaches only what produced x: torch.autograd.grad asks for the leaf's gradient alone, so the
+    networks inside `fn` get no weight gradients (and none are computed), frozen or not."""
+    leaf = x.detach().requires_grad_(True)
+    loss, extra = fn(leaf)
+    (g,) = torch.autograd.grad(loss, leaf)
+    return loss.detach() + ((x - x.detach()) * g).sum(), loss.detach(), extra

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["VARIANTS", "DMDParams", "params_from_dict"]
+__all__ = ["VARIANTS", "DMDParams", "params_from_dict", "check_run"]
 
 VARIANTS = ("dmd", "dmd2", "ddmd")  # registry names dmd, dmd2, decoupled_dmd
 
@@ -38,6 +38,8 @@ class DMDParams:
     gan_feature_layer: str | None = None  # dotted module path feeding the head (any backbone); None: the
     #   family's tap (fewstep.objectives.gan)
     gan_head_width: int = 128  # channels of the head
+    gan_features: str = "fake_score"  # whose features the head reads: "fake_score" (DMD2) or "teacher"
+    #   (frozen; the head alone trains)
     gan_t_min: float = 0.001  # noise levels the head sees
     gan_t_max: float = 1.0
     # ---- regression (DMD) -----------------------------------------------------------------
@@ -52,6 +54,7 @@ class DMDParams:
     dm_weight: float = 1.0  # DM term weight (or mean/variance KL weight)
     ca_t_min: float = 0.02  # CA re-noising range, capped by the generator's input time
     ca_t_max: float = 0.98
+    ca_schedule: str = "decoupled"  # "coupled": the CA term reuses the DM term's tau and noise (ablation)
     dm_kind: str = "dm"  # "dm" (fake vs real conditional) or "meanvar" (per-channel KL)
     meanvar_target: str = "teacher"  # "teacher" (cached teacher samples) or "real" (batch["x0"])
     meanvar_samples: int = 512  # teacher samples for the "teacher" statistics
@@ -104,6 +107,8 @@ class DMDParams:
         ):
             if not 0 <= lo < hi <= 1:
                 bad(f"objective.{name}_min / {name}_max must satisfy 0 <= min < max <= 1, got {lo}, {hi}")
+        if self.gan_features not in ("fake_score", "teacher"):
+            bad(f"objective.gan_features={self.gan_features!r} must be 'fake_score' or 'teacher'")
         if self.fake_target not in ("native", "x0"):
             bad(f"objective.fake_target={self.fake_target!r} must be 'native' or 'x0'")
         if int(self.fake_updates_per_generator) < 1:
@@ -127,6 +132,10 @@ class DMDParams:
                 f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
                 "(the CA term is re-noised below the generator's input level)"
             )
+        if self.ca_schedule not in ("decoupled", "coupled"):
+            bad(f"objective.ca_schedule={self.ca_schedule!r} must be 'decoupled' or 'coupled'")
+        if self.ca_schedule == "coupled" and self.dm_kind != "dm":
+            bad("objective.ca_schedule='coupled' shares the DM term's draw: it needs objective.dm_kind='dm'")
         if self.dm_kind not in ("dm", "meanvar"):
             bad(f"objective.dm_kind={self.dm_kind!r} must be 'dm' or 'meanvar'")
         if self.dm_kind == "meanvar" and self.variant != "ddmd":
@@ -153,3 +162,37 @@ def params_from_dict(d: dict[str, Any] | None) -> DMDParams:
     p = DMDParams(**d)
     p.validate()
     return p
+
+
+def check_run(params: DMDParams, teacher: Any, ctx: Any) -> None:
+    """The checks of `params` that need the run: real data, a teacher with an unconditional branch,
+    and what shared-base mode cannot run with."""
+    name = {"dmd": "dmd", "dmd2": "dmd2", "ddmd": "decoupled_dmd"}[params.variant]
+    has_real = bool(getattr(ctx, "has_real_data", False))
+    if params.gan and not has_real:
+        raise ValueError(
+            f"objective.gan=true needs real data (real latents in batch['x0']): set data.real_data: "
+            f"true, or objective.gan: false ({name})"
+        )
+    ddmd = params.variant == "ddmd"
+    if ddmd and params.dm_kind == "meanvar" and params.meanvar_target == "real" and not has_real:
+        raise ValueError(
+            "objective.meanvar_target='real' needs real data (batch['x0']): set data.real_data: true "
+            "or objective.meanvar_target: teacher"
+        )
+    if ddmd and teacher.conditioner.guidance_embedded:
+        raise ValueError(
+            "objective.name=decoupled_dmd needs a teacher with an unconditional branch; this one is "
+            "guidance-distilled (guidance is an input), so the CFG-augmentation term has no (c - u)"
+        )
+    if params.shared_base:
+        if getattr(ctx, "sharded", False):
+            raise ValueError(
+                "objective.shared_base=true cannot run sharded (FSDP shards each network on its own); "
+                "use lora.student / lora.fake instead"
+            )
+        if getattr(ctx, "gradient_checkpointing", False):
+            raise ValueError(
+                "objective.shared_base=true cannot run with precision.gradient_checkpointing (the "
+                "recomputation in backward would see whichever adapter is active then)"
+            )

@@ -24,7 +24,15 @@ from torch import Tensor
 from ..conditioning import Cond, index_cond
 from ..samplers import sample
 
-__all__ = ["teacher_fingerprint", "sample_key", "cached_teacher_samples", "channel_stats", "channel_gaussian_kl"]
+__all__ = [
+    "teacher_fingerprint",
+    "sample_key",
+    "cached_teacher_samples",
+    "pool_conditions",
+    "teacher_sample_set",
+    "channel_stats",
+    "channel_gaussian_kl",
+]
 
 
 def _tensor_bytes(t: Tensor) -> bytes:
@@ -119,6 +127,49 @@ def cached_teacher_samples(
     )
     os.replace(tmp, path)  # atomic: several processes may write the same file
     return noise, samples, cond
+
+
+def pool_conditions(cond: Cond | None, n: int, num_classes: int | None) -> Cond | None:
+    """n conditions for a set of teacher samples, on the CPU: balanced labels 0..num_classes-1 for
+    class-conditional teachers, else a batch's conditions `cond` tiled (None stays None)."""
+    if num_classes:
+        return {"class_labels": torch.arange(n) % int(num_classes)}
+    if cond is None:
+        return None
+    b = next(v.shape[0] for v in cond.values() if torch.is_tensor(v) and v.ndim > 0)
+    idx = torch.arange(n) % b
+    return {k: (v.detach().cpu()[idx] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in cond.items()}
+
+
+def teacher_sample_set(
+    teacher: Any,
+    teacher_key: str | None,
+    cond: Cond | None,
+    *,
+    n: int,
+    steps: int,
+    guidance: float,
+    tag: str,
+    seed: int,
+    latent_shape: Sequence[int],
+    cache_dir: str | os.PathLike,
+    device: torch.device | str,
+) -> tuple[Tensor, Tensor, Cond | None]:
+    """`cached_teacher_samples` for n conditions with the teacher's own `steps`-step sampling
+    times (deterministic), keyed by the teacher's fingerprint, the conditions and these settings."""
+    times = [float(t) for t in teacher.path.sampling_times(steps)]
+    key = sample_key(
+        teacher_key or "unknown",
+        cond,
+        tag=tag,
+        n=n,
+        times=times,
+        guidance=guidance,
+        renoise="ddim",
+        shape=tuple(latent_shape),
+        seed=seed,
+    )
+    return cached_teacher_samples(teacher, key, cond, n, latent_shape, times, guidance, seed, cache_dir, device=device)
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
