@@ -26,7 +26,7 @@ from .parallel import broadcast_parameters, shard_module, wrap_autocast
 from .resume import settings
 from .updates import resolve_steps, update_counts
 
-__all__ = ["Env", "Trainer", "build_trainer", "lr_lambda"]
+__all__ = ["Env", "Trainer", "build_trainer", "run_context", "lr_lambda"]
 
 
 def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1):
@@ -149,29 +149,58 @@ def build_trainer(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSou
 
 
 def _context(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSource, family: str | None) -> BuildContext:
-    """What an objective's builder may know of the run (shapes, conditioning, placement) and the
-    factories that make its students and copies."""
-    make_student, make_copy = make_factories(
-        cfg.lora, sharded=env.sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
-    )
-    return BuildContext(
-        latent_shape=tuple(bundle.latent_shape),
+    """What an objective's builder may know of this run (shapes, conditioning, placement)."""
+    return run_context(
+        cfg,
+        bundle,
+        family,
         num_classes=source.num_classes,
-        null_class=bundle.null_class,
-        text=bundle.text,
         has_real_data=source.has_real_data,
-        seed=cfg.seed,
         device=env.device,
-        family=family,
-        lora=cfg.lora,
         num_processes=env.world,
         sharded=env.sharded,
         mixed_precision=env.mp,
+        decode=bundle.decode,
+    )
+
+
+def run_context(
+    cfg: Config,
+    bundle: TeacherBundle,
+    family: str | None,
+    *,
+    num_classes: int | None,
+    has_real_data: bool,
+    device: torch.device,
+    num_processes: int,
+    sharded: bool,
+    mixed_precision: str,
+    decode: Any = None,
+) -> BuildContext:
+    """The registry's BuildContext for a run of `cfg` on `bundle`'s teacher, with the factories
+    that make its students and copies (LoRA or full, as cfg.lora says). The training run and the
+    dry run (training/dry_run.py) both build their objective from it."""
+    make_student, make_copy = make_factories(
+        cfg.lora, sharded=sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
+    )
+    return BuildContext(
+        latent_shape=tuple(bundle.latent_shape),
+        num_classes=num_classes,
+        null_class=bundle.null_class,
+        text=bundle.text,
+        has_real_data=has_real_data,
+        seed=cfg.seed,
+        device=device,
+        family=family,
+        lora=cfg.lora,
+        num_processes=num_processes,
+        sharded=sharded,
+        mixed_precision=mixed_precision,
         gradient_checkpointing=cfg.precision.gradient_checkpointing,
         steps=cfg.steps or 1,
         make_student=make_student,
         make_copy=make_copy,
-        decode=bundle.decode,
+        decode=decode,
     )
 
 

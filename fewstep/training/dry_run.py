@@ -11,9 +11,9 @@ import torch
 
 from ..config import Config
 from ..families import family_name
-from ..objectives.registry import BuildContext, build_objective, make_params
+from ..objectives.registry import build_objective, make_params
+from .build import run_context
 from .bundle import TeacherBundle, meta_bundle
-from .lora import make_factories
 from .memory import estimate_table, format_bytes, role_memory
 
 __all__ = ["dry_run", "launch_settings"]
@@ -56,27 +56,26 @@ def dry_run(
     tden = bundle.denoiser
     tden.requires_grad_(False)
     family = bundle.family or family_name(tden.backbone)
-    make_student, make_copy = make_factories(
-        cfg.lora, sharded=sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
-    )
-    ctx = BuildContext(
-        latent_shape=tuple(bundle.latent_shape),
+    ctx = run_context(
+        cfg,
+        bundle,
+        family,
         num_classes=cfg.data.num_classes or bundle.num_classes,
-        null_class=bundle.null_class,
-        text=bundle.text,
         has_real_data=cfg.data.real_data or cfg.data.real_latents is not None,
-        seed=cfg.seed,
         device=torch.device("meta"),
-        family=family,
-        lora=cfg.lora,
         num_processes=n,
         sharded=sharded,
         mixed_precision=mp,
-        gradient_checkpointing=cfg.precision.gradient_checkpointing,
-        steps=cfg.steps or 1,
-        make_student=make_student,
-        make_copy=make_copy,
     )
+    nets, groups, notes = _meta_networks(cfg, tden, ctx)
+    trainable_roles = {r for roles in groups.values() for r in roles}
+    rows = role_memory(nets, trainable_roles, "student" if cfg.ema.rate > 0 else None, n, sharded)
+    return "\n".join(_report(cfg, bundle, family, groups, rows, n, sharded, mp) + notes)
+
+
+def _meta_networks(cfg: Config, tden: Any, ctx: Any) -> tuple[dict[str, Any], dict[str, list[str]], list[str]]:
+    """The objective's networks and optimizer groups built on the meta device (or, for an
+    objective that computes at build time, the teacher and a student), and notes on the fallback."""
     notes = []
     params = make_params(cfg.objective.name, cfg.objective.params)
     try:
@@ -90,12 +89,24 @@ def dry_run(
             "showing the teacher and a student made by ctx.make_student"
         )
         with torch.device("meta"):
-            nets = {"teacher": tden, "student": make_student(tden)}
+            nets = {"teacher": tden, "student": ctx.make_student(tden)}
         groups = {"generator": ["student"]}
     if not any(m is tden for m in nets.values()):
         nets["teacher"] = tden
-    trainable_roles = {r for roles in groups.values() for r in roles}
-    rows = role_memory(nets, trainable_roles, "student" if cfg.ema.rate > 0 else None, n, sharded)
+    return nets, groups, notes
+
+
+def _report(
+    cfg: Config,
+    bundle: TeacherBundle,
+    family: str | None,
+    groups: dict[str, list[str]],
+    rows: list,
+    n: int,
+    sharded: bool,
+    mp: str,
+) -> list[str]:
+    """The report's lines: the run's settings, the table of roles and the memory estimate."""
     total = sum(r.total for r in rows)
     head = (
         f"dry run: {cfg.name}  objective {cfg.objective.name}  teacher {bundle.source} ({family or '?'}, "
@@ -128,5 +139,4 @@ def dry_run(
         f"{'on' if cfg.precision.gradient_checkpointing else 'off'}), the VAE and text encoders (used once "
         "to encode data and for sample grids), framework overhead."
     )
-    lines += notes
-    return "\n".join(lines)
+    return lines
