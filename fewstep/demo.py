@@ -110,6 +110,31 @@ def _grid(src, times, renoise: str, guidance: float, path: Path, device: str) ->
     return save_grid(src.decode(x0), path, nrow=10)
 
 
+def _teacher_scores(source: str, out: Path, num_samples: int, device: str, command: str) -> dict:
+    """The teacher's scores at TEACHER_STEPS steps, cached under <out>/teacher (they do not change
+    between demo runs)."""
+    cache = out / "teacher" / f"scores_{source}_{num_samples}.json"
+    teacher = json.loads(cache.read_text()) if cache.is_file() else None
+    if teacher is None or "panel" not in teacher:
+        teacher = _score(source, TEACHER_STEPS, out / "teacher" / "eval", num_samples, device, command)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(teacher, indent=1))
+    return teacher
+
+
+def _grids(run_dir: Path, student_steps: int, teacher: str, w: float, out: Path, device: str) -> tuple[Path, Path]:
+    """Sample grids of the student (its own schedule) and the teacher (TEACHER_STEPS DDIM steps at
+    CFG scale w)."""
+    from .evaluation.sources import load_source
+
+    s_src, t_src = load_source(str(run_dir)), load_source(teacher)
+    s_times, s_renoise, _ = s_src.schedule(student_steps)
+    t_times, _, _ = t_src.schedule(TEACHER_STEPS)
+    g_student = _grid(s_src, s_times, s_renoise, 1.0, out / "student_grid.png", device)
+    g_teacher = _grid(t_src, t_times, "ddim", w, out / "teacher_grid.png", device)
+    return g_student, g_teacher
+
+
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .training import run as train
@@ -145,23 +170,12 @@ def run(args: argparse.Namespace) -> int:
     )
     t1 = time.perf_counter()
     student = _score(str(run_dir), student_steps, out / "eval_student", args.num_samples, device, command)
-    cache = out / "teacher" / f"scores_{cfg.teacher.source}_{args.num_samples}.json"
-    teacher = json.loads(cache.read_text()) if cache.is_file() else None
-    if teacher is None or "panel" not in teacher:
-        teacher = _score(cfg.teacher.source, TEACHER_STEPS, out / "teacher" / "eval", args.num_samples, device, command)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(teacher, indent=1))
+    teacher = _teacher_scores(cfg.teacher.source, out, args.num_samples, device, command)
     eval_s = time.perf_counter() - t1
 
     # 3. grids -------------------------------------------------------------------------------------
-    from .evaluation.sources import load_source
-
-    s_src, t_src = load_source(str(run_dir)), load_source(cfg.teacher.source)
-    s_times, s_renoise, _ = s_src.schedule(student_steps)
-    t_times, _, _ = t_src.schedule(TEACHER_STEPS)
     w = float(teacher["guidance"] or 1.0)
-    g_student = _grid(s_src, s_times, s_renoise, 1.0, out / "student_grid.png", device)
-    g_teacher = _grid(t_src, t_times, "ddim", w, out / "teacher_grid.png", device)
+    g_student, g_teacher = _grids(run_dir, student_steps, cfg.teacher.source, w, out, device)
 
     # 4. the table ---------------------------------------------------------------------------------
     from .evaluation.panel import comparison

@@ -51,6 +51,13 @@ def _str_list(s: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    _scoring_arguments(p)
+    _generation_arguments(p)
+    _output_arguments(p)
+
+
+def _scoring_arguments(p: argparse.ArgumentParser) -> None:
+    """What to score, at which step counts, under which protocol, metrics, reference and extractor."""
     src = p.add_argument_group("what to score (one of)")
     src.add_argument(
         "--pipeline",
@@ -103,6 +110,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="import this module first (e.g. one that registers a custom extractor); repeatable",
     )
     p.add_argument("--image-size", type=positive_int, help="scoring resolution (default: the protocol's)")
+
+
+def _generation_arguments(p: argparse.ArgumentParser) -> None:
+    """How the samples are generated: guidance, batches, device, sampler, weights, hybrid and times."""
     p.add_argument(
         "--guidance", type=finite_float, help="CFG scale (default: the teacher's recommended value; students 1)"
     )
@@ -143,6 +154,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="students: sampling times t_0,...,0 (steps + 1 values, one "
         "--steps N) instead of the run card's, e.g. to try another intermediate time",
     )
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    """Metric details (KID subsets, bootstrap) and what is written where."""
     p.add_argument("--kid-subset-size", type=positive_int, help="KID subset size (clamped to the sample counts)")
     p.add_argument(
         "--bootstrap",
