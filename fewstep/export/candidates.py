@@ -245,59 +245,69 @@ def _flow_candidates(
         "use_exponential_sigmas": False,
         "use_beta_sigmas": False,
     }
-    last = float(times[-2])
     if abs(times[0] - 1.0) > 1e-12 and "sigmas" not in drive.call_kwargs:
         why.append(
             f"the schedule starts at t={times[0]:g}, and this pipeline passes no custom sigmas, so the "
             "stock flow schedulers start at sigma 1"
         )
     for kind in sorted(kinds, key=lambda k: k != renoise):
-        stoch = kind == "fresh"
-        if kind == "ddim" and abs(times[0] - 1.0) < 1e-12:
-            out.append(
-                _Candidate(
-                    "FlowMapEulerDiscreteScheduler",
-                    {"num_train_timesteps": n_train, "shift": 1.0},
-                    route="FlowMapEulerDiscreteScheduler (Euler), sigmas linspace(1, 0, n + 1)",
-                )
-            )
-        if (
-            kind == "ddim"
-            and "FlowMatch" in str(teacher_cfg.get("_class_name", ""))
-            and not teacher_cfg.get("use_dynamic_shifting", False)
-        ):
-            cfg = {k: v for k, v in teacher_cfg.items() if not k.startswith("_")}
-            cfg["stochastic_sampling"] = False
-            out.append(
-                _Candidate(
-                    "FlowMatchEulerDiscreteScheduler",
-                    cfg,
-                    route="the teacher's own Euler scheduler (the student samples on the teacher's schedule)",
-                    patch=patch,
-                )
-            )
-        if abs(times[0] - 1.0) < 1e-12:
-            cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": last if len(times) > 2 else None}
-            name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
-            out.append(
-                _Candidate(
-                    "FlowMatchEulerDiscreteScheduler",
-                    cfg,
-                    patch=patch,
-                    route=name
-                    + (f", shift_terminal {last:g} (sigmas linspace(1, {last:g}, n))" if len(times) > 2 else ""),
-                )
-            )
-        if "sigmas" in drive.call_kwargs:
-            cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": None}
-            name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
-            out.append(
-                _Candidate(
-                    "FlowMatchEulerDiscreteScheduler",
-                    cfg,
-                    patch=patch,
-                    kwargs=lambda ts: {"sigmas": [float(t) for t in ts[:-1]]},
-                    route=name + ", with the sigmas passed at call time",
-                )
-            )
+        out += _flow_kind_candidates(kind, drive, teacher_cfg, times, base, patch)
     return out, why
+
+
+def _flow_kind_candidates(
+    kind: str, drive: Drive, teacher_cfg: dict[str, Any], times: list[float], base: dict[str, Any], patch: str | None
+) -> list[_Candidate]:
+    """The flow schedulers that replay the student's times with re-noising `kind` ("ddim": the
+    deterministic Euler step; "fresh": the stochastic one)."""
+    out: list[_Candidate] = []
+    n_train = base["num_train_timesteps"]
+    last = float(times[-2])
+    stoch = kind == "fresh"
+    if kind == "ddim" and abs(times[0] - 1.0) < 1e-12:
+        out.append(
+            _Candidate(
+                "FlowMapEulerDiscreteScheduler",
+                {"num_train_timesteps": n_train, "shift": 1.0},
+                route="FlowMapEulerDiscreteScheduler (Euler), sigmas linspace(1, 0, n + 1)",
+            )
+        )
+    if (
+        kind == "ddim"
+        and "FlowMatch" in str(teacher_cfg.get("_class_name", ""))
+        and not teacher_cfg.get("use_dynamic_shifting", False)
+    ):
+        cfg = {k: v for k, v in teacher_cfg.items() if not k.startswith("_")}
+        cfg["stochastic_sampling"] = False
+        out.append(
+            _Candidate(
+                "FlowMatchEulerDiscreteScheduler",
+                cfg,
+                route="the teacher's own Euler scheduler (the student samples on the teacher's schedule)",
+                patch=patch,
+            )
+        )
+    if abs(times[0] - 1.0) < 1e-12:
+        cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": last if len(times) > 2 else None}
+        name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
+        out.append(
+            _Candidate(
+                "FlowMatchEulerDiscreteScheduler",
+                cfg,
+                patch=patch,
+                route=name + (f", shift_terminal {last:g} (sigmas linspace(1, {last:g}, n))" if len(times) > 2 else ""),
+            )
+        )
+    if "sigmas" in drive.call_kwargs:
+        cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": None}
+        name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
+        out.append(
+            _Candidate(
+                "FlowMatchEulerDiscreteScheduler",
+                cfg,
+                patch=patch,
+                kwargs=lambda ts: {"sigmas": [float(t) for t in ts[:-1]]},
+                route=name + ", with the sigmas passed at call time",
+            )
+        )
+    return out

@@ -35,20 +35,6 @@ def _card(
     trained = len(run.sampling["times"]) - 1
     ge = run.sampling.get("guidance_embedding")
     guidance_scale = float(ge.get("guidance", 1.0)) if isinstance(ge, dict) else 1.0
-    if isinstance(params.get("guidance_min"), (int, float)) and isinstance(params.get("guidance_max"), (int, float)):
-        teacher_guidance: Any = [params["guidance_min"], params["guidance_max"]]  # LCM draws w from a range
-    else:
-        teacher_guidance = next(
-            (params[k] for k in ("guidance", "teacher_guidance") if isinstance(params.get(k), (int, float))), None
-        )
-    noise = (
-        "the pipeline's `generator` (passed to scheduler.step)"
-        if drive.step_generator
-        else "torch's global RNG (the pipeline calls scheduler.step without a generator): call torch.manual_seed(s) "
-        "right before the pipeline"
-    )
-    if drive.flux_sigmas:
-        noise += "; FluxPipeline draws it in its packed (B, H/2 * W/2, 4C) layout"
     teacher_block = card.get("teacher") if isinstance(card.get("teacher"), dict) else {}
     return {
         "format": CARD_FORMAT,
@@ -56,16 +42,7 @@ def _card(
         "objective": card.get("objective"),
         "method": METHODS.get(str(card.get("objective")), str(card.get("objective"))),
         "objective_params": params,
-        "teacher": {
-            "source": source,
-            "family": teacher_block.get("family"),
-            "pipeline_class": pipeline_class,
-            "folder": str(tdir),
-            "latent_shape": teacher_block.get("latent_shape"),
-            "num_classes": teacher_block.get("num_classes"),
-            "scheduler_class": tsched.get("_class_name"),
-            "num_train_timesteps": tsched.get("num_train_timesteps"),
-        },
+        "teacher": _teacher_record(teacher_block, source, pipeline_class, tdir, tsched),
         "sampling": run.sampling,
         "pipeline_class": pipeline_class,
         "backbone": drive.backbone,
@@ -79,9 +56,9 @@ def _card(
         "trained_steps": trained,
         "supported_steps": {str(n): v for n, v in sorted(plan.supported.items())},
         "guidance_scale": guidance_scale,
-        "teacher_guidance_in_training": teacher_guidance,
+        "teacher_guidance_in_training": _teacher_guidance(params),
         "fresh_noise": run.sampling.get("renoise") == "fresh" and trained > 1,
-        "noise_source": noise,
+        "noise_source": _noise_source(drive),
         "requires_patch": plan.needs_patch,
         "weights": {
             "which": run.weights,
@@ -111,3 +88,38 @@ def _card(
             "torch": torch.__version__,
         },
     }
+
+
+def _teacher_record(block: dict, source: str, pipeline_class: str, tdir: Path, tsched: dict) -> dict[str, Any]:
+    """The card's teacher entry: the run card's record of it, where it was read, and its scheduler."""
+    return {
+        "source": source,
+        "family": block.get("family"),
+        "pipeline_class": pipeline_class,
+        "folder": str(tdir),
+        "latent_shape": block.get("latent_shape"),
+        "num_classes": block.get("num_classes"),
+        "scheduler_class": tsched.get("_class_name"),
+        "num_train_timesteps": tsched.get("num_train_timesteps"),
+    }
+
+
+def _teacher_guidance(params: dict[str, Any]) -> Any:
+    """The CFG scale the teacher was run with in training: a number, a [min, max] range (LCM draws
+    w from one) or None."""
+    if isinstance(params.get("guidance_min"), (int, float)) and isinstance(params.get("guidance_max"), (int, float)):
+        return [params["guidance_min"], params["guidance_max"]]
+    return next((params[k] for k in ("guidance", "teacher_guidance") if isinstance(params.get(k), (int, float))), None)
+
+
+def _noise_source(drive: Drive) -> str:
+    """Where the pipeline's fresh noise between steps comes from, so a user can seed it."""
+    noise = (
+        "the pipeline's `generator` (passed to scheduler.step)"
+        if drive.step_generator
+        else "torch's global RNG (the pipeline calls scheduler.step without a generator): call torch.manual_seed(s) "
+        "right before the pipeline"
+    )
+    if drive.flux_sigmas:
+        noise += "; FluxPipeline draws it in its packed (B, H/2 * W/2, 4C) layout"
+    return noise

@@ -112,8 +112,6 @@ def export_student(
         link_components: hard-link the teacher's component files instead of copying them.
     Returns an ExportResult (the folder, the scheduler plan, the card).
     """
-    from .model_card import render_readme
-
     t0 = time.time()
     from ..msd.export import export_msd, is_msd_run
 
@@ -145,28 +143,47 @@ def export_student(
         )
         student = _read_student(run, tp)
         with atomic_folder(out, overwrite) as tmp:
-            _copy_teacher_components(tp, tmp, link_components)
-            bb_file = _write_backbone(run, tp, student, tmp)
-            _write_scheduler(tp, plan, tmp)
-            lora_info = _lora_part(run, tp, student, lora, tmp)
-            card = _card(
-                run,
-                source,
-                tp.folder,
-                tp.scheduler_config,
-                tp.pipeline_class,
-                tp.drive,
-                plan,
-                student.arch_diff,
-                lora_info,
-                eval_results,
-                bb_file_sha=_sha256(bb_file),
-            )
-            (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
-            (tmp / "README.md").write_text(render_readme(card))
+            card = _write_folder(tmp, run, tp, student, plan, source, lora, eval_results, link_components)
     finally:
         shutil.rmtree(scratch_root, ignore_errors=True)
     return ExportResult(out, tp.pipeline_class, plan, card, time.time() - t0)
+
+
+def _write_folder(
+    tmp: Path,
+    run: _Run,
+    tp: _TeacherParts,
+    student: Any,
+    plan: SchedulerPlan,
+    source: str,
+    lora: str,
+    eval_results: Sequence[str | os.PathLike],
+    link_components: bool,
+) -> dict[str, Any]:
+    """Fill the folder being written: the teacher's other components, the student's backbone, the
+    scheduler, the LoRA adapter where it applies, the card and its README. Returns the card."""
+    from .model_card import render_readme
+
+    _copy_teacher_components(tp, tmp, link_components)
+    bb_file = _write_backbone(run, tp, student, tmp)
+    _write_scheduler(tp, plan, tmp)
+    lora_info = _lora_part(run, tp, student, lora, tmp)
+    card = _card(
+        run,
+        source,
+        tp.folder,
+        tp.scheduler_config,
+        tp.pipeline_class,
+        tp.drive,
+        plan,
+        student.arch_diff,
+        lora_info,
+        eval_results,
+        bb_file_sha=_sha256(bb_file),
+    )
+    (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    (tmp / "README.md").write_text(render_readme(card))
+    return card
 
 
 @dataclass

@@ -131,8 +131,31 @@ def _evaluation_section(mets: list[dict[str, Any]]) -> list[str]:
 
 def render_readme(card: dict[str, Any]) -> str:
     """The model card (markdown with a YAML header) for an export card."""
-    t = card["teacher"]
+    out = _front(card) + _usage(card) + _lora_section(card) + _hybrid_section(card)
     sched = card["scheduler"]
+    out += ["## Scheduler", "", f"`{sched['class']}`: {sched['route']}."]
+    out += [f"- {n}" for n in sched.get("notes", [])]
+    out += [""]
+    if card.get("requires_patch"):
+        out += ["## Known limits", "", f"- {card['requires_patch']}", ""]
+    out += _evaluation_section(card.get("metrics") or [])
+    ck = card["weights"].get("checkpoint")
+    out += [
+        "## Provenance",
+        "",
+        f"Exported by `fewstep export` from `{ck or card['run']['dir']}` "
+        f"({'a checkpoint of a run' if ck else str(card['run'].get('steps')) + ' training step(s)'}); "
+        f"weights sha256 `{card['weights']['sha256']}`; "
+        f"diffusers {card['exported']['diffusers']}, torch {card['exported']['torch']}. The machine-readable "
+        "card is `fewstep_card.json`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _front(card: dict[str, Any]) -> list[str]:
+    """The YAML header (library, pipeline tag, tags, base model), the title and the summary."""
+    t = card["teacher"]
     trained = card["trained_steps"]
     samp = card["sampling"]
     src = str(t.get("source"))
@@ -168,7 +191,12 @@ def render_readme(card: dict[str, Any]) -> str:
         + (" (a LoRA student, fused into full weights)" if card["weights"].get("lora") else ""),
         "",
     ]
-    out += ["## Load and sample (diffusers only)", "", "```python", load_snippet(card), "```", ""]
+    return out
+
+
+def _usage(card: dict[str, Any]) -> list[str]:
+    """Loading and sampling with diffusers, the supported step counts and how to reproduce a seed."""
+    out = ["## Load and sample (diffusers only)", "", "```python", load_snippet(card), "```", ""]
     rows = ["| num_inference_steps | student times | network timesteps | call arguments |", "|---|---|---|---|"]
     for n, s in card["supported_steps"].items():
         rows.append(
@@ -185,25 +213,35 @@ def render_readme(card: dict[str, Any]) -> str:
         "to within 1e-4 in float32.",
         "",
     ]
+    return out
+
+
+def _lora_section(card: dict[str, Any]) -> list[str]:
+    """How to apply the LoRA adapter to the teacher, or why none was written (nothing without one)."""
     lora = card.get("lora_adapter")
-    if lora:
-        out += ["## LoRA adapter", ""]
-        if lora.get("written"):
-            out += [
-                f"`{lora['file']}` (rank {lora['rank']}; alpha / rank = {lora['scale_folded_into_lora_B']:g} is "
-                "folded into lora_B, so it loads at scale 1) applies the student to the teacher:",
-                "",
-                "```python",
-                f"from diffusers import {card['pipeline_class']}, {sched['class']}",
-                f'pipe = {card["pipeline_class"]}.from_pretrained("{src}")',
-                'pipe.load_lora_weights("path/to/this/folder/lora")',
-                f'pipe.scheduler = {sched["class"]}.from_pretrained("path/to/this/folder", subfolder="scheduler")',
-                "```",
-                "",
-            ]
-        else:
-            out += [lora.get("reason", "not written"), ""]
-    out += [
+    if not lora:
+        return []
+    out = ["## LoRA adapter", ""]
+    if not lora.get("written"):
+        return out + [lora.get("reason", "not written"), ""]
+    sched, src = card["scheduler"], str(card["teacher"].get("source"))
+    return out + [
+        f"`{lora['file']}` (rank {lora['rank']}; alpha / rank = {lora['scale_folded_into_lora_B']:g} is "
+        "folded into lora_B, so it loads at scale 1) applies the student to the teacher:",
+        "",
+        "```python",
+        f"from diffusers import {card['pipeline_class']}, {sched['class']}",
+        f'pipe = {card["pipeline_class"]}.from_pretrained("{src}")',
+        'pipe.load_lora_weights("path/to/this/folder/lora")',
+        f'pipe.scheduler = {sched["class"]}.from_pretrained("path/to/this/folder", subfolder="scheduler")',
+        "```",
+        "",
+    ]
+
+
+def _hybrid_section(card: dict[str, Any]) -> list[str]:
+    """Hybrid sampling: fewstep's command and call, and the diffusers-only snippet where there is one."""
+    out = [
         "## Hybrid sampling (diversity distillation)",
         "",
         "The teacher with CFG runs the first step(s) deterministically, the student the rest:",
@@ -224,21 +262,4 @@ def render_readme(card: dict[str, Any]) -> str:
             "```",
             "",
         ]
-    out += ["## Scheduler", "", f"`{sched['class']}`: {sched['route']}."]
-    out += [f"- {n}" for n in sched.get("notes", [])]
-    out += [""]
-    if card.get("requires_patch"):
-        out += ["## Known limits", "", f"- {card['requires_patch']}", ""]
-    out += _evaluation_section(card.get("metrics") or [])
-    ck = card["weights"].get("checkpoint")
-    out += [
-        "## Provenance",
-        "",
-        f"Exported by `fewstep export` from `{ck or card['run']['dir']}` "
-        f"({'a checkpoint of a run' if ck else str(card['run'].get('steps')) + ' training step(s)'}); "
-        f"weights sha256 `{card['weights']['sha256']}`; "
-        f"diffusers {card['exported']['diffusers']}, torch {card['exported']['torch']}. The machine-readable "
-        "card is `fewstep_card.json`.",
-        "",
-    ]
-    return "\n".join(out)
+    return out
