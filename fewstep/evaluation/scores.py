@@ -1,5 +1,6 @@
 """The numbers: torch-fidelity FID / KID / precision-recall from features extracted once, feature
-diversity (mean pairwise distance and Vendi score) within one condition, and CLIP score.
+diversity (mean pairwise distance and Vendi score) within one condition (evaluation/diversity.py),
+and CLIP score (evaluation/clip_score.py).
 
 FID, KID and precision/recall are computed by torch-fidelity's own functions
 (`fid_featuresdict_to_statistics`, `fid_statistics_to_metric`, `kid_featuresdict_to_metric`,
@@ -30,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .clip_score import ClipScorer
+from .diversity import diversity, mean_pairwise_distance, vendi_score
 from .inputs import InputError, TensorImages, atomic_save_safetensors
 from .protocols import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, file_sha256
 from .safe_weights import verified_torch_weights
@@ -471,127 +474,3 @@ def fidelity_metrics(
         prc_neighborhood=prc_neighborhood,
         rng_seed=rng_seed,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-def mean_pairwise_distance(features: Tensor) -> float:
-    """Mean Euclidean distance over all pairs i < j of (n, D) features (float64)."""
-    f = features.double()
-    if f.shape[0] < 2:
-        raise ValueError(f"diversity needs at least 2 samples of a condition, got {f.shape[0]}")
-    return float(torch.pdist(f).mean())
-
-
-def vendi_score(features: Tensor) -> float:
-    """Vendi score (Friedman & Dieng, 2023): exp of the Shannon entropy of the eigenvalues of
-    K / n, with K the cosine-similarity kernel of the features (unit diagonal). 1 for identical
-    samples, n for mutually orthogonal ones."""
-    f = features.double()
-    n = f.shape[0]
-    if n < 2:
-        raise ValueError(f"Vendi score needs at least 2 samples of a condition, got {n}")
-    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    lam = torch.linalg.eigvalsh(f @ f.T / n).clamp_min(0)
-    lam = lam[lam > 1e-12]
-    return float(torch.exp(-(lam * lam.log()).sum()))
-
-
-def diversity(features: Tensor, groups: Sequence[Any]) -> dict[str, Any]:
-    """Within-condition diversity: mean pairwise feature distance and Vendi score, computed per
-    group of samples that share a condition (class label or caption) and averaged over groups.
-
-    Args:
-        features: (N, D) features of the samples.
-        groups:   N condition keys; groups with fewer than 2 samples are skipped.
-    """
-    if len(groups) != features.shape[0]:
-        raise ValueError(f"{len(groups)} group keys for {features.shape[0]} feature rows")
-    by: dict[Any, list[int]] = {}
-    for i, g in enumerate(groups):
-        by.setdefault(g, []).append(i)
-    dists, vendis, sizes = [], [], []
-    for idx in by.values():
-        if len(idx) < 2:
-            continue
-        f = features[idx]
-        dists.append(mean_pairwise_distance(f))
-        vendis.append(vendi_score(f))
-        sizes.append(len(idx))
-    if not dists:
-        raise ValueError("diversity needs a condition with at least 2 samples; none has")
-    return {
-        "diversity": float(np.mean(dists)),
-        "vendi": float(np.mean(vendis)),
-        "diversity_groups": len(dists),
-        "diversity_group_size": int(np.median(sizes)),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-class _ClipFeatures(torch.nn.Module):
-    """A CLIPModel whose get_image_features / get_text_features return the projected embedding
-    tensors: transformers 5 returns output objects there, which torchmetrics 1.9 cannot norm."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    @staticmethod
-    def _tensor(out) -> Tensor:
-        return out if torch.is_tensor(out) else out.pooler_output
-
-    def get_image_features(self, *args, **kwargs) -> Tensor:
-        return self._tensor(self.model.get_image_features(*args, **kwargs))
-
-    def get_text_features(self, *args, **kwargs) -> Tensor:
-        return self._tensor(self.model.get_text_features(*args, **kwargs))
-
-
-class ClipScorer:
-    """CLIP score through torchmetrics' `CLIPScore`, with the model and processor loaded from a
-    local folder (`CLIPModel.from_pretrained(dir, local_files_only=True)`): max(100 * mean cosine
-    similarity of image and caption embeddings, 0)."""
-
-    def __init__(self, model_dir: str | Path, device: str = "cpu", prefix: str = ""):
-        d = Path(model_dir)
-        if not d.is_dir() or not (d / "config.json").is_file():
-            raise InputError(
-                f"CLIP model folder {d} not found or has no config.json (--clip-model); nothing is downloaded"
-            )
-        from torchmetrics.multimodal.clip_score import CLIPScore
-        from transformers import CLIPModel, CLIPProcessor
-
-        def load():
-            try:
-                model = CLIPModel.from_pretrained(str(d), local_files_only=True).eval()
-                return _ClipFeatures(model), CLIPProcessor.from_pretrained(str(d), local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise InputError(f"cannot load a CLIP model and processor from {d} (--clip-model): {e}") from e
-
-        self.model_dir = str(d)
-        self.prefix = prefix
-        self.metric = CLIPScore(model_name_or_path=load).to(device)
-        cfg = self.metric.model.config
-        weights = [p for p in sorted(d.iterdir()) if p.suffix in (".safetensors", ".bin")]
-        self.weights_sha256 = file_sha256(weights[0]) if len(weights) == 1 else "unknown"
-        self.name = str(getattr(cfg, "_name_or_path", "") or d.name)
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor, captions: Sequence[str], batch_size: int = 64) -> float:
-        if images.shape[0] != len(captions):
-            raise ValueError(f"{images.shape[0]} images for {len(captions)} captions")
-        self.metric.reset()
-        dev = self.metric.device
-        for i in range(0, images.shape[0], batch_size):
-            caps = [self.prefix + c for c in captions[i : i + batch_size]]
-            self.metric.update(images[i : i + batch_size].to(dev), caps)
-        return float(self.metric.compute())
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backend": "torchmetrics CLIPScore",
-            "model_dir": self.model_dir,
-            "weights_sha256": self.weights_sha256,
-            "prefix": self.prefix,
-        }
