@@ -152,7 +152,21 @@ class ClassConditioner(Conditioner):
         return {**cond, "class_labels": torch.full_like(ref, self.null_class)}
 
 
-class UNetTextConditioner(Conditioner):
+class _PromptNullConditioner(Conditioner):
+    """A text family whose null condition is the encoding of the empty prompt (prompt embeddings
+    `null_embeds` (1, L, D) and pooled ones `null_pooled` (1, P)), or zeros with `zero_null=True`."""
+
+    def __init__(self, null_embeds: Tensor | None = None, null_pooled: Tensor | None = None, zero_null: bool = False):
+        self.null_embeds = null_embeds
+        self.null_pooled = null_pooled
+        self.zero_null = zero_null
+
+    def _null_entry(self, key: str, value: Tensor, null: Tensor | None, batch: int) -> Tensor:
+        """The null of cond[key] (prompt or pooled embeddings): zeros, or `null` expanded to the batch."""
+        return torch.zeros_like(value) if self.zero_null else _null_like(null, value, batch, key, self.family)
+
+
+class UNetTextConditioner(_PromptNullConditioner):
     """`UNet2DConditionModel` (SD1.5/SD2: text embeddings; SDXL: + pooled text_embeds, time_ids).
 
     cond: {"encoder_hidden_states": (B, L, D)}, plus for SDXL ("text_time" added conditions)
@@ -167,11 +181,6 @@ class UNetTextConditioner(Conditioner):
 
     family = "UNet2DConditionModel"
     usage = "{'encoder_hidden_states': (B, L, D)} (+ 'text_embeds': (B, P), 'time_ids': (B, 6) for SDXL)"
-
-    def __init__(self, null_embeds: Tensor | None = None, null_pooled: Tensor | None = None, zero_null: bool = False):
-        self.null_embeds = null_embeds
-        self.null_pooled = null_pooled
-        self.zero_null = zero_null
 
     def call(self, backbone, x, timestep, cond):
         cfg = backbone.config
@@ -193,19 +202,9 @@ class UNetTextConditioner(Conditioner):
         _need(cond, ("encoder_hidden_states",), self.family, self.usage)
         out = dict(cond)
         ehs = cond["encoder_hidden_states"]
-        if self.zero_null:
-            out["encoder_hidden_states"] = torch.zeros_like(ehs)
-        else:
-            out["encoder_hidden_states"] = _null_like(
-                self.null_embeds, ehs, batch, "encoder_hidden_states", self.family
-            )
+        out["encoder_hidden_states"] = self._null_entry("encoder_hidden_states", ehs, self.null_embeds, batch)
         if cond.get("text_embeds") is not None:
-            te = cond["text_embeds"]
-            out["text_embeds"] = (
-                torch.zeros_like(te)
-                if self.zero_null
-                else _null_like(self.null_pooled, te, batch, "text_embeds", self.family)
-            )
+            out["text_embeds"] = self._null_entry("text_embeds", cond["text_embeds"], self.null_pooled, batch)
         return out
 
 
@@ -295,7 +294,7 @@ class PixArtConditioner(Conditioner):
         return out
 
 
-class SD3Conditioner(Conditioner):
+class SD3Conditioner(_PromptNullConditioner):
     """`SD3Transformer2DModel`: joint text embeddings (CLIP-L, CLIP-G and T5 concatenated) plus
     pooled projections; fed timestep = 1000 t as the pipeline does.
 
@@ -304,11 +303,6 @@ class SD3Conditioner(Conditioner):
 
     family = "SD3"
     usage = "{'encoder_hidden_states': (B, L, D), 'pooled_projections': (B, P)}"
-
-    def __init__(self, null_embeds: Tensor | None = None, null_pooled: Tensor | None = None, zero_null: bool = False):
-        self.null_embeds = null_embeds
-        self.null_pooled = null_pooled
-        self.zero_null = zero_null
 
     def call(self, backbone, x, timestep, cond):
         cfg = backbone.config
@@ -327,13 +321,8 @@ class SD3Conditioner(Conditioner):
         _need(cond, ("encoder_hidden_states", "pooled_projections"), self.family, self.usage)
         out = dict(cond)
         ehs, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
-        if self.zero_null:
-            out["encoder_hidden_states"], out["pooled_projections"] = torch.zeros_like(ehs), torch.zeros_like(pooled)
-        else:
-            out["encoder_hidden_states"] = _null_like(
-                self.null_embeds, ehs, batch, "encoder_hidden_states", self.family
-            )
-            out["pooled_projections"] = _null_like(self.null_pooled, pooled, batch, "pooled_projections", self.family)
+        out["encoder_hidden_states"] = self._null_entry("encoder_hidden_states", ehs, self.null_embeds, batch)
+        out["pooled_projections"] = self._null_entry("pooled_projections", pooled, self.null_pooled, batch)
         return out
 
 

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .clip_score import ClipScorer
 from .inputs import ImageFolder, InputError
 from .protocols import Protocol, get_protocol, select_captions
-from .scores import ClipScorer, Extractor, ReferenceFeatures
+from .scores import Extractor, ReferenceFeatures
 
 if TYPE_CHECKING:
     from .run import EvalSpec

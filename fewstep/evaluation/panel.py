@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .diversity import diversity
 from .inputs import InputError, TensorImages
-from .scores import Extractor, diversity, fidelity_from_features
+from .scores import Extractor, fidelity_from_features
 
 __all__ = ["CLAIMS_RULE", "compare", "comparison", "fid_of", "panel_scores", "panel_table", "verdict_text"]
 

@@ -69,54 +69,49 @@ class Protocol:
         return d
 
 
+def _coco(name: str, num_samples: int, image_size: int, note: str) -> Protocol:
+    """A COCO caption protocol: Inception features against the reference the user gives, FID and
+    CLIP score."""
+    return Protocol(
+        name=name,
+        num_samples=num_samples,
+        conditioning="captions",
+        image_size=image_size,
+        feature_extractor=INCEPTION_EXTRACTOR,
+        reference=None,
+        metrics=("fid", "clip"),
+        note=note,
+    )
+
+
 PROTOCOLS: dict[str, Protocol] = {
-    "digits": Protocol(
-        name="digits",
-        num_samples=2000,
-        seed=0,
-        conditioning="labels",
-        num_classes=10,
-        image_size=32,
-        feature_extractor=DIGITS_EXTRACTOR,
-        reference="digits",
-        metrics=("fid", "kid", "prc", "class_acc", "diversity", "panel"),
-        diversity_per_group=200,
-        note="embedded default: labels i % 10, judge penultimate features, all 1,797 real digits; "
-        "the judge panel (fewstep.digits.panel) with bootstrap intervals and the real-vs-real floor",
-    ),
-    "restoration": Protocol(
-        name="restoration",
-        num_samples=359,
-        seed=0,
-        conditioning="degraded",
-        image_size=32,
-        feature_extractor=DIGITS_EXTRACTOR,
-        reference="digits",
-        metrics=("psnr", "ssim", "judge_dist", "class_acc", "fid"),
-        note="held-out digits per degradation; outputs paired with targets (fewstep.evaluation.restoration)",
-    ),
-    "coco2014-30k": Protocol(
-        name="coco2014-30k",
-        num_samples=30000,
-        seed=0,
-        conditioning="captions",
-        image_size=256,
-        feature_extractor=INCEPTION_EXTRACTOR,
-        reference=None,
-        metrics=("fid", "clip"),
-        note="SD1.5 practice (DMD2): 30k COCO-2014 val captions, FID at 256 against val2014",
-    ),
-    "coco-10k": Protocol(
-        name="coco-10k",
-        num_samples=10000,
-        seed=0,
-        conditioning="captions",
-        image_size=512,
-        feature_extractor=INCEPTION_EXTRACTOR,
-        reference=None,
-        metrics=("fid", "clip"),
-        note="SDXL practice (DMD2): 10k COCO captions, FID at 512",
-    ),
+    p.name: p
+    for p in (
+        Protocol(
+            name="digits",
+            num_samples=2000,
+            num_classes=10,
+            image_size=32,
+            reference="digits",
+            metrics=("fid", "kid", "prc", "class_acc", "diversity", "panel"),
+            diversity_per_group=200,
+            note="embedded default: labels i % 10, judge penultimate features, all 1,797 real digits; "
+            "the judge panel (fewstep.digits.panel) with bootstrap intervals and the real-vs-real floor",
+        ),
+        Protocol(
+            name="restoration",
+            num_samples=359,
+            conditioning="degraded",
+            image_size=32,
+            reference="digits",
+            metrics=("psnr", "ssim", "judge_dist", "class_acc", "fid"),
+            note="held-out digits per degradation; outputs paired with targets (fewstep.evaluation.restoration)",
+        ),
+        _coco(
+            "coco2014-30k", 30000, 256, "SD1.5 practice (DMD2): 30k COCO-2014 val captions, FID at 256 against val2014"
+        ),
+        _coco("coco-10k", 10000, 512, "SDXL practice (DMD2): 10k COCO captions, FID at 512"),
+    )
 }
 
 

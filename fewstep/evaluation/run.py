@@ -19,11 +19,12 @@ import torch
 
 from . import checks
 from .checks import METRICS
+from .diversity import diversity
 from .images import resize_uint8, save_grid, save_images, to_uint8
 from .inputs import ImageFolder, InputError, TensorImages, atomic_write_json, atomic_write_text
 from .protocols import Protocol, file_sha256, load_captions
 from .report import markdown_table
-from .scores import diversity, fidelity_from_features, torch_fidelity_version
+from .scores import fidelity_from_features, torch_fidelity_version
 
 __all__ = ["EvalSpec", "evaluate", "METRICS", "to_uint8", "resize_uint8", "save_grid", "markdown_table"]
 

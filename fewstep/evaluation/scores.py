@@ -31,8 +31,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .clip_score import ClipScorer
-from .diversity import diversity, mean_pairwise_distance, vendi_score
+from .clip_score import ClipScorer as ClipScorer  # re-exported: the metrics' old home
+from .diversity import diversity as diversity
+from .diversity import mean_pairwise_distance as mean_pairwise_distance
+from .diversity import vendi_score as vendi_score
 from .inputs import InputError, TensorImages, atomic_save_safetensors
 from .protocols import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, file_sha256
 from .safe_weights import verified_torch_weights
@@ -42,10 +44,6 @@ __all__ = [
     "ReferenceFeatures",
     "fidelity_from_features",
     "fidelity_metrics",
-    "diversity",
-    "vendi_score",
-    "mean_pairwise_distance",
-    "ClipScorer",
     "cache_dir",
     "torch_fidelity_version",
 ]

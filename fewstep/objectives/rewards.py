@@ -93,7 +93,7 @@ class ClipReward(nn.Module):
                 "objective.reward=clip needs objective.reward_model: a local CLIP model folder (the one "
                 "the evaluation harness uses with --clip-model); nothing is downloaded"
             )
-        from ..evaluation.scores import ClipScorer
+        from ..evaluation.clip_score import ClipScorer
 
         scorer = ClipScorer(model_dir, device=str(device))  # the harness's loader: a clear error if absent
         self.clip = scorer.metric.model.requires_grad_(False).eval()
