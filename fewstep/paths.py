@@ -29,6 +29,7 @@ __all__ = [
     "with_prediction",
     "convert",
     "betas_for_schedule",
+    "betas_from_config",
     "MeanRevertingPath",
 ]
 
@@ -169,6 +170,19 @@ def betas_for_schedule(beta_schedule: str, beta_start: float, beta_end: float, n
     )
 
 
+def betas_from_config(config: Mapping[str, Any]) -> Tensor:
+    """A DDPM-family scheduler config's betas (its `trained_betas`, else its beta schedule), in
+    float64, before any zero-terminal-SNR rescaling."""
+    if config.get("trained_betas") is not None:
+        return torch.tensor(config["trained_betas"], dtype=torch.float64)
+    return betas_for_schedule(
+        config.get("beta_schedule", "linear"),
+        float(config.get("beta_start", 0.0001)),
+        float(config.get("beta_end", 0.02)),
+        int(config.get("num_train_timesteps", 1000)),
+    )
+
+
 class VPPath(_PathMaths):
     """DDPM / VP path built from a discrete alphas_cumprod table.
 
@@ -204,17 +218,7 @@ class VPPath(_PathMaths):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], prediction_type: str | None = None) -> VPPath:
-        n = int(config.get("num_train_timesteps", 1000))
-        if config.get("trained_betas") is not None:
-            betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
-        else:
-            betas = betas_for_schedule(
-                config.get("beta_schedule", "linear"),
-                float(config.get("beta_start", 0.0001)),
-                float(config.get("beta_end", 0.02)),
-                n,
-            )
-        abar = torch.cumprod(1.0 - betas, 0)
+        abar = torch.cumprod(1.0 - betas_from_config(config), 0)
         zero_snr = bool(config.get("rescale_betas_zero_snr", False))
         if zero_snr:  # Lin et al. (2024), Algorithm 1, as diffusers does it
             ab_sqrt = abar.sqrt()

@@ -31,7 +31,7 @@ from .denoiser import Denoiser
 from .families import backbone_of, family_by_name, family_of_pipeline
 from .paths import path_from_scheduler_config
 
-__all__ = ["Teacher", "load_teacher", "teacher_from_pipeline", "DIGITS_TEACHERS"]
+__all__ = ["Teacher", "load_teacher", "teacher_from_pipeline", "vae_scale_shift", "DIGITS_TEACHERS"]
 
 DIGITS_TEACHERS = ("digits-vp", "digits-flow", "digits-restore")
 
@@ -145,6 +145,13 @@ class Teacher:
         if cfg.get("shift_factor") is not None:
             z = z - float(cfg["shift_factor"])
         return z * float(cfg.get("scaling_factor") or 1.0)
+
+
+def vae_scale_shift(vae: Any) -> tuple[float, float]:
+    """(scale, shift) of a diffusers VAE's latents, latents = (z - shift) * scale: its config's
+    scaling_factor and shift_factor (SD3 / Flux), 1 and 0 where unset."""
+    cfg = getattr(vae, "config", {})
+    return float(cfg.get("scaling_factor", 1.0) or 1.0), float(cfg.get("shift_factor", 0.0) or 0.0)
 
 
 # ---- loading -------------------------------------------------------------------------------

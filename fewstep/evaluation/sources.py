@@ -50,8 +50,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _vae_decoder(vae) -> Callable[[Tensor], Tensor]:
-    sf = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+    from ..pipeline_teacher import vae_scale_shift
+
+    sf, shift = vae_scale_shift(vae)
 
     def decode(lat: Tensor) -> Tensor:
         z = (lat.float() / sf + shift).to(device=next(vae.parameters()).device, dtype=vae.dtype)

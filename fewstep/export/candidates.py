@@ -67,18 +67,9 @@ def _teacher_betas(cfg: dict[str, Any]) -> list[float]:
         except Exception:  # noqa: BLE001 - fall back to fewstep's own table below
             betas = None
     if betas is None:
-        from ..paths import betas_for_schedule
+        from ..paths import betas_from_config
 
-        n = int(cfg.get("num_train_timesteps", 1000))
-        if cfg.get("trained_betas") is not None:
-            betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
-        else:
-            betas = betas_for_schedule(
-                cfg.get("beta_schedule", "linear"),
-                float(cfg.get("beta_start", 1e-4)),
-                float(cfg.get("beta_end", 0.02)),
-                n,
-            )
+        betas = betas_from_config(cfg)
         if cfg.get("rescale_betas_zero_snr", False):
             from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
@@ -115,6 +106,46 @@ def _lcm_candidates(path, teacher_cfg, idx: list[int], scaling: float, pred: str
             )
         )
     return out
+
+
+def _vp_call_timestep_candidates(path, teacher_cfg, kinds: set[str], scaling: float, pred: str) -> list[_Candidate]:
+    """For pipelines that pass `timesteps` at call time: LCMScheduler (fresh noise) and first-order
+    DPM-Solver++ (exactly DDIM), each given the student's timesteps."""
+    base = {**_vp_table_config(teacher_cfg, path.num_train_timesteps), "prediction_type": pred}
+    configs = []
+    if "fresh" in kinds:
+        configs.append(
+            (
+                "LCMScheduler",
+                {
+                    "original_inference_steps": path.num_train_timesteps,
+                    "timestep_scaling": scaling,
+                    "set_alpha_to_one": True,
+                    "clip_sample": False,
+                    "thresholding": False,
+                },
+                "LCMScheduler with the timesteps passed at call time",
+            )
+        )
+    if "ddim" in kinds:
+        configs.append(
+            (
+                "DPMSolverMultistepScheduler",
+                {
+                    "algorithm_type": "dpmsolver++",
+                    "solver_order": 1,
+                    "final_sigmas_type": "zero",
+                    "lower_order_final": True,
+                    "thresholding": False,
+                    "use_karras_sigmas": False,
+                },
+                "first-order DPM-Solver++ (exactly DDIM) with the timesteps passed at call time",
+            )
+        )
+    return [
+        _Candidate(name, {**base, **cfg}, kwargs=lambda ts: {"timesteps": _vp_indices(path, ts)}, route=route)
+        for name, cfg, route in configs
+    ]
 
 
 def _candidates(
@@ -180,42 +211,7 @@ def _vp_candidates(
     else:
         out += [ddim] + (_lcm_candidates(path, teacher_cfg, idx, scaling, pred) if "fresh" in kinds else [])
     if "timesteps" in drive.call_kwargs:
-        base = {**_vp_table_config(teacher_cfg, path.num_train_timesteps), "prediction_type": pred}
-        if "fresh" in kinds:
-            cfg = {
-                **base,
-                "original_inference_steps": path.num_train_timesteps,
-                "timestep_scaling": scaling,
-                "set_alpha_to_one": True,
-                "clip_sample": False,
-                "thresholding": False,
-            }
-            out.append(
-                _Candidate(
-                    "LCMScheduler",
-                    cfg,
-                    kwargs=lambda ts: {"timesteps": _vp_indices(path, ts)},
-                    route="LCMScheduler with the timesteps passed at call time",
-                )
-            )
-        if "ddim" in kinds:
-            cfg = {
-                **base,
-                "algorithm_type": "dpmsolver++",
-                "solver_order": 1,
-                "final_sigmas_type": "zero",
-                "lower_order_final": True,
-                "thresholding": False,
-                "use_karras_sigmas": False,
-            }
-            out.append(
-                _Candidate(
-                    "DPMSolverMultistepScheduler",
-                    cfg,
-                    kwargs=lambda ts: {"timesteps": _vp_indices(path, ts)},
-                    route="first-order DPM-Solver++ (exactly DDIM) with the timesteps passed at call time",
-                )
-            )
+        out += _vp_call_timestep_candidates(path, teacher_cfg, kinds, scaling, pred)
     return out, []
 
 
@@ -287,27 +283,17 @@ def _flow_kind_candidates(
                 patch=patch,
             )
         )
+    name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
+
+    def euler(shift_terminal: float | None, route: str, kwargs=None) -> _Candidate:
+        cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": shift_terminal}
+        return _Candidate("FlowMatchEulerDiscreteScheduler", cfg, patch=patch, kwargs=kwargs, route=name + route)
+
     if abs(times[0] - 1.0) < 1e-12:
-        cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": last if len(times) > 2 else None}
-        name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
-        out.append(
-            _Candidate(
-                "FlowMatchEulerDiscreteScheduler",
-                cfg,
-                patch=patch,
-                route=name + (f", shift_terminal {last:g} (sigmas linspace(1, {last:g}, n))" if len(times) > 2 else ""),
-            )
-        )
+        terminal = len(times) > 2
+        route = f", shift_terminal {last:g} (sigmas linspace(1, {last:g}, n))" if terminal else ""
+        out.append(euler(last if terminal else None, route))
     if "sigmas" in drive.call_kwargs:
-        cfg = {**base, "stochastic_sampling": stoch, "shift_terminal": None}
-        name = ("stochastic " if stoch else "") + "FlowMatchEulerDiscreteScheduler, shift 1"
-        out.append(
-            _Candidate(
-                "FlowMatchEulerDiscreteScheduler",
-                cfg,
-                patch=patch,
-                kwargs=lambda ts: {"sigmas": [float(t) for t in ts[:-1]]},
-                route=name + ", with the sigmas passed at call time",
-            )
-        )
+        sigmas = lambda ts: {"sigmas": [float(t) for t in ts[:-1]]}  # noqa: E731
+        out.append(euler(None, ", with the sigmas passed at call time", sigmas))
     return out

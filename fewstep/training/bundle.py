@@ -44,9 +44,9 @@ class TeacherBundle:
 
 
 def _vae_decode(vae: nn.Module) -> Callable[[Tensor], Tensor]:
-    cfg = getattr(vae, "config", {})
-    scale = float(cfg.get("scaling_factor", 1.0) or 1.0)
-    shift = float(cfg.get("shift_factor", 0.0) or 0.0)
+    from ..pipeline_teacher import vae_scale_shift
+
+    scale, shift = vae_scale_shift(vae)
 
     @torch.no_grad()
     def decode(latents: Tensor) -> Tensor:
@@ -58,9 +58,9 @@ def _vae_decode(vae: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def _vae_encode(vae: nn.Module) -> Callable[[Tensor], Tensor]:
-    cfg = getattr(vae, "config", {})
-    scale = float(cfg.get("scaling_factor", 1.0) or 1.0)
-    shift = float(cfg.get("shift_factor", 0.0) or 0.0)
+    from ..pipeline_teacher import vae_scale_shift
+
+    scale, shift = vae_scale_shift(vae)
 
     @torch.no_grad()
     def encode(images: Tensor) -> Tensor:
