@@ -73,6 +73,7 @@ group's optimizer and scheduler -> zero the gradients of ALL networks -> after_s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -110,6 +111,24 @@ class Objective(Protocol):
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator that gives the same draws on every process at a given step."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+
+
+def phase_loss(
+    name: str, losses: dict[str, Callable[[Batch, int], Any]], phase: str, batch: Batch, step: int
+) -> tuple[Tensor, dict[str, float]]:
+    """`Objective.loss` for an objective with one loss function per phase (`losses`: phase ->
+    loss(batch, step)); an unknown phase is a ValueError naming the objective `name`'s phases."""
+    if phase not in losses:
+        raise ValueError(f"unknown phase {phase!r}; {name} has {' and '.join(repr(p) for p in losses)}")
+    return losses[phase](batch, step)
+
+
+def refuse_settings(ctx: Any, **why: str) -> None:
+    """A builder's refusal of run settings it cannot work with: raise ValueError(why[key]) for the
+    first BuildContext flag `key` among `why` that is set on ctx (absent flags count as unset)."""
+    for key, message in why.items():
+        if getattr(ctx, key, False):
+            raise ValueError(message)
 
 
 def trainable_parameters(obj: Objective, group: str) -> list[nn.Parameter]:

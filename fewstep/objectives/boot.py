@@ -53,7 +53,7 @@ from ..denoiser import Denoiser
 from ..paths import _bcast
 from . import _maths
 from ._two_time import TwoTimeDenoiser
-from .base import Batch, freeze, unwrap
+from .base import Batch, freeze, refuse_settings, unwrap
 
 __all__ = ["BOOT", "BOOTParams", "build", "signal_step", "trajectory_point"]
 
@@ -183,16 +183,13 @@ def build(params: BOOTParams | dict[str, Any] | None, teacher: Denoiser, ctx: An
     if not isinstance(params, BOOTParams):
         params = BOOTParams(**dict(params or {}))
     params.validate()
-    if getattr(ctx, "has_real_data", False):
-        raise ValueError(
-            "data.real_data: boot is data-free (its training inputs are noise only); set "
-            "data.real_data: false and leave data.real_latents unset"
-        )
-    if getattr(ctx, "gradient_checkpointing", False):
-        raise ValueError(
-            "precision.gradient_checkpointing: boot's second time input is set per call and would be "
-            "wrong in the recomputation; turn it off"
-        )
+    refuse_settings(
+        ctx,
+        has_real_data="data.real_data: boot is data-free (its training inputs are noise only); set "
+        "data.real_data: false and leave data.real_latents unset",
+        gradient_checkpointing="precision.gradient_checkpointing: boot's second time input is set per call and "
+        "would be wrong in the recomputation; turn it off",
+    )
     made = ctx.make_student(teacher)
     student = TwoTimeDenoiser(made.backbone, made.path, made.conditioner, mode="trajectory")
     return BOOT(student, teacher, params)

@@ -80,7 +80,7 @@ from ._maths import (
     pseudo_huber,
     surrogate_loss,
 )
-from .base import Batch, step_generator, unwrap
+from .base import Batch, phase_loss, step_generator, unwrap
 from .dmd_params import VARIANTS, DMDParams, check_run, params_from_dict
 from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
 from .regression import channel_gaussian_kl, channel_stats, pool_conditions, teacher_fingerprint, teacher_sample_set
@@ -399,11 +399,8 @@ class DMDObjective:
         return out, discriminator_gan_loss(logits[:b], logits[b:])
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase == "generator":
-            return self.generator_loss(batch, step)
-        if phase == "fake_score":
-            return self.fake_score_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'fake_score'")
+        losses = {"generator": self.generator_loss, "fake_score": self.fake_score_loss}
+        return phase_loss("DMD", losses, phase, batch, step)
 
     # ---- cached teacher samples ------------------------------------------------------------
     def _teacher_samples(self, batch: Batch, n: int, steps: int, guidance: float, tag: str):

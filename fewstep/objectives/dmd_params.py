@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .base import refuse_settings
+
 __all__ = ["VARIANTS", "DMDParams", "params_from_dict", "check_run"]
 
 VARIANTS = ("dmd", "dmd2", "ddmd")  # registry names dmd, dmd2, decoupled_dmd
@@ -186,13 +188,10 @@ def check_run(params: DMDParams, teacher: Any, ctx: Any) -> None:
             "guidance-distilled (guidance is an input), so the CFG-augmentation term has no (c - u)"
         )
     if params.shared_base:
-        if getattr(ctx, "sharded", False):
-            raise ValueError(
-                "objective.shared_base=true cannot run sharded (FSDP shards each network on its own); "
-                "use lora.student / lora.fake instead"
-            )
-        if getattr(ctx, "gradient_checkpointing", False):
-            raise ValueError(
-                "objective.shared_base=true cannot run with precision.gradient_checkpointing (the "
-                "recomputation in backward would see whichever adapter is active then)"
-            )
+        refuse_settings(
+            ctx,
+            sharded="objective.shared_base=true cannot run sharded (FSDP shards each network on its own); "
+            "use lora.student / lora.fake instead",
+            gradient_checkpointing="objective.shared_base=true cannot run with precision.gradient_checkpointing "
+            "(the recomputation in backward would see whichever adapter is active then)",
+        )

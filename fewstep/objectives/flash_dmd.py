@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from ._maths import surrogate_loss
-from .base import Batch
+from .base import Batch, phase_loss
 from .dmd import DMDObjective, DMDParams, _build
 from .rewards import differentiable_decode, make_reward
 
@@ -218,11 +218,8 @@ class FlashDMDObjective:
         return loss, logs
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase == "generator":
-            return self.generator_loss(batch, step)
-        if phase == "fake_score":
-            return self.dm.fake_score_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; Flash-DMD has 'generator' and 'fake_score'")
+        losses = {"generator": self.generator_loss, "fake_score": self.dm.fake_score_loss}
+        return phase_loss("Flash-DMD", losses, phase, batch, step)
 
 
 def _name(reward: Any) -> str:

@@ -50,7 +50,7 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from . import _trigflow as tf
 from ._maths import surrogate_loss
-from .base import Batch
+from .base import Batch, phase_loss
 from .dmd import DMDObjective, DMDParams
 from .scm import SCMObjective, SCMParams, _check, _student_path
 
@@ -225,13 +225,14 @@ class RCMObjective:
         return loss, logs
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase == "generator":
-            return self.generator_loss(batch, step)
-        if phase == "fake_score":
-            if not self.dmd_active(step):
-                raise ValueError(f"rCM: no fake-score update before objective.dmd_start={self.dmd_start} (step {step})")
-            return self.dm.fake_score_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; rCM has 'generator' and 'fake_score'")
+        return phase_loss(
+            "rCM", {"generator": self.generator_loss, "fake_score": self._fake_score_loss}, phase, batch, step
+        )
+
+    def _fake_score_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if not self.dmd_active(step):
+            raise ValueError(f"rCM: no fake-score update before objective.dmd_start={self.dmd_start} (step {step})")
+        return self.dm.fake_score_loss(batch, step)
 
 
 def build(params: RCMParams, teacher: Denoiser, ctx: Any) -> RCMObjective:

@@ -50,7 +50,7 @@ from ..conditioning import Cond
 from ..denoiser import Denoiser
 from ..samplers import initial_noise, sample
 from . import _maths
-from .base import Batch, freeze
+from .base import Batch, freeze, phase_loss
 
 __all__ = ["TDMParams", "TDM", "build", "student_times", "rollout"]
 
@@ -184,11 +184,7 @@ class TDM:
         return ["fake_score", "generator"]
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase == "fake_score":
-            return self._fake_loss(batch, step)
-        if phase == "generator":
-            return self._generator_loss(batch, step)
-        raise ValueError(f"tdm has phases 'fake_score' and 'generator', got {phase!r}")
+        return phase_loss("tdm", {"fake_score": self._fake_loss, "generator": self._generator_loss}, phase, batch, step)
 
     # ---- pieces ------------------------------------------------------------------------
     def _device(self) -> torch.device:

@@ -54,7 +54,7 @@ from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser
 from ..paths import FlowPath, _bcast
 from ._two_time import TwoTimeDenoiser
-from .base import Batch, unwrap
+from .base import Batch, refuse_settings, unwrap
 
 __all__ = ["FlowView", "TwinFlow", "TwinFlowParams", "barron", "build", "sampling_times"]
 
@@ -339,11 +339,11 @@ def build(params: TwinFlowParams | dict[str, Any] | None, teacher: Denoiser, ctx
     if not isinstance(params, TwinFlowParams):
         params = TwinFlowParams(**dict(params or {}))
     params.validate()
-    if getattr(ctx, "gradient_checkpointing", False):
-        raise ValueError(
-            "precision.gradient_checkpointing: twinflow's target-time input is set per call and would "
-            "be wrong in the recomputation; turn it off"
-        )
+    refuse_settings(
+        ctx,
+        gradient_checkpointing="precision.gradient_checkpointing: twinflow's target-time input is set per call "
+        "and would be wrong in the recomputation; turn it off",
+    )
     if not getattr(ctx, "has_real_data", True):
         raise ValueError(
             "data.real_data: twinflow trains on real latents (its flow-matching parts); set "
