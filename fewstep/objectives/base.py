@@ -123,6 +123,25 @@ def phase_loss(
     return losses[phase](batch, step)
 
 
+def checked_params(params: Any, cls: type) -> Any:
+    """A builder's hyperparameters as its dataclass `cls` (builders accept a plain dict too, for
+    their tests), validated."""
+    if not isinstance(params, cls):
+        params = cls(**dict(params or {}))
+    params.validate()
+    return params
+
+
+def run_facts(ctx: Any) -> dict[str, Any]:
+    """The keyword arguments an objective's constructor takes from the BuildContext: the run's
+    seed, the latent shape (C, H, W) and the device."""
+    return {
+        "seed": int(getattr(ctx, "seed", 0)),
+        "latent_shape": tuple(ctx.latent_shape),
+        "device": getattr(ctx, "device", None),
+    }
+
+
 def refuse_settings(ctx: Any, **why: str) -> None:
     """A builder's refusal of run settings it cannot work with: raise ValueError(why[key]) for the
     first BuildContext flag `key` among `why` that is set on ctx (absent flags count as unset)."""

@@ -53,7 +53,7 @@ from ..denoiser import Denoiser
 from ..paths import _bcast
 from . import _maths
 from ._two_time import TwoTimeDenoiser
-from .base import Batch, freeze, refuse_settings, unwrap
+from .base import Batch, checked_params, freeze, refuse_settings, unwrap
 
 __all__ = ["BOOT", "BOOTParams", "build", "signal_step", "trajectory_point"]
 
@@ -180,9 +180,7 @@ class BOOT:
 def build(params: BOOTParams | dict[str, Any] | None, teacher: Denoiser, ctx: Any) -> BOOT:
     """The registry's builder. Refuses real data (the method is data-free) and activation
     checkpointing (the second time input is set per call)."""
-    if not isinstance(params, BOOTParams):
-        params = BOOTParams(**dict(params or {}))
-    params.validate()
+    params = checked_params(params, BOOTParams)
     refuse_settings(
         ctx,
         has_real_data="data.real_data: boot is data-free (its training inputs are noise only); set "

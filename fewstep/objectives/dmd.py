@@ -80,7 +80,7 @@ from ._maths import (
     pseudo_huber,
     surrogate_loss,
 )
-from .base import Batch, phase_loss, step_generator, unwrap
+from .base import Batch, phase_loss, run_facts, step_generator, unwrap
 from .dmd_params import VARIANTS, DMDParams, check_run, params_from_dict
 from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
 from .regression import channel_gaussian_kl, channel_stats, pool_conditions, teacher_fingerprint, teacher_sample_set
@@ -490,13 +490,11 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
         t_net,
         student,
         fake,
-        seed=int(getattr(ctx, "seed", 0)),
-        latent_shape=latent_shape,
         disc=disc,
         tap=tap,
         teacher_key=key,
         num_classes=getattr(ctx, "num_classes", None),
-        device=getattr(ctx, "device", None),
+        **run_facts(ctx),
     )
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..samplers import sample
 from . import _maths
-from .base import Batch, step_generator
+from .base import Batch, checked_params, step_generator
 
 __all__ = ["DSMConfig", "DSM", "build"]
 
@@ -111,7 +111,5 @@ def _device(batch: Batch, cond) -> torch.device:
 
 
 def build(params: DSMConfig | dict[str, Any] | None, teacher: Denoiser, ctx: Any) -> DSM:
-    if not isinstance(params, DSMConfig):
-        params = DSMConfig(**(params or {}))
-    params.validate()
+    params = checked_params(params, DSMConfig)
     return DSM(ctx.make_student(teacher), teacher, params, seed=getattr(ctx, "seed", 0))

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ._maths import dsm_loss
-from .base import Batch
+from .base import Batch, checked_params
 from .dmd import DMDObjective, DMDParams, _build
 
 __all__ = ["MSDParams", "MSDStudentObjective", "build"]
@@ -192,9 +192,7 @@ class MSDStudentObjective:
 def build(params: MSDParams | dict | None, teacher: Denoiser, ctx: Any) -> MSDStudentObjective:
     """The registry's builder for `msd`: one student's objective (the entry point's MSD driver sets
     `student_index` and `data.conditions` for each student's sub-run)."""
-    if not isinstance(params, MSDParams):
-        params = MSDParams(**dict(params or {}))
-    params.validate()
+    params = checked_params(params, MSDParams)
     info: dict[str, Any] = {}
     if params.smaller:
         from ..msd.small import smaller_student

@@ -50,7 +50,7 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from . import _trigflow as tf
 from ._maths import surrogate_loss
-from .base import Batch, phase_loss
+from .base import Batch, phase_loss, run_facts
 from .dmd import DMDObjective, DMDParams
 from .scm import SCMObjective, SCMParams, _check, _student_path
 
@@ -243,12 +243,4 @@ def build(params: RCMParams, teacher: Denoiser, ctx: Any) -> RCMObjective:
         raise ValueError("objective 'rcm' needs real data (batch x0) for its sCM part: set data.real_data: true")
     student = ctx.make_student(teacher)
     fake = ctx.make_copy(teacher)
-    return RCMObjective(
-        params,
-        teacher,
-        student,
-        fake,
-        seed=int(getattr(ctx, "seed", 0)),
-        latent_shape=tuple(ctx.latent_shape),
-        device=getattr(ctx, "device", None),
-    )
+    return RCMObjective(params, teacher, student, fake, **run_facts(ctx))

@@ -54,7 +54,7 @@ from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser
 from ..paths import FlowPath, _bcast
 from ._two_time import TwoTimeDenoiser
-from .base import Batch, refuse_settings, unwrap
+from .base import Batch, checked_params, refuse_settings, unwrap
 
 __all__ = ["FlowView", "TwinFlow", "TwinFlowParams", "barron", "build", "sampling_times"]
 
@@ -336,9 +336,7 @@ def build(params: TwinFlowParams | dict[str, Any] | None, teacher: Denoiser, ctx
     of weights in the run; the entry point's teacher handle shares it), or with lora.student a LoRA
     copy on the teacher's frozen weights. Refuses a backbone whose time embedding cannot take the
     target time (naming teacher.source), activation checkpointing and runs without real data."""
-    if not isinstance(params, TwinFlowParams):
-        params = TwinFlowParams(**dict(params or {}))
-    params.validate()
+    params = checked_params(params, TwinFlowParams)
     refuse_settings(
         ctx,
         gradient_checkpointing="precision.gradient_checkpointing: twinflow's target-time input is set per call "
