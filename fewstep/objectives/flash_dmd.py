@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from ..denoiser import Denoiser
 from ._maths import surrogate_loss
 from .base import Batch, phase_loss
-from .dmd import DMDObjective, DMDParams, _build
+from .dmd import DMDObjective, DMDParams
+from .dmd_build import build_dmd
 from .rewards import differentiable_decode, make_reward
 
 __all__ = ["FlashDMDParams", "FlashDMDObjective", "build"]
@@ -236,7 +237,7 @@ def build(
         raise ValueError(
             "objective 'flash_dmd' needs real data for its adversarial loss (batch['x0']): set data.real_data: true"
         )
-    dmd = _build(params.dmd_params(), teacher, ctx)
+    dmd = build_dmd(params.dmd_params(), teacher, ctx)
     if reward is None and params.reward is not None:
         reward = make_reward(params.reward, params.reward_model, getattr(ctx, "device", None) or "cpu")
     decode = differentiable_decode(getattr(ctx, "decode", None))

@@ -40,7 +40,8 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ._maths import dsm_loss
 from .base import Batch, checked_params
-from .dmd import DMDObjective, DMDParams, _build
+from .dmd import DMDObjective, DMDParams
+from .dmd_build import build_dmd
 
 __all__ = ["MSDParams", "MSDStudentObjective", "build"]
 
@@ -214,6 +215,6 @@ def build(params: MSDParams | dict | None, teacher: Denoiser, ctx: Any) -> MSDSt
             return den
 
         ctx = SimpleNamespace(**{**vars(ctx), "make_student": make_student}) if hasattr(ctx, "__dict__") else ctx
-    dmd = _build(params.dmd_params(), teacher, ctx)
+    dmd = build_dmd(params.dmd_params(), teacher, ctx)
     pre, gan = params.stages(int(getattr(ctx, "steps", 1) or 1))
     return MSDStudentObjective(params, dmd, pre, gan, info)
