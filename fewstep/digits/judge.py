@@ -244,9 +244,7 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
         self.judge = load_judge(self.weights_path)
 
     def forward(self, x):
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
-            desc = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"{self.name} expects uint8 images of shape (B, 3, H, W), got {desc}")
+        check_uint8_images(self.name, x)
         if "conv_pooled" in self.features_list:
             out = self.judge.all_features(x)
         else:
@@ -268,6 +266,14 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
     @staticmethod
     def get_dummy_input_for_compile():
         return torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+
+
+def check_uint8_images(name: str, x) -> None:
+    """The digits extractors take what torch-fidelity feeds them, uint8 (B, 3, H, W) images; anything
+    else is a ValueError naming the extractor `name`."""
+    if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+        desc = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name} expects uint8 images of shape (B, 3, H, W), got {desc}")
 
 
 def register_judge_extractor(name: str = JUDGE_NAME) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from .data import IMAGE_SIZE, WEIGHTS_DIR
-from .judge import JUDGE_NAME, JUDGE_WEIGHTS, DigitsJudge, JudgeFeatureExtractor
+from .judge import JUDGE_NAME, JUDGE_WEIGHTS, DigitsJudge, JudgeFeatureExtractor, check_uint8_images
 
 __all__ = [
     "PANEL_DIR",
@@ -102,9 +102,7 @@ class PixelPCAExtractor(FeatureExtractorBase):
         self.register_buffer("comps", comps.float())
 
     def forward(self, x):
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
-            desc = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"{self.name} expects uint8 images of shape (B, 3, H, W), got {desc}")
+        check_uint8_images(self.name, x)
         g = DigitsJudge.prepare(x).reshape(x.shape[0], -1).to(self.mean.device)
         return ((g - self.mean) @ self.comps,)
 
@@ -120,9 +118,7 @@ class PixelPCAExtractor(FeatureExtractorBase):
     def can_be_compiled():
         return False
 
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    get_dummy_input_for_compile = staticmethod(JudgeFeatureExtractor.get_dummy_input_for_compile)
 
 
 # ----------------------------------------------------------------------------------------------
