@@ -296,7 +296,8 @@ class DMDObjective:
     def draws(self, batch: Batch, step: int, phase: str) -> SampleDraws:
         """Per-sample draws of one phase's loss (`fewstep.randomness`): functions of (seed, step,
         phase, global sample index), so the split of the global batch changes nothing."""
-        return SampleDraws.for_batch(batch, self.seed, step, f"dmd/{phase}", self._dev(batch), rows=self._shape(batch)[0])
+        rows = self._shape(batch)[0]
+        return SampleDraws.for_batch(batch, self.seed, step, f"dmd/{phase}", self._dev(batch), rows=rows)
 
     def _shape(self, batch: Batch) -> tuple[int, ...]:
         if batch.get("shape") is not None:

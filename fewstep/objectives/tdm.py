@@ -205,7 +205,8 @@ class TDM:
             raise ValueError("tdm: batch needs 'shape' (B, C, H, W) for the student's noise")
         shape = tuple(batch["shape"])
         # one stream for both phases: the rollout of a step is the same in each
-        noise = SampleDraws.for_batch(batch, self.seed, step, "tdm/rollout", self._device(), shape[0]).normal(*shape[1:])
+        rng = SampleDraws.for_batch(batch, self.seed, step, "tdm/rollout", self._device(), rows=shape[0])
+        noise = rng.normal(*shape[1:])
         xs, x0s = rollout(self.nets["student"], self.path, noise, batch.get("cond"), self.times)
         self._cache = (step, id(batch), xs, x0s)
         return xs, x0s

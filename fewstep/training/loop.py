@@ -26,6 +26,7 @@ from ..config import Config, ConfigError, config_to_dict, resolve_group
 from ..errors import dumps_json, user_errors
 from ..families import family_name
 from ..objectives.registry import BuildContext, build_objective, make_params
+from .accumulate import accumulated_loss, micro_batch_size, split_batch
 from .bundle import TeacherBundle, load_bundle
 from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint, saved_keys
 from .data import BatchSource
@@ -46,6 +47,7 @@ from .parallel import (
     wrap_autocast,
 )
 from .preflight import preflight
+from .processes import startup_lines
 from .resume import check_resumed, settings
 from .updates import resolve_steps, update_counts
 
@@ -179,6 +181,8 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
             conditions=cfg.data.conditions,
         )
     tr = _build(cfg, env, bundle, source)  # 4.-6. objective, optimizers
+    micro = micro_batch_size(cfg.data.batch_size, env.world, cfg.data.micro_batch_size)
+    _announce(cfg, env, micro)
     start_step = _resume(cfg, env, tr, resume_from)  # 7. resume
     tr.made = update_counts(tr.obj, start_step)
     trackers = _start_trackers(cfg, env)
@@ -189,11 +193,11 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     done, stopped_early, t_loop = start_step, False, time.time()
     try:  # 8. the loop
         for step in range(start_step, cfg.steps):
-            batch = source(step)
+            batches = split_batch(source(step), micro)  # this process's share, in micro-batches
             logs = {}
             student_updated = False
             for phase in tr.obj.phases(step):
-                student_updated |= _update(cfg, env, tr, phase, batch, step, logs, log)
+                student_updated |= _update(cfg, env, tr, phase, batches, step, logs, log)
             if tr.ema is not None and student_updated:
                 tr.ema.update(step)
             done = step + 1
@@ -275,6 +279,17 @@ def _start(cfg: Config, accelerator, output: list[OutputFolder]) -> tuple[_Env, 
     output.append(env.output)
     _seed_all(cfg.seed)  # the same on every process while the networks are built
     return env, env.output.resume_from
+
+
+def _announce(cfg: Config, env: _Env, micro: int) -> None:
+    """Processes, distributed type and the batch split; a warning when fewer processes run than
+    the launcher was asked for (training/processes.py)."""
+    import sys
+
+    dtype = str(getattr(env.accelerator.distributed_type, "value", env.accelerator.distributed_type))
+    for line in startup_lines(env.world, dtype, cfg.data.batch_size, micro):
+        if env.main:
+            print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True)
 
 
 def _seed_all(seed: int) -> None:
@@ -491,12 +506,19 @@ def _start_trackers(cfg: Config, env: _Env) -> bool:
 
 # ---- 8. one phase's update, logging, grids, checkpoints -------------------------------------------------
 def _update(
-    cfg: Config, env: _Env, tr: _Trainer, phase: str, batch: dict, step: int, logs: dict[str, float], log: RunLog
+    cfg: Config,
+    env: _Env,
+    tr: _Trainer,
+    phase: str,
+    batches: list[dict],
+    step: int,
+    logs: dict[str, float],
+    log: RunLog,
 ) -> bool:
-    """loss -> backward -> average grads -> clip -> non-finite check -> step this group -> zero ALL
-    grads -> after_step. Adds the phase's scalars to `logs`; True when the student's group stepped."""
-    loss, obj_logs = tr.obj.loss(phase, batch, step)
-    env.accelerator.backward(loss)
+    """loss -> backward (accumulated over the micro-batches) -> average grads -> clip -> non-finite
+    check -> step this group -> zero ALL grads -> after_step. Adds the phase's scalars to `logs`;
+    True when the student's group stepped."""
+    loss, obj_logs = accumulated_loss(tr.obj, phase, batches, step, env.accelerator.backward)
     plist = tr.group_params[phase]
     if not env.sharded:
         average_gradients(plist, env.world)
