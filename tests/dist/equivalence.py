@@ -36,13 +36,22 @@ EXTRA = {
         "data.conditions=[0,1,2,3,4]",
     ],
     "lcm": ["objective.trajectory_steps=2"],
-    "scm": ["objective.convert_steps=1", "objective.tangent_warmup=1"],
-    "tbcm": ["objective.convert_steps=1", "objective.route_steps=4", "objective.points_per_step=5"],
+    # the sCM family without conversion steps or tangent warm-up: from a student equal to the teacher
+    # both have an exactly zero gradient, whose round-off Adam would blow up to full-size steps
+    "scm": ["objective.convert_steps=0", "objective.tangent_warmup=0"],
+    "tbcm": [
+        "objective.convert_steps=0",
+        "objective.tangent_warmup=0",
+        "objective.route_steps=4",
+        "objective.points_per_step=5",
+    ],
     "rcm": [
-        "objective.convert_steps=1",
-        "objective.tangent_warmup=1",
+        "objective.convert_steps=0",
+        "objective.tangent_warmup=0",
         "objective.dmd_start=0",
         "objective.critic_updates_per_student=1",
+        "optim.generator.lr=1e-3",  # rCM's own learning rates (2e-6, 4e-7) move the weights by round-off only
+        "optim.fake_score.lr=1e-3",
     ],
     "tdm": ["objective.num_steps=2"],
 }
@@ -55,6 +64,10 @@ QUIET = [
     "checkpoint.every=0",
     "optim.default.lr=1e-3",
     "optim.default.warmup_steps=0",
+    # Adam's eps: an attention key bias has an exactly zero gradient (softmax ignores a shift shared
+    # by all keys), computed as round-off that another reduction order changes; at eps 1e-8 Adam
+    # turns that round-off into full-size steps, at 1e-5 it leaves it at round-off size
+    "optim.default.eps=1e-5",
     "ema.rate=0",
 ]
 
