@@ -89,3 +89,19 @@ def test_start_up_names_processes_and_warns_when_fewer_run_than_asked(monkeypatc
     assert lines[0].startswith("processes: 1 (NO)") and "4 micro-batch(es) of at most 2" in lines[0]
     assert len(lines) == 2 and "asked for 2 processes" in lines[1] and "--multi_gpu" in lines[1]
     assert len(startup_lines(2, "MULTI_CPU", 8, 4)) == 1  # as many as asked: no warning
+
+
+def test_the_asked_process_count_is_found_where_launchers_leave_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from fewstep.launch_cmd import _record_requested
+    from fewstep.training.processes import _from_launcher_cmdline, requested_processes
+
+    monkeypatch.setenv(REQUESTED_ENV, "")  # restored (removed) after the test: _record_requested sets it
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _record_requested(SimpleNamespace(num_processes=3, config_file=None))  # `fewstep launch --num_processes 3`
+    assert requested_processes()[0] == 3
+    cmd = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes", "2", "train/train.py"]
+    assert _from_launcher_cmdline(cmd) == 2
+    assert _from_launcher_cmdline(["accelerate", "launch", "--num-processes=4", "x.py"]) == 4
+    assert _from_launcher_cmdline(["python", "train/train.py", "--num_processes", "2"]) is None
