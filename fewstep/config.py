@@ -72,6 +72,9 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     batch_size: int = 32  # global batch per step, split evenly over the processes
+    micro_batch_size: int | None = None  # memory cap: the most samples a process puts through the loss at
+    #   once; its share (batch_size / processes) runs in micro-batches of this size with gradients
+    #   accumulated, one optimizer step per training step, the same update as one full batch (null: all at once)
     real_data: bool = False  # put real latents in batch["x0"] (embedded digits through the teacher VAE)
     real_latents: str | None = None  # or from a safetensors file: "latents" (N, C, H, W), scaled as the
     #   teacher's VAE scales them, optional "class_labels" (N,); with
@@ -195,6 +198,8 @@ class Config:
         need((self.generator_steps or 1) >= 1, "generator_steps", f"must be >= 1, got {self.generator_steps}")
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1")
         need(self.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.data.batch_size}")
+        mb = self.data.micro_batch_size
+        need(mb is None or mb >= 1, "data.micro_batch_size", f"must be >= 1 or null, got {mb}")
         need(self.data.num_classes is None or self.data.num_classes >= 1, "data.num_classes", "must be >= 1")
         c = self.data.conditions
         need(

@@ -42,6 +42,26 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:i], argv[i + 1 :]
 
 
+def _record_requested(largs: argparse.Namespace) -> None:
+    """Tell the training processes how many were asked for (--num_processes, else the accelerate
+    config file's), so a run that starts fewer can say so (fewstep/training/processes.py)."""
+    import os
+
+    from .training.processes import REQUESTED_ENV
+
+    asked = largs.num_processes
+    if asked is None:
+        try:
+            from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+
+            if largs.config_file or os.path.isfile(default_config_file):
+                asked = load_config_from_file(largs.config_file).num_processes
+        except Exception:  # no readable accelerate config: nothing was asked for
+            asked = None
+    if isinstance(asked, int) and asked > 0:
+        os.environ[REQUESTED_ENV] = str(asked)
+
+
 def run(args: argparse.Namespace) -> int:
     from .cli import OneLineParser
     from .config import load_config
@@ -66,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         largs = parser.parse_args([*accel, "--module", "fewstep.train_cmd", *train])
     except SystemExit as e:  # argparse already printed what is wrong with the accelerate options
         return int(e.code or 2)
+    _record_requested(largs)
     try:
         launch_command(largs)
     except subprocess.CalledProcessError as e:  # one process: it printed its own one-line error

@@ -244,10 +244,10 @@ def test_dm_steps_move_the_students_samples_against_the_dm_gradient():
     batch = _batch(tiny, b=4)
 
     def sample_and_grad():
-        torch.manual_seed(5)
+        rng = obj.dm.draws(batch, step, "generator")  # the generator loss's own draws
         with torch.no_grad():
-            x_hat, _ = obj.dm.generate(batch, step, grad=False)
-            return x_hat, obj.dm._dm_grad(x_hat, batch["cond"], 3.0)
+            x_hat, _ = obj.dm.generate(batch, step, grad=False, rng=rng)
+            return x_hat, obj.dm._dm_grad(x_hat, batch["cond"], 3.0, rng)
 
     x_before, g = sample_and_grad()
     opt = torch.optim.SGD(trainable_parameters(obj, "generator"), lr=1e-3)
@@ -274,10 +274,10 @@ def test_adversarial_steps_move_the_students_samples_up_the_discriminator():
     batch = _batch(tiny, b=8)
 
     def mean_logit():
-        torch.manual_seed(5)
+        rng = obj.dm.draws(batch, step, "generator")  # the generator loss's own draws
         with torch.no_grad():
-            x_hat, _ = obj.dm.generate(batch, step, grad=False)
-            x_n, tau = obj.dm._noised(x_hat, obj.p.gan_t_min, obj.p.gan_t_max)
+            x_hat, _ = obj.dm.generate(batch, step, grad=False, rng=rng)
+            x_n, tau = obj.dm._noised(x_hat, obj.p.gan_t_min, obj.p.gan_t_max, rng)
             return float(obj.dm._disc_logits(x_n, tau, batch["cond"])[1].mean())
 
     before = mean_logit()

@@ -13,6 +13,7 @@ from fewstep.objectives import _trigflow as tf
 from fewstep.objectives.base import trainable_parameters
 from fewstep.objectives.scm import SCMObjective, SCMParams, TBCMObjective, TBCMParams, scm_tangent, tbcm_route
 from fewstep.paths import FlowPath, TrigFlowPath
+from fewstep.randomness import SampleDraws
 from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
 from tests.tiny import make_tiny, vp_path
@@ -95,13 +96,13 @@ def test_max_angle_caps_training_and_sampler_start():
         SCMParams(sigma_data=1.0, max_angle=1.5, p_mean=3.0), tiny.denoiser, copy_denoiser(tiny.denoiser)
     )
     assert obj.theta_max == 1.5
-    assert obj.sample_angles(4000, "cpu").max() <= 1.5
+    assert obj.sample_angles(SampleDraws(range(4000), 0, 0, "test")).max() <= 1.5
     assert obj.sampling["angles"][0] == 1.5
     t0 = obj.sampling["times"][0]
     a, s = tiny.path.alpha_sigma(torch.tensor(t0, dtype=torch.float64))
     assert 0.9 < t0 < 1.0 and float(s / a) == pytest.approx(math.tan(1.5), rel=1e-6)
     tb = TBCMObjective(TBCMParams(sigma_data=1.0, max_angle=1.5), tiny.denoiser, copy_denoiser(tiny.denoiser))
-    r = tb.route()
+    r = tb.route(0)
     assert r[0] == 1.5 and r.max() == 1.5
     with pytest.raises(ValueError, match="objective.intermediate_angle"):
         SCMObjective(SCMParams(max_angle=1.2, intermediate_angle=1.3), tiny.denoiser, copy_denoiser(tiny.denoiser))
@@ -197,7 +198,7 @@ def test_tbcm_trajectory_is_the_teachers_ddim_path(path_name):
     means = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     teacher = gmm_denoiser(path, means, 0.1)
     obj = TBCMObjective(TBCMParams(route_steps=6), teacher, copy_denoiser(teacher))
-    route = obj.route().to(torch.float64)
+    route = obj.route(0).to(torch.float64)
     assert route[0] == obj.theta_max and torch.all(route[1:] < route[:-1])
     noise = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     xs, ths, vs, x_end = obj.trajectory(noise, None, route)
@@ -224,7 +225,7 @@ def test_tbcm_route_is_stratified_in_reference():
     assert ref.numel() == 16 and ref[0] == pytest.approx(math.pi / 2) and torch.all(ref[1:] < ref[:-1])
     tiny = make_tiny("sd3")
     obj = TBCMObjective(TBCMParams(), tiny.denoiser, copy_denoiser(tiny.denoiser))
-    r = obj.route()
+    r = obj.route(0)
     assert torch.all((r[1:] <= ref[:-1] + 1e-12) & (r[1:] >= ref[1:] - 1e-12))
 
 
@@ -451,10 +452,8 @@ def test_trigflow_convention_matches_sana_sprint_and_tbcm(sd):
     # the proposal: theta = atan(e^tau / sd) puts the teacher at s / (1 - s) = e^tau / sd
     teacher = gmm_denoiser(flow, torch.zeros(1, 2, 3, 3))
     obj = SCMObjective(SCMParams(sigma_data=sd, p_mean=-0.8, p_std=1.6), teacher, copy_denoiser(teacher))
-    torch.manual_seed(3)
-    th = obj.sample_angles(64, "cpu").double()
-    torch.manual_seed(3)
-    tau = (-0.8 + 1.6 * torch.randn(64)).double()
+    th = obj.sample_angles(SampleDraws(range(64), 3, 0, "test")).double()
+    tau = (-0.8 + 1.6 * SampleDraws(range(64), 3, 0, "test").normal()).double()
     ratio = torch.exp(tau) / sd
     keep = th < obj.theta_max - 1e-6  # draws above the cap are clamped
     assert torch.allclose(tf.t_of_angle(flow, th)[keep], (ratio / (1 + ratio))[keep], rtol=1e-5)

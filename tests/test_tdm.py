@@ -11,7 +11,8 @@ import torch
 from fewstep.denoiser import copy_denoiser
 from fewstep.objectives.tdm import TDM, TDMParams, _importance_weight, build, student_times
 from fewstep.paths import FlowPath, VPPath
-from fewstep.samplers import initial_noise, sample
+from fewstep.randomness import SampleDraws
+from fewstep.samplers import sample
 from fewstep.testing import gmm_denoiser
 from tests.tiny import make_tiny
 
@@ -50,13 +51,11 @@ def test_inference_sampler_reproduces_training_rollout(family, num_steps):
     cond = tiny.cond(3, torch.Generator().manual_seed(5))
     batch = {"cond": cond, "shape": (3, *tiny.latent_shape)}
 
-    torch.manual_seed(123)
     xs, x0s = obj._rollout(batch, step=0)
     assert xs.shape[0] == num_steps
 
     # inference: the sampler with the objective's own `sampling` dict, same noise
-    torch.manual_seed(123)
-    noise = initial_noise(batch["shape"])
+    noise = SampleDraws(range(3), obj.seed, 0, "tdm/rollout").normal(*batch["shape"][1:])
     student = obj.nets["student"]
     assert obj.sampling["renoise"] == "ddim"
     assert obj.sampling["times_by_steps"][str(num_steps)] == obj.sampling["times"]
@@ -126,12 +125,12 @@ def test_segment_point_on_the_last_segment_carries_only_fresh_noise(path):
     b = 6
     x_g, x0_hat = torch.randn(b, 1, 2, 2), torch.randn(b, 1, 2, 2)
     t_g, t_mid, t = torch.full((b,), 0.225), torch.zeros(b), torch.linspace(0.03, 0.2, b)
-    x_t, z, m = obj._segment_point(x_g, x0_hat, t_g, t_mid, t)
+    x_t, z, m = obj._segment_point(x_g, x0_hat, t_g, t_mid, t, SampleDraws(range(b), 0, 0, "test"))
     torch.testing.assert_close(m, z, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(_importance_weight(m, z), torch.ones(b), rtol=1e-4, atol=1e-4)
     # on a higher segment the student's own noise is part of x_t, and x_t = alpha x0_hat + sigma m
     t_g, t_mid, t = torch.full((b,), 0.9), torch.full((b,), 0.675), torch.full((b,), 0.8)
-    x_t, z, m = obj._segment_point(x_g, x0_hat, t_g, t_mid, t)
+    x_t, z, m = obj._segment_point(x_g, x0_hat, t_g, t_mid, t, SampleDraws(range(b), 0, 0, "test"))
     torch.testing.assert_close(x_t, path.add_noise(x0_hat, m, t))
     assert not torch.allclose(m, z, atol=1e-2)
 
@@ -139,13 +138,13 @@ def test_segment_point_on_the_last_segment_carries_only_fresh_noise(path):
 def test_segment_times_stay_inside_their_segment():
     d = gmm_denoiser(VPPath.from_config({}), torch.zeros(1, 1, 2, 2))
     obj = TDM(copy_denoiser(d), copy_denoiser(d), d, TDMParams(num_steps=4))
-    i, t_g, t_mid, t = obj._segments(4000, "cpu")
+    i, t_g, t_mid, t = obj._segments(SampleDraws(range(4000), 0, 0, "test"), "cpu")
     times = torch.tensor(obj.times)
     assert torch.equal(t_g, times[i]) and torch.equal(t_mid, times[i + 1])
     assert bool((t >= t_mid.clamp_min(0.02)).all() and (t <= t_g - 0.01 + 1e-7).all())
     assert set(i.tolist()) == {0, 1, 2, 3}
     obj2 = TDM(copy_denoiser(d), copy_denoiser(d), d, TDMParams(num_steps=4, separate_segments=False))
-    _, t_g, _, t = obj2._segments(4000, "cpu")
+    _, t_g, _, t = obj2._segments(SampleDraws(range(4000), 0, 0, "test"), "cpu")
     assert bool((t > t_g).any()), "without separate segments t ranges up to t_total"
 
 

@@ -89,7 +89,7 @@ def test_distribution_matching_direction_points_from_fake_to_real():
         net.neg.load_state_dict(net.pos.state_dict())
         net.neg[-1].bias.add_(torch.tensor([0.3, -5.0]))
     obj = TwinFlow(net, TwinFlowParams(guidance=1.0, uncond_prob=0.0))
-    g = obj.dm_direction(torch.randn(8, 2, 1, 1), None)
+    g = obj.dm_direction(torch.randn(8, 2, 1, 1), None, torch.rand(8), torch.randn(8, 2, 1, 1))
     torch.testing.assert_close(g[:, :, 0, 0], torch.tensor([0.3, -1.0]).expand(8, 2), rtol=1e-5, atol=1e-5)
 
 

@@ -62,9 +62,20 @@ The batch
      "shape": (B, C, H, W),                 this process's share of the batch
      "index": (B,),                         positions of these samples in the global batch
      "global_batch_size": int}
-Randomness comes from torch's global RNG (seeded per process and checkpointed by the entry
-point), or, where draws must not depend on the number of processes, from
-`step_generator(seed, step)` over the global batch indexed by batch["index"] (see dsm.py).
+The batch may be one micro-batch of this process's share (`data.micro_batch_size`): "shape" is its
+own, "index" its rows' positions in the global batch. The entry point weights each micro-batch's
+loss by its share of the rows, so `loss` must be a mean over its rows (of per-sample terms, or of
+terms normalised by global-batch counts, as twinflow's parts and tbcm's point subsets are).
+
+Randomness: every draw in `loss` is per sample, a function of (seed, step, stream, the sample's
+index in the global batch), through `fewstep.randomness.SampleDraws.for_batch(batch, seed, step,
+stream)`; a number shared by the whole batch at a step comes from
+`fewstep.randomness.shared_generator(seed, step, stream)` (or `step_generator`). Never torch's
+global generator: then a step trains the same however the global batch is split over processes
+and micro-batches (tests/test_accumulation.py, tests/test_distributed.py check every objective).
+Known exceptions, batch statistics: decoupled_dmd with dm_kind "meanvar" compares channel
+statistics of each micro-batch (not of the global batch) with the reference, and DMD's cached
+teacher samples (regression, meanvar "teacher") of a text teacher tile the first batch's prompts.
 
 The entry point, per phase: loss -> backward -> average gradients over processes -> clip the
 group's gradient norm -> skip the update if the loss or the norm is not finite -> step the

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond
 from ..denoiser import Denoiser
 from ..paths import _bcast
+from ..randomness import SampleDraws
 from . import _maths
 from ._two_time import TwoTimeDenoiser
 from .base import Batch, checked_params, freeze, refuse_settings, unwrap
@@ -103,9 +104,10 @@ class BOOT:
     """BOOT. nets: "student" (a `TwoTimeDenoiser` in trajectory mode), "teacher" (frozen); one
     optimizer group, "generator", updated every step."""
 
-    def __init__(self, student: nn.Module, teacher: Denoiser, params: BOOTParams):
+    def __init__(self, student: nn.Module, teacher: Denoiser, params: BOOTParams, seed: int = 0):
         params.validate()
         self.p = params
+        self.seed = int(seed)  # per-sample draws (fewstep.randomness)
         self.path = teacher.path
         freeze(teacher)
         self.nets: dict[str, nn.Module] = {"student": student, "teacher": teacher}
@@ -124,13 +126,13 @@ class BOOT:
     def _teacher_x0(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         return self.nets["teacher"](x, t, cond, self.p.guidance).float()
 
-    def draw(self, b: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    def draw(self, rng: SampleDraws, device) -> tuple[Tensor, Tensor, Tensor]:
         """Per sample: (t, s, boundary mask). Bootstrap samples take a consecutive grid pair
         t = grid[k], s = grid[k + 1]; boundary samples are trained at s = 1."""
-        k = torch.randint(0, self.p.intervals, (b,))
+        k = rng.integers(0, self.p.intervals).cpu()
         grid = torch.tensor(self.grid, dtype=torch.float32)
         t, s = grid[k], grid[k + 1]
-        boundary = torch.rand(b) < self.p.boundary_fraction
+        boundary = rng.uniform().cpu() < self.p.boundary_fraction
         s = torch.where(boundary, torch.ones_like(s), s)
         t = torch.where(boundary, torch.ones_like(t), t)
         return t.to(device), s.to(device), boundary.to(device)
@@ -159,8 +161,9 @@ class BOOT:
         cond = batch.get("cond")
         shape = tuple(batch["shape"])
         dev = next(unwrap(self.nets["student"]).parameters()).device
-        eps = torch.randn(shape, device=dev)
-        t, s, boundary = self.draw(shape[0], dev)
+        rng = SampleDraws.for_batch(batch, self.seed, step, "boot", dev, rows=shape[0])
+        eps = rng.normal(*shape[1:])
+        t, s, boundary = self.draw(rng, dev)
         target = self.targets(eps, t, s, boundary, cond)
         pred = self.g(eps, s, cond)
         if self.p.loss == "l2":
@@ -190,4 +193,4 @@ def build(params: BOOTParams | dict[str, Any] | None, teacher: Denoiser, ctx: An
     )
     made = ctx.make_student(teacher)
     student = TwoTimeDenoiser(made.backbone, made.path, made.conditioner, mode="trajectory")
-    return BOOT(student, teacher, params)
+    return BOOT(student, teacher, params, seed=int(getattr(ctx, "seed", 0)))

@@ -28,6 +28,7 @@ from ..conditioning import Cond
 from ..denoiser import Denoiser
 from ..families import all_families, family_of
 from ..paths import _bcast
+from ..randomness import SampleDraws
 from . import _maths
 from .base import Batch, freeze
 
@@ -169,8 +170,10 @@ class LCMObjective:
         student: Denoiser,
         target: Denoiser | None = None,
         has_real_data: bool = True,
+        seed: int = 0,
     ):
         p = params
+        self.seed = int(seed)  # per-sample draws (fewstep.randomness)
         _check(p)
         self.p = p
         self.path = teacher.path
@@ -266,11 +269,12 @@ class LCMObjective:
         b = shape[0]
         dev = x0.device if x0 is not None else _device(self.nets["student"])
         k = self.num_train_timesteps // p.num_ddim_timesteps
-        n = torch.randint(1, p.num_ddim_timesteps + 1, (b,), device=dev)
+        rng = SampleDraws.for_batch(batch, self.seed, step, "lcm", dev, rows=b)
+        n = rng.integers(1, p.num_ddim_timesteps + 1)
         t_start = (n * k).double() / self.num_train_timesteps  # index n k - 1 -> t = n k / N
         t_end = ((n - 1) * k).double() / self.num_train_timesteps  # t_end = 0 on the first cell
         t_start, t_end = t_start.float(), t_end.float()
-        guidance = p.guidance_min + (p.guidance_max - p.guidance_min) * torch.rand(b, device=dev)
+        guidance = rng.uniform(low=p.guidance_min, high=p.guidance_max)
         # one fixed scale goes to the teacher as a number, so guidance 1 takes the Denoiser's
         # conditional-only path (one pass, no null condition); the w-embedding keeps the tensor
         w_teacher: Tensor | float = float(p.guidance_min) if p.guidance_min == p.guidance_max else guidance
@@ -278,10 +282,10 @@ class LCMObjective:
         if self.data_source == "real":
             if x0 is None:
                 raise ValueError("LCM with data_source 'real' needs batch['x0'] (real latents)")
-            eps = torch.randn_like(x0.float())
+            eps = rng.normal_like(x0.float())
             x = self.path.add_noise(x0, eps, t_start)
         else:
-            x = self._teacher_trajectory(torch.randn(shape, device=dev), t_start, cond, w_teacher)
+            x = self._teacher_trajectory(rng.normal(*shape[1:]), t_start, cond, w_teacher)
 
         s_cond = self.student_cond(cond, guidance)
         pred = self.consistency_fn(self.nets["student"], x, t_start, s_cond)
@@ -363,4 +367,11 @@ def build(params: LCMParams, teacher: Denoiser, ctx: Any) -> LCMObjective:
     target = None
     if not has_adapters(student):
         target = copy_denoiser(student, trainable=False)
-    return LCMObjective(params, teacher, student, target, has_real_data=bool(getattr(ctx, "has_real_data", True)))
+    return LCMObjective(
+        params,
+        teacher,
+        student,
+        target,
+        has_real_data=bool(getattr(ctx, "has_real_data", True)),
+        seed=int(getattr(ctx, "seed", 0)),
+    )

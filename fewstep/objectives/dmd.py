@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser
+from ..randomness import SampleDraws
 from ._maths import (
     cfg_augmentation,
     dm_gradient,
@@ -171,40 +172,49 @@ class DMDObjective:
             return torch.device(self.device)
         return next(iter(unwrap(self.nets["teacher"]).parameters())).device
 
-    @staticmethod
-    def _uniform(b: int, lo: float, hi: float, device) -> Tensor:
-        return lo + (hi - lo) * torch.rand(b, device=device)
+    def draws(self, batch: Batch, step: int, phase: str) -> SampleDraws:
+        """Per-sample draws of one phase's loss (`fewstep.randomness`): functions of (seed, step,
+        phase, global sample index), so the split of the global batch changes nothing."""
+        rows = self._shape(batch)[0]
+        return SampleDraws.for_batch(batch, self.seed, step, f"dmd/{phase}", self._dev(batch), rows=rows)
 
     def _shape(self, batch: Batch) -> tuple[int, ...]:
         if batch.get("shape") is not None:
             return tuple(batch["shape"])
         return tuple(batch["x0"].shape)
 
-    def generate(self, batch: Batch, step: int, grad: bool) -> tuple[Tensor, float]:
+    def generate(self, batch: Batch, step: int, grad: bool, rng: SampleDraws) -> tuple[Tensor, float]:
         """The student's x0 prediction x_hat (B, C, H, W) at its input time t_gen (backward
-        simulation for multi-step students). Returns (x_hat, t_gen)."""
-        shape, dev, cond = self._shape(batch), self._dev(batch), batch.get("cond")
+        simulation for multi-step students), its noise from `rng`. Returns (x_hat, t_gen)."""
+        shape, cond = self._shape(batch), batch.get("cond")
         student = self.nets["student"]
         k = self.sim_steps(step)
-        noise = torch.randn(shape, device=dev) * self.path.init_noise_sigma
+        noise = rng.normal(*shape[1:]) * self.path.init_noise_sigma
         x = noise
         with torch.no_grad():  # run the student to its k-th input time, fresh noise in between
             for t, t_next in zip(self.times[:k], self.times[1 : k + 1]):
-                x = self.path.add_noise(student(x, t, cond), torch.randn_like(x), t_next)
+                x = self.path.add_noise(student(x, t, cond), rng.normal_like(x), t_next)
         t_gen = self.times[k]
         with nullcontext() if grad else torch.no_grad():
             x_hat = student(x, t_gen, cond)
         return x_hat.float(), t_gen
 
-    def _draw(self, x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _draw(x: Tensor, lo: float, hi: float, rng: SampleDraws) -> tuple[Tensor, Tensor]:
         """(tau ~ U[lo, hi] per sample, fresh eps like x)."""
-        return self._uniform(x.shape[0], lo, hi, x.device), torch.randn_like(x)
+        return rng.uniform(low=lo, high=hi).to(x.device), rng.normal_like(x)
 
     def _noised(
-        self, x: Tensor, lo: float, hi: float, detach: bool = True, drawn: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        lo: float,
+        hi: float,
+        rng: SampleDraws | None,
+        detach: bool = True,
+        drawn: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """add_noise(x, eps, tau) with tau ~ U[lo, hi] per sample and fresh eps (or `drawn`)."""
-        tau, eps = drawn if drawn is not None else self._draw(x, lo, hi)
+        """add_noise(x, eps, tau) with tau ~ U[lo, hi] per sample and fresh eps from `rng` (or `drawn`)."""
+        tau, eps = drawn if drawn is not None else self._draw(x, lo, hi, rng)
         return self.path.add_noise(x.detach() if detach else x, eps, tau), tau
 
     # ---- the GAN head --------------------------------------------------------------------
@@ -229,12 +239,12 @@ class DMDObjective:
         return self.tap.take()
 
     def _gan_generator(
-        self, x_hat: Tensor, cond: Cond | None, drawn: tuple[Tensor, Tensor] | None = None
+        self, x_hat: Tensor, cond: Cond | None, rng: SampleDraws | None, drawn: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         """The generator's GAN term at x_hat re-noised at tau ~ U[gan_t_min, gan_t_max] (or `drawn`):
         (term, adv), adv = softplus(-D(features)) and term its student-only stand-in
         (`_input_gradient_only`): the feature network and head are frozen here."""
-        tau, eps = drawn if drawn is not None else self._draw(x_hat, self.p.gan_t_min, self.p.gan_t_max)
+        tau, eps = drawn if drawn is not None else self._draw(x_hat, self.p.gan_t_min, self.p.gan_t_max, rng)
 
         def adv(leaf: Tensor) -> tuple[Tensor, None]:
             feats = self._features(self.path.add_noise(leaf, eps, tau), tau, cond, trains=False)
@@ -253,21 +263,31 @@ class DMDObjective:
 
     # ---- generator ----------------------------------------------------------------------
     def _dm_grad(
-        self, x_hat: Tensor, cond: Cond | None, guidance: float, drawn: tuple[Tensor, Tensor] | None = None
+        self,
+        x_hat: Tensor,
+        cond: Cond | None,
+        guidance: float,
+        rng: SampleDraws | None,
+        drawn: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max, drawn=drawn)
+        x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max, rng, drawn=drawn)
         with torch.no_grad():
             x0_real = self.nets["teacher"](x_tau, tau, cond, guidance)
             x0_fake = self.nets["fake"](x_tau, tau, cond)
         return dm_gradient(x_hat, x0_real, x0_fake)
 
     def _dm_grad_and_gan(
-        self, x_hat: Tensor, cond: Cond | None, guidance: float, drawn: tuple[Tensor, Tensor] | None = None
+        self,
+        x_hat: Tensor,
+        cond: Cond | None,
+        guidance: float,
+        rng: SampleDraws | None,
+        drawn: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`_dm_grad` and `_gan_generator` on the same noised samples: the feature network's DM pass
         runs with a gradient to its input only and gives the head its features. Returns (g, term,
         adv). Valid when `_gan_on_dm_pass(guidance)`."""
-        tau, eps = drawn if drawn is not None else self._draw(x_hat, self.p.dm_t_min, self.p.dm_t_max)
+        tau, eps = drawn if drawn is not None else self._draw(x_hat, self.p.dm_t_min, self.p.dm_t_max, rng)
         role = self._feature_role
 
         def passes(leaf: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -286,9 +306,7 @@ class DMDObjective:
         term, adv, (x0_real, x0_fake) = input_gradient_only(x_hat, passes)
         return dm_gradient(x_hat, x0_real, x0_fake), term, adv
 
-    def _ca_grad(
-        self, x_hat: Tensor, cond: Cond | None, t_gen: float, drawn: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
+    def _ca_grad(self, x_hat: Tensor, cond: Cond | None, t_gen: float, drawn: tuple[Tensor, Tensor]) -> Tensor:
         """Decoupled DMD's CFG-augmentation term, normalised like DMD's gradient:
         -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|, re-noised below the generator's input time.
         (dm_gradient(x, x0_cfg, x0_c) is exactly that quotient, since x0_c - x0_cfg = -(w-1)(c-u).)
@@ -296,7 +314,7 @@ class DMDObjective:
         hi = min(self.p.ca_t_max, float(t_gen))
         if float(self.p.guidance) == 1.0:
             return torch.zeros_like(x_hat)
-        x_tau, tau = self._noised(x_hat, self.p.ca_t_min, hi, drawn=drawn)
+        x_tau, tau = self._noised(x_hat, self.p.ca_t_min, hi, None, drawn=drawn)
         with torch.no_grad():
             x0_c, x0_u = self.nets["teacher"](x_tau, tau, cond, output="cond_uncond")
         ca = cfg_augmentation(x0_c, x0_u, self.p.guidance)
@@ -304,19 +322,20 @@ class DMDObjective:
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         p, cond = self.p, batch.get("cond")
-        x_hat, t_gen = self.generate(batch, step, grad=True)
+        rng = self.draws(batch, step, "generator")
+        x_hat, t_gen = self.generate(batch, step, grad=True, rng=rng)
         logs: dict[str, float] = {"t_gen": t_gen}
         gan: list[Tensor] = []  # (term, adv) once the GAN term is computed with the DM pass
         if self.variant in ("dmd", "dmd2"):
             if self._gan_on_dm_pass(p.guidance):
-                g, *gan = self._dm_grad_and_gan(x_hat, cond, p.guidance)
+                g, *gan = self._dm_grad_and_gan(x_hat, cond, p.guidance, rng)
             else:
-                g = self._dm_grad(x_hat, cond, p.guidance)
+                g = self._dm_grad(x_hat, cond, p.guidance, rng)
             loss = surrogate_loss(x_hat, g)
             logs["dm_grad_norm"] = g.flatten(1).norm(dim=1).mean().item()
         else:  # Decoupled DMD; both terms' noise drawn first, so a switched-off term changes nothing else
-            ca_draw = self._draw(x_hat, p.ca_t_min, min(p.ca_t_max, float(t_gen)))
-            dm_draw = self._draw(x_hat, p.dm_t_min, p.dm_t_max)
+            ca_draw = self._draw(x_hat, p.ca_t_min, min(p.ca_t_max, float(t_gen)), rng)
+            dm_draw = self._draw(x_hat, p.dm_t_min, p.dm_t_max, rng)
             if p.ca_schedule == "coupled":  # one re-noising for both terms, over the DM term's range
                 ca_draw = dm_draw
             g = torch.zeros_like(x_hat)
@@ -327,9 +346,9 @@ class DMDObjective:
             if p.dm_kind == "dm":
                 if p.dm_weight != 0:
                     if self._gan_on_dm_pass(1.0):
-                        g_dm, *gan = self._dm_grad_and_gan(x_hat, cond, 1.0, dm_draw)
+                        g_dm, *gan = self._dm_grad_and_gan(x_hat, cond, 1.0, None, dm_draw)
                     else:
-                        g_dm = self._dm_grad(x_hat, cond, 1.0, dm_draw)
+                        g_dm = self._dm_grad(x_hat, cond, 1.0, None, dm_draw)
                     logs["dm_grad_norm"] = g_dm.flatten(1).norm(dim=1).mean().item()
                     g = g + p.dm_weight * g_dm
                 loss = surrogate_loss(x_hat, g)
@@ -339,11 +358,11 @@ class DMDObjective:
                 logs["meanvar_kl"] = kl.item()
                 loss = surrogate_loss(x_hat, g) + p.dm_weight * kl
         if p.gan:
-            term, adv = gan if gan else self._gan_generator(x_hat, cond)
+            term, adv = gan if gan else self._gan_generator(x_hat, cond, rng)
             loss = loss + p.gan_generator_weight * term
             logs["gan_g"] = adv.item()
         if p.regression_weight > 0:
-            reg = self._regression_loss(batch)
+            reg = self._regression_loss(batch, rng)
             loss = loss + p.regression_weight * reg
             logs["regression"] = reg.item()
         logs["loss_g"] = loss.item()
@@ -352,15 +371,15 @@ class DMDObjective:
     # ---- fake score (+ head) ---------------------------------------------------------------
     def fake_score_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         p, cond = self.p, batch.get("cond")
+        rng = self.draws(batch, step, "fake_score")
         with torch.no_grad():
-            x_hat, _ = self.generate(batch, step, grad=False)
-        b = x_hat.shape[0]
-        eps = torch.randn_like(x_hat)
-        t = self._uniform(b, p.fake_t_min, 1.0, x_hat.device)
+            x_hat, _ = self.generate(batch, step, grad=False, rng=rng)
+        eps = rng.normal_like(x_hat)
+        t = rng.uniform(low=p.fake_t_min, high=1.0).to(x_hat.device)
         x_t = self.path.add_noise(x_hat, eps, t)
         logs: dict[str, float] = {}
         if p.gan:
-            out, d_loss = self._fake_and_disc(x_hat, x_t, t, batch)
+            out, d_loss = self._fake_and_disc(x_hat, x_t, t, batch, rng)
             logs["gan_d"] = d_loss.item()
         else:
             out = self.nets["fake"](x_t, t, cond, output="native")
@@ -373,7 +392,9 @@ class DMDObjective:
         loss = fake_loss if d_loss is None else fake_loss + p.gan_disc_weight * d_loss
         return loss, logs
 
-    def _fake_and_disc(self, x_hat: Tensor, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    def _fake_and_disc(
+        self, x_hat: Tensor, x_t: Tensor, t: Tensor, batch: Batch, rng: SampleDraws
+    ) -> tuple[Tensor, Tensor]:
         """The fake score's native output at the DSM input (x_t, t) and the head's loss
         softplus(D(fake)) + softplus(-D(real)). The fake samples are the DSM input itself when the
         GAN draws its noise level like the DSM term, else their own draw."""
@@ -382,8 +403,8 @@ class DMDObjective:
         if x_real is None:
             raise ValueError("objective.gan=true but the batch has no 'x0' (real latents)")
         reuse = (p.gan_t_min, p.gan_t_max) == (p.fake_t_min, 1.0)
-        xf, tf = (x_t, t) if reuse else self._noised(x_hat, p.gan_t_min, p.gan_t_max)
-        xr, tr = self._noised(x_real.float(), p.gan_t_min, p.gan_t_max)
+        xf, tf = (x_t, t) if reuse else self._noised(x_hat, p.gan_t_min, p.gan_t_max, rng)
+        xr, tr = self._noised(x_real.float(), p.gan_t_min, p.gan_t_max, rng)
         if reuse and self._feature_role == "fake":  # the DSM pass gives the fake samples' features
             with self.tap.capture():
                 out = self.nets["fake"](x_t, t, cond, output="native")
@@ -419,7 +440,7 @@ class DMDObjective:
             device=self._dev(batch),
         )
 
-    def _regression_loss(self, batch: Batch) -> Tensor:
+    def _regression_loss(self, batch: Batch, rng: SampleDraws) -> Tensor:
         p = self.p
         if self._pairs is None:
             g = p.guidance if p.regression_guidance is None else p.regression_guidance
@@ -427,8 +448,8 @@ class DMDObjective:
                 batch, int(p.regression_pairs), int(p.regression_steps), g, "regression"
             )
         noise, y, cond = self._pairs
-        b, dev = self._shape(batch)[0], self._dev(batch)
-        idx = torch.randint(0, noise.shape[0], (b,))
+        dev = self._dev(batch)
+        idx = rng.integers(0, noise.shape[0]).cpu()
         c = None if cond is None else {k: (v[idx].to(dev) if torch.is_tensor(v) else v) for k, v in cond.items()}
         x = self.nets["student"](noise[idx].to(dev) * self.path.init_noise_sigma, self.times[0], c)
         if p.regression_distance == "l2":

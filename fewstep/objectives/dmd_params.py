@@ -57,7 +57,8 @@ class DMDParams:
     ca_t_min: float = 0.02  # CA re-noising range, capped by the generator's input time
     ca_t_max: float = 0.98
     ca_schedule: str = "decoupled"  # "coupled": the CA term reuses the DM term's tau and noise (ablation)
-    dm_kind: str = "dm"  # "dm" (fake vs real conditional) or "meanvar" (per-channel KL)
+    dm_kind: str = "dm"  # "dm" (fake vs real conditional) or "meanvar" (per-channel KL; a batch statistic:
+    #   computed per micro-batch on each process, so it depends on data.micro_batch_size and the process count)
     meanvar_target: str = "teacher"  # "teacher" (cached teacher samples) or "real" (batch["x0"])
     meanvar_samples: int = 512  # teacher samples for the "teacher" statistics
     meanvar_steps: int = 25  # teacher sampler steps for those samples

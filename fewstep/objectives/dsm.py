@@ -9,9 +9,9 @@ x0 is real latents when the batch carries them; otherwise (data-free) it is the 
 optimizer group, "generator", trains the student; the student samples with the teacher's DDIM /
 Euler sampler at `sampling_steps` steps.
 
-All draws (t, eps, the teacher's starting noise) come from `step_generator(seed, step)` over the
-global batch and are indexed by batch["index"], so a step sees the same numbers whether it runs
-on one process or on several: this is what makes N processes reproduce one process exactly.
+All draws (t, eps, the teacher's starting noise) are per sample, functions of (seed, step, the
+sample's index in the global batch) (`fewstep.randomness`), so a step sees the same numbers however
+the global batch is split over processes and micro-batches.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
+from ..randomness import SampleDraws
 from ..samplers import sample
 from . import _maths
-from .base import Batch, checked_params, step_generator
+from .base import Batch, checked_params
 
 __all__ = ["DSMConfig", "DSM", "build"]
 
@@ -51,16 +52,13 @@ class DSMConfig:
             raise ValueError(f"objective.teacher_guidance={self.teacher_guidance}: must be >= 1")
 
 
-def _global_draws(batch: Batch, seed: int, step: int, shape: tuple[int, ...], device) -> tuple[Tensor, Tensor, Tensor]:
-    """(u, eps, z) for this process's samples, drawn for the whole global batch."""
-    g = step_generator(seed, step)
-    n = int(batch.get("global_batch_size", shape[0]))
-    idx = batch.get("index")
-    idx = torch.arange(shape[0]) if idx is None else idx.cpu()
-    u = torch.rand(n, generator=g, dtype=torch.float64)[idx]
-    eps = torch.randn((n, *shape[1:]), generator=g)[idx]
-    z = torch.randn((n, *shape[1:]), generator=g)[idx]
-    return u.to(device), eps.to(device), z.to(device)
+def _draws(batch: Batch, seed: int, step: int, shape: tuple[int, ...], device) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, eps, z) for this batch's samples, each row a function of (seed, step, global index)."""
+    rng = SampleDraws.for_batch(batch, seed, step, "dsm", device, rows=shape[0])
+    u = rng.uniform(dtype=torch.float64)
+    eps = rng.normal(*shape[1:])
+    z = rng.normal(*shape[1:])
+    return u, eps, z
 
 
 class DSM:
@@ -88,7 +86,7 @@ class DSM:
         cond = batch.get("cond")
         student = self.nets["student"]
         path = student.path
-        u, eps, z = _global_draws(batch, self.seed, step, shape, _device(batch, cond))
+        u, eps, z = _draws(batch, self.seed, step, shape, _device(batch, cond))
         x0 = batch.get("x0")
         x0 = self._teacher_x0(z, cond) if x0 is None else x0.float()
         t = (self.p.t_min + (self.p.t_max - self.p.t_min) * u).float()

@@ -173,12 +173,12 @@ class FlashDMDObjective:
         return self.dm.sim_steps(step) < int(self.p.dm_steps)
 
     # ---- losses -------------------------------------------------------------------------
-    def _distillation(self, x_hat: Tensor, cond, step: int) -> tuple[Tensor, dict[str, float]]:
+    def _distillation(self, x_hat: Tensor, cond, step: int, rng) -> tuple[Tensor, dict[str, float]]:
         dm = self.dm
         if self.is_dm_step(step):
-            g = dm._dm_grad(x_hat, cond, self.p.guidance)
+            g = dm._dm_grad(x_hat, cond, self.p.guidance, rng)
             return surrogate_loss(x_hat, g), {"dm_grad_norm": g.flatten(1).norm(dim=1).mean().item(), "dm_step": 1.0}
-        term, adv = dm._gan_generator(x_hat, cond)  # the fake score and head frozen: no weight gradients
+        term, adv = dm._gan_generator(x_hat, cond, rng)  # the fake score and head frozen: no weight gradients
         return self.p.gan_generator_weight * term, {"gan_g": adv.item(), "dm_step": 0.0}
 
     def _reward(self, x_hat: Tensor, batch: Batch, step: int) -> Tensor:
@@ -201,14 +201,15 @@ class FlashDMDObjective:
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.get("cond")
-        x_hat, t_gen = self.dm.generate(batch, step, grad=True)
+        rng = self.dm.draws(batch, step, "generator")
+        x_hat, t_gen = self.dm.generate(batch, step, grad=True, rng=rng)
         logs: dict[str, float] = {"t_gen": float(t_gen)}
         rewarding = self.reward_active(step)
         if rewarding and not self.p.reward_keep_distillation:
             loss = x_hat.new_zeros(())
             logs["loss_distill"] = 0.0
         else:
-            loss, dl = self._distillation(x_hat, cond, step)
+            loss, dl = self._distillation(x_hat, cond, step, rng)
             logs.update(dl)
             logs["loss_distill"] = float(loss.detach())
         if rewarding:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
+from ..randomness import SampleDraws
 from ._maths import dsm_loss
 from .base import Batch, checked_params
 from .dmd import DMDObjective, DMDParams
@@ -158,23 +159,23 @@ class MSDStudentObjective:
         """L_SM: the student, as a denoiser at any t, matches the teacher's native output."""
         teacher, student = self.nets["teacher"], self.nets["student"]
         cond = batch.get("cond")
+        rng = self.dmd.draws(batch, step, "msd_pretrain")
         x = batch.get("x0")
         if x is None:
-            x = self._teacher_samples(batch)
+            x = self._teacher_samples(batch, rng)
         x = x.float()
-        t = self.p.fake_t_min + (1.0 - self.p.fake_t_min) * torch.rand(x.shape[0], device=x.device)
-        x_t = self.path.add_noise(x, torch.randn_like(x), t)
+        t = rng.uniform(low=self.p.fake_t_min, high=1.0).to(x.device)
+        x_t = self.path.add_noise(x, rng.normal_like(x), t)
         with torch.no_grad():
             target = teacher(x_t, t, cond, output="native")
         loss = dsm_loss(student(x_t, t, cond, output="native"), target)
         return loss, {"score_matching": loss.item(), "stage": 0.0}
 
     @torch.no_grad()
-    def _teacher_samples(self, batch: Batch) -> Tensor:
+    def _teacher_samples(self, batch: Batch, rng: SampleDraws) -> Tensor:
         from ..samplers import sample
 
-        shape, dev = self.dmd._shape(batch), self.dmd._dev(batch)
-        noise = torch.randn(shape, device=dev) * self.path.init_noise_sigma
+        noise = rng.normal(*self.dmd._shape(batch)[1:]) * self.path.init_noise_sigma
         times = [float(t) for t in self.path.sampling_times(int(self.p.pretrain_teacher_steps))]
         return sample(self.nets["teacher"], noise, batch.get("cond"), times, guidance=self.p.guidance, renoise="ddim")
 

@@ -217,8 +217,9 @@ class RCMObjective:
         loss = p.scm_weight * loss
         logs["dmd"] = 0.0
         if self.dmd_active(step):
-            x_hat, t_gen = self.dm.generate(batch, step, grad=True)
-            g = self.dm._dm_grad(x_hat, batch.get("cond"), self.dm.p.guidance)
+            rng = self.dm.draws(batch, step, "generator")
+            x_hat, t_gen = self.dm.generate(batch, step, grad=True, rng=rng)
+            g = self.dm._dm_grad(x_hat, batch.get("cond"), self.dm.p.guidance, rng)
             loss = loss + p.dmd_weight * surrogate_loss(x_hat, g)
             logs.update(dmd=1.0, dm_grad_norm=g.flatten(1).norm(dim=1).mean().item(), t_gen=float(t_gen))
         logs["loss_g"] = float(loss.detach())

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond, cat_cond, index_cond
 from ..denoiser import Denoiser
 from ..paths import _bcast, with_prediction
+from ..randomness import SampleDraws, shared_generator
 from . import _trigflow as tf
 from .base import Batch, freeze, unwrap
 
@@ -257,6 +258,7 @@ class _ConsistencyLoss:
 def _init(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0) -> None:
     _check(params)
     self.p = params
+    self.seed = int(logvar_seed)  # the run's seed: also keys the per-sample draws (fewstep.randomness)
     self.path = teacher.path
     freeze(teacher)
     if params.student_prediction is not None:
@@ -287,8 +289,8 @@ class SCMObjective(_ConsistencyLoss):
     def __init__(self, params: SCMParams, teacher: Denoiser, student: Denoiser, logvar_seed: int = 0):
         _init(self, params, teacher, student, logvar_seed)
 
-    def sample_angles(self, b: int, device) -> Tensor:
-        tau = self.p.p_mean + self.p.p_std * torch.randn(b, device=device)
+    def sample_angles(self, rng: SampleDraws) -> Tensor:
+        tau = self.p.p_mean + self.p.p_std * rng.normal()
         theta = torch.atan(torch.exp(tau) / self.p.sigma_data)
         return theta.clamp(self.p.theta_min, self.theta_max)
 
@@ -301,8 +303,9 @@ class SCMObjective(_ConsistencyLoss):
         x0 = x0.float()
         cond = batch.get("cond")
         sd = self.p.sigma_data
-        theta = self.sample_angles(x0.shape[0], x0.device)
-        z = torch.randn_like(x0)
+        rng = SampleDraws.for_batch(batch, self.seed, step, "scm", x0.device, rows=x0.shape[0])
+        theta = self.sample_angles(rng)
+        z = rng.normal_like(x0)
         x = sd * (_bcast(torch.cos(theta), x0) * x0 + _bcast(torch.sin(theta), x0) * z)
         dxdt = tf.teacher_velocity(self.nets["teacher"], x, theta, cond, sd, self.path, self.p.guidance)
         loss, logs = self.scm_loss(x, theta, dxdt, cond, step)
@@ -320,12 +323,12 @@ class TBCMObjective(_ConsistencyLoss):
             params.route_steps, params.route_shift, int(getattr(self.path, "num_train_timesteps", 1000))
         )
 
-    def route(self) -> Tensor:
-        """[theta_max] + one angle drawn uniformly in each reference interval (decreasing).
-        A teacher whose t = 1 lies below pi/2 (SD-like VP schedules) starts at its own top angle,
-        and draws above it are dropped (no zero-length steps)."""
+    def route(self, step: int) -> Tensor:
+        """[theta_max] + one angle drawn uniformly in each reference interval (decreasing), the
+        same for the whole global batch at a step. A teacher whose t = 1 lies below pi/2 (SD-like
+        VP schedules) starts at its own top angle, and draws above it are dropped (no zero-length steps)."""
         ref = self.ref_route
-        u = torch.rand(ref.numel() - 1, dtype=torch.float64)
+        u = torch.rand(ref.numel() - 1, dtype=torch.float64, generator=shared_generator(self.seed, step, "tbcm/route"))
         inner = ref[1:] + u * (ref[:-1] - ref[1:])
         inner = inner[inner < self.theta_max]
         return torch.cat([torch.tensor([self.theta_max], dtype=torch.float64), inner])
@@ -357,20 +360,34 @@ class TBCMObjective(_ConsistencyLoss):
         shape = tuple(batch["shape"]) if "shape" in batch else tuple(batch["x0"].shape)
         cond = batch.get("cond")
         dev = next(self.nets["student"].parameters()).device
-        noise = torch.randn(shape, device=dev)
-        xs, ths, vs, _ = self.trajectory(noise, cond, self.route())
+        noise = SampleDraws.for_batch(batch, self.seed, step, "tbcm", dev, rows=shape[0]).normal(*shape[1:])
+        xs, ths, vs, _ = self.trajectory(noise, cond, self.route(step))
         p_pts, b = xs.shape[0], xs.shape[1]
         x = xs.reshape(p_pts * b, *shape[1:])
         dxdt = vs.reshape(p_pts * b, *shape[1:])
         theta = ths[:, None].expand(p_pts, b).reshape(-1).to(x.device)
         cond_all = cat_cond(*([cond] * p_pts)) if cond is not None else None
-        if self.p.points_per_step is not None and self.p.points_per_step < x.shape[0]:
-            idx = torch.randperm(x.shape[0], device=x.device)[: self.p.points_per_step]
-            x, dxdt, theta = x[idx], dxdt[idx], theta[idx]
-            cond_all = index_cond(cond_all, idx)
-        loss, logs = self.scm_loss(x, theta, dxdt, cond_all, step)
-        logs["points"] = float(x.shape[0])
-        return loss, logs
+        n = int(batch.get("global_batch_size", b))
+        k = self.p.points_per_step
+        if k is None or k >= p_pts * n:
+            loss, logs = self.scm_loss(x, theta, dxdt, cond_all, step)
+            logs["points"] = float(x.shape[0])
+            return loss, logs
+        # k of the global batch's p_pts * n points (point p of global sample i is p * n + i), the
+        # same choice on every process; this batch trains the chosen ones among its rows, weighted
+        # so that the global batch's loss is their mean: sum_here / k * (n / b), b rows here
+        chosen = torch.zeros(p_pts * n, dtype=torch.bool)
+        chosen[torch.randperm(p_pts * n, generator=shared_generator(self.seed, step, "tbcm/points"))[:k]] = True
+        idx = batch.get("index")
+        rows = torch.arange(b) if idx is None else idx.cpu().long()
+        here = torch.nonzero(chosen.view(p_pts, n)[:, rows].reshape(-1)).flatten().to(x.device)
+        if here.numel() == 0:  # no chosen point in this batch: a zero loss on the graph
+            first = torch.zeros(1, dtype=torch.long, device=x.device)
+            loss, logs = self.scm_loss(x[:1], theta[:1], dxdt[:1], index_cond(cond_all, first), step)
+            return 0.0 * loss, {**logs, "points": 0.0}
+        loss, logs = self.scm_loss(x[here], theta[here], dxdt[here], index_cond(cond_all, here), step)
+        logs["points"] = float(here.numel())
+        return loss * (here.numel() * n / (k * b)), logs
 
 
 def _check(p: SCMParams) -> None:

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond
 from ..denoiser import Denoiser
-from ..samplers import initial_noise, sample
+from ..randomness import SampleDraws
+from ..samplers import sample
 from . import _maths
 from .base import Batch, freeze, phase_loss
 
@@ -156,9 +157,10 @@ class TDM:
         params:  `TDMParams`.
     """
 
-    def __init__(self, student: Denoiser, fake: Denoiser, teacher: Denoiser, params: TDMParams):
+    def __init__(self, student: Denoiser, fake: Denoiser, teacher: Denoiser, params: TDMParams, seed: int = 0):
         params.validate()
         self.p = params
+        self.seed = int(seed)  # per-sample draws (fewstep.randomness)
         self.path = teacher.path
         freeze(teacher)
         self.nets: dict[str, nn.Module] = {"student": student, "fake": fake, "teacher": teacher}
@@ -197,31 +199,34 @@ class TDM:
             return self._cache[2], self._cache[3]
         if "shape" not in batch:
             raise ValueError("tdm: batch needs 'shape' (B, C, H, W) for the student's noise")
-        noise = initial_noise(tuple(batch["shape"]), None, self._device())
+        shape = tuple(batch["shape"])
+        # one stream for both phases: the rollout of a step is the same in each
+        rng = SampleDraws.for_batch(batch, self.seed, step, "tdm/rollout", self._device(), rows=shape[0])
+        noise = rng.normal(*shape[1:])
         xs, x0s = rollout(self.nets["student"], self.path, noise, batch.get("cond"), self.times)
         self._cache = (step, id(batch), xs, x0s)
         return xs, x0s
 
-    def _segments(self, b: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _segments(self, rng: SampleDraws, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per sample: rollout index i (state at t_g = times[i]), t_g, t_mid = times[i+1] and a
         query time t ~ U[max(t_min, t_mid), upper]."""
         k = self.p.num_steps
-        i = torch.randint(0, k, (b,))
+        i = rng.integers(0, k).cpu()
         ts = torch.tensor(self.times, dtype=torch.float32)
         t_g, t_mid = ts[i], ts[i + 1]
         lo = t_mid.clamp_min(self.p.t_min)
         hi = (t_g if self.p.separate_segments else torch.full_like(t_g, self.times[0])) - self.p.t_margin
-        t = lo + (hi - lo) * torch.rand(b)
+        t = lo + (hi - lo) * rng.uniform().cpu()
         return i.to(device), t_g.to(device), t_mid.to(device), t.to(device)
 
     def _segment_point(
-        self, x_g: Tensor, x0_hat: Tensor, t_g: Tensor, t_mid: Tensor, t: Tensor
+        self, x_g: Tensor, x0_hat: Tensor, t_g: Tensor, t_mid: Tensor, t: Tensor, rng: SampleDraws
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x_t on segment (t_mid, t_g) from the student's (no-grad) prediction at x_g; also the
         fresh noise z and the mixed noise m that x_t carries (x_t = alpha_t x0_hat + sigma_t m)."""
         x0_hat = x0_hat.detach()
         x_mid = self.path.ddim_step(x_g, x0_hat, t_g, t_mid)
-        z = torch.randn_like(x_mid)
+        z = rng.normal_like(x_mid)
         x_t = self.path.forward_diffuse(x_mid, t_mid, t, z)
         m = self.path.eps_from_x0(x_t, x0_hat, t)
         return x_t, z, m
@@ -229,11 +234,12 @@ class TDM:
     def _fake_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         xs, x0s = self._rollout(batch, step)
         b = xs.shape[1]
-        i, t_g, t_mid, t = self._segments(b, xs.device)
+        rng = SampleDraws.for_batch(batch, self.seed, step, "tdm/fake_score", xs.device, rows=b)
+        i, t_g, t_mid, t = self._segments(rng, xs.device)
         ar = torch.arange(b, device=xs.device)
         x_g, x0_hat = xs[i, ar], x0s[i, ar]  # the rollout's own (no-grad) prediction at t_g
         with torch.no_grad():
-            x_t, z, m = self._segment_point(x_g, x0_hat, t_g, t_mid, t)
+            x_t, z, m = self._segment_point(x_g, x0_hat, t_g, t_mid, t, rng)
             a, s = self.path.alpha_sigma(t)
             w = _maths.snr(a, s).clamp_max(self.p.snr_clamp)
             w_is = _importance_weight(m, z) if self.p.importance_weight else torch.ones_like(w)
@@ -245,11 +251,12 @@ class TDM:
         xs, _ = self._rollout(batch, step)
         b = xs.shape[1]
         cond = batch.get("cond")
-        i, t_g, t_mid, t = self._segments(b, xs.device)
+        rng = SampleDraws.for_batch(batch, self.seed, step, "tdm/generator", xs.device, rows=b)
+        i, t_g, t_mid, t = self._segments(rng, xs.device)
         x_g = xs[i, torch.arange(b, device=xs.device)]
         x0_hat = self.nets["student"](x_g, t_g, cond)
         with torch.no_grad():
-            x_t, _, _ = self._segment_point(x_g, x0_hat, t_g, t_mid, t)
+            x_t, _, _ = self._segment_point(x_g, x0_hat, t_g, t_mid, t, rng)
             if self.p.guidance == 1.0:
                 x0_c = self.nets["teacher"](x_t, t, cond)
                 ca = torch.zeros_like(x0_c)
@@ -277,4 +284,4 @@ def build(params: TDMParams | dict[str, Any] | None, teacher: Denoiser, ctx: Any
     params.validate()
     student = ctx.make_student(teacher)
     fake = ctx.make_copy(teacher)
-    return TDM(student, fake, teacher, params)
+    return TDM(student, fake, teacher, params, seed=int(getattr(ctx, "seed", 0)))

@@ -10,7 +10,9 @@ discriminator is held. The maths is written in flow coordinates (x_t = (1 - t) x
 v = eps - x0); a VP teacher is reached through the adapter's same-SNR conversion (`FlowView`), so
 nothing here asks the prediction type.
 
-Each batch of real latents x0 (B >= 4 per process) is split into four equal parts:
+Each global batch of real latents x0 (data.batch_size >= 4) is split into four equal parts by
+the samples' positions i in it (part i mod 4), so the split does not depend on how the batch is
+spread over processes and micro-batches:
 
     e2e   t = 1, r = 0                  the one-step map
     mul   r = t - U t / 20              near-flow-matching (short hops)
@@ -53,6 +55,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser
 from ..paths import FlowPath, _bcast
+from ..randomness import SampleDraws
 from ._two_time import TwoTimeDenoiser
 from .base import Batch, checked_params, refuse_settings, unwrap
 
@@ -149,9 +152,10 @@ class FlowView:
 class TwinFlow:
     """TwinFlow. nets: {"student": the one network}; one optimizer group, "generator"."""
 
-    def __init__(self, student: nn.Module, params: TwinFlowParams, null_cond=None):
+    def __init__(self, student: nn.Module, params: TwinFlowParams, null_cond=None, seed: int = 0):
         params.validate()
         self.p = params
+        self.seed = int(seed)  # per-sample draws (fewstep.randomness)
         self.nets: dict[str, nn.Module] = {"student": student}
         self.groups = {"generator": ["student"]}
         self.path = student.path
@@ -176,17 +180,16 @@ class TwinFlow:
     def u(self, x: Tensor, t: Tensor, r: Tensor, cond: Cond | None, sign: Tensor | float = 1.0) -> Tensor:
         return self.view.velocity(self.nets["student"], x, t, cond, r, sign)[0]
 
-    def _split(self, b: int, device) -> dict[str, Tensor]:
-        if b < 4:
-            raise ValueError(f"data.batch_size: twinflow splits each process's batch into 4 parts; got {b} samples")
-        sizes = [b // 4 + (1 if i < b % 4 else 0) for i in range(4)]
-        masks, start = {}, 0
-        for k, n in zip(PARTS, sizes):
-            m = torch.zeros(b, dtype=torch.bool, device=device)
-            m[start : start + n] = True
-            masks[k] = m
-            start += n
-        return masks
+    @staticmethod
+    def _split(index: Tensor, n: int, device) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """Masks of the rows (global positions `index`) in each part (part i mod 4), and each
+        part's size in the global batch of n samples."""
+        if n < 4:
+            raise ValueError(f"data.batch_size: twinflow splits the global batch into 4 parts; got {n} samples")
+        part = index.to(device) % 4
+        masks = {k: part == j for j, k in enumerate(PARTS)}
+        sizes = {k: len(range(j, n, 4)) for j, k in enumerate(PARTS)}
+        return masks, sizes
 
     def _mix_cond(self, cond: Cond | None, drop: Tensor) -> Cond | None:
         if cond is None or self.null_cond is None or not bool(drop.any()):
@@ -241,12 +244,11 @@ class TwinFlow:
         return F.detach() - res.clamp(-1.0, 1.0)
 
     @torch.no_grad()
-    def dm_direction(self, x_hat: Tensor, cond: Cond | None) -> Tensor:
-        """clamp(u_fake - u_real, -1, 1) on x_hat re-noised to tau ~ U(0, 1): fake = the
-        negative-time branch, real = the positive one (one 2n pass, no grad)."""
+    def dm_direction(self, x_hat: Tensor, cond: Cond | None, tau: Tensor, z: Tensor) -> Tensor:
+        """clamp(u_fake - u_real, -1, 1) on x_hat re-noised to tau ~ U(0, 1) (B,) with noise z like
+        x_hat: fake = the negative-time branch, real = the positive one (one 2n pass, no grad)."""
         n = x_hat.shape[0]
-        tau = torch.rand(n, device=x_hat.device)
-        x_tau = (1 - _bcast(tau, x_hat)) * x_hat + _bcast(tau, x_hat) * torch.randn_like(x_hat)
+        x_tau = (1 - _bcast(tau, x_hat)) * x_hat + _bcast(tau, x_hat) * z
         sign = torch.cat([-torch.ones(n), torch.ones(n)]).to(x_hat.device)
         c2 = cat_cond(cond, cond) if cond is not None else None
         v2 = self.u(torch.cat([x_tau, x_tau]), torch.cat([tau, tau]), torch.cat([tau, tau]), c2, sign)
@@ -266,15 +268,21 @@ class TwinFlow:
         x0 = x0.float()
         b, dev = x0.shape[0], x0.device
         cond = batch.get("cond")
-        masks = self._split(b, dev)
-        t = torch.rand(b, device=dev)
-        r = t - torch.rand(b, device=dev) * t
-        t_min = t - torch.rand(b, device=dev) * t * p.mul_gap
+        n = int(batch.get("global_batch_size", b))
+        index = batch.get("index")
+        index = torch.arange(b) if index is None else index
+        masks, sizes = self._split(index, n, dev)
+        # every draw is per sample (fewstep.randomness), all made here in one order, for all rows
+        rng = SampleDraws.for_batch(batch, self.seed, step, "twinflow", dev, rows=b)
+        t, u_r, u_mul, u_drop = (rng.uniform() for _ in range(4))
+        eps_adv, z, tau_dm, z_dm = rng.normal_like(x0), rng.normal_like(x0), rng.uniform(), rng.normal_like(x0)
+        r = t - u_r * t
+        t_min = t - u_mul * t * p.mul_gap
         t = torch.where(masks["e2e"], torch.ones_like(t), t)
         r = torch.where(masks["e2e"], torch.zeros_like(r), r)
         r = torch.where(masks["mul"], t_min, r)
         adv = masks["adv"]
-        drop = (torch.rand(b, device=dev) < p.uncond_prob) & ~adv
+        drop = (u_drop < p.uncond_prob) & ~adv
         cond_m = self._mix_cond(cond, drop)
         x = x0.clone()
         with torch.no_grad():
@@ -284,8 +292,7 @@ class TwinFlow:
                     if cond is not None
                     else None
                 )
-                x[adv] = self.one_step(torch.randn_like(x0[adv]), ca)
-            z = torch.randn_like(x0)
+                x[adv] = self.one_step(eps_adv[adv], ca)
             x_t = (1 - _bcast(t, x)) * x + _bcast(t, x) * z
             v = z - x
             enh = (~adv) & (~drop) & (t > p.enhance_t_min) & (t <= p.enhance_t_max)
@@ -316,8 +323,11 @@ class TwinFlow:
             )
             F_e = F[e2e]
             x_hat = (x_t[e2e] - F_e).detach()  # t = 1: x0_hat = x_1 - u
-            g = self.dm_direction(x_hat, ce)
-            parts["dm"] = p.dm_weight * barron(F_e, (F_e - g).detach(), p.barron_c).mean()
+            g = self.dm_direction(x_hat, ce, tau_dm[e2e], z_dm[e2e])
+            # the mean over the global batch's e2e part: this batch's e2e rows are a share
+            # b / n of the global batch (the entry point weights a batch's loss by that share)
+            per_e = barron(F_e, (F_e - g).detach(), p.barron_c)
+            parts["dm"] = p.dm_weight * per_e.sum() * n / (sizes["e2e"] * b)
             logs["dm_grad_abs"] = float(g.abs().mean())
             logs["loss_dm"] = float(parts["dm"].detach())
         return parts, logs
@@ -364,4 +374,4 @@ def build(params: TwinFlowParams | dict[str, Any] | None, teacher: Denoiser, ctx
                 "unconditional branch); set objective.guidance: 1 and objective.uncond_prob: 0"
             )
         null = cnd.null
-    return TwinFlow(student, params, null_cond=null)
+    return TwinFlow(student, params, null_cond=null, seed=int(getattr(ctx, "seed", 0)))

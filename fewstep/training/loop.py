@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, config_to_dict
 from ..errors import dumps_json, user_errors
+from .accumulate import accumulated_loss, micro_batch_size, split_batch
 from .build import Env, Trainer, build_trainer, lr_lambda
 from .bundle import TeacherBundle, load_bundle
 from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint
@@ -41,6 +42,7 @@ from .parallel import (
     reduce_mean,
 )
 from .preflight import preflight
+from .processes import startup_lines
 from .resume import check_resumed
 from .updates import update_counts
 
@@ -93,6 +95,7 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     bundle = _teacher(cfg, env, teacher)  # 2. teacher (frozen)
     source = _batch_source(cfg, env, bundle)  # 3. data
     tr = build_trainer(cfg, env, bundle, source)  # 4.-6. objective, optimizers
+    _announce(cfg, env)
     start_step = _resume(cfg, env, tr, resume_from)  # 7. resume
     tr.made = update_counts(tr.obj, start_step)
     trackers = _start_trackers(cfg, env)
@@ -150,6 +153,18 @@ def _start(cfg: Config, accelerator, output: list[OutputFolder]) -> tuple[Env, P
     output.append(env.output)
     _seed_all(cfg.seed)  # the same on every process while the networks are built
     return env, env.output.resume_from
+
+
+def _announce(cfg: Config, env: Env) -> None:
+    """Processes, distributed type and the batch split; a warning when fewer processes run than
+    the launcher was asked for (training/processes.py)."""
+    import sys
+
+    micro = micro_batch_size(cfg.data.batch_size, env.world, cfg.data.micro_batch_size)
+    dtype = str(getattr(env.accelerator.distributed_type, "value", env.accelerator.distributed_type))
+    for line in startup_lines(env.world, dtype, cfg.data.batch_size, micro):
+        if env.main:
+            print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True)
 
 
 def _seed_all(seed: int) -> None:
@@ -259,12 +274,13 @@ def _steps(
     early, and the last step's logs."""
     logs: dict[str, float] = {}
     done = start_step
+    micro = micro_batch_size(cfg.data.batch_size, env.world, cfg.data.micro_batch_size)
     for step in range(start_step, cfg.steps):
-        batch = source(step)
+        batches = split_batch(source(step), micro)  # this process's share, in micro-batches
         logs = {}
         student_updated = False
         for phase in tr.obj.phases(step):
-            student_updated |= _update(cfg, env, tr, phase, batch, step, logs, log)
+            student_updated |= _update(cfg, env, tr, phase, batches, step, logs, log)
         if tr.ema is not None and student_updated:
             tr.ema.update(step)
         done = step + 1
@@ -282,12 +298,19 @@ def _steps(
 
 
 def _update(
-    cfg: Config, env: Env, tr: Trainer, phase: str, batch: dict, step: int, logs: dict[str, float], log: RunLog
+    cfg: Config,
+    env: Env,
+    tr: Trainer,
+    phase: str,
+    batches: list[dict],
+    step: int,
+    logs: dict[str, float],
+    log: RunLog,
 ) -> bool:
-    """loss -> backward -> average grads -> clip -> non-finite check -> step this group -> zero ALL
-    grads -> after_step. Adds the phase's scalars to `logs`; True when the student's group stepped."""
-    loss, obj_logs = tr.obj.loss(phase, batch, step)
-    env.accelerator.backward(loss)
+    """loss -> backward (accumulated over the micro-batches) -> average grads -> clip -> non-finite
+    check -> step this group -> zero ALL grads -> after_step. Adds the phase's scalars to `logs`;
+    True when the student's group stepped."""
+    loss, obj_logs = accumulated_loss(tr.obj, phase, batches, step, env.accelerator.backward)
     plist = tr.group_params[phase]
     if not env.sharded:
         average_gradients(plist, env.world)
