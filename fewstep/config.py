@@ -76,11 +76,23 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     batch_size: int = 32  # global batch per step, split evenly over the processes
-    real_data: bool = False  # put real latents in batch["x0"] (embedded digits through the teacher VAE)
+    real_data: bool = False  # put real latents in batch["x0"]: data.source's, else the embedded digits'
+    source: Literal["folder", "webdataset", "datasets", "cache"] | None = None  # the user's real images
+    #   (implies real data): an image folder, webdataset tar shards, a saved `datasets` dataset, or a
+    #   latent cache written by `fewstep encode`; see fewstep/data/ and configs/README.md
+    path: str | list[str] | None = None  # the folder / shard list (braces or globs) / dataset folder / cache
+    labels: str | None = None  # folder: "subfolders" or a labels file; webdataset: member extension
+    #   (default cls); datasets: the label column
+    captions: str | None = None  # folder / webdataset: caption file extension (default txt); datasets: column
+    image_key: str | None = None  # webdataset: the image member's extension; datasets: column (default image)
+    split: str | None = None  # datasets: the split of a saved DatasetDict (default train)
+    resolution: int | None = None  # images are resized and centre-cropped to this (default: the teacher's)
+    encode_batch: int = 32  # images per VAE call when encoding on the fly
+    prompt_column: str | None = None  # data.prompts names a saved `datasets` folder: its prompt column
     real_latents: str | None = None  # or from a safetensors file: "latents" (N, C, H, W), scaled as the
     #   teacher's VAE scales them, optional "class_labels" (N,); with
     #   data.prompts, line i of the prompt file is the caption of latent i
-    prompts: str | None = None  # text teachers: prompt file, one prompt a line
+    prompts: str | None = None  # text teachers: prompt file, one prompt a line (null: data.source's captions)
     num_classes: int | None = None  # class-conditional teachers: labels 0..num_classes-1 (default: teacher's)
     conditions: list[int] | None = None  # train on these conditions only: class labels, or (text) 0-based line
     #   numbers of data.prompts (MSD sets one subset per student)

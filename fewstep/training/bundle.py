@@ -38,6 +38,8 @@ class TeacherBundle:
     encode_prompts: Callable[[list[str]], dict] | None = None
     decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]
     real_data: Callable[[], tuple[Tensor, Tensor | None]] | None = None  # () -> (latents, labels)
+    encode: Callable[[Tensor], Tensor] | None = None  # images in [-1, 1] -> latents (the VAE, scaled)
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the images the VAE takes
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,6 +82,19 @@ def _digits_real_data(encode: Callable[[Tensor], Tensor], device) -> Callable[[]
     return real
 
 
+def _image_shape(vae: nn.Module | None, latent_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(C, H, W) of the images `vae` turns into latents of `latent_shape` (its downsampling factor
+    is 2 per encoder block after the first)."""
+    if vae is None or len(latent_shape) != 3:
+        return None
+    cfg = getattr(vae, "config", {})
+    blocks = cfg.get("block_out_channels")
+    if not blocks:
+        return None
+    f = 2 ** (len(blocks) - 1)
+    return (int(cfg.get("in_channels", 3)), int(latent_shape[1]) * f, int(latent_shape[2]) * f)
+
+
 def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
     """Adapt what `fewstep.pipeline_teacher.load_teacher` (or `load_digits_teacher`) returns."""
     den = t.denoiser
@@ -102,9 +117,10 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
     real = None
     if encode is not None and str(source).startswith("digits"):
         real = _digits_real_data(encode, device)
+    latent_shape = tuple(int(s) for s in t.latent_shape)
     return TeacherBundle(
         denoiser=den,
-        latent_shape=tuple(int(s) for s in t.latent_shape),
+        latent_shape=latent_shape,
         source=str(source),
         family=fam,
         num_classes=num_classes if not text else None,
@@ -113,6 +129,8 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
         encode_prompts=getattr(t, "encode_prompts", None) if text else None,
         decode=decode,
         real_data=real,
+        encode=encode,
+        image_shape=_image_shape(vae, latent_shape),
         extra={"teacher": t},
     )
 

@@ -64,7 +64,7 @@ def dry_run(
         num_classes=cfg.data.num_classes or bundle.num_classes,
         null_class=bundle.null_class,
         text=bundle.text,
-        has_real_data=cfg.data.real_data or cfg.data.real_latents is not None,
+        has_real_data=cfg.data.real_data or cfg.data.real_latents is not None or cfg.data.source is not None,
         seed=cfg.seed,
         device=torch.device("meta"),
         family=family,

@@ -165,19 +165,7 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     tden.requires_grad_(False)
     tden.to(env.device)
     with user_errors("data", ValueError, OSError, named="data."):  # 3. data
-        source = BatchSource(
-            bundle,
-            cfg.data.batch_size,
-            cfg.seed,
-            env.rank,
-            env.world,
-            env.device,
-            cfg.data.real_data,
-            cfg.data.prompts,
-            cfg.data.num_classes,
-            cfg.data.real_latents,
-            conditions=cfg.data.conditions,
-        )
+        source = BatchSource.from_config(bundle, cfg.data, cfg.seed, env.rank, env.world, env.device)
     tr = _build(cfg, env, bundle, source)  # 4.-6. objective, optimizers
     start_step = _resume(cfg, env, tr, resume_from)  # 7. resume
     tr.made = update_counts(tr.obj, start_step)
