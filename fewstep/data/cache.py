@@ -166,9 +166,8 @@ def encode_to_cache(
             tensors = {"latents": torch.cat(parts).contiguous()}
             if table.labels is not None:
                 tensors["class_labels"] = torch.tensor(table.labels[lo:hi], dtype=torch.int64)
-            meta = {"first": str(lo)}
-            if table.captions is not None:
-                meta["captions"] = json.dumps(table.captions[lo:hi])
+            # one metadata key at most: safetensors writes a metadata map in no fixed order
+            meta = None if table.captions is None else {"captions": json.dumps(table.captions[lo:hi])}
             tmp = out / (_shard_name(k) + ".tmp")
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, out / _shard_name(k))
