@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", default=None, help="folder / webdataset: caption extension (txt); datasets: column")
     p.add_argument("--image-key", default=None, help="webdataset: image member extension; datasets: image column")
     p.add_argument("--split", default=None, help="datasets: the split of a saved DatasetDict (default train)")
-    p.add_argument("--resolution", type=positive_int, default=None, help="image size in pixels (default: the teacher's)")
+    p.add_argument(
+        "--resolution", type=positive_int, default=None, help="image size in pixels (default: the teacher's)"
+    )
     p.add_argument("--shard-size", type=positive_int, default=1024, help="samples per shard file (default 1024)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE call (default 64)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the VAE's dtype")
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
     from .errors import main_guard
 
-    parser = OneLineParser(prog="fewstep encode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(
+        prog="fewstep encode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     return main_guard("fewstep encode", lambda: run(args))

@@ -159,7 +159,9 @@ def _sha(folder: Path) -> dict[str, str]:
 def test_encode_interrupted_and_restarted_writes_the_same_cache(tmp_path):
     _digit_pngs(tmp_path / "imgs", 22, captions=True)
     table = FolderImages(tmp_path / "imgs", labels="subfolders")
-    kw = dict(image_shape=(1, 32, 32), latent_shape=(4, 8, 8), teacher="toy", shard_size=5, batch_size=3, progress=False)
+    kw = dict(
+        image_shape=(1, 32, 32), latent_shape=(4, 8, 8), teacher="toy", shard_size=5, batch_size=3, progress=False
+    )
     whole = encode_to_cache(table, _toy_encode, tmp_path / "whole", **kw)
     assert whole["complete"] and len(whole["shards"]) == 5
 
@@ -224,7 +226,9 @@ def test_batches_from_images_equal_batches_from_their_cache_and_pair_labels(tmp_
         rows = d.argmin(1)
         assert torch.equal(torch.tensor(table.labels)[rows], b["cond"]["class_labels"])
     # the cache refuses another teacher's VAE
-    with pytest.raises(ConfigError, match=r"encoded with the VAE of teacher 'digits-vp', not teacher.source='digits-flow'"):
+    with pytest.raises(
+        ConfigError, match=r"encoded with the VAE of teacher 'digits-vp', not teacher.source='digits-flow'"
+    ):
         CachedLatents(tmp_path / "cache", "digits-flow", (4, 8, 8))
 
 

@@ -106,7 +106,42 @@ def encode_to_cache(
     if height != width:
         raise UserError(f"encode: only square images are supported, the VAE takes {height}x{width}")
     n = len(table)
-    manifest: dict[str, Any] = {
+    manifest = _manifest(table, teacher, latent_shape, image_shape, shard_size)
+    _prepare_folder(out, manifest, overwrite)
+
+    from tqdm.auto import tqdm
+
+    spans = [(k, k * shard_size, min(n, (k + 1) * shard_size)) for k in range(len(manifest["shards"]))]
+    todo = [(k, lo, hi) for k, lo, hi in spans if not _shard_ok(out / _shard_name(k), hi - lo, tuple(latent_shape))]
+    done_rows = n - sum(hi - lo for _, lo, hi in todo)
+    bar = tqdm(total=n, initial=done_rows, unit="img", desc="encode", disable=not progress, dynamic_ncols=True)
+    try:
+        for k, lo, hi in todo:
+            parts = []
+            for a in range(lo, hi, batch_size):  # chunks start at the shard's start: the same in every run
+                idx = range(a, min(hi, a + batch_size))
+                x = torch.stack([to_model_input(table.image(i), height, channels) for i in idx])
+                with torch.no_grad():
+                    z = encode(x.to(device)).float().cpu()
+                if tuple(z.shape[1:]) != tuple(latent_shape):
+                    raise UserError(
+                        f"encode: the VAE gave latents {tuple(z.shape[1:])}, expected {tuple(latent_shape)}"
+                    )
+                parts.append(z)
+                bar.update(len(idx))
+            _write_shard(out / _shard_name(k), torch.cat(parts), table, lo, hi)
+            if on_shard is not None:
+                on_shard(k)
+    finally:
+        bar.close()
+    manifest["complete"] = True
+    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _manifest(table: ImageTable, teacher: str, latent_shape, image_shape, shard_size: int) -> dict[str, Any]:
+    n = len(table)
+    manifest = {
         "format": CACHE_FORMAT,
         "teacher": str(teacher),
         "latent_shape": list(latent_shape),
@@ -121,7 +156,11 @@ def encode_to_cache(
         "shards": [_shard_name(k) for k in range((n + shard_size - 1) // shard_size)],
         "complete": False,
     }
-    manifest = json.loads(json.dumps(manifest))  # the types it has once read back (tuples -> lists)
+    return json.loads(json.dumps(manifest))  # the types it has once read back (tuples -> lists)
+
+
+def _prepare_folder(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Refuse a folder that holds something else; write the (incomplete) manifest."""
     if (out / MANIFEST).is_file() and not overwrite:
         old = read_manifest(out, "--out")
         diff = [k for k in _RESUME_KEYS if old.get(k) != manifest[k]]
@@ -138,46 +177,19 @@ def encode_to_cache(
             f.unlink()
     _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
-    todo = []
-    done_rows = 0
-    for k, name in enumerate(manifest["shards"]):
-        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-        if _shard_ok(out / name, hi - lo, tuple(latent_shape)):
-            done_rows += hi - lo
-        else:
-            todo.append(k)
-    bar = tqdm(total=n, initial=done_rows, unit="img", desc="encode", disable=not progress, dynamic_ncols=True)
-    try:
-        for k in todo:
-            lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-            parts = []
-            for a in range(lo, hi, batch_size):  # chunks start at the shard's start: the same in every run
-                idx = range(a, min(hi, a + batch_size))
-                x = torch.stack([to_model_input(table.image(i), height, channels) for i in idx])
-                with torch.no_grad():
-                    z = encode(x.to(device)).float().cpu()
-                if tuple(z.shape[1:]) != tuple(latent_shape):
-                    raise UserError(f"encode: the VAE gave latents {tuple(z.shape[1:])}, expected {tuple(latent_shape)}")
-                parts.append(z)
-                bar.update(len(idx))
-            tensors = {"latents": torch.cat(parts).contiguous()}
-            if table.labels is not None:
-                tensors["class_labels"] = torch.tensor(table.labels[lo:hi], dtype=torch.int64)
-            # one metadata key at most: safetensors writes a metadata map in no fixed order
-            meta = None if table.captions is None else {"captions": json.dumps(table.captions[lo:hi])}
-            tmp = out / (_shard_name(k) + ".tmp")
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, out / _shard_name(k))
-            if on_shard is not None:
-                on_shard(k)
-    finally:
-        bar.close()
-    manifest["complete"] = True
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
-    return manifest
+def _write_shard(path: Path, latents: Tensor, table: ImageTable, lo: int, hi: int) -> None:
+    """Write under a temporary name, then rename: a shard file that exists is complete."""
+    from safetensors.torch import save_file
+
+    tensors = {"latents": latents.contiguous()}
+    if table.labels is not None:
+        tensors["class_labels"] = torch.tensor(table.labels[lo:hi], dtype=torch.int64)
+    # one metadata key at most: safetensors writes a metadata map in no fixed order
+    meta = None if table.captions is None else {"captions": json.dumps(table.captions[lo:hi])}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
 
 
 class LatentCache:

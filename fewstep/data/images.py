@@ -292,7 +292,9 @@ class SavedDatasetImages(ImageTable):
         col = image_key or "image"
         for what, c in ((f"{key}.image_key", col), (f"{key}.labels", labels), (f"{key}.captions", captions)):
             if c is not None and c not in ds.column_names:
-                raise ConfigError(f"{what}={c!r}: the dataset has no such column (columns: {', '.join(ds.column_names)})")
+                raise ConfigError(
+                    f"{what}={c!r}: the dataset has no such column (columns: {', '.join(ds.column_names)})"
+                )
         self.ds = ds
         self.column = col
         self.keys = [str(i) for i in range(len(ds))]
@@ -324,7 +326,9 @@ def load_saved_dataset(path: str | Path, split: str | None, key: str):
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"{key}: reading a saved dataset needs the datasets package (pip install 'fewstep[data]')") from None
+        raise ConfigError(
+            f"{key}: reading a saved dataset needs the datasets package (pip install 'fewstep[data]')"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(p))
     except (FileNotFoundError, ValueError, OSError) as e:

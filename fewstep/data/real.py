@@ -103,7 +103,9 @@ class EncodedImages(RealData):
         ids = [int(i) for i in idx.tolist()]
         out = []
         for a in range(0, len(ids), self.chunk):
-            x = torch.stack([to_model_input(self.table.image(i), self.size, self.channels) for i in ids[a : a + self.chunk]])
+            x = torch.stack(
+                [to_model_input(self.table.image(i), self.size, self.channels) for i in ids[a : a + self.chunk]]
+            )
             with torch.no_grad():
                 out.append(self.encode(x.to(self.device)).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
