@@ -107,9 +107,20 @@ class OptimGroupConfig:
     weight_decay: float | None = None
     eps: float | None = None
     grad_clip: float | None = None  # max global grad norm of the group; 0 = no clipping
-    scheduler: Literal["constant", "cosine", "cosine_restarts"] | None = None  # all with linear warm-up
+    scheduler: (
+        Literal[
+            "constant",
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "cosine_restarts",
+            "polynomial",
+            "constant_with_warmup",
+        ]
+        | None
+    ) = None  # diffusers' get_scheduler (training/schedules.py); all with linear warm-up from 0
     warmup_steps: int | None = None  # counted in updates of this group
-    num_cycles: int | None = None  # cosine_restarts only
+    num_cycles: int | None = None  # cosine_with_restarts only (hard restarts)
 
 
 # The defaults every group starts from (DMD2's: AdamW (0.9, 0.999), wd 0.01, clip 10, constant).

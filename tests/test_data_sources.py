@@ -300,3 +300,41 @@ def test_dmd2_gan_preset_trains_from_an_image_folder(tmp_path, monkeypatch):
     assert len(reads) == 2 * 4 and set(reads) <= set(range(20))  # one batch of 4 images per step
     logs = [json.loads(ln) for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("fake_score/gan_d" in r for r in logs)
+
+
+# ---- the command line: --print-config, objective keys checked before the teacher loads ------------
+def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from fewstep.train_cmd import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--print-config", "--config", str(ROOT / "configs/digits/dmd2_1step_vp.yaml"), "data.batch_size=64"]
+    assert main([*args, "data.source=folder", "data.path=imgs"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["data"]["batch_size"] == 64 and out["data"]["source"] == "folder"
+    assert out["objective"]["name"] == "dmd2" and out["objective"]["gan"] is True  # the preset's
+    assert out["data"]["encode_batch"] == 32 and out["optim"]["generator"]["lr"] == 5e-5  # defaults, resolved
+    assert list(tmp_path.iterdir()) == []  # nothing run, nothing written
+    assert main([*args, "data.batch_size=0"]) == 2  # still a checked config
+    assert "data.batch_size: must be >= 1" in capsys.readouterr().err
+
+
+def test_objective_keys_are_checked_before_the_teacher_loads(tmp_path, capsys, monkeypatch):
+    from fewstep import pipeline_teacher
+    from fewstep.train_cmd import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the teacher was loaded before the objective's keys were checked")
+
+    monkeypatch.setattr(pipeline_teacher, "load_teacher", no_load)
+    base = ["--config", str(ROOT / "configs/digits/dmd2_1step_vp.yaml"), f"output_dir={tmp_path / 'r'}"]
+    assert main([*base, "objective.gan_generator_weigth=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "objective.gan_generator_weigth" in err and "unknown" in err
+    assert main([*base, "objective.num_steps=0"]) == 2
+    assert "objective.num_steps" in capsys.readouterr().err
+    # a hub teacher that is not even downloaded: the objective's key is still the error reported
+    assert main([*base, "teacher.source=someone/not-downloaded", "objective.fake_updates_per_generatr=2"]) == 2
+    assert "objective.fake_updates_per_generatr" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

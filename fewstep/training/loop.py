@@ -47,9 +47,10 @@ from .parallel import (
 )
 from .preflight import preflight
 from .resume import check_resumed, settings
+from .schedules import make_scheduler
 from .updates import resolve_steps, update_counts
 
-__all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
+__all__ = ["run", "RunResult", "NonFiniteError"]
 
 
 class NonFiniteError(RuntimeError):
@@ -67,27 +68,6 @@ class RunResult:
     files: dict[str, str] = field(default_factory=dict)
     student: nn.Module | None = None  # the trained student (raw weights; the EMA's are in files["student_ema"])
     objective: Any = None  # the objective, with all its networks (`objective.nets`)
-
-
-def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1):
-    """Learning-rate factor per update: linear warm-up, then constant / cosine / cosine with restarts."""
-
-    def f(n: int) -> float:
-        if warmup > 0 and n < warmup:
-            return (n + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        span = max(1, total - warmup)
-        prog = min(1.0, (n - warmup) / span)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * prog))
-        if kind == "cosine_restarts":
-            if prog >= 1.0:
-                return 0.0
-            return 0.5 * (1.0 + math.cos(math.pi * ((cycles * prog) % 1.0)))
-        raise ValueError(f"unknown scheduler {kind!r}")
-
-    return f
 
 
 @dataclass
@@ -413,7 +393,7 @@ def _place(env: _Env, tden: nn.Module, holder: nn.ModuleDict) -> None:
 
 
 def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter]]):
-    """6. AdamW and a LambdaLR schedule per group, the schedule's length counted in that group's updates."""
+    """6. AdamW and a diffusers learning-rate schedule (training/schedules.py) per group, the schedule's length counted in that group's updates."""
     updates = update_counts(obj, cfg.steps, name=cfg.objective.name)  # raises on a phase that is no group
     optimizers, schedulers, gcfg = {}, {}, {}
     for g, plist in group_params.items():
@@ -421,9 +401,7 @@ def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter
         optimizers[g] = torch.optim.AdamW(
             plist, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps, weight_decay=gc.weight_decay
         )
-        schedulers[g] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[g], lr_lambda(gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles)
-        )
+        schedulers[g] = make_scheduler(optimizers[g], gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles)
     return optimizers, schedulers, gcfg
 
 
