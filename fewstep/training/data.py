@@ -103,6 +103,7 @@ class BatchSource:
         self.num_prompts = 0
         self.prompts: list[str] | None = None  # caption strings (text teachers), carried as batch["prompts"]
         self.real: RealData | None = None
+        self.pair_cond = getattr(bundle, "pair_cond", None)  # restoration: condition of each real sample
         self.by_class: list[Tensor] | None = None
 
         if bundle.text:
@@ -172,6 +173,11 @@ class BatchSource:
         device: torch.device | str = "cpu",
     ) -> BatchSource:
         """The batches a `data:` section (fewstep.config.DataConfig) asks for."""
+        if data.source is not None and getattr(bundle, "pair_cond", None) is not None:
+            raise ValueError(
+                f"data.source: teacher {bundle.source!r} trains on its own (degraded, clean) pairs; a restoration "
+                "teacher does not take data.source yet"
+            )
         real = real_data_for(data, bundle, device)
         return cls(
             bundle,
@@ -227,6 +233,8 @@ class BatchSource:
         if self.real is not None and "x0_index" not in out:
             pick = torch.randint(0, len(self.real), (n,), generator=g)
             out["x0_index"] = pick
+            if self.pair_cond is not None:
+                out["cond"] = self.pair_cond(pick, g)
             if self.real.labels is not None and out["cond"] is None and self.num_classes:
                 out["cond"] = {"class_labels": self.real.labels[pick]}
         return out
@@ -266,6 +274,9 @@ class BatchSource:
             return {
                 k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in index_cond(self.text_cond, idx).items()
             }
+        if self.pair_cond is not None and self.real is not None:  # the first n pairs, fixed degradations
+            cond = self.pair_cond(torch.arange(n) % len(self.real), torch.Generator().manual_seed(0))
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in cond.items()}
         if self.num_classes:
             labels = (
                 torch.arange(n) % self.num_classes
