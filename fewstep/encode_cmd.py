@@ -19,6 +19,14 @@ from .errors import positive_int
 
 __all__ = ["add_arguments", "run", "main"]
 
+_ARGS = {  # the data keys the arguments stand for
+    "data.path": "PATH",
+    "data.labels": "--labels",
+    "data.captions": "--captions",
+    "data.image_key": "--image-key",
+    "data.split": "--split",
+}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="an image folder, a webdataset shard list (braces / glob), or a saved dataset folder")
@@ -45,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import TeacherConfig
+    from .config import ConfigError, TeacherConfig
     from .data.cache import encode_to_cache
     from .data.images import open_images
     from .data.spec import check_data
@@ -65,8 +73,14 @@ def run(args: argparse.Namespace) -> int:
         prompt_column=None,
         prompts=None,
     )
-    check_data(spec)  # the images exist, before the teacher loads
-    table = open_images(spec)
+    try:  # the images exist, before the teacher loads
+        check_data(spec)
+        table = open_images(spec)
+    except ConfigError as e:  # name the command's arguments, not the config keys they stand for
+        msg = str(e)
+        for key, arg in _ARGS.items():
+            msg = msg.replace(key, arg)
+        raise ConfigError(msg) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with user_errors(f"--teacher={args.teacher!r}", ValueError, OSError, named=args.teacher):
         bundle = load_bundle(TeacherConfig(source=args.teacher, dtype=args.dtype), device)

@@ -225,6 +225,10 @@ def test_batches_from_images_equal_batches_from_their_cache_and_pair_labels(tmp_
         assert d.min(1).values.max() == 0
         rows = d.argmin(1)
         assert torch.equal(torch.tensor(table.labels)[rows], b["cond"]["class_labels"])
+    # two processes' slices make up the one-process batch (each reads only its own rows)
+    spec2 = _data(source="cache", path=str(tmp_path / "cache"))
+    halves = [BatchSource.from_config(bundle, spec2, seed=1, process_index=r, num_processes=2)(3) for r in range(2)]
+    assert torch.equal(torch.cat([h["x0"] for h in halves]), cached(3)["x0"])
     # the cache refuses another teacher's VAE
     with pytest.raises(
         ConfigError, match=r"encoded with the VAE of teacher 'digits-vp', not teacher.source='digits-flow'"
@@ -338,3 +342,45 @@ def test_objective_keys_are_checked_before_the_teacher_loads(tmp_path, capsys, m
     assert main([*base, "teacher.source=someone/not-downloaded", "objective.fake_updates_per_generatr=2"]) == 2
     assert "objective.fake_updates_per_generatr" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("preset", ["lcm_4step_vp.yaml", "scm_2step_vp.yaml", "twinflow_vp.yaml"])
+def test_real_data_objectives_train_from_a_latent_cache(tmp_path, monkeypatch, preset):
+    """LCM, sCM and TwinFlow take their real latents from a `fewstep encode` cache."""
+    from fewstep.data.cache import LatentCache
+    from fewstep.encode_cmd import main as encode_main
+    from fewstep.training import run
+
+    _digit_pngs(tmp_path / "imgs", 12)
+    args = [str(tmp_path / "imgs"), "--teacher", "digits-vp", "--labels", "subfolders", "--out", str(tmp_path / "c")]
+    assert encode_main([*args, "--shard-size", "5", "--device", "cpu", "--no-progress"]) == 0
+    rows = []
+    real_latents = LatentCache.latents
+    monkeypatch.setattr(LatentCache, "latents", lambda self, idx: rows.append(len(idx)) or real_latents(self, idx))
+    cfg = load_config(
+        ROOT / "configs/digits" / preset,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            *QUIET,
+            "steps=2",
+            "data.batch_size=4",
+            "data.source=cache",
+            f"data.path={tmp_path / 'c'}",
+            "checkpoint.every=0",
+            "log.sample_count=2",
+        ],
+    )
+    res = run(cfg)
+    assert res.steps == 2 and res.skipped == 0 and rows == [4, 4]
+
+
+def test_encode_command_errors_name_the_argument(tmp_path, capsys):
+    from fewstep.encode_cmd import main as encode_main
+
+    base = ["--teacher", "digits-vp", "--out", str(tmp_path / "c"), "--no-progress"]
+    assert encode_main([str(tmp_path / "none"), *base]) == 2
+    assert f"PATH={str(tmp_path / 'none')!r}: no such image folder" in capsys.readouterr().err
+    _digit_pngs(tmp_path / "imgs", 3)
+    assert encode_main([str(tmp_path / "imgs"), "--labels", "nofile.txt", *base]) == 2
+    assert "--labels='nofile.txt': not 'subfolders' and no such labels file" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
