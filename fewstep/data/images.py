@@ -243,6 +243,8 @@ class TarShardImages(ImageTable):
             raise ConfigError(f"{key}.path: the shards hold no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.keys = keys
         if labels is not None or any(v is not None for v in labs):
+            if all(v is None for v in labs):
+                raise ConfigError(f"{key}.labels={labels!r}: no sample has a .{label_ext} member")
             if any(v is None for v in labs):
                 raise ConfigError(f"{key}.labels: some samples have a .{label_ext} member and some do not")
             try:
@@ -251,6 +253,8 @@ class TarShardImages(ImageTable):
                 raise ConfigError(f"{key}.labels: a .{label_ext} member does not hold an integer") from None
             self.num_classes = max(self.labels) + 1
         if captions is not None or any(v is not None for v in caps):
+            if all(v is None for v in caps):
+                raise ConfigError(f"{key}.captions={captions!r}: no sample has a .{caption_ext} member")
             if any(v is None for v in caps):
                 raise ConfigError(f"{key}.captions: some samples have a .{caption_ext} member and some do not")
             self.captions = [v.strip() for v in caps]
