@@ -122,6 +122,8 @@ def test_webdataset_shards_and_saved_dataset_give_the_folders_samples(tmp_path):
     tars = TarShardImages(str(tmp_path / "train-{000..002}.tar"))
     assert len(tars) == 12 and tars.labels == folder.labels and tars.captions == folder.captions
     assert torch.equal(to_model_input(tars.image(7), 32, 1), to_model_input(folder.image(7), 32, 1))
+    with pytest.raises(ConfigError, match=r"data\.labels='lbl': no sample has a \.lbl member"):
+        TarShardImages(str(tmp_path / "train-*.tar"), labels="lbl")
     with pytest.raises(ConfigError, match=r"data\.path: no such tar shard .*train-003.tar"):
         TarShardImages(str(tmp_path / "train-{000..003}.tar"))
     # a datasets dataset saved on disk: an Image column, a ClassLabel column and a text column
