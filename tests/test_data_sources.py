@@ -273,6 +273,10 @@ def test_config_errors_name_the_data_key(tmp_path):
         check("data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.split=train")
     with pytest.raises(ConfigError, match=r"data\.labels='nofile.txt': not 'subfolders' and no such labels file"):
         check("data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.labels=nofile.txt")
+    with pytest.raises(
+        ConfigError, match=r"data\.prompt_column='text': data.prompts must name a saved `datasets` folder"
+    ):
+        check("data.prompt_column=text")
     check("data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.labels=subfolders")  # fine
 
 
