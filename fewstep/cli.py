@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "export": ("fewstep.export", "write a stock diffusers pipeline folder for a student"),
     "eval": ("fewstep.eval_cmd", "score a pipeline or checkpoint: FID, KID, precision/recall, ..."),
     "launch": ("fewstep.launch_cmd", "accelerate launch the training entry point, the config checked first"),
+    "encode": ("fewstep.encode_cmd", "encode images into a sharded latent cache with the teacher's VAE"),
 }
 
 

@@ -75,11 +75,23 @@ class DataConfig:
     micro_batch_size: int | None = None  # memory cap: the most samples a process puts through the loss at
     #   once; its share (batch_size / processes) runs in micro-batches of this size with gradients
     #   accumulated, one optimizer step per training step, the same update as one full batch (null: all at once)
-    real_data: bool = False  # put real latents in batch["x0"] (embedded digits through the teacher VAE)
+    real_data: bool = False  # put real latents in batch["x0"]: data.source's, else the embedded digits'
+    source: Literal["folder", "webdataset", "datasets", "cache"] | None = None  # the user's real images
+    #   (implies real data): an image folder, webdataset tar shards, a saved `datasets` dataset, or a
+    #   latent cache written by `fewstep encode`; see fewstep/data/ and configs/README.md
+    path: str | list[str] | None = None  # the folder / shard list (braces or globs) / dataset folder / cache
+    labels: str | None = None  # folder: "subfolders" or a labels file; webdataset: member extension
+    #   (default cls); datasets: the label column
+    captions: str | None = None  # folder / webdataset: caption file extension (default txt); datasets: column
+    image_key: str | None = None  # webdataset: the image member's extension; datasets: column (default image)
+    split: str | None = None  # datasets: the split of a saved DatasetDict (default train)
+    resolution: int | None = None  # images are resized and centre-cropped to this (default: the teacher's)
+    encode_batch: int = 32  # images per VAE call when encoding on the fly
+    prompt_column: str | None = None  # data.prompts names a saved `datasets` folder: its prompt column
     real_latents: str | None = None  # or from a safetensors file: "latents" (N, C, H, W), scaled as the
     #   teacher's VAE scales them, optional "class_labels" (N,); with
     #   data.prompts, line i of the prompt file is the caption of latent i
-    prompts: str | None = None  # text teachers: prompt file, one prompt a line
+    prompts: str | None = None  # text teachers: prompt file, one prompt a line (null: data.source's captions)
     num_classes: int | None = None  # class-conditional teachers: labels 0..num_classes-1 (default: teacher's)
     conditions: list[int] | None = None  # train on these conditions only: class labels, or (text) 0-based line
     #   numbers of data.prompts (MSD sets one subset per student)
@@ -94,9 +106,20 @@ class OptimGroupConfig:
     weight_decay: float | None = None
     eps: float | None = None
     grad_clip: float | None = None  # max global grad norm of the group; 0 = no clipping
-    scheduler: Literal["constant", "cosine", "cosine_restarts"] | None = None  # all with linear warm-up
+    scheduler: (
+        Literal[
+            "constant",
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "cosine_restarts",
+            "polynomial",
+            "constant_with_warmup",
+        ]
+        | None
+    ) = None  # diffusers' get_scheduler (training/schedules.py); all with linear warm-up from 0
     warmup_steps: int | None = None  # counted in updates of this group
-    num_cycles: int | None = None  # cosine_restarts only
+    num_cycles: int | None = None  # cosine_with_restarts only (hard restarts)
 
 
 # The defaults every group starts from (DMD2's: AdamW (0.9, 0.999), wd 0.01, clip 10, constant).

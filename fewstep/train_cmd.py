@@ -3,6 +3,7 @@ print the dry-run report).
 
     accelerate launch train/train.py --config configs/digits/dsm.yaml steps=200 optim.generator.lr=1e-4
     fewstep train --config configs/sdxl/dmd2_4step_lora.yaml --dry-run --processes 8 --sharding fsdp
+    fewstep train --config configs/digits/dmd2_1step_vp.yaml data.batch_size=64 --print-config
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="build the networks on the meta device and print parameter counts and memory per process",
     )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (preset, overrides and every default) as YAML and exit",
+    )
     p.add_argument("--processes", type=int, default=None, help="dry run: number of processes (default: the launcher's)")
     p.add_argument(
         "--sharding", choices=["none", "fsdp"], default=None, help="dry run: sharding (default: the launcher's)"
@@ -42,6 +48,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"fewstep train: config error: {one_line(e)}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        from .config import config_to_dict
+
+        if os.environ.get("RANK", "0") == "0":
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="", flush=True)
+        return 0
     if args.dry_run:
         from .errors import user_errors
         from .training.dry_run import dry_run

@@ -11,6 +11,6 @@ want=$(cat requirements-lock.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements-lock.txt
-  .venv/bin/python -m pip install -q --no-deps -e ".[dev,eval]"
+  .venv/bin/python -m pip install -q --no-deps -e ".[dev,eval,data]"
   echo "$want" > "$stamp"
 fi

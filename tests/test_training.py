@@ -17,7 +17,8 @@ from fewstep.objectives import registry
 from fewstep.training import run
 from fewstep.training.data import BatchSource
 from fewstep.training.ema import EMA
-from fewstep.training.loop import NonFiniteError, lr_lambda
+from fewstep.training.loop import NonFiniteError
+from fewstep.training.schedules import make_scheduler
 from tests.dist import toy_objective
 from tests.dist.bundles import K, gmm_bundle, tiny_bundle, true_means
 
@@ -367,12 +368,31 @@ def test_batches_balanced_and_process_invariant():
         BatchSource(b, 6, num_processes=4)
 
 
+def _lr_factors(name, warmup, total, cycles=1):
+    """The learning-rate factor before each of `total` + 1 updates (lr 1.0)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, name, warmup, total, cycles)
+    out = []
+    for _ in range(total + 1):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_lr_schedules_and_ema():
-    f = lr_lambda("cosine", 10, 110)
-    assert f(0) == pytest.approx(0.1) and f(9) == 1.0 and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0)
-    assert lr_lambda("constant", 0, 5)(3) == 1.0
-    r = lr_lambda("cosine_restarts", 0, 100, cycles=2)
-    assert r(0) == 1.0 and r(49) < 0.01 and r(50) == pytest.approx(1.0)
+    # diffusers' get_scheduler: linear warm-up from 0, then the named shape over the group's updates
+    f = _lr_factors("cosine", 10, 110)
+    assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == 1.0
+    assert f[60] == pytest.approx(0.5) and f[110] == pytest.approx(0, abs=1e-12)
+    assert _lr_factors("constant", 0, 5) == [1.0] * 6
+    c = _lr_factors("constant", 4, 8)  # fewstep's constant keeps its warm-up (diffusers' constant_with_warmup)
+    assert c[:5] == [0.0, 0.25, 0.5, 0.75, 1.0] and c[-1] == 1.0
+    r = _lr_factors("cosine_restarts", 0, 100, cycles=2)  # the old name of cosine_with_restarts
+    assert r == _lr_factors("cosine_with_restarts", 0, 100, cycles=2)
+    assert r[0] == 1.0 and r[49] < 0.01 and r[50] == pytest.approx(1.0)
+    lin = _lr_factors("linear", 0, 10)
+    assert lin[5] == pytest.approx(0.5) and lin[10] == 0.0
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA({"p": p}, rate=0.9)
     for _ in range(3):

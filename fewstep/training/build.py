@@ -4,7 +4,6 @@ records the loop passes around (where this process runs, and the built run)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,30 +23,10 @@ from .outdir import OutputFolder
 from .outputs import backbone_of
 from .parallel import broadcast_parameters, shard_module, wrap_autocast
 from .resume import settings
+from .schedules import make_scheduler
 from .updates import resolve_steps, update_counts
 
-__all__ = ["Env", "Trainer", "build_trainer", "run_context", "lr_lambda"]
-
-
-def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1):
-    """Learning-rate factor per update: linear warm-up, then constant / cosine / cosine with restarts."""
-
-    def f(n: int) -> float:
-        if warmup > 0 and n < warmup:
-            return (n + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        span = max(1, total - warmup)
-        prog = min(1.0, (n - warmup) / span)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * prog))
-        if kind == "cosine_restarts":
-            if prog >= 1.0:
-                return 0.0
-            return 0.5 * (1.0 + math.cos(math.pi * ((cycles * prog) % 1.0)))
-        raise ValueError(f"unknown scheduler {kind!r}")
-
-    return f
+__all__ = ["Env", "Trainer", "build_trainer", "run_context"]
 
 
 @dataclass
@@ -270,7 +249,7 @@ def _place(env: Env, tden: nn.Module, holder: nn.ModuleDict) -> None:
 
 
 def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter]]):
-    """6. AdamW and a LambdaLR schedule per group, the schedule's length counted in that group's updates."""
+    """6. AdamW and a diffusers learning-rate schedule (training/schedules.py) per group, the schedule's length counted in that group's updates."""
     updates = update_counts(obj, cfg.steps, name=cfg.objective.name)  # raises on a phase that is no group
     optimizers, schedulers, gcfg = {}, {}, {}
     for g, plist in group_params.items():
@@ -278,7 +257,5 @@ def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter
         optimizers[g] = torch.optim.AdamW(
             plist, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps, weight_decay=gc.weight_decay
         )
-        schedulers[g] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[g], lr_lambda(gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles)
-        )
+        schedulers[g] = make_scheduler(optimizers[g], gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles)
     return optimizers, schedulers, gcfg

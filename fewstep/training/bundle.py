@@ -40,6 +40,8 @@ class TeacherBundle:
     real_data: Callable[[], tuple[Tensor, Tensor | None]] | None = None  # () -> (latents, labels)
     pair_cond: Callable[[Tensor, torch.Generator], dict] | None = None  # restoration: (indices into
     #   real_data's samples, generator) -> their condition (a fresh degraded image each draw)
+    encode: Callable[[Tensor], Tensor] | None = None  # images in [-1, 1] -> latents (the VAE, scaled)
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the images the VAE takes
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,6 +84,19 @@ def _digits_real_data(encode: Callable[[Tensor], Tensor], device) -> Callable[[]
     return real
 
 
+def _image_shape(vae: nn.Module | None, latent_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(C, H, W) of the images `vae` turns into latents of `latent_shape` (its downsampling factor
+    is 2 per encoder block after the first)."""
+    if vae is None or len(latent_shape) != 3:
+        return None
+    cfg = getattr(vae, "config", {})
+    blocks = cfg.get("block_out_channels")
+    if not blocks:
+        return None
+    f = 2 ** (len(blocks) - 1)
+    return (int(cfg.get("in_channels", 3)), int(latent_shape[1]) * f, int(latent_shape[2]) * f)
+
+
 def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
     """Adapt what `fewstep.pipeline_teacher.load_teacher` (or `load_digits_teacher`) returns."""
     den = t.denoiser
@@ -108,9 +123,10 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
         real, pair_cond = training_pairs()
     elif encode is not None and str(source).startswith("digits"):
         real = _digits_real_data(encode, device)
+    latent_shape = tuple(int(s) for s in t.latent_shape)
     return TeacherBundle(
         denoiser=den,
-        latent_shape=tuple(int(s) for s in t.latent_shape),
+        latent_shape=latent_shape,
         source=str(source),
         family=fam,
         num_classes=num_classes if not text else None,
@@ -120,6 +136,8 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
         decode=decode,
         real_data=real,
         pair_cond=pair_cond,
+        encode=encode,
+        image_shape=_image_shape(vae, latent_shape),
         extra={"teacher": t},
     )
 

@@ -6,10 +6,12 @@ see, and a resumed run needs no data state.
 
 - class-conditional teachers: balanced random labels (every class equally often up to the
   remainder, in random order);
-- with real data (the embedded digits through the teacher's VAE, encoded once and kept in
-  memory): class-balanced draws of real latents with their labels in batch["x0"];
-- text teachers: a prompt file (one prompt a line), encoded once with the teacher's encoders;
-  with real latents (a safetensors file), latent i goes with prompt i;
+- with real data (fewstep/data/real.py: the user's images encoded on the fly or from a latent
+  cache, a latents file, or the embedded digits): class-balanced draws of real latents with their
+  labels in batch["x0"]; the global batch holds their indices ("x0_index") and each process reads
+  (or encodes) only its own slice;
+- text teachers: prompts (a file, a `datasets` column, or the real data's captions), encoded once
+  with the teacher's encoders; with real latents, latent i goes with prompt i;
 - unconditional teachers: cond None;
 - `conditions` (data.conditions) restricts every draw to some class labels (balanced over them) or
   some prompt lines, e.g. one student's subset in multi-student distillation.
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Cond, cat_cond, index_cond
+from ..data.real import RealData, prompts_for, real_data_for
 from .bundle import TeacherBundle
 
 __all__ = ["BatchSource", "read_prompts", "data_generator"]
@@ -42,43 +45,6 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"data.prompts: {str(p)!r} holds no prompts (one prompt a line)")
     return prompts
-
-
-def _read_latents(path: str | Path, latent_shape) -> tuple[Tensor, Tensor | None]:
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data.real_latents: {str(p)!r} does not exist")
-    d = load_file(str(p))
-    if "latents" not in d:
-        raise ValueError(f"data.real_latents: {str(p)!r} has no 'latents' tensor (keys: {sorted(d)})")
-    x0 = d["latents"].float()
-    if x0.ndim != 4 or tuple(x0.shape[1:]) != tuple(latent_shape):
-        raise ValueError(
-            f"data.real_latents: 'latents' has shape {tuple(x0.shape)}, expected (N, "
-            f"{', '.join(map(str, latent_shape))}) for this teacher"
-        )
-    labels = d.get("class_labels")
-    return x0, None if labels is None else labels.long()
-
-
-def _teacher_real_data(bundle: TeacherBundle) -> tuple[Tensor, Tensor | None]:
-    """The real latents (and labels) that come with the teacher (data.real_data=true), on the CPU."""
-    if bundle.real_data is None:
-        raise ValueError(
-            f"data.real_data=true: no real data for teacher {bundle.source!r} (real latents "
-            "come with the embedded digits teachers)"
-        )
-    with torch.no_grad():
-        x0, labels = bundle.real_data()
-    x0 = x0.detach().float().cpu()
-    if tuple(x0.shape[1:]) != tuple(bundle.latent_shape):
-        raise ValueError(
-            f"data.real_data: real latents have shape {tuple(x0.shape[1:])}, the teacher's "
-            f"latents {tuple(bundle.latent_shape)}"
-        )
-    return x0, None if labels is None else labels.long().cpu()
 
 
 def _balanced_labels(n: int, k: int, g: torch.Generator) -> Tensor:
@@ -100,6 +66,9 @@ class BatchSource:
         prompts:       text teachers: the prompts (or a path to a prompt file).
         num_classes:   class-conditional teachers: override the teacher's class count.
         conditions:    draw only these class labels (balanced over them) / prompt line numbers.
+        real:          the real latents (fewstep.data.real), instead of real_data / real_latents.
+
+    `BatchSource.from_config(bundle, cfg.data, ...)` builds one from a `data:` section.
     """
 
     def __init__(
@@ -116,6 +85,7 @@ class BatchSource:
         real_latents: str | Path | None = None,
         encode_chunk: int = 64,
         conditions: list[int] | None = None,
+        real: RealData | None = None,
     ):
         if batch_size % num_processes:
             raise ValueError(
@@ -132,17 +102,20 @@ class BatchSource:
         self.text_cond: Cond | None = None
         self.num_prompts = 0
         self.prompts: list[str] | None = None  # caption strings (text teachers), carried as batch["prompts"]
-        self.real: tuple[Tensor, Tensor | None] | None = None
+        self.real: RealData | None = None
         self.pair_cond = getattr(bundle, "pair_cond", None)  # restoration: condition of each real sample
         self.by_class: list[Tensor] | None = None
         if bundle.text:
             self._encode_prompts(bundle, prompts, encode_chunk)
         elif prompts is not None:
             raise ValueError(f"data.prompts: the teacher {bundle.source!r} is not text-conditioned")
-        if real_latents is not None:
-            self.real = _read_latents(real_latents, bundle.latent_shape)
-        elif real_data:
-            self.real = _teacher_real_data(bundle)
+
+        if real is None and (real_latents is not None or real_data):
+            from types import SimpleNamespace
+
+            spec = SimpleNamespace(source=None, real_latents=real_latents, real_data=real_data)
+            real = real_data_for(spec, bundle, device)
+        self.real = real
         self.conditions: Tensor | None = None
         if conditions is not None:
             self.conditions = self._checked_conditions(conditions)
@@ -182,12 +155,17 @@ class BatchSource:
         return torch.tensor([int(c) for c in conditions], dtype=torch.long)
 
     def _index_real(self) -> None:
-        """Check the real latents against the prompts, and index them by class for balanced draws."""
-        x0, labels = self.real
-        if self.text_cond is not None and x0.shape[0] != self.num_prompts:
+        """Check the real data against the prompts and classes, and index it by class for balanced draws."""
+        labels = self.real.labels
+        if self.text_cond is not None and len(self.real) != self.num_prompts:
             raise ValueError(
-                f"data.real_latents: {x0.shape[0]} latents but {self.num_prompts} prompts in "
-                "data.prompts; with text, line i of the prompt file is the caption of latent i"
+                f"data.prompts: {len(self.real)} real latents but {self.num_prompts} prompts; with "
+                "text, prompt i is the caption of latent i (leave data.prompts out to use the data's captions)"
+            )
+        if self.num_classes and labels is not None and int(labels.max()) >= self.num_classes:
+            raise ValueError(
+                f"data.labels: the real data has label {int(labels.max())}, the teacher has "
+                f"{self.num_classes} classes (0..{self.num_classes - 1})"
             )
         if self.num_classes and labels is not None:
             self.by_class = [torch.nonzero(labels == c).flatten() for c in range(self.num_classes)]
@@ -195,12 +173,43 @@ class BatchSource:
             if empty:
                 raise ValueError(f"data.real_data: no real samples of classes {empty}")
 
+    @classmethod
+    def from_config(
+        cls,
+        bundle: TeacherBundle,
+        data: Any,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> BatchSource:
+        """The batches a `data:` section (fewstep.config.DataConfig) asks for."""
+        if data.source is not None and getattr(bundle, "pair_cond", None) is not None:
+            raise ValueError(
+                f"data.source: teacher {bundle.source!r} trains on its own (degraded, clean) pairs; a restoration "
+                "teacher does not take data.source yet"
+            )
+        real = real_data_for(data, bundle, device)
+        return cls(
+            bundle,
+            data.batch_size,
+            seed,
+            process_index,
+            num_processes,
+            device,
+            prompts=prompts_for(data, real) if bundle.text else data.prompts,
+            num_classes=data.num_classes,
+            conditions=data.conditions,
+            real=real,
+        )
+
     @property
     def has_real_data(self) -> bool:
         return self.real is not None
 
     def global_batch_at(self, step: int) -> dict[str, Any]:
-        """The whole global batch of `step` on the CPU (every process computes the same)."""
+        """The whole global batch of `step` on the CPU (every process computes the same); real
+        latents as their indices, "x0_index" (`real_latents(index)` reads them)."""
         g = data_generator(self.seed, step)
         n = self.global_batch
         out: dict[str, Any] = {"cond": None}
@@ -212,7 +221,7 @@ class BatchSource:
             out["cond"] = index_cond(self.text_cond, idx)
             out["prompts"] = [self.prompts[int(i)] for i in idx]
             if self.real is not None:
-                out["x0"] = self.real[0][idx]
+                out["x0_index"] = idx
         elif self.num_classes:
             if self.conditions is None:
                 labels = _balanced_labels(n, self.num_classes, g)
@@ -230,15 +239,15 @@ class BatchSource:
                         ]
                     )
                 else:
-                    pick = torch.randint(0, self.real[0].shape[0], (n,), generator=g)
-                out["x0"] = self.real[0][pick]
-        if self.real is not None and "x0" not in out:
-            pick = torch.randint(0, self.real[0].shape[0], (n,), generator=g)
-            out["x0"] = self.real[0][pick]
+                    pick = torch.randint(0, len(self.real), (n,), generator=g)
+                out["x0_index"] = pick
+        if self.real is not None and "x0_index" not in out:
+            pick = torch.randint(0, len(self.real), (n,), generator=g)
+            out["x0_index"] = pick
             if self.pair_cond is not None:
                 out["cond"] = self.pair_cond(pick, g)
-            if self.real[1] is not None and out["cond"] is None and self.num_classes:
-                out["cond"] = {"class_labels": self.real[1][pick]}
+            if self.real.labels is not None and out["cond"] is None and self.num_classes:
+                out["cond"] = {"class_labels": self.real.labels[pick]}
         return out
 
     def __call__(self, step: int) -> dict[str, Any]:
@@ -255,11 +264,15 @@ class BatchSource:
             batch["cond"] = {
                 k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in index_cond(full["cond"], sl).items()
             }
-        if "x0" in full:
-            batch["x0"] = full["x0"][lo:hi].to(self.device)
+        if "x0_index" in full:
+            batch["x0"] = self.real_latents(full["x0_index"][lo:hi]).to(self.device)
         if "prompts" in full:
             batch["prompts"] = full["prompts"][lo:hi]
         return batch
+
+    def real_latents(self, index: Tensor) -> Tensor:
+        """The real latents of rows `index` of the real data (read, or encoded, now)."""
+        return self.real.latents(index)
 
     def grid_cond(self, n: int) -> Cond | None:
         """Fixed conditions for sample grids: labels 0..K-1 cycled, or the first prompts cycled."""
@@ -273,7 +286,7 @@ class BatchSource:
                 k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in index_cond(self.text_cond, idx).items()
             }
         if self.pair_cond is not None and self.real is not None:  # the first n pairs, fixed degradations
-            cond = self.pair_cond(torch.arange(n) % self.real[0].shape[0], torch.Generator().manual_seed(0))
+            cond = self.pair_cond(torch.arange(n) % len(self.real), torch.Generator().manual_seed(0))
             return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in cond.items()}
         if self.num_classes:
             labels = (

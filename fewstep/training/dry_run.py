@@ -61,7 +61,7 @@ def dry_run(
         bundle,
         family,
         num_classes=cfg.data.num_classes or bundle.num_classes,
-        has_real_data=cfg.data.real_data or cfg.data.real_latents is not None,
+        has_real_data=cfg.data.real_data or cfg.data.real_latents is not None or cfg.data.source is not None,
         device=torch.device("meta"),
         num_processes=n,
         sharded=sharded,

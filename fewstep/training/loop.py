@@ -26,7 +26,7 @@ from torch import nn
 from ..config import Config, ConfigError, config_to_dict
 from ..errors import dumps_json, user_errors
 from .accumulate import accumulated_loss, micro_batch_size, split_batch
-from .build import Env, Trainer, build_trainer, lr_lambda
+from .build import Env, Trainer, build_trainer
 from .bundle import TeacherBundle, load_bundle
 from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchSource
@@ -46,7 +46,7 @@ from .processes import startup_lines
 from .resume import check_resumed
 from .updates import update_counts
 
-__all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
+__all__ = ["run", "RunResult", "NonFiniteError"]
 
 
 class NonFiniteError(RuntimeError):
@@ -193,19 +193,7 @@ def _teacher(cfg: Config, env: Env, teacher: TeacherBundle | None) -> TeacherBun
 def _batch_source(cfg: Config, env: Env, bundle: TeacherBundle) -> BatchSource:
     """This process's share of every step's batch, as cfg.data says."""
     with user_errors("data", ValueError, OSError, named="data."):
-        return BatchSource(
-            bundle,
-            cfg.data.batch_size,
-            cfg.seed,
-            env.rank,
-            env.world,
-            env.device,
-            cfg.data.real_data,
-            cfg.data.prompts,
-            cfg.data.num_classes,
-            cfg.data.real_latents,
-            conditions=cfg.data.conditions,
-        )
+        return BatchSource.from_config(bundle, cfg.data, cfg.seed, env.rank, env.world, env.device)
 
 
 # ---- 7. resume, trackers ------------------------------------------------------------------------------

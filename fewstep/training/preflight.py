@@ -6,7 +6,8 @@ The config's ranges, the objective's hyperparameters (its dataclass and `validat
 trackers' names, the output folder (refused when it is the current folder, the home folder, a
 repository root or fewstep's source; must be a folder that can be written or created), the
 teacher source (an embedded name, a pipeline folder with model_index.json, or a hub id), the data
-files, the prompts against the teacher's kind, and a resume folder.
+section (fewstep/data/spec.py: sources, folders, shards, caches), the prompts against the
+teacher's kind, and a resume folder.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def preflight(cfg: Config, check_teacher: bool = True) -> Config:
     except UserError as e:
         raise ConfigError(str(e)) from None
 
-    for key, value in (("data.prompts", cfg.data.prompts), ("data.real_latents", cfg.data.real_latents)):
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"{key}={value!r}: no such file")
+    if cfg.data.real_latents is not None and not Path(cfg.data.real_latents).is_file():
+        raise ConfigError(f"data.real_latents={cfg.data.real_latents!r}: no such file")
+    from ..data.spec import check_data
+
+    check_data(cfg.data)
     if cfg.resume not in (None, "latest") and not (Path(cfg.resume) / "state.json").is_file():
         raise ConfigError(f"resume={cfg.resume!r}: not a complete checkpoint folder (no state.json)")
     if check_teacher:
@@ -86,7 +89,7 @@ def preflight(cfg: Config, check_teacher: bool = True) -> Config:
                 f"data.prompts: the teacher {cfg.teacher.source!r} is class-conditional (no text "
                 "encoder); use data.num_classes, or a text-to-image teacher"
             )
-        if text is True and cfg.data.prompts is None:
+        if text is True and cfg.data.prompts is None and cfg.data.source is None:
             raise ConfigError(
                 f"data.prompts: the teacher {cfg.teacher.source!r} is text-conditioned; give a prompt "
                 "file (one prompt a line)"
