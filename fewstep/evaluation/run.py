@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..images import save_grid
 from .inputs import ImageFolder, InputError, TensorImages, atomic_write_json, atomic_write_text
 from .protocols import Protocol, file_sha256, get_protocol, load_captions, select_captions
 from .scores import ClipScorer, Extractor, ReferenceFeatures, diversity, fidelity_from_features, torch_fidelity_version
@@ -105,24 +106,6 @@ def save_images(images: Tensor, folder: Path, names: Sequence[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for im, n in zip(images, names):
         _pil(im).save(folder / f"{n}.png")
-
-
-def save_grid(images: Tensor, path: Path, cols: int = 10, pad: int = 2) -> None:
-    """A grid PNG of uint8 (B, 3, H, W) images (row-major, `cols` per row)."""
-    from PIL import Image
-
-    b, _, h, w = images.shape
-    rows = (b + cols - 1) // cols
-    canvas = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
-            im.permute(1, 2, 0).numpy()
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(canvas).save(tmp)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +491,7 @@ def _one_steps(spec, proto, metrics, src, steps, seeds, labels, caps, extractor,
         ms["clip"] = {"value": clip(u8, caps), **clip.describe(), **common}
     row["metrics"] = ms
     tag = f"steps{steps}"
-    save_grid(u8[:100], out / f"grid_{tag}.png", cols=10)
+    save_grid(u8[:100], out / f"grid_{tag}.png", nrow=10)
     if spec.save_images:
         names = [f"{i:06d}" + (f"_label{int(labels[i])}" if labels is not None else "") for i in range(n)]
         save_images(u8, out / "images" / tag, names)

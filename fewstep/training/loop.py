@@ -45,8 +45,10 @@ from .parallel import (
     shard_module,
     wrap_autocast,
 )
+from .periodic_eval import check_eval, due, evaluate_student
 from .preflight import preflight
 from .resume import check_resumed, settings
+from .trackers import StepTimer, init_kwargs, log_grid, peak_memory
 from .updates import resolve_steps, update_counts
 
 __all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
@@ -161,6 +163,7 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     env, resume_from = _start(cfg, accelerator, output)  # 1. accelerator, folder, seeds
     with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
         bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)  # 2. teacher (frozen)
+    check_eval(cfg, bundle.source)  # a teacher passed in (tests, scripts) was not seen by preflight
     tden = bundle.denoiser
     tden.requires_grad_(False)
     tden.to(env.device)
@@ -187,8 +190,10 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     )
     logs: dict[str, float] = {}
     done, stopped_early, t_loop = start_step, False, time.time()
+    timer = StepTimer(env.device)
     try:  # 8. the loop
         for step in range(start_step, cfg.steps):
+            timer.start()
             batch = source(step)
             logs = {}
             student_updated = False
@@ -196,10 +201,12 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
                 student_updated |= _update(cfg, env, tr, phase, batch, step, logs, log)
             if tr.ema is not None and student_updated:
                 tr.ema.update(step)
+            timer.stop()
             done = step + 1
             log.step()
-            if done % cfg.log.every == 0 or done == cfg.steps:
-                _record(env, tr, log, done, logs, t_loop)
+            scores = _evaluate(cfg, env, tr, bundle, source) if due(cfg, done) else {}
+            if done % cfg.log.every == 0 or done == cfg.steps or due(cfg, done):  # every process alike
+                _record(env, tr, log, done, logs, t_loop, {**timer.stats(cfg.data.batch_size), **scores})
             if cfg.log.sample_every and done % cfg.log.sample_every == 0 and done < cfg.steps:
                 _grid(cfg, env, tr, bundle, source, done)
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
@@ -480,12 +487,18 @@ def _start_trackers(cfg: Config, env: _Env) -> bool:
     if env.accelerator.log_with is None:
         usable = []
     if missing and env.main:
+        from .trackers import EXTRAS
+
         print(
-            f"log.trackers: {', '.join(missing)} not installed; metrics go to {env.run_dir / 'metrics.jsonl'}",
+            f"log.trackers: {', '.join(missing)} not installed (pip install "
+            f"{' '.join(EXTRAS.get(n, n) for n in missing)}); metrics go to {env.run_dir / 'metrics.jsonl'}",
             flush=True,
         )
     if usable:
-        env.accelerator.init_trackers(cfg.name.replace("/", "_"), config=flat_config(config_to_dict(cfg)))
+        run_name = cfg.name.replace("/", "_")
+        env.accelerator.init_trackers(
+            run_name, config=flat_config(config_to_dict(cfg)), init_kwargs=init_kwargs(usable, env.run_dir, run_name)
+        )
     return bool(usable)
 
 
@@ -544,8 +557,12 @@ def _nonfinite(cfg: Config, env: _Env, tr: _Trainer, phase: str, step: int, loss
         )
 
 
-def _record(env: _Env, tr: _Trainer, log: RunLog, done: int, logs: dict[str, float], t_loop: float) -> None:
-    """Average the objective's own scalars over processes and write the step's record."""
+def _record(
+    env: _Env, tr: _Trainer, log: RunLog, done: int, logs: dict[str, float], t_loop: float, main_only: dict
+) -> None:
+    """Average the objective's own scalars over processes and write the step's record, with the
+    main process's own measures (`main_only`: step time, samples per second, evaluation scores)
+    and its peak memory (training/trackers.py)."""
     own = sorted(k for k in logs if not k.startswith(("loss/", "grad_norm/", "lr/")))
     if own and env.world > 1:
         vals = torch.tensor([logs[k] for k in own], dtype=torch.float64, device=env.device)
@@ -553,13 +570,29 @@ def _record(env: _Env, tr: _Trainer, log: RunLog, done: int, logs: dict[str, flo
         logs.update({k: float(v) for k, v in zip(own, vals.tolist(), strict=True)})
     logs["skipped"] = float(tr.skipped)
     logs.update({f"updates/{g}": float(n) for g, n in tr.made.items()})
-    log.record(done, {**logs, "time_s": round(time.time() - t_loop, 4)})
+    logs.update(main_only)
+    log.record(done, {**logs, **peak_memory(env.device), "time_s": round(time.time() - t_loop, 4)})
+
+
+def _evaluate(cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: BatchSource) -> dict[str, float]:
+    """Periodic evaluation (eval.every): FID and class accuracy of the student's samples (training/periodic_eval.py)."""
+    return evaluate_student(
+        cfg,
+        tr.nets["student"],
+        tr.obj.sampling,
+        bundle,
+        source.num_classes,
+        env.device,
+        env.main,
+        env.sharded,
+    )
 
 
 def _grid(
     cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: BatchSource, done: int, use_ema: bool = False
 ) -> Path | None:
-    return sample_grid(
+    """The student's sample grid as a PNG in the run folder, also sent to the trackers as an image."""
+    path = sample_grid(
         cfg,
         tr.nets["student"],
         tr.obj.sampling,
@@ -572,6 +605,9 @@ def _grid(
         env.device,
         ema=tr.ema if use_ema else None,
     )
+    if path is not None:
+        log_grid(env.accelerator, "samples/student_ema" if use_ema else "samples/student", path, done)
+    return path
 
 
 def _checkpoint(cfg: Config, env: _Env, tr: _Trainer, done: int) -> Path:
