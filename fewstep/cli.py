@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "export": ("fewstep.export", "write a stock diffusers pipeline folder for a student"),
     "eval": ("fewstep.eval_cmd", "score a pipeline or checkpoint: FID, KID, precision/recall, ..."),
     "launch": ("fewstep.launch_cmd", "accelerate launch the training entry point, the config checked first"),
+    "plot": ("fewstep.plot_cmd", "draw a run's training curves (losses, grad norms, lr, FID) to a PNG"),
 }
 
 
