@@ -11,6 +11,7 @@ import torch
 
 from ._common import CARD_FORMAT
 from .drives import METHODS, Drive
+from .hub import base_model_id, teacher_license
 from .plan import SchedulerPlan
 from .run_dir import _find_results, _Run
 
@@ -65,6 +66,8 @@ def _card(
             "num_classes": teacher_block.get("num_classes"),
             "scheduler_class": tsched.get("_class_name"),
             "num_train_timesteps": tsched.get("num_train_timesteps"),
+            "license": teacher_license(source, tdir),  # the student inherits it (hub.py)
+            "base_model": base_model_id(source, tdir),
         },
         "sampling": run.sampling,
         "pipeline_class": pipeline_class,
