@@ -5,7 +5,8 @@
 Sections: what the student is (method, teacher, steps and times, guidance), how to load and
 sample it with diffusers alone (a snippet for its pipeline class with the supported step counts
 and any call arguments), how to reproduce a seeded sample, the LoRA adapter, hybrid sampling,
-the scheduler route and its exactness, and the evaluation results found beside the run.
+the scheduler route and its exactness, and the evaluation results found beside the run. The
+YAML header (licence, base_model, tags, eval results) is huggingface_hub's ModelCardData (hub.py).
 """
 
 from __future__ import annotations
