@@ -241,3 +241,22 @@ def test_periodic_eval_logs_fid_and_class_accuracy_on_digits(tmp_path, monkeypat
     want = digits_scores(bundle.decode(x0), labels)
     assert recs[1]["eval/fid"] == pytest.approx(want["fid"], rel=1e-5)
     assert recs[1]["eval/class_acc"] == pytest.approx(want["class_acc"])
+
+
+def test_save_grid_places_each_image_in_its_cell(tmp_path):
+    """The one grid writer (torchvision's make_grid): image i at row i // nrow, column i % nrow,
+    2-pixel gaps, values rounded as a PNG stores them; grey images become equal RGB channels."""
+    from fewstep.images import grid_image, save_grid
+
+    imgs = torch.stack([torch.full((1, 3, 4), -1.0 + 0.4 * i) for i in range(5)])  # (5, 1, 3, 4) grey levels
+    g = grid_image(imgs, nrow=3, pad_value=255)
+    assert g.shape == (3, 2 * (3 + 2) + 2, 3 * (4 + 2) + 2) and g.dtype == torch.uint8
+    for i in range(5):
+        r, c = divmod(i, 3)
+        cell = g[:, 2 + r * 5 : 2 + r * 5 + 3, 2 + c * 6 : 2 + c * 6 + 4]
+        assert (cell == round((0.4 * i) * 127.5)).all(), i
+    assert (g[:, 0, :] == 255).all() and (g[:, 7:, 14:] == 255).all()  # the border and the empty 6th cell
+    one = grid_image(imgs[:1])
+    assert one.shape == (3, 3 + 4, 4 + 4) and (one[:, 2:5, 2:6] == 0).all()  # a lone image keeps its border
+    path = save_grid(imgs, tmp_path / "g.png", nrow=3, pad_value=255)
+    assert np.array_equal(_png(path), g.permute(1, 2, 0).numpy()) and not list(tmp_path.glob(".*tmp*"))
