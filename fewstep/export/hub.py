@@ -71,7 +71,7 @@ def base_model_id(source: str, folder: str | Path | None = None) -> str | None:
 def teacher_license(source: str, folder: str | Path | None) -> dict[str, Any]:
     """{"license": id | None, "license_name"?, "license_link"?, "from": where it was read}."""
     if source in _EMBEDDED:
-        return {"license": "apache-2.0", "from": "fewstep's embedded teacher (the project's LICENSE)"}
+        return {"license": "apache-2.0", "from": "fewstep's embedded teacher, under the project's LICENSE"}
     readme = Path(folder) / "README.md" if folder else None
     if readme is not None and readme.is_file():
         from huggingface_hub import metadata_load
@@ -244,6 +244,6 @@ def push_to_hub(
     except Exception as e:  # noqa: BLE001 - network, auth, offline mode: one line, the export stays on disk
         raise ExportError(
             f"--push-to-hub {repo_id}: the upload failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); "
-            f"the export is complete at {folder}, push it again when the Hub is reachable"
+            f"the export is complete at {folder}: upload it with `hf upload {repo_id} {folder}` when the Hub is reachable"
         ) from None
     return str(getattr(info, "commit_url", info))
