@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "eval": ("fewstep.eval_cmd", "score a pipeline or checkpoint: FID, KID, precision/recall, ..."),
     "launch": ("fewstep.launch_cmd", "accelerate launch the training entry point, the config checked first"),
     "encode": ("fewstep.encode_cmd", "encode images into a sharded latent cache with the teacher's VAE"),
+    "plot": ("fewstep.plot_cmd", "draw a run's training curves (losses, grad norms, lr, FID) to a PNG"),
 }
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "CheckpointConfig",
     "FaultsConfig",
     "LogConfig",
+    "EvalConfig",
     "load_config",
     "config_from_dict",
     "apply_overrides",
@@ -185,6 +186,14 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations of the student during training (FID, class accuracy
+    #   on a small sample, by the digits judge: digits teachers only); 0 = off
+    num_samples: int = 200  # samples per evaluation, labels balanced over the classes
+    seed: int = 0  # fixed noise and labels: every evaluation scores the same draws
+
+
+@dataclass
 class Config:
     name: str = "run"  # preset name; the default output_dir is runs/<name>
     seed: int = 0
@@ -205,6 +214,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
@@ -239,6 +249,8 @@ class Config:
         need(self.log.every >= 1, "log.every", "must be >= 1")
         need(self.log.sample_every >= 0, "log.sample_every", "must be >= 0")
         need(self.log.sample_count >= 1, "log.sample_count", "must be >= 1")
+        need(self.eval.every >= 0, "eval.every", f"must be >= 0 (0 = off), got {self.eval.every}")
+        need(self.eval.num_samples >= 2, "eval.num_samples", f"must be >= 2 (FID), got {self.eval.num_samples}")
         need("default" in self.optim, "optim.default", "is required")
         for name in self.optim:
             r = resolve_group(self, name)

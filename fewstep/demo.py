@@ -93,8 +93,8 @@ def _score(source: str, steps: int, out: Path, n: int, device: str, command: str
 @torch.no_grad()
 def _grid(src, times, renoise: str, guidance: float, path: Path, device: str) -> Path:
     """10 x 10 samples of an evaluation Source: row k is class k; the same noise for every model."""
+    from .images import save_grid
     from .samplers import initial_noise, sample
-    from .training.logging import save_grid
 
     labels = torch.arange(10).repeat_interleave(10).to(device)
     noise = initial_noise((100, *src.latent_shape), torch.Generator().manual_seed(0), device)

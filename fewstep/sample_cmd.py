@@ -136,28 +136,18 @@ def _times(args, teacher) -> list[float]:
 
 
 def image_grid(images: Tensor, rows: int, pad: int = 2) -> Tensor:
-    import torch
-
     """(rows * cols, C, H, W) in [-1, 1] -> (3, rows*(H+pad)+pad, cols*(W+pad)+pad) uint8, white gaps."""
-    n, c, h, w = images.shape
-    cols = n // rows
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if c == 1:
-        x = x.expand(n, 3, h, w)
-    grid = torch.full((3, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[:, top : top + h, left : left + w] = x[i, :3]
-    return grid
+    from .images import grid_image
+
+    return grid_image(images, nrow=images.shape[0] // rows, pad=pad, pad_value=255)
 
 
 def save_png(grid: Tensor, out: str | Path) -> Path:
-    from PIL import Image
+    from .images import grid_to_pil
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(out)
+    grid_to_pil(grid).save(out)
     return out
 
 

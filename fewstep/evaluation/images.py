@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["to_uint8", "resize_uint8", "save_images", "save_grid"]
+__all__ = ["to_uint8", "resize_uint8", "save_images"]
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -51,21 +51,3 @@ def save_images(images: Tensor, folder: Path, names: Sequence[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for im, n in zip(images, names):
         _pil(im).save(folder / f"{n}.png")
-
-
-def save_grid(images: Tensor, path: Path, cols: int = 10, pad: int = 2) -> None:
-    """A grid PNG of uint8 (B, 3, H, W) images (row-major, `cols` per row)."""
-    from PIL import Image
-
-    b, _, h, w = images.shape
-    rows = (b + cols - 1) // cols
-    canvas = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
-            im.permute(1, 2, 0).numpy()
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(canvas).save(tmp)
-    tmp.replace(path)

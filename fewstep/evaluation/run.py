@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from ..images import save_grid
 from . import checks
 from .checks import METRICS
 from .diversity import diversity
-from .images import resize_uint8, save_grid, save_images, to_uint8
+from .images import resize_uint8, save_images, to_uint8
 from .inputs import ImageFolder, InputError, TensorImages, atomic_write_json, atomic_write_text
 from .protocols import Protocol, file_sha256, load_captions
 from .report import markdown_table
@@ -274,7 +275,7 @@ def _one_steps(spec, proto, metrics, src, steps, seeds, labels, caps, extractor,
         ms["clip"] = {"value": clip(u8, caps), **clip.describe(), **common}
     row["metrics"] = ms
     tag = f"steps{steps}"
-    save_grid(u8[:100], out / f"grid_{tag}.png", cols=10)
+    save_grid(u8[:100], out / f"grid_{tag}.png", nrow=10)
     if spec.save_images:
         names = [f"{i:06d}" + (f"_label{int(labels[i])}" if labels is not None else "") for i in range(n)]
         save_images(u8, out / "images" / tag, names)

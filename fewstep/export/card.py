@@ -11,6 +11,7 @@ import torch
 
 from ._common import CARD_FORMAT
 from .drives import METHODS, Drive
+from .hub import base_model_id, teacher_license
 from .plan import SchedulerPlan
 from .run_dir import _find_results, _Run
 
@@ -101,6 +102,8 @@ def _teacher_record(block: dict, source: str, pipeline_class: str, tdir: Path, t
         "num_classes": block.get("num_classes"),
         "scheduler_class": tsched.get("_class_name"),
         "num_train_timesteps": tsched.get("num_train_timesteps"),
+        "license": teacher_license(source, tdir),  # the student inherits it (hub.py)
+        "base_model": base_model_id(source, tdir),
     }
 
 

@@ -38,6 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "dir are found on their own)",
     )
     p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload the folder to this Hugging Face Hub model repo (owner/name; created if missing) "
+        "with huggingface_hub; the token is huggingface_hub's (HF_TOKEN or `hf auth login`)",
+    )
+    p.add_argument("--private", action="store_true", help="--push-to-hub: create the repo private")
+    p.add_argument(
         "--link-components",
         action="store_true",
         help="hard-link the teacher's VAE / text encoders instead of copying them (same file system)",
@@ -48,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     try:
+        if args.private and not args.push_to_hub:
+            raise ExportError("--private applies to --push-to-hub REPO; give the repo")
+        if args.push_to_hub:
+            from .hub import check_repo_id
+
+            check_repo_id(args.push_to_hub)  # before anything is written
         res = export_student(
             args.checkpoint,
             args.out,
@@ -70,4 +83,18 @@ def run(args: argparse.Namespace) -> int:
     )
     if res.plan.needs_patch:
         print(f"note: {res.plan.needs_patch}")
+    if args.push_to_hub:
+        from ..errors import one_line
+        from .hub import push_to_hub
+
+        if not (res.card.get("teacher") or {}).get("license", {}).get("license"):
+            print("note: the teacher's licence is not known, so the card names none; set `license` in README.md")
+        try:
+            url = push_to_hub(res.out, args.push_to_hub, private=args.private)
+        except ExportError as e:
+            print(f"fewstep export: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(
+            f"fewstep export: pushed {res.out} to {args.push_to_hub} ({'private' if args.private else 'public'}): {url}"
+        )
     return 0

@@ -5,7 +5,8 @@
 Sections: what the student is (method, teacher, steps and times, guidance), how to load and
 sample it with diffusers alone (a snippet for its pipeline class with the supported step counts
 and any call arguments), how to reproduce a seeded sample, the LoRA adapter, hybrid sampling,
-the scheduler route and its exactness, and the evaluation results found beside the run.
+the scheduler route and its exactness, and the evaluation results found beside the run. The
+YAML header (licence, base_model, tags, eval results) is huggingface_hub's ModelCardData (hub.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from typing import Any
 from ..families import DRIVES
 
 __all__ = ["render_readme", "load_snippet", "hybrid_snippet"]
-
-_PIPELINE_TAG = {"labels": "unconditional-image-generation", "text": "text-to-image"}
 
 
 def _fmt_times(ts) -> str:
@@ -150,30 +149,19 @@ def render_readme(card: dict[str, Any]) -> str:
         "card is `fewstep_card.json`.",
         "",
     ]
-    return "\n".join(out)
+    from .hub import model_card
+
+    return str(model_card(card, "\n".join(out)))
 
 
 def _front(card: dict[str, Any]) -> list[str]:
-    """The YAML header (library, pipeline tag, tags, base model), the title and the summary."""
+    """The title and the summary (the YAML header is huggingface_hub's ModelCardData: hub.py)."""
     t = card["teacher"]
     trained = card["trained_steps"]
     samp = card["sampling"]
     src = str(t.get("source"))
-    base_model = src if ("/" in src and not src.startswith(("/", ".", "~")) and src.count("/") == 1) else None
-    tag = _PIPELINE_TAG.get(card["conditioning"], "text-to-image")
-    head = [
-        "---",
-        "library_name: diffusers",
-        f"pipeline_tag: {tag}",
-        "tags:",
-        "- fewstep",
-        "- distillation",
-        f"- {card.get('objective')}",
-    ]
-    if base_model:
-        head.append(f"base_model: {base_model}")
-    head.append("---")
-    out = head + ["", f"# {card.get('name') or 'fewstep student'}: a {trained}-step student", ""]
+    lic = t.get("license") or {}
+    out = ["", f"# {card.get('name') or 'fewstep student'}: a {trained}-step student", ""]
     out += [
         f"- **Method:** {card['method']}",
         f"- **Teacher:** `{src}` ({t.get('pipeline_class')}, family {t.get('family')})",
@@ -187,6 +175,12 @@ def _front(card: dict[str, Any]) -> list[str]:
             else " (the teacher's guidance is distilled into the student; no CFG pass)"
         )
         + _training_guidance(card.get("teacher_guidance_in_training")),
+        "- **Licence:** "
+        + (
+            f"`{lic.get('license_name') or lic['license']}`, the teacher's (from {lic.get('from')})"
+            if lic.get("license")
+            else f"not known ({lic.get('from', 'not recorded')}): set `license` in this header before publishing"
+        ),
         f"- **Weights:** {card['weights']['which']}"
         + (" (a LoRA student, fused into full weights)" if card["weights"].get("lora") else ""),
         "",

@@ -1,5 +1,5 @@
 """What a user sees: a tqdm bar on the main process, accelerate trackers, a metrics.jsonl file in
-the run folder, and PNG sample grids."""
+the run folder (sample grids: `fewstep.images.save_grid`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
-__all__ = ["RunLog", "save_grid", "flat_config"]
+__all__ = ["RunLog", "flat_config"]
 
 
 def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -88,26 +85,3 @@ def _num(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
-
-
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save (B, C, H, W) images in [-1, 1] (C = 1 or 3; other C: the first channel) as one PNG."""
-    from PIL import Image
-
-    x = images.detach().float().cpu().clamp(-1, 1)
-    if x.shape[1] not in (1, 3):
-        x = x[:, :1]
-    b, c, h, w = x.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(b))))
-    rows = int(math.ceil(b / nrow))
-    pad = 2
-    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), -1.0)
-    for i in range(b):
-        r, q = divmod(i, nrow)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[i]
-    arr = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)  # "L" or "RGB" from the shape
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path

@@ -41,9 +41,11 @@ from .parallel import (
     make_accelerator,
     reduce_mean,
 )
+from .periodic_eval import check_eval, due, evaluate_student
 from .preflight import preflight
 from .processes import startup_lines
 from .resume import check_resumed
+from .trackers import StepTimer, init_kwargs, log_grid, peak_memory
 from .updates import update_counts
 
 __all__ = ["run", "RunResult", "NonFiniteError"]
@@ -185,6 +187,7 @@ def _teacher(cfg: Config, env: Env, teacher: TeacherBundle | None) -> TeacherBun
     """The teacher bundle (the caller's, else loaded as cfg.teacher says), frozen on this process's device."""
     with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
         bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)
+    check_eval(cfg, bundle.source)  # a teacher passed in (tests, scripts) was not seen by preflight
     bundle.denoiser.requires_grad_(False)
     bundle.denoiser.to(env.device)
     return bundle
@@ -237,12 +240,18 @@ def _start_trackers(cfg: Config, env: Env) -> bool:
     if env.accelerator.log_with is None:
         usable = []
     if missing and env.main:
+        from .trackers import EXTRAS
+
         print(
-            f"log.trackers: {', '.join(missing)} not installed; metrics go to {env.run_dir / 'metrics.jsonl'}",
+            f"log.trackers: {', '.join(missing)} not installed (pip install "
+            f"{' '.join(EXTRAS.get(n, n) for n in missing)}); metrics go to {env.run_dir / 'metrics.jsonl'}",
             flush=True,
         )
     if usable:
-        env.accelerator.init_trackers(cfg.name.replace("/", "_"), config=flat_config(config_to_dict(cfg)))
+        run_name = cfg.name.replace("/", "_")
+        env.accelerator.init_trackers(
+            run_name, config=flat_config(config_to_dict(cfg)), init_kwargs=init_kwargs(usable, env.run_dir, run_name)
+        )
     return bool(usable)
 
 
@@ -263,7 +272,9 @@ def _steps(
     logs: dict[str, float] = {}
     done = start_step
     micro = micro_batch_size(cfg.data.batch_size, env.world, cfg.data.micro_batch_size)
+    timer = StepTimer(env.device)  # step time, samples per second (training/trackers.py)
     for step in range(start_step, cfg.steps):
+        timer.start()
         batches = split_batch(source(step), micro)  # this process's share, in micro-batches
         logs = {}
         student_updated = False
@@ -271,10 +282,12 @@ def _steps(
             student_updated |= _update(cfg, env, tr, phase, batches, step, logs, log)
         if tr.ema is not None and student_updated:
             tr.ema.update(step)
+        timer.stop()
         done = step + 1
         log.step()
-        if done % cfg.log.every == 0 or done == cfg.steps:
-            _record(env, tr, log, done, logs, t_loop)
+        scores = _evaluate(cfg, env, tr, bundle, source) if due(cfg, done) else {}
+        if done % cfg.log.every == 0 or done == cfg.steps or due(cfg, done):  # every process alike
+            _record(env, tr, log, done, logs, t_loop, {**timer.stats(cfg.data.batch_size), **scores})
         if cfg.log.sample_every and done % cfg.log.sample_every == 0 and done < cfg.steps:
             _grid(cfg, env, tr, bundle, source, done)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
@@ -346,8 +359,12 @@ def _nonfinite(cfg: Config, env: Env, tr: Trainer, phase: str, step: int, loss_v
         )
 
 
-def _record(env: Env, tr: Trainer, log: RunLog, done: int, logs: dict[str, float], t_loop: float) -> None:
-    """Average the objective's own scalars over processes and write the step's record."""
+def _record(
+    env: Env, tr: Trainer, log: RunLog, done: int, logs: dict[str, float], t_loop: float, main_only: dict
+) -> None:
+    """Average the objective's own scalars over processes and write the step's record, with the
+    main process's own measures (`main_only`: step time, samples per second, evaluation scores)
+    and its peak memory (training/trackers.py)."""
     own = sorted(k for k in logs if not k.startswith(("loss/", "grad_norm/", "lr/")))
     if own and env.world > 1:
         vals = torch.tensor([logs[k] for k in own], dtype=torch.float64, device=env.device)
@@ -355,13 +372,22 @@ def _record(env: Env, tr: Trainer, log: RunLog, done: int, logs: dict[str, float
         logs.update({k: float(v) for k, v in zip(own, vals.tolist(), strict=True)})
     logs["skipped"] = float(tr.skipped)
     logs.update({f"updates/{g}": float(n) for g, n in tr.made.items()})
-    log.record(done, {**logs, "time_s": round(time.time() - t_loop, 4)})
+    logs.update(main_only)
+    log.record(done, {**logs, **peak_memory(env.device), "time_s": round(time.time() - t_loop, 4)})
+
+
+def _evaluate(cfg: Config, env: Env, tr: Trainer, bundle: TeacherBundle, source: BatchSource) -> dict[str, float]:
+    """Periodic evaluation (eval.every): FID and class accuracy of the student's samples (training/periodic_eval.py)."""
+    return evaluate_student(
+        cfg, tr.nets["student"], tr.obj.sampling, bundle, source.num_classes, env.device, env.main, env.sharded
+    )
 
 
 def _grid(
     cfg: Config, env: Env, tr: Trainer, bundle: TeacherBundle, source: BatchSource, done: int, use_ema: bool = False
 ) -> Path | None:
-    return sample_grid(
+    """The student's sample grid as a PNG in the run folder, also sent to the trackers as an image."""
+    path = sample_grid(
         cfg,
         tr.nets["student"],
         tr.obj.sampling,
@@ -374,6 +400,9 @@ def _grid(
         env.device,
         ema=tr.ema if use_ema else None,
     )
+    if path is not None:
+        log_grid(env.accelerator, "samples/student_ema" if use_ema else "samples/student", path, done)
+    return path
 
 
 def _checkpoint(cfg: Config, env: Env, tr: Trainer, done: int) -> Path:

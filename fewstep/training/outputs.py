@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..images import save_grid
 from ..samplers import initial_noise, sample
 from .ema import EMA
-from .logging import save_grid
 from .lora import lora_meta, lora_only_state_dict, merge_lora_state_dict
 
 __all__ = ["save_final", "backbone_config", "backbone_of", "sample_grid", "run_card"]

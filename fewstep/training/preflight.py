@@ -83,6 +83,9 @@ def preflight(cfg: Config, check_teacher: bool = True) -> Config:
         raise ConfigError(f"resume={cfg.resume!r}: not a complete checkpoint folder (no state.json)")
     if check_teacher:
         _check_teacher(cfg.teacher.source)
+        from .periodic_eval import check_eval
+
+        check_eval(cfg, cfg.teacher.source)
         text = teacher_is_text(cfg.teacher.source)
         if text is False and cfg.data.prompts is not None:
             raise ConfigError(
