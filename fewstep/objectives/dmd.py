@@ -19,6 +19,7 @@ Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x
     dmd    the same DM term plus the regression loss (required)
     ddmd   two terms, each re-noised at its own time:
            CA  -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|   at tau_CA ~ U[ca_t_min, min(ca_t_max, t_gen)]
+               (ca_schedule="coupled", for the ablation: at the DM term's tau_DM and noise instead)
            DM  (x0_fake_c - x0_real_c) / mean|x_hat - x0_real_c| at tau_DM ~ U[dm_t_min, dm_t_max]
            or, with dm_kind="meanvar", a per-channel Gaussian KL between the student's samples and
            the teacher's (or real) latents instead of the DM term. Both terms' noise is drawn every
@@ -124,6 +125,7 @@ class DMDParams:
     dm_weight: float = 1.0  # DM term weight (or mean/variance KL weight)
     ca_t_min: float = 0.02  # CA re-noising range, capped by the generator's input time
     ca_t_max: float = 0.98
+    ca_schedule: str = "decoupled"  # "coupled": the CA term reuses the DM term's tau and noise (ablation)
     dm_kind: str = "dm"  # "dm" (fake vs real conditional) or "meanvar" (per-channel KL)
     meanvar_target: str = "teacher"  # "teacher" (cached teacher samples) or "real" (batch["x0"])
     meanvar_samples: int = 512  # teacher samples for the "teacher" statistics
@@ -201,6 +203,10 @@ class DMDParams:
                 f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
                 "(the CA term is re-noised below the generator's input level)"
             )
+        if self.ca_schedule not in ("decoupled", "coupled"):
+            bad(f"objective.ca_schedule={self.ca_schedule!r} must be 'decoupled' or 'coupled'")
+        if self.ca_schedule == "coupled" and self.dm_kind != "dm":
+            bad("objective.ca_schedule='coupled' shares the DM term's draw: it needs objective.dm_kind='dm'")
         if self.dm_kind not in ("dm", "meanvar"):
             bad(f"objective.dm_kind={self.dm_kind!r} must be 'dm' or 'meanvar'")
         if self.dm_kind == "meanvar" and self.variant != "ddmd":
@@ -459,6 +465,8 @@ class DMDObjective:
         else:  # Decoupled DMD; both terms' noise drawn first, so a switched-off term changes nothing else
             ca_draw = self._draw(x_hat, p.ca_t_min, min(p.ca_t_max, float(t_gen)))
             dm_draw = self._draw(x_hat, p.dm_t_min, p.dm_t_max)
+            if p.ca_schedule == "coupled":  # one re-noising for both terms, over the DM term's range
+                ca_draw = dm_draw
             g = torch.zeros_like(x_hat)
             if p.ca_weight != 0:
                 g_ca = self._ca_grad(x_hat, cond, t_gen, ca_draw)
