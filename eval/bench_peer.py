@@ -21,9 +21,9 @@ One update is what each training loop does per optimizer step: fewstep: loss, ba
 clipping of the updated group, AdamW step, zero every gradient (fewstep.training.loop); FastGen:
 `single_train_step` under its autocast context, backward, gradient clipping of the active
 networks (its GradClip callback), `optimizers_schedulers_step`, `optimizers_zero_grad`
-(fastgen/trainer.py `train_step` without the other callbacks). Each configuration runs in a fresh
-process (so its peak memory is its own), one warm-up cycle, then --cycles timed cycles; the
-configurations are run interleaved, --rounds times, and medians over rounds are reported. Peak
+(fastgen/trainer.py `train_step` without the other callbacks). Each configuration runs in a
+forked process (torch and diffusers imported once, before the fork), so its peak memory is its
+own; one warm-up cycle, then --cycles timed cycles; the configurations are run interleaved, --rounds times, and medians over rounds are reported. Peak
 memory is the process's peak resident set, and that peak minus the resident set after the
 networks and optimizers are built (the training working set).
 
@@ -43,7 +43,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -230,14 +229,31 @@ def configurations(args) -> list[dict]:
 
 
 def run_child(cfg: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        raise RuntimeError(f"{cfg['name']} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    """One configuration in a forked process (torch and diffusers are imported once, before the
+    fork; fewstep or FastGen in the child), so each has its own peak memory."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(r)
+        code = 0
+        try:
+            res = _fastgen_child(cfg) if "fastgen" in cfg else _fewstep_child(cfg)
+            payload = json.dumps(res)
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            import traceback
+
+            payload, code = json.dumps({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}), 1
+        with os.fdopen(w, "w") as f:
+            f.write(payload)
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    res = json.loads(data) if data else {"error": "no result"}
+    if "error" in res:
+        raise RuntimeError(f"{cfg['name']} failed: {res['error']}")
+    return res
 
 
 def summarise(name: str, runs: list[dict]) -> dict:
@@ -265,13 +281,11 @@ def main() -> None:
     ap.add_argument("--baseline", help="path of another fewstep source tree to time beside this one")
     ap.add_argument("--only", nargs="*", help="run only the configurations whose name contains one of these")
     ap.add_argument("--out", default="runs/bench_peer.json")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        cfg = json.loads(args.child)
-        res = _fastgen_child(cfg) if "fastgen" in cfg else _fewstep_child(cfg)
-        print(json.dumps(res))
-        return
+    import diffusers  # noqa: F401  (imported once; every configuration is a fork of this process)
+    import torch
+
+    torch.set_num_threads(1)
     cfgs = configurations(args)
     if args.only:
         cfgs = [c for c in cfgs if any(s in c["name"] for s in args.only)]
