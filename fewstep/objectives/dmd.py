@@ -522,7 +522,7 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
     ctx (a registry BuildContext, or any object with these attributes): latent_shape,
     has_real_data, seed, device, num_classes, make_student / make_copy (full copies when absent),
     lora (rank / alpha / target_modules / dropout for shared-base mode), sharded,
-    gradient_checkpointing.
+    gradient_checkpointing (shared-base mode: checkpointing that reruns blocks under their role).
     """
     params.validate()
     name = {"dmd": "dmd", "dmd2": "dmd2", "ddmd": "decoupled_dmd"}[params.variant]
@@ -549,11 +549,6 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
                 "objective.shared_base=true cannot run sharded (FSDP shards each network on its own); "
                 "use lora.student / lora.fake instead"
             )
-        if getattr(ctx, "gradient_checkpointing", False):
-            raise ValueError(
-                "objective.shared_base=true cannot run with precision.gradient_checkpointing (the "
-                "recomputation in backward would see whichever adapter is active then)"
-            )
     teacher.requires_grad_(False)
     # Decoupled DMD with the mean/variance regulariser (or without the DM term) never queries a fake
     # score; it is then built only to feed the GAN head
@@ -573,6 +568,8 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
             targets=getattr(lora, "target_modules", None),
             dropout=getattr(lora, "dropout", 0.0),
         )
+        if getattr(ctx, "gradient_checkpointing", False):
+            shared.enable_checkpointing()
         t_net, student = RoleView(shared, None), RoleView(shared, "student")
         fake = RoleView(shared, "fake") if needs_fake else None
         fake_backbone = teacher.backbone

@@ -28,6 +28,7 @@ from ..families import family_name
 from ..objectives.registry import BuildContext, build_objective, make_params
 from .bundle import TeacherBundle, load_bundle
 from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint, saved_keys
+from .checkpointing import enable_activation_checkpointing
 from .data import BatchSource
 from .ema import EMA
 from .logging import RunLog, flat_config
@@ -333,10 +334,7 @@ def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -
     holder = nn.ModuleDict({r: m for r, m in nets.items() if r not in teacher_roles})
     holder.to(env.device)
     if cfg.precision.gradient_checkpointing:
-        for m in holder.values():
-            bb = backbone_of(m)
-            if any(p.requires_grad for p in bb.parameters()) and getattr(bb, "_supports_gradient_checkpointing", False):
-                bb.enable_gradient_checkpointing()
+        enable_activation_checkpointing(holder.values(), say=env.say)
     group_names = _group_names(cfg, obj, holder, teacher_roles)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
