@@ -16,7 +16,7 @@ from .bundle import TeacherBundle, meta_bundle
 from .lora import make_factories
 from .memory import estimate_table, format_bytes, role_memory
 
-__all__ = ["dry_run", "launch_settings"]
+__all__ = ["dry_run", "launch_settings", "memory_plan"]
 
 
 def launch_settings(
@@ -51,6 +51,17 @@ def dry_run(
     teacher: TeacherBundle | None = None,
 ) -> str:
     """The dry-run report (a string; the caller prints it)."""
+    return memory_plan(cfg, num_processes, sharding, mixed_precision, teacher)[1]
+
+
+def memory_plan(
+    cfg: Config,
+    num_processes: int | None = None,
+    sharding: str | None = None,
+    mixed_precision: str | None = None,
+    teacher: TeacherBundle | None = None,
+) -> tuple[list, str]:
+    """(per-role `RoleMemory` rows, the dry-run report): the plan the report prints, as numbers."""
     n, sharded, mp = launch_settings(num_processes, sharding, mixed_precision, cfg)
     bundle = teacher if teacher is not None else meta_bundle(cfg.teacher)
     tden = bundle.denoiser
@@ -129,4 +140,4 @@ def dry_run(
         "to encode data and for sample grids), framework overhead."
     )
     lines += notes
-    return "\n".join(lines)
+    return rows, "\n".join(lines)
