@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..decoder import install_decoder
 from ..weights_check import check_weights_folder
 from ._common import CARD_NAME, LORA_DIR, ExportError, _read_json
 from .card import _card
@@ -94,6 +95,7 @@ def export_student(
     lora: str = "auto",
     eval_results: Sequence[str | os.PathLike] = (),
     link_components: bool = False,
+    decoder: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Write a stock diffusers pipeline folder for a trained student.
 
@@ -110,6 +112,8 @@ def export_student(
         eval_results: results.json files of `fewstep eval` to summarise in the card (results under
             the run dir are found on their own).
         link_components: hard-link the teacher's component files instead of copying them.
+        decoder: a `fewstep distill-decoder` folder to load as the pipeline's `vae` (the
+            teacher's full VAE is kept in `vae_full/`, outside model_index.json).
     Returns an ExportResult (the folder, the scheduler plan, the card).
     """
     from .model_card import render_readme
@@ -118,6 +122,8 @@ def export_student(
     from ..msd.export import export_msd, is_msd_run
 
     if is_msd_run(checkpoint):  # K students: one pipeline folder each + routing.json (fewstep/msd/export.py)
+        if decoder is not None:
+            raise ExportError("--decoder is not supported for multi-student (MSD) runs yet")
         return export_msd(
             checkpoint,
             out,
@@ -149,6 +155,7 @@ def export_student(
             bb_file = _write_backbone(run, tp, student, tmp)
             _write_scheduler(tp, plan, tmp)
             lora_info = _lora_part(run, tp, student, lora, tmp)
+            decoder_info = install_decoder(tmp, decoder) if decoder is not None else None
             card = _card(
                 run,
                 source,
@@ -162,6 +169,8 @@ def export_student(
                 eval_results,
                 bb_file_sha=_sha256(bb_file),
             )
+            if decoder_info is not None:
+                card["decoder"] = decoder_info
             (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
             (tmp / "README.md").write_text(render_readme(card))
     finally:

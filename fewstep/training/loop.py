@@ -29,6 +29,7 @@ from ..objectives.registry import BuildContext, build_objective, make_params
 from .bundle import TeacherBundle, load_bundle
 from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint, saved_keys
 from .checkpointing import enable_activation_checkpointing
+from .compile import compile_backbones
 from .data import BatchSource
 from .ema import EMA
 from .logging import RunLog, flat_config
@@ -342,6 +343,8 @@ def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -
     keys &= set(get_model_state_dict(holder, options=StateDictOptions()).keys())
     student_group = next((g for g, roles in obj.groups.items() if "student" in roles), None)
     _place(env, tden, holder)
+    if cfg.precision.compile:
+        compile_backbones([*holder.values(), tden], cfg.precision.compile_mode, env.say)
     named = dict(holder.named_parameters(remove_duplicate=False))
     group_params = {g: [named[n] for n in names] for g, names in group_names.items()}
     optimizers, schedulers, gcfg = _optimizers(cfg, obj, group_params)
