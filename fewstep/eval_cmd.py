@@ -205,6 +205,12 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, FileNotFoundError) as e:
         print(f"fewstep eval: error: {e}", file=sys.stderr)
         return 2
+    if results.get("protocol") == "restoration":
+        from .evaluation.restoration import _markdown
+
+        print(_markdown(results))
+        print(f"wrote {args.out}/results.json and {args.out}/results.md")
+        return 0
     from .evaluation.run import markdown_table
 
     print(markdown_table(results))

@@ -33,7 +33,7 @@ from .paths import path_from_scheduler_config
 
 __all__ = ["Teacher", "load_teacher", "teacher_from_pipeline", "DIGITS_TEACHERS"]
 
-DIGITS_TEACHERS = ("digits-vp", "digits-flow")
+DIGITS_TEACHERS = ("digits-vp", "digits-flow", "digits-restore")
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _latent_shape(pipe, family: str, backbone: nn.Module, vae, resolution) -> tu
     p = fam.latent_patch
     f = _vae_scale_factor(vae) if vae is not None else 1
     cfg = backbone.config
-    channels = int(cfg.in_channels) // (p * p)
+    channels = int(cfg.in_channels) // (p * p) // (2 if fam.image_conditioned else 1)
     if resolution is None:
         if fam.default_latent_size is not None:  # e.g. FluxPipeline: default_sample_size * vae_scale_factor
             size = getattr(pipe, "default_sample_size", fam.default_latent_size) * f
@@ -250,13 +250,14 @@ def _load_digits(name: str, device, dtype, **kw) -> Teacher:
     from .digits.data import WEIGHTS_DIR
 
     kind = name.split("-", 1)[1]
-    folder = WEIGHTS_DIR / f"teacher_{kind}"
+    folder = WEIGHTS_DIR / ("restoration_teacher" if kind == "restore" else f"teacher_{kind}")
     if not (folder / "model_index.json").is_file():
         raise ValueError(
             f"the embedded teacher {name!r} has no weights: {folder}/model_index.json is missing "
             "(train it with train/train_teacher.py, see fewstep/digits/weights/teachers.json)"
         )
-    return load_teacher(str(folder), family="dit", device=device, dtype=dtype, **kw)
+    family = "restore" if kind == "restore" else "dit"
+    return load_teacher(str(folder), family=family, device=device, dtype=dtype, **kw)
 
 
 def _to(t: Teacher, device, dtype) -> None:

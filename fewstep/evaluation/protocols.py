@@ -2,6 +2,11 @@
 captions, which seed), at which resolution it is scored, with which feature extractor and against
 which reference. Every field is written into the results so a number can be reproduced.
 
+    restoration   the embedded restoration default (fewstep.digits.restoration): the 359 held-out
+                  digits under each degradation (sr4, noise, blur), restored and scored against
+                  their targets: PSNR, SSIM (torchmetrics), judge-feature distance, class
+                  accuracy, FID; baselines bicubic (sr4) and the degraded input. Outputs and
+                  targets must have the same size (fewstep.evaluation.restoration).
     digits        the embedded default: 2,000 samples, labels 0..9 balanced, seed 0, the digits
                   judge's features, reference = all 1,797 real digits, native 32x32; plus the
                   judge panel (metric "panel": every member, median and range, bootstrap
@@ -78,6 +83,17 @@ PROTOCOLS: dict[str, Protocol] = {
         diversity_per_group=200,
         note="embedded default: labels i % 10, judge penultimate features, all 1,797 real digits; "
         "the judge panel (fewstep.digits.panel) with bootstrap intervals and the real-vs-real floor",
+    ),
+    "restoration": Protocol(
+        name="restoration",
+        num_samples=359,
+        seed=0,
+        conditioning="degraded",
+        image_size=32,
+        feature_extractor=DIGITS_EXTRACTOR,
+        reference="digits",
+        metrics=("psnr", "ssim", "judge_dist", "class_acc", "fid"),
+        note="held-out digits per degradation; outputs paired with targets (fewstep.evaluation.restoration)",
     ),
     "coco2014-30k": Protocol(
         name="coco2014-30k",

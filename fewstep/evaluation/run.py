@@ -199,6 +199,10 @@ def _conditions(src, proto: Protocol, captions: list[str] | None, n: int):
 def evaluate(spec: EvalSpec) -> dict[str, Any]:
     """Run one evaluation and write `results.json` and `results.md` under spec.out. Returns the
     results dict."""
+    if spec.protocol == "restoration":  # paired outputs and targets: its own loop and table
+        from .restoration import evaluate_restoration
+
+        return evaluate_restoration(spec)
     if (spec.pipeline is None) == (spec.images is None):
         raise InputError("give exactly one of --pipeline (generate and score) or --images (score a folder)")
     proto = get_protocol(spec.protocol).with_overrides(

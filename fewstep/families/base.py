@@ -90,6 +90,9 @@ class Family:
         default_latent_size: latent side when the backbone's `sample_size` is not it (Flux: the
                             pipeline's `default_sample_size`, 128).
         fsdp_wrap:          FSDP wrap units by class name; None: the model's `_no_split_modules`.
+        image_conditioned:  the conditioning image is concatenated to the noisy input on the
+                            channels (LDMSuperResolutionPipeline's layout), so a sample has
+                            in_channels / 2 channels.
     """
 
     name: str
@@ -110,6 +113,7 @@ class Family:
     latent_patch: int = 1
     default_latent_size: int | None = None
     fsdp_wrap: tuple[str, ...] | None = None
+    image_conditioned: bool = False
 
     def is_backbone(self, backbone: nn.Module) -> bool:
         """True when `backbone` is (a subclass of) one of the family's classes and matches."""

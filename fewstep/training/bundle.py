@@ -38,6 +38,8 @@ class TeacherBundle:
     encode_prompts: Callable[[list[str]], dict] | None = None
     decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]
     real_data: Callable[[], tuple[Tensor, Tensor | None]] | None = None  # () -> (latents, labels)
+    pair_cond: Callable[[Tensor, torch.Generator], dict] | None = None  # restoration: (indices into
+    #   real_data's samples, generator) -> their condition (a fresh degraded image each draw)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,7 +93,7 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
     null_class = getattr(t, "null_class", None)
     if null_class is None:
         null_class = getattr(den.conditioner, "null_class", None)
-    if num_classes is None and str(source).startswith("digits"):
+    if num_classes is None and str(source) in ("digits-vp", "digits-flow"):
         from ..digits.data import NUM_CLASSES
 
         num_classes = NUM_CLASSES
@@ -99,8 +101,12 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
     if num_classes is None and record is not None and record.num_classes is not None:
         num_classes = record.num_classes(den.backbone, null_class)
     text = is_text(fam) and hasattr(t, "encode_prompts")
-    real = None
-    if encode is not None and str(source).startswith("digits"):
+    real = pair_cond = None
+    if str(source) == "digits-restore":  # the train split's targets, degraded afresh at every draw
+        from ..digits.restoration import training_pairs
+
+        real, pair_cond = training_pairs()
+    elif encode is not None and str(source).startswith("digits"):
         real = _digits_real_data(encode, device)
     return TeacherBundle(
         denoiser=den,
@@ -113,6 +119,7 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
         encode_prompts=getattr(t, "encode_prompts", None) if text else None,
         decode=decode,
         real_data=real,
+        pair_cond=pair_cond,
         extra={"teacher": t},
     )
 

@@ -115,6 +115,7 @@ class BatchSource:
         self.num_prompts = 0
         self.prompts: list[str] | None = None  # caption strings (text teachers), carried as batch["prompts"]
         self.real: tuple[Tensor, Tensor | None] | None = None
+        self.pair_cond = getattr(bundle, "pair_cond", None)  # restoration: condition of each real sample
         self.by_class: list[Tensor] | None = None
 
         if bundle.text:
@@ -219,6 +220,8 @@ class BatchSource:
         if self.real is not None and "x0" not in out:
             pick = torch.randint(0, self.real[0].shape[0], (n,), generator=g)
             out["x0"] = self.real[0][pick]
+            if self.pair_cond is not None:
+                out["cond"] = self.pair_cond(pick, g)
             if self.real[1] is not None and out["cond"] is None and self.num_classes:
                 out["cond"] = {"class_labels": self.real[1][pick]}
         return out
@@ -254,6 +257,9 @@ class BatchSource:
             return {
                 k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in index_cond(self.text_cond, idx).items()
             }
+        if self.pair_cond is not None and self.real is not None:  # the first n pairs, fixed degradations
+            cond = self.pair_cond(torch.arange(n) % self.real[0].shape[0], torch.Generator().manual_seed(0))
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in cond.items()}
         if self.num_classes:
             labels = (
                 torch.arange(n) % self.num_classes
