@@ -118,9 +118,20 @@ def _large_cfg(mode: str, batch: int, rank: int, gan: bool):
     )
 
 
-def plan_bytes(backbone_fn, latent_shape, mode: str, batch: int, rank: int, gan: bool) -> tuple[int, str]:
-    """The `--dry-run` memory plan (total bytes per process, the report) for DMD2 on a teacher
-    built by `backbone_fn` on the meta device."""
+def _text_cond(bb, batch: int) -> dict:
+    """A text condition of the backbone's shapes (77 tokens; SDXL's pooled text and time ids)."""
+    cfg = bb.config
+    cond = {"encoder_hidden_states": torch.zeros(batch, TEXT_LEN, cfg.cross_attention_dim, device="meta")}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        cond["text_embeds"] = torch.zeros(batch, pooled, device="meta")
+        cond["time_ids"] = torch.zeros(batch, 6, device="meta")
+    return cond
+
+
+def plan_bytes(backbone_fn, latent_shape, mode: str, batch: int, rank: int, gan: bool) -> tuple[int, int, str]:
+    """The `--dry-run` memory plan for DMD2 on a teacher built by `backbone_fn` on the meta
+    device: (weights + gradients + AdamW bytes, activation bytes of one gradient pass, report)."""
     from fewstep.denoiser import Denoiser
     from fewstep.training.bundle import TeacherBundle
     from fewstep.training.dry_run import memory_plan
@@ -129,9 +140,10 @@ def plan_bytes(backbone_fn, latent_shape, mode: str, batch: int, rank: int, gan:
         bb = backbone_fn()
     den = Denoiser(bb, _path())
     den.requires_grad_(False)
-    bundle = TeacherBundle(den, tuple(latent_shape), source=f"{type(bb).__name__} (meta)", family="sd15")
-    rows, report = memory_plan(_large_cfg(mode, batch, rank, gan), 1, "none", "no", teacher=bundle)
-    return sum(r.total for r in rows), report
+    bundle = TeacherBundle(den, tuple(latent_shape), source=f"{type(bb).__name__} (meta)", family="sd15", text=True)
+    cfg = _large_cfg(mode, batch, rank, gan)
+    rows, act, report = memory_plan(cfg, 1, "none", "no", teacher=bundle, example_cond=_text_cond(bb, batch))
+    return sum(r.total for r in rows), act or 0, report
 
 
 def _large_child(mode: str, steps: int, batch: int, rank: int, gan: bool) -> dict:
@@ -207,38 +219,41 @@ def cmd_large(args, command: str) -> int:
         if line is None:
             raise SystemExit(f"memory child large:{mode} failed:\n{out.stderr[-3000:]}")
         r = json.loads(line[7:])
-        r["plan_bytes"], _ = plan_bytes(_sd_class_unet, LARGE_SHAPE, mode, args.batch, args.rank_large, args.gan)
+        static, act, _ = plan_bytes(_sd_class_unet, LARGE_SHAPE, mode, args.batch, args.rank_large, args.gan)
+        r["plan_static_bytes"], r["plan_activation_bytes"], r["plan_bytes"] = static, act, static + act
         rows.append(r)
         print(json.dumps(r), flush=True)
     full = next((r for r in rows if r["mode"] == "full"), None)
     lines = [
         f"DMD2 on an SD-class UNet2DConditionModel, {LARGE_WIDTHS} widths, latents {LARGE_SHAPE}, batch "
         f"{args.batch}, fp32, GAN {'on' if args.gan else 'off'}, LoRA rank {args.rank_large} (shared base)",
-        "| mode | peak RSS MiB | above start MiB | x full copy | plan MiB | plan / measured | s/step |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | peak RSS MiB | above start MiB | x full copy | plan: weights+grads+AdamW MiB | plan: activations MiB "
+        "| plan total MiB | plan / measured | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         above = r["peak_above_base_bytes"]
         ratio = f"{above / full['peak_above_base_bytes']:.2f}" if full else "-"
         lines.append(
             f"| {r['mode']} | {r['peak_rss_bytes'] / mib:.0f} | {above / mib:.0f} | {ratio} | "
+            f"{r['plan_static_bytes'] / mib:.0f} | {r['plan_activation_bytes'] / mib:.0f} | "
             f"{r['plan_bytes'] / mib:.0f} | {r['plan_bytes'] / above:.2f} | {r['seconds_per_step']} |"
         )
     lines += [
         "",
-        "The plan for full-size teachers (per process, one process, fp32):",
-        "| teacher | mode | plan GiB |",
-        "|---|---|---|",
+        f"The plan for full-size teachers (one process, fp32, batch {args.batch} at the native latent size):",
+        "| teacher | mode | weights+grads+AdamW GiB | activations GiB | total GiB |",
+        "|---|---|---|---|---|",
     ]
     plans = []
     for name, fn, shape in (
         ("SD1.5 UNet (859.5M)", lambda: _sd_class_unet((320, 640, 1280, 1280), 64), (4, 64, 64)),
         ("SDXL UNet (2567.5M)", _sdxl_unet, (4, 128, 128)),
     ):
-        for mode in ("full", "shared"):
-            total, _ = plan_bytes(fn, shape, mode, args.batch, args.rank_large, args.gan)
-            plans.append({"teacher": name, "mode": mode, "plan_bytes": total})
-            lines.append(f"| {name} | {mode} | {total / gib:.2f} |")
+        for mode in ("full", "shared", "full-gc", "shared-gc"):
+            static, act, _ = plan_bytes(fn, shape, mode, args.batch, args.rank_large, args.gan)
+            plans.append({"teacher": name, "mode": mode, "static_bytes": static, "activation_bytes": act})
+            lines.append(f"| {name} | {mode} | {static / gib:.2f} | {act / gib:.2f} | {(static + act) / gib:.2f} |")
     print("\n".join(lines))
     out_dir = Path(args.out or "runs/bench/dmd_memory_large")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import torch
 from ..config import Config
 from ..families import family_name
 from ..objectives.registry import BuildContext, build_objective, make_params
+from .activations import activation_bytes, example_condition
 from .bundle import TeacherBundle, meta_bundle
 from .lora import make_factories
 from .memory import estimate_table, format_bytes, role_memory
@@ -51,7 +52,7 @@ def dry_run(
     teacher: TeacherBundle | None = None,
 ) -> str:
     """The dry-run report (a string; the caller prints it)."""
-    return memory_plan(cfg, num_processes, sharding, mixed_precision, teacher)[1]
+    return memory_plan(cfg, num_processes, sharding, mixed_precision, teacher)[2]
 
 
 def memory_plan(
@@ -60,8 +61,12 @@ def memory_plan(
     sharding: str | None = None,
     mixed_precision: str | None = None,
     teacher: TeacherBundle | None = None,
-) -> tuple[list, str]:
-    """(per-role `RoleMemory` rows, the dry-run report): the plan the report prints, as numbers."""
+    example_cond: dict | None = None,
+) -> tuple[list, int | None, str]:
+    """(per-role `RoleMemory` rows, activation bytes of one gradient-recording forward of the
+    student at the per-process batch or None where no example condition could be built, the
+    dry-run report): the plan the report prints, as numbers. `example_cond`: a condition for the
+    backbone at that batch (default: class labels for class-conditional teachers)."""
     n, sharded, mp = launch_settings(num_processes, sharding, mixed_precision, cfg)
     bundle = teacher if teacher is not None else meta_bundle(cfg.teacher)
     tden = bundle.denoiser
@@ -108,6 +113,16 @@ def memory_plan(
     trainable_roles = {r for roles in groups.values() for r in roles}
     rows = role_memory(nets, trainable_roles, "student" if cfg.ema.rate > 0 else None, n, sharded)
     total = sum(r.total for r in rows)
+    per_process = max(1, int(cfg.data.batch_size) // n)
+    act, act_note = None, ""
+    cond = example_cond if example_cond is not None else example_condition(bundle, per_process)
+    if cond is None:
+        act_note = "activations: not estimated (no example condition for this teacher on the meta device)"
+    else:
+        try:
+            act = activation_bytes(nets["student"], tuple(bundle.latent_shape), per_process, cond)
+        except Exception as e:  # a backbone whose forward cannot run on meta tensors
+            act_note = f"activations: not estimated ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     head = (
         f"dry run: {cfg.name}  objective {cfg.objective.name}  teacher {bundle.source} ({family or '?'}, "
         f"latents {tuple(bundle.latent_shape)})\n"
@@ -125,6 +140,15 @@ def memory_plan(
         f"estimated memory per process: {format_bytes(total)} for weights, gradients, AdamW moments and EMA "
         f"(trainable weights and their states in float32; the teacher in {cfg.teacher.dtype}).",
     ]
+    if act is not None:
+        lines.append(
+            f"activations: {format_bytes(act)} for one forward pass with gradients of the student at batch "
+            f"{per_process} per process (saved for backward, counted on the meta device; gradient checkpointing "
+            f"{'on' if cfg.precision.gradient_checkpointing else 'off'}); estimated peak {format_bytes(total + act)}"
+            + (" (float32 activations; bf16 roughly halves them)" if mp == "bf16" else "")
+        )
+    else:
+        lines.append(act_note)
     if mp == "bf16":
         lines.append(
             "bf16: backbones run under autocast (activations in bf16); "
@@ -135,9 +159,10 @@ def memory_plan(
             )
         )
     lines.append(
-        "not included: activations (batch size, resolution, gradient checkpointing "
-        f"{'on' if cfg.precision.gradient_checkpointing else 'off'}), the VAE and text encoders (used once "
-        "to encode data and for sample grids), framework overhead."
+        "not included: "
+        + ("" if act is not None else "activations, ")
+        + "the VAE and text encoders (used once to encode data and for sample grids), framework overhead "
+        "(the interpreter and libraries; on a GPU the CUDA context)."
     )
     lines += notes
-    return rows, "\n".join(lines)
+    return rows, act, "\n".join(lines)
