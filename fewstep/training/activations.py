@@ -19,7 +19,7 @@ from torch import nn
 __all__ = ["activation_bytes", "example_condition"]
 
 
-def example_condition(bundle: Any, batch: int, device: str | torch.device = "meta") -> dict | None:
+def example_condition(bundle: Any, batch: int, device: str | torch.device = "cpu") -> dict | None:
     """A condition of the right shapes for `bundle`'s backbone, where the bundle says enough to
     build one (class labels for class-conditional teachers); else None (the plan then says the
     activations were not estimated)."""
@@ -44,10 +44,10 @@ def activation_bytes(denoiser: Any, latent_shape: tuple[int, ...], batch: int, c
             saved[s._cdata] = s.nbytes()
         return t
 
-    dtype = next(bb.parameters()).dtype
-    x = torch.zeros(batch, *latent_shape, device="meta", dtype=dtype, requires_grad=True)
-    timestep = torch.full((batch,), 500.0, device="meta")
-    meta_cond = {k: (v.to("meta") if torch.is_tensor(v) else v) for k, v in (cond or {}).items()}
+    p0 = next(bb.parameters())  # the meta device in a dry run (a real teacher: its own device)
+    x = torch.zeros(batch, *latent_shape, device=p0.device, dtype=p0.dtype, requires_grad=True)
+    timestep = torch.full((batch,), 500.0, device=p0.device)
+    meta_cond = {k: (v.to(p0.device) if torch.is_tensor(v) else v) for k, v in (cond or {}).items()}
     was_training = bb.training
     bb.train()  # as in training (some backbones checkpoint only in training mode)
     if shared is not None:  # a shared-base role view: its adapter takes part, as in the run
