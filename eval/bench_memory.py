@@ -157,7 +157,7 @@ def _large_child(mode: str, steps: int, batch: int, rank: int, gan: bool) -> dic
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + libraries
     torch.manual_seed(0)
-    teacher = Denoiser(_sd_class_unet(), _path())
+    teacher = Denoiser(_sd_class_unet(), _path(), zero_null=True)  # CFG against a zero text embedding
     teacher.requires_grad_(False)
     cfg = _large_cfg(mode, batch, rank, gan)
     make_student, make_copy = make_factories(cfg.lora, gradient_checkpointing=cfg.precision.gradient_checkpointing)
