@@ -62,3 +62,28 @@ def test_a_backbone_that_does_not_compile_runs_eagerly_with_one_line():
     assert said[0].startswith("precision.compile: DiTTransformer2DModel does not compile")
     assert "this backend compiles nothing" in said[0] and "runs eagerly" in said[0]
     assert den.backbone._compiled_call_impl is None
+
+
+def test_an_exception_the_model_raises_on_purpose_is_not_a_compile_failure():
+    """E.g. the GAN tap stops the fake score's pass after its feature block by raising."""
+
+    class Stop(Exception):
+        pass
+
+    def stop(module, args, output):
+        raise Stop("features captured")
+
+    tiny = make_tiny("dit", seed=0)
+    den = tiny.denoiser
+    x, cond = _io(tiny)
+    said = []
+    compile_backbones([den], say=said.append, backend="eager")
+    handle = den.backbone.transformer_blocks[0].register_forward_hook(stop)
+    with torch.no_grad():
+        try:
+            den(x, 0.5, cond)
+            raise AssertionError("the hook's exception was swallowed")
+        except Stop:
+            pass
+    handle.remove()
+    assert not said and den.backbone._compiled_call_impl is not None  # still compiled, nothing printed

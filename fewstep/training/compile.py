@@ -54,10 +54,13 @@ def compile_backbones(
 def _guarded(bb: nn.Module, compiled: Callable, say: Callable[[str], None]) -> Callable:
     name = type(bb).__name__
 
+    from torch._dynamo.exc import TorchDynamoException
+
     def call(*args, **kwargs):
         try:
             return compiled(*args, **kwargs)
-        except Exception as e:  # dynamo / inductor errors have many types
+        except TorchDynamoException as e:  # tracing or the backend failed (inductor's errors arrive wrapped);
+            # anything else, e.g. an exception a hook raises on purpose to stop a pass early, is the model's own
             bb._compiled_call_impl = None  # eager from now on
             say(f"precision.compile: {name} does not compile ({_first_line(e)}); it runs eagerly")
             return bb._call_impl(*args, **kwargs)
