@@ -154,8 +154,11 @@ def _large_child(mode: str, steps: int, batch: int, rank: int, gan: bool) -> dic
     from fewstep.objectives.registry import BuildContext, build_objective
     from fewstep.training.checkpointing import enable_activation_checkpointing
     from fewstep.training.lora import make_factories
+    from fewstep.training.memory import current_rss_bytes
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + libraries
+    # interpreter + libraries: the resident set now (ru_maxrss would carry the parent's high-water
+    # mark over fork and exec)
+    base_rss = current_rss_bytes()
     torch.manual_seed(0)
     teacher = Denoiser(_sd_class_unet(), _path(), zero_null=True)  # CFG against a zero text embedding
     teacher.requires_grad_(False)
