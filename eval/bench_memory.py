@@ -1,13 +1,17 @@
 """The memory saving of DMD2's shared-base mode, against full copies and separate LoRA modules.
 
     python eval/bench_memory.py [--steps 3] [--batch 4] [--rank-digits 16] [--rank-sdxl 32] [--out DIR]
+    python eval/bench_memory.py --large [--steps 2] [--batch 2] [--modes full,shared,full-gc,shared-gc] [--gan]
 
 For each backbone (the digits DiT, a small SDXL-class UNet) and each mode (full copies of the
 teacher; LoRA student and fake score as separate modules on shared frozen tensors, the entry
 point's lora.student / lora.fake; shared-base mode, one backbone with adapters switched per role)
 a fresh process builds DMD2, runs a few training steps with AdamW, and reports the parameter
 bytes held (every distinct tensor of every role, the teacher included) and the peak RSS.
-(Benchmarks of students' quality are `eval/bench.py`.)
+With `--large`, the same comparison on a 142M-parameter SD-class UNet (random weights), where
+weights, gradients and AdamW states set the peak, beside the `--dry-run` memory plan's prediction
+(peak RSS above the process's resident set before the first tensor is built), then the plan for
+SD1.5- and SDXL-sized teachers. (Benchmarks of students' quality are `eval/bench.py`.)
 """
 
 from __future__ import annotations
@@ -48,6 +52,216 @@ def _sdxl_class_unet():
         projection_class_embeddings_input_dim=64 + 6 * 32,
         norm_num_groups=32,
     )
+
+
+# ---- a backbone of over 100M parameters: where weights, gradients and AdamW states set the peak ----
+LARGE_WIDTHS = (128, 256, 512, 512)  # SD1.5's UNet (320, 640, 1280, 1280) at 0.4 width: 142M parameters
+LARGE_SHAPE = (4, 32, 32)  # 256 px through an SD VAE
+TEXT_LEN = 77
+
+
+def _sd_class_unet(widths=LARGE_WIDTHS, sample_size=32):
+    """SD1.5's UNet2DConditionModel structure (four levels, cross-attention to 77 x 768 text
+    tokens); SD1.5 itself is `widths=(320, 640, 1280, 1280), sample_size=64` (859.5M)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        block_out_channels=widths,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        layers_per_block=2,
+    )
+
+
+def _sdxl_unet():
+    """SDXL base's UNet2DConditionModel (2567.5M parameters), for the plan only (meta device)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def _path():
+    from fewstep.paths import VPPath
+
+    return VPPath.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+
+
+def _large_cfg(mode: str, batch: int, rank: int, gan: bool):
+    from fewstep.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "objective": {
+                "name": "dmd2",
+                "guidance": 2.0,
+                "fake_updates_per_generator": 1,
+                "shared_base": mode.startswith("shared"),
+                "gan": gan,
+            },
+            "data": {"batch_size": batch, "real_data": gan},
+            "lora": {"rank": rank, "alpha": float(rank)},
+            "precision": {"gradient_checkpointing": mode.endswith("-gc"), "mixed_precision": "no"},
+        }
+    )
+
+
+def _text_cond(bb, batch: int) -> dict:
+    """A text condition of the backbone's shapes (77 tokens; SDXL's pooled text and time ids)."""
+    cfg = bb.config
+    cond = {"encoder_hidden_states": torch.zeros(batch, TEXT_LEN, cfg.cross_attention_dim, device="meta")}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        cond["text_embeds"] = torch.zeros(batch, pooled, device="meta")
+        cond["time_ids"] = torch.zeros(batch, 6, device="meta")
+    return cond
+
+
+def plan_bytes(backbone_fn, latent_shape, mode: str, batch: int, rank: int, gan: bool) -> tuple[int, int, str]:
+    """The `--dry-run` memory plan for DMD2 on a teacher built by `backbone_fn` on the meta
+    device: (weights + gradients + AdamW bytes, activation bytes of one gradient pass, report)."""
+    from fewstep.denoiser import Denoiser
+    from fewstep.training.bundle import TeacherBundle
+    from fewstep.training.dry_run import memory_plan
+
+    with torch.device("meta"):
+        bb = backbone_fn()
+    den = Denoiser(bb, _path())
+    den.requires_grad_(False)
+    bundle = TeacherBundle(den, tuple(latent_shape), source=f"{type(bb).__name__} (meta)", family="sd15", text=True)
+    cfg = _large_cfg(mode, batch, rank, gan)
+    rows, act, report = memory_plan(cfg, 1, "none", "no", teacher=bundle, example_cond=_text_cond(bb, batch))
+    return sum(r.total for r in rows), act or 0, report
+
+
+def _large_child(mode: str, steps: int, batch: int, rank: int, gan: bool) -> dict:
+    """Runs in its own process: DMD2 on the 142M SD-class UNet (random weights) in `mode` (full,
+    shared, full-gc, shared-gc), `steps` steps with a generator and a fake-score update each."""
+    from fewstep.denoiser import Denoiser
+    from fewstep.objectives.base import trainable_parameters
+    from fewstep.objectives.registry import BuildContext, build_objective
+    from fewstep.training.checkpointing import enable_activation_checkpointing
+    from fewstep.training.lora import make_factories
+    from fewstep.training.memory import current_rss_bytes
+
+    # interpreter + libraries: the resident set now (ru_maxrss would carry the parent's high-water
+    # mark over fork and exec)
+    base_rss = current_rss_bytes()
+    torch.manual_seed(0)
+    teacher = Denoiser(_sd_class_unet(), _path(), zero_null=True)  # CFG against a zero text embedding
+    teacher.requires_grad_(False)
+    cfg = _large_cfg(mode, batch, rank, gan)
+    make_student, make_copy = make_factories(cfg.lora, gradient_checkpointing=cfg.precision.gradient_checkpointing)
+    ctx = BuildContext(
+        latent_shape=LARGE_SHAPE,
+        has_real_data=gan,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.precision.gradient_checkpointing,
+        make_student=make_student,
+        make_copy=make_copy,
+    )
+    obj = build_objective("dmd2", dict(cfg.objective.params), teacher, ctx)
+    if cfg.precision.gradient_checkpointing:
+        enable_activation_checkpointing(obj.nets.values())
+    opts = {g: torch.optim.AdamW(trainable_parameters(obj, g), lr=1e-5) for g in obj.groups}
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batch_d = {
+            "cond": {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, 768, generator=g)},
+            "x0": torch.randn(batch, *LARGE_SHAPE, generator=g),
+            "shape": (batch, *LARGE_SHAPE),
+        }
+        for phase in obj.phases(step):
+            loss, _ = obj.loss(phase, batch_d, step)
+            loss.backward()
+            opts[phase].step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "backbone": "sd-class-142m",
+        "mode": mode,
+        "gan": gan,
+        "params": sum(p.numel() for n, p in teacher.backbone.named_parameters() if "lora_" not in n),
+        "base_rss_bytes": base_rss,
+        "peak_rss_bytes": peak,
+        "peak_above_base_bytes": peak - base_rss,
+        "steps": steps,
+        "batch": batch,
+        "seconds_per_step": round((time.perf_counter() - t0) / steps, 2),
+    }
+
+
+def cmd_large(args, command: str) -> int:
+    """Full copies against shared base (with and without activation checkpointing) on the 142M
+    UNet, each in a fresh process, beside the dry-run plan; then the plan for SD1.5 and SDXL."""
+    if args.child:
+        mode = args.child.split(":")[1]
+        print("RESULT " + json.dumps(_large_child(mode, args.steps, args.batch, args.rank_large, args.gan)), flush=True)
+        return 0
+    mib, gib = 2**20, 2**30
+    rows = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--large", "--child", f"large:{mode}", "--steps", str(args.steps)]
+        cmd += ["--batch", str(args.batch), "--rank-large", str(args.rank_large)] + (["--gan"] if args.gan else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"memory child large:{mode} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(line[7:])
+        static, act, _ = plan_bytes(_sd_class_unet, LARGE_SHAPE, mode, args.batch, args.rank_large, args.gan)
+        r["plan_static_bytes"], r["plan_activation_bytes"], r["plan_bytes"] = static, act, static + act
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    full = next((r for r in rows if r["mode"] == "full"), None)
+    lines = [
+        f"DMD2 on an SD-class UNet2DConditionModel, {LARGE_WIDTHS} widths, latents {LARGE_SHAPE}, batch "
+        f"{args.batch}, fp32, GAN {'on' if args.gan else 'off'}, LoRA rank {args.rank_large} (shared base)",
+        "| mode | peak RSS MiB | above start MiB | x full copy | plan: weights+grads+AdamW MiB | plan: activations MiB "
+        "| plan total MiB | plan / measured | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        above = r["peak_above_base_bytes"]
+        ratio = f"{above / full['peak_above_base_bytes']:.2f}" if full else "-"
+        lines.append(
+            f"| {r['mode']} | {r['peak_rss_bytes'] / mib:.0f} | {above / mib:.0f} | {ratio} | "
+            f"{r['plan_static_bytes'] / mib:.0f} | {r['plan_activation_bytes'] / mib:.0f} | "
+            f"{r['plan_bytes'] / mib:.0f} | {r['plan_bytes'] / above:.2f} | {r['seconds_per_step']} |"
+        )
+    lines += [
+        "",
+        f"The plan for full-size teachers (one process, fp32, batch {args.batch} at the native latent size):",
+        "| teacher | mode | weights+grads+AdamW GiB | activations GiB | total GiB |",
+        "|---|---|---|---|---|",
+    ]
+    plans = []
+    for name, fn, shape in (
+        ("SD1.5 UNet (859.5M)", lambda: _sd_class_unet((320, 640, 1280, 1280), 64), (4, 64, 64)),
+        ("SDXL UNet (2567.5M)", _sdxl_unet, (4, 128, 128)),
+    ):
+        for mode in ("full", "shared", "full-gc", "shared-gc"):
+            static, act, _ = plan_bytes(fn, shape, mode, args.batch, args.rank_large, args.gan)
+            plans.append({"teacher": name, "mode": mode, "static_bytes": static, "activation_bytes": act})
+            lines.append(f"| {name} | {mode} | {static / gib:.2f} | {act / gib:.2f} | {(static + act) / gib:.2f} |")
+    print("\n".join(lines))
+    out_dir = Path(args.out or "runs/bench/dmd_memory_large")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "memory_large.json").write_text(json.dumps({"command": command, "rows": rows, "plans": plans}, indent=1))
+    return 0
 
 
 def _memory_child(backbone: str, mode: str, steps: int, batch: int, rank: int) -> dict:
@@ -193,6 +407,10 @@ def parse_args(argv=None):
     p.add_argument("--rank-digits", type=int, default=16)
     p.add_argument("--rank-sdxl", type=int, default=32)
     p.add_argument("--out", default=None)
+    p.add_argument("--large", action="store_true", help="the 142M SD-class UNet against the dry-run plan")
+    p.add_argument("--modes", default="full,shared,full-gc,shared-gc", help="--large: modes to measure")
+    p.add_argument("--rank-large", type=int, default=32)
+    p.add_argument("--gan", action="store_true", help="--large: DMD2 with the GAN head (real latents)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.rank = {"digits-dit": args.rank_digits, "sdxl-class": args.rank_sdxl}
@@ -204,7 +422,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     command = "python eval/bench_memory.py " + " ".join(shlex.quote(a) for a in argv)
-    return cmd_memory(args, command)
+    return cmd_large(args, command) if args.large else cmd_memory(args, command)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "train": ("fewstep.train_cmd", "run the training entry point (same as train/train.py)"),
     "export": ("fewstep.export", "write a stock diffusers pipeline folder for a student"),
     "eval": ("fewstep.eval_cmd", "score a pipeline or checkpoint: FID, KID, precision/recall, ..."),
+    "distill-decoder": ("fewstep.decoder_cmd", "distil a small AutoencoderTiny from a teacher's VAE decoder"),
     "launch": ("fewstep.launch_cmd", "accelerate launch the training entry point, the config checked first"),
     "encode": ("fewstep.encode_cmd", "encode images into a sharded latent cache with the teacher's VAE"),
     "plot": ("fewstep.plot_cmd", "draw a run's training curves (losses, grad norms, lr, FID) to a PNG"),

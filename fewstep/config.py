@@ -155,6 +155,8 @@ class PrecisionConfig:
     mixed_precision: Literal["no", "bf16"] | None = None  # None: what `accelerate launch` says ("no" otherwise)
     gradient_checkpointing: bool = False  # activation checkpointing of trainable backbones
     allow_tf32: bool = True  # CUDA matmuls in TF32 where fp32 runs
+    compile: bool = False  # torch.compile the student, fake score and teacher backbones (eager fallback)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = None  # torch.compile's mode
 
 
 @dataclass

@@ -158,7 +158,8 @@ def vae_scale_shift(vae: Any) -> tuple[float, float]:
 def _vae_scale_factor(vae: nn.Module | None) -> int:
     if vae is None:
         return 8
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    cfg = vae.config  # AutoencoderTiny (a distilled decoder) names its levels per half
+    return 2 ** (len(cfg.get("block_out_channels") or cfg.get("decoder_block_out_channels")) - 1)
 
 
 def _latent_shape(pipe, family: str, backbone: nn.Module, vae, resolution) -> tuple[int, int, int]:

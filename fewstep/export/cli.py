@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="hard-link the teacher's VAE / text encoders instead of copying them (same file system)",
     )
+    p.add_argument(
+        "--decoder",
+        help="a `fewstep distill-decoder` folder: the pipeline's vae becomes that small AutoencoderTiny "
+        "(the teacher's full VAE stays in vae_full/); default: the full VAE",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             lora=args.lora,
             eval_results=args.eval_results,
             link_components=args.link_components,
+            decoder=args.decoder,
         )
     except ExportError as e:
         from ..errors import one_line

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..decoder import install_decoder
 from ..weights_check import check_weights_folder
 from ._common import CARD_NAME, LORA_DIR, ExportError, _read_json
 from .card import _card
@@ -94,6 +95,7 @@ def export_student(
     lora: str = "auto",
     eval_results: Sequence[str | os.PathLike] = (),
     link_components: bool = False,
+    decoder: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Write a stock diffusers pipeline folder for a trained student.
 
@@ -110,12 +112,16 @@ def export_student(
         eval_results: results.json files of `fewstep eval` to summarise in the card (results under
             the run dir are found on their own).
         link_components: hard-link the teacher's component files instead of copying them.
+        decoder: a `fewstep distill-decoder` folder to load as the pipeline's `vae` (the
+            teacher's full VAE is kept in `vae_full/`, outside model_index.json).
     Returns an ExportResult (the folder, the scheduler plan, the card).
     """
     t0 = time.time()
     from ..msd.export import export_msd, is_msd_run
 
     if is_msd_run(checkpoint):  # K students: one pipeline folder each + routing.json (fewstep/msd/export.py)
+        if decoder is not None:
+            raise ExportError("--decoder is not supported for multi-student (MSD) runs yet")
         return export_msd(
             checkpoint,
             out,
@@ -143,7 +149,7 @@ def export_student(
         )
         student = _read_student(run, tp)
         with atomic_folder(out, overwrite) as tmp:
-            card = _write_folder(tmp, run, tp, student, plan, source, lora, eval_results, link_components)
+            card = _write_folder(tmp, run, tp, student, plan, source, lora, eval_results, link_components, decoder)
     finally:
         shutil.rmtree(scratch_root, ignore_errors=True)
     return ExportResult(out, tp.pipeline_class, plan, card, time.time() - t0)
@@ -159,6 +165,7 @@ def _write_folder(
     lora: str,
     eval_results: Sequence[str | os.PathLike],
     link_components: bool,
+    decoder: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Fill the folder being written: the teacher's other components, the student's backbone, the
     scheduler, the LoRA adapter where it applies, the card and its README. Returns the card."""
@@ -168,6 +175,7 @@ def _write_folder(
     bb_file = _write_backbone(run, tp, student, tmp)
     _write_scheduler(tp, plan, tmp)
     lora_info = _lora_part(run, tp, student, lora, tmp)
+    decoder_info = install_decoder(tmp, decoder) if decoder is not None else None
     card = _card(
         run,
         source,
@@ -181,6 +189,8 @@ def _write_folder(
         eval_results,
         bb_file_sha=_sha256(bb_file),
     )
+    if decoder_info is not None:
+        card["decoder"] = decoder_info
     (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
     (tmp / "README.md").write_text(render_readme(card))
     return card

@@ -26,7 +26,7 @@ def build_dmd(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
     ctx (a registry BuildContext, or any object with these attributes): latent_shape,
     has_real_data, seed, device, num_classes, make_student / make_copy (full copies when absent),
     lora (rank / alpha / target_modules / dropout for shared-base mode), sharded,
-    gradient_checkpointing.
+    gradient_checkpointing (shared-base mode: checkpointing that reruns blocks under their role).
     """
     params.validate()
     check_run(params, teacher, ctx)
@@ -79,6 +79,8 @@ def _shared_networks(teacher: Denoiser, ctx: Any, needs_fake: bool) -> tuple[nn.
         targets=getattr(lora, "target_modules", None),
         dropout=getattr(lora, "dropout", 0.0),
     )
+    if getattr(ctx, "gradient_checkpointing", False):
+        shared.enable_checkpointing()
     t_net, student = RoleView(shared, None), RoleView(shared, "student")
     fake = RoleView(shared, "fake") if needs_fake else None
     return t_net, student, fake, teacher.backbone

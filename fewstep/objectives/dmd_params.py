@@ -193,6 +193,4 @@ def check_run(params: DMDParams, teacher: Any, ctx: Any) -> None:
             ctx,
             sharded="objective.shared_base=true cannot run sharded (FSDP shards each network on its own); "
             "use lora.student / lora.fake instead",
-            gradient_checkpointing="objective.shared_base=true cannot run with precision.gradient_checkpointing "
-            "(the recomputation in backward would see whichever adapter is active then)",
         )

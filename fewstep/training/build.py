@@ -16,6 +16,8 @@ from ..families import family_name
 from ..objectives.registry import BuildContext, build_objective, make_params
 from .bundle import TeacherBundle
 from .checkpoint import saved_keys
+from .checkpointing import enable_activation_checkpointing
+from .compile import compile_backbones
 from .data import BatchSource
 from .ema import EMA
 from .lora import make_factories
@@ -98,6 +100,8 @@ def build_trainer(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSou
     keys &= set(get_model_state_dict(holder, options=StateDictOptions()).keys())
     student_group = next((g for g, roles in obj.groups.items() if "student" in roles), None)
     _place(env, tden, holder)
+    if cfg.precision.compile:
+        compile_backbones([*holder.values(), tden], cfg.precision.compile_mode, env.say)
     named = dict(holder.named_parameters(remove_duplicate=False))
     group_params = {g: [named[n] for n in names] for g, names in group_names.items()}
     optimizers, schedulers, gcfg = _optimizers(cfg, obj, group_params)
@@ -190,10 +194,7 @@ def _holder(cfg: Config, env: Env, tden: nn.Module, nets: dict[str, nn.Module]) 
     holder = nn.ModuleDict({r: m for r, m in nets.items() if r not in teacher_roles})
     holder.to(env.device)
     if cfg.precision.gradient_checkpointing:
-        for m in holder.values():
-            bb = backbone_of(m)
-            if any(p.requires_grad for p in bb.parameters()) and getattr(bb, "_supports_gradient_checkpointing", False):
-                bb.enable_gradient_checkpointing()
+        enable_activation_checkpointing(holder.values(), say=env.say)
     return holder, teacher_roles
 
 

@@ -12,11 +12,12 @@ import torch
 from ..config import Config
 from ..families import family_name
 from ..objectives.registry import build_objective, make_params
+from .activations import activation_bytes, example_condition
 from .build import run_context
 from .bundle import TeacherBundle, meta_bundle
 from .memory import estimate_table, format_bytes, role_memory
 
-__all__ = ["dry_run", "launch_settings"]
+__all__ = ["dry_run", "launch_settings", "memory_plan"]
 
 
 def launch_settings(
@@ -51,6 +52,21 @@ def dry_run(
     teacher: TeacherBundle | None = None,
 ) -> str:
     """The dry-run report (a string; the caller prints it)."""
+    return memory_plan(cfg, num_processes, sharding, mixed_precision, teacher)[2]
+
+
+def memory_plan(
+    cfg: Config,
+    num_processes: int | None = None,
+    sharding: str | None = None,
+    mixed_precision: str | None = None,
+    teacher: TeacherBundle | None = None,
+    example_cond: dict | None = None,
+) -> tuple[list, int | None, str]:
+    """(per-role `RoleMemory` rows, activation bytes of one gradient-recording forward of the
+    student at the per-process batch or None where no example condition could be built, the
+    dry-run report): the plan the report prints, as numbers. `example_cond`: a condition for the
+    backbone at that batch (default: class labels for class-conditional teachers)."""
     n, sharded, mp = launch_settings(num_processes, sharding, mixed_precision, cfg)
     bundle = teacher if teacher is not None else meta_bundle(cfg.teacher)
     tden = bundle.denoiser
@@ -70,7 +86,18 @@ def dry_run(
     nets, groups, notes = _meta_networks(cfg, tden, ctx)
     trainable_roles = {r for roles in groups.values() for r in roles}
     rows = role_memory(nets, trainable_roles, "student" if cfg.ema.rate > 0 else None, n, sharded)
-    return "\n".join(_report(cfg, bundle, family, groups, rows, n, sharded, mp) + notes)
+    per_process = max(1, int(cfg.data.batch_size) // n)
+    act, act_note = None, ""
+    cond = example_cond if example_cond is not None else example_condition(bundle, per_process)
+    if cond is None:
+        act_note = "activations: not estimated (no example condition for this teacher on the meta device)"
+    else:
+        try:
+            act = activation_bytes(nets["student"], tuple(bundle.latent_shape), per_process, cond)
+        except Exception as e:  # a backbone whose forward cannot run on meta tensors
+            act_note = f"activations: not estimated ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    lines = _report(cfg, bundle, family, groups, rows, n, sharded, mp, act, act_note, per_process)
+    return rows, act, "\n".join(lines + notes)
 
 
 def _meta_networks(cfg: Config, tden: Any, ctx: Any) -> tuple[dict[str, Any], dict[str, list[str]], list[str]]:
@@ -105,6 +132,9 @@ def _report(
     n: int,
     sharded: bool,
     mp: str,
+    act: int | None,
+    act_note: str,
+    per_process: int,
 ) -> list[str]:
     """The report's lines: the run's settings, the table of roles and the memory estimate."""
     total = sum(r.total for r in rows)
@@ -125,6 +155,15 @@ def _report(
         f"estimated memory per process: {format_bytes(total)} for weights, gradients, AdamW moments and EMA "
         f"(trainable weights and their states in float32; the teacher in {cfg.teacher.dtype}).",
     ]
+    if act is not None:
+        lines.append(
+            f"activations: {format_bytes(act)} for one forward pass with gradients of the student at batch "
+            f"{per_process} per process (saved for backward, counted on the meta device; gradient checkpointing "
+            f"{'on' if cfg.precision.gradient_checkpointing else 'off'}); estimated peak {format_bytes(total + act)}"
+            + (" (float32 activations; bf16 roughly halves them)" if mp == "bf16" else "")
+        )
+    else:
+        lines.append(act_note)
     if mp == "bf16":
         lines.append(
             "bf16: backbones run under autocast (activations in bf16); "
@@ -135,8 +174,9 @@ def _report(
             )
         )
     lines.append(
-        "not included: activations (batch size, resolution, gradient checkpointing "
-        f"{'on' if cfg.precision.gradient_checkpointing else 'off'}), the VAE and text encoders (used once "
-        "to encode data and for sample grids), framework overhead."
+        "not included: "
+        + ("" if act is not None else "activations, ")
+        + "the VAE and text encoders (used once to encode data and for sample grids), framework overhead "
+        "(the interpreter and libraries; on a GPU the CUDA context)."
     )
     return lines

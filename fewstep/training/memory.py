@@ -57,8 +57,11 @@ def role_memory(
     order: tuple[str, ...] = ("teacher", "student", "fake", "disc", "discriminator"),
 ) -> list[RoleMemory]:
     """Per-role counts and bytes per process. Shared tensors (a LoRA student on the teacher's
-    weights, one network under two roles) are counted once, for the first role in `order`."""
+    weights, one network under two roles) are counted once, for the first role in `order`; the
+    gradient and AdamW states of a trainable tensor are counted for the role that trains it, also
+    when an earlier role holds it (shared-base mode: the adapters live in the teacher's backbone)."""
     seen: set[int] = set()
+    trained: set[int] = set()
     roles = sorted(nets, key=lambda r: (order.index(r) if r in order else len(order), r))
     div = num_processes if sharded else 1
     out = []
@@ -66,14 +69,15 @@ def role_memory(
         m = nets[role]
         own = shared = trainable = wb = gb = ob = eb = 0
         for p in m.parameters():
-            if id(p) in seen:
-                shared += p.numel()
-                continue
-            seen.add(id(p))
             n = p.numel()
-            own += n
-            wb += n * _elt(p)
-            if p.requires_grad and role in trainable_roles:
+            if id(p) in seen:
+                shared += n
+            else:
+                seen.add(id(p))
+                own += n
+                wb += n * _elt(p)
+            if p.requires_grad and role in trainable_roles and id(p) not in trained:
+                trained.add(id(p))
                 trainable += n
                 gb += n * 4
                 ob += 2 * n * 4
@@ -110,7 +114,7 @@ def estimate_table(rows: list[RoleMemory]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        pct = f" ({100 * r.trainable / max(1, r.params):.1f}%)" if r.trainable else ""
+        pct = f" ({100 * r.trainable / max(1, r.params + r.shared):.1f}%)" if r.trainable else ""
         pshow = format_count(r.params) + (f" +{format_count(r.shared)} shared" if r.shared else "")
         lines.append(
             f"{r.role:<10} {r.cls[:26]:<26} {pshow:>9} {format_count(r.trainable) + pct:>17} "

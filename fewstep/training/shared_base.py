@@ -29,8 +29,8 @@ class SharedBase:
     every adapter stays trainable by its own optimizer. The default state is "disabled", so the
     teacher Denoiser keeps behaving as the teacher outside role calls.
 
-    Not compatible with activation checkpointing inside the backbone (the recomputation in
-    backward would run with whatever adapter is then active): `build` refuses that combination.
+    Activation checkpointing goes through `enable_checkpointing`, whose rerun of a block in
+    backward reactivates the adapter of its forward pass (`fewstep.training.checkpointing`).
     """
 
     def __init__(
@@ -47,11 +47,6 @@ class SharedBase:
 
         self.denoiser = denoiser
         bb = denoiser.backbone
-        if getattr(bb, "is_gradient_checkpointing", False):
-            raise ValueError(
-                "objective.shared_base=true cannot run with gradient checkpointing in the backbone "
-                "(its recomputation would see the wrong adapter); disable one of them"
-            )
         targets = tuple(targets or default_lora_targets(bb))
         names = [n for n, _ in bb.named_modules()]
         found = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
@@ -80,6 +75,20 @@ class SharedBase:
         self.base_params = {n: p for n, p in bb.named_parameters() if id(p) not in lora_ids}
         self._active: str | None = "?"
         self.activate(None)
+        if getattr(bb, "is_gradient_checkpointing", False):  # stock checkpointing would rerun blocks
+            self.enable_checkpointing()  # under whichever adapter is active in backward
+
+    @property
+    def active(self) -> str | None:
+        """The role whose adapter takes part in a forward pass now (None: the teacher)."""
+        return self._active
+
+    def enable_checkpointing(self) -> None:
+        """Activation checkpointing of the backbone's blocks, each rerun in backward under the
+        adapter that was active in its forward pass."""
+        from .checkpointing import role_checkpoint_function
+
+        self.denoiser.backbone.enable_gradient_checkpointing(role_checkpoint_function(self))
 
     def activate(self, role: str | None) -> None:
         if role == self._active:

@@ -1,0 +1,118 @@
+"""Per-image sampling time of a few-step student decoded by a small distilled VAE
+(`fewstep distill-decoder`) or by the teacher's full VAE, against the teacher's own sampler
+(DDIM, CFG in one batched pass) with the full decode.
+
+    python eval/decoder_speed.py --student-pipeline exports/dmd2_1step_vp_tiny --full-pipeline exports/dmd2_1step_vp \
+        [--teacher digits-vp] [--teacher-steps 50] [--guidance 1.5] [--images 50] [--repeats 5] [--out FILE]
+
+The student pipelines are `fewstep export` folders (one with `--decoder`, one without), loaded by
+fewstep's loader; the student samples on its run card's times. Repeats are interleaved over the
+settings so that load on a shared machine hits all alike; the median per image is reported with
+and without the decode, and the teacher's time over each setting's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--student-pipeline", required=True, help="export with the small decoder")
+    ap.add_argument("--full-pipeline", required=True, help="export of the same student with the full VAE")
+    ap.add_argument("--teacher", default="digits-vp")
+    ap.add_argument("--teacher-steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--images", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from fewstep.pipeline_teacher import load_teacher
+    from fewstep.samplers import initial_noise, sample
+
+    teacher = load_teacher(args.teacher)
+    small = load_teacher(args.student_pipeline)
+    full = load_teacher(args.full_pipeline)
+    card = (
+        json.loads((Path(args.full_pipeline) / "fewstep_card.json").read_text())
+        if (Path(args.full_pipeline) / "fewstep_card.json").is_file()
+        else {}
+    )
+    s_times = (card.get("sampling") or {}).get("times") or [0.5, 0.0]
+    t_times = teacher.path.sampling_times(args.teacher_steps).tolist()
+    n = args.images
+    noise = initial_noise((n, *teacher.latent_shape), torch.Generator().manual_seed(0))
+    cond = {"class_labels": torch.arange(n) % 10}
+    settings = {
+        f"teacher, {args.teacher_steps} DDIM steps, CFG {args.guidance:g}, full VAE": (
+            teacher.denoiser,
+            t_times,
+            args.guidance,
+            teacher.decode,
+        ),
+        f"student, {len(s_times) - 1} step, full VAE": (full.denoiser, s_times, 1.0, full.decode),
+        f"student, {len(s_times) - 1} step, small VAE ({type(small.vae).__name__})": (
+            small.denoiser,
+            s_times,
+            1.0,
+            small.decode,
+        ),
+    }
+    res = {k: {"net": [], "total": []} for k in settings}
+    with torch.no_grad():
+        for den, times, g, dec in settings.values():  # warm-up
+            dec(sample(den, noise[:5], {"class_labels": cond["class_labels"][:5]}, times, g))
+        for _ in range(args.repeats):
+            for name, (den, times, g, dec) in settings.items():
+                t0 = time.perf_counter()
+                x = sample(den, noise, cond, times, g)
+                t1 = time.perf_counter()
+                dec(x)
+                t2 = time.perf_counter()
+                res[name]["net"].append((t1 - t0) / n)
+                res[name]["total"].append((t2 - t0) / n)
+    names = list(settings)
+    teacher_total = statistics.median(res[names[0]]["total"])
+    rows = []
+    for name in names:
+        net, tot = statistics.median(res[name]["net"]), statistics.median(res[name]["total"])
+        rows.append(
+            {
+                "setting": name,
+                "net_ms_per_image": 1e3 * net,
+                "total_ms_per_image": 1e3 * tot,
+                "decode_ms_per_image": 1e3 * (tot - net),
+                "teacher_over_this": teacher_total / tot,
+            }
+        )
+    lines = [
+        f"batch {n}, {args.threads} thread(s), median of {args.repeats} interleaved repeats",
+        "| setting | network ms / image | decode ms / image | total ms / image | teacher (with decode) / this |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['net_ms_per_image']:.3f} | {r['decode_ms_per_image']:.3f} | "
+            f"{r['total_ms_per_image']:.3f} | {r['teacher_over_this']:.1f}x |"
+        )
+    print("\n".join(lines))
+    command = "python eval/decoder_speed.py " + " ".join(shlex.quote(a) for a in argv)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
