@@ -4,7 +4,7 @@ both re-noised at one shared draw (coupled), each trained for the same number of
 from one preset, then scored with the judge panel (every member's FID with its bootstrap interval,
 class accuracy, within-class Vendi as the diversity measure) next to the teacher.
 
-    python eval/ddmd_ablation.py --config configs/digits/ddmd_4step_vp.yaml --generator-steps 200 \\
+    python eval/ddmd_ablation.py --config configs/digits/ddmd_4step_vp.yaml --generator-steps 100 \\
         --teacher-guidance 1.5 --num-samples 1000 --out runs/ddmd_ablation/vp
 
 The paper's reading: CA is the engine (alone it over-saturates: class accuracy up, diversity down),
