@@ -4,7 +4,7 @@ both re-noised at one shared draw (coupled), each trained for the same number of
 from one preset, then scored with the judge panel (every member's FID with its bootstrap interval,
 class accuracy, within-class Vendi as the diversity measure) next to the teacher.
 
-    python eval/ddmd_ablation.py --config configs/digits/ddmd_4step_vp.yaml --generator-steps 200 \\
+    python eval/ddmd_ablation.py --config configs/digits/ddmd_4step_vp.yaml --generator-steps 100 \\
         --teacher-guidance 1.5 --num-samples 1000 --out runs/ddmd_ablation/vp
 
 The paper's reading: CA is the engine (alone it over-saturates: class accuracy up, diversity down),
@@ -40,6 +40,16 @@ VARIANTS = {
     "decoupled": ({}, "CA + DM, decoupled (the method)"),
     "coupled": ({"objective.ca_schedule": "coupled"}, "CA + DM, coupled (one shared re-noising)"),
 }
+
+
+def variant_overrides(variant: str, generator_steps: int | None, gan: bool) -> dict:
+    """The key=value overrides of the preset that make one variant (None stands for null)."""
+    ov: dict = {}
+    if generator_steps is not None:
+        ov.update({"generator_steps": generator_steps, "steps": None})
+    if not gan:
+        ov["objective.gan"] = False
+    return {**ov, **VARIANTS[variant][0]}
 
 
 def _get(cfg: dict, dotted: str):
@@ -105,20 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = args.out or Path("runs/ddmd_ablation") / Path(args.config).stem
     out.mkdir(parents=True, exist_ok=True)
-    common: dict = {}
-    if args.generator_steps is not None:
-        common.update({"generator_steps": args.generator_steps, "steps": None})
-    if not args.gan:
-        common["objective.gan"] = False
     log_file = out / "ablation.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else {"train_wall_s": {}}
     teacher = _get(preset, "teacher.source")
     steps = int(_get(preset, "objective.num_steps"))
     rows, by = [], {}
-    for name, (ov, label) in VARIANTS.items():
+    for name, (_, label) in VARIANTS.items():
         run = out / name
         if args.only is None or name in args.only:
-            wall = _train(args.config, run, {**common, **ov}, args.threads)
+            wall = _train(args.config, run, variant_overrides(name, args.generator_steps, args.gan), args.threads)
             if wall is not None:  # re-read: another process may be training other variants
                 log = json.loads(log_file.read_text()) if log_file.is_file() else {"train_wall_s": {}}
                 log["train_wall_s"][name] = wall

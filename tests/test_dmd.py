@@ -4,6 +4,7 @@ a short run on the exact Gaussian-mixture teacher."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -696,3 +697,35 @@ def test_gan_head_taps_a_plain_backbone_at_the_named_layer():
     mid = _snapshot(obj)
     logs = _step(obj, opts, obj.phases(0)[-1], batch, 0)
     assert "gan_d" in logs and _changed(mid, obj, "disc") and not _changed(mid, obj, "student")
+
+
+def test_ddmd_ablation_variants_are_valid_presets_that_switch_one_thing():
+    """eval/ddmd_ablation.py's four variants of the VP preset load and validate, share the
+    generator updates, and differ from the method only in the switch each names."""
+    import importlib.util
+    from pathlib import Path
+
+    from fewstep.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ddmd_ablation", root / "eval" / "ddmd_ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    preset = root / "configs" / "digits" / "ddmd_4step_vp.yaml"
+
+    def params(variant):
+        ov = mod.variant_overrides(variant, 100, gan=False)
+        cfg = load_config(preset, [f"{k}={'null' if v is None else v}" for k, v in ov.items()])
+        assert cfg.generator_steps == 100 and cfg.objective.name == "decoupled_dmd"
+        p = params_from_dict({"name": cfg.objective.name, **cfg.objective.params})
+        p.validate()
+        return p
+
+    base = params("decoupled")
+    assert not base.gan and base.ca_weight > 0 and base.dm_weight > 0 and base.ca_schedule == "decoupled"
+    changed = {
+        v: {f.name for f in dataclasses.fields(base) if getattr(params(v), f.name) != getattr(base, f.name)}
+        for v in ("ca_only", "dm_only", "coupled")
+    }
+    assert changed == {"ca_only": {"dm_weight"}, "dm_only": {"ca_weight"}, "coupled": {"ca_schedule"}}
+    assert params("ca_only").dm_weight == 0 and params("dm_only").ca_weight == 0
