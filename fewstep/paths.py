@@ -497,5 +497,8 @@ class MeanRevertingPath:
         b = x_t.shape[0]
         a_b, s_b = a.reshape(b, -1)[:, 0], s.reshape(b, -1)[:, 0]
         t_dst = dst.t_from_ratio(s_b / a_b)
-        a_dst, _ = dst.alpha_sigma(t_dst)
-        return (x_t - (1 - a) * mu) * _bcast(a_dst / a_b, x_t), t_dst
+        a_dst, s_dst = dst.alpha_sigma(t_dst)
+        # a_dst / a = s_dst / s at equal ratio; the norms' ratio is the same number and stays
+        # right where dst's table ends before this path's ratio does (t near 1)
+        scale = (a_dst**2 + s_dst**2).sqrt() / (a_b**2 + s_b**2).sqrt()
+        return (x_t - (1 - a) * mu) * _bcast(scale, x_t), t_dst
