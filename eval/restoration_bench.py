@@ -46,7 +46,14 @@ def main(argv=None) -> int:
     if args.teacher_steps:
         steps = [int(s) for s in args.teacher_steps.split(",")]
         res = evaluate_restoration(
-            EvalSpec(pipeline="digits-restore", steps=steps, protocol="restoration", num_samples=args.num_samples, out=str(out / "teacher"), command=" ".join(sys.argv))
+            EvalSpec(
+                pipeline="digits-restore",
+                steps=steps,
+                protocol="restoration",
+                num_samples=args.num_samples,
+                out=str(out / "teacher"),
+                command=" ".join(sys.argv),
+            )
         )
         tables.append(_markdown(res))
         print(tables[-1], flush=True)
@@ -63,7 +70,14 @@ def main(argv=None) -> int:
         wall = time.time() - t0
         steps = [int(s) for s in (args.steps[i] if args.steps else "1").split(",")]
         res = evaluate_restoration(
-            EvalSpec(pipeline=str(result.run_dir), steps=steps, protocol="restoration", num_samples=args.num_samples, out=str(out / name), command=" ".join(sys.argv))
+            EvalSpec(
+                pipeline=str(result.run_dir),
+                steps=steps,
+                protocol="restoration",
+                num_samples=args.num_samples,
+                out=str(out / name),
+                command=" ".join(sys.argv),
+            )
         )
         res["training"] = {"config": cfg_path, "overrides": overrides, "wall_s": round(wall, 1), "steps": result.steps}
         (out / name / "results.json").write_text(json.dumps(res, indent=1) + "\n")

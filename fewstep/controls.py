@@ -77,7 +77,12 @@ class ControlAdapter(nn.Module):
 
     def __init__(self, control_channels: int, out_channels: int, width: int = 64, size: int = 32):
         super().__init__()
-        self.config = {"control_channels": int(control_channels), "out_channels": int(out_channels), "width": int(width), "size": int(size)}
+        self.config = {
+            "control_channels": int(control_channels),
+            "out_channels": int(out_channels),
+            "width": int(width),
+            "size": int(size),
+        }
         self.size = int(size)
         self.net = nn.Sequential(
             nn.Conv2d(control_channels, width, 3, padding=1),
@@ -98,7 +103,9 @@ class ControlAdapter(nn.Module):
         if like.ndim == 4:
             return self.proj(F.adaptive_avg_pool2d(h, like.shape[-2:])).to(like.dtype)
         if like.ndim != 3:
-            raise ValueError(f"control adapter: the hooked layer's output must be (B, N, D) or (B, C, h, w), got {tuple(like.shape)}")
+            raise ValueError(
+                f"control adapter: the hooked layer's output must be (B, N, D) or (B, C, h, w), got {tuple(like.shape)}"
+            )
         n = like.shape[1]
         gh = int(math.isqrt(n))
         gh = gh if gh * gh == n else 1

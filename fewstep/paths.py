@@ -448,7 +448,9 @@ class MeanRevertingPath:
 
     def __init__(self, theta_min: float = 0.1, theta_max: float = 20.0, lam: float = 1.0):
         if not 0 <= theta_min <= theta_max or theta_max <= 0:
-            raise ValueError(f"MeanRevertingPath: need 0 <= theta_min <= theta_max, theta_max > 0; got {theta_min}, {theta_max}")
+            raise ValueError(
+                f"MeanRevertingPath: need 0 <= theta_min <= theta_max, theta_max > 0; got {theta_min}, {theta_max}"
+            )
         if not lam > 0:
             raise ValueError(f"MeanRevertingPath: lam must be > 0, got {lam}")
         self.theta_min, self.theta_max, self.lam = float(theta_min), float(theta_max), float(lam)

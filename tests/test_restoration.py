@@ -82,19 +82,25 @@ def test_mean_reverting_sde_marginals_match_closed_form():
     for i in range(n_steps):
         t = torch.tensor(i * dt, dtype=torch.float64)
         th = sde.theta(t)
-        x = x + th * (mu - x) * dt + math.sqrt(2 * sde.lam**2 * float(th) * dt) * torch.randn(
-            n_paths, generator=g, dtype=torch.float64
+        x = (
+            x
+            + th * (mu - x) * dt
+            + math.sqrt(2 * sde.lam**2 * float(th) * dt) * torch.randn(n_paths, generator=g, dtype=torch.float64)
         )
         if i + 1 in checks:
             checks[i + 1] = x.clone()
     for k, xs in checks.items():
         t = k / n_steps
-        mean, std = sde.mean_std(torch.full((1, 1), x0, dtype=torch.float64), torch.full((1, 1), mu, dtype=torch.float64), t)
+        mean, std = sde.mean_std(
+            torch.full((1, 1), x0, dtype=torch.float64), torch.full((1, 1), mu, dtype=torch.float64), t
+        )
         assert abs(xs.mean().item() - mean.item()) < 0.01, (t, xs.mean().item(), mean.item())
         assert abs(xs.std().item() - std.item()) < 0.01, (t, xs.std().item(), std.item())
     # and marginal() draws from that law
     eps = torch.randn(n_paths, 1, generator=g, dtype=torch.float64)
-    draws = sde.marginal(torch.full((n_paths, 1), x0, dtype=torch.float64), torch.full((n_paths, 1), mu, dtype=torch.float64), eps, 0.5)
+    draws = sde.marginal(
+        torch.full((n_paths, 1), x0, dtype=torch.float64), torch.full((n_paths, 1), mu, dtype=torch.float64), eps, 0.5
+    )
     assert abs(draws.std().item() - checks[500].std().item()) < 0.01
 
 
@@ -144,7 +150,9 @@ def test_restoration_protocol_refuses_mismatched_sizes(tmp_path):
     from fewstep.evaluation.restoration import check_sizes, restoration_scores
 
     targets = torch.zeros(4, 1, 32, 32)
-    with pytest.raises(InputError, match=r"restored images have shape \(4, 1, 8, 8\) but their targets \(4, 1, 32, 32\)"):
+    with pytest.raises(
+        InputError, match=r"restored images have shape \(4, 1, 8, 8\) but their targets \(4, 1, 32, 32\)"
+    ):
         check_sizes(torch.zeros(4, 1, 8, 8), targets)
     with pytest.raises(InputError, match="sizes must match"):
         restoration_scores(torch.zeros(3, 1, 32, 32), targets, torch.zeros(4))
@@ -218,7 +226,9 @@ def test_ircm_through_the_registry_refuses_data_free_runs():
     tiny = make_tiny("restore", prediction="v_prediction")
     with pytest.raises(ValueError, match="data.real_data=true"):
         build_objective("ircm", {}, tiny.denoiser, BuildContext(latent_shape=(1, 8, 8), has_real_data=False))
-    obj = build_objective("ircm", {"num_steps": 2}, tiny.denoiser, BuildContext(latent_shape=(1, 8, 8), has_real_data=True))
+    obj = build_objective(
+        "ircm", {"num_steps": 2}, tiny.denoiser, BuildContext(latent_shape=(1, 8, 8), has_real_data=True)
+    )
     assert obj.sampling["times"] == [1.0, 0.5, 0.0] and obj.sampling["renoise"] == "fresh"
     assert obj.sampling["times_by_steps"] == {1: [1.0, 0.0], 2: [1.0, 0.5, 0.0]}
 

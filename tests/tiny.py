@@ -335,7 +335,9 @@ def _pipe_restore(bb, prediction, seed):
 
     from fewstep.digits.restoration import build_pixel_vqvae
 
-    return diffusers.LDMSuperResolutionPipeline(vqvae=build_pixel_vqvae(), unet=bb, scheduler=ddim_scheduler(prediction))
+    return diffusers.LDMSuperResolutionPipeline(
+        vqvae=build_pixel_vqvae(), unet=bb, scheduler=ddim_scheduler(prediction)
+    )
 
 
 def _pipe_sd15(bb, prediction, seed):

@@ -136,7 +136,9 @@ def evaluate_restoration(spec) -> dict[str, Any]:
         pairs = restoration_pairs(kind, "heldout", limit=spec.num_samples)
         base = bicubic_baseline(pairs.degraded) if kind == "sr4" else pairs.condition.clamp(-1, 1)
         what = "bicubic x4" if kind == "sr4" else "degraded input"
-        rows.append({"degradation": kind, "what": what, **restoration_scores(base, pairs.target, pairs.labels, metrics)})
+        rows.append(
+            {"degradation": kind, "what": what, **restoration_scores(base, pairs.target, pairs.labels, metrics)}
+        )
         for steps in spec.steps:
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)

@@ -61,7 +61,9 @@ class IRCMConfig:
         if self.grid < 2:
             raise ValueError(f"objective.grid={self.grid}: must be >= 2")
         if not 0 <= self.theta_min <= self.theta_max or self.theta_max <= 0:
-            raise ValueError(f"objective.theta_min/theta_max={self.theta_min}/{self.theta_max}: need 0 <= min <= max, max > 0")
+            raise ValueError(
+                f"objective.theta_min/theta_max={self.theta_min}/{self.theta_max}: need 0 <= min <= max, max > 0"
+            )
         if not self.lam > 0:
             raise ValueError(f"objective.lam={self.lam}: must be > 0")
         if self.origin_weight < 0 or self.decouple_steps < 0 or self.huber_c < 0:

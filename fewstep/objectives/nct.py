@@ -73,7 +73,16 @@ def _mse(a: Tensor, b: Tensor) -> Tensor:
 
 
 class NCT:
-    def __init__(self, adapted: AdaptedGenerator, teacher: nn.Module, params: NCTConfig, t0: float, decode, sampling, seed: int = 0):
+    def __init__(
+        self,
+        adapted: AdaptedGenerator,
+        teacher: nn.Module,
+        params: NCTConfig,
+        t0: float,
+        decode,
+        sampling,
+        seed: int = 0,
+    ):
         self.p = params
         self.seed = int(seed)
         self.t0 = float(t0)
@@ -121,7 +130,11 @@ class NCT:
         l_c = _mse(self.control(self.decode(out_s)), c)
         loss = self.p.nc_weight * l_nc + self.p.boundary_weight * l_b + self.p.control_weight * l_c
         with torch.no_grad():  # the control error from free noise (s = 1), what a user notices
-            err_free = _mse(self.control(self.decode(out_s[s > 0.9])), c[s > 0.9]) if (s > 0.9).any() else torch.tensor(float("nan"))
+            err_free = (
+                _mse(self.control(self.decode(out_s[s > 0.9])), c[s > 0.9])
+                if (s > 0.9).any()
+                else torch.tensor(float("nan"))
+            )
         return loss, {
             "loss": float(loss.detach()),
             "noise_consistency": float(l_nc.detach()),
@@ -163,7 +176,9 @@ def build(params: NCTConfig | dict[str, Any] | None, teacher, ctx: Any) -> NCT:
         raise ValueError("objective.generator: the run dir of the one-step generator to adapt (e.g. a DMD2 1-step run)")
     gen, sampling = load_generator(params.generator, teacher, ctx.make_copy, params.generator_weights)
     if len(sampling["times"]) != 2:
-        raise ValueError(f"objective.generator: NCT adapts a one-step generator; this one samples at {sampling['times']}")
+        raise ValueError(
+            f"objective.generator: NCT adapts a one-step generator; this one samples at {sampling['times']}"
+        )
     decode = differentiable_decode(getattr(ctx, "decode", None)) or (lambda x: x)
     layer, width = feature_layer(gen.backbone, params.feature_layer)
     params.layer_name = layer_name(gen.backbone, layer)

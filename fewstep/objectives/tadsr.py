@@ -71,7 +71,15 @@ class TimeAwareHead(nn.Module):
 
 
 class TADSR:
-    def __init__(self, student: Denoiser, teacher: Denoiser, head: TimeAwareHead, layer: nn.Module, params: TADSRConfig, seed: int = 0):
+    def __init__(
+        self,
+        student: Denoiser,
+        teacher: Denoiser,
+        head: TimeAwareHead,
+        layer: nn.Module,
+        params: TADSRConfig,
+        seed: int = 0,
+    ):
         self.p = params
         self.seed = int(seed)
         self.nets = {"student": student, "teacher": teacher, "disc": head}
@@ -119,7 +127,11 @@ class TADSR:
             lf = self._logits(x_hat, t_d, eps_d, cond)
             lr = self._logits(x0.float(), t_d, eps_d, cond)
             loss = discriminator_gan_loss(lf, lr)
-            return loss, {"disc": float(loss.detach()), "d_real": float(lr.detach().mean()), "d_fake": float(lf.detach().mean())}
+            return loss, {
+                "disc": float(loss.detach()),
+                "d_real": float(lr.detach().mean()),
+                "d_fake": float(lf.detach().mean()),
+            }
         if phase != "generator":
             raise ValueError(f"tadsr phases are 'disc' and 'generator'; got {phase!r}")
         x_hat = student(z, 1.0, cond)
