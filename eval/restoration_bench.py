@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=None, help="override the presets' steps")
     p.add_argument("--num-samples", type=int, default=None, help="held-out images per degradation (default all)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-card", action="store_true", help="do not write the teacher's scores into its card")
     args = p.parse_args(argv)
     import torch
 
@@ -57,6 +58,13 @@ def main(argv=None) -> int:
         )
         tables.append(_markdown(res))
         print(tables[-1], flush=True)
+        if not args.no_card:  # the teacher's scores go to its card, beside the command that trained it
+            from fewstep.digits.data import WEIGHTS_DIR
+
+            card_file = WEIGHTS_DIR / "restoration_teacher.json"
+            card = json.loads(card_file.read_text())
+            card["scores"] = {"command": " ".join(["python"] + sys.argv), "rows": res["rows"]}
+            card_file.write_text(json.dumps(card, indent=2) + "\n")
     if len(args.steps) not in (0, len(args.config)):
         raise SystemExit("give one --steps per --config (or none: 1)")
     for i, cfg_path in enumerate(args.config):
