@@ -277,3 +277,23 @@ def test_tadsr_discriminator_reads_the_teacher_features_at_time_t():
     feats = torch.randn(2, 16, 4, 4)
     head = obj.nets["disc"]
     assert not torch.allclose(head(feats, torch.tensor([0.1, 0.1])), head(feats, torch.tensor([0.9, 0.9])))
+
+
+def test_image_conditioned_unet_runs_through_the_adapter():
+    """The restore family: the image goes in on the channels, no guidance, and a wrong image
+    shape is refused naming the expected shape."""
+    from fewstep.families import family_of
+
+    for prediction in ("epsilon", "v_prediction"):
+        tiny = make_tiny("restore", prediction=prediction)
+        assert family_of(tiny.backbone).name == "restore" and family_of(make_tiny("unet").backbone).name == "unet"
+        d = tiny.denoiser
+        x, cond, t = torch.randn(2, 1, 8, 8), tiny.cond(2), torch.tensor([0.9, 0.3])
+        x0, eps = d(x, t, cond, output="x0_eps")
+        assert torch.allclose(d.path.add_noise(x0, eps, t), x, atol=1e-4)
+        other = d(x, t, {"image": cond["image"] + 1.0})
+        assert not torch.allclose(x0, other)  # the image conditions the output
+    with pytest.raises(ValueError, match="no unconditional input"):
+        d(x, t, cond, guidance=3.0)
+    with pytest.raises(ValueError, match=r"cond\['image'\] must have shape \(2, 1, 8, 8\)"):
+        d(x, t, {"image": torch.zeros(2, 1, 4, 4)})

@@ -311,6 +311,7 @@ class TinyFamily:
     backbone: Callable[..., tuple]  # (seed, **kw) -> (backbone, latent_shape, make_cond, conditioner kwargs)
     pipeline: Callable[..., Any]  # (backbone, prediction, seed) -> the family's diffusers pipeline
     flow_shift: float | None = None  # flow-matching families: the FlowPath shift; None: a VP teacher
+    guidance: bool = True  # False: no unconditional input (the image-conditioned restore family)
 
 
 def _pipe_dit(bb, prediction, seed):
@@ -425,13 +426,13 @@ TINY: dict[str, TinyFamily] = {
     "unet": TinyFamily(_unet, _pipe_unet),
     "sd15": TinyFamily(_sd15, _pipe_sd15),
     "sdxl": TinyFamily(_sdxl, _pipe_sdxl),
-    "restore": TinyFamily(_restore, _pipe_restore),
+    "restore": TinyFamily(_restore, _pipe_restore, guidance=False),
     "pixart": TinyFamily(_pixart, _pipe_pixart),
     "sd3": TinyFamily(_sd3, _pipe_sd3, flow_shift=3.0),
     "flux": TinyFamily(_flux, _pipe_flux, flow_shift=1.0),
 }
 FAMILIES = tuple(TINY)
-VP_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is None)
+VP_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is None and t.guidance)  # guided VP teachers
 FLOW_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is not None)
 
 

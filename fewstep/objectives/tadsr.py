@@ -21,10 +21,12 @@ with `num_inference_steps=1`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..denoiser import Denoiser
@@ -58,16 +60,32 @@ class TADSRConfig:
 
 
 class TimeAwareHead(nn.Module):
-    """DiscriminatorHead over [features, t]: t enters as one constant channel."""
+    """Teacher features and the time t -> one logit. The features are pooled to 4x4 and t joins
+    them as a constant channel in the first convolution, before any normalisation (a GroupNorm
+    over [features, t] would normalise the constant channel away); then two stride-2 4x4
+    convolutions down to one logit."""
 
     def __init__(self, channels: int, latent_hw: tuple[int, int], width: int):
         super().__init__()
-        self.head = DiscriminatorHead(channels + 1, latent_hw, width)
+        self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
+        self.inp = nn.Conv2d(channels + 1, width, 3, padding=1)
+        g = math.gcd(8, width)  # groups of at least width / 8 channels
+        self.net = nn.Sequential(  # 4x4 -> 2x2 -> 1x1; no norm at 1x1, where it would erase the logit's input
+            nn.SiLU(),
+            nn.Conv2d(width, width, 4, stride=2, padding=1),
+            nn.GroupNorm(g, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 1, 1),
+        )
 
     def forward(self, features: Tensor, t: Tensor) -> Tensor:
-        grid = self.head.grid(features.float())
-        tmap = t.float().reshape(-1, 1, 1, 1).expand(grid.shape[0], 1, *grid.shape[2:])
-        return self.head(torch.cat([grid, tmap], 1))
+        grid = DiscriminatorHead.grid(self, features.float())  # tokens -> (B, D, h, w), as DMD2's head lays them
+        x = F.adaptive_avg_pool2d(self.norm(grid), 4)
+        tmap = t.float().reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
+        return self.net(self.inp(torch.cat([x, tmap], 1))).flatten(1).mean(1)
 
 
 class TADSR:
