@@ -38,7 +38,7 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..paths import MeanRevertingPath
 from . import _maths
-from .base import Batch, step_generator
+from .base import Batch, require_image_conditioned, step_generator
 
 __all__ = ["IRCMConfig", "IRCM", "build"]
 
@@ -131,6 +131,7 @@ def build(params: IRCMConfig | dict[str, Any] | None, teacher: Denoiser, ctx: An
     if not isinstance(params, IRCMConfig):
         params = IRCMConfig(**(params or {}))
     params.validate()
+    require_image_conditioned("ircm", ctx)
     if not getattr(ctx, "has_real_data", True):
         raise ValueError("objective ircm trains on restoration pairs: set data.real_data=true (teacher digits-restore)")
     return IRCM(ctx.make_student(teacher), teacher, params, seed=getattr(ctx, "seed", 0))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from . import _maths
-from .base import Batch, step_generator
+from .base import Batch, require_image_conditioned, step_generator
 from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
 
 __all__ = ["TADSRConfig", "TADSR", "TimeAwareHead", "build"]
@@ -173,6 +173,7 @@ def build(params: TADSRConfig | dict[str, Any] | None, teacher: Denoiser, ctx: A
     if not isinstance(params, TADSRConfig):
         params = TADSRConfig(**(params or {}))
     params.validate()
+    require_image_conditioned("tadsr", ctx)
     if params.gan and not getattr(ctx, "has_real_data", True):
         raise ValueError("objective tadsr with gan=true needs real targets: set data.real_data=true")
     layer, channels = feature_layer(teacher.backbone, params.gan_feature_layer)
