@@ -243,6 +243,29 @@ def test_ca_renoising_level_never_exceeds_the_generators_input_level():
     assert seen == {1.0, 0.6, 0.3} and dm_above
 
 
+def test_coupled_schedule_renoises_ca_at_the_dm_terms_time():
+    """ca_schedule="coupled" (the ablation's contrast): the CA term's teacher pass sees the DM term's
+    tau, sample for sample, including taus above the generator's input time; "decoupled" does not."""
+    teacher, _ = _two_class_gmm(FlowPath(1000), learnable=True)
+    for schedule in ("coupled", "decoupled"):
+        obj = build(
+            DMDParams(variant="ddmd", guidance=3.0, num_steps=2, student_times=[1.0, 0.3], ca_schedule=schedule),
+            teacher,
+            context(latent_shape=(2, 1, 1)),
+        )
+        calls = []
+        obj.nets["teacher"] = _Recorder(teacher, calls)
+        same, above = True, False
+        for step in range(20):
+            calls.clear()
+            _, logs = obj.loss("generator", {"cond": {"class_labels": torch.arange(8) % 2}, "shape": (8, 2, 1, 1)}, step)
+            (ca,) = [t for t, out in calls if out == "cond_uncond"]
+            (dm,) = [t for t, out in calls if out == "x0"]
+            same &= torch.equal(ca, dm)
+            above |= float(ca.max()) > logs["t_gen"]
+        assert same == (schedule == "coupled") and above == (schedule == "coupled"), schedule
+
+
 def test_ddmd_switches_zero_exactly_the_other_term():
     """CA only (dm_weight 0) and DM only (ca_weight 0), at the same random draws, give the student
     gradients whose sum is the full one: each switch removes exactly the other term."""
@@ -285,6 +308,8 @@ def test_channel_kl_vanishes_on_matching_statistics():
         (dict(variant="dmd", regression_weight=0.0), False, "objective.regression_weight"),
         (dict(variant="ddmd", dm_kind="meanvar", meanvar_target="real"), False, "objective.meanvar_target"),
         (dict(variant="ddmd", ca_t_min=0.6, num_steps=2, student_times=[1.0, 0.5]), False, "objective.ca_t_min"),
+        (dict(variant="ddmd", ca_schedule="joint"), False, "objective.ca_schedule"),
+        (dict(variant="ddmd", ca_schedule="coupled", dm_kind="meanvar"), False, "objective.ca_schedule"),
         (dict(variant="dmdx"), False, "objective.variant"),
     ],
 )

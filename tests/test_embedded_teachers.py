@@ -155,3 +155,19 @@ def test_training_script_runs_two_steps(tmp_path):
         sa, sb = load_file(str(fa)), load_file(str(fb))
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), part
     assert (WEIGHTS_DIR / "teachers.json").read_text() == before  # --no-card leaves the cards alone
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_card_recommends_its_lowest_fid_scale(kind):
+    """Each card's recommended guidance (the default of every command) is the scale of its
+    guidance_choice rows with the lowest panel-median FID, and the card names that scale and the one
+    with the highest panel-median class accuracy (the lowest such scale on a tie), with the command."""
+    card = teacher_card(kind)
+    choice = card["guidance_choice"]
+    rows = choice["rows"]
+    best_fid = min(rows, key=lambda r: r["fid_median"])["guidance"]
+    top = max(r["class_acc_median"] for r in rows)
+    best_acc = min(r["guidance"] for r in rows if r["class_acc_median"] == top)
+    assert choice["lowest_fid"] == best_fid and choice["highest_class_acc"] == best_acc
+    assert card["guidance"] == best_fid, (kind, card["guidance"], best_fid)
+    assert choice["command"].startswith("python eval/teacher_guidance.py --teacher digits-" + kind)

@@ -6,7 +6,8 @@ Networks (roles):
     student   the generator, initialised from the teacher (1-4 steps)
     fake      a trainable copy of the teacher, trained by denoising score matching on sg(student
               samples); never guided
-    disc      optional GAN head on the fake score's bottleneck features (needs real latents)
+    disc      optional GAN head on the fake score's bottleneck features (DMD2), or on the frozen
+              teacher's (`gan_features: teacher`); needs real latents
 
 Groups: "generator" trains the student; "fake_score" trains the fake score (and the head). The
 fake_score group updates every step, the generator every `fake_updates_per_generator` steps (DMD2's
@@ -18,6 +19,7 @@ Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x
     dmd    the same DM term plus the regression loss (required)
     ddmd   two terms, each re-noised at its own time:
            CA  -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|   at tau_CA ~ U[ca_t_min, min(ca_t_max, t_gen)]
+               (ca_schedule="coupled", for the ablation: at the DM term's tau_DM and noise instead)
            DM  (x0_fake_c - x0_real_c) / mean|x_hat - x0_real_c| at tau_DM ~ U[dm_t_min, dm_t_max]
            or, with dm_kind="meanvar", a per-channel Gaussian KL between the student's samples and
            the teacher's (or real) latents instead of the DM term. Both terms' noise is drawn every
@@ -25,13 +27,27 @@ Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x
            it is; a zero-weight term is not computed (at w = 1 the CA term is zero: no teacher pass,
            no null condition). Without the DM term (meanvar, or dm_weight 0) and without the GAN
            head no fake score is built: one group, "generator", updated every step.
-    + gan_generator_weight * softplus(-D(x_hat))          (optional)
+    + gan_generator_weight * softplus(-D(x_hat))          (optional; DMD2 eq. 6)
     + regression_weight * dist(G(z_ref), y_ref)           (optional; 1-step students)
 
 Fake-score loss: native-target MSE (eps for eps teachers, v for v / flow teachers) on
 add_noise(sg(x_hat), eps, t), t ~ U[fake_t_min, 1]. The fake score starts as a copy of the teacher,
 and the native target keeps the loss weighting the teacher was trained with (DMD2 does the same
 for its eps-teachers); `fake_target: x0` gives an unweighted x0 MSE instead.
+
+GAN head (DMD2): D reads the features of one tapped layer (`fewstep.objectives.gan`) of the fake
+score (`gan_features: fake_score`, DMD2's design; the head's loss also trains the fake score's
+layers up to the tap) or of the frozen teacher (`gan_features: teacher`; the head alone trains).
+Its passes cost only what they must:
+  - a pass made for the features alone ends after the tapped layer (the early exit of `FeatureTap`);
+  - fake-score update: when the GAN's noise levels are drawn like the DSM term's (gan_t range ==
+    [fake_t_min, 1], the defaults) the DSM input is the GAN's fake sample, and with fake-score
+    features its pass gives their features too; the real samples get a features-only pass;
+  - generator update: the fake score and the head are frozen; the head's term is evaluated on a
+    detached copy of x_hat and only its gradient w.r.t. x_hat is taken (torch.autograd.grad), so no
+    weight gradient of the fake score, teacher or head is computed. When the GAN draws its noise
+    levels like the DM term (gan_t range == dm_t range) and the feature network's DM pass is one
+    pass over the batch (the fake score; the teacher at guidance 1), that pass gives the features.
 
 Multi-step students use backward simulation: k ~ U{0..K-1} from `step_generator(seed, step)`
 (the same on every process); the student runs without grad through student_times[:k] from pure
@@ -46,6 +62,7 @@ one frozen copy of the base weights; each role's call switches the adapters (see
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -92,6 +109,8 @@ class DMDParams:
     gan_feature_layer: str | None = None  # dotted module path feeding the head (any backbone); None: the
     #   family's tap (fewstep.objectives.gan)
     gan_head_width: int = 128  # channels of the head
+    gan_features: str = "fake_score"  # whose features the head reads: "fake_score" (DMD2) or "teacher"
+    #   (frozen; the head alone trains)
     gan_t_min: float = 0.001  # noise levels the head sees
     gan_t_max: float = 1.0
     # ---- regression (DMD) -----------------------------------------------------------------
@@ -106,6 +125,7 @@ class DMDParams:
     dm_weight: float = 1.0  # DM term weight (or mean/variance KL weight)
     ca_t_min: float = 0.02  # CA re-noising range, capped by the generator's input time
     ca_t_max: float = 0.98
+    ca_schedule: str = "decoupled"  # "coupled": the CA term reuses the DM term's tau and noise (ablation)
     dm_kind: str = "dm"  # "dm" (fake vs real conditional) or "meanvar" (per-channel KL)
     meanvar_target: str = "teacher"  # "teacher" (cached teacher samples) or "real" (batch["x0"])
     meanvar_samples: int = 512  # teacher samples for the "teacher" statistics
@@ -158,6 +178,8 @@ class DMDParams:
         ):
             if not 0 <= lo < hi <= 1:
                 bad(f"objective.{name}_min / {name}_max must satisfy 0 <= min < max <= 1, got {lo}, {hi}")
+        if self.gan_features not in ("fake_score", "teacher"):
+            bad(f"objective.gan_features={self.gan_features!r} must be 'fake_score' or 'teacher'")
         if self.fake_target not in ("native", "x0"):
             bad(f"objective.fake_target={self.fake_target!r} must be 'native' or 'x0'")
         if int(self.fake_updates_per_generator) < 1:
@@ -181,6 +203,10 @@ class DMDParams:
                 f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
                 "(the CA term is re-noised below the generator's input level)"
             )
+        if self.ca_schedule not in ("decoupled", "coupled"):
+            bad(f"objective.ca_schedule={self.ca_schedule!r} must be 'decoupled' or 'coupled'")
+        if self.ca_schedule == "coupled" and self.dm_kind != "dm":
+            bad("objective.ca_schedule='coupled' shares the DM term's draw: it needs objective.dm_kind='dm'")
         if self.dm_kind not in ("dm", "meanvar"):
             bad(f"objective.dm_kind={self.dm_kind!r} must be 'dm' or 'meanvar'")
         if self.dm_kind == "meanvar" and self.variant != "ddmd":
@@ -218,7 +244,8 @@ class DMDObjective:
         teacher, student, fake: callables with the Denoiser signature (Denoisers or role views).
         seed:    run seed (backward-simulation step counts via `step_generator`).
         latent_shape: (C, H, W).
-        disc, tap: the GAN head and the feature hook on the fake score (both or neither).
+        disc, tap: the GAN head and the feature hook on the network `params.gan_features` names
+                  (both or neither).
         teacher_key: fingerprint of the teacher weights (for the sample caches).
         num_classes: class-conditional teachers: the cached teacher samples use balanced labels
                   0..num_classes-1 (otherwise the first training batch's conditions, tiled).
@@ -328,11 +355,49 @@ class DMDObjective:
         tau, eps = drawn if drawn is not None else self._draw(x, lo, hi)
         return self.path.add_noise(x.detach() if detach else x, eps, tau), tau
 
+    # ---- the GAN head --------------------------------------------------------------------
+    @property
+    def _feature_role(self) -> str:
+        """The network whose tapped features the head reads."""
+        return "teacher" if self.p.gan_features == "teacher" else "fake"
+
     def _disc_logits(self, x_in: Tensor, t_in: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor]:
-        """Fake-score native output and head logits from one pass (the hook captures the features)."""
+        """The feature network's native output and the head's logits from one complete pass."""
         with self.tap.capture():
-            out = self.nets["fake"](x_in, t_in, cond, output="native")
+            out = self.nets[self._feature_role](x_in, t_in, cond, output="native")
         return out, self.nets["disc"](self.tap.take())
+
+    def _features(self, x: Tensor, t: Tensor, cond: Cond | None, trains: bool) -> Tensor:
+        """The tapped features at (x, t), from a pass that ends after the tapped layer. `trains`:
+        the pass trains the network, so it is called as the entry point placed it (a wrapper that
+        averages gradients must see it); otherwise the bare module."""
+        net = self.nets[self._feature_role]
+        with self.tap.capture(stop=True):
+            (net if trains else unwrap(net))(x, t, cond, output="native")
+        return self.tap.take()
+
+    def _gan_generator(
+        self, x_hat: Tensor, cond: Cond | None, drawn: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The generator's GAN term at x_hat re-noised at tau ~ U[gan_t_min, gan_t_max] (or `drawn`):
+        (term, adv), adv = softplus(-D(features)) and term its student-only stand-in
+        (`_input_gradient_only`): the feature network and head are frozen here."""
+        tau, eps = drawn if drawn is not None else self._draw(x_hat, self.p.gan_t_min, self.p.gan_t_max)
+
+        def adv(leaf: Tensor) -> tuple[Tensor, None]:
+            feats = self._features(self.path.add_noise(leaf, eps, tau), tau, cond, trains=False)
+            return generator_gan_loss(unwrap(self.nets["disc"])(feats)), None
+
+        term, value, _ = _input_gradient_only(x_hat, adv)
+        return term, value
+
+    def _gan_on_dm_pass(self, guidance: float) -> bool:
+        """Whether the generator's GAN term reads the DM term's noised samples and pass: the GAN
+        draws its noise level like the DM term, and the feature network's DM pass is one pass over
+        the batch (the fake score is never guided; the teacher only at guidance 1)."""
+        p = self.p
+        same_draw = (p.gan_t_min, p.gan_t_max) == (p.dm_t_min, p.dm_t_max)
+        return p.gan and same_draw and (self._feature_role == "fake" or float(guidance) == 1.0)
 
     # ---- generator ----------------------------------------------------------------------
     def _dm_grad(
@@ -343,6 +408,31 @@ class DMDObjective:
             x0_real = self.nets["teacher"](x_tau, tau, cond, guidance)
             x0_fake = self.nets["fake"](x_tau, tau, cond)
         return dm_gradient(x_hat, x0_real, x0_fake)
+
+    def _dm_grad_and_gan(
+        self, x_hat: Tensor, cond: Cond | None, guidance: float, drawn: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`_dm_grad` and `_gan_generator` on the same noised samples: the feature network's DM pass
+        runs with a gradient to its input only and gives the head its features. Returns (g, term,
+        adv). Valid when `_gan_on_dm_pass(guidance)`."""
+        tau, eps = drawn if drawn is not None else self._draw(x_hat, self.p.dm_t_min, self.p.dm_t_max)
+        role = self._feature_role
+
+        def passes(leaf: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            x_tau = self.path.add_noise(leaf, eps, tau)
+            x0 = {}
+            for r, w in (("teacher", guidance), ("fake", 1.0)):
+                if r == role:
+                    with self.tap.capture():
+                        x0[r] = unwrap(self.nets[r])(x_tau, tau, cond, w).detach()
+                    feats = self.tap.take()
+                else:
+                    with torch.no_grad():
+                        x0[r] = self.nets[r](x_tau, tau, cond, w)
+            return generator_gan_loss(unwrap(self.nets["disc"])(feats)), (x0["teacher"], x0["fake"])
+
+        term, adv, (x0_real, x0_fake) = _input_gradient_only(x_hat, passes)
+        return dm_gradient(x_hat, x0_real, x0_fake), term, adv
 
     def _ca_grad(
         self, x_hat: Tensor, cond: Cond | None, t_gen: float, drawn: tuple[Tensor, Tensor] | None = None
@@ -364,13 +454,19 @@ class DMDObjective:
         p, cond = self.p, batch.get("cond")
         x_hat, t_gen = self.generate(batch, step, grad=True)
         logs: dict[str, float] = {"t_gen": t_gen}
+        gan: list[Tensor] = []  # (term, adv) once the GAN term is computed with the DM pass
         if self.variant in ("dmd", "dmd2"):
-            g = self._dm_grad(x_hat, cond, p.guidance)
+            if self._gan_on_dm_pass(p.guidance):
+                g, *gan = self._dm_grad_and_gan(x_hat, cond, p.guidance)
+            else:
+                g = self._dm_grad(x_hat, cond, p.guidance)
             loss = surrogate_loss(x_hat, g)
             logs["dm_grad_norm"] = g.flatten(1).norm(dim=1).mean().item()
         else:  # Decoupled DMD; both terms' noise drawn first, so a switched-off term changes nothing else
             ca_draw = self._draw(x_hat, p.ca_t_min, min(p.ca_t_max, float(t_gen)))
             dm_draw = self._draw(x_hat, p.dm_t_min, p.dm_t_max)
+            if p.ca_schedule == "coupled":  # one re-noising for both terms, over the DM term's range
+                ca_draw = dm_draw
             g = torch.zeros_like(x_hat)
             if p.ca_weight != 0:
                 g_ca = self._ca_grad(x_hat, cond, t_gen, ca_draw)
@@ -378,7 +474,10 @@ class DMDObjective:
                 g = g + p.ca_weight * g_ca
             if p.dm_kind == "dm":
                 if p.dm_weight != 0:
-                    g_dm = self._dm_grad(x_hat, cond, 1.0, dm_draw)
+                    if self._gan_on_dm_pass(1.0):
+                        g_dm, *gan = self._dm_grad_and_gan(x_hat, cond, 1.0, dm_draw)
+                    else:
+                        g_dm = self._dm_grad(x_hat, cond, 1.0, dm_draw)
                     logs["dm_grad_norm"] = g_dm.flatten(1).norm(dim=1).mean().item()
                     g = g + p.dm_weight * g_dm
                 loss = surrogate_loss(x_hat, g)
@@ -388,14 +487,8 @@ class DMDObjective:
                 logs["meanvar_kl"] = kl.item()
                 loss = surrogate_loss(x_hat, g) + p.dm_weight * kl
         if p.gan:
-            x_n, tau = self._noised(x_hat, p.gan_t_min, p.gan_t_max, detach=False)
-            out, logits = self._disc_logits(x_n, tau, cond)
-            adv = generator_gan_loss(logits)
-            loss = loss + p.gan_generator_weight * adv
-            if isinstance(self.nets["fake"], nn.parallel.DistributedDataParallel):
-                # DDP without find_unused_parameters wants every weight of the fake score in the
-                # graph; this term's gradient is exactly zero
-                loss = loss + 0.0 * out.mean()
+            term, adv = gan if gan else self._gan_generator(x_hat, cond)
+            loss = loss + p.gan_generator_weight * term
             logs["gan_g"] = adv.item()
         if p.regression_weight > 0:
             reg = self._regression_loss(batch)
@@ -415,16 +508,7 @@ class DMDObjective:
         x_t = self.path.add_noise(x_hat, eps, t)
         logs: dict[str, float] = {}
         if p.gan:
-            x_real = batch.get("x0")
-            if x_real is None:
-                raise ValueError("objective.gan=true but the batch has no 'x0' (real latents)")
-            xf, tf = self._noised(x_hat, p.gan_t_min, p.gan_t_max)
-            xr, tr = self._noised(x_real.float(), p.gan_t_min, p.gan_t_max)
-            x_in, t_in = torch.cat([x_t, xf, xr]), torch.cat([t, tf, tr])
-            cond3 = cat_cond(cond, cond, cond) if cond is not None else None
-            out_all, logits = self._disc_logits(x_in, t_in, cond3)
-            out = out_all[:b]
-            d_loss = discriminator_gan_loss(logits[b : 2 * b], logits[2 * b :])
+            out, d_loss = self._fake_and_disc(x_hat, x_t, t, batch)
             logs["gan_d"] = d_loss.item()
         else:
             out = self.nets["fake"](x_t, t, cond, output="native")
@@ -436,6 +520,30 @@ class DMDObjective:
         logs["loss_fake"] = fake_loss.item()
         loss = fake_loss if d_loss is None else fake_loss + p.gan_disc_weight * d_loss
         return loss, logs
+
+    def _fake_and_disc(self, x_hat: Tensor, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The fake score's native output at the DSM input (x_t, t) and the head's loss
+        softplus(D(fake)) + softplus(-D(real)). The fake samples are the DSM input itself when the
+        GAN draws its noise level like the DSM term, else their own draw."""
+        p, cond, b = self.p, batch.get("cond"), x_hat.shape[0]
+        x_real = batch.get("x0")
+        if x_real is None:
+            raise ValueError("objective.gan=true but the batch has no 'x0' (real latents)")
+        reuse = (p.gan_t_min, p.gan_t_max) == (p.fake_t_min, 1.0)
+        xf, tf = (x_t, t) if reuse else self._noised(x_hat, p.gan_t_min, p.gan_t_max)
+        xr, tr = self._noised(x_real.float(), p.gan_t_min, p.gan_t_max)
+        if reuse and self._feature_role == "fake":  # the DSM pass gives the fake samples' features
+            with self.tap.capture():
+                out = self.nets["fake"](x_t, t, cond, output="native")
+            feats = [self.tap.take(), self._features(xr, tr, cond, trains=True)]
+        else:
+            out = self.nets["fake"](x_t, t, cond, output="native")
+            cond2 = cat_cond(cond, cond) if cond is not None else None
+            trains = self._feature_role == "fake"  # the frozen teacher's features train the head only
+            with nullcontext() if trains else torch.no_grad():
+                feats = [self._features(torch.cat([xf, xr]), torch.cat([tf, tr]), cond2, trains=trains)]
+        logits = self.nets["disc"](torch.cat(feats))
+        return out, discriminator_gan_loss(logits[:b], logits[b:])
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if phase == "generator":
@@ -515,6 +623,17 @@ class DMDObjective:
         return self._teacher_stats
 
 
+def _input_gradient_only(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Tensor, Any]:
+    """Evaluate `loss, extra = fn(leaf)` on a detached copy `leaf` of x and return (term, loss,
+    extra), where term has the loss's value and d term / d x = d loss / d leaf. Its backward
+    reaches only what produced x: torch.autograd.grad asks for the leaf's gradient alone, so the
+    networks inside `fn` get no weight gradients (and none are computed), frozen or not."""
+    leaf = x.detach().requires_grad_(True)
+    loss, extra = fn(leaf)
+    (g,) = torch.autograd.grad(loss, leaf)
+    return loss.detach() + ((x - x.detach()) * g).sum(), loss.detach(), extra
+
+
 # ---- builder (fewstep.objectives.registry: dmd, dmd2, decoupled_dmd) -------------------------
 def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
     """Check `params` against the run, make the networks, return the objective.
@@ -587,8 +706,10 @@ def _build(params: DMDParams, teacher: Denoiser, ctx: Any) -> DMDObjective:
         fake_backbone = unwrap(fake).backbone if fake is not None else None
     disc = tap = None
     if params.gan:
-        block, channels = feature_layer(fake_backbone, params.gan_feature_layer, params.gan_block)
-        tap = FeatureTap(block)
+        feature_backbone = teacher.backbone if params.gan_features == "teacher" else fake_backbone
+        block, channels = feature_layer(feature_backbone, params.gan_feature_layer, params.gan_block)
+        # sharded backbones run every layer: FSDP's hooks on the layers after the tap must run
+        tap = FeatureTap(block, early_exit=not getattr(ctx, "sharded", False))
         disc = DiscriminatorHead(channels, latent_shape[1:], params.gan_head_width)
         dev = getattr(ctx, "device", None)
         if dev is not None:

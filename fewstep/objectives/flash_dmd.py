@@ -35,7 +35,6 @@ from ..denoiser import Denoiser
 from ._maths import surrogate_loss
 from .base import Batch
 from .dmd import DMDObjective, DMDParams, _build
-from .gan import generator_gan_loss
 from .rewards import differentiable_decode, make_reward
 
 __all__ = ["FlashDMDParams", "FlashDMDObjective", "build"]
@@ -178,13 +177,8 @@ class FlashDMDObjective:
         if self.is_dm_step(step):
             g = dm._dm_grad(x_hat, cond, self.p.guidance)
             return surrogate_loss(x_hat, g), {"dm_grad_norm": g.flatten(1).norm(dim=1).mean().item(), "dm_step": 1.0}
-        x_n, tau = dm._noised(x_hat, self.p.gan_t_min, self.p.gan_t_max, detach=False)
-        out, logits = dm._disc_logits(x_n, tau, cond)
-        adv = generator_gan_loss(logits)
-        loss = self.p.gan_generator_weight * adv
-        if isinstance(dm.nets["fake"], nn.parallel.DistributedDataParallel):
-            loss = loss + 0.0 * out.mean()  # every fake-score weight in the graph (DDP); zero gradient
-        return loss, {"gan_g": adv.item(), "dm_step": 0.0}
+        term, adv = dm._gan_generator(x_hat, cond)  # the fake score and head frozen: no weight gradients
+        return self.p.gan_generator_weight * term, {"gan_g": adv.item(), "dm_step": 0.0}
 
     def _reward(self, x_hat: Tensor, batch: Batch, step: int) -> Tensor:
         r_fn = self.reward

@@ -5,7 +5,10 @@
     head = DiscriminatorHead(channels, latent_hw)
     with tap.capture():
         fake(x_t, t, cond, output="native")                # the fake score's own forward pass
-    logits = head(tap.features)                            # (B,)
+    logits = head(tap.take())                              # (B,)
+    with tap.capture(stop=True):                           # only the features are wanted: the
+        fake(x_t, t, cond, output="native")                #   pass ends after the tapped layer
+    logits = head(tap.take())
 
 The feature hook. The layer is, in this order: the module named by `objective.gan_feature_layer`
 (a dotted path inside the backbone, e.g. "mid_block" or "blocks.3"; any nn.Module backbone),
@@ -13,6 +16,13 @@ else the family's tap (`Family.gan_tap` in `fewstep.families`: the UNet mid-bloc
 (B, C, h, w), or the image tokens (B, N, D) after a transformer block, laid back onto their
 grid). A backbone of no known family without the key is refused with a message naming it. The
 head follows DMD2's shape: strided 4x4 convolutions with GroupNorm and SiLU down to one logit.
+
+The early exit. A pass that needs only the features (the GAN samples) is ended by the hook itself:
+once the tapped layer has run, the hook raises a private exception that `capture(stop=True)`
+swallows, so the layers after the tap (a UNet's whole decoder, a transformer's later blocks) never
+run, forward or backward. It works through any wrapper that lets exceptions pass (the Denoiser,
+shared-base role views, DDP) and needs nothing from the backbone. `FeatureTap(early_exit=False)`
+turns it off (sharded backbones: FSDP's own hooks on the layers after the tap must run).
 """
 
 from __future__ import annotations
@@ -74,14 +84,30 @@ def _output_width(module: nn.Module, layer: str) -> int:
     )
 
 
+class _FeaturesReady(Exception):
+    """Raised by a stopping `FeatureTap` once the tapped layer has run; never leaves `capture`."""
+
+    def __init__(self, tap: FeatureTap):
+        super().__init__("GAN features captured")
+        self.tap = tap
+
+
 class FeatureTap:
     """Keeps the output of one block while `capture()` is open (so passes of other roles through
     a shared backbone are ignored). Tuple outputs (SD3 / Flux joint blocks return text and image
-    streams) give their last tensor, the image tokens."""
+    streams) give their last tensor, the image tokens.
 
-    def __init__(self, block: nn.Module):
+    Args:
+        block:      the tapped module.
+        early_exit: allow `capture(stop=True)` to end the pass after the tapped block; False makes
+                    every pass run to the end (the features are the same either way).
+    """
+
+    def __init__(self, block: nn.Module, early_exit: bool = True):
         self.features: Tensor | None = None
+        self.early_exit = bool(early_exit)
         self._on = False
+        self._stop = False
         self._handle = block.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args, output) -> None:
@@ -90,19 +116,27 @@ class FeatureTap:
         if isinstance(output, (tuple, list)):
             output = [o for o in output if torch.is_tensor(o)][-1]
         self.features = output
+        if self._stop:
+            raise _FeaturesReady(self)
 
     @contextmanager
-    def capture(self) -> Iterator[FeatureTap]:
-        self._on, self.features = True, None
+    def capture(self, stop: bool = False) -> Iterator[FeatureTap]:
+        """Record the tapped block's output during the passes run inside. With `stop` (and
+        `early_exit`), the first pass ends right after the tapped block: its return value is
+        never produced, so call the network for the features only."""
+        self._on, self._stop, self.features = True, bool(stop) and self.early_exit, None
         try:
             yield self
+        except _FeaturesReady as e:
+            if e.tap is not self:
+                raise
         finally:
-            self._on = False
+            self._on = self._stop = False
 
     def take(self) -> Tensor:
         """The captured features (and forget them, so no graph is kept alive)."""
         if self.features is None:
-            raise RuntimeError("the GAN feature hook saw no forward pass of the fake score")
+            raise RuntimeError("the GAN feature hook saw no forward pass of the feature network")
         f, self.features = self.features, None
         return f
 

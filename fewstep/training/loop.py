@@ -7,7 +7,8 @@
 
 `run(cfg)` is what `accelerate launch train/train.py`, `fewstep train` and the tests call; it
 returns the trained student and the objective with the run's outputs, so a script needs no reload.
-Each numbered section of `run` is one function below; the per-phase update is `_update`.
+Each numbered section of `run` is one function below (4.-6., building the objective, its networks
+and optimizers, in training/build.py); the steps are `_steps`, the per-phase update `_update`.
 """
 
 from __future__ import annotations
@@ -22,32 +23,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, config_to_dict, resolve_group
+from ..config import Config, ConfigError, config_to_dict
 from ..errors import dumps_json, user_errors
-from ..families import family_name
-from ..objectives.registry import BuildContext, build_objective, make_params
+from .build import Env, Trainer, build_trainer, lr_lambda
 from .bundle import TeacherBundle, load_bundle
-from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint, saved_keys
+from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchSource
-from .ema import EMA
 from .logging import RunLog, flat_config
-from .lora import make_factories
 from .outdir import OutputFolder
-from .outputs import backbone_of, run_card, sample_grid, save_final
+from .outputs import run_card, sample_grid, save_final
 from .parallel import (
     available_trackers,
     average_gradients,
-    broadcast_parameters,
     grad_norm_and_clip,
     is_fsdp,
     make_accelerator,
     reduce_mean,
-    shard_module,
-    wrap_autocast,
 )
 from .preflight import preflight
-from .resume import check_resumed, settings
-from .updates import resolve_steps, update_counts
+from .resume import check_resumed
+from .updates import update_counts
 
 __all__ = ["run", "RunResult", "NonFiniteError", "lr_lambda"]
 
@@ -67,70 +62,6 @@ class RunResult:
     files: dict[str, str] = field(default_factory=dict)
     student: nn.Module | None = None  # the trained student (raw weights; the EMA's are in files["student_ema"])
     objective: Any = None  # the objective, with all its networks (`objective.nets`)
-
-
-def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1):
-    """Learning-rate factor per update: linear warm-up, then constant / cosine / cosine with restarts."""
-
-    def f(n: int) -> float:
-        if warmup > 0 and n < warmup:
-            return (n + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        span = max(1, total - warmup)
-        prog = min(1.0, (n - warmup) / span)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * prog))
-        if kind == "cosine_restarts":
-            if prog >= 1.0:
-                return 0.0
-            return 0.5 * (1.0 + math.cos(math.pi * ((cycles * prog) % 1.0)))
-        raise ValueError(f"unknown scheduler {kind!r}")
-
-    return f
-
-
-@dataclass
-class _Env:
-    """Where and how this process runs."""
-
-    accelerator: Any
-    run_dir: Path
-    device: torch.device
-    main: bool
-    world: int
-    rank: int
-    sharded: bool
-    mp: str
-    output: OutputFolder | None = None  # the output folder's rules (overwrite keeps the old run until a checkpoint)
-
-    def say(self, msg: str) -> None:
-        if self.main:
-            print(msg, flush=True)
-
-
-@dataclass
-class _Trainer:
-    """The built run: objective and networks, what each optimizer group trains, the optimizers,
-    the EMA, and the counters the loop keeps."""
-
-    obj: Any
-    params: Any
-    family: str | None
-    tden: nn.Module
-    nets: dict[str, nn.Module]
-    holder: nn.ModuleDict
-    keys: set[str]
-    group_params: dict[str, list[nn.Parameter]]
-    optimizers: dict[str, torch.optim.Optimizer]
-    schedulers: dict[str, Any]
-    gcfg: dict[str, Any]
-    ema: EMA | None
-    student_group: str | None
-    skipped: int = 0
-    consecutive: dict[str, int] = field(default_factory=dict)  # non-finite updates in a row, per group
-    made: dict[str, int] = field(default_factory=dict)  # updates per group so far (attempted)
-    settings: dict[str, Any] = field(default_factory=dict)  # what a checkpoint records to check a resume
 
 
 def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> RunResult:
@@ -159,81 +90,25 @@ def run(cfg: Config, teacher: TeacherBundle | None = None, accelerator=None) -> 
 def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[OutputFolder]) -> RunResult:
     t_start = time.time()
     env, resume_from = _start(cfg, accelerator, output)  # 1. accelerator, folder, seeds
-    with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
-        bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)  # 2. teacher (frozen)
-    tden = bundle.denoiser
-    tden.requires_grad_(False)
-    tden.to(env.device)
-    with user_errors("data", ValueError, OSError, named="data."):  # 3. data
-        source = BatchSource(
-            bundle,
-            cfg.data.batch_size,
-            cfg.seed,
-            env.rank,
-            env.world,
-            env.device,
-            cfg.data.real_data,
-            cfg.data.prompts,
-            cfg.data.num_classes,
-            cfg.data.real_latents,
-            conditions=cfg.data.conditions,
-        )
-    tr = _build(cfg, env, bundle, source)  # 4.-6. objective, optimizers
+    bundle = _teacher(cfg, env, teacher)  # 2. teacher (frozen)
+    source = _batch_source(cfg, env, bundle)  # 3. data
+    tr = build_trainer(cfg, env, bundle, source)  # 4.-6. objective, optimizers
     start_step = _resume(cfg, env, tr, resume_from)  # 7. resume
     tr.made = update_counts(tr.obj, start_step)
     trackers = _start_trackers(cfg, env)
     log = RunLog(
         env.accelerator, env.run_dir, cfg.name, start_step, cfg.steps, progress=cfg.log.progress, trackers=trackers
     )
-    logs: dict[str, float] = {}
-    done, stopped_early, t_loop = start_step, False, time.time()
+    t_loop = time.time()
     try:  # 8. the loop
-        for step in range(start_step, cfg.steps):
-            batch = source(step)
-            logs = {}
-            student_updated = False
-            for phase in tr.obj.phases(step):
-                student_updated |= _update(cfg, env, tr, phase, batch, step, logs, log)
-            if tr.ema is not None and student_updated:
-                tr.ema.update(step)
-            done = step + 1
-            log.step()
-            if done % cfg.log.every == 0 or done == cfg.steps:
-                _record(env, tr, log, done, logs, t_loop)
-            if cfg.log.sample_every and done % cfg.log.sample_every == 0 and done < cfg.steps:
-                _grid(cfg, env, tr, bundle, source, done)
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
-                _checkpoint(cfg, env, tr, done)
-            if cfg.stop_after is not None and done == cfg.stop_after and done < cfg.steps:
-                _checkpoint(cfg, env, tr, done)
-                stopped_early = True
-                break
+        done, stopped_early, logs = _steps(cfg, env, tr, bundle, source, log, start_step, t_loop)
     finally:
         log.close()
     loop_time = time.time() - t_loop
     files = {} if stopped_early else _save_outputs(cfg, env, tr, bundle, source, done)  # 9. outputs
     wall = time.time() - t_start
     if env.main and not stopped_early:
-        card = run_card(
-            cfg,
-            tr.params,
-            tr.obj,
-            bundle,
-            tr.family,
-            source.num_classes,
-            steps_done=done,
-            wall=wall,
-            loop_time=loop_time,
-            skipped=tr.skipped,
-            world=env.world,
-            sharded=env.sharded,
-            mp=env.mp,
-            files=files,
-            logs=logs,
-            updates=dict(tr.made),
-        )
-        (env.run_dir / "run_card.json").write_text(dumps_json(card, indent=1, default=str))
-        files["run_card"] = "run_card.json"
+        files["run_card"] = _write_card(cfg, env, tr, bundle, source, done, wall, loop_time, files, logs)
     if trackers:
         env.accelerator.end_training()
     if env.main:
@@ -252,11 +127,11 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
 
 
 # ---- 1. accelerator, output folder, seeds ----------------------------------------------------------
-def _start(cfg: Config, accelerator, output: list[OutputFolder]) -> tuple[_Env, Path | None]:
+def _start(cfg: Config, accelerator, output: list[OutputFolder]) -> tuple[Env, Path | None]:
     run_dir = cfg.run_dir()
     if accelerator is None:
         accelerator = make_accelerator(cfg.precision.mixed_precision, cfg.log.trackers, str(run_dir))
-    env = _Env(
+    env = Env(
         accelerator,
         run_dir,
         accelerator.device,
@@ -290,157 +165,36 @@ def _seed_all(seed: int) -> None:
         pass
 
 
-# ---- 4.-6. objective, placement, optimizers ---------------------------------------------------------
-def _build(cfg: Config, env: _Env, bundle: TeacherBundle, source: BatchSource) -> _Trainer:
-    """The objective through the registry, its trainable networks placed, sharded and cast, and one
-    optimizer and learning-rate schedule per group."""
-    tden = bundle.denoiser
-    teacher_tensors = {id(t) for t in list(tden.parameters()) + list(tden.buffers())}
-    family = bundle.family or family_name(tden.backbone)
-    make_student, make_copy = make_factories(
-        cfg.lora, sharded=env.sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
-    )
-    ctx = BuildContext(
-        latent_shape=tuple(bundle.latent_shape),
-        num_classes=source.num_classes,
-        null_class=bundle.null_class,
-        text=bundle.text,
-        has_real_data=source.has_real_data,
-        seed=cfg.seed,
-        device=env.device,
-        family=family,
-        lora=cfg.lora,
-        num_processes=env.world,
-        sharded=env.sharded,
-        mixed_precision=env.mp,
-        gradient_checkpointing=cfg.precision.gradient_checkpointing,
-        steps=cfg.steps or 1,
-        make_student=make_student,
-        make_copy=make_copy,
-        decode=bundle.decode,
-    )
-    params = make_params(cfg.objective.name, cfg.objective.params)
-    obj = build_objective(cfg.objective.name, params, tden, ctx)
-    _check_groups(cfg, obj, cfg.objective.name)
-    cfg.steps = resolve_steps(cfg, obj)  # generator_steps -> steps (the objective's update schedule)
-    nets: dict[str, nn.Module] = obj.nets
-    if "student" not in nets:
-        raise TypeError(
-            f"objective {cfg.objective.name!r}: nets has no 'student' role (sampling, EMA and the "
-            "final weights need it)"
+# ---- 2. teacher, 3. data ------------------------------------------------------------------------------
+def _teacher(cfg: Config, env: Env, teacher: TeacherBundle | None) -> TeacherBundle:
+    """The teacher bundle (the caller's, else loaded as cfg.teacher says), frozen on this process's device."""
+    with user_errors(f"teacher.source={cfg.teacher.source!r}", ValueError, OSError, named=cfg.teacher.source):
+        bundle = teacher if teacher is not None else load_bundle(cfg.teacher, env.device)
+    bundle.denoiser.requires_grad_(False)
+    bundle.denoiser.to(env.device)
+    return bundle
+
+
+def _batch_source(cfg: Config, env: Env, bundle: TeacherBundle) -> BatchSource:
+    """This process's share of every step's batch, as cfg.data says."""
+    with user_errors("data", ValueError, OSError, named="data."):
+        return BatchSource(
+            bundle,
+            cfg.data.batch_size,
+            cfg.seed,
+            env.rank,
+            env.world,
+            env.device,
+            cfg.data.real_data,
+            cfg.data.prompts,
+            cfg.data.num_classes,
+            cfg.data.real_latents,
+            conditions=cfg.data.conditions,
         )
-    teacher_roles = {r for r, m in nets.items() if m is tden or r == "teacher"}
-    holder = nn.ModuleDict({r: m for r, m in nets.items() if r not in teacher_roles})
-    holder.to(env.device)
-    if cfg.precision.gradient_checkpointing:
-        for m in holder.values():
-            bb = backbone_of(m)
-            if any(p.requires_grad for p in bb.parameters()) and getattr(bb, "_supports_gradient_checkpointing", False):
-                bb.enable_gradient_checkpointing()
-    group_names = _group_names(cfg, obj, holder, teacher_roles)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    keys = saved_keys(holder, teacher_tensors)
-    keys &= set(get_model_state_dict(holder, options=StateDictOptions()).keys())
-    student_group = next((g for g, roles in obj.groups.items() if "student" in roles), None)
-    _place(env, tden, holder)
-    named = dict(holder.named_parameters(remove_duplicate=False))
-    group_params = {g: [named[n] for n in names] for g, names in group_names.items()}
-    optimizers, schedulers, gcfg = _optimizers(cfg, obj, group_params)
-    ema = None
-    if cfg.ema.rate > 0:
-        ema = EMA(
-            {n: p for n, p in named.items() if n.startswith("student.") and p.requires_grad},
-            cfg.ema.rate,
-            cfg.ema.start_step,
-        )
-    return _Trainer(
-        obj,
-        params,
-        family,
-        tden,
-        nets,
-        holder,
-        keys,
-        group_params,
-        optimizers,
-        schedulers,
-        gcfg,
-        ema,
-        student_group,
-        consecutive={g: 0 for g in obj.groups},
-        settings=settings(cfg, gcfg, cfg.objective.name, params),
-    )
-
-
-def _check_groups(cfg: Config, obj: Any, name: str) -> None:
-    for g in cfg.optim:
-        if g != "default" and g not in obj.groups:
-            raise ConfigError(
-                f"optim.{g}: objective {name!r} has no optimizer group {g!r} (its groups: {', '.join(obj.groups)})"
-            )
-
-
-def _group_names(cfg: Config, obj: Any, holder: nn.ModuleDict, teacher_roles: set[str]) -> dict[str, list[str]]:
-    """Which parameters each optimizer group trains (by name, fixed now; sharding swaps the objects)."""
-    group_names: dict[str, list[str]] = {}
-    owner: dict[str, str] = {}
-    for g, roles in obj.groups.items():
-        names = []
-        for r in roles:
-            if r in teacher_roles:
-                raise TypeError(f"objective {cfg.objective.name!r}: group {g!r} trains the teacher")
-            for n, p in holder[r].named_parameters(prefix=r):
-                if p.requires_grad and n not in names:
-                    if n in owner and owner[n] != g:
-                        raise TypeError(f"parameter {n} is trained by two groups, {owner[n]!r} and {g!r}")
-                    owner[n] = g
-                    names.append(n)
-        if not names:
-            raise TypeError(f"objective {cfg.objective.name!r}: group {g!r} ({roles}) has no trainable parameters")
-        group_names[g] = names
-    return group_names
-
-
-def _place(env: _Env, tden: nn.Module, holder: nn.ModuleDict) -> None:
-    """5. The same initial weights on every process; FSDP sharding and bf16 autocast per backbone."""
-    broadcast_parameters(list(holder.values()), env.world)
-    backbones: list[nn.Module] = []
-    for m in [tden, *holder.values()]:
-        bb = backbone_of(m)
-        if all(bb is not b for b in backbones):
-            backbones.append(bb)
-    if env.sharded:
-        if len(backbones) < 1 + len(holder):
-            raise ConfigError(
-                "FSDP sharding needs one backbone per role; this objective shares one backbone "
-                "between roles (e.g. objective.shared_base=true): use lora.student / lora.fake "
-                "copies, or run without FSDP"
-            )
-        for bb in backbones:
-            shard_module(env.accelerator, bb)
-    if env.mp == "bf16":
-        for bb in backbones:
-            wrap_autocast(bb, env.device.type)
-
-
-def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter]]):
-    """6. AdamW and a LambdaLR schedule per group, the schedule's length counted in that group's updates."""
-    updates = update_counts(obj, cfg.steps, name=cfg.objective.name)  # raises on a phase that is no group
-    optimizers, schedulers, gcfg = {}, {}, {}
-    for g, plist in group_params.items():
-        gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
-        optimizers[g] = torch.optim.AdamW(
-            plist, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps, weight_decay=gc.weight_decay
-        )
-        schedulers[g] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[g], lr_lambda(gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles)
-        )
-    return optimizers, schedulers, gcfg
 
 
 # ---- 7. resume, trackers ------------------------------------------------------------------------------
-def _checkpoint_kwargs(env: _Env, tr: _Trainer) -> dict[str, Any]:
+def _checkpoint_kwargs(env: Env, tr: Trainer) -> dict[str, Any]:
     return dict(
         accelerator=env.accelerator,
         holder=tr.holder,
@@ -452,7 +206,7 @@ def _checkpoint_kwargs(env: _Env, tr: _Trainer) -> dict[str, Any]:
     )
 
 
-def _resume(cfg: Config, env: _Env, tr: _Trainer, resume_from: Path | None) -> int:
+def _resume(cfg: Config, env: Env, tr: Trainer, resume_from: Path | None) -> int:
     """Load the checkpoint to continue from (or seed each process afresh); write config.yaml.
     Returns the first step to run."""
     start_step = 0
@@ -474,7 +228,7 @@ def _resume(cfg: Config, env: _Env, tr: _Trainer, resume_from: Path | None) -> i
     return start_step
 
 
-def _start_trackers(cfg: Config, env: _Env) -> bool:
+def _start_trackers(cfg: Config, env: Env) -> bool:
     """Start the experiment trackers that are installed; True when any runs."""
     usable, missing = available_trackers(cfg.log.trackers)
     if env.accelerator.log_with is None:
@@ -490,8 +244,45 @@ def _start_trackers(cfg: Config, env: _Env) -> bool:
 
 
 # ---- 8. one phase's update, logging, grids, checkpoints -------------------------------------------------
+def _steps(
+    cfg: Config,
+    env: Env,
+    tr: Trainer,
+    bundle: TeacherBundle,
+    source: BatchSource,
+    log: RunLog,
+    start_step: int,
+    t_loop: float,
+) -> tuple[int, bool, dict[str, float]]:
+    """Steps start_step.. of the run: every phase's update, the EMA, and the records, grids and
+    checkpoints their settings ask for. Returns the steps done, whether stop_after stopped the run
+    early, and the last step's logs."""
+    logs: dict[str, float] = {}
+    done = start_step
+    for step in range(start_step, cfg.steps):
+        batch = source(step)
+        logs = {}
+        student_updated = False
+        for phase in tr.obj.phases(step):
+            student_updated |= _update(cfg, env, tr, phase, batch, step, logs, log)
+        if tr.ema is not None and student_updated:
+            tr.ema.update(step)
+        done = step + 1
+        log.step()
+        if done % cfg.log.every == 0 or done == cfg.steps:
+            _record(env, tr, log, done, logs, t_loop)
+        if cfg.log.sample_every and done % cfg.log.sample_every == 0 and done < cfg.steps:
+            _grid(cfg, env, tr, bundle, source, done)
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
+            _checkpoint(cfg, env, tr, done)
+        if cfg.stop_after is not None and done == cfg.stop_after and done < cfg.steps:
+            _checkpoint(cfg, env, tr, done)
+            return done, True, logs
+    return done, False, logs
+
+
 def _update(
-    cfg: Config, env: _Env, tr: _Trainer, phase: str, batch: dict, step: int, logs: dict[str, float], log: RunLog
+    cfg: Config, env: Env, tr: Trainer, phase: str, batch: dict, step: int, logs: dict[str, float], log: RunLog
 ) -> bool:
     """loss -> backward -> average grads -> clip -> non-finite check -> step this group -> zero ALL
     grads -> after_step. Adds the phase's scalars to `logs`; True when the student's group stepped."""
@@ -524,7 +315,7 @@ def _update(
     return ok and phase == tr.student_group
 
 
-def _nonfinite(cfg: Config, env: _Env, tr: _Trainer, phase: str, step: int, loss_v: float, log: RunLog) -> None:
+def _nonfinite(cfg: Config, env: Env, tr: Trainer, phase: str, step: int, loss_v: float, log: RunLog) -> None:
     """Report a skipped update; stop with NonFiniteError after too many in a row."""
     log.write(
         f"step {step}: non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'} in "
@@ -544,7 +335,7 @@ def _nonfinite(cfg: Config, env: _Env, tr: _Trainer, phase: str, step: int, loss
         )
 
 
-def _record(env: _Env, tr: _Trainer, log: RunLog, done: int, logs: dict[str, float], t_loop: float) -> None:
+def _record(env: Env, tr: Trainer, log: RunLog, done: int, logs: dict[str, float], t_loop: float) -> None:
     """Average the objective's own scalars over processes and write the step's record."""
     own = sorted(k for k in logs if not k.startswith(("loss/", "grad_norm/", "lr/")))
     if own and env.world > 1:
@@ -557,7 +348,7 @@ def _record(env: _Env, tr: _Trainer, log: RunLog, done: int, logs: dict[str, flo
 
 
 def _grid(
-    cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: BatchSource, done: int, use_ema: bool = False
+    cfg: Config, env: Env, tr: Trainer, bundle: TeacherBundle, source: BatchSource, done: int, use_ema: bool = False
 ) -> Path | None:
     return sample_grid(
         cfg,
@@ -574,7 +365,7 @@ def _grid(
     )
 
 
-def _checkpoint(cfg: Config, env: _Env, tr: _Trainer, done: int) -> Path:
+def _checkpoint(cfg: Config, env: Env, tr: Trainer, done: int) -> Path:
     # a checkpoint written while a group is in a non-finite streak is marked: never "the last good one"
     counters = {
         "skipped": tr.skipped,
@@ -595,7 +386,7 @@ def _checkpoint(cfg: Config, env: _Env, tr: _Trainer, done: int) -> Path:
 
 # ---- 9. outputs --------------------------------------------------------------------------------------
 def _save_outputs(
-    cfg: Config, env: _Env, tr: _Trainer, bundle: TeacherBundle, source: BatchSource, done: int
+    cfg: Config, env: Env, tr: Trainer, bundle: TeacherBundle, source: BatchSource, done: int
 ) -> dict[str, str]:
     """The last sample grids (raw and EMA) and the final weights; returns the files written."""
     files: dict[str, str] = {}
@@ -613,10 +404,45 @@ def _save_outputs(
     return files
 
 
+def _write_card(
+    cfg: Config,
+    env: Env,
+    tr: Trainer,
+    bundle: TeacherBundle,
+    source: BatchSource,
+    done: int,
+    wall: float,
+    loop_time: float,
+    files: dict[str, str],
+    logs: dict[str, float],
+) -> str:
+    """Write run_card.json (what was trained, how, and what it left); returns its name in the run dir."""
+    card = run_card(
+        cfg,
+        tr.params,
+        tr.obj,
+        bundle,
+        tr.family,
+        source.num_classes,
+        steps_done=done,
+        wall=wall,
+        loop_time=loop_time,
+        skipped=tr.skipped,
+        world=env.world,
+        sharded=env.sharded,
+        mp=env.mp,
+        files=files,
+        logs=logs,
+        updates=dict(tr.made),
+    )
+    (env.run_dir / "run_card.json").write_text(dumps_json(card, indent=1, default=str))
+    return "run_card.json"
+
+
 def _summary(
     cfg: Config,
-    env: _Env,
-    tr: _Trainer,
+    env: Env,
+    tr: Trainer,
     done: int,
     start_step: int,
     wall: float,

@@ -1,0 +1,255 @@
+"""Steps 4.-6. of the training loop: the objective through the registry, its trainable networks
+placed, sharded and cast, and one optimizer and learning-rate schedule per group; with the two
+records the loop passes around (where this process runs, and the built run)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, resolve_group
+from ..families import family_name
+from ..objectives.registry import BuildContext, build_objective, make_params
+from .bundle import TeacherBundle
+from .checkpoint import saved_keys
+from .data import BatchSource
+from .ema import EMA
+from .lora import make_factories
+from .outdir import OutputFolder
+from .outputs import backbone_of
+from .parallel import broadcast_parameters, shard_module, wrap_autocast
+from .resume import settings
+from .updates import resolve_steps, update_counts
+
+__all__ = ["Env", "Trainer", "build_trainer", "lr_lambda"]
+
+
+def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1):
+    """Learning-rate factor per update: linear warm-up, then constant / cosine / cosine with restarts."""
+
+    def f(n: int) -> float:
+        if warmup > 0 and n < warmup:
+            return (n + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        span = max(1, total - warmup)
+        prog = min(1.0, (n - warmup) / span)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * prog))
+        if kind == "cosine_restarts":
+            if prog >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((cycles * prog) % 1.0)))
+        raise ValueError(f"unknown scheduler {kind!r}")
+
+    return f
+
+
+@dataclass
+class Env:
+    """Where and how this process runs."""
+
+    accelerator: Any
+    run_dir: Path
+    device: torch.device
+    main: bool
+    world: int
+    rank: int
+    sharded: bool
+    mp: str
+    output: OutputFolder | None = None  # the output folder's rules (overwrite keeps the old run until a checkpoint)
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+
+@dataclass
+class Trainer:
+    """The built run: objective and networks, what each optimizer group trains, the optimizers,
+    the EMA, and the counters the loop keeps."""
+
+    obj: Any
+    params: Any
+    family: str | None
+    tden: nn.Module
+    nets: dict[str, nn.Module]
+    holder: nn.ModuleDict
+    keys: set[str]
+    group_params: dict[str, list[nn.Parameter]]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    gcfg: dict[str, Any]
+    ema: EMA | None
+    student_group: str | None
+    skipped: int = 0
+    consecutive: dict[str, int] = field(default_factory=dict)  # non-finite updates in a row, per group
+    made: dict[str, int] = field(default_factory=dict)  # updates per group so far (attempted)
+    settings: dict[str, Any] = field(default_factory=dict)  # what a checkpoint records to check a resume
+
+
+# ---- 4.-6. objective, placement, optimizers ---------------------------------------------------------
+def build_trainer(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSource) -> Trainer:
+    """The objective through the registry, its trainable networks placed, sharded and cast, and one
+    optimizer and learning-rate schedule per group."""
+    tden = bundle.denoiser
+    teacher_tensors = {id(t) for t in list(tden.parameters()) + list(tden.buffers())}
+    family = bundle.family or family_name(tden.backbone)
+    ctx = _context(cfg, env, bundle, source, family)
+    params = make_params(cfg.objective.name, cfg.objective.params)
+    obj = build_objective(cfg.objective.name, params, tden, ctx)
+    _check_groups(cfg, obj, cfg.objective.name)
+    cfg.steps = resolve_steps(cfg, obj)  # generator_steps -> steps (the objective's update schedule)
+    nets: dict[str, nn.Module] = obj.nets
+    if "student" not in nets:
+        raise TypeError(
+            f"objective {cfg.objective.name!r}: nets has no 'student' role (sampling, EMA and the "
+            "final weights need it)"
+        )
+    holder, teacher_roles = _holder(cfg, env, tden, nets)
+    group_names = _group_names(cfg, obj, holder, teacher_roles)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    keys = saved_keys(holder, teacher_tensors)
+    keys &= set(get_model_state_dict(holder, options=StateDictOptions()).keys())
+    student_group = next((g for g, roles in obj.groups.items() if "student" in roles), None)
+    _place(env, tden, holder)
+    named = dict(holder.named_parameters(remove_duplicate=False))
+    group_params = {g: [named[n] for n in names] for g, names in group_names.items()}
+    optimizers, schedulers, gcfg = _optimizers(cfg, obj, group_params)
+    ema = None
+    if cfg.ema.rate > 0:
+        ema = EMA(
+            {n: p for n, p in named.items() if n.startswith("student.") and p.requires_grad},
+            cfg.ema.rate,
+            cfg.ema.start_step,
+        )
+    return Trainer(
+        obj,
+        params,
+        family,
+        tden,
+        nets,
+        holder,
+        keys,
+        group_params,
+        optimizers,
+        schedulers,
+        gcfg,
+        ema,
+        student_group,
+        consecutive={g: 0 for g in obj.groups},
+        settings=settings(cfg, gcfg, cfg.objective.name, params),
+    )
+
+
+def _context(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSource, family: str | None) -> BuildContext:
+    """What an objective's builder may know of the run (shapes, conditioning, placement) and the
+    factories that make its students and copies."""
+    make_student, make_copy = make_factories(
+        cfg.lora, sharded=env.sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
+    )
+    return BuildContext(
+        latent_shape=tuple(bundle.latent_shape),
+        num_classes=source.num_classes,
+        null_class=bundle.null_class,
+        text=bundle.text,
+        has_real_data=source.has_real_data,
+        seed=cfg.seed,
+        device=env.device,
+        family=family,
+        lora=cfg.lora,
+        num_processes=env.world,
+        sharded=env.sharded,
+        mixed_precision=env.mp,
+        gradient_checkpointing=cfg.precision.gradient_checkpointing,
+        steps=cfg.steps or 1,
+        make_student=make_student,
+        make_copy=make_copy,
+        decode=bundle.decode,
+    )
+
+
+def _holder(cfg: Config, env: Env, tden: nn.Module, nets: dict[str, nn.Module]) -> tuple[nn.ModuleDict, set[str]]:
+    """The objective's networks other than the teacher, on this process's device (gradient
+    checkpointing on where asked for); and the roles that are the teacher."""
+    teacher_roles = {r for r, m in nets.items() if m is tden or r == "teacher"}
+    holder = nn.ModuleDict({r: m for r, m in nets.items() if r not in teacher_roles})
+    holder.to(env.device)
+    if cfg.precision.gradient_checkpointing:
+        for m in holder.values():
+            bb = backbone_of(m)
+            if any(p.requires_grad for p in bb.parameters()) and getattr(bb, "_supports_gradient_checkpointing", False):
+                bb.enable_gradient_checkpointing()
+    return holder, teacher_roles
+
+
+def _check_groups(cfg: Config, obj: Any, name: str) -> None:
+    for g in cfg.optim:
+        if g != "default" and g not in obj.groups:
+            raise ConfigError(
+                f"optim.{g}: objective {name!r} has no optimizer group {g!r} (its groups: {', '.join(obj.groups)})"
+            )
+
+
+def _group_names(cfg: Config, obj: Any, holder: nn.ModuleDict, teacher_roles: set[str]) -> dict[str, list[str]]:
+    """Which parameters each optimizer group trains (by name, fixed now; sharding swaps the objects)."""
+    group_names: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for g, roles in obj.groups.items():
+        names = []
+        for r in roles:
+            if r in teacher_roles:
+                raise TypeError(f"objective {cfg.objective.name!r}: group {g!r} trains the teacher")
+            for n, p in holder[r].named_parameters(prefix=r):
+                if p.requires_grad and n not in names:
+                    if n in owner and owner[n] != g:
+                        raise TypeError(f"parameter {n} is trained by two groups, {owner[n]!r} and {g!r}")
+                    owner[n] = g
+                    names.append(n)
+        if not names:
+            raise TypeError(f"objective {cfg.objective.name!r}: group {g!r} ({roles}) has no trainable parameters")
+        group_names[g] = names
+    return group_names
+
+
+def _place(env: Env, tden: nn.Module, holder: nn.ModuleDict) -> None:
+    """5. The same initial weights on every process; FSDP sharding and bf16 autocast per backbone."""
+    broadcast_parameters(list(holder.values()), env.world)
+    backbones: list[nn.Module] = []
+    for m in [tden, *holder.values()]:
+        bb = backbone_of(m)
+        if all(bb is not b for b in backbones):
+            backbones.append(bb)
+    if env.sharded:
+        if len(backbones) < 1 + len(holder):
+            raise ConfigError(
+                "FSDP sharding needs one backbone per role; this objective shares one backbone "
+                "between roles (e.g. objective.shared_base=true): use lora.student / lora.fake "
+                "copies, or run without FSDP"
+            )
+        for bb in backbones:
+            shard_module(env.accelerator, bb)
+    if env.mp == "bf16":
+        for bb in backbones:
+            wrap_autocast(bb, env.device.type)
+
+
+def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter]]):
+    """6. AdamW and a LambdaLR schedule per group, the schedule's length counted in that group's updates."""
+    updates = update_counts(obj, cfg.steps, name=cfg.objective.name)  # raises on a phase that is no group
+    optimizers, schedulers, gcfg = {}, {}, {}
+    for g, plist in group_params.items():
+        gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
+        optimizers[g] = torch.optim.AdamW(
+            plist, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps, weight_decay=gc.weight_decay
+        )
+        schedulers[g] = torch.optim.lr_scheduler.LambdaLR(
+            optimizers[g], lr_lambda(gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles)
+        )
+    return optimizers, schedulers, gcfg
