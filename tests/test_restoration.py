@@ -225,9 +225,14 @@ def test_ircm_through_the_registry_refuses_data_free_runs():
 
     tiny = make_tiny("restore", prediction="v_prediction")
     with pytest.raises(ValueError, match="data.real_data=true"):
-        build_objective("ircm", {}, tiny.denoiser, BuildContext(latent_shape=(1, 8, 8), has_real_data=False))
+        build_objective(
+            "ircm", {}, tiny.denoiser, BuildContext(latent_shape=(1, 8, 8), has_real_data=False, family="restore")
+        )
     obj = build_objective(
-        "ircm", {"num_steps": 2}, tiny.denoiser, BuildContext(latent_shape=(1, 8, 8), has_real_data=True)
+        "ircm",
+        {"num_steps": 2},
+        tiny.denoiser,
+        BuildContext(latent_shape=(1, 8, 8), has_real_data=True, family="restore"),
     )
     assert obj.sampling["times"] == [1.0, 0.5, 0.0] and obj.sampling["renoise"] == "fresh"
     assert obj.sampling["times_by_steps"] == {1: [1.0, 0.0], 2: [1.0, 0.5, 0.0]}
@@ -243,6 +248,7 @@ def _tadsr(gan: bool):
     ctx = BuildContext(
         latent_shape=(1, 8, 8),
         has_real_data=True,
+        family="restore",
         make_student=lambda t: Denoiser(make_tiny("restore", seed=1).backbone, _vp(), t.conditioner),
     )
     obj = build_objective("tadsr", {"gan": gan, "gan_width": 8}, teacher, ctx)
@@ -297,3 +303,14 @@ def test_image_conditioned_unet_runs_through_the_adapter():
         d(x, t, cond, guidance=3.0)
     with pytest.raises(ValueError, match=r"cond\['image'\] must have shape \(2, 1, 8, 8\)"):
         d(x, t, {"image": torch.zeros(2, 1, 4, 4)})
+
+
+def test_restoration_objectives_refuse_a_teacher_without_the_image():
+    from fewstep.objectives.registry import build_objective
+
+    tiny = make_tiny("dit")
+    for name in ("ircm", "tadsr"):
+        with pytest.raises(ValueError, match="teacher.source must be an image-conditioned teacher"):
+            build_objective(
+                name, {}, tiny.denoiser, BuildContext(latent_shape=(4, 8, 8), has_real_data=True, family="dit")
+            )

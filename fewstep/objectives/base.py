@@ -138,7 +138,7 @@ def require_image_conditioned(name: str, ctx) -> None:
     from ..families import FAMILIES, family_by_name
 
     fam = getattr(ctx, "family", None)
-    if fam in FAMILIES and not family_by_name(fam).image_conditioned:
+    if fam not in FAMILIES or not family_by_name(fam).image_conditioned:
         raise ValueError(
             f"objective {name} restores images: teacher.source must be an image-conditioned teacher "
             f"(e.g. digits-restore), not a {fam!r} one"
