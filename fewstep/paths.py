@@ -432,7 +432,7 @@ def convert(x: Tensor, t: Tensor | float, src: _PathMaths, dst: _PathMaths) -> t
 class MeanRevertingPath:
     """The mean-reverting SDE of IR-SDE / IR-CM, toward a degraded image mu:
 
-        dx = theta(t) (mu - x) dt + g(t) dW,    g(t)^2 = 2 lam^2 theta(t)            (IR-SDE eq. 1-3)
+        dx = theta(t) (mu - x) dt + g(t) dW,    g(t)^2 = 2 lam^2 theta(t)   (IR-SDE, Luo et al. 2023)
 
     with theta(t) = theta_min + (theta_max - theta_min) t, so bar_theta(t) = int_0^t theta =
     theta_min t + (theta_max - theta_min) t^2 / 2. Its marginal given the clean x0 is Gaussian:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -176,7 +175,3 @@ out = pipe(image=degraded, num_inference_steps={steps[0]}, eta={eta}, output_typ
 Trained by fewstep (`{card.get("config", {}).get("objective", {}).get("name", card.get("objective"))}`) from
 `{card["teacher"]["source"]}`; {card.get("steps")} steps, {card.get("train_time_s")} s of training.
 """
-
-
-def describe(model: Restorer) -> dict[str, Any]:
-    return {"source": model.source, "student": model.is_student, "renoise": model.renoise, "times": model.times}
