@@ -436,7 +436,7 @@ def convert(x: Tensor, t: Tensor | float, src: _PathMaths, dst: _PathMaths) -> t
 class MeanRevertingPath:
     """The mean-reverting SDE of IR-SDE / IR-CM, toward a degraded image mu:
 
-        dx = theta(t) (mu - x) dt + g(t) dW,    g(t)^2 = 2 lam^2 theta(t)            (IR-SDE eq. 1-3)
+        dx = theta(t) (mu - x) dt + g(t) dW,    g(t)^2 = 2 lam^2 theta(t)   (IR-SDE, Luo et al. 2023)
 
     with theta(t) = theta_min + (theta_max - theta_min) t, so bar_theta(t) = int_0^t theta =
     theta_min t + (theta_max - theta_min) t^2 / 2. Its marginal given the clean x0 is Gaussian:
@@ -503,5 +503,8 @@ class MeanRevertingPath:
         b = x_t.shape[0]
         a_b, s_b = a.reshape(b, -1)[:, 0], s.reshape(b, -1)[:, 0]
         t_dst = dst.t_from_ratio(s_b / a_b)
-        a_dst, _ = dst.alpha_sigma(t_dst)
-        return (x_t - (1 - a) * mu) * _bcast(a_dst / a_b, x_t), t_dst
+        a_dst, s_dst = dst.alpha_sigma(t_dst)
+        # a_dst / a = s_dst / s at equal ratio; the norms' ratio is the same number and stays
+        # right where dst's table ends before this path's ratio does (t near 1)
+        scale = (a_dst**2 + s_dst**2).sqrt() / (a_b**2 + s_b**2).sqrt()
+        return (x_t - (1 - a) * mu) * _bcast(scale, x_t), t_dst

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,7 +81,9 @@ def load_restorer(source: str, weights: str = "student", device: str | torch.dev
         )
     index = json.loads((folder / "model_index.json").read_text())
     if index.get("_class_name") != "LDMSuperResolutionPipeline":
-        raise ValueError(f"{source!r}: a restoration model is an LDMSuperResolutionPipeline folder, got {index.get('_class_name')}")
+        raise ValueError(
+            f"{source!r}: a restoration model is an LDMSuperResolutionPipeline folder, got {index.get('_class_name')}"
+        )
     t = load_teacher(str(folder), family="restore", device=device)
     card_file = folder / "fewstep_sampling.json"
     if card_file.is_file():  # an exported student
@@ -146,7 +147,9 @@ def export_restorer(run_dir: str | Path, out: str | Path, weights: str = "studen
     with atomic_folder(Path(out), overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (Path(tmp) / "fewstep_sampling.json").write_text(
-            json.dumps({"times_by_steps": {str(k): v for k, v in model.times.items()}, "renoise": model.renoise}, indent=1)
+            json.dumps(
+                {"times_by_steps": {str(k): v for k, v in model.times.items()}, "renoise": model.renoise}, indent=1
+            )
             + "\n"
         )
         (Path(tmp) / "README.md").write_text(_card(run_dir, steps_list, eta))
@@ -172,7 +175,3 @@ out = pipe(image=degraded, num_inference_steps={steps[0]}, eta={eta}, output_typ
 Trained by fewstep (`{card.get("config", {}).get("objective", {}).get("name", card.get("objective"))}`) from
 `{card["teacher"]["source"]}`; {card.get("steps")} steps, {card.get("train_time_s")} s of training.
 """
-
-
-def describe(model: Restorer) -> dict[str, Any]:
-    return {"source": model.source, "student": model.is_student, "renoise": model.renoise, "times": model.times}

@@ -17,6 +17,7 @@ from fewstep.conditioning import (
     conditioner_for,
     index_cond,
 )
+from fewstep.families.restore import ImageConcatConditioner
 from fewstep.samplers import sample
 from tests.tiny import FAMILIES, TEXT_LEN, ddim_scheduler, make_tiny
 
@@ -27,6 +28,7 @@ def test_conditioner_for_picks_by_backbone_class():
     want = {
         "dit": ClassConditioner,
         "unet": ClassConditioner,
+        "restore": ImageConcatConditioner,
         "sd15": UNetTextConditioner,
         "sdxl": UNetTextConditioner,
         "pixart": PixArtConditioner,

@@ -137,6 +137,28 @@ def _unet(seed):
     return bb, (1, 8, 8), cond, {"null_class": NUM_CLASSES}
 
 
+def _restore(seed):
+    from diffusers import UNet2DModel
+
+    # pixel-space image-conditioned UNet: the degraded image is concatenated on the channels
+    bb = UNet2DModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+
+    def cond(b, g):
+        return {"image": _randn((b, 1, 8, 8), g)}
+
+    return bb, (1, 8, 8), cond, {}
+
+
 def _sd15(seed):
     from diffusers import UNet2DConditionModel
 
@@ -289,6 +311,7 @@ class TinyFamily:
     backbone: Callable[..., tuple]  # (seed, **kw) -> (backbone, latent_shape, make_cond, conditioner kwargs)
     pipeline: Callable[..., Any]  # (backbone, prediction, seed) -> the family's diffusers pipeline
     flow_shift: float | None = None  # flow-matching families: the FlowPath shift; None: a VP teacher
+    guidance: bool = True  # False: no unconditional input (the image-conditioned restore family)
 
 
 def _pipe_dit(bb, prediction, seed):
@@ -306,6 +329,16 @@ def _pipe_unet(bb, prediction, seed):
     import diffusers
 
     return diffusers.DDPMPipeline(unet=bb, scheduler=ddim_scheduler(prediction))
+
+
+def _pipe_restore(bb, prediction, seed):
+    import diffusers
+
+    from fewstep.digits.restoration import build_pixel_vqvae
+
+    return diffusers.LDMSuperResolutionPipeline(
+        vqvae=build_pixel_vqvae(), unet=bb, scheduler=ddim_scheduler(prediction)
+    )
 
 
 def _pipe_sd15(bb, prediction, seed):
@@ -393,12 +426,13 @@ TINY: dict[str, TinyFamily] = {
     "unet": TinyFamily(_unet, _pipe_unet),
     "sd15": TinyFamily(_sd15, _pipe_sd15),
     "sdxl": TinyFamily(_sdxl, _pipe_sdxl),
+    "restore": TinyFamily(_restore, _pipe_restore, guidance=False),
     "pixart": TinyFamily(_pixart, _pipe_pixart),
     "sd3": TinyFamily(_sd3, _pipe_sd3, flow_shift=3.0),
     "flux": TinyFamily(_flux, _pipe_flux, flow_shift=1.0),
 }
 FAMILIES = tuple(TINY)
-VP_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is None)
+VP_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is None and t.guidance)  # guided VP teachers
 FLOW_FAMILIES = tuple(f for f, t in TINY.items() if t.flow_shift is not None)
 
 

@@ -172,9 +172,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
     }
     if not args.no_card:
-        old = json.loads(CARD.read_text()) if CARD.is_file() else {}
-        # scores are written by eval/restoration_table.py for these very weights; a retrain drops them
-        CARD.write_text(json.dumps({**card, **({} if old.get("command") != card["command"] else {})}, indent=2) + "\n")
+        # scores are added by eval/restoration_bench.py for these very weights; a retrain drops them
+        CARD.write_text(json.dumps(card, indent=2) + "\n")
     print(f"saved {out} in {wall:.0f}s total", flush=True)
     return 0
 

@@ -194,7 +194,9 @@ def restoration_split() -> tuple[Tensor, Tensor]:
 def _heldout_noise(index: Tensor) -> Tensor:
     return torch.stack(
         [
-            torch.randn(1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(_HELDOUT_NOISE_SEED + int(i)))
+            torch.randn(
+                1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(_HELDOUT_NOISE_SEED + int(i))
+            )
             for i in index
         ]
     )

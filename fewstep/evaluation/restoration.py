@@ -9,7 +9,8 @@
   output and of its target.
 - class_acc: share of outputs the judge reads as the source digit's label.
 - fid: FID of the outputs against all 1,797 real digits in the judge's features (the project's
-  digits FID; with 359 held-out images it is biased upward, so compare rows at equal n only).
+  digits FID; with 359 held-out images it is biased upward, so compare rows at equal n only;
+  the "clean targets (floor)" row is the FID of the held-out targets themselves).
 
 `evaluate_restoration(spec)` (what `fewstep eval --protocol restoration` runs) restores the held-out
 set of each degradation (`fewstep.digits.restoration`) at each step count and writes results.json
@@ -132,11 +133,24 @@ def evaluate_restoration(spec) -> dict[str, Any]:
         raise InputError(str(e)) from None
     seed = 0 if spec.seed is None else int(spec.seed)
     rows = []
+    # the floor: the clean held-out targets themselves (FID of a few hundred real digits is not 0)
+    clean = restoration_pairs("sr4", "heldout", limit=spec.num_samples)
+    floor_metrics = tuple(m for m in metrics if m in ("class_acc", "fid"))
+    if floor_metrics:
+        rows.append(
+            {
+                "degradation": "-",
+                "what": "clean targets (floor)",
+                **restoration_scores(clean.target, clean.target, clean.labels, floor_metrics),
+            }
+        )
     for kind in DEGRADATIONS:
         pairs = restoration_pairs(kind, "heldout", limit=spec.num_samples)
         base = bicubic_baseline(pairs.degraded) if kind == "sr4" else pairs.condition.clamp(-1, 1)
         what = "bicubic x4" if kind == "sr4" else "degraded input"
-        rows.append({"degradation": kind, "what": what, **restoration_scores(base, pairs.target, pairs.labels, metrics)})
+        rows.append(
+            {"degradation": kind, "what": what, **restoration_scores(base, pairs.target, pairs.labels, metrics)}
+        )
         for steps in spec.steps:
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)

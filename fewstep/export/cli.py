@@ -56,9 +56,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _restoration_run(checkpoint: str) -> bool:
+    """A run of a restoration student (teacher of the image-conditioned family)."""
+    import json
+    from pathlib import Path
+
+    card = Path(checkpoint) / "run_card.json"
+    if not card.is_file():
+        return False
+    try:
+        return json.loads(card.read_text()).get("teacher", {}).get("family") == "restore"
+    except (OSError, ValueError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    if _restoration_run(args.checkpoint):  # an LDMSuperResolutionPipeline student: fewstep.restoration
+        from ..errors import one_line
+        from ..restoration import export_restorer
+
+        try:
+            out = export_restorer(args.checkpoint, args.out, weights=args.weights, overwrite=args.overwrite)
+        except (ValueError, OSError) as e:
+            print(f"fewstep export: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"fewstep export: wrote {out} (LDMSuperResolutionPipeline + DDIMScheduler; see its README.md)")
+        return 0
     try:
         if args.private and not args.push_to_hub:
             raise ExportError("--private applies to --push-to-hub REPO; give the repo")

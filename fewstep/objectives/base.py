@@ -179,3 +179,16 @@ def unwrap(net: nn.Module) -> nn.Module:
 def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module
+
+
+def require_image_conditioned(name: str, ctx) -> None:
+    """Restoration objectives need a teacher that takes the degraded image (its family record's
+    `image_conditioned`); a clear start-up error otherwise."""
+    from ..families import FAMILIES, family_by_name
+
+    fam = getattr(ctx, "family", None)
+    if fam not in FAMILIES or not family_by_name(fam).image_conditioned:
+        raise ValueError(
+            f"objective {name} restores images: teacher.source must be an image-conditioned teacher "
+            f"(e.g. digits-restore), not a {fam!r} one"
+        )

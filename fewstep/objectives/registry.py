@@ -47,6 +47,9 @@ REGISTRY: dict[str, str | tuple[str, dict[str, Any]]] = {
     "rcm": "fewstep.objectives.rcm:build",
     "flash_dmd": "fewstep.objectives.flash_dmd:build",
     "msd": ("fewstep.objectives.msd:build", {"variant": "dmd2"}),
+    "ircm": "fewstep.objectives.ircm:build",
+    "tadsr": "fewstep.objectives.tadsr:build",
+    "nct": "fewstep.objectives.nct:build",
 }
 
 

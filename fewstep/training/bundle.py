@@ -166,10 +166,10 @@ _BACKBONE_KEYS = ("transformer", "unet")
 
 def _pipeline_folder(source: str) -> Path:
     p = Path(source)
-    if source in ("digits-vp", "digits-flow"):
+    if source in ("digits-vp", "digits-flow", "digits-restore"):
         from ..digits.data import WEIGHTS_DIR
 
-        p = WEIGHTS_DIR / ("teacher_vp" if source == "digits-vp" else "teacher_flow")
+        p = WEIGHTS_DIR / {"digits-vp": "teacher_vp", "digits-flow": "teacher_flow"}.get(source, "restoration_teacher")
         if not (p / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"teacher.source={source!r}: the embedded teacher folder {p} has no model_index.json"
@@ -217,7 +217,11 @@ def meta_bundle(tcfg: Any) -> TeacherBundle:
     den = Denoiser(backbone, path)
     den.requires_grad_(False)
     # latent shape: the backbone's channels and sample size (or the resolution over the VAE factor)
-    c = int(config.get("in_channels", 4)) // (patch * patch)
+    c = (
+        int(config.get("in_channels", 4))
+        // (patch * patch)
+        // (2 if record is not None and record.image_conditioned else 1)
+    )
     size = config.get("sample_size", 64)
     vae_cfg_file = folder / "vae" / "config.json"
     if tcfg.resolution is not None and vae_cfg_file.is_file():
@@ -227,7 +231,7 @@ def meta_bundle(tcfg: Any) -> TeacherBundle:
         size = record.default_latent_size
     num_classes = None
     if record is not None and not record.text and record.num_classes is not None:
-        num_classes = 10 if str(tcfg.source).startswith("digits") else record.num_classes(backbone, None)
+        num_classes = 10 if str(tcfg.source) in ("digits-vp", "digits-flow") else record.num_classes(backbone, None)
     return TeacherBundle(
         denoiser=den,
         latent_shape=(c, int(size), int(size)),

@@ -20,7 +20,7 @@ from ..errors import UserError, check_output_folder, dangerous_folder
 
 __all__ = ["preflight", "teacher_is_text"]
 
-_EMBEDDED = ("digits-vp", "digits-flow")
+_EMBEDDED = ("digits-vp", "digits-flow", "digits-restore")
 _TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "text_encoder_3")
 
 

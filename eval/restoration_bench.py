@@ -1,0 +1,99 @@
+"""Restoration benchmark of the embedded default: the teacher's rows and, for each preset given,
+one training run and its rows, all with the `restoration` protocol (fewstep/evaluation/restoration.py).
+
+    python eval/restoration_bench.py --teacher-steps 50 --out runs/restoration_bench \
+        --config configs/digits/ircm_1step_restore.yaml --steps 1,2 \
+        --config configs/digits/tadsr_1step_restore.yaml --steps 1
+
+Writes <out>/teacher/results.json, <out>/<preset>/results.json (with the run's training wall time)
+and prints one table. One thread (run it inside /work/bin/cpuslot on a shared machine); wall times
+are upper bounds there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--teacher-steps", default="50", help="comma-separated DDIM steps for the teacher ('' to skip)")
+    p.add_argument("--config", action="append", default=[], help="a restoration preset to train and score")
+    p.add_argument("--steps", action="append", default=[], help="step counts for the matching --config")
+    p.add_argument("--train-steps", type=int, default=None, help="override the presets' steps")
+    p.add_argument("--num-samples", type=int, default=None, help="held-out images per degradation (default all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-card", action="store_true", help="do not write the teacher's scores into its card")
+    args = p.parse_args(argv)
+    import torch
+
+    from fewstep.config import load_config
+    from fewstep.evaluation import EvalSpec
+    from fewstep.evaluation.restoration import _markdown, evaluate_restoration
+    from fewstep.training import run
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = []
+    if args.teacher_steps:
+        steps = [int(s) for s in args.teacher_steps.split(",")]
+        res = evaluate_restoration(
+            EvalSpec(
+                pipeline="digits-restore",
+                steps=steps,
+                protocol="restoration",
+                num_samples=args.num_samples,
+                out=str(out / "teacher"),
+                command=" ".join(sys.argv),
+            )
+        )
+        tables.append(_markdown(res))
+        print(tables[-1], flush=True)
+        if not args.no_card:  # the teacher's scores go to its card, beside the command that trained it
+            from fewstep.digits.data import WEIGHTS_DIR
+
+            card_file = WEIGHTS_DIR / "restoration_teacher.json"
+            card = json.loads(card_file.read_text())
+            card["scores"] = {"command": " ".join(["python"] + sys.argv), "rows": res["rows"]}
+            card_file.write_text(json.dumps(card, indent=2) + "\n")
+    if len(args.steps) not in (0, len(args.config)):
+        raise SystemExit("give one --steps per --config (or none: 1)")
+    for i, cfg_path in enumerate(args.config):
+        name = Path(cfg_path).stem
+        overrides = [f"output_dir={out / name / 'run'}", "overwrite=true", "log.progress=false"]
+        if args.train_steps is not None:
+            overrides.append(f"steps={args.train_steps}")
+        cfg = load_config(cfg_path, overrides)
+        t0 = time.time()
+        result = run(cfg)
+        wall = time.time() - t0
+        steps = [int(s) for s in (args.steps[i] if args.steps else "1").split(",")]
+        res = evaluate_restoration(
+            EvalSpec(
+                pipeline=str(result.run_dir),
+                steps=steps,
+                protocol="restoration",
+                num_samples=args.num_samples,
+                out=str(out / name),
+                command=" ".join(sys.argv),
+            )
+        )
+        res["training"] = {"config": cfg_path, "overrides": overrides, "wall_s": round(wall, 1), "steps": result.steps}
+        (out / name / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        tables.append(f"training wall {wall:.0f}s ({result.steps} steps)\n" + _markdown(res))
+        print(tables[-1], flush=True)
+    (out / "tables.md").write_text("\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

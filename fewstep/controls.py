@@ -1,0 +1,223 @@
+"""New controls for a one-step generator (Noise Consistency Training, `fewstep.objectives.nct`):
+the control signal models, the adapter, and the adapted generator.
+
+    control = CONTROLS["downsample"]            # images (B, 1, 32, 32) in [-1, 1] -> (B, 1, 8, 8)
+    adapted = AdaptedGenerator(generator, layer_name, ControlAdapter(...))
+    x0 = adapted(z, t0, {"class_labels": y, "control": control(wanted_images)})
+
+A control signal model is any callable images -> control tensor (differentiable, so its error
+can train the adapter): `downsample` (the 8x8 average-pool of the image) and `edges` (Sobel
+gradient magnitude) ship for the digits; a classifier's logits would do as well.
+
+The adapter reads the control image, maps it to the width of one layer of the generator's
+backbone (the family's feature tap, `Family.gan_tap`: a DiT's middle transformer block, a UNet's
+mid-block) and adds it to that layer's output through a forward hook. Its last layer starts at
+zero, so the adapted generator starts as the generator. Exported as the generator's stock
+pipeline plus `adapter.safetensors` and `adapter.json` (`export_control_adapter`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CONTROLS",
+    "downsample_control",
+    "edge_control",
+    "ControlAdapter",
+    "AdaptedGenerator",
+    "export_control_adapter",
+    "load_control_adapter",
+]
+
+
+def downsample_control(images: Tensor) -> Tensor:
+    """(B, C, 32, 32) -> (B, C, 8, 8): the 4x4 average pool (what an 8x8 thumbnail asks for)."""
+    return F.avg_pool2d(images.float(), 4)
+
+
+def edge_control(images: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C, H, W): Sobel gradient magnitude of the image (in [-1, 1] units / 8)."""
+    x = images.float()
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 8.0
+    c = x.shape[1]
+    kx = k.reshape(1, 1, 3, 3).expand(c, 1, 3, 3)
+    ky = k.t().reshape(1, 1, 3, 3).expand(c, 1, 3, 3)
+    xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    gx, gy = F.conv2d(xp, kx, groups=c), F.conv2d(xp, ky, groups=c)
+    return torch.sqrt(gx * gx + gy * gy + 1e-8)
+
+
+CONTROLS: dict[str, Callable[[Tensor], Tensor]] = {"downsample": downsample_control, "edges": edge_control}
+
+
+def control_model(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in CONTROLS:
+        raise ValueError(f"objective.control={name!r}: choose one of {sorted(CONTROLS)}")
+    return CONTROLS[name]
+
+
+class ControlAdapter(nn.Module):
+    """Control image (B, Cc, h, w) -> a residual of the hooked layer's output shape.
+
+    Args:
+        control_channels: channels of the control image.
+        out_channels:     the hooked layer's width (transformer width or UNet channels).
+        width:            channels of the adapter's convolutions.
+        size:             the control is resized to size x size first (any control resolution).
+    """
+
+    def __init__(self, control_channels: int, out_channels: int, width: int = 64, size: int = 32):
+        super().__init__()
+        self.config = {
+            "control_channels": int(control_channels),
+            "out_channels": int(out_channels),
+            "width": int(width),
+            "size": int(size),
+        }
+        self.size = int(size)
+        self.net = nn.Sequential(
+            nn.Conv2d(control_channels, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+        )
+        self.proj = nn.Conv2d(width, out_channels, 1)
+        nn.init.zeros_(self.proj.weight)  # starts as no change: the adapted generator is the generator
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, control: Tensor, like: Tensor) -> Tensor:
+        """The residual for a layer output `like`: (B, N, D) tokens on a square-ish grid, or (B, C, h, w)."""
+        c = F.interpolate(control.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
+        h = self.net(c)
+        if like.ndim == 4:
+            return self.proj(F.adaptive_avg_pool2d(h, like.shape[-2:])).to(like.dtype)
+        if like.ndim != 3:
+            raise ValueError(
+                f"control adapter: the hooked layer's output must be (B, N, D) or (B, C, h, w), got {tuple(like.shape)}"
+            )
+        n = like.shape[1]
+        gh = int(math.isqrt(n))
+        gh = gh if gh * gh == n else 1
+        r = self.proj(F.adaptive_avg_pool2d(h, (gh, n // gh)))
+        return r.flatten(2).transpose(1, 2).to(like.dtype)
+
+
+class AdaptedGenerator(nn.Module):
+    """A frozen one-step generator (a `Denoiser`) with a control adapter on one backbone layer.
+
+    Called like a Denoiser; when cond holds "control", the adapter's residual is added to the
+    output of `layer` (a dotted module path in the generator's backbone) during that call."""
+
+    def __init__(self, generator: nn.Module, layer: str, adapter: ControlAdapter):
+        super().__init__()
+        self.generator = generator
+        self.adapter = adapter
+        self.layer = layer
+
+    @property
+    def path(self):
+        return self.generator.path
+
+    def forward(self, x_t: Tensor, t, cond: dict | None = None, guidance=1.0, output: str = "x0"):
+        control = None if cond is None else cond.get("control")
+        rest = None if cond is None else {k: v for k, v in cond.items() if k != "control"}
+        if control is None:
+            return self.generator(x_t, t, rest, guidance, output=output)
+        module = self.generator.backbone.get_submodule(self.layer)
+
+        def hook(mod, args, out):
+            if isinstance(out, tuple):
+                return (out[0] + self.adapter(control, out[0]), *out[1:])
+            return out + self.adapter(control, out)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            return self.generator(x_t, t, rest, guidance, output=output)
+        finally:
+            handle.remove()
+
+
+def layer_name(backbone: nn.Module, module: nn.Module) -> str:
+    for name, m in backbone.named_modules():
+        if m is module:
+            return name
+    raise ValueError("control adapter: the feature layer is not a module of the generator's backbone")
+
+
+def export_control_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """An NCT run -> `out/adapter.safetensors` + `out/adapter.json` + `out/README.md` (how to load
+    the adapter onto the generator's stock pipeline). The generator's own pipeline is exported
+    from its run with `fewstep export` (its folder is named in the README)."""
+    from safetensors.torch import load_file, save_file
+
+    from .export import atomic_folder
+
+    run_dir = Path(run_dir)
+    card = json.loads((run_dir / "run_card.json").read_text())
+    if card.get("objective") != "nct":
+        raise ValueError(f"{run_dir}: not an NCT run (objective {card.get('objective')!r})")
+    params = card["objective_params"]
+    wfile = run_dir / card["files"]["student"] / "model.safetensors"
+    state = load_file(str(wfile))
+    adapter = {k[len("adapter.") :]: v for k, v in state.items() if k.startswith("adapter.")}
+    if not adapter:
+        raise ValueError(f"{wfile}: holds no adapter.* weights")
+    meta = {
+        "control": params["control"],
+        "layer": params.get("layer_name") or card.get("final_logs", {}).get("layer", ""),
+        "adapter": params.get("adapter_config"),
+        "generator": params["generator"],
+        "sampling": card["sampling"],
+    }
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+        save_file(adapter, str(Path(tmp) / "adapter.safetensors"))
+        (Path(tmp) / "adapter.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (Path(tmp) / "README.md").write_text(_readme(meta))
+    return Path(out)
+
+
+def load_control_adapter(folder: str | Path) -> tuple[ControlAdapter, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = json.loads((folder / "adapter.json").read_text())
+    adapter = ControlAdapter(**meta["adapter"])
+    adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
+    return adapter.eval(), meta
+
+
+def _readme(meta: dict[str, Any]) -> str:
+    t0 = meta["sampling"]["times"][0]
+    return f"""# Control adapter ({meta["control"]}), Noise Consistency Training
+
+Adds the control `{meta["control"]}` (fewstep.controls) to the one-step generator of
+`{meta["generator"]}`. Export that generator as a stock pipeline first
+(`fewstep export --checkpoint {meta["generator"]} --out <pipeline>`), then:
+
+```python
+import torch
+from diffusers import DiTPipeline
+from fewstep.controls import load_control_adapter, CONTROLS
+pipe = DiTPipeline.from_pretrained("<pipeline>")
+adapter, meta = load_control_adapter("<this folder>")
+control = CONTROLS[meta["control"]](wanted_images)          # (B, 1, 32, 32) in [-1, 1] -> the control
+layer = pipe.transformer.get_submodule(meta["layer"])        # "{meta["layer"]}"
+hook = layer.register_forward_hook(lambda m, a, out: out + adapter(control, out))
+images = pipe(class_labels=labels, num_inference_steps=1, guidance_scale=1.0).images
+hook.remove()
+```
+
+The adapter adds its residual to the output of that layer at every call (the student samples in
+one step from t = {t0}); its weights are `adapter.safetensors` (safetensors only).
+"""

@@ -1,0 +1,192 @@
+"""NCT: Noise Consistency Training, a new control for a frozen one-step generator, data-free
+(outline in ALGORITHMS.md sec. 15; the authors' code was not available here, so the exact loss
+below is this project's reading of the outline, stated in full).
+
+G(z, y) is the frozen one-step generator (a student of this project, from its run dir), C a
+control signal model (`fewstep.controls.CONTROLS`), G_phi(z, y, c) the generator with the
+control adapter (`fewstep.controls.AdaptedGenerator`, zero-initialised). Per sample:
+
+    z0 ~ N(0, I), x = G(z0, y), c = C(decode(x))      the generator's own output sets the control,
+                                                     so z0 is coupled with c and G(z0) satisfies it
+    z_s = sqrt(1 - s^2) z0 + s eps                    the noise-space VP process: z_s ~ N(0, I) for
+                                                     every s, its dependence on c fades as s -> 1
+    s ~ U[0, 1], s' = max(0, s - delta), the same eps for both
+    r(z) = G_phi(z, y, c) - G(z, y)                   what the adapter changes
+    L_nc = mean (r(z_s) - sg r(z_s'))^2               noise consistency: the change the control asks
+                                                     for moves smoothly from coupled to free noise
+    L_b  = mean r(z0)^2                               boundary: where the noise already fits c,
+                                                     change nothing
+    L_c  = mean (C(decode(G_phi(z_s, y, c))) - c)^2   the control term: only the control model
+    L    = w_nc L_nc + w_b L_b + w_c L_c
+
+When the adapter ignores the control (r = 0) and the generator already satisfies it
+(C(decode(G(z))) = c for every z), every term is zero.
+
+No real image is read: the builder refuses a run with real data (ctx.has_real_data) and the loss
+refuses a batch that carries "x0"; the only images are the generator's own outputs. One
+optimizer group, "generator", trains the adapter alone (the generator stays frozen).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..controls import AdaptedGenerator, ControlAdapter, control_model, layer_name
+from .base import Batch, freeze, step_generator
+from .gan import feature_layer
+
+__all__ = ["NCTConfig", "NCT", "build", "load_generator"]
+
+
+@dataclass
+class NCTConfig:
+    generator: str = ""  # run dir of the one-step generator (run_card.json, final/<generator_weights>)
+    generator_weights: str = "student"  # "student" or "student_ema"
+    control: str = "downsample"  # a name in fewstep.controls.CONTROLS
+    delta: float = 0.2  # s' = max(0, s - delta): the less-noised side of a consistency pair
+    nc_weight: float = 1.0
+    boundary_weight: float = 1.0
+    control_weight: float = 1.0
+    adapter_width: int = 64
+    feature_layer: str | None = None  # dotted module path in the generator's backbone (default: family tap)
+    layer_name: str = ""  # filled in by the builder (recorded in the run card for export)
+    adapter_config: dict = field(default_factory=dict)  # filled in by the builder
+
+    def validate(self) -> None:
+        control_model(self.control)
+        if not 0.0 < self.delta <= 1.0:
+            raise ValueError(f"objective.delta={self.delta}: must be in (0, 1]")
+        if min(self.nc_weight, self.boundary_weight, self.control_weight) < 0:
+            raise ValueError("objective.nc_weight, boundary_weight and control_weight must be >= 0")
+        if self.generator_weights not in ("student", "student_ema"):
+            raise ValueError(f"objective.generator_weights={self.generator_weights!r}: 'student' or 'student_ema'")
+
+
+def _mse(a: Tensor, b: Tensor) -> Tensor:
+    return ((a.float() - b.float()) ** 2).mean()
+
+
+class NCT:
+    def __init__(
+        self,
+        adapted: AdaptedGenerator,
+        teacher: nn.Module,
+        params: NCTConfig,
+        t0: float,
+        decode,
+        sampling,
+        seed: int = 0,
+    ):
+        self.p = params
+        self.seed = int(seed)
+        self.t0 = float(t0)
+        self.decode = decode
+        self.control = control_model(params.control)
+        self.nets = {"student": adapted, "teacher": teacher}
+        self.groups = {"generator": ["student"]}
+        self.sampling = dict(sampling)
+
+    def phases(self, step: int) -> list[str]:
+        return ["generator"]
+
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if phase != "generator":
+            raise ValueError(f"nct has one phase, 'generator'; got {phase!r}")
+        if batch.get("x0") is not None:
+            raise ValueError("nct is data-free: the batch carries real data (batch['x0']); set data.real_data=false")
+        shape = tuple(batch["shape"])
+        cond = batch.get("cond")
+        g = step_generator(self.seed, step)
+        n = int(batch.get("global_batch_size", shape[0]))
+        idx = batch.get("index")
+        idx = torch.arange(shape[0]) if idx is None else idx.cpu()
+        device = batch["index"].device if torch.is_tensor(batch.get("index")) else torch.device("cpu")
+        z0 = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
+        eps = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
+        s = torch.rand(n, generator=g, dtype=torch.float64)[idx].float().to(device)
+        s2 = (s - self.p.delta).clamp_min(0.0)
+        adapted = self.nets["student"]
+
+        def noise(level: Tensor) -> Tensor:
+            lv = level.reshape(-1, *([1] * (z0.ndim - 1)))
+            return (1 - lv * lv).clamp_min(0).sqrt() * z0 + lv * eps
+
+        z_s, z_s2 = noise(s), noise(s2)
+        with torch.no_grad():
+            x = adapted(z0, self.t0, cond)  # no control: the frozen generator
+            c = self.control(self.decode(x))
+            base_s = adapted(z_s, self.t0, cond)
+            r_s2 = adapted(z_s2, self.t0, {**(cond or {}), "control": c}) - adapted(z_s2, self.t0, cond)
+        ccond = {**(cond or {}), "control": c}
+        out_s = adapted(z_s, self.t0, ccond)
+        l_nc = _mse(out_s - base_s, r_s2)
+        l_b = _mse(adapted(z0, self.t0, ccond), x)
+        l_c = _mse(self.control(self.decode(out_s)), c)
+        loss = self.p.nc_weight * l_nc + self.p.boundary_weight * l_b + self.p.control_weight * l_c
+        with torch.no_grad():  # the control error from free noise (s = 1), what a user notices
+            err_free = (
+                _mse(self.control(self.decode(out_s[s > 0.9])), c[s > 0.9])
+                if (s > 0.9).any()
+                else torch.tensor(float("nan"))
+            )
+        return loss, {
+            "loss": float(loss.detach()),
+            "noise_consistency": float(l_nc.detach()),
+            "boundary": float(l_b.detach()),
+            "control": float(l_c.detach()),
+            "control_free_noise": float(err_free),
+        }
+
+
+def load_generator(run_dir: str | Path, teacher, make_copy, weights: str = "student"):
+    """The one-step generator of a training run: a copy of the teacher Denoiser with the run's
+    weights, and the run card's sampling."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    card_file = run_dir / "run_card.json"
+    if not card_file.is_file():
+        raise FileNotFoundError(f"objective.generator={str(run_dir)!r}: no run_card.json (train the generator first)")
+    card = json.loads(card_file.read_text())
+    wdir = run_dir / card["files"].get(weights, f"final/{weights}")
+    wfile = wdir / "diffusion_pytorch_model.safetensors"
+    if not wfile.is_file():
+        raise FileNotFoundError(f"objective.generator: no {weights} weights at {wfile}")
+    gen = make_copy(teacher)
+    gen.backbone.load_state_dict(load_file(str(wfile)))
+    freeze(gen)
+    return gen, card["sampling"]
+
+
+def build(params: NCTConfig | dict[str, Any] | None, teacher, ctx: Any) -> NCT:
+    from .rewards import differentiable_decode
+
+    if not isinstance(params, NCTConfig):
+        params = NCTConfig(**(params or {}))
+    params.validate()
+    if getattr(ctx, "has_real_data", False):
+        raise ValueError("objective nct is data-free: set data.real_data=false (and no data.real_latents)")
+    if not params.generator:
+        raise ValueError("objective.generator: the run dir of the one-step generator to adapt (e.g. a DMD2 1-step run)")
+    gen, sampling = load_generator(params.generator, teacher, ctx.make_copy, params.generator_weights)
+    if len(sampling["times"]) != 2:
+        raise ValueError(
+            f"objective.generator: NCT adapts a one-step generator; this one samples at {sampling['times']}"
+        )
+    decode = differentiable_decode(getattr(ctx, "decode", None)) or (lambda x: x)
+    layer, width = feature_layer(gen.backbone, params.feature_layer)
+    params.layer_name = layer_name(gen.backbone, layer)
+    # the control's channels: the control model applied to one decoded sample
+    with torch.no_grad():
+        probe = decode(torch.zeros(1, *ctx.latent_shape, device=ctx.device))
+        cc = int(control_model(params.control)(probe).shape[1])
+    adapter = ControlAdapter(cc, width, params.adapter_width).to(ctx.device)
+    params.adapter_config = dict(adapter.config)
+    adapted = AdaptedGenerator(gen, params.layer_name, adapter)
+    return NCT(adapted, teacher, params, sampling["times"][0], decode, sampling, seed=getattr(ctx, "seed", 0))

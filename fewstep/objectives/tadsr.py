@@ -1,0 +1,181 @@
+"""TAD-SR: one-step restoration by time-aware distillation (outline in ALGORITHMS.md sec. 17;
+details unverified, no official code was read).
+
+The student restores in one step from pure noise on its own path, conditioned on the degraded
+image mu = cond["image"]: x_hat = student(z, t=1, cond). Two terms train it:
+
+- score distillation after a small perturbation: t ~ U[sd_t_min, sd_t_max] (low noise, so the
+  signal is the teacher's high-frequency detail), x_t = alpha x_hat + sigma eps and
+      grad = x_hat - sg(teacher_x0(x_t, t, cond)),   L_sd = surrogate(x_hat, grad)
+  (the x0-space score-distillation direction; with zero perturbation it would vanish);
+- a latent adversarial loss with a time-aware discriminator: both the real target x0 and x_hat
+  are noised at t ~ U[gan_t_min, gan_t_max], the frozen teacher's features of the noised input
+  (the family's GAN tap, `Family.gan_tap`: the UNet mid-block) go to a head that also receives t
+  (a constant channel), so it judges real against generated at several noise levels:
+      L_G = softplus(-D(feat(x_hat_t), t)),   L_D = softplus(D(feat(sg x_hat_t), t)) + softplus(-D(feat(x0_t), t)).
+
+Two optimizer groups: "generator" (the student) and "disc" (the head), updated each step in the
+order disc, generator. The student's sampling is one step from t = 1 (`LDMSuperResolutionPipeline`
+with `num_inference_steps=1`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..denoiser import Denoiser
+from . import _maths
+from .base import Batch, require_image_conditioned, step_generator
+from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
+
+__all__ = ["TADSRConfig", "TADSR", "TimeAwareHead", "build"]
+
+
+@dataclass
+class TADSRConfig:
+    sd_t_min: float = 0.02  # score distillation: the small perturbation's time range
+    sd_t_max: float = 0.3
+    sd_weight: float = 1.0
+    gan: bool = True  # the latent adversarial loss (false: score distillation alone)
+    gan_weight: float = 0.05  # weight of L_G in the generator's loss
+    gan_t_min: float = 0.02  # the discriminator's time range
+    gan_t_max: float = 0.5
+    gan_width: int = 64  # channels of the head's convolutions
+    gan_feature_layer: str | None = None  # a dotted module path in the teacher (default: the family's tap)
+
+    def validate(self) -> None:
+        for lo, hi, name in ((self.sd_t_min, self.sd_t_max, "sd_t"), (self.gan_t_min, self.gan_t_max, "gan_t")):
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"objective.{name}_min={lo}, objective.{name}_max={hi}: need 0 < min <= max <= 1")
+        if self.sd_weight < 0 or self.gan_weight < 0:
+            raise ValueError("objective.sd_weight and objective.gan_weight must be >= 0")
+        if self.gan_width < 1:
+            raise ValueError(f"objective.gan_width={self.gan_width}: must be >= 1")
+
+
+class TimeAwareHead(nn.Module):
+    """Teacher features and the time t -> one logit. The features are pooled to 4x4 and t joins
+    them as a constant channel in the first convolution, before any normalisation (a GroupNorm
+    over [features, t] would normalise the constant channel away); then two stride-2 4x4
+    convolutions down to one logit."""
+
+    def __init__(self, channels: int, latent_hw: tuple[int, int], width: int):
+        super().__init__()
+        self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
+        self.inp = nn.Conv2d(channels + 1, width, 3, padding=1)
+        g = math.gcd(8, width)  # groups of at least width / 8 channels
+        self.net = nn.Sequential(  # 4x4 -> 2x2 -> 1x1; no norm at 1x1, where it would erase the logit's input
+            nn.SiLU(),
+            nn.Conv2d(width, width, 4, stride=2, padding=1),
+            nn.GroupNorm(g, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 1, 1),
+        )
+
+    def forward(self, features: Tensor, t: Tensor) -> Tensor:
+        grid = DiscriminatorHead.grid(self, features.float())  # tokens -> (B, D, h, w), as DMD2's head lays them
+        x = F.adaptive_avg_pool2d(self.norm(grid), 4)
+        tmap = t.float().reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
+        return self.net(self.inp(torch.cat([x, tmap], 1))).flatten(1).mean(1)
+
+
+class TADSR:
+    def __init__(
+        self,
+        student: Denoiser,
+        teacher: Denoiser,
+        head: TimeAwareHead,
+        layer: nn.Module,
+        params: TADSRConfig,
+        seed: int = 0,
+    ):
+        self.p = params
+        self.seed = int(seed)
+        self.nets = {"student": student, "teacher": teacher, "disc": head}
+        self.groups = {"generator": ["student"], "disc": ["disc"]}
+        self.tap = FeatureTap(layer)
+        self.sampling = {"times": [1.0, 0.0], "renoise": "ddim"}
+
+    def phases(self, step: int) -> list[str]:
+        return ["disc", "generator"] if self.p.gan else ["generator"]
+
+    def _draws(self, batch: Batch, step: int, shape, device):
+        g = step_generator(self.seed, step)
+        n = int(batch.get("global_batch_size", shape[0]))
+        idx = batch.get("index")
+        idx = torch.arange(shape[0]) if idx is None else idx.cpu()
+        z = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
+        eps = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
+        eps_d = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
+        u_sd = torch.rand(n, generator=g)[idx].to(device)
+        u_d = torch.rand(n, generator=g)[idx].to(device)
+        return z, eps, eps_d, u_sd, u_d
+
+    def _logits(self, x0: Tensor, t: Tensor, eps: Tensor, cond) -> Tensor:
+        teacher = self.nets["teacher"]
+        x_t = teacher.path.add_noise(x0, eps, t)
+        with self.tap.capture():
+            teacher(x_t, t, cond, output="native")
+        return self.nets["disc"](self.tap.take(), t)
+
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        cond = batch.get("cond")
+        x0 = batch.get("x0")
+        if cond is None or cond.get("image") is None:
+            raise ValueError("tadsr needs the degraded image in cond['image'] (teacher digits-restore)")
+        shape = tuple(batch["shape"])
+        device = cond["image"].device
+        z, eps, eps_d, u_sd, u_d = self._draws(batch, step, shape, device)
+        t_d = self.p.gan_t_min + (self.p.gan_t_max - self.p.gan_t_min) * u_d
+        student = self.nets["student"]
+        if phase == "disc":
+            if x0 is None:
+                raise ValueError("tadsr's discriminator needs real targets: data.real_data=true")
+            with torch.no_grad():
+                x_hat = student(z, 1.0, cond)
+            lf = self._logits(x_hat, t_d, eps_d, cond)
+            lr = self._logits(x0.float(), t_d, eps_d, cond)
+            loss = discriminator_gan_loss(lf, lr)
+            return loss, {
+                "disc": float(loss.detach()),
+                "d_real": float(lr.detach().mean()),
+                "d_fake": float(lf.detach().mean()),
+            }
+        if phase != "generator":
+            raise ValueError(f"tadsr phases are 'disc' and 'generator'; got {phase!r}")
+        x_hat = student(z, 1.0, cond)
+        t_sd = self.p.sd_t_min + (self.p.sd_t_max - self.p.sd_t_min) * u_sd
+        with torch.no_grad():
+            x_t = self.nets["teacher"].path.add_noise(x_hat.detach(), eps, t_sd)
+            x0_teacher = self.nets["teacher"](x_t, t_sd, cond)
+        grad = x_hat.detach() - x0_teacher
+        l_sd = _maths.surrogate_loss(x_hat, grad)
+        loss = self.p.sd_weight * l_sd
+        logs = {"sd_grad": float(grad.flatten(1).norm(dim=1).mean())}
+        if self.p.gan:
+            l_g = generator_gan_loss(self._logits(x_hat, t_d, eps_d, cond))
+            loss = loss + self.p.gan_weight * l_g
+            logs["gan_g"] = float(l_g.detach())
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+
+def build(params: TADSRConfig | dict[str, Any] | None, teacher: Denoiser, ctx: Any) -> TADSR:
+    if not isinstance(params, TADSRConfig):
+        params = TADSRConfig(**(params or {}))
+    params.validate()
+    require_image_conditioned("tadsr", ctx)
+    if params.gan and not getattr(ctx, "has_real_data", True):
+        raise ValueError("objective tadsr with gan=true needs real targets: set data.real_data=true")
+    layer, channels = feature_layer(teacher.backbone, params.gan_feature_layer)
+    head = TimeAwareHead(channels, tuple(ctx.latent_shape[1:]), params.gan_width).to(ctx.device)
+    return TADSR(ctx.make_student(teacher), teacher, head, layer, params, seed=getattr(ctx, "seed", 0))

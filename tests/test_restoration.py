@@ -1,0 +1,316 @@
+"""Restoration: the mean-reverting SDE, the embedded default's pieces, the restoration protocol,
+and the IR-CM and TAD-SR objectives on an analytic restoration teacher.
+
+The analytic teacher: the clean image is a fixed function of the degraded one, x0 = h(mu) =
+-mu, so the exact denoiser returns h(mu) at every (x_t, t) and the exact consistency function
+is h(mu) too. Any error in a loss's target shows up as a non-zero loss at that solution, and a
+flipped sign makes the learning tests move away from it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.conditioning import Conditioner
+from fewstep.denoiser import Denoiser
+from fewstep.objectives.registry import BuildContext
+from fewstep.paths import MeanRevertingPath, VPPath
+from tests.tiny import make_tiny
+
+
+def _vp(prediction="v_prediction"):
+    return VPPath.from_config(
+        {"beta_schedule": "squaredcos_cap_v2", "prediction_type": prediction, "num_train_timesteps": 1000}
+    )
+
+
+def h(mu):
+    return -mu
+
+
+class _ExactConditioner(Conditioner):
+    """A 'sample'-prediction network that returns backbone(cond['image']) whatever x_t and t."""
+
+    def call(self, backbone, x, timestep, cond):
+        return backbone(cond["image"]).to(x.dtype)
+
+    def null(self, cond, batch):  # pragma: no cover - never guided
+        raise ValueError("no null")
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.dummy = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, x):
+        return self.fn(x) + 0 * self.dummy
+
+
+def exact_teacher(fn=h) -> Denoiser:
+    return Denoiser(_Fn(fn), _vp("sample"), _ExactConditioner())
+
+
+def _batch(b=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(b, 1, 8, 8, generator=g).clamp(-1, 1)
+    return {
+        "x0": h(mu),
+        "cond": {"image": mu},
+        "shape": (b, 1, 8, 8),
+        "index": torch.arange(b),
+        "global_batch_size": b,
+    }
+
+
+# ---- the mean-reverting SDE ---------------------------------------------------------------------
+def test_mean_reverting_sde_marginals_match_closed_form():
+    """Euler-Maruyama paths of dx = theta (mu - x) dt + sqrt(2 lam^2 theta) dW against the
+    closed-form mean mu + (x0 - mu) a(t) and std lam sqrt(1 - a^2)."""
+    sde = MeanRevertingPath(theta_min=0.5, theta_max=6.0, lam=0.7)
+    g = torch.Generator().manual_seed(0)
+    n_paths, n_steps = 40_000, 1000
+    x0, mu = 0.8, -0.3
+    x = torch.full((n_paths,), x0, dtype=torch.float64)
+    dt = 1.0 / n_steps
+    checks = {250: None, 500: None, 1000: None}
+    for i in range(n_steps):
+        t = torch.tensor(i * dt, dtype=torch.float64)
+        th = sde.theta(t)
+        x = (
+            x
+            + th * (mu - x) * dt
+            + math.sqrt(2 * sde.lam**2 * float(th) * dt) * torch.randn(n_paths, generator=g, dtype=torch.float64)
+        )
+        if i + 1 in checks:
+            checks[i + 1] = x.clone()
+    for k, xs in checks.items():
+        t = k / n_steps
+        mean, std = sde.mean_std(
+            torch.full((1, 1), x0, dtype=torch.float64), torch.full((1, 1), mu, dtype=torch.float64), t
+        )
+        assert abs(xs.mean().item() - mean.item()) < 0.01, (t, xs.mean().item(), mean.item())
+        assert abs(xs.std().item() - std.item()) < 0.01, (t, xs.std().item(), std.item())
+    # and marginal() draws from that law
+    eps = torch.randn(n_paths, 1, generator=g, dtype=torch.float64)
+    draws = sde.marginal(
+        torch.full((n_paths, 1), x0, dtype=torch.float64), torch.full((n_paths, 1), mu, dtype=torch.float64), eps, 0.5
+    )
+    assert abs(draws.std().item() - checks[500].std().item()) < 0.01
+
+
+def test_mean_reverting_state_maps_onto_the_teacher_path():
+    """x_t - (1 - a) mu = a x0 + s eps lands on the VP path as alpha x0 + sigma eps (same x0, eps)."""
+    sde, vp = MeanRevertingPath(lam=0.5), _vp()
+    g = torch.Generator().manual_seed(1)
+    x0, mu, eps = (torch.randn(5, 1, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0.0, 0.05, 0.3, 0.6, 0.9])
+    x_vp, t_vp = sde.to_path(sde.marginal(x0, mu, eps, t), mu, t, vp)
+    a, s = vp.alpha_sigma(t_vp)
+    want = a.reshape(-1, 1, 1, 1) * x0 + s.reshape(-1, 1, 1, 1) * eps
+    assert torch.allclose(x_vp, want, atol=2e-4)
+    # the SDE's deterministic step with the true x0 stays on the same (x0, eps) line
+    x1 = sde.marginal(x0, mu, eps, 0.7)
+    assert torch.allclose(sde.step(x1, x0, mu, 0.7, 0.2), sde.marginal(x0, mu, eps, 0.2), atol=1e-5)
+
+
+# ---- the embedded default --------------------------------------------------------------------------
+def test_pixel_vqvae_decodes_to_8bit_levels():
+    from fewstep.digits.restoration import build_pixel_vqvae
+
+    vq = build_pixel_vqvae()
+    z = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        out = vq.decode(z).sample
+    assert (out - z).abs().max() <= 1 / 255 + 1e-4  # half a level (2/255) from the nearest codebook value
+    levels = (out + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-3)
+
+
+def test_restoration_pairs_are_fixed_and_split():
+    from fewstep.digits.restoration import restoration_pairs, restoration_split
+
+    tr, held = restoration_split()
+    assert len(set(tr.tolist()) & set(held.tolist())) == 0 and len(tr) + len(held) == 1797
+    a, b = restoration_pairs("noise", limit=4), restoration_pairs("noise", limit=4)
+    assert torch.equal(a.condition, b.condition)
+    sr = restoration_pairs("sr4", limit=4)
+    assert sr.degraded.shape == (4, 1, 8, 8) and sr.condition.shape == sr.target.shape == (4, 1, 32, 32)
+    with pytest.raises(ValueError, match="degradation must be one of"):
+        restoration_pairs("jpeg")
+
+
+def test_restoration_protocol_refuses_mismatched_sizes(tmp_path):
+    from fewstep.evaluation import EvalSpec, InputError, evaluate
+    from fewstep.evaluation.restoration import check_sizes, restoration_scores
+
+    targets = torch.zeros(4, 1, 32, 32)
+    with pytest.raises(
+        InputError, match=r"restored images have shape \(4, 1, 8, 8\) but their targets \(4, 1, 32, 32\)"
+    ):
+        check_sizes(torch.zeros(4, 1, 8, 8), targets)
+    with pytest.raises(InputError, match="sizes must match"):
+        restoration_scores(torch.zeros(3, 1, 32, 32), targets, torch.zeros(4))
+    # the protocol takes a model, not a folder of unpaired images
+    with pytest.raises(InputError, match="give --pipeline, not --images"):
+        evaluate(EvalSpec(images=str(tmp_path), protocol="restoration", out=str(tmp_path / "o")))
+
+
+def test_restoration_scores_prefer_the_target():
+    from fewstep.evaluation.restoration import restoration_scores
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(6, 1, 32, 32, generator=g) * 2 - 1
+    near = restoration_scores(t + 0.02 * torch.randn(t.shape, generator=g), t, torch.zeros(6), ("psnr", "ssim"))
+    far = restoration_scores(t + 0.3 * torch.randn(t.shape, generator=g), t, torch.zeros(6), ("psnr", "ssim"))
+    assert near["psnr"] > far["psnr"] + 10 and near["ssim"] > far["ssim"]
+
+
+# ---- IR-CM -----------------------------------------------------------------------------------------
+def _ircm(student, teacher, **kw):
+    from fewstep.objectives.ircm import IRCM, IRCMConfig
+
+    return IRCM(student, teacher, IRCMConfig(**{"grid": 10, "decouple_steps": 0, **kw}))
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_ircm_losses_are_zero_at_the_exact_solution(distill):
+    obj = _ircm(exact_teacher(), exact_teacher(), distill=distill)
+    for step in range(3):
+        loss, logs = obj.loss("generator", _batch(), step)
+        assert loss.item() < 1e-6 and logs["origin"] < 1e-6 and logs["consistency"] < 1e-6
+    wrong = _ircm(exact_teacher(lambda m: h(m) + 0.1), exact_teacher(), distill=distill)
+    assert wrong.loss("generator", _batch(), 0)[1]["origin"] > 0.05
+
+
+def _learn(obj, steps, lr=3e-3, batch_size=16):
+    student = obj.nets["student"]
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+
+    def err():
+        with torch.no_grad():
+            b = _batch(64, seed=123)
+            z = torch.randn(b["shape"], generator=torch.Generator().manual_seed(5))
+            return ((student(z, 1.0, b["cond"]) - b["x0"]) ** 2).mean().item()
+
+    before = err()
+    for step in range(steps):
+        for phase in obj.phases(step):
+            loss, _ = obj.loss(phase, _batch(batch_size, seed=1000 + step), step)
+            opt.zero_grad()
+            loss.backward()
+            if phase == "generator":
+                opt.step()
+    return before, err()
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_ircm_learns_one_step_restoration(distill):
+    """A flipped sign of the consistency / origin-guided loss makes the error grow instead."""
+    torch.manual_seed(0)
+    tiny = make_tiny("restore", prediction="v_prediction")
+    student = Denoiser(tiny.backbone, _vp(), tiny.denoiser.conditioner)
+    obj = _ircm(student, exact_teacher(), distill=distill, decouple_steps=10)
+    before, after = _learn(obj, 60)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_ircm_through_the_registry_refuses_data_free_runs():
+    from fewstep.objectives.registry import build_objective
+
+    tiny = make_tiny("restore", prediction="v_prediction")
+    with pytest.raises(ValueError, match="data.real_data=true"):
+        build_objective(
+            "ircm", {}, tiny.denoiser, BuildContext(latent_shape=(1, 8, 8), has_real_data=False, family="restore")
+        )
+    obj = build_objective(
+        "ircm",
+        {"num_steps": 2},
+        tiny.denoiser,
+        BuildContext(latent_shape=(1, 8, 8), has_real_data=True, family="restore"),
+    )
+    assert obj.sampling["times"] == [1.0, 0.5, 0.0] and obj.sampling["renoise"] == "fresh"
+    assert obj.sampling["times_by_steps"] == {1: [1.0, 0.0], 2: [1.0, 0.5, 0.0]}
+
+
+# ---- TAD-SR ----------------------------------------------------------------------------------------
+def _tadsr(gan: bool):
+    from fewstep.objectives.registry import build_objective
+
+    torch.manual_seed(0)
+    tiny = make_tiny("restore", prediction="v_prediction")
+    teacher = Denoiser(tiny.backbone, _vp(), tiny.denoiser.conditioner).requires_grad_(False)
+    ctx = BuildContext(
+        latent_shape=(1, 8, 8),
+        has_real_data=True,
+        family="restore",
+        make_student=lambda t: Denoiser(make_tiny("restore", seed=1).backbone, _vp(), t.conditioner),
+    )
+    obj = build_objective("tadsr", {"gan": gan, "gan_width": 8}, teacher, ctx)
+    return obj
+
+
+def test_tadsr_learns_from_the_teacher():
+    """Score distillation pulls the one-step output toward the teacher's denoising of it; with
+    the exact teacher that is h(mu). A flipped sign of the distillation gradient pushes away."""
+    obj = _tadsr(gan=False)
+    obj.nets["teacher"] = exact_teacher()
+    before, after = _learn(obj, 60)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_tadsr_discriminator_reads_the_teacher_features_at_time_t():
+    obj = _tadsr(gan=True)
+    assert obj.phases(0) == ["disc", "generator"]
+    teacher_params = [p for p in obj.nets["teacher"].parameters()]
+    loss_d, logs = obj.loss("disc", _batch(), 0)
+    loss_d.backward()
+    assert all(p.grad is None for p in teacher_params)  # the teacher is frozen
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.nets["disc"].parameters())
+    assert all(p.grad is None for p in obj.nets["student"].parameters())
+    for p in obj.nets["disc"].parameters():
+        p.grad = None
+    loss_g, logs = obj.loss("generator", _batch(), 0)
+    loss_g.backward()
+    assert math.isfinite(logs["gan_g"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.nets["student"].parameters())
+    # time-aware: the same features at another t give another logit
+    feats = torch.randn(2, 16, 4, 4)
+    head = obj.nets["disc"]
+    assert not torch.allclose(head(feats, torch.tensor([0.1, 0.1])), head(feats, torch.tensor([0.9, 0.9])))
+
+
+def test_image_conditioned_unet_runs_through_the_adapter():
+    """The restore family: the image goes in on the channels, no guidance, and a wrong image
+    shape is refused naming the expected shape."""
+    from fewstep.families import family_of
+
+    for prediction in ("epsilon", "v_prediction"):
+        tiny = make_tiny("restore", prediction=prediction)
+        assert family_of(tiny.backbone).name == "restore" and family_of(make_tiny("unet").backbone).name == "unet"
+        d = tiny.denoiser
+        x, cond, t = torch.randn(2, 1, 8, 8), tiny.cond(2), torch.tensor([0.9, 0.3])
+        x0, eps = d(x, t, cond, output="x0_eps")
+        assert torch.allclose(d.path.add_noise(x0, eps, t), x, atol=1e-4)
+        other = d(x, t, {"image": cond["image"] + 1.0})
+        assert not torch.allclose(x0, other)  # the image conditions the output
+    with pytest.raises(ValueError, match="no unconditional input"):
+        d(x, t, cond, guidance=3.0)
+    with pytest.raises(ValueError, match=r"cond\['image'\] must have shape \(2, 1, 8, 8\)"):
+        d(x, t, {"image": torch.zeros(2, 1, 4, 4)})
+
+
+def test_restoration_objectives_refuse_a_teacher_without_the_image():
+    from fewstep.objectives.registry import build_objective
+
+    tiny = make_tiny("dit")
+    for name in ("ircm", "tadsr"):
+        with pytest.raises(ValueError, match="teacher.source must be an image-conditioned teacher"):
+            build_objective(
+                name, {}, tiny.denoiser, BuildContext(latent_shape=(4, 8, 8), has_real_data=True, family="dit")
+            )
