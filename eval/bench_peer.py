@@ -1,6 +1,6 @@
 """fewstep's DMD2 beside NVlabs/FastGen's DMD2 on networks of equal size, at equal work.
 
-    /work/bin/cpuslot python eval/bench_peer.py [--rounds 3] [--cycles 3] [--out runs/bench_peer.json]
+    python eval/bench_peer.py [--rounds 3] [--cycles 3] [--out runs/bench_peer.json]
         [--fastgen PATH [--fastgen-deps DIR]] [--baseline PATH]
 
 The network: a diffusers `UNet2DModel` shaped like FastGen's EDM SongUNet in its DMD2 test

@@ -6,7 +6,7 @@ one training run and its rows, all with the `restoration` protocol (fewstep/eval
         --config configs/digits/tadsr_1step_restore.yaml --steps 1
 
 Writes <out>/teacher/results.json, <out>/<preset>/results.json (with the run's training wall time)
-and prints one table. One thread (run it inside /work/bin/cpuslot on a shared machine); wall times
+and prints one table. One thread (on a shared machine, run at most one per core); wall times
 are upper bounds there.
 """
 

@@ -261,7 +261,9 @@ def test_coupled_schedule_renoises_ca_at_the_dm_terms_time():
         same, above = True, False
         for step in range(20):
             calls.clear()
-            _, logs = obj.loss("generator", {"cond": {"class_labels": torch.arange(8) % 2}, "shape": (8, 2, 1, 1)}, step)
+            _, logs = obj.loss(
+                "generator", {"cond": {"class_labels": torch.arange(8) % 2}, "shape": (8, 2, 1, 1)}, step
+            )
             (ca,) = [t for t, out in calls if out == "cond_uncond"]
             (dm,) = [t for t, out in calls if out == "x0"]
             same &= torch.equal(ca, dm)

@@ -26,13 +26,16 @@ def _too_long() -> set[str]:
     return found
 
 
-def _stated_exceptions() -> set[str]:
+def _stated_exceptions() -> set[str] | None:
+    """The table's entries; None when CONTRIBUTING.md has no such table (an empty table is fine)."""
     text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    if "| where | size | why it is still one piece |" not in text:
+        return None
     return set(re.findall(r"^\| `(fewstep/[^`]+)` \|", text, flags=re.M))
 
 
 def test_long_functions_and_files_are_stated_exceptions():
     found, stated = _too_long(), _stated_exceptions()
-    assert stated, "CONTRIBUTING.md has no table of length exceptions"
+    assert stated is not None, "CONTRIBUTING.md has no table of length exceptions"
     assert found <= stated, f"over the limits without a reason in CONTRIBUTING.md: {sorted(found - stated)}"
     assert stated <= found, f"CONTRIBUTING.md lists exceptions that are within the limits now: {sorted(stated - found)}"

@@ -17,8 +17,9 @@ from torch import nn
 
 from fewstep.conditioning import Conditioner
 from fewstep.denoiser import Denoiser
+from fewstep.mean_reverting import MeanRevertingPath
 from fewstep.objectives.registry import BuildContext
-from fewstep.paths import MeanRevertingPath, VPPath
+from fewstep.paths import VPPath
 from tests.tiny import make_tiny
 
 

@@ -1,7 +1,7 @@
 """IR-CM: one- and two-step restoration by consistency on a mean-reverting SDE.
 
 The states live on the mean-reverting SDE toward the degraded image mu = cond["image"]
-(`fewstep.paths.MeanRevertingPath`): x_t = mu + (x0 - mu) a(t) + s(t) eps. The consistency
+(`fewstep.mean_reverting.MeanRevertingPath`): x_t = mu + (x0 - mu) a(t) + s(t) eps. The consistency
 function is the student read at the same signal-to-noise ratio on its own path
 (`MeanRevertingPath.to_path`), so it keeps the teacher's network, prediction type and stock
 pipeline:
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..paths import MeanRevertingPath
+from ..mean_reverting import MeanRevertingPath
 from . import _maths
 from .base import Batch, require_image_conditioned, step_generator
 

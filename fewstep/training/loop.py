@@ -32,7 +32,7 @@ from .checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchSource
 from .logging import RunLog, flat_config
 from .outdir import OutputFolder
-from .outputs import run_card, sample_grid, save_final
+from .outputs import print_summary, run_card, sample_grid, save_final
 from .parallel import (
     available_trackers,
     average_gradients,
@@ -117,7 +117,7 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     if trackers:
         env.accelerator.end_training()
     if env.main:
-        _summary(cfg, env, tr, done, start_step, wall, loop_time, logs, stopped_early)
+        print_summary(cfg, env, tr, done, start_step, wall, loop_time, logs, stopped_early)
     return RunResult(
         run_dir=env.run_dir,
         steps=done,
@@ -477,26 +477,3 @@ def _write_card(
     )
     (env.run_dir / "run_card.json").write_text(dumps_json(card, indent=1, default=str))
     return "run_card.json"
-
-
-def _summary(
-    cfg: Config,
-    env: Env,
-    tr: Trainer,
-    done: int,
-    start_step: int,
-    wall: float,
-    loop_time: float,
-    logs: dict[str, float],
-    stopped_early: bool,
-) -> None:
-    its = (done - start_step) / max(loop_time, 1e-9)
-    losses = ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in logs.items() if k.startswith("loss/"))
-    what = "stopped (checkpoint written, resume=latest continues)" if stopped_early else "done"
-    ups = ", ".join(f"{g} {n}" for g, n in tr.made.items())
-    print(
-        f"fewstep train {what}: {cfg.name} [{cfg.objective.name}] {done}/{cfg.steps} steps "
-        f"(updates: {ups}) in {wall:.1f}s ({its:.2f} it/s), {tr.skipped} non-finite updates skipped"
-        f"{', final ' + losses if losses else ''}; outputs in {env.run_dir}",
-        flush=True,
-    )

@@ -18,7 +18,7 @@ from ..samplers import initial_noise, sample
 from .ema import EMA
 from .lora import lora_meta, lora_only_state_dict, merge_lora_state_dict
 
-__all__ = ["save_final", "backbone_config", "backbone_of", "sample_grid", "run_card"]
+__all__ = ["save_final", "backbone_config", "backbone_of", "sample_grid", "run_card", "print_summary"]
 
 
 def backbone_of(m: nn.Module) -> nn.Module:
@@ -228,3 +228,27 @@ def run_card(
         "final_logs": logs,
         "config": config_to_dict(cfg),
     }
+
+
+def print_summary(
+    cfg: Any,
+    env: Any,
+    tr: Any,
+    done: int,
+    start_step: int,
+    wall: float,
+    loop_time: float,
+    logs: dict[str, float],
+    stopped_early: bool,
+) -> None:
+    """The run's one-line summary on stdout: steps, updates, speed, skipped updates, final losses."""
+    its = (done - start_step) / max(loop_time, 1e-9)
+    losses = ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in logs.items() if k.startswith("loss/"))
+    what = "stopped (checkpoint written, resume=latest continues)" if stopped_early else "done"
+    ups = ", ".join(f"{g} {n}" for g, n in tr.made.items())
+    print(
+        f"fewstep train {what}: {cfg.name} [{cfg.objective.name}] {done}/{cfg.steps} steps "
+        f"(updates: {ups}) in {wall:.1f}s ({its:.2f} it/s), {tr.skipped} non-finite updates skipped"
+        f"{', final ' + losses if losses else ''}; outputs in {env.run_dir}",
+        flush=True,
+    )
