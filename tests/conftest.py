@@ -39,7 +39,7 @@ def equivalence_runs(tmp_path_factory):
         if name not in cache:
             from fewstep.training import run
 
-            res = run(eq.case_config(name, root / name, latents), teacher=eq.teacher())
+            res = run(eq.case_config(name, root / name, latents), teacher=eq.teacher(name))
             cache[name] = (res, eq.trained_state(res.objective))
         return cache[name]
 

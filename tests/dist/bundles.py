@@ -70,3 +70,32 @@ def tiny_bundle(family: str = "dit", seed: int = 0, **kw) -> TeacherBundle:
         text=text,
         encode_prompts=enc,
     )
+
+
+def restore_bundle(seed: int = 0) -> TeacherBundle:
+    """A tiny image-conditioned restoration teacher (the restore family) with its own training
+    pairs, as `digits-restore` has: 20 fixed random 1x8x8 targets and, for any of them, a condition
+    image degraded afresh from the batch's generator (the target plus noise)."""
+    from tests.tiny import make_tiny
+
+    tiny = make_tiny("restore", prediction="v_prediction", seed=seed)
+    g = torch.Generator().manual_seed(11)
+    targets = torch.randn((20, *tiny.latent_shape), generator=g).clamp(-1, 1)
+
+    def real():
+        return targets, None
+
+    def pair_cond(index: torch.Tensor, gen: torch.Generator) -> dict:
+        x = targets[index.cpu().long()]
+        return {"image": x + 0.3 * torch.randn(x.shape, generator=gen)}
+
+    return TeacherBundle(
+        denoiser=tiny.denoiser,
+        latent_shape=tuple(tiny.latent_shape),
+        source="tiny-restore",
+        family="restore",
+        num_classes=None,
+        null_class=None,
+        real_data=real,
+        pair_cond=pair_cond,
+    )

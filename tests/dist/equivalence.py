@@ -1,4 +1,5 @@
-"""Every registered objective as a short run on a tiny DiT teacher, for the equivalence tests:
+"""Every registered objective as a short run on a tiny teacher (the DiT; the restoration
+objectives on the tiny image-conditioned UNet with its own training pairs), for the equivalence tests:
 the same global batch split into micro-batches (tests/test_accumulation.py) or over two processes
 (tests/test_distributed.py through tests/dist/run_equivalence.py) must train the same weights.
 
@@ -21,7 +22,8 @@ from tests.dist.bundles import tiny_bundle
 STEPS = 3
 BATCH = 8
 NAMES = sorted(registry.REGISTRY)
-DATA_FREE = {"boot", "tbcm"}  # refuse real data, or train on teacher trajectories only
+DATA_FREE = {"boot", "tbcm", "nct"}  # refuse real data, or train on teacher trajectories only
+RESTORE = {"ircm", "tadsr"}  # restoration: trained on the teacher's own (degraded, clean) pairs
 # per objective: reach every phase in STEPS steps, cheaply (and exercise the batch-structured parts)
 EXTRA = {
     "dsm": ["objective.teacher_steps=2"],
@@ -54,6 +56,8 @@ EXTRA = {
         "optim.fake_score.lr=1e-3",
     ],
     "tdm": ["objective.num_steps=2"],
+    "ircm": ["objective.decouple_steps=1"],  # the linear phase, then the coupled one
+    "tadsr": [],
 }
 QUIET = [
     "log.trackers=[]",
@@ -100,12 +104,31 @@ def case_config(name: str, out: Path, latents: Path, *extra: str):
         *EXTRA.get(name, []),
         *extra,
     ]
-    if name not in DATA_FREE:
+    if name == "nct":  # adapts a trained one-step generator: a 1-step DMD2 run of the tiny DiT
+        over.append(f"objective.generator={generator_run(latents.parent / 'nct_generator', latents)}")
+    if name in RESTORE:
+        over.append("data.real_data=true")
+    elif name not in DATA_FREE:
         over.append(f"data.real_latents={latents}")
     return load_config(None, over)
 
 
-def teacher():
+def generator_run(out: Path, latents: Path) -> Path:
+    """A one-step generator for nct: DMD2 on the tiny DiT for one step, trained once per folder
+    (in the process that launches the test, before any multi-process run reads it)."""
+    if not (out / "run_card.json").is_file():
+        from fewstep.training import run
+
+        over = [f"output_dir={out}", "steps=1", f"data.batch_size={BATCH}", "seed=5", *QUIET]
+        run(load_config(None, ["objective.name=dmd2", *over, "objective.fake_updates_per_generator=1"]), teacher())
+    return out
+
+
+def teacher(name: str | None = None):
+    if name in RESTORE:
+        from tests.dist.bundles import restore_bundle
+
+        return restore_bundle()
     return tiny_bundle("dit")
 
 
@@ -130,10 +153,10 @@ def records(run_dir: Path) -> list[dict[str, float]]:
     return out
 
 
-def start_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def start_state(state: dict[str, torch.Tensor], name: str | None = None) -> dict[str, torch.Tensor]:
     """The initial value of each tensor of `state` that is a copy of a teacher weight (students and
     fake scores start as the teacher; heads and other new parts are left out)."""
-    init = {n: p.detach().float() for n, p in teacher().denoiser.named_parameters()}
+    init = {n: p.detach().float() for n, p in teacher(name).denoiser.named_parameters()}
     out = {}
     for k in state:
         n = k.split(".", 1)[1]
@@ -142,13 +165,16 @@ def start_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def rel_diff(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+def rel_diff(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], name: str | None = None) -> float:
     """|got - ref| over how far training moved ref's teacher-initialised tensors: the float
     round-off of another reduction order is ~1e-6; another training (other draws, another
     weighting of the samples) is of order 1."""
     assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
-    start = start_state(ref)
+    start = start_state(ref, name)
     num = sum(float(((got[k] - ref[k]) ** 2).sum()) for k in ref) ** 0.5
+    if not start:  # only new parts train (nct's control adapter): relative to the weights' size
+        den = sum(float((ref[k] ** 2).sum()) for k in ref) ** 0.5
+        return num / den
     den = sum(float(((ref[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
     assert den > 0, "training did not move the weights"
     return num / den

@@ -30,7 +30,7 @@ def main(out: Path, names: list[str]) -> None:
     for name in names:
         try:
             cfg = eq.case_config(name, out / name, latents, f"data.micro_batch_size={eq.BATCH // 4}")
-            res = run(cfg, teacher=eq.teacher())
+            res = run(cfg, teacher=eq.teacher(name))
             if rank == 0:
                 save_file(eq.trained_state(res.objective), str(out / f"{name}.safetensors"))
         except Exception:
