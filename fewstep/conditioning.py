@@ -236,10 +236,8 @@ class PixArtConditioner(Conditioner):
         in_channels: int | None = None,
         vae_scale_factor: int = 8,
     ):
-        self.null_embeds = null_embeds
-        self.null_mask = null_mask
-        self.in_channels = in_channels
-        self.vae_scale_factor = vae_scale_factor
+        self.null_embeds, self.null_mask = null_embeds, null_mask  # the null condition of CFG
+        self.in_channels, self.vae_scale_factor = in_channels, vae_scale_factor
 
     def call(self, backbone, x, timestep, cond):
         _need(cond, ("encoder_hidden_states",), self.family, self.usage)

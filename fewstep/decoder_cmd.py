@@ -8,6 +8,7 @@ an exported pipeline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from .errors import UserError, check_output_folder, finite_float, positive_int
@@ -57,15 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if vae is None:
         raise UserError(f"--teacher {args.teacher}: a pixel-space teacher has no VAE to distil")
     p = DecoderParams(
-        width=args.width,
-        blocks=args.blocks,
-        encoder_width=args.encoder_width,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        noise=args.noise,
-        pool=args.pool,
-        seed=args.seed,
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(DecoderParams) if hasattr(args, f.name)}
     )
     latents = teacher_latents(vae, args.teacher, args.latents, p.seed)
     tiny, record = distill_decoder(vae, latents, p)

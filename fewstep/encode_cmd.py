@@ -60,19 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from .errors import user_errors
     from .training.bundle import load_bundle
 
-    spec = SimpleNamespace(
-        source=args.source,
-        path=args.path,
-        labels=args.labels,
-        captions=args.captions,
-        image_key=args.image_key,
-        split=args.split,
-        resolution=args.resolution,
-        encode_batch=args.batch_size,
-        real_latents=None,
-        prompt_column=None,
-        prompts=None,
-    )
+    given = ("source", "path", "labels", "captions", "image_key", "split", "resolution")  # as data.* names them
+    spec = SimpleNamespace(**{k: getattr(args, k) for k in given}, encode_batch=args.batch_size)
+    spec.real_latents = spec.prompt_column = spec.prompts = None
     try:  # the images exist, before the teacher loads
         check_data(spec)
         table = open_images(spec)

@@ -17,6 +17,7 @@ Same as `python -m eval.eval_cmd`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 
@@ -60,9 +61,7 @@ def _scoring_arguments(p: argparse.ArgumentParser) -> None:
     """What to score, at which step counts, under which protocol, metrics, reference and extractor."""
     src = p.add_argument_group("what to score (one of)")
     src.add_argument(
-        "--pipeline",
-        help="teacher name (digits-vp, digits-flow), a diffusers pipeline folder "
-        "(teacher or exported student) or a training run dir",
+        "--pipeline", help="a teacher name (digits-vp, ...), pipeline folder (teacher or student) or run dir"
     )
     src.add_argument("--images", help="a folder of already generated images (scores fid/kid/prc only)")
     p.add_argument(
@@ -85,16 +84,10 @@ def _scoring_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated subset of fid,kid,prc,clip,class_acc,diversity,panel (default: protocol's)",
     )
     p.add_argument(
-        "--reference",
-        help="'digits', an image folder, or a statistics file (.npz with mu, sigma: "
-        "FID only; .safetensors features from a previous run's cache)",
+        "--reference", help="'digits', an image folder, or .npz (mu, sigma; FID only) / .safetensors features"
     )
     p.add_argument("--captions", help="captions for caption protocols: COCO annotation JSON or one a line")
-    p.add_argument(
-        "--feature-extractor",
-        help="registered torch-fidelity extractor (default: the protocol's: "
-        "fewstep-digits-judge or inception-v3-compat)",
-    )
+    p.add_argument("--feature-extractor", help="a registered torch-fidelity extractor (default: the protocol's)")
     p.add_argument("--feature-extractor-weights", help="local weights file for the feature extractor")
     p.add_argument(
         "--inception-weights",
@@ -182,39 +175,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_folder(args.out, "--out")
 
-    spec = EvalSpec(
-        pipeline=args.pipeline,
-        images=args.images,
-        steps=args.steps,
-        protocol=args.protocol,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        metrics=args.metrics,
-        reference=args.reference,
-        captions=args.captions,
-        feature_extractor=args.feature_extractor,
-        feature_extractor_weights=args.feature_extractor_weights,
-        inception_weights=args.inception_weights,
-        clip_model=args.clip_model,
-        imports=tuple(args.imports),
-        image_size=args.image_size,
-        guidance=args.guidance,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        sampler=args.sampler,
-        student_weights=args.student_weights,
-        hybrid=args.hybrid,
-        times=args.times,
-        teacher_guidance=args.teacher_guidance,
-        out=args.out,
-        save_images=args.save_images,
-        cache=not args.no_cache,
-        kid_subset_size=args.kid_subset_size,
-        bootstrap=args.bootstrap,
-        progress=not args.no_progress,
-        command=getattr(args, "command_line", None) or _command_line(),
-    )
+    # the options of the same name, then the four that differ from their field
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSpec) if hasattr(args, f.name)}
+    fields.update(imports=tuple(args.imports), cache=not args.no_cache, progress=not args.no_progress)
+    fields["command"] = getattr(args, "command_line", None) or _command_line()  # args.command is the subcommand
+    spec = EvalSpec(**fields)
     try:
         results = evaluate(spec)
     except (InputError, FileNotFoundError) as e:

@@ -64,12 +64,7 @@ class DigitsJudge(nn.Module):
         self.head = nn.Linear(self.feature_dim, self.num_classes)
 
     def config(self) -> dict[str, int]:
-        return {
-            "width": self.width,
-            "feature_dim": self.feature_dim,
-            "num_classes": self.num_classes,
-            "arch": self.arch,
-        }
+        return {k: getattr(self, k) for k in ("width", "feature_dim", "num_classes", "arch")}
 
     @staticmethod
     def prepare(images: Tensor) -> Tensor:

@@ -26,14 +26,8 @@ FEATURE_METRICS = ("fid", "kid", "prc", "diversity")
 
 def settings(spec: EvalSpec) -> tuple[Protocol, list[str], torch.dtype]:
     """The protocol with the spec's overrides, the metrics to score and the backbone dtype."""
-    proto = get_protocol(spec.protocol).with_overrides(
-        num_samples=spec.num_samples,
-        seed=spec.seed,
-        image_size=spec.image_size,
-        feature_extractor=spec.feature_extractor,
-        kid_subset_size=spec.kid_subset_size,
-        bootstrap=spec.bootstrap,
-    )
+    overridable = ("num_samples", "seed", "image_size", "feature_extractor", "kid_subset_size", "bootstrap")
+    proto = get_protocol(spec.protocol).with_overrides(**{k: getattr(spec, k) for k in overridable})
     if proto.num_samples < 2:
         raise InputError(f"--num-samples must be at least 2, got {proto.num_samples}")
     metrics = _metrics(spec, proto)

@@ -163,15 +163,8 @@ def _score_fidelity(gen_feats, ref, extractor, proto, metrics) -> dict[str, Any]
     want = {m: m in metrics for m in ("fid", "kid", "prc")}
     if not any(want.values()):
         return {}
-    vals = fidelity_from_features(
-        gen_feats,
-        ref,
-        extractor,
-        **want,
-        kid_subsets=proto.kid_subsets,
-        kid_subset_size=proto.kid_subset_size,
-        prc_neighborhood=proto.prc_neighborhood,
-    )
+    keys = ("kid_subsets", "kid_subset_size", "prc_neighborhood")
+    vals = fidelity_from_features(gen_feats, ref, extractor, **want, **{k: getattr(proto, k) for k in keys})
     n_gen = int(gen_feats[extractor.layer("fid")].shape[0])
     prov = {
         "backend": f"torch-fidelity {torch_fidelity_version()}",

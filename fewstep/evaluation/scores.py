@@ -460,15 +460,6 @@ def fidelity_metrics(
         ref = digits_reference(ext, use_cache=cache, root=cache_dir)
     else:
         ref = ReferenceFeatures({"kind": "given"}, features=ext.features(_as_dataset(reference, "reference")))
-    return fidelity_from_features(
-        gen,
-        ref,
-        ext,
-        fid=fid,
-        kid=kid,
-        prc=prc,
-        kid_subsets=kid_subsets,
-        kid_subset_size=kid_subset_size,
-        prc_neighborhood=prc_neighborhood,
-        rng_seed=rng_seed,
-    )
+    wanted = {"fid": fid, "kid": kid, "prc": prc}
+    settings = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "prc_neighborhood": prc_neighborhood}
+    return fidelity_from_features(gen, ref, ext, **wanted, **settings, rng_seed=rng_seed)

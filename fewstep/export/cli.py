@@ -91,17 +91,8 @@ def run(args: argparse.Namespace) -> int:
             from .hub import check_repo_id
 
             check_repo_id(args.push_to_hub)  # before anything is written
-        res = export_student(
-            args.checkpoint,
-            args.out,
-            weights=args.weights,
-            overwrite=args.overwrite,
-            teacher=args.teacher,
-            lora=args.lora,
-            eval_results=args.eval_results,
-            link_components=args.link_components,
-            decoder=args.decoder,
-        )
+        options = ("weights", "overwrite", "teacher", "lora", "eval_results", "link_components", "decoder")
+        res = export_student(args.checkpoint, args.out, **{k: getattr(args, k) for k in options})
     except ExportError as e:
         from ..errors import one_line
 

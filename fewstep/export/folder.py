@@ -122,16 +122,8 @@ def export_student(
     if is_msd_run(checkpoint):  # K students: one pipeline folder each + routing.json (fewstep/msd/export.py)
         if decoder is not None:
             raise ExportError("--decoder is not supported for multi-student (MSD) runs yet")
-        return export_msd(
-            checkpoint,
-            out,
-            overwrite=overwrite,
-            weights=weights,
-            teacher=teacher,
-            lora=lora,
-            eval_results=eval_results,
-            link_components=link_components,
-        )
+        options = {"overwrite": overwrite, "weights": weights, "teacher": teacher, "lora": lora}
+        return export_msd(checkpoint, out, **options, eval_results=eval_results, link_components=link_components)
     if lora not in ("auto", "off", "required"):
         raise ExportError(f"lora must be 'auto', 'off' or 'required', got {lora!r}")
     run = _read_run(checkpoint, weights)

@@ -87,6 +87,8 @@ from .regression import channel_gaussian_kl, channel_stats, pool_conditions, tea
 
 __all__ = ["VARIANTS", "DMDParams", "DMDObjective", "build", "params_from_dict", "unwrap"]
 
+Drawn = tuple[Tensor, Tensor] | None  # (tau, eps) drawn once and shared by two terms
+
 
 # ---- the objective --------------------------------------------------------------------------
 class DMDObjective:
@@ -211,7 +213,7 @@ class DMDObjective:
         hi: float,
         rng: SampleDraws | None,
         detach: bool = True,
-        drawn: tuple[Tensor, Tensor] | None = None,
+        drawn: Drawn = None,
     ) -> tuple[Tensor, Tensor]:
         """add_noise(x, eps, tau) with tau ~ U[lo, hi] per sample and fresh eps from `rng` (or `drawn`)."""
         tau, eps = drawn if drawn is not None else self._draw(x, lo, hi, rng)
@@ -239,7 +241,7 @@ class DMDObjective:
         return self.tap.take()
 
     def _gan_generator(
-        self, x_hat: Tensor, cond: Cond | None, rng: SampleDraws | None, drawn: tuple[Tensor, Tensor] | None = None
+        self, x_hat: Tensor, cond: Cond | None, rng: SampleDraws | None, drawn: Drawn = None
     ) -> tuple[Tensor, Tensor]:
         """The generator's GAN term at x_hat re-noised at tau ~ U[gan_t_min, gan_t_max] (or `drawn`):
         (term, adv), adv = softplus(-D(features)) and term its student-only stand-in
@@ -263,16 +265,11 @@ class DMDObjective:
 
     # ---- generator ----------------------------------------------------------------------
     def _dm_grad(
-        self,
-        x_hat: Tensor,
-        cond: Cond | None,
-        guidance: float,
-        rng: SampleDraws | None,
-        drawn: tuple[Tensor, Tensor] | None = None,
+        self, x_hat: Tensor, cond: Cond | None, w: float, rng: SampleDraws | None, drawn: Drawn = None
     ) -> Tensor:
         x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max, rng, drawn=drawn)
         with torch.no_grad():
-            x0_real = self.nets["teacher"](x_tau, tau, cond, guidance)
+            x0_real = self.nets["teacher"](x_tau, tau, cond, w)
             x0_fake = self.nets["fake"](x_tau, tau, cond)
         return dm_gradient(x_hat, x0_real, x0_fake)
 
@@ -282,7 +279,7 @@ class DMDObjective:
         cond: Cond | None,
         guidance: float,
         rng: SampleDraws | None,
-        drawn: tuple[Tensor, Tensor] | None = None,
+        drawn: Drawn = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`_dm_grad` and `_gan_generator` on the same noised samples: the feature network's DM pass
         runs with a gradient to its input only and gives the head its features. Returns (g, term,

@@ -24,6 +24,7 @@ A reward that returns a non-finite value stops the run with an error naming the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,12 @@ from .dmd_build import build_dmd
 from .rewards import differentiable_decode, make_reward
 
 __all__ = ["FlashDMDParams", "FlashDMDObjective", "build"]
+
+# the keys Flash-DMD passes on to its DMD2 part unchanged (fewstep.objectives.dmd_params.DMDParams)
+_SHARED_WITH_DMD2 = (
+    "num_steps student_times guidance dm_t_min dm_t_max fake_t_min fake_target fake_updates_per_generator "
+    "gan_generator_weight gan_disc_weight gan_block gan_feature_layer gan_head_width gan_t_min gan_t_max"
+).split()
 
 
 @dataclass
@@ -100,26 +107,9 @@ class FlashDMDParams:
 
     def dmd_params(self) -> DMDParams:
         """The DMD2 settings of the composed objective (GAN on, no regression)."""
-        return DMDParams(
-            variant="dmd2",
-            num_steps=int(self.num_steps),
-            student_times=[float(t) for t in self.student_times],
-            guidance=self.guidance,
-            dm_t_min=self.dm_t_min,
-            dm_t_max=self.dm_t_max,
-            fake_t_min=self.fake_t_min,
-            fake_target=self.fake_target,
-            fake_updates_per_generator=self.fake_updates_per_generator,
-            gan=True,
-            gan_generator_weight=self.gan_generator_weight,
-            gan_disc_weight=self.gan_disc_weight,
-            gan_block=self.gan_block,
-            gan_feature_layer=self.gan_feature_layer,
-            gan_head_width=self.gan_head_width,
-            gan_t_min=self.gan_t_min,
-            gan_t_max=self.gan_t_max,
-            regression_weight=0.0,
-        )
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DMDParams) if f.name in _SHARED_WITH_DMD2}
+        shared["num_steps"], shared["student_times"] = int(self.num_steps), [float(t) for t in self.student_times]
+        return DMDParams(variant="dmd2", gan=True, regression_weight=0.0, **shared)
 
 
 class FlashDMDObjective:

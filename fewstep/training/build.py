@@ -133,18 +133,9 @@ def build_trainer(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSou
 
 def _context(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSource, family: str | None) -> BuildContext:
     """What an objective's builder may know of this run (shapes, conditioning, placement)."""
-    return run_context(
-        cfg,
-        bundle,
-        family,
-        num_classes=source.num_classes,
-        has_real_data=source.has_real_data,
-        device=env.device,
-        num_processes=env.world,
-        sharded=env.sharded,
-        mixed_precision=env.mp,
-        decode=bundle.decode,
-    )
+    data = {"num_classes": source.num_classes, "has_real_data": source.has_real_data, "decode": bundle.decode}
+    placement = {"device": env.device, "num_processes": env.world, "sharded": env.sharded, "mixed_precision": env.mp}
+    return run_context(cfg, bundle, family, **data, **placement)
 
 
 def run_context(
@@ -166,25 +157,18 @@ def run_context(
     make_student, make_copy = make_factories(
         cfg.lora, sharded=sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
     )
-    return BuildContext(
-        latent_shape=tuple(bundle.latent_shape),
-        num_classes=num_classes,
-        null_class=bundle.null_class,
-        text=bundle.text,
-        has_real_data=has_real_data,
-        seed=cfg.seed,
-        device=device,
-        family=family,
-        lora=cfg.lora,
-        num_processes=num_processes,
-        sharded=sharded,
-        mixed_precision=mixed_precision,
-        gradient_checkpointing=cfg.precision.gradient_checkpointing,
-        steps=cfg.steps or 1,
-        make_student=make_student,
-        make_copy=make_copy,
-        decode=decode,
-    )
+    teacher = {"latent_shape": tuple(bundle.latent_shape), "null_class": bundle.null_class, "text": bundle.text}
+    data = {"num_classes": num_classes, "has_real_data": has_real_data, "decode": decode}
+    placement = {
+        "device": device,
+        "num_processes": num_processes,
+        "sharded": sharded,
+        "mixed_precision": mixed_precision,
+    }
+    training = {"seed": cfg.seed, "family": family, "lora": cfg.lora, "steps": cfg.steps or 1}
+    factories = {"make_student": make_student, "make_copy": make_copy}
+    checkpointing = cfg.precision.gradient_checkpointing
+    return BuildContext(**teacher, **data, **placement, **training, **factories, gradient_checkpointing=checkpointing)
 
 
 def _holder(cfg: Config, env: Env, tden: nn.Module, nets: dict[str, nn.Module]) -> tuple[nn.ModuleDict, set[str]]:

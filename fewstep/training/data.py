@@ -174,29 +174,21 @@ class BatchSource:
                 raise ValueError(f"data.real_data: no real samples of classes {empty}")
 
     @classmethod
-    def from_config(
-        cls,
-        bundle: TeacherBundle,
-        data: Any,
-        seed: int = 0,
-        process_index: int = 0,
-        num_processes: int = 1,
-        device: torch.device | str = "cpu",
-    ) -> BatchSource:
-        """The batches a `data:` section (fewstep.config.DataConfig) asks for."""
+    def from_config(cls, bundle: TeacherBundle, data: Any, *placement: Any, **named: Any) -> BatchSource:
+        """The batches a `data:` section (fewstep.config.DataConfig) asks for; `placement` / `named`
+        are seed, process_index, num_processes, device as the constructor takes them."""
         if data.source is not None and getattr(bundle, "pair_cond", None) is not None:
             raise ValueError(
                 f"data.source: teacher {bundle.source!r} trains on its own (degraded, clean) pairs; a restoration "
                 "teacher does not take data.source yet"
             )
+        device = named.get("device", placement[3] if len(placement) > 3 else "cpu")
         real = real_data_for(data, bundle, device)
         return cls(
             bundle,
             data.batch_size,
-            seed,
-            process_index,
-            num_processes,
-            device,
+            *placement,
+            **named,
             prompts=prompts_for(data, real) if bundle.text else data.prompts,
             num_classes=data.num_classes,
             conditions=data.conditions,

@@ -44,15 +44,10 @@ def launch_settings(
     return n, sharded, mp
 
 
-def dry_run(
-    cfg: Config,
-    num_processes: int | None = None,
-    sharding: str | None = None,
-    mixed_precision: str | None = None,
-    teacher: TeacherBundle | None = None,
-) -> str:
-    """The dry-run report (a string; the caller prints it)."""
-    return memory_plan(cfg, num_processes, sharding, mixed_precision, teacher)[2]
+def dry_run(cfg: Config, **settings: Any) -> str:
+    """The dry-run report (a string; the caller prints it). `settings`: memory_plan's keywords
+    (num_processes, sharding, mixed_precision, teacher)."""
+    return memory_plan(cfg, **settings)[2]
 
 
 def memory_plan(

@@ -113,7 +113,8 @@ def _run(cfg: Config, teacher: TeacherBundle | None, accelerator, output: list[O
     files = {} if stopped_early else _save_outputs(cfg, env, tr, bundle, source, done)  # 9. outputs
     wall = time.time() - t_start
     if env.main and not stopped_early:
-        files["run_card"] = _write_card(cfg, env, tr, bundle, source, done, wall, loop_time, files, logs)
+        facts = {"num_classes": source.num_classes, "steps_done": done, "wall": wall, "loop_time": loop_time}
+        files["run_card"] = _write_card(cfg, env, tr, bundle, {**facts, "files": files, "logs": logs})
     if trackers:
         env.accelerator.end_training()
     if env.main:
@@ -201,15 +202,8 @@ def _batch_source(cfg: Config, env: Env, bundle: TeacherBundle) -> BatchSource:
 
 # ---- 7. resume, trackers ------------------------------------------------------------------------------
 def _checkpoint_kwargs(env: Env, tr: Trainer) -> dict[str, Any]:
-    return dict(
-        accelerator=env.accelerator,
-        holder=tr.holder,
-        keys=tr.keys,
-        optimizers=tr.optimizers,
-        schedulers=tr.schedulers,
-        ema=tr.ema,
-        objective=tr.obj,
-    )
+    parts = {k: getattr(tr, k) for k in ("holder", "keys", "optimizers", "schedulers", "ema")}
+    return {"accelerator": env.accelerator, "objective": tr.obj, **parts}
 
 
 def _resume(cfg: Config, env: Env, tr: Trainer, resume_from: Path | None) -> int:
@@ -444,36 +438,14 @@ def _save_outputs(
     return files
 
 
-def _write_card(
-    cfg: Config,
-    env: Env,
-    tr: Trainer,
-    bundle: TeacherBundle,
-    source: BatchSource,
-    done: int,
-    wall: float,
-    loop_time: float,
-    files: dict[str, str],
-    logs: dict[str, float],
-) -> str:
-    """Write run_card.json (what was trained, how, and what it left); returns its name in the run dir."""
-    card = run_card(
-        cfg,
-        tr.params,
-        tr.obj,
-        bundle,
-        tr.family,
-        source.num_classes,
-        steps_done=done,
-        wall=wall,
-        loop_time=loop_time,
-        skipped=tr.skipped,
-        world=env.world,
-        sharded=env.sharded,
-        mp=env.mp,
-        files=files,
-        logs=logs,
-        updates=dict(tr.made),
-    )
+def _write_card(cfg: Config, env: Env, tr: Trainer, bundle: TeacherBundle, facts: dict[str, Any]) -> str:
+    """Write run_card.json (what was trained, how, and what it left); returns its name in the run dir.
+    `facts`: num_classes, steps_done, wall, loop_time, files, logs (`outputs.run_card`)."""
+    card = run_card(cfg, tr.params, tr.obj, bundle, tr.family, **facts, **_run_facts(env, tr))
     (env.run_dir / "run_card.json").write_text(dumps_json(card, indent=1, default=str))
     return "run_card.json"
+
+
+def _run_facts(env: Env, tr: Trainer) -> dict[str, Any]:
+    """What the run card records of the processes and of the updates made."""
+    return {"skipped": tr.skipped, "world": env.world, "sharded": env.sharded, "mp": env.mp, "updates": dict(tr.made)}

@@ -8,6 +8,7 @@ import dataclasses
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -165,27 +166,12 @@ def _jsonable(p: Any) -> dict | None:
     return json.loads(json.dumps(dataclasses.asdict(p), default=str))
 
 
-def run_card(
-    cfg,
-    params: Any,
-    obj: Any,
-    bundle,
-    family: str | None,
-    num_classes: int | None,
-    *,
-    steps_done: int,
-    wall: float,
-    loop_time: float,
-    skipped: int,
-    world: int,
-    sharded: bool,
-    mp: str,
-    files: dict[str, str],
-    logs: dict[str, float],
-    updates: dict[str, int] | None = None,
-) -> dict[str, Any]:
+def run_card(cfg, params: Any, obj: Any, bundle, family: str | None, **facts: Any) -> dict[str, Any]:
     """The run card (run_card.json): what was trained, from which teacher, how the student samples,
-    how long it took, and where its files are."""
+    how long it took, and where its files are. `facts` (all required but `updates`): num_classes,
+    steps_done, wall, loop_time (seconds), skipped (non-finite updates), world (processes), sharded,
+    mp (mixed precision), files, logs (the last step's), updates (optimizer updates per group)."""
+    f = SimpleNamespace(**{"updates": None, **facts})
     from ..config import config_to_dict
 
     return {
@@ -196,7 +182,7 @@ def run_card(
             "source": bundle.source,
             "family": family,
             "latent_shape": list(bundle.latent_shape),
-            "num_classes": num_classes,
+            "num_classes": f.num_classes,
             "null_class": bundle.null_class,
         },
         "sampling": {
@@ -210,22 +196,22 @@ def run_card(
                 else {}
             ),
         },
-        "steps": steps_done,
+        "steps": f.steps_done,
         "steps_planned": cfg.steps,
-        "updates": updates,  # optimizer updates per group (DMD family: "generator" < steps)
+        "updates": f.updates,  # optimizer updates per group (DMD family: "generator" < steps)
         "batch_size": cfg.data.batch_size,
-        "wall_time_s": round(wall, 2),
-        "train_time_s": round(loop_time, 2),
-        "nonfinite_skipped": skipped,
-        "processes": world,
-        "sharded": sharded,
-        "mixed_precision": mp,
+        "wall_time_s": round(f.wall, 2),
+        "train_time_s": round(f.loop_time, 2),
+        "nonfinite_skipped": f.skipped,
+        "processes": f.world,
+        "sharded": f.sharded,
+        "mixed_precision": f.mp,
         "lora": {"student": cfg.lora.student, "fake": cfg.lora.fake, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha}
         if (cfg.lora.student or cfg.lora.fake)
         else None,
         "ema_rate": cfg.ema.rate,
-        "files": files,
-        "final_logs": logs,
+        "files": f.files,
+        "final_logs": f.logs,
         "config": config_to_dict(cfg),
     }
 
