@@ -28,8 +28,14 @@ from pathlib import Path
 
 import torch
 
-
 # ---- memory -------------------------------------------------------------------------------------
+# SDXL's UNet2DConditionModel block layout (three levels, cross-attention in the lower two)
+_SDXL_BLOCKS = {
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
 def _sdxl_class_unet():
     """A small UNet2DConditionModel with SDXL's structure (no attention in the first block, two
     cross-attention blocks with linear projections, text_time added conditions), ~1/100 the width."""
@@ -41,8 +47,7 @@ def _sdxl_class_unet():
         out_channels=4,
         layers_per_block=2,
         block_out_channels=(64, 128, 256),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        **_SDXL_BLOCKS,
         transformer_layers_per_block=(1, 2, 2),
         attention_head_dim=(2, 4, 8),
         cross_attention_dim=256,
@@ -81,8 +86,7 @@ def _sdxl_unet():
     return UNet2DConditionModel(
         sample_size=128,
         block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        **_SDXL_BLOCKS,
         transformer_layers_per_block=(1, 2, 10),
         attention_head_dim=(5, 10, 20),
         cross_attention_dim=2048,

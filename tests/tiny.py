@@ -114,22 +114,18 @@ def _dit(seed):
     return bb, (4, 8, 8), cond, {}
 
 
-def _unet(seed):
+def _pixel_unet(**kw):
+    """The tiny pixel-space UNet2DModel (8x8, two levels) that the unet and restore families share."""
     from diffusers import UNet2DModel
 
+    blocks = {"down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D")}
+    size = {"sample_size": 8, "out_channels": 1, "layers_per_block": 1, "block_out_channels": (8, 16)}
+    return UNet2DModel(**size, **blocks, norm_num_groups=4, attention_head_dim=8, **kw)
+
+
+def _unet(seed):
     # pixel-space class-conditional UNet: one reserved class (NUM_CLASSES) is the null label
-    bb = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-        num_class_embeds=NUM_CLASSES + 1,
-    )
+    bb = _pixel_unet(in_channels=1, num_class_embeds=NUM_CLASSES + 1)
 
     def cond(b, g):
         return {"class_labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
@@ -138,20 +134,8 @@ def _unet(seed):
 
 
 def _restore(seed):
-    from diffusers import UNet2DModel
-
     # pixel-space image-conditioned UNet: the degraded image is concatenated on the channels
-    bb = UNet2DModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    )
+    bb = _pixel_unet(in_channels=2)
 
     def cond(b, g):
         return {"image": _randn((b, 1, 8, 8), g)}

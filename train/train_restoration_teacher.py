@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shlex
 import sys
@@ -28,6 +27,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_teacher import cosine_lr  # noqa: E402  (the digits teachers' schedule)
 
 from fewstep.denoiser import Denoiser  # noqa: E402
 from fewstep.digits.data import load_digits_tensors  # noqa: E402
@@ -59,13 +61,6 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--no-card", action="store_true", help="do not write the card")
     return p.parse_args(argv)
-
-
-def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
 def main(argv=None) -> int:
@@ -106,7 +101,7 @@ def main(argv=None) -> int:
     running, last_loss = 0.0, float("nan")
     for step in range(args.steps):
         for g in opt.param_groups:
-            g["lr"] = args.lr * cosine_lr(step, args.steps, args.warmup)
+            g["lr"] = args.lr * cosine_lr(step, args.steps, args.warmup, floor=0.05)
         idx = torch.randint(0, n, (args.batch,), generator=gen)
         x0 = targets[idx]
         cond_img, _ = degrader(x0, lows[idx], gen)
