@@ -49,6 +49,8 @@ def variant_overrides(variant: str, generator_steps: int | None, gan: bool) -> d
         ov.update({"generator_steps": generator_steps, "steps": None})
     if not gan:
         ov["objective.gan"] = False
+        if variant == "ca_only":  # no DM term and no head: nothing trains a fake score
+            ov["optim.fake_score"] = None
     return {**ov, **VARIANTS[variant][0]}
 
 

@@ -318,6 +318,9 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
         groups = _default_optim()
         for g, v in _renamed_groups(optim).items():
             key = f"optim.{g}"
+            if v is None and g != "default":  # `optim.<group>: null` drops the group (e.g. from a preset)
+                groups.pop(str(g), None)
+                continue
             if v is None:
                 v = {}
             if not isinstance(v, dict):
