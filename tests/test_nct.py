@@ -109,3 +109,36 @@ def test_nct_learns_to_follow_the_control():
     after = err()
     assert after < 0.75 * before, (before, after)  # measured: 0.026 -> 0.017
     assert all(torch.equal(a, b) for a, b in zip(gen_before, den.parameters()))
+
+
+def test_nct_noise_consistency_step_moves_toward_its_target(monkeypatch):
+    """A small gradient step on the noise-consistency term alone brings the control's effect at
+    level s closer to the (stop-gradient) target it had before the step: the term's sign. A
+    flipped sign moves it away."""
+    import fewstep.objectives.nct as nct
+
+    den, tiny = _generator()
+    obj = _nct(den, tiny, control="downsample", nc_weight=1.0, boundary_weight=0.0, control_weight=0.0)
+    adapted = obj.nets["student"]
+    torch.manual_seed(0)
+    with torch.no_grad():  # an adapter that already acts (the zero-initialised one gives a zero term)
+        for p in adapted.adapter.parameters():
+            p.add_(0.2 * torch.randn(p.shape))
+    seen = []
+    real_mse = nct._mse
+    monkeypatch.setattr(nct, "_mse", lambda a, b: seen.append((a, b.detach())) or real_mse(a, b))
+    batch = _batch(tiny, 16, seed=3)
+    loss, _ = obj.loss("generator", batch, 7)
+    effect, target = seen[0]  # the first term: (out_s - base_s, r_s2)
+    before = float(real_mse(effect.detach(), target))
+    assert before > 0
+    loss.backward()
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.grad is not None:
+                p.sub_(1.0 * p.grad)
+    seen.clear()
+    obj.loss("generator", batch, 7)  # the same step and batch: the same draws
+    after = float(real_mse(seen[0][0].detach(), target))
+    print(f"LEARN nct noise consistency against the pre-step target {before:.4g} -> {after:.4g}")
+    assert after < 0.998 * before, (before, after)

@@ -221,6 +221,35 @@ def test_ircm_learns_one_step_restoration(distill):
     assert after < 0.5 * before, (before, after)
 
 
+def test_ircm_consistency_step_moves_toward_its_target(monkeypatch):
+    """A small gradient step on the consistency loss alone (origin weight 0, coupled from the
+    start) brings the student's prediction at t_(n+1) closer to the stop-gradient target it had
+    before the step: the loss's sign. A flipped sign moves it away."""
+    import fewstep.objectives._maths as maths
+
+    torch.manual_seed(0)
+    tiny = make_tiny("restore", prediction="v_prediction")
+    student = Denoiser(tiny.backbone, _vp(), tiny.denoiser.conditioner)
+    obj = _ircm(student, exact_teacher(), distill=True, origin_weight=0.0)
+    seen = []
+    real = maths.pseudo_huber
+    monkeypatch.setattr(maths, "pseudo_huber", lambda a, b, c: seen.append((a, b.detach(), c)) or real(a, b, c))
+    batch = _batch(16, seed=4)
+    loss, _ = obj.loss("generator", batch, 5)
+    pred, target, c = seen[1]  # the origin-guided term first, then the consistency term
+    before = float(real(pred.detach(), target, c).mean())
+    loss.backward()
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad)
+    seen.clear()
+    obj.loss("generator", batch, 5)  # the same step and batch: the same draws
+    after = float(real(seen[1][0].detach(), target, c).mean())
+    print(f"LEARN ircm consistency against the pre-step target {before:.4g} -> {after:.4g}")
+    assert after < 0.99 * before, (before, after)
+
+
 def test_ircm_through_the_registry_refuses_data_free_runs():
     from fewstep.objectives.registry import build_objective
 
