@@ -29,10 +29,13 @@ from pathlib import Path
 import torch
 
 # ---- memory -------------------------------------------------------------------------------------
-# SDXL's UNet2DConditionModel block layout (three levels, cross-attention in the lower two)
+# SDXL's UNet2DConditionModel structure: three levels, cross-attention with linear projections in
+# the lower two, text_time added conditions (widths and depths are each model's own)
 _SDXL_BLOCKS = {
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
 }
 
 
@@ -51,8 +54,6 @@ def _sdxl_class_unet():
         transformer_layers_per_block=(1, 2, 2),
         attention_head_dim=(2, 4, 8),
         cross_attention_dim=256,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
         addition_time_embed_dim=32,
         projection_class_embeddings_input_dim=64 + 6 * 32,
         norm_num_groups=32,
@@ -90,8 +91,6 @@ def _sdxl_unet():
         transformer_layers_per_block=(1, 2, 10),
         attention_head_dim=(5, 10, 20),
         cross_attention_dim=2048,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )

@@ -267,19 +267,6 @@ def _load_digits(name: str, device, dtype, **kw) -> Teacher:
     return load_teacher(str(folder), family=family, device=device, dtype=dtype, **kw)
 
 
-def _to(t: Teacher, device, dtype) -> None:
-    if t.pipeline is not None and hasattr(t.pipeline, "to"):
-        t.pipeline.to(device=device, dtype=dtype)
-    t.denoiser.backbone.to(device=device, dtype=dtype)
-    if t.vae is not None:
-        vae_dtype = torch.float32 if t.vae.config.get("force_upcast", False) else dtype
-        t.vae.to(device=device, dtype=vae_dtype)
-    cond = t.denoiser.conditioner
-    for k, v in list(vars(cond).items()):
-        if torch.is_tensor(v):
-            setattr(cond, k, v.to(device))
-
-
 def load_teacher(
     source: str,
     family: str | None = None,

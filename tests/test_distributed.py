@@ -42,21 +42,26 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(ln)["loss/generator"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
+def _torchrun() -> str:
+    """The torchrun next to this interpreter (the test is skipped without one)."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     if not Path(torchrun).exists():
         pytest.skip("torchrun is not installed")
-    out = tmp_path_factory.mktemp("dist")
+    return torchrun
+
+
+def _launch_two(torchrun: str, script: str, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """`script OUT` under torchrun with two gloo processes on the CPU, one thread each."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/dist/run_dist.py"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=str(ROOT),
-    )
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / script), str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    torchrun = _torchrun()
+    out = tmp_path_factory.mktemp("dist")
+    proc = _launch_two(torchrun, "tests/dist/run_dist.py", out, 600)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     result = json.loads((out / "dist_result.json").read_text())
@@ -117,21 +122,11 @@ def test_fsdp2_dmd2_resume_is_identical_across_processes(launched):
 def two_process_runs(tmp_path_factory, equivalence_runs):
     """One torchrun launch that trains every registered objective with two gloo processes
     (tests/dist/run_equivalence.py); returns its output folder."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed")
+    torchrun = _torchrun()
     out = tmp_path_factory.mktemp("equivalence_2p")
     shutil.copy(equivalence_runs.latents, out / "latents.safetensors")
     eq.generator_run(out / "nct_generator", out / "latents.safetensors")  # nct's generator, made once here
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/dist/run_equivalence.py"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=str(ROOT),
-    )
+    proc = _launch_two(torchrun, "tests/dist/run_equivalence.py", out, 900)
     errors = {p.stem: p.read_text()[-3000:] for p in out.glob("*.error")}
     if proc.returncode != 0 or errors:
         raise AssertionError(f"torchrun failed ({proc.returncode}): {errors or proc.stderr[-6000:]}")

@@ -192,6 +192,18 @@ def train(obj, steps: int, lr: dict[str, float], batch: int = 128, real: bool = 
                 obj.after_step(phase, step)
 
 
+def trained_distances(name: str, params: dict, kind: str, w: float, steps: int, lr: dict, seed: int = 0, **kw):
+    """(before, after): the sliced W2 to the reference before and after `steps` steps of training,
+    the objective built with the run seed `seed`."""
+    teacher = teacher_gmm()
+    ctx = dataclasses.replace(ctx_for(kind, kw.get("real", True)), seed=seed)
+    obj = build_objective(name, params, teacher, ctx)
+    before = distance(obj, w)
+    torch.manual_seed(1)
+    train(obj, steps, lr, **kw)
+    return before, distance(obj, w)
+
+
 def learns(
     name: str,
     params: dict,
@@ -204,12 +216,7 @@ def learns(
     **kw,
 ) -> tuple[float, float]:
     """Train `steps` steps; the distance to the reference must fall below `factor` times its start."""
-    teacher = teacher_gmm()
-    obj = build_objective(name, params, teacher, ctx_for(kind, real))
-    before = distance(obj, w)
-    torch.manual_seed(1)
-    train(obj, steps, lr, real=real, **kw)
-    after = distance(obj, w)
+    before, after = trained_distances(name, params, kind, w, steps, lr, real=real, **kw)
     msg = f"{name} {params} at w={w}: sliced W2 to the reference {before:.3f} -> {after:.3f}"
     print("LEARN", msg)
     assert after < factor * before, msg
@@ -290,14 +297,8 @@ def learns_over_seeds(name: str, params: dict, kind: str, w: float, steps: int, 
     median ratio over seeds 0-4 must be below `factor`."""
     ratios = []
     for seed in range(5):
-        teacher = teacher_gmm()
-        obj = build_objective(
-            name, params, teacher, dataclasses.replace(ctx_for(kind, kw.get("real", True)), seed=seed)
-        )
-        before = distance(obj, w)
-        torch.manual_seed(1)
-        train(obj, steps, lr, **kw)
-        ratios.append(distance(obj, w) / before)
+        before, after = trained_distances(name, params, kind, w, steps, lr, seed=seed, **kw)
+        ratios.append(after / before)
     msg = f"{name} {params} at w={w}: sliced W2 after / before per seed {[round(r, 3) for r in ratios]}"
     print("LEARN", msg)
     assert sorted(ratios)[2] < factor, msg

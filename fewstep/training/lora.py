@@ -116,10 +116,6 @@ def make_factories(
 # ---------------------------------------------------------------------------------------------
 # state dicts
 # ---------------------------------------------------------------------------------------------
-def _lora_scale(meta: dict) -> float:
-    return float(meta["alpha"]) / float(meta["rank"])
-
-
 def merge_lora_state_dict(sd: dict[str, Tensor], scale: float, adapter: str = "default") -> dict[str, Tensor]:
     """Fold peft LoRA weights of a backbone state dict into the base weights:
     W = W_base + scale * B A (Linear), and the same with A flattened over its kernel (Conv2d).
