@@ -13,7 +13,8 @@ bootstrap target for g(eps, s) is that step taken from the student's own estimat
     y_s*    = sg[ g(eps, t) + (1 - e^{lambda_s - lambda_t}) (f_cfg(x_t_hat, t) - g(eps, t)) ]
     L_boot  = mean_b || g(eps, s) - y_s* ||^2
 
-with f_cfg the teacher's x0 with classifier-free guidance. The boundary condition ties the start
+with f_cfg the teacher's x0 with classifier-free guidance (option `weighting: x_space` weighs each
+sample by alpha_s^2, the same error measured on the trajectory point x_s; not the paper's form). The boundary condition ties the start
 of the trajectory to the teacher: L_bound = || g(eps, 1) - sg f_cfg(eps, 1) ||^2 (at t = 1 the
 first step's target is f_cfg itself, since alpha_1 = 0 on a flow path and ~0 on a VP one). Pairs
 (t, s) are consecutive times of the teacher's own sampling grid (`path.sampling_times(intervals)`);
@@ -67,6 +68,10 @@ class BOOTParams:
     boundary_fraction: float = 0.125  # share of each batch trained on the boundary g(eps, 1) = f_cfg(eps, 1)
     loss: str = "l2"  # "l2" or "pseudo_huber" in signal (x0) space
     huber_c: float = 0.03  # pseudo-Huber constant
+    # per-sample weight of the loss: "none" (the loss in signal space, as written above) or "x_space"
+    # (alpha_s^2: the error of the trajectory point x_s = alpha_s y_s + sigma_s eps that the student
+    # implies; on an eps teacher the signal targets near t = 1 carry the teacher's error times 1 / alpha)
+    weighting: str = "none"
 
     def validate(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
@@ -84,6 +89,8 @@ class BOOTParams:
             raise bad("loss", "must be 'l2' or 'pseudo_huber'")
         if not self.huber_c >= 0:
             raise bad("huber_c", "must be >= 0")
+        if self.weighting not in ("none", "x_space"):
+            raise bad("weighting", "must be 'none' or 'x_space'")
 
 
 def signal_step(path, y_t: Tensor, f: Tensor, t: Tensor, s: Tensor) -> Tensor:
@@ -170,6 +177,8 @@ class BOOT:
             per = _maths.mse_per_sample(pred, target)
         else:
             per = _maths.pseudo_huber(pred, target, self.p.huber_c)
+        if self.p.weighting == "x_space":
+            per = per * self.path.alpha_sigma(s)[0].float() ** 2
         loss = per.mean()
         d = per.detach()
         logs = {
