@@ -99,6 +99,49 @@ def test_bootstrap_target_of_the_exact_student_is_one_exact_teacher_step(kind):
     torch.testing.assert_close(b, teacher(eps, 1.0, cond, 2.0), rtol=1e-5, atol=1e-5)
 
 
+def test_x_space_weighting_scales_each_sample_by_alpha_s_squared():
+    """weighting: x_space multiplies each sample's signal-space loss by alpha_s^2 (so the loss is the
+    error of the implied trajectory point); 'none' leaves it as written in the paper."""
+    teacher = gmm_denoiser(VP, MEANS, std=0.3, classes=CLASSES, null_class=-1)
+    batch = {"shape": (16, 2, 1, 1), "cond": {"class_labels": torch.tensor([0, 1] * 8)}}
+
+    def per_sample_losses(weighting):
+        obj = BOOT(_MLPStudent(), teacher, BOOTParams(guidance=1.5, intervals=4, weighting=weighting))
+        torch.manual_seed(0)
+        obj.nets["student"] = _MLPStudent()
+        seen = {}
+        orig = obj.draw
+
+        def draw(rng, dev):
+            seen["ts"] = orig(rng, dev)
+            return seen["ts"]
+
+        obj.draw = draw
+        loss, _ = obj.loss("generator", batch, step=0)
+        return loss, seen["ts"][1]
+
+    plain, s = per_sample_losses("none")
+    weighted, s2 = per_sample_losses("x_space")
+    torch.testing.assert_close(s, s2)
+    a_s = VP.alpha_sigma(s)[0]
+    assert float(a_s.min()) < 0.1 < float(a_s.max())  # the draw spans low and high noise
+    # recompute the unweighted per-sample terms and check the weighted mean against them
+    obj = BOOT(_MLPStudent(), teacher, BOOTParams(guidance=1.5, intervals=4))
+    torch.manual_seed(0)
+    obj.nets["student"] = _MLPStudent()
+    from fewstep.randomness import SampleDraws
+
+    rng = SampleDraws.for_batch(batch, obj.seed, 0, "boot", torch.device("cpu"), rows=16)
+    eps = rng.normal(2, 1, 1)
+    t, s3, boundary = obj.draw(rng, torch.device("cpu"))
+    target = obj.targets(eps, t, s3, boundary, batch["cond"])
+    per = ((obj.g(eps, s3, batch["cond"]) - target) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(plain, per.mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weighted, (per * a_s**2).mean(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="objective.weighting"):
+        BOOTParams(weighting="snr").validate()
+
+
 class _MLPStudent(nn.Module):
     """g(eps, s): an MLP of the noise and Fourier features of s (x0 space, no path reading)."""
 
