@@ -1,5 +1,6 @@
 """Memory and time per training step of presets on the same teacher: what a run holds (TwinFlow's
-one network against DMD2's student, fake score and frozen teacher).
+one trainable network, plus its EMA target copy, against DMD2's student, fake score and frozen
+teacher).
 
     python eval/bench_onenet.py configs/digits/twinflow_flow.yaml configs/digits/dmd2_1step_flow.yaml
 

@@ -19,13 +19,15 @@ spread over processes and micro-batches:
     any   r ~ U[0, t]                   any-step hops
     adv   x0 <- the network's own one-step samples (no grad); times (-t, -t): the fake flow
 
-Targets (no grad; z ~ N(0, I), x_t = (1 - t) x0 + t z):
-    v      = z - x0, enhanced on conditional samples by r_cfg (u_c - u_u) at (x_t, t, t), the
-             network's own guided direction, r_cfg = 1 - 1 / guidance (at the fixed point the
-             conditional output is CFG at `guidance` over the unconditional one, which a share
-             `uncond_prob` of label-dropped samples keeps honest)
+Targets (no grad; z ~ N(0, I), x_t = (1 - t) x0 + t z; u_tgt is the target network, below):
+    v      = z - x0, enhanced on conditional samples with enhance_t_min < t < enhance_t_max (strict,
+             as the authors': the e2e rows at t = 1 get none) by r_cfg (u_tgt,c - u_tgt,u) at
+             (x_t, t, t), the network's own guided direction, r_cfg = 1 - 1 / guidance (at the
+             fixed point the conditional output is CFG at `guidance` over the unconditional one,
+             which a share `uncond_prob` of label-dropped mul and any samples keeps honest; the
+             e2e rows, which carry the DM term, and the adv rows keep their labels)
     RCGM   (recursive consistency, non-adv parts): x' = x_t - d v at t' = max(t - d, r); P = the
-           displacement of N no-grad hops of u from t' to r; res = ((t - r) u - P) / d - v
+           displacement of N no-grad hops of u_tgt from t' to r; res = ((t - r) u - P) / d - v
            (for t - r < d: u - v); target = sg(u - clamp(res, -1, 1))
     loss   = mean_b[ barron(u, target) * (tan((1 - (|t| - |r|)) pi / 2.5) + 1) ]   (adv weight 1)
 DM term on the e2e part: x_hat = the one-step sample; tau ~ U(0, 1), x_tau = (1 - tau) x_hat + tau z';
@@ -33,18 +35,30 @@ DM term on the e2e part: x_hat = the one-step sample; tau ~ U(0, 1), x_tau = (1 
     loss  += dm_weight * barron(u_e2e, sg(u_e2e - F_grad))
 
 The negative-time branch is trained by the adv part only; the DM term reads it without grad.
+
+The target network u_tgt (the authors' `self.mod`, used for the enhancement and the RCGM hops
+only; the gradient forward, the adv samples and the DM pair use the live network): with
+target_ema > 0 a frozen copy of the network (role "target": no optimizer group, requires_grad
+False, checkpointed with the other networks, never exported), updated after every generator step
+k = 0, 1, ... (`after_step`) as target <- c target + (1 - c) live with c = c_{k+1} of the authors'
+warm-up c_0 = 0, c_{j+1} = c_j + (1 - c_j)(target_ema - c_j) / 2 (their `cmd`, advanced by each
+update; c_0 = 0 is the copy at the start). For 0.99: 0.495, 0.620, 0.690, ..., 0.856 at update 10,
+0.976 at 100, 0.989 at 500, toward 0.99. The authors update before the targets of each step from
+the weights after the previous step's optimizer step, so the targets of step k see the same copy
+here; the one difference is a skipped (non-finite) step, which here makes no update and there
+one more. target_ema 0 uses the live network (their ema_decay_rate 0, the Qwen-Image setting).
 Sampling (any step count >= 1): x0_hat = the r = 0 prediction at each time, fresh noise between
 steps (the authors' "few" style with stochast_ratio 1), times linspace(1, sampling_end, n) then 0;
 the r = 0 setting folds into the stock time embedding, so the exported pipeline is the teacher's
 class with a stock flow scheduler.
 
-Differences from the authors' code, on purpose: the target network is the live network (their
-ema_decay_rate 0 setting), so the run holds one network and no EMA copy; the CFG enhancement is
-parameterised by the scale it converges to; label dropout is part of the objective.
+Differences from the authors' code, on purpose: the CFG enhancement is parameterised by the scale
+it converges to; label dropout (of the mul and any rows) is part of the objective.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +73,7 @@ from ..randomness import SampleDraws
 from ._two_time import TwoTimeDenoiser
 from .base import Batch, checked_params, refuse_settings, unwrap
 
-__all__ = ["FlowView", "TwinFlow", "TwinFlowParams", "barron", "build", "sampling_times"]
+__all__ = ["FlowView", "TwinFlow", "TwinFlowParams", "barron", "build", "sampling_times", "target_decay"]
 
 PARTS = ("e2e", "mul", "any", "adv")
 
@@ -67,9 +81,9 @@ PARTS = ("e2e", "mul", "any", "adv")
 @dataclass
 class TwinFlowParams:
     guidance: float = 1.25  # CFG scale the self-enhanced target converges to (Imagen form); 1: none
-    enhance_t_min: float = 0.0  # flow-time range of the CFG enhancement (authors: [0, 1])
-    enhance_t_max: float = 1.0
-    uncond_prob: float = 0.1  # label dropout of the non-adversarial samples
+    enhance_t_min: float = 0.0  # open flow-time range of the CFG enhancement (authors: [0, 1]):
+    enhance_t_max: float = 1.0  # enhance_t_min < t < enhance_t_max, so never the e2e rows at t = 1
+    uncond_prob: float = 0.1  # label dropout of the mul and any samples (never e2e or adv)
     estimate_order: int = 2  # N: hops of the RCGM target
     rcgm_delta: float = 0.01  # d: the RCGM step
     mul_gap: float = 0.05  # mul part: r = t - U t mul_gap
@@ -77,6 +91,7 @@ class TwinFlowParams:
     barron_c: float = 1e-3  # Barron / pseudo-Huber scale
     num_steps: int = 1  # sampling steps of the run card's default sampler
     sampling_end: float = 0.5  # last non-zero sampling time for n >= 2 steps: linspace(1, this, n)
+    target_ema: float = 0.99  # EMA rate of the target network (authors' ema_decay_rate); 0: the live network
 
     def validate(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
@@ -102,6 +117,8 @@ class TwinFlowParams:
             raise bad("num_steps", "needs an integer >= 1")
         if not 0.0 < self.sampling_end < 1.0:
             raise bad("sampling_end", "must lie in (0, 1)")
+        if not 0.0 <= self.target_ema < 1.0:
+            raise bad("target_ema", "must lie in [0, 1) (0: the live network is the target)")
 
 
 def barron(pred: Tensor, target: Tensor, c: float = 1e-3) -> Tensor:
@@ -111,6 +128,37 @@ def barron(pred: Tensor, target: Tensor, c: float = 1e-3) -> Tensor:
     mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     weight = (mse / (c * c) + 1.0).pow(-0.5).detach()
     return mse * weight / c
+
+
+def target_decay(k: int, rate: float, start: tuple[int, float] = (0, 0.0)) -> float:
+    """The decay c_k of the target network's k-th EMA update: the authors' warm-up c_0 = 0,
+    c_{j+1} = c_j + (1 - c_j)(rate - c_j) / 2 (continued from `start` = (j, c_j), j <= k)."""
+    j, c = start
+    if j > k:
+        raise ValueError(f"target_decay: cannot continue from update {j} back to {k}")
+    for _ in range(k - j):
+        nxt = c + (1.0 - c) * (rate - c) / 2.0
+        if nxt == c:  # converged to rate in floating point
+            break
+        c = nxt
+    return c
+
+
+def _frozen_copy(net: nn.Module, share_frozen: bool) -> nn.Module:
+    """A frozen (requires_grad False) copy of `net` for the target network: a TwoTimeDenoiser is
+    rebuilt around a copy of its backbone (path and conditioner shared, as copy_denoiser does);
+    with share_frozen the copy reuses the tensors `net` does not train (LoRA base weights) and its
+    buffers, which never change."""
+    net = unwrap(net)
+    memo: dict[int, Any] = {}
+    if share_frozen:
+        memo.update({id(q): q for q in net.parameters() if not q.requires_grad})
+        memo.update({id(b): b for b in net.buffers()})
+    if isinstance(net, TwoTimeDenoiser):
+        out: nn.Module = TwoTimeDenoiser(copy.deepcopy(net.backbone, memo), net.path, net.conditioner, mode=net.mode)
+    else:
+        out = copy.deepcopy(net, memo)
+    return out.requires_grad_(False)
 
 
 def sampling_times(n: int, end: float = 0.5) -> list[float]:
@@ -150,13 +198,26 @@ class FlowView:
 
 
 class TwinFlow:
-    """TwinFlow. nets: {"student": the one network}; one optimizer group, "generator"."""
+    """TwinFlow. nets: {"student": the one trained network, "target": its frozen EMA copy (with
+    target_ema > 0; share_frozen: the copy reuses the student's frozen tensors)}; one optimizer
+    group, "generator" (the student)."""
 
-    def __init__(self, student: nn.Module, params: TwinFlowParams, null_cond=None, seed: int = 0):
+    def __init__(
+        self,
+        student: nn.Module,
+        params: TwinFlowParams,
+        null_cond=None,
+        seed: int = 0,
+        share_frozen: bool = False,
+    ):
         params.validate()
         self.p = params
         self.seed = int(seed)  # per-sample draws (fewstep.randomness)
         self.nets: dict[str, nn.Module] = {"student": student}
+        if params.target_ema > 0:
+            self.nets["target"] = _frozen_copy(student, share_frozen)
+        self.target_role = "target" if params.target_ema > 0 else "student"
+        self._decay_at = (0, 0.0)  # (update k, c_k) last computed, so the warm-up is continued, not rerun
         self.groups = {"generator": ["student"]}
         self.path = student.path
         self.view = FlowView(self.path)
@@ -177,8 +238,11 @@ class TwinFlow:
         return ["generator"]
 
     # ---- pieces ------------------------------------------------------------------------------
-    def u(self, x: Tensor, t: Tensor, r: Tensor, cond: Cond | None, sign: Tensor | float = 1.0) -> Tensor:
-        return self.view.velocity(self.nets["student"], x, t, cond, r, sign)[0]
+    def u(
+        self, x: Tensor, t: Tensor, r: Tensor, cond: Cond | None, sign: Tensor | float = 1.0, role: str = "student"
+    ) -> Tensor:
+        """The velocity of the network `role` ("student", or self.target_role for the targets)."""
+        return self.view.velocity(self.nets[role], x, t, cond, r, sign)[0]
 
     @staticmethod
     def _split(index: Tensor, n: int, device) -> tuple[dict[str, Tensor], dict[str, int]]:
@@ -210,22 +274,29 @@ class TwinFlow:
         v = self.u(noise, ones, torch.zeros_like(ones), cond)
         return noise - v
 
+    def enhanced_rows(self, t: Tensor, excluded: Tensor) -> Tensor:
+        """The rows whose target gets the CFG enhancement: enhance_t_min < t < enhance_t_max, both
+        strict as the authors' (so never the e2e rows at t = 1), less the `excluded` (adv and
+        label-dropped) rows."""
+        return (~excluded) & (t > self.p.enhance_t_min) & (t < self.p.enhance_t_max)
+
     @torch.no_grad()
     def _enhance(self, x_t: Tensor, t: Tensor, cond: Cond | None, idx: Tensor) -> Tensor:
-        """r_cfg (u_c - u_u) at (x_t, t, t) for the samples in idx (zeros elsewhere), one 2n pass."""
+        """r_cfg (u_c - u_u) of the target network at (x_t, t, t) for the samples in idx (zeros
+        elsewhere), one 2n pass."""
         out = torch.zeros_like(x_t)
         if self.r_cfg == 0.0 or self.null_cond is None or cond is None or not bool(idx.any()):
             return out
         c = {k: (v[idx] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in cond.items()}
         n = int(idx.sum())
         x2, t2 = torch.cat([x_t[idx]] * 2), torch.cat([t[idx]] * 2)
-        v2 = self.u(x2, t2, t2, cat_cond(c, self.null_cond(c, n)))
+        v2 = self.u(x2, t2, t2, cat_cond(c, self.null_cond(c, n)), role=self.target_role)
         out[idx] = self.r_cfg * (v2[:n] - v2[n:])
         return out
 
     @torch.no_grad()
     def rcgm_target(self, F: Tensor, v: Tensor, x_t: Tensor, t: Tensor, r: Tensor, cond: Cond | None) -> Tensor:
-        """RCGM's recursive target (see the module docstring), detached."""
+        """RCGM's recursive target (see the module docstring; the hops by the target network), detached."""
         d, n = self.p.rcgm_delta, self.p.estimate_order
         t_m = (t - d).maximum(r)
         x = x_t - v * d
@@ -233,7 +304,7 @@ class TwinFlow:
         for i in range(n):
             t_c = t_m * (1 - i / n) + r * (i / n)
             t_n = t_m * (1 - (i + 1) / n) + r * ((i + 1) / n)
-            F_c = self.u(x, t_c, t_n, cond)
+            F_c = self.u(x, t_c, t_n, cond, role=self.target_role)
             step = _bcast(t_c - t_n, x)
             x = x - step * F_c
             disp = disp + step * F_c
@@ -282,7 +353,9 @@ class TwinFlow:
         r = torch.where(masks["e2e"], torch.zeros_like(r), r)
         r = torch.where(masks["mul"], t_min, r)
         adv = masks["adv"]
-        drop = (u_drop < p.uncond_prob) & ~adv
+        # label dropout on the mul and any rows only: the e2e rows carry the DM term (as the
+        # authors', whose steerers drop no labels) and the fake flow is learnt conditional
+        drop = (u_drop < p.uncond_prob) & ~adv & ~masks["e2e"]
         cond_m = self._mix_cond(cond, drop)
         x = x0.clone()
         with torch.no_grad():
@@ -295,8 +368,7 @@ class TwinFlow:
                 x[adv] = self.one_step(eps_adv[adv], ca)
             x_t = (1 - _bcast(t, x)) * x + _bcast(t, x) * z
             v = z - x
-            enh = (~adv) & (~drop) & (t > p.enhance_t_min) & (t <= p.enhance_t_max)
-            v = v + self._enhance(x_t, t, cond_m, enh)
+            v = v + self._enhance(x_t, t, cond_m, self.enhanced_rows(t, adv | drop))
         sign = torch.where(adv, -torch.ones_like(t), torch.ones_like(t))
         r_in = torch.where(adv, t, r)  # the fake flow: (-t, -t)
         F = self.u(x_t, t, r_in, cond_m, sign)
@@ -340,12 +412,40 @@ class TwinFlow:
         logs["loss"] = float(total.detach())
         return total, logs
 
+    # ---- the target network ------------------------------------------------------------------
+    def target_decay(self, k: int) -> float:
+        """c_k, the decay of the target's k-th update (see the module docstring)."""
+        start = self._decay_at if self._decay_at[0] <= k else (0, 0.0)
+        c = target_decay(k, self.p.target_ema, start)
+        self._decay_at = (k, c)
+        return c
+
+    @torch.no_grad()
+    def after_step(self, phase: str, step: int) -> None:
+        """After the generator's update at `step` (0-based): target <- c target + (1 - c) live with
+        c = c_{step + 1}, over the parameters the student trains (its frozen ones are never
+        changed). Both networks are reached through `unwrap`, so wrappers do not matter."""
+        if phase != "generator" or self.target_role == "student":
+            return
+        decay = self.target_decay(step + 1)
+        live = dict(unwrap(self.nets["student"]).named_parameters())
+        tgt = dict(unwrap(self.nets["target"]).named_parameters())
+        for name, q_s in live.items():
+            if not q_s.requires_grad:
+                continue
+            q_t = tgt.get(name)
+            if q_t is None:
+                raise RuntimeError(f"twinflow: the target network has no parameter {name} of the student")
+            q_t.lerp_(q_s.detach().to(q_t.dtype), 1.0 - decay)
+
 
 def build(params: TwinFlowParams | dict[str, Any] | None, teacher: Denoiser, ctx: Any) -> TwinFlow:
     """The registry's builder. The network is the teacher's own backbone, trained in place (one set
-    of weights in the run; the entry point's teacher handle shares it), or with lora.student a LoRA
-    copy on the teacher's frozen weights. Refuses a backbone whose time embedding cannot take the
-    target time (naming teacher.source), activation checkpointing and runs without real data."""
+    of trained weights in the run; the entry point's teacher handle shares it), or with lora.student
+    a LoRA copy on the teacher's frozen weights; with objective.target_ema > 0 a frozen EMA copy of
+    it besides (sharing its frozen tensors unless the run is sharded). Refuses a backbone whose time
+    embedding cannot take the target time (naming teacher.source), activation checkpointing and
+    runs without real data."""
     params = checked_params(params, TwinFlowParams)
     refuse_settings(
         ctx,
@@ -374,4 +474,5 @@ def build(params: TwinFlowParams | dict[str, Any] | None, teacher: Denoiser, ctx
                 "unconditional branch); set objective.guidance: 1 and objective.uncond_prob: 0"
             )
         null = cnd.null
-    return TwinFlow(student, params, null_cond=null, seed=int(getattr(ctx, "seed", 0)))
+    share = not bool(getattr(ctx, "sharded", False))  # FSDP shards each network's own tensors
+    return TwinFlow(student, params, null_cond=null, seed=int(getattr(ctx, "seed", 0)), share_frozen=share)
