@@ -2,6 +2,7 @@
 
     python eval/bench_memory.py [--steps 3] [--batch 4] [--rank-digits 16] [--rank-sdxl 32] [--out DIR]
     python eval/bench_memory.py --large [--steps 2] [--batch 2] [--modes full,shared,full-gc,shared-gc] [--gan]
+    python eval/bench_memory.py --large --widths 32,32,64,64 --latent-size 16 --no-full-size   (a quick check)
 
 For each backbone (the digits DiT, a small SDXL-class UNet) and each mode (full copies of the
 teacher; LoRA student and fake score as separate modules on shared frozen tensors, the entry
@@ -9,9 +10,15 @@ point's lora.student / lora.fake; shared-base mode, one backbone with adapters s
 a fresh process builds DMD2, runs a few training steps with AdamW, and reports the parameter
 bytes held (every distinct tensor of every role, the teacher included) and the peak RSS.
 With `--large`, the same comparison on a 142M-parameter SD-class UNet (random weights), where
-weights, gradients and AdamW states set the peak, beside the `--dry-run` memory plan's prediction
-(peak RSS above the process's resident set before the first tensor is built), then the plan for
-SD1.5- and SDXL-sized teachers. (Benchmarks of students' quality are `eval/bench.py`.)
+weights, gradients and AdamW states set the peak, beside the `--dry-run` memory plan's prediction,
+then the plan for SD1.5- and SDXL-sized teachers. (Benchmarks of students' quality are
+`eval/bench.py`.) Three measurements per mode: the peak resident set above the start (the resident
+set once the interpreter, torch, diffusers and peft are loaded and a tiny UNet has run one training
+step, so that libraries' lazy imports and kernel initialisation are not counted), the same with
+glibc's malloc given a fixed mmap threshold of 128 KiB (`MALLOC_MMAP_THRESHOLD_`: every tensor
+above it is mapped on allocation and unmapped on free, so the resident set follows the live
+tensors instead of keeping the heap's high-water mark), and the peak of the bytes of live tensors
+(`fewstep.training.activations.LiveBytes`, counting every tensor made from the start on).
 """
 
 from __future__ import annotations
@@ -132,12 +139,12 @@ def _text_cond(bb, batch: int) -> dict:
     return cond
 
 
-def plan_bytes(backbone_fn, latent_shape, mode: str, batch: int, rank: int, gan: bool) -> tuple[int, int, str]:
-    """The `--dry-run` memory plan for DMD2 on a teacher built by `backbone_fn` on the meta
-    device: (weights + gradients + AdamW bytes, activation bytes of one gradient pass, report)."""
+def plan_bytes(backbone_fn, latent_shape, mode: str, batch: int, rank: int, gan: bool):
+    """The `--dry-run` memory plan (`fewstep.training.dry_run.MemoryPlan`) for DMD2 on a teacher
+    built by `backbone_fn` on the meta device."""
     from fewstep.denoiser import Denoiser
     from fewstep.training.bundle import TeacherBundle
-    from fewstep.training.dry_run import memory_plan
+    from fewstep.training.dry_run import plan_memory
 
     with torch.device("meta"):
         bb = backbone_fn()
@@ -145,121 +152,201 @@ def plan_bytes(backbone_fn, latent_shape, mode: str, batch: int, rank: int, gan:
     den.requires_grad_(False)
     bundle = TeacherBundle(den, tuple(latent_shape), source=f"{type(bb).__name__} (meta)", family="sd15", text=True)
     cfg = _large_cfg(mode, batch, rank, gan)
-    rows, act, report = memory_plan(cfg, 1, "none", "no", teacher=bundle, example_cond=_text_cond(bb, batch))
-    return sum(r.total for r in rows), act or 0, report
+    return plan_memory(cfg, 1, "none", "no", teacher=bundle, example_cond=_text_cond(bb, batch))
 
 
-def _large_child(mode: str, steps: int, batch: int, rank: int, gan: bool) -> dict:
+def _warm_up() -> None:
+    """One AdamW training step of a tiny UNet2DConditionModel: loads what libraries load lazily
+    on first use (kernels, their caches, the autograd engine) before the start is read."""
+    from diffusers import UNet2DConditionModel
+
+    m = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 32, 32, 32),
+        cross_attention_dim=32,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    m.enable_gradient_checkpointing()  # the checkpointing code path, too
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+    m.train()
+    m(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 7, 32)).sample.sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _large_child(
+    mode: str, steps: int, batch: int, rank: int, gan: bool, widths=LARGE_WIDTHS, shape=LARGE_SHAPE
+) -> dict:
     """Runs in its own process: DMD2 on the 142M SD-class UNet (random weights) in `mode` (full,
     shared, full-gc, shared-gc), `steps` steps with a generator and a fake-score update each."""
+    from fewstep.training.memory import current_rss_bytes
+
+    rss_process = current_rss_bytes()
+    import diffusers  # noqa: F401  the libraries the run loads, before the start is read
+    import peft  # noqa: F401
+    from diffusers import UNet2DConditionModel  # noqa: F401
+
     from fewstep.denoiser import Denoiser
     from fewstep.objectives.base import trainable_parameters
     from fewstep.objectives.registry import BuildContext, build_objective
+    from fewstep.training.activations import LiveBytes
     from fewstep.training.checkpointing import enable_activation_checkpointing
     from fewstep.training.lora import make_factories
-    from fewstep.training.memory import current_rss_bytes
 
-    # interpreter + libraries: the resident set now (ru_maxrss would carry the parent's high-water
-    # mark over fork and exec)
+    rss_imports = current_rss_bytes()
+    _warm_up()
+    # the start: interpreter and libraries loaded and initialised (read from /proc: ru_maxrss
+    # would carry the parent's high-water mark over fork and exec)
     base_rss = current_rss_bytes()
-    torch.manual_seed(0)
-    teacher = Denoiser(_sd_class_unet(), _path(), zero_null=True)  # CFG against a zero text embedding
-    teacher.requires_grad_(False)
-    cfg = _large_cfg(mode, batch, rank, gan)
-    make_student, make_copy = make_factories(cfg.lora, gradient_checkpointing=cfg.precision.gradient_checkpointing)
-    ctx = BuildContext(
-        latent_shape=LARGE_SHAPE,
-        has_real_data=gan,
-        lora=cfg.lora,
-        gradient_checkpointing=cfg.precision.gradient_checkpointing,
-        make_student=make_student,
-        make_copy=make_copy,
-    )
-    obj = build_objective("dmd2", dict(cfg.objective.params), teacher, ctx)
-    if cfg.precision.gradient_checkpointing:
-        enable_activation_checkpointing(obj.nets.values())
-    opts = {g: torch.optim.AdamW(trainable_parameters(obj, g), lr=1e-5) for g in obj.groups}
-    g = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        batch_d = {
-            "cond": {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, 768, generator=g)},
-            "x0": torch.randn(batch, *LARGE_SHAPE, generator=g),
-            "shape": (batch, *LARGE_SHAPE),
-        }
-        for phase in obj.phases(step):
-            loss, _ = obj.loss(phase, batch_d, step)
-            loss.backward()
-            opts[phase].step()
-            for o in opts.values():
-                o.zero_grad(set_to_none=True)
+    live = LiveBytes()  # every tensor made from here on, as long as it lives
+    with live:
+        torch.manual_seed(0)
+        teacher = Denoiser(_sd_class_unet(widths, shape[-1]), _path(), zero_null=True)  # CFG against zero text
+        teacher.requires_grad_(False)
+        cfg = _large_cfg(mode, batch, rank, gan)
+        make_student, make_copy = make_factories(cfg.lora, gradient_checkpointing=cfg.precision.gradient_checkpointing)
+        ctx = BuildContext(
+            latent_shape=shape,
+            has_real_data=gan,
+            lora=cfg.lora,
+            gradient_checkpointing=cfg.precision.gradient_checkpointing,
+            make_student=make_student,
+            make_copy=make_copy,
+        )
+        obj = build_objective("dmd2", dict(cfg.objective.params), teacher, ctx)
+        if cfg.precision.gradient_checkpointing:
+            enable_activation_checkpointing(obj.nets.values())
+        opts = {g: torch.optim.AdamW(trainable_parameters(obj, g), lr=1e-5) for g in obj.groups}
+        live_built = live.current
+        g = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            batch_d = {
+                "cond": {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, 768, generator=g)},
+                "x0": torch.randn(batch, *shape, generator=g),
+                "shape": (batch, *shape),
+            }
+            for phase in obj.phases(step):  # as training/loop.py: every gradient set to None after each update
+                loss, _ = obj.loss(phase, batch_d, step)
+                loss.backward()
+                opts[phase].step()
+                for o in opts.values():
+                    o.zero_grad(set_to_none=True)
+            del batch_d, loss
+        seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        "backbone": "sd-class-142m",
+        "backbone": f"sd-class-{widths}",
         "mode": mode,
         "gan": gan,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "params": sum(p.numel() for n, p in teacher.backbone.named_parameters() if "lora_" not in n),
+        "rss_process_start_bytes": rss_process,
+        "rss_after_imports_bytes": rss_imports,
         "base_rss_bytes": base_rss,
         "peak_rss_bytes": peak,
         "peak_above_base_bytes": peak - base_rss,
+        "live_peak_bytes": live.peak,
+        "live_after_build_bytes": live_built,  # weights (AdamW moments come with the first update)
+        "live_end_bytes": live.current,  # weights and AdamW moments
         "steps": steps,
         "batch": batch,
-        "seconds_per_step": round((time.perf_counter() - t0) / steps, 2),
+        "seconds_per_step": round(seconds / steps, 2),
     }
+
+
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold, fixed (no dynamic raise)
 
 
 def cmd_large(args, command: str) -> int:
     """Full copies against shared base (with and without activation checkpointing) on the 142M
-    UNet, each in a fresh process, beside the dry-run plan; then the plan for SD1.5 and SDXL."""
+    UNet, each in fresh processes (glibc's malloc as it comes, then with a fixed mmap threshold),
+    beside the dry-run plan; then the plan for SD1.5 and SDXL."""
+    widths = tuple(int(w) for w in args.widths.split(","))
+    shape = (4, args.latent_size, args.latent_size)
     if args.child:
         mode = args.child.split(":")[1]
-        print("RESULT " + json.dumps(_large_child(mode, args.steps, args.batch, args.rank_large, args.gan)), flush=True)
+        r = _large_child(mode, args.steps, args.batch, args.rank_large, args.gan, widths, shape)
+        print("RESULT " + json.dumps(r), flush=True)
         return 0
     mib, gib = 2**20, 2**30
-    rows = []
-    for mode in args.modes.split(","):
+
+    def child(mode: str, env: dict) -> dict:
         cmd = [sys.executable, __file__, "--large", "--child", f"large:{mode}", "--steps", str(args.steps)]
-        cmd += ["--batch", str(args.batch), "--rank-large", str(args.rank_large)] + (["--gan"] if args.gan else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd += ["--batch", str(args.batch), "--rank-large", str(args.rank_large), "--widths", args.widths]
+        cmd += ["--latent-size", str(args.latent_size)] + (["--gan"] if args.gan else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"memory child large:{mode} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(line[7:])
-        static, act, _ = plan_bytes(_sd_class_unet, LARGE_SHAPE, mode, args.batch, args.rank_large, args.gan)
-        r["plan_static_bytes"], r["plan_activation_bytes"], r["plan_bytes"] = static, act, static + act
+        return json.loads(line[7:])
+
+    rows = []
+    for mode in args.modes.split(","):
+        r = child(mode, {})
+        m = child(mode, {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
+        r["mmap_peak_above_base_bytes"] = m["peak_above_base_bytes"]
+        r["mmap_live_peak_bytes"] = m["live_peak_bytes"]
+        r["mmap_seconds_per_step"] = m["seconds_per_step"]
+        plan = plan_bytes(lambda: _sd_class_unet(widths, shape[-1]), shape, mode, args.batch, args.rank_large, args.gan)
+        r["plan_held_bytes"], r["plan_grad_bytes"] = plan.held_bytes, plan.grad_bytes
+        r["plan_activation_bytes"], r["plan_transient_bytes"] = plan.activation_bytes or 0, plan.transient_bytes or 0
+        r["plan_bytes"] = plan.peak_bytes
         rows.append(r)
         print(json.dumps(r), flush=True)
     full = next((r for r in rows if r["mode"] == "full"), None)
     lines = [
-        f"DMD2 on an SD-class UNet2DConditionModel, {LARGE_WIDTHS} widths, latents {LARGE_SHAPE}, batch "
-        f"{args.batch}, fp32, GAN {'on' if args.gan else 'off'}, LoRA rank {args.rank_large} (shared base)",
-        "| mode | peak RSS MiB | above start MiB | x full copy | plan: weights+grads+AdamW MiB | plan: activations MiB "
-        "| plan total MiB | plan / measured | s/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"DMD2 on an SD-class UNet2DConditionModel, {widths} widths ({rows[0]['params'] / 1e6:.1f}M), latents "
+        f"{shape}, batch {args.batch}, fp32, GAN {'on' if args.gan else 'off'}, LoRA rank {args.rank_large} (shared "
+        f"base); start: {rows[0]['base_rss_bytes'] / mib:.0f} MiB resident ({rows[0]['rss_after_imports_bytes'] / mib:.0f}"
+        f" after the imports, {rows[0]['rss_process_start_bytes'] / mib:.0f} before them)",
+        "| mode | peak RSS MiB | above start MiB | x full copy | above start, mmap threshold 128 KiB MiB "
+        "| live tensors peak MiB | plan: weights+AdamW MiB | plan: gradients MiB | plan: activations MiB "
+        "| plan: transient MiB | plan total MiB | plan / measured | plan / measured (mmap threshold) "
+        "| plan / live | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        above = r["peak_above_base_bytes"]
+        above, above_m, live = r["peak_above_base_bytes"], r["mmap_peak_above_base_bytes"], r["live_peak_bytes"]
         ratio = f"{above / full['peak_above_base_bytes']:.2f}" if full else "-"
         lines.append(
-            f"| {r['mode']} | {r['peak_rss_bytes'] / mib:.0f} | {above / mib:.0f} | {ratio} | "
-            f"{r['plan_static_bytes'] / mib:.0f} | {r['plan_activation_bytes'] / mib:.0f} | "
-            f"{r['plan_bytes'] / mib:.0f} | {r['plan_bytes'] / above:.2f} | {r['seconds_per_step']} |"
+            f"| {r['mode']} | {r['peak_rss_bytes'] / mib:.0f} | {above / mib:.0f} | {ratio} | {above_m / mib:.0f} | "
+            f"{live / mib:.0f} | {r['plan_held_bytes'] / mib:.0f} | {r['plan_grad_bytes'] / mib:.0f} | "
+            f"{r['plan_activation_bytes'] / mib:.0f} | {r['plan_transient_bytes'] / mib:.0f} | "
+            f"{r['plan_bytes'] / mib:.0f} | {r['plan_bytes'] / above:.2f} | {r['plan_bytes'] / above_m:.2f} | "
+            f"{r['plan_bytes'] / live:.2f} | {r['seconds_per_step']} |"
         )
-    lines += [
-        "",
-        f"The plan for full-size teachers (one process, fp32, batch {args.batch} at the native latent size):",
-        "| teacher | mode | weights+grads+AdamW GiB | activations GiB | total GiB |",
-        "|---|---|---|---|---|",
-    ]
     plans = []
-    for name, fn, shape in (
-        ("SD1.5 UNet (859.5M)", lambda: _sd_class_unet((320, 640, 1280, 1280), 64), (4, 64, 64)),
-        ("SDXL UNet (2567.5M)", _sdxl_unet, (4, 128, 128)),
-    ):
-        for mode in ("full", "shared", "full-gc", "shared-gc"):
-            static, act, _ = plan_bytes(fn, shape, mode, args.batch, args.rank_large, args.gan)
-            plans.append({"teacher": name, "mode": mode, "static_bytes": static, "activation_bytes": act})
-            lines.append(f"| {name} | {mode} | {static / gib:.2f} | {act / gib:.2f} | {(static + act) / gib:.2f} |")
+    if not args.no_full_size:
+        lines += [
+            "",
+            f"The plan for full-size teachers (one process, fp32, batch {args.batch} at the native latent size):",
+            "| teacher | mode | weights+AdamW GiB | gradients GiB | activations GiB | transient GiB | total GiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, fn, fshape in (
+            ("SD1.5 UNet (859.5M)", lambda: _sd_class_unet((320, 640, 1280, 1280), 64), (4, 64, 64)),
+            ("SDXL UNet (2567.5M)", _sdxl_unet, (4, 128, 128)),
+        ):
+            for mode in ("full", "shared", "full-gc", "shared-gc"):
+                p = plan_bytes(fn, fshape, mode, args.batch, args.rank_large, args.gan)
+                act, tr = p.activation_bytes or 0, p.transient_bytes or 0
+                plans.append(
+                    {
+                        "teacher": name,
+                        "mode": mode,
+                        "held_bytes": p.held_bytes,
+                        "grad_bytes": p.grad_bytes,
+                        "activation_bytes": act,
+                        "transient_bytes": tr,
+                        "total_bytes": p.peak_bytes,
+                    }
+                )
+                lines.append(
+                    f"| {name} | {mode} | {p.held_bytes / gib:.2f} | {p.grad_bytes / gib:.2f} | {act / gib:.2f} | "
+                    f"{tr / gib:.2f} | {p.peak_bytes / gib:.2f} |"
+                )
     print("\n".join(lines))
     out_dir = Path(args.out or "runs/bench/dmd_memory_large")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -414,6 +501,9 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="full,shared,full-gc,shared-gc", help="--large: modes to measure")
     p.add_argument("--rank-large", type=int, default=32)
     p.add_argument("--gan", action="store_true", help="--large: DMD2 with the GAN head (real latents)")
+    p.add_argument("--widths", default=",".join(map(str, LARGE_WIDTHS)), help="--large: the UNet's block widths")
+    p.add_argument("--latent-size", type=int, default=LARGE_SHAPE[-1], help="--large: latent height and width")
+    p.add_argument("--no-full-size", action="store_true", help="--large: skip the SD1.5 / SDXL plan")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.rank = {"digits-dit": args.rank_digits, "sdxl-class": args.rank_sdxl}
