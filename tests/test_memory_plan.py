@@ -9,7 +9,7 @@ import torch
 
 from fewstep.config import config_from_dict
 from fewstep.training.bundle import TeacherBundle
-from fewstep.training.dry_run import memory_plan
+from fewstep.training.dry_run import plan_memory
 from fewstep.training.shared_base import SharedBase
 from tests.tiny import make_tiny
 
@@ -24,7 +24,8 @@ def test_shared_base_plan_counts_adapter_gradients_and_adamw_states():
     cfg = config_from_dict(
         {"objective": {"name": "dmd2", "shared_base": True}, "lora": {"rank": 2, "alpha": 2.0}, "ema": {"rate": 0}}
     )
-    rows, act, report = memory_plan(cfg, 1, "none", "no", teacher=bundle)
+    plan = plan_memory(cfg, 1, "none", "no", teacher=bundle)
+    rows, report = plan.rows, plan.report
     by_role = {r.role: r for r in rows}
     # weights: the base once plus both adapters (4 B each); each adapter: grad + 2 moments (12 B)
     assert by_role["student"].trainable == by_role["fake"].trainable == adapter
@@ -55,7 +56,8 @@ def test_dry_run_report_shows_the_activation_term():
     tiny = make_tiny("dit", seed=0)
     bundle = TeacherBundle(tiny.denoiser, tuple(tiny.latent_shape), family="dit", num_classes=10)
     cfg = config_from_dict({"objective": {"name": "dsm"}, "data": {"batch_size": 4}, "ema": {"rate": 0}})
-    rows, act, report = memory_plan(cfg, 2, "none", "no", teacher=bundle)
+    plan = plan_memory(cfg, 2, "none", "no", teacher=bundle)
+    act, report = plan.activation_bytes, plan.report
     assert act > 0 and "activations:" in report and "at batch 2 per process" in report
     assert "transient:" in report and "estimated peak per process:" in report
 

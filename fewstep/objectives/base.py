@@ -181,6 +181,20 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+@torch.no_grad()
+def ema_toward(target: nn.Module, source: nn.Module, decay: float, trainable_only: bool = False) -> None:
+    """target <- decay target + (1 - decay) source, parameter by parameter (matched by name, both
+    reached through `unwrap`); with trainable_only, over the source's trained parameters only."""
+    tgt = dict(unwrap(target).named_parameters())
+    for name, q_s in unwrap(source).named_parameters():
+        if trainable_only and not q_s.requires_grad:
+            continue
+        q_t = tgt.get(name)
+        if q_t is None:
+            raise RuntimeError(f"EMA target: the target network has no parameter {name} of the source")
+        q_t.lerp_(q_s.detach().to(q_t.dtype), 1.0 - decay)
+
+
 def require_image_conditioned(name: str, ctx) -> None:
     """Restoration objectives need a teacher that takes the degraded image (its family record's
     `image_conditioned`); a clear start-up error otherwise."""

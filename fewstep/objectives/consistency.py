@@ -30,7 +30,7 @@ from ..families import all_families, family_of
 from ..paths import _bcast
 from ..randomness import SampleDraws
 from . import _maths
-from .base import Batch, freeze
+from .base import Batch, ema_toward, freeze
 
 __all__ = [
     "LCMParams",
@@ -310,13 +310,7 @@ class LCMObjective:
         """EMA target update: target <- mu target + (1 - mu) student (full fine-tuning only)."""
         if self.lora or phase != "generator":
             return
-        mu = self.p.ema_decay
-        tgt = [q for q in self.nets["target"].parameters()]
-        src = [q for q in self.nets["student"].parameters()]
-        if len(tgt) != len(src):
-            raise RuntimeError("target and student networks have different parameter lists")
-        for q_t, q_s in zip(tgt, src):
-            q_t.lerp_(q_s.detach().to(q_t.dtype), 1.0 - mu)
+        ema_toward(self.nets["target"], self.nets["student"], self.p.ema_decay)
 
 
 def _device(net: nn.Module) -> torch.device:

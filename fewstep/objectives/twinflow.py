@@ -58,7 +58,6 @@ it converges to; label dropout (of the mul and any rows) is part of the objectiv
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -70,8 +69,9 @@ from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser
 from ..paths import FlowPath, _bcast
 from ..randomness import SampleDraws
+from ..training.lora import copy_backbone
 from ._two_time import TwoTimeDenoiser
-from .base import Batch, checked_params, refuse_settings, unwrap
+from .base import Batch, checked_params, ema_toward, refuse_settings, unwrap
 
 __all__ = ["FlowView", "TwinFlow", "TwinFlowParams", "barron", "build", "sampling_times", "target_decay"]
 
@@ -148,16 +148,13 @@ def _frozen_copy(net: nn.Module, share_frozen: bool) -> nn.Module:
     """A frozen (requires_grad False) copy of `net` for the target network: a TwoTimeDenoiser is
     rebuilt around a copy of its backbone (path and conditioner shared, as copy_denoiser does);
     with share_frozen the copy reuses the tensors `net` does not train (LoRA base weights) and its
-    buffers, which never change."""
+    buffers, which never change (`lora.copy_backbone`)."""
     net = unwrap(net)
-    memo: dict[int, Any] = {}
-    if share_frozen:
-        memo.update({id(q): q for q in net.parameters() if not q.requires_grad})
-        memo.update({id(b): b for b in net.buffers()})
     if isinstance(net, TwoTimeDenoiser):
-        out: nn.Module = TwoTimeDenoiser(copy.deepcopy(net.backbone, memo), net.path, net.conditioner, mode=net.mode)
+        bb = copy_backbone(net.backbone, share_frozen)
+        out: nn.Module = TwoTimeDenoiser(bb, net.path, net.conditioner, mode=net.mode)
     else:
-        out = copy.deepcopy(net, memo)
+        out = copy_backbone(net, share_frozen)
     return out.requires_grad_(False)
 
 
@@ -427,16 +424,7 @@ class TwinFlow:
         changed). Both networks are reached through `unwrap`, so wrappers do not matter."""
         if phase != "generator" or self.target_role == "student":
             return
-        decay = self.target_decay(step + 1)
-        live = dict(unwrap(self.nets["student"]).named_parameters())
-        tgt = dict(unwrap(self.nets["target"]).named_parameters())
-        for name, q_s in live.items():
-            if not q_s.requires_grad:
-                continue
-            q_t = tgt.get(name)
-            if q_t is None:
-                raise RuntimeError(f"twinflow: the target network has no parameter {name} of the student")
-            q_t.lerp_(q_s.detach().to(q_t.dtype), 1.0 - decay)
+        ema_toward(self.nets["target"], self.nets["student"], self.target_decay(step + 1), trainable_only=True)
 
 
 def build(params: TwinFlowParams | dict[str, Any] | None, teacher: Denoiser, ctx: Any) -> TwinFlow:

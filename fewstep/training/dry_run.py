@@ -31,7 +31,7 @@ from .build import run_context
 from .bundle import TeacherBundle, meta_bundle
 from .memory import estimate_table, format_bytes, role_memory
 
-__all__ = ["MemoryPlan", "dry_run", "launch_settings", "memory_plan", "plan_memory"]
+__all__ = ["MemoryPlan", "dry_run", "launch_settings", "plan_memory"]
 
 
 def launch_settings(
@@ -59,9 +59,9 @@ def launch_settings(
 
 
 def dry_run(cfg: Config, **settings: Any) -> str:
-    """The dry-run report (a string; the caller prints it). `settings`: memory_plan's keywords
+    """The dry-run report (a string; the caller prints it). `settings`: plan_memory's keywords
     (num_processes, sharding, mixed_precision, teacher)."""
-    return memory_plan(cfg, **settings)[2]
+    return plan_memory(cfg, **settings).report
 
 
 @dataclass
@@ -94,21 +94,6 @@ class MemoryPlan:
     @property
     def peak_bytes(self) -> int:
         return self.held_bytes + (self.activation_bytes or 0) + max(self.grad_bytes, self.transient_bytes or 0)
-
-
-def memory_plan(
-    cfg: Config,
-    num_processes: int | None = None,
-    sharding: str | None = None,
-    mixed_precision: str | None = None,
-    teacher: TeacherBundle | None = None,
-    example_cond: dict | None = None,
-) -> tuple[list, int | None, str]:
-    """(per-role `RoleMemory` rows, activation bytes of one gradient-recording forward of the
-    student at the per-process batch or None where no example condition could be built, the
-    dry-run report). `plan_memory` gives every term."""
-    plan = plan_memory(cfg, num_processes, sharding, mixed_precision, teacher, example_cond)
-    return plan.rows, plan.activation_bytes, plan.report
 
 
 def plan_memory(

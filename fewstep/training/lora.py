@@ -81,11 +81,11 @@ def has_lora(backbone: nn.Module) -> bool:
 
 
 def copy_backbone(backbone: nn.Module, share_frozen: bool) -> nn.Module:
-    """A deep copy; with share_frozen the copy reuses the original's parameter and buffer tensors
-    (used under LoRA, where they stay frozen)."""
+    """A deep copy; with share_frozen the copy reuses the original's frozen parameter tensors
+    (requires_grad False: a teacher's weights under LoRA, which stay frozen) and its buffers."""
     if not share_frozen:
         return copy.deepcopy(backbone)
-    memo: dict[int, Any] = {id(p): p for p in backbone.parameters()}
+    memo: dict[int, Any] = {id(p): p for p in backbone.parameters() if not p.requires_grad}
     memo.update({id(b): b for b in backbone.buffers()})
     return copy.deepcopy(backbone, memo)
 
