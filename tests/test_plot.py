@@ -126,3 +126,45 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "dir.png").mkdir()
     assert main(["plot", str(run), "--out", str(tmp_path / "dir.png")]) == 2
     assert "--out" in capsys.readouterr().err and not (run / "curves.png").exists()
+
+
+def test_compare_draws_one_line_per_run_against_updates(tmp_path, capsys):
+    """--compare: each run's eval/fid against its generator updates (not its steps), one labelled
+    line per run, and the table of the same points."""
+    from fewstep.plot_cmd import compare_figure, read_metrics
+
+    a = [{"step": s, "updates/generator": s / 5, "eval/fid": 60.0 - s} for s in (10, 20, 30)]
+    b = [{"step": s, "updates/generator": s, "eval/fid": 40.0 + s} for s in (5, 10)]
+    b.append({"step": 15, "updates/generator": 15, "loss/generator": 1.0})  # no FID: not a point
+    ra, rb = _write(tmp_path / "a", a), _write(tmp_path / "b", b)
+    fig = compare_figure(
+        {"A": read_metrics(ra / "metrics.jsonl"), "B": read_metrics(rb / "metrics.jsonl")},
+        "eval/fid",
+        "updates/generator",
+    )
+    (ax,) = fig.axes
+    lines = {ln.get_label(): ln for ax in fig.axes for ln in ax.get_lines()}
+    assert list(lines["A"].get_xdata()) == [2.0, 4.0, 6.0] and list(lines["A"].get_ydata()) == [50.0, 40.0, 30.0]
+    assert list(lines["B"].get_xdata()) == [5.0, 10.0] and list(lines["B"].get_ydata()) == [45.0, 50.0]
+    assert ax.get_xlabel() == "updates/generator"
+    out = tmp_path / "cmp.png"
+    assert (
+        main(["plot", f"A={ra}", str(rb), "--compare", "eval/fid", "--x", "updates/generator", "--out", str(out)]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "| A | 2: 50, 4: 40, 6: 30 |" in text and "| b | 5: 45, 10: 50 |" in text
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+
+
+def test_compare_bad_input_is_one_line(tmp_path, capsys):
+    run = _write(tmp_path / "run", [{"step": 1, "loss/generator": 1.0}])
+    out = tmp_path / "c.png"
+    assert main(["plot", str(run), str(run)]) == 2
+    assert "--compare" in capsys.readouterr().err
+    assert main(["plot", str(run), "--compare", "eval/fid"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["plot", str(run), "--compare", "eval/fid", "--out", str(out)]) == 2
+    assert "no finite 'eval/fid'" in capsys.readouterr().err and not out.exists()
+    assert main(["plot", str(run), str(run), "--compare", "loss/generator", "--out", str(out)]) == 2
+    assert "used twice" in capsys.readouterr().err
