@@ -271,14 +271,17 @@ def test_coupled_schedule_renoises_ca_at_the_dm_terms_time():
         assert same == (schedule == "coupled") and above == (schedule == "coupled"), schedule
 
 
-def test_ddmd_switches_zero_exactly_the_other_term():
+@pytest.mark.parametrize("normaliser", ["own", "dm"])
+def test_ddmd_switches_zero_exactly_the_other_term(normaliser):
     """CA only (dm_weight 0) and DM only (ca_weight 0), at the same random draws, give the student
-    gradients whose sum is the full one: each switch removes exactly the other term."""
+    gradients whose sum is the full one: each switch removes exactly the other term (with either
+    normaliser of the CA term)."""
     teacher, _ = _two_class_gmm(FlowPath(1000), learnable=True)
     batch = {"cond": {"class_labels": torch.arange(16) % 2}, "shape": (16, 2, 1, 1)}
 
     def grad(**kw):
-        obj = build(DMDParams(variant="ddmd", guidance=3.0, **kw), teacher, context(latent_shape=(2, 1, 1)))
+        params = DMDParams(variant="ddmd", guidance=3.0, ca_normaliser=normaliser, **kw)
+        obj = build(params, teacher, context(latent_shape=(2, 1, 1)))
         if "fake" in obj.nets:  # a fake score that differs from the teacher, so the DM term is not 0
             with torch.no_grad():
                 obj.nets["fake"].backbone.means.add_(0.4)
@@ -294,6 +297,33 @@ def test_ddmd_switches_zero_exactly_the_other_term():
     assert ca_only.abs().max() > 1e-4 and dm_only.abs().max() > 1e-4
     assert torch.allclose(ca_only, full - dm_only, atol=1e-6), (ca_only, full - dm_only)
     assert torch.allclose(dm_only, full - ca_only, atol=1e-6)
+
+
+def test_ddmd_shared_normaliser_rescales_only_the_ca_term():
+    """ca_normaliser "dm" divides the CA term by the DM term's normaliser: on one sample, at the same
+    draws, the CA-only gradient is the per-term one times a positive factor other than 1, and the
+    DM-only gradient is unchanged."""
+    teacher, _ = _two_class_gmm(FlowPath(1000), learnable=True)
+    batch = {"cond": {"class_labels": torch.tensor([1])}, "shape": (1, 2, 1, 1)}
+
+    def grad(normaliser, **kw):
+        obj = build(
+            DMDParams(variant="ddmd", guidance=3.0, ca_normaliser=normaliser, ca_t_min=0.6, **kw),  # c - u > 0
+            teacher,
+            context(latent_shape=(2, 1, 1)),
+        )
+        if "fake" in obj.nets:
+            with torch.no_grad():
+                obj.nets["fake"].backbone.means.add_(0.4)
+        torch.manual_seed(5)
+        obj.loss("generator", batch, 0)[0].backward()
+        return obj.nets["student"].backbone.means.grad.flatten().clone()
+
+    own, shared = grad("own", dm_weight=0.0), grad("dm", dm_weight=0.0)
+    cos = torch.nn.functional.cosine_similarity(own, shared, dim=0)
+    ratio = shared.norm() / own.norm()
+    assert cos > 1 - 1e-5 and abs(ratio - 1) > 1e-3, (cos, ratio)
+    assert torch.equal(grad("own", ca_weight=0.0), grad("dm", ca_weight=0.0))
 
 
 def test_channel_kl_vanishes_on_matching_statistics():
@@ -315,6 +345,8 @@ def test_channel_kl_vanishes_on_matching_statistics():
         (dict(variant="ddmd", ca_t_min=0.6, num_steps=2, student_times=[1.0, 0.5]), False, "objective.ca_t_min"),
         (dict(variant="ddmd", ca_schedule="joint"), False, "objective.ca_schedule"),
         (dict(variant="ddmd", ca_schedule="coupled", dm_kind="meanvar"), False, "objective.ca_schedule"),
+        (dict(variant="ddmd", ca_normaliser="joint"), False, "objective.ca_normaliser"),
+        (dict(variant="ddmd", ca_normaliser="dm", dm_kind="meanvar"), False, "objective.ca_normaliser"),
         (dict(variant="dmdx"), False, "objective.variant"),
     ],
 )

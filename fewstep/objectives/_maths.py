@@ -20,11 +20,17 @@ def _bcast(w: Tensor, like: Tensor) -> Tensor:
     return w.reshape(w.shape[0], *([1] * (like.ndim - 1)))
 
 
-def dm_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8) -> Tensor:
+def dm_normaliser(x: Tensor, x0_real: Tensor, eps: float = 1e-8) -> Tensor:
+    """DMD's per-sample normaliser mean_CHW |x - x0_real| (clamped at eps), shape [B]. Detached."""
+    return _mean_per_sample((x.detach().float() - x0_real.detach().float()).abs()).clamp_min(eps)
+
+
+def dm_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8, norm: Tensor | None = None) -> Tensor:
     """Distribution-matching gradient in x0 space with DMD's normalisation (Yin et al. 2024,
-    eq. 8; DMD2): (x0_fake - x0_real) / mean_CHW |x - x0_real|, NaNs zeroed. Detached."""
+    eq. 8; DMD2): (x0_fake - x0_real) / mean_CHW |x - x0_real|, NaNs zeroed. Detached. `norm`
+    ([B]) replaces the normaliser (a term normalised by another term's, Decoupled DMD's shared form)."""
     x, x0_real, x0_fake = x.detach().float(), x0_real.detach().float(), x0_fake.detach().float()
-    w = _mean_per_sample((x - x0_real).abs()).clamp_min(eps)
+    w = dm_normaliser(x, x0_real, eps) if norm is None else norm
     return torch.nan_to_num((x0_fake - x0_real) / _bcast(w, x))
 
 

@@ -21,6 +21,9 @@ Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x
            CA  -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|   at tau_CA ~ U[ca_t_min, min(ca_t_max, t_gen)]
                (ca_schedule="coupled", for the ablation: at the DM term's tau_DM and noise instead)
            DM  (x0_fake_c - x0_real_c) / mean|x_hat - x0_real_c| at tau_DM ~ U[dm_t_min, dm_t_max]
+           (ca_normaliser="dm": the CA term divided by the DM term's normaliser instead of its own, so
+           the sum has one scale, as DMD2's gradient has; with coupled schedules it is then DMD2's
+           gradient but for the normaliser's x0_real_c in place of x0_real_cfg)
            or, with dm_kind="meanvar", a per-channel Gaussian KL between the student's samples and
            the teacher's (or real) latents instead of the DM term. Both terms' noise is drawn every
            step, so ca_weight 0 (DM only) or dm_weight 0 (CA only) leaves the other term exactly as
@@ -74,6 +77,7 @@ from ..randomness import SampleDraws
 from ._maths import (
     cfg_augmentation,
     dm_gradient,
+    dm_normaliser,
     dsm_loss,
     input_gradient_only,
     mse_per_sample,
@@ -264,14 +268,18 @@ class DMDObjective:
         return p.gan and same_draw and (self._feature_role == "fake" or float(guidance) == 1.0)
 
     # ---- generator ----------------------------------------------------------------------
+    def _dm_x0(
+        self, x_hat: Tensor, cond: Cond | None, w: float, rng: SampleDraws | None, drawn: Drawn = None
+    ) -> tuple[Tensor, Tensor]:
+        """The DM term's two x0 predictions at one re-noising of x_hat: (real at guidance w, fake)."""
+        x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max, rng, drawn=drawn)
+        with torch.no_grad():
+            return self.nets["teacher"](x_tau, tau, cond, w), self.nets["fake"](x_tau, tau, cond)
+
     def _dm_grad(
         self, x_hat: Tensor, cond: Cond | None, w: float, rng: SampleDraws | None, drawn: Drawn = None
     ) -> Tensor:
-        x_tau, tau = self._noised(x_hat, self.p.dm_t_min, self.p.dm_t_max, rng, drawn=drawn)
-        with torch.no_grad():
-            x0_real = self.nets["teacher"](x_tau, tau, cond, w)
-            x0_fake = self.nets["fake"](x_tau, tau, cond)
-        return dm_gradient(x_hat, x0_real, x0_fake)
+        return dm_gradient(x_hat, *self._dm_x0(x_hat, cond, w, rng, drawn))
 
     def _dm_grad_and_gan(
         self,
@@ -281,9 +289,21 @@ class DMDObjective:
         rng: SampleDraws | None,
         drawn: Drawn = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """`_dm_grad` and `_gan_generator` on the same noised samples: the feature network's DM pass
-        runs with a gradient to its input only and gives the head its features. Returns (g, term,
-        adv). Valid when `_gan_on_dm_pass(guidance)`."""
+        """`_dm_grad` and `_gan_generator` on the same noised samples. Returns (g, term, adv)."""
+        x0_real, x0_fake, term, adv = self._dm_x0_and_gan(x_hat, cond, guidance, rng, drawn)
+        return dm_gradient(x_hat, x0_real, x0_fake), term, adv
+
+    def _dm_x0_and_gan(
+        self,
+        x_hat: Tensor,
+        cond: Cond | None,
+        guidance: float,
+        rng: SampleDraws | None,
+        drawn: Drawn = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`_dm_x0` and `_gan_generator` on the same noised samples: the feature network's DM pass
+        runs with a gradient to its input only and gives the head its features. Returns (x0_real,
+        x0_fake, term, adv). Valid when `_gan_on_dm_pass(guidance)`."""
         tau, eps = drawn if drawn is not None else self._draw(x_hat, self.p.dm_t_min, self.p.dm_t_max, rng)
         role = self._feature_role
 
@@ -301,13 +321,20 @@ class DMDObjective:
             return generator_gan_loss(unwrap(self.nets["disc"])(feats)), (x0["teacher"], x0["fake"])
 
         term, adv, (x0_real, x0_fake) = input_gradient_only(x_hat, passes)
-        return dm_gradient(x_hat, x0_real, x0_fake), term, adv
+        return x0_real, x0_fake, term, adv
 
-    def _ca_grad(self, x_hat: Tensor, cond: Cond | None, t_gen: float, drawn: tuple[Tensor, Tensor]) -> Tensor:
+    def _ca_grad(
+        self,
+        x_hat: Tensor,
+        cond: Cond | None,
+        t_gen: float,
+        drawn: tuple[Tensor, Tensor],
+        norm: Tensor | None = None,
+    ) -> Tensor:
         """Decoupled DMD's CFG-augmentation term, normalised like DMD's gradient:
         -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|, re-noised below the generator's input time.
         (dm_gradient(x, x0_cfg, x0_c) is exactly that quotient, since x0_c - x0_cfg = -(w-1)(c-u).)
-        Zero at w = 1, returned without a teacher pass."""
+        `norm` ([B], ca_normaliser "dm") replaces the divisor. Zero at w = 1, without a teacher pass."""
         hi = min(self.p.ca_t_max, float(t_gen))
         if float(self.p.guidance) == 1.0:
             return torch.zeros_like(x_hat)
@@ -315,7 +342,7 @@ class DMDObjective:
         with torch.no_grad():
             x0_c, x0_u = self.nets["teacher"](x_tau, tau, cond, output="cond_uncond")
         ca = cfg_augmentation(x0_c, x0_u, self.p.guidance)
-        return dm_gradient(x_hat, x0_c + ca, x0_c)
+        return dm_gradient(x_hat, x0_c + ca, x0_c, norm=norm)
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         p, cond = self.p, batch.get("cond")
@@ -336,16 +363,28 @@ class DMDObjective:
             if p.ca_schedule == "coupled":  # one re-noising for both terms, over the DM term's range
                 ca_draw = dm_draw
             g = torch.zeros_like(x_hat)
+            x0_dm, norm = None, None  # the DM term's (real, fake) x0 and, for ca_normaliser "dm", its normaliser
+            if p.dm_kind == "dm" and p.dm_weight != 0:
+                if self._gan_on_dm_pass(1.0):
+                    *x0_dm, term, adv = self._dm_x0_and_gan(x_hat, cond, 1.0, None, dm_draw)
+                    gan = [term, adv]
+                else:
+                    x0_dm = self._dm_x0(x_hat, cond, 1.0, None, dm_draw)
+            if p.ca_normaliser == "dm" and p.ca_weight != 0:
+                if x0_dm is None:  # CA only: the conditional teacher at the DM term's re-noising, for its scale
+                    x_tau, tau = self._noised(x_hat, p.dm_t_min, p.dm_t_max, None, drawn=dm_draw)
+                    with torch.no_grad():
+                        x0_real = self.nets["teacher"](x_tau, tau, cond, 1.0)
+                else:
+                    x0_real = x0_dm[0]
+                norm = dm_normaliser(x_hat, x0_real)
             if p.ca_weight != 0:
-                g_ca = self._ca_grad(x_hat, cond, t_gen, ca_draw)
+                g_ca = self._ca_grad(x_hat, cond, t_gen, ca_draw, norm)
                 logs["ca_grad_norm"] = g_ca.flatten(1).norm(dim=1).mean().item()
                 g = g + p.ca_weight * g_ca
             if p.dm_kind == "dm":
-                if p.dm_weight != 0:
-                    if self._gan_on_dm_pass(1.0):
-                        g_dm, *gan = self._dm_grad_and_gan(x_hat, cond, 1.0, None, dm_draw)
-                    else:
-                        g_dm = self._dm_grad(x_hat, cond, 1.0, None, dm_draw)
+                if x0_dm is not None:
+                    g_dm = dm_gradient(x_hat, *x0_dm)
                     logs["dm_grad_norm"] = g_dm.flatten(1).norm(dim=1).mean().item()
                     g = g + p.dm_weight * g_dm
                 loss = surrogate_loss(x_hat, g)

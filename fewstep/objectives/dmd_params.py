@@ -57,6 +57,8 @@ class DMDParams:
     ca_t_min: float = 0.02  # CA re-noising range, capped by the generator's input time
     ca_t_max: float = 0.98
     ca_schedule: str = "decoupled"  # "coupled": the CA term reuses the DM term's tau and noise (ablation)
+    ca_normaliser: str = "own"  # "own": each term divided by DMD's normaliser at its own re-noising;
+    #   "dm": both by the DM term's, mean|x_hat - x0_real_c| at tau_DM (one scale for the sum, as DMD2's)
     dm_kind: str = "dm"  # "dm" (fake vs real conditional) or "meanvar" (per-channel KL; a batch statistic:
     #   computed per micro-batch on each process, so it depends on data.micro_batch_size and the process count)
     meanvar_target: str = "teacher"  # "teacher" (cached teacher samples) or "real" (batch["x0"])
@@ -139,6 +141,10 @@ class DMDParams:
             bad(f"objective.ca_schedule={self.ca_schedule!r} must be 'decoupled' or 'coupled'")
         if self.ca_schedule == "coupled" and self.dm_kind != "dm":
             bad("objective.ca_schedule='coupled' shares the DM term's draw: it needs objective.dm_kind='dm'")
+        if self.ca_normaliser not in ("own", "dm"):
+            bad(f"objective.ca_normaliser={self.ca_normaliser!r} must be 'own' or 'dm'")
+        if self.ca_normaliser == "dm" and self.dm_kind != "dm":
+            bad("objective.ca_normaliser='dm' divides by the DM term's normaliser: it needs objective.dm_kind='dm'")
         if self.dm_kind not in ("dm", "meanvar"):
             bad(f"objective.dm_kind={self.dm_kind!r} must be 'dm' or 'meanvar'")
         if self.dm_kind == "meanvar" and self.variant != "ddmd":
