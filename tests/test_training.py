@@ -40,6 +40,40 @@ def cfg_for(tmp_path, *overrides, preset="digits/dsm.yaml", name="run"):
 
 
 # ---------------------------------------------------------------------------------------------
+def test_final_ema_of_a_student_saved_through_a_standalone_copy(tmp_path):
+    """A student saved as a plain copy (a LoRA role view, a two-time student folded) writes its
+    EMA's weights as final/student_ema, not the trained weights a second time."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from fewstep.training.outputs import save_final
+
+    class Viewed(nn.Module):  # the shape of a role view: a backbone, saved through standalone()
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Linear(3, 2)
+
+        def standalone(self):
+            import copy
+
+            return copy.deepcopy(self).requires_grad_(False)
+
+    student = Viewed()
+    ema = EMA(dict(student.named_parameters()), rate=0.5)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)  # trained weights now differ from the shadow
+    files = save_final(tmp_path, student, ema, SimpleNamespace(is_main_process=True))
+    raw = load_file(str(tmp_path / files["student"] / "model.safetensors"))
+    avg = load_file(str(tmp_path / files["student_ema"] / "model.safetensors"))
+    assert torch.equal(raw["weight"], student.backbone.weight.detach())
+    assert torch.equal(avg["weight"], ema.shadow["backbone.weight"]) and not torch.equal(avg["weight"], raw["weight"])
+    assert torch.equal(avg["bias"], ema.shadow["backbone.bias"])
+    assert torch.equal(student.backbone.weight, ema.params["backbone.weight"])  # trained weights put back
+
+
+# ---------------------------------------------------------------------------------------------
 def test_dsm_run_learns_and_writes_outputs(tmp_path):
     """DSM fine-tuning of a student whose teacher's means are off by 0.5 moves it toward the data
     (exact mixture samples); the run writes weights, a run card, metrics and a sample grid."""

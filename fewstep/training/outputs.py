@@ -60,20 +60,21 @@ def save_final(
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if hasattr(student, "standalone"):  # a role view (adapter merged) or a second-time student (folded): a plain copy
-        student = student.standalone()
-    bb = backbone_of(student)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    def grab() -> dict[str, torch.Tensor]:
+    def grab() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        # a role view (adapter merged) or a second-time student (folded) is saved as a plain copy,
+        # made from the weights the student holds now (the EMA's, inside ema.swapped())
+        m = student.standalone() if hasattr(student, "standalone") else student
+        bb = backbone_of(m)
         state = get_model_state_dict(bb, options=opts)
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        return bb, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
-    sd = grab()
+    bb, sd = grab()
     sd_ema = None
     if ema is not None:
         with ema.swapped():
-            sd_ema = grab()
+            sd_ema = grab()[1]
     if not accelerator.is_main_process:
         return {}
     meta = lora_meta(bb)
