@@ -3,11 +3,16 @@ one training run and its rows, all with the `restoration` protocol (fewstep/eval
 
     python eval/restoration_bench.py --teacher-steps 50 --out runs/restoration_bench \
         --config configs/digits/ircm_1step_restore.yaml --steps 1,2 \
-        --config configs/digits/tadsr_1step_restore.yaml --steps 1
+        --config configs/digits/tadsr_1step_restore.yaml --steps 1 [--panel]
 
-Writes <out>/teacher/results.json, <out>/<preset>/results.json (with the run's training wall time)
-and prints one table. One thread (on a shared machine, run at most one per core); wall times
-are upper bounds there.
+Writes <out>/teacher/results.json, <out>/<preset>/results.json (with the run's training wall time),
+<out>/verdicts.json and prints one table per model, with each row's PSNR 95% bootstrap interval,
+then the verdicts: every preset's rows (and the teacher's at fewer steps) against the teacher's
+largest step count on each degradation (`restoration_verdicts`; PSNR by its intervals). With
+--panel every row (clean targets, baselines, teacher, presets) is also scored by the judge panel:
+its FID median [range] joins the table and the FID verdicts follow the claims rule
+(fewstep.evaluation.panel). One thread (on a shared machine, run at most one per core); wall
+times are upper bounds there.
 """
 
 from __future__ import annotations
@@ -32,18 +37,27 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=None, help="held-out images per degradation (default all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-card", action="store_true", help="do not write the teacher's scores into its card")
+    p.add_argument("--panel", action="store_true", help="also score every row with the judge panel (FID verdicts)")
     args = p.parse_args(argv)
     import torch
 
     from fewstep.config import load_config
     from fewstep.evaluation import EvalSpec
-    from fewstep.evaluation.restoration import _markdown, evaluate_restoration
+    from fewstep.evaluation.restoration import (
+        RESTORATION_METRICS,
+        _markdown,
+        evaluate_restoration,
+        restoration_verdicts,
+        verdicts_markdown,
+    )
     from fewstep.training import run
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tables = []
+    metrics = [*RESTORATION_METRICS, "panel"] if args.panel else None  # None: the protocol's
+    rows = []  # every model's rows, named, for the verdicts against the teacher
     if args.teacher_steps:
         steps = [int(s) for s in args.teacher_steps.split(",")]
         res = evaluate_restoration(
@@ -52,10 +66,12 @@ def main(argv=None) -> int:
                 steps=steps,
                 protocol="restoration",
                 num_samples=args.num_samples,
+                metrics=metrics,
                 out=str(out / "teacher"),
                 command=" ".join(sys.argv),
             )
         )
+        rows += [{**r, "model": "teacher"} for r in res["rows"]]
         tables.append(_markdown(res))
         print(tables[-1], flush=True)
         if not args.no_card:  # the teacher's scores go to its card, beside the command that trained it
@@ -83,13 +99,20 @@ def main(argv=None) -> int:
                 steps=steps,
                 protocol="restoration",
                 num_samples=args.num_samples,
+                metrics=metrics,
                 out=str(out / name),
                 command=" ".join(sys.argv),
             )
         )
+        rows += [{**r, "model": name} for r in res["rows"] if r["what"] == "student"]
         res["training"] = {"config": cfg_path, "overrides": overrides, "wall_s": round(wall, 1), "steps": result.steps}
         (out / name / "results.json").write_text(json.dumps(res, indent=1) + "\n")
         tables.append(f"training wall {wall:.0f}s ({result.steps} steps)\n" + _markdown(res))
+        print(tables[-1], flush=True)
+    verdicts = restoration_verdicts(rows)
+    (out / "verdicts.json").write_text(json.dumps(verdicts, indent=1) + "\n")
+    if verdicts:
+        tables.append("Verdicts against the teacher (claims rule):\n\n" + verdicts_markdown(verdicts))
         print(tables[-1], flush=True)
     (out / "tables.md").write_text("\n".join(tables))
     return 0

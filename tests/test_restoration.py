@@ -344,3 +344,156 @@ def test_restoration_objectives_refuse_a_teacher_without_the_image():
             build_objective(
                 name, {}, tiny.denoiser, BuildContext(latent_shape=(4, 8, 8), has_real_data=True, family="dit")
             )
+
+
+# ---- the restoration protocol's intervals and verdicts --------------------------------------------
+def _noisy_pairs(stds, seed=0):
+    """Targets in [-1, 1] and outputs with per-image noise of the given standard deviations."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(len(stds), 1, 32, 32, generator=g) * 2 - 1
+    s = torch.tensor(stds).reshape(-1, 1, 1, 1)
+    return (t + s * torch.randn(t.shape, generator=g)).clamp(-1, 1), t
+
+
+def test_restoration_psnr_interval_is_the_bootstrap_of_the_unchanged_mean():
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from fewstep.evaluation.restoration import _unit, restoration_scores
+
+    # images that disagree: noise from 0.01 to 0.3 (per-image PSNR ~ 16 to 44 dB)
+    o, t = _noisy_pairs(torch.logspace(-2, math.log10(0.3), 60).tolist())
+    s = restoration_scores(o, t, torch.zeros(60), ("psnr",))
+    # the reported figure is the one the protocol reported before the interval existed
+    old = float(peak_signal_noise_ratio(_unit(o), _unit(t), data_range=1.0, dim=(1, 2, 3)))
+    assert s["psnr"] == old
+    lo, hi = s["psnr_ci"]
+    assert lo < s["psnr"] < hi
+    # an interval of the mean over images: about 2 x 1.96 standard errors wide
+    per_image = peak_signal_noise_ratio(_unit(o), _unit(t), data_range=1.0, dim=(1, 2, 3), reduction="none")
+    se = float(per_image.std()) / math.sqrt(60)
+    assert 0.7 * 3.92 * se < hi - lo < 1.3 * 3.92 * se, (lo, hi, se)
+    # images that agree (one noise level for all): a much narrower interval
+    o2, t2 = _noisy_pairs([0.05] * 60)
+    lo2, hi2 = restoration_scores(o2, t2, torch.zeros(60), ("psnr",))["psnr_ci"]
+    assert hi2 - lo2 < 0.2 * (hi - lo)
+    # seeded: the same seed gives the same interval, another seed another one; 0 resamples none
+    assert restoration_scores(o, t, torch.zeros(60), ("psnr",))["psnr_ci"] == [lo, hi]
+    assert restoration_scores(o, t, torch.zeros(60), ("psnr",), seed=1)["psnr_ci"] != [lo, hi]
+    assert "psnr_ci" not in restoration_scores(o, t, torch.zeros(60), ("psnr",), bootstrap=0)
+    # an output equal to its target (infinite PSNR) still gives an ordered interval, no nan
+    o[0] = t[0]
+    lo3, hi3 = restoration_scores(o, t, torch.zeros(60), ("psnr",))["psnr_ci"]
+    assert lo3 <= hi3 and not math.isnan(lo3) and not math.isnan(hi3)
+
+
+def _member(name, fid, half, acc=0.9):
+    return {"name": name, "fid": fid, "fid_ci": [fid - half, fid + half], "class_acc_ci": [acc - 0.01, acc + 0.01]}
+
+
+def _panel(*members, bootstrap=200):
+    """A `panel_scores`-shaped result: what `compare` and the table read."""
+    fids = [m["fid"] for m in members]
+    summary = {"fid_median": float(torch.tensor(fids).median()), "fid_range": [min(fids), max(fids)]}
+    return {"n": 100, "bootstrap": bootstrap, "members": list(members), "panel": summary}
+
+
+def _row(what, steps, psnr, half, kind="noise", panel=None, **extra):
+    row = {
+        "degradation": kind,
+        "what": what,
+        "steps": steps,
+        "n": 100,
+        "psnr": psnr,
+        "psnr_ci": [psnr - half, psnr + half],
+    }
+    if panel is not None:
+        row["panel"] = panel
+    return {**row, **extra}
+
+
+def test_restoration_verdicts_follow_the_intervals():
+    from fewstep.evaluation.restoration import _markdown, restoration_verdicts
+
+    teacher_panel = _panel(_member("a", 10.0, 1.0), _member("b", 20.0, 1.0))
+    rows = [
+        {"degradation": "-", "what": "clean targets (floor)", "n": 100, "fid": 1.0},
+        {"degradation": "noise", "what": "degraded input", "n": 100, "psnr": 15.0, "psnr_ci": [14.0, 16.0]},
+        _row("teacher", 10, 18.0, 0.5),  # below the 50-step teacher: trails
+        _row("teacher", 50, 20.0, 0.5, panel=teacher_panel),
+        # wholly above; every member's FID lower with separated intervals
+        _row("student", 1, 22.0, 0.5, panel=_panel(_member("a", 5.0, 1.0), _member("b", 12.0, 1.0)), model="p1"),
+        # overlapping PSNR intervals; one member's FID interval overlaps the teacher's
+        _row("student", 2, 20.3, 0.5, panel=_panel(_member("a", 5.0, 1.0), _member("b", 19.5, 1.0)), model="p2"),
+        # every member's FID higher, separated
+        _row("student", 4, 19.0, 0.2, panel=_panel(_member("a", 15.0, 1.0), _member("b", 30.0, 1.0))),
+        _row("student", 1, 30.0, 0.5, kind="blur"),  # no teacher on blur: no verdict
+    ]
+    got = {(v["model"], v["steps"]): v for v in restoration_verdicts(rows)}
+    assert set(got) == {("teacher", 10), ("p1", 1), ("p2", 2), ("student", 4)}
+    assert all(v["teacher_steps"] == 50 and v["degradation"] == "noise" for v in got.values())
+    assert got[("teacher", 10)]["psnr"] == "trails" and "fid" not in got[("teacher", 10)]
+    assert got[("p1", 1)]["psnr"] == "beats" and got[("p1", 1)]["psnr_diff_db"] == pytest.approx(2.0)
+    assert got[("p2", 2)]["psnr"] == "within noise" and got[("p2", 2)]["psnr_diff_db"] == pytest.approx(0.3)
+    assert got[("student", 4)]["psnr"] == "trails" and got[("student", 4)]["psnr_diff_db"] == pytest.approx(-1.0)
+    # FID by the claims rule: lower is better, every member must agree
+    assert got[("p1", 1)]["fid"] == "beats"
+    assert got[("p1", 1)]["fid_ratio_median"] == pytest.approx((0.5 + 0.6) / 2)
+    assert got[("p1", 1)]["fid_ratio_range"] == pytest.approx([0.5, 0.6])
+    assert got[("p2", 2)]["fid"] == "within noise"
+    assert got[("student", 4)]["fid"] == "trails"
+    assert got[("p1", 1)]["class_acc"] == "within noise"
+    # a panel scored without resamples has no intervals: no FID verdict rather than an error
+    rows[4] = {**rows[4], "panel": _panel(_member("a", 5.0, 1.0), bootstrap=0)}
+    assert "fid" not in restoration_verdicts(rows)[1]
+    # the table and the verdicts that results.md shows
+    md = _markdown({"source": "x", "rows": rows, "verdicts": restoration_verdicts(rows)})
+    assert "| PSNR 95% CI |" in md and "| 19.50-20.50 |" in md
+    assert "| panel FID median [range] |" in md and "| 10.00 [10.00, 20.00] |" in md
+    assert "- noise: teacher at 10 steps against the teacher at 50: PSNR trails (-2.00 dB)" in md
+    assert "- noise: student at 4 steps against the teacher at 50: PSNR trails (-1.00 dB); FID trails" in md
+
+
+def test_restoration_panel_metric_scores_the_outputs_with_their_labels(tmp_path, monkeypatch):
+    import json
+
+    from fewstep.digits.data import load_digits_tensors, split_indices
+    from fewstep.digits.judge import JUDGE_NAME
+    from fewstep.evaluation.restoration import RESTORATION_METRICS, restoration_scores, restoration_verdicts
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path))
+    assert "panel" not in RESTORATION_METRICS  # asked for by name only
+    x, y = load_digits_tensors()
+    _, held = split_indices(x.shape[0])
+    t, labels = x[held[:100]], y[held[:100]]
+    g = torch.Generator().manual_seed(0)
+    kw = {"bootstrap": 20, "panel_members": [JUDGE_NAME]}
+    good = restoration_scores(t, t, labels, ("psnr", "panel"), **kw)
+    bad = restoration_scores((t + 0.8 * torch.randn(t.shape, generator=g)).clamp(-1, 1), t, labels, ("panel",), **kw)
+    pan = good["panel"]
+    assert pan["n"] == 100 and [m["name"] for m in pan["members"]] == [JUDGE_NAME]
+    assert pan["members"][0]["class_acc"] > 0.9  # the source labels, not zeros
+    assert bad["panel"]["panel"]["fid_median"] > 1.5 * pan["panel"]["fid_median"]
+    text = json.dumps(good)  # results.json takes it as it is, without the bootstrap samples
+    assert "_boot" not in text
+    rows = [
+        {"degradation": "noise", "what": "teacher", "steps": 50, **good},
+        {"degradation": "noise", "what": "student", "steps": 1, **bad},
+    ]
+    assert restoration_verdicts(rows)[0]["fid"] == "trails"
+
+
+def test_restoration_refuses_bad_metric_requests(tmp_path):
+    from fewstep.evaluation import EvalSpec, InputError, evaluate
+    from fewstep.evaluation.restoration import restoration_scores
+
+    t = torch.zeros(3, 1, 32, 32)
+    with pytest.raises(InputError, match="metric 'panel' needs at least 4 images per row.*got 3"):
+        restoration_scores(t, t, torch.zeros(3), ("psnr", "panel"))
+    with pytest.raises(InputError, match=r"\['lpips'\] are unknown.*'panel'"):
+        restoration_scores(t, t, torch.zeros(3), ("lpips",))
+    with pytest.raises(InputError, match="bootstrap must be >= 0"):
+        restoration_scores(t, t, torch.zeros(3), ("psnr",), bootstrap=-1)
+    # the protocol says so before it loads or restores anything
+    spec = EvalSpec(pipeline="digits-restore", protocol="restoration", metrics=["panel"], num_samples=3, steps=[1])
+    with pytest.raises(InputError, match="--metrics panel needs --num-samples >= 4"):
+        evaluate(EvalSpec(**{**spec.__dict__, "out": str(tmp_path / "o")}))
