@@ -81,7 +81,8 @@ def _scoring_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics",
         type=_str_list,
-        help="comma-separated subset of fid,kid,prc,clip,class_acc,diversity,panel (default: protocol's)",
+        help="comma-separated subset of fid,kid,prc,clip,class_acc,diversity,panel (default: protocol's); "
+        "restoration: psnr,ssim,judge_dist,class_acc,fid,panel",
     )
     p.add_argument(
         "--reference", help="'digits', an image folder, or .npz (mu, sigma; FID only) / .safetensors features"
@@ -155,8 +156,8 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bootstrap",
         type=nonnegative_int,
-        help="panel: resamples of the generated set for the 95%% "
-        "intervals (default: the protocol's, 200 for digits; 0: none)",
+        help="panel (and restoration's PSNR): resamples of the generated set for the 95%% "
+        "intervals (default: the protocol's, 200 for digits and restoration; 0: none)",
     )
     p.add_argument("--save-images", action="store_true", help="also save every generated image as PNG")
     p.add_argument("--no-cache", action="store_true", help="recompute reference features (no disk cache)")
