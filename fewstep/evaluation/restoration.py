@@ -280,32 +280,13 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_restoration(spec) -> dict[str, Any]:
-    """`fewstep eval --protocol restoration`: spec.pipeline is "digits-restore", a restoration
-    pipeline folder or a run dir; spec.steps the step counts; spec.num_samples limits the
-    held-out images per degradation (default all 359); spec.metrics a subset of
-    RESTORATION_METRICS and "panel"; spec.bootstrap the resamples for the intervals (default the
-    protocol's, 200; 0: none); spec.seed seeds the sampling and the resamples. --images is refused
-    (outputs are paired with their inputs)."""
+def _scored_rows(model, spec, metrics: tuple[str, ...], scoring: dict[str, Any]) -> list[dict[str, Any]]:
+    """The protocol's rows: the clean targets (the floor), then per degradation its baseline and the
+    model at each of spec.steps, each scored by `restoration_scores`."""
     from ..digits.restoration import DEGRADATIONS, bicubic_baseline, restoration_pairs
-    from ..restoration import load_restorer, restore
-    from .protocols import PROTOCOLS
+    from ..restoration import restore
 
-    if spec.images is not None or spec.pipeline is None:
-        raise InputError("--protocol restoration restores the held-out set itself: give --pipeline, not --images")
-    metrics = tuple(spec.metrics) if spec.metrics else RESTORATION_METRICS
-    bad = sorted(set(metrics) - set(_KNOWN))
-    if bad:
-        raise InputError(f"--metrics {bad}: the restoration protocol scores {list(_KNOWN)}")
-    bootstrap = PROTOCOLS["restoration"].bootstrap if spec.bootstrap is None else int(spec.bootstrap)
-    if "panel" in metrics and spec.num_samples is not None and spec.num_samples < 4:
-        raise InputError(f"--metrics panel needs --num-samples >= 4 (FID covariances), got {spec.num_samples}")
-    try:
-        model = load_restorer(spec.pipeline, weights=spec.student_weights, device=spec.device)
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(str(e)) from None
-    seed = 0 if spec.seed is None else int(spec.seed)
-    scoring = {"bootstrap": bootstrap, "seed": seed, "cache": spec.cache}
+    seed = scoring["seed"]
     rows = []
     # the floor: the clean held-out targets themselves (FID of a few hundred real digits is not 0)
     clean = restoration_pairs("sr4", "heldout", limit=spec.num_samples)
@@ -345,6 +326,35 @@ def evaluate_restoration(spec) -> dict[str, Any]:
                     **scores,
                 }
             )
+    return rows
+
+
+def evaluate_restoration(spec) -> dict[str, Any]:
+    """`fewstep eval --protocol restoration`: spec.pipeline is "digits-restore", a restoration
+    pipeline folder or a run dir; spec.steps the step counts; spec.num_samples limits the
+    held-out images per degradation (default all 359); spec.metrics a subset of
+    RESTORATION_METRICS and "panel"; spec.bootstrap the resamples for the intervals (default the
+    protocol's, 200; 0: none); spec.seed seeds the sampling and the resamples. --images is refused
+    (outputs are paired with their inputs)."""
+    from ..restoration import load_restorer
+    from .protocols import PROTOCOLS
+
+    if spec.images is not None or spec.pipeline is None:
+        raise InputError("--protocol restoration restores the held-out set itself: give --pipeline, not --images")
+    metrics = tuple(spec.metrics) if spec.metrics else RESTORATION_METRICS
+    bad = sorted(set(metrics) - set(_KNOWN))
+    if bad:
+        raise InputError(f"--metrics {bad}: the restoration protocol scores {list(_KNOWN)}")
+    bootstrap = PROTOCOLS["restoration"].bootstrap if spec.bootstrap is None else int(spec.bootstrap)
+    if "panel" in metrics and spec.num_samples is not None and spec.num_samples < 4:
+        raise InputError(f"--metrics panel needs --num-samples >= 4 (FID covariances), got {spec.num_samples}")
+    try:
+        model = load_restorer(spec.pipeline, weights=spec.student_weights, device=spec.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
+    seed = 0 if spec.seed is None else int(spec.seed)
+    scoring = {"bootstrap": bootstrap, "seed": seed, "cache": spec.cache}
+    rows = _scored_rows(model, spec, metrics, scoring)
     results = {
         "protocol": "restoration",
         "source": spec.pipeline,

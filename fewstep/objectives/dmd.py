@@ -75,9 +75,7 @@ from ..conditioning import Cond, cat_cond
 from ..denoiser import Denoiser
 from ..randomness import SampleDraws
 from ._maths import (
-    cfg_augmentation,
     dm_gradient,
-    dm_normaliser,
     dsm_loss,
     input_gradient_only,
     mse_per_sample,
@@ -85,6 +83,7 @@ from ._maths import (
     surrogate_loss,
 )
 from .base import Batch, phase_loss, step_generator, unwrap
+from .ddmd import ddmd_gradient
 from .dmd_params import VARIANTS, DMDParams, params_from_dict
 from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, generator_gan_loss
 from .regression import channel_gaussian_kl, channel_stats, pool_conditions, teacher_sample_set
@@ -281,18 +280,6 @@ class DMDObjective:
     ) -> Tensor:
         return dm_gradient(x_hat, *self._dm_x0(x_hat, cond, w, rng, drawn))
 
-    def _dm_grad_and_gan(
-        self,
-        x_hat: Tensor,
-        cond: Cond | None,
-        guidance: float,
-        rng: SampleDraws | None,
-        drawn: Drawn = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """`_dm_grad` and `_gan_generator` on the same noised samples. Returns (g, term, adv)."""
-        x0_real, x0_fake, term, adv = self._dm_x0_and_gan(x_hat, cond, guidance, rng, drawn)
-        return dm_gradient(x_hat, x0_real, x0_fake), term, adv
-
     def _dm_x0_and_gan(
         self,
         x_hat: Tensor,
@@ -323,27 +310,6 @@ class DMDObjective:
         term, adv, (x0_real, x0_fake) = input_gradient_only(x_hat, passes)
         return x0_real, x0_fake, term, adv
 
-    def _ca_grad(
-        self,
-        x_hat: Tensor,
-        cond: Cond | None,
-        t_gen: float,
-        drawn: tuple[Tensor, Tensor],
-        norm: Tensor | None = None,
-    ) -> Tensor:
-        """Decoupled DMD's CFG-augmentation term, normalised like DMD's gradient:
-        -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|, re-noised below the generator's input time.
-        (dm_gradient(x, x0_cfg, x0_c) is exactly that quotient, since x0_c - x0_cfg = -(w-1)(c-u).)
-        `norm` ([B], ca_normaliser "dm") replaces the divisor. Zero at w = 1, without a teacher pass."""
-        hi = min(self.p.ca_t_max, float(t_gen))
-        if float(self.p.guidance) == 1.0:
-            return torch.zeros_like(x_hat)
-        x_tau, tau = self._noised(x_hat, self.p.ca_t_min, hi, None, drawn=drawn)
-        with torch.no_grad():
-            x0_c, x0_u = self.nets["teacher"](x_tau, tau, cond, output="cond_uncond")
-        ca = cfg_augmentation(x0_c, x0_u, self.p.guidance)
-        return dm_gradient(x_hat, x0_c + ca, x0_c, norm=norm)
-
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         p, cond = self.p, batch.get("cond")
         rng = self.draws(batch, step, "generator")
@@ -352,41 +318,15 @@ class DMDObjective:
         gan: list[Tensor] = []  # (term, adv) once the GAN term is computed with the DM pass
         if self.variant in ("dmd", "dmd2"):
             if self._gan_on_dm_pass(p.guidance):
-                g, *gan = self._dm_grad_and_gan(x_hat, cond, p.guidance, rng)
+                x0_real, x0_fake, *gan = self._dm_x0_and_gan(x_hat, cond, p.guidance, rng)
+                g = dm_gradient(x_hat, x0_real, x0_fake)
             else:
                 g = self._dm_grad(x_hat, cond, p.guidance, rng)
             loss = surrogate_loss(x_hat, g)
             logs["dm_grad_norm"] = g.flatten(1).norm(dim=1).mean().item()
-        else:  # Decoupled DMD; both terms' noise drawn first, so a switched-off term changes nothing else
-            ca_draw = self._draw(x_hat, p.ca_t_min, min(p.ca_t_max, float(t_gen)), rng)
-            dm_draw = self._draw(x_hat, p.dm_t_min, p.dm_t_max, rng)
-            if p.ca_schedule == "coupled":  # one re-noising for both terms, over the DM term's range
-                ca_draw = dm_draw
-            g = torch.zeros_like(x_hat)
-            x0_dm, norm = None, None  # the DM term's (real, fake) x0 and, for ca_normaliser "dm", its normaliser
-            if p.dm_kind == "dm" and p.dm_weight != 0:
-                if self._gan_on_dm_pass(1.0):
-                    *x0_dm, term, adv = self._dm_x0_and_gan(x_hat, cond, 1.0, None, dm_draw)
-                    gan = [term, adv]
-                else:
-                    x0_dm = self._dm_x0(x_hat, cond, 1.0, None, dm_draw)
-            if p.ca_normaliser == "dm" and p.ca_weight != 0:
-                if x0_dm is None:  # CA only: the conditional teacher at the DM term's re-noising, for its scale
-                    x_tau, tau = self._noised(x_hat, p.dm_t_min, p.dm_t_max, None, drawn=dm_draw)
-                    with torch.no_grad():
-                        x0_real = self.nets["teacher"](x_tau, tau, cond, 1.0)
-                else:
-                    x0_real = x0_dm[0]
-                norm = dm_normaliser(x_hat, x0_real)
-            if p.ca_weight != 0:
-                g_ca = self._ca_grad(x_hat, cond, t_gen, ca_draw, norm)
-                logs["ca_grad_norm"] = g_ca.flatten(1).norm(dim=1).mean().item()
-                g = g + p.ca_weight * g_ca
+        else:  # Decoupled DMD: the CA and DM terms at their own re-noising (`ddmd.ddmd_gradient`)
+            g, gan = ddmd_gradient(self, x_hat, cond, t_gen, rng, logs)
             if p.dm_kind == "dm":
-                if x0_dm is not None:
-                    g_dm = dm_gradient(x_hat, *x0_dm)
-                    logs["dm_grad_norm"] = g_dm.flatten(1).norm(dim=1).mean().item()
-                    g = g + p.dm_weight * g_dm
                 loss = surrogate_loss(x_hat, g)
             else:
                 mean_ref, var_ref = self._meanvar_reference(batch)
