@@ -101,12 +101,26 @@ def series(records: list[dict[str, Any]], key: str, x: str = "step") -> dict[str
     return out
 
 
-def curves_figure(records: list[dict[str, Any]], title: str = ""):
-    """A matplotlib Figure with one panel per PANELS entry that has data (no pyplot state)."""
+def _figure_class():
+    """matplotlib's Figure (no pyplot state), or a one-line error naming the optional extra."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise UserError("fewstep plot needs matplotlib: pip install fewstep[plot]") from None
+    return Figure
+
+
+def _save_png(fig, out: Path) -> None:
+    """Write the figure to `out` whole or not at all (a temporary file, then a rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(out)
+
+
+def curves_figure(records: list[dict[str, Any]], title: str = ""):
+    """A matplotlib Figure with one panel per PANELS entry that has data (no pyplot state)."""
+    Figure = _figure_class()
     panels = [(t, k, scale, s) for t, k, scale in PANELS if (s := series(records, k))]
     if not panels:
         keys = sorted({k for r in records for k in r if k != "step"})
@@ -130,10 +144,7 @@ def curves_figure(records: list[dict[str, Any]], title: str = ""):
 
 def compare_figure(runs: dict[str, list[dict[str, Any]]], key: str, x: str = "step"):
     """A matplotlib Figure with one panel: `key` of each run (one line per run, labelled) against `x`."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("fewstep plot needs matplotlib: pip install fewstep[plot]") from None
+    Figure = _figure_class()
     fig = Figure(figsize=(7.0, 4.0), layout="constrained")
     ax = fig.subplots()
     for label, records in runs.items():
@@ -167,10 +178,7 @@ def _compare(args: argparse.Namespace) -> int:
             raise UserError(f"RUN {spec!r}: the label {label!r} is used twice; name the runs LABEL=RUN")
         runs[label] = read_metrics(f)
     fig = compare_figure(runs, args.compare, args.x)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(out)
+    _save_png(fig, out)
     print(f"| run | {args.x}: {args.compare} |\n|---|---|")
     for label, records in runs.items():
         xs, ys = series(records, args.compare, args.x)[args.compare]
@@ -191,10 +199,7 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         raise UserError(f"{f}: no records yet (a run writes one every log.every steps)")
     fig = curves_figure(records, title=f.parent.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(out)
+    _save_png(fig, out)
     n = len(fig.axes)
     print(f"{out}: {n} panel(s) from {len(records)} records of {f} (steps {records[0]['step']}-{records[-1]['step']})")
     return 0

@@ -189,7 +189,7 @@ def test_ca_term_moves_a_sample_toward_its_class(kind):
     x_hat = 0.7 * torch.randn(64, 2, 1, 1)
     labels = torch.arange(64) % 2
     drawn = obj._draw(x_hat, 0.3, 0.7, SampleDraws(range(64), 0, 0, "test"))  # tau ~ U[ca_t_min, ca_t_max], eps
-    g = ca_gradient(obj, x_hat, {"class_labels": labels}, 1.0, drawn)
+    g = ca_gradient(obj, x_hat, {"class_labels": labels}, drawn)
     # exact mixture: x0_c - x0_u = r_other (1 - gain alpha)(mu_c - mu_other), a non-negative multiple of the
     # class direction (zero where the other class's responsibility underflows)
     toward = ((-g) * (means[labels] - x_hat)).flatten(1).sum(1)
@@ -198,7 +198,7 @@ def test_ca_term_moves_a_sample_toward_its_class(kind):
     calls = []
     obj1 = build(DMDParams(variant="ddmd", guidance=1.0), teacher, context(latent_shape=(2, 1, 1)))
     obj1.nets["teacher"] = _Recorder(teacher, calls)
-    assert ca_gradient(obj1, x_hat, {"class_labels": labels}, 1.0, drawn).abs().max() == 0 and not calls
+    assert ca_gradient(obj1, x_hat, {"class_labels": labels}, drawn).abs().max() == 0 and not calls
 
 
 class _Recorder(nn.Module):

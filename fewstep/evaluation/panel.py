@@ -187,6 +187,17 @@ def _side(a: list[float], b: list[float]) -> int:
     return 0
 
 
+def verdict(sides: Sequence[int], better: int) -> str:
+    """The claims rule on interval sides (`_side` of each comparison): "beats" when every side is
+    `better` (-1: lower is better, +1: higher), "trails" when every side is the opposite, else
+    "within noise"."""
+    if sides and all(s == better for s in sides):
+        return "beats"
+    if sides and all(s == -better for s in sides):
+        return "trails"
+    return "within noise"
+
+
 def compare(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
     """The claims rule on two `panel_scores` results (same members, bootstrap on).
 
@@ -210,13 +221,6 @@ def compare(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
             r["class_acc_side"] = _side(m["class_acc_ci"], t["class_acc_ci"])
             acc_sides.append(r["class_acc_side"])
         per[m["name"]] = r
-
-    def verdict(sides: list[int], better: int) -> str:
-        if sides and all(s == better for s in sides):
-            return "beats"
-        if sides and all(s == -better for s in sides):
-            return "trails"
-        return "within noise"
 
     return {
         "fid": verdict(fid_sides, -1),

@@ -173,9 +173,6 @@ def restoration_scores(
     return out
 
 
-_PSNR_SIDE = {1: "beats", -1: "trails", 0: "within noise"}  # panel._side: +1 wholly above
-
-
 def restoration_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each student row, and each teacher row at fewer steps than the teacher's largest step
     count, against the teacher's row at that largest count on the same degradation.
@@ -185,7 +182,7 @@ def restoration_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     both rows have the scores: psnr_diff_db (row minus teacher), psnr (the verdict from the two
     psnr_ci), and from `panel.compare` on the two `panel` results: fid and class_acc verdicts,
     fid_ratio_median and fid_ratio_range (row FID over teacher FID, per member)."""
-    from .panel import _side, compare
+    from .panel import _side, compare, verdict
 
     verdicts = []
     for kind in dict.fromkeys(r["degradation"] for r in rows):
@@ -208,7 +205,7 @@ def restoration_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
             if "psnr" in r and "psnr" in ref:
                 v["psnr_diff_db"] = r["psnr"] - ref["psnr"]
             if "psnr_ci" in r and "psnr_ci" in ref:
-                v["psnr"] = _PSNR_SIDE[_side(r["psnr_ci"], ref["psnr_ci"])]
+                v["psnr"] = verdict([_side(r["psnr_ci"], ref["psnr_ci"])], +1)  # higher is better
             if "panel" in r and "panel" in ref and r["panel"]["bootstrap"] and ref["panel"]["bootstrap"]:
                 c = compare(r["panel"], ref["panel"])
                 v.update(

@@ -18,7 +18,7 @@ __all__ = ["ca_gradient", "ddmd_gradient"]
 
 
 def ca_gradient(
-    obj: Any, x_hat: Tensor, cond: Cond | None, t_gen: float, drawn: tuple[Tensor, Tensor], norm: Tensor | None = None
+    obj: Any, x_hat: Tensor, cond: Cond | None, drawn: tuple[Tensor, Tensor], norm: Tensor | None = None
 ) -> Tensor:
     """The CA term, normalised like DMD's gradient: -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|,
     re-noised below the generator's input time (dm_gradient(x, x0_cfg, x0_c) is exactly that
@@ -27,7 +27,8 @@ def ca_gradient(
     p = obj.p
     if float(p.guidance) == 1.0:
         return torch.zeros_like(x_hat)
-    x_tau, tau = obj._noised(x_hat, p.ca_t_min, min(p.ca_t_max, float(t_gen)), None, drawn=drawn)
+    tau, eps = drawn  # over [ca_t_min, min(ca_t_max, t_gen)]: below the generator's input time
+    x_tau = obj.path.add_noise(x_hat.detach(), eps, tau)
     with torch.no_grad():
         x0_c, x0_u = obj.nets["teacher"](x_tau, tau, cond, output="cond_uncond")
     ca = cfg_augmentation(x0_c, x0_u, p.guidance)
@@ -55,14 +56,15 @@ def ddmd_gradient(
             x0_dm = obj._dm_x0(x_hat, cond, 1.0, None, dm_draw)
     if p.ca_normaliser == "dm" and p.ca_weight != 0:
         if x0_dm is None:  # CA only: the conditional teacher at the DM term's re-noising, for its scale
-            x_tau, tau = obj._noised(x_hat, p.dm_t_min, p.dm_t_max, None, drawn=dm_draw)
+            tau, eps = dm_draw
+            x_tau = obj.path.add_noise(x_hat.detach(), eps, tau)
             with torch.no_grad():
                 x0_real = obj.nets["teacher"](x_tau, tau, cond, 1.0)
         else:
             x0_real = x0_dm[0]
         norm = dm_normaliser(x_hat, x0_real)
     if p.ca_weight != 0:
-        g_ca = ca_gradient(obj, x_hat, cond, t_gen, ca_draw, norm)
+        g_ca = ca_gradient(obj, x_hat, cond, ca_draw, norm)
         logs["ca_grad_norm"] = g_ca.flatten(1).norm(dim=1).mean().item()
         g = g + p.ca_weight * g_ca
     if x0_dm is not None:
