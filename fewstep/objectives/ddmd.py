@@ -17,6 +17,12 @@ from ._maths import cfg_augmentation, dm_gradient, dm_normaliser
 __all__ = ["ca_gradient", "ddmd_gradient"]
 
 
+def _renoised(obj: Any, x_hat: Tensor, drawn: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(x_tau, tau): x_hat (detached) noised at a drawn (tau, eps) on the objective's path."""
+    tau, eps = drawn
+    return obj.path.add_noise(x_hat.detach(), eps, tau), tau
+
+
 def ca_gradient(
     obj: Any, x_hat: Tensor, cond: Cond | None, drawn: tuple[Tensor, Tensor], norm: Tensor | None = None
 ) -> Tensor:
@@ -27,8 +33,7 @@ def ca_gradient(
     p = obj.p
     if float(p.guidance) == 1.0:
         return torch.zeros_like(x_hat)
-    tau, eps = drawn  # over [ca_t_min, min(ca_t_max, t_gen)]: below the generator's input time
-    x_tau = obj.path.add_noise(x_hat.detach(), eps, tau)
+    x_tau, tau = _renoised(obj, x_hat, drawn)  # drawn over [ca_t_min, min(ca_t_max, t_gen)]: below the input time
     with torch.no_grad():
         x0_c, x0_u = obj.nets["teacher"](x_tau, tau, cond, output="cond_uncond")
     ca = cfg_augmentation(x0_c, x0_u, p.guidance)
@@ -56,8 +61,7 @@ def ddmd_gradient(
             x0_dm = obj._dm_x0(x_hat, cond, 1.0, None, dm_draw)
     if p.ca_normaliser == "dm" and p.ca_weight != 0:
         if x0_dm is None:  # CA only: the conditional teacher at the DM term's re-noising, for its scale
-            tau, eps = dm_draw
-            x_tau = obj.path.add_noise(x_hat.detach(), eps, tau)
+            x_tau, tau = _renoised(obj, x_hat, dm_draw)
             with torch.no_grad():
                 x0_real = obj.nets["teacher"](x_tau, tau, cond, 1.0)
         else:
