@@ -47,19 +47,27 @@ def _batch(tiny, b=8, seed=0):
     }
 
 
+@pytest.mark.parametrize("consistency", ["output", "residual"])
 @pytest.mark.parametrize("control", sorted(CONTROLS))
-def test_nct_loss_is_zero_when_the_adapter_ignores_a_satisfied_control(control):
+def test_nct_loss_is_zero_when_the_adapter_ignores_a_satisfied_control(control, consistency):
     den, tiny = _generator(sample_zero=True)
-    obj = _nct(den, tiny, control)
+    obj = _nct(den, tiny, control, consistency=consistency)
     loss, logs = obj.loss("generator", _batch(tiny), 0)
     assert loss.item() == 0.0 and logs["noise_consistency"] == 0.0 and logs["boundary"] == 0.0
 
 
-def test_nct_terms_react_to_an_unsatisfied_control_and_to_an_acting_adapter():
+@pytest.mark.parametrize("consistency", ["output", "residual"])
+def test_nct_terms_react_to_an_unsatisfied_control_and_to_an_acting_adapter(consistency):
     den, tiny = _generator(family="unet")  # a conv net: outputs depend on the noise, so free noise misses c
-    obj = _nct(den, tiny)
+    obj = _nct(den, tiny, consistency=consistency)
     loss, logs = obj.loss("generator", _batch(tiny), 0)
-    assert logs["noise_consistency"] == 0.0 and logs["boundary"] == 0.0 and logs["control"] > 1e-4
+    assert logs["boundary"] == 0.0 and logs["control"] > 1e-4
+    if consistency == "output":
+        # the paper's form: the untouched generator's outputs differ between the pair's noises
+        # (G(z_s) against G(z_s')), which the adapter must remove
+        assert logs["noise_consistency"] > 1e-4
+    else:
+        assert logs["noise_consistency"] == 0.0  # the adapter changes nothing yet
     with torch.no_grad():
         obj.nets["student"].adapter.proj.bias.fill_(0.3)
     logs = obj.loss("generator", _batch(tiny), 0)[1]
@@ -111,14 +119,17 @@ def test_nct_learns_to_follow_the_control():
     assert all(torch.equal(a, b) for a, b in zip(gen_before, den.parameters()))
 
 
-def test_nct_noise_consistency_step_moves_toward_its_target(monkeypatch):
-    """A small gradient step on the noise-consistency term alone brings the control's effect at
-    level s closer to the (stop-gradient) target it had before the step: the term's sign. A
-    flipped sign moves it away."""
+@pytest.mark.parametrize("consistency", ["output", "residual"])
+def test_nct_noise_consistency_step_moves_toward_its_target(monkeypatch, consistency):
+    """A small gradient step on the noise-consistency term alone brings the adapted output at
+    level s (or, for the residual form, the control's effect on it) closer to the (stop-gradient)
+    target it had before the step: the term's sign. A flipped sign moves it away."""
     import fewstep.objectives.nct as nct
 
     den, tiny = _generator()
-    obj = _nct(den, tiny, control="downsample", nc_weight=1.0, boundary_weight=0.0, control_weight=0.0)
+    obj = _nct(
+        den, tiny, control="downsample", nc_weight=1.0, boundary_weight=0.0, control_weight=0.0, consistency=consistency
+    )
     adapted = obj.nets["student"]
     torch.manual_seed(0)
     with torch.no_grad():  # an adapter that already acts (the zero-initialised one gives a zero term)
@@ -129,7 +140,7 @@ def test_nct_noise_consistency_step_moves_toward_its_target(monkeypatch):
     monkeypatch.setattr(nct, "_mse", lambda a, b: seen.append((a, b.detach())) or real_mse(a, b))
     batch = _batch(tiny, 16, seed=3)
     loss, _ = obj.loss("generator", batch, 7)
-    effect, target = seen[0]  # the first term: (out_s - base_s, r_s2)
+    effect, target = seen[0]  # the first term: (out_s, its target) or (out_s - base_s, r_s2)
     before = float(real_mse(effect.detach(), target))
     assert before > 0
     loss.backward()
@@ -140,5 +151,5 @@ def test_nct_noise_consistency_step_moves_toward_its_target(monkeypatch):
     seen.clear()
     obj.loss("generator", batch, 7)  # the same step and batch: the same draws
     after = float(real_mse(seen[0][0].detach(), target))
-    print(f"LEARN nct noise consistency against the pre-step target {before:.4g} -> {after:.4g}")
+    print(f"LEARN nct ({consistency}) noise consistency against the pre-step target {before:.4g} -> {after:.4g}")
     assert after < 0.998 * before, (before, after)
