@@ -269,7 +269,7 @@ def test_ircm_through_the_registry_refuses_data_free_runs():
 
 
 # ---- TAD-SR ----------------------------------------------------------------------------------------
-def _tadsr(gan: bool):
+def _tadsr(gan: bool, **kw):
     from fewstep.objectives.registry import build_objective
 
     torch.manual_seed(0)
@@ -281,17 +281,55 @@ def _tadsr(gan: bool):
         family="restore",
         make_student=lambda t: Denoiser(make_tiny("restore", seed=1).backbone, _vp(), t.conditioner),
     )
-    obj = build_objective("tadsr", {"gan": gan, "gan_width": 8}, teacher, ctx)
+    obj = build_objective("tadsr", {"gan": gan, "gan_width": 8, "teacher_steps": 4, **kw}, teacher, ctx)
     return obj
 
 
-def test_tadsr_learns_from_the_teacher():
-    """Score distillation pulls the one-step output toward the teacher's denoising of it; with
-    the exact teacher that is h(mu). A flipped sign of the distillation gradient pushes away."""
-    obj = _tadsr(gan=False)
+@pytest.mark.parametrize(
+    "terms",
+    [
+        {},  # the paper's: regression + score distillation with the teacher's output as reference
+        {"sd_weight": 0.0},  # the regression alone
+        {"regression_weight": 0.0},  # the reference score distillation alone
+        {"regression_weight": 0.0, "sd_form": "sds"},  # the plain score distillation variant
+    ],
+)
+def test_tadsr_learns_from_the_teacher(terms):
+    """Each term pulls the one-step output toward the teacher: its multi-step output (the
+    regression), the reference-corrected score distillation and plain score distillation; with
+    the exact teacher all point at h(mu). A flipped sign of any term pushes away."""
+    obj = _tadsr(gan=False, **terms)
     obj.nets["teacher"] = exact_teacher()
     before, after = _learn(obj, 60)
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.5 * before, (terms, before, after)
+
+
+def test_tadsr_reference_score_distillation_vanishes_at_the_teacher_output():
+    """With the student's output equal to the teacher's multi-step output, the reference form's
+    gradient is zero (the bias of plain score distillation is gone), while the plain form's is
+    not, for a teacher whose denoiser does not return its input."""
+    seen = {}
+    for form in ("reference", "sds"):
+        obj = _tadsr(gan=False, sd_form=form, regression_weight=0.0)
+        teacher = obj.nets["teacher"]
+        obj.nets["student"] = _ReplayTeacher(teacher, 4)
+        loss, logs = obj.loss("generator", _batch(8), 0)
+        seen[form] = logs["sd_grad"]
+    assert seen["reference"] < 1e-5 and seen["sds"] > 1e-3, seen
+
+
+class _ReplayTeacher(torch.nn.Module):
+    """A 'student' whose one step returns the teacher's deterministic multi-step output."""
+
+    def __init__(self, teacher, steps):
+        super().__init__()
+        self.teacher, self.steps = teacher, steps
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, t, cond):
+        from fewstep.samplers import sample
+
+        return sample(self.teacher, z, cond, self.teacher.path.sampling_times(self.steps), start=z) + 0 * self.w
 
 
 def test_tadsr_discriminator_reads_the_teacher_features_at_time_t():

@@ -1,18 +1,29 @@
 """TAD-SR: one-step restoration by time-aware distillation (outline in ALGORITHMS.md sec. 17;
-details unverified, no official code was read).
+the loss below follows the authors' released training code, read to understand it).
 
 The student restores in one step from pure noise on its own path, conditioned on the degraded
-image mu = cond["image"]: x_hat = student(z, t=1, cond). Two terms train it:
+image mu = cond["image"]: x_hat = student(z, t=1, cond). The teacher's deterministic multi-step
+output from the same noise, x_ref = DDIM_teacher(z, teacher_steps, cond) (no gradient, drawn
+fresh each step), is the reference of the first two terms:
 
-- score distillation after a small perturbation: t ~ U[sd_t_min, sd_t_max] (low noise, so the
-  signal is the teacher's high-frequency detail), x_t = alpha x_hat + sigma eps and
-      grad = x_hat - sg(teacher_x0(x_t, t, cond)),   L_sd = surrogate(x_hat, grad)
-  (the x0-space score-distillation direction; with zero perturbation it would vanish);
+- regression (the SinSR-style distillation term): L_reg = mean (x_hat - x_ref)^2;
+- high-frequency score distillation after a small perturbation, with the teacher's output as
+  the reference: t ~ U[sd_t_min, sd_t_max] (low noise), the same eps for both,
+      x_s = alpha x_hat + sigma eps,   x_r = alpha x_ref + sigma eps,
+      grad = (alpha / sigma) [(x_hat - x_ref) - (D(x_s) - D(x_r))],   L_sd = surrogate(x_hat, grad)
+  (D the teacher's x0 prediction; the difference of the two implied noises, eps_hat(x_s) -
+  eps_hat(x_r), written in x0 terms). Subtracting the reference removes the bias of plain score
+  distillation, and what remains is the part of the student-teacher mismatch that the teacher's
+  denoiser does not reproduce at that low noise: the high frequencies;
 - a latent adversarial loss with a time-aware discriminator: both the real target x0 and x_hat
   are noised at t ~ U[gan_t_min, gan_t_max], the frozen teacher's features of the noised input
   (the family's GAN tap, `Family.gan_tap`: the UNet mid-block) go to a head that also receives t
   (a constant channel), so it judges real against generated at several noise levels:
       L_G = softplus(-D(feat(x_hat_t), t)),   L_D = softplus(D(feat(sg x_hat_t), t)) + softplus(-D(feat(x0_t), t)).
+
+L = regression_weight L_reg + sd_weight L_sd + gan_weight L_G. `sd_form: sds` is a named variant
+(this project's first reading): no reference, grad = x_hat - sg D(x_s) in x0 units; with
+`regression_weight: 0` as well it needs no teacher rollout.
 
 Two optimizer groups: "generator" (the student) and "disc" (the head), updated each step in the
 order disc, generator. The student's sampling is one step from t = 1 (`LDMSuperResolutionPipeline`
@@ -30,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..denoiser import Denoiser
+from ..samplers import sample
 from . import _maths
 from .base import Batch, require_image_conditioned, step_generator
 from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
@@ -42,8 +54,12 @@ class TADSRConfig:
     sd_t_min: float = 0.02  # score distillation: the small perturbation's time range
     sd_t_max: float = 0.3
     sd_weight: float = 1.0
+    sd_form: str = "reference"  # "reference": the teacher's output as the reference (the paper's);
+    #   "sds": plain score distillation in x0 units (a named variant)
+    regression_weight: float = 1.0  # the student's output against the teacher's multi-step output
+    teacher_steps: int = 50  # DDIM steps of the teacher's reference output (deterministic, from z)
     gan: bool = True  # the latent adversarial loss (false: score distillation alone)
-    gan_weight: float = 0.05  # weight of L_G in the generator's loss
+    gan_weight: float = 0.02  # weight of L_G in the generator's loss (the authors' 0.02)
     gan_t_min: float = 0.02  # the discriminator's time range
     gan_t_max: float = 0.5
     gan_width: int = 64  # channels of the head's convolutions
@@ -53,8 +69,12 @@ class TADSRConfig:
         for lo, hi, name in ((self.sd_t_min, self.sd_t_max, "sd_t"), (self.gan_t_min, self.gan_t_max, "gan_t")):
             if not 0.0 < lo <= hi <= 1.0:
                 raise ValueError(f"objective.{name}_min={lo}, objective.{name}_max={hi}: need 0 < min <= max <= 1")
-        if self.sd_weight < 0 or self.gan_weight < 0:
-            raise ValueError("objective.sd_weight and objective.gan_weight must be >= 0")
+        if min(self.sd_weight, self.gan_weight, self.regression_weight) < 0:
+            raise ValueError("objective.sd_weight, regression_weight and gan_weight must be >= 0")
+        if self.sd_form not in ("reference", "sds"):
+            raise ValueError(f"objective.sd_form={self.sd_form!r}: 'reference' (the paper's) or 'sds'")
+        if int(self.teacher_steps) < 1:
+            raise ValueError(f"objective.teacher_steps={self.teacher_steps}: must be >= 1")
         if self.gan_width < 1:
             raise ValueError(f"objective.gan_width={self.gan_width}: must be >= 1")
 
@@ -153,14 +173,30 @@ class TADSR:
         if phase != "generator":
             raise ValueError(f"tadsr phases are 'disc' and 'generator'; got {phase!r}")
         x_hat = student(z, 1.0, cond)
+        teacher = self.nets["teacher"]
         t_sd = self.p.sd_t_min + (self.p.sd_t_max - self.p.sd_t_min) * u_sd
-        with torch.no_grad():
-            x_t = self.nets["teacher"].path.add_noise(x_hat.detach(), eps, t_sd)
-            x0_teacher = self.nets["teacher"](x_t, t_sd, cond)
-        grad = x_hat.detach() - x0_teacher
-        l_sd = _maths.surrogate_loss(x_hat, grad)
-        loss = self.p.sd_weight * l_sd
-        logs = {"sd_grad": float(grad.flatten(1).norm(dim=1).mean())}
+        loss, logs = x_hat.new_zeros(()), {}
+        x_ref = None
+        if self.p.regression_weight > 0 or self.p.sd_form == "reference":
+            times = teacher.path.sampling_times(int(self.p.teacher_steps))
+            x_ref = sample(teacher, z, cond, times, start=z)  # no gradient; deterministic DDIM
+        if self.p.regression_weight > 0:
+            l_reg = ((x_hat.float() - x_ref) ** 2).mean()
+            loss = loss + self.p.regression_weight * l_reg
+            logs["regression"] = float(l_reg.detach())
+        if self.p.sd_weight > 0:
+            with torch.no_grad():
+                x_s = teacher.path.add_noise(x_hat.detach(), eps, t_sd)
+                d_s = teacher(x_s, t_sd, cond)
+                if self.p.sd_form == "reference":
+                    d_r = teacher(teacher.path.add_noise(x_ref, eps, t_sd), t_sd, cond)
+                    alpha, sigma = teacher.path.alpha_sigma(t_sd)
+                    scale = (alpha / sigma).reshape(-1, *([1] * (x_hat.ndim - 1)))
+                    grad = scale * ((x_hat.detach().float() - x_ref) - (d_s - d_r))
+                else:
+                    grad = x_hat.detach() - d_s
+            loss = loss + self.p.sd_weight * _maths.surrogate_loss(x_hat, grad)
+            logs["sd_grad"] = float(grad.flatten(1).norm(dim=1).mean())
         if self.p.gan:
             l_g = generator_gan_loss(self._logits(x_hat, t_d, eps_d, cond))
             loss = loss + self.p.gan_weight * l_g
