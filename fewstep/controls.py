@@ -11,7 +11,8 @@ gradient magnitude) ship for the digits; a classifier's logits would do as well.
 
 The adapter reads the control image, maps it to the width of one layer of the generator's
 backbone (the family's feature tap, `Family.gan_tap`: a DiT's middle transformer block, a UNet's
-mid-block) and adds it to that layer's output through a forward hook. Its last layer starts at
+mid-block; or, with `adapter_layers: blocks`, every block, one projection each over a shared
+trunk) and adds it to that layer's output through a forward hook. Its last layer starts at
 zero, so the adapted generator starts as the generator. Exported as the generator's stock
 pipeline plus `adapter.safetensors` and `adapter.json` (`export_control_adapter`).
 """
@@ -34,6 +35,7 @@ __all__ = [
     "edge_control",
     "ControlAdapter",
     "AdaptedGenerator",
+    "adapter_layers",
     "export_control_adapter",
     "load_control_adapter",
 ]
@@ -66,24 +68,27 @@ def control_model(name: str) -> Callable[[Tensor], Tensor]:
 
 
 class ControlAdapter(nn.Module):
-    """Control image (B, Cc, h, w) -> a residual of the hooked layer's output shape.
+    """Control image (B, Cc, h, w) -> one residual per hooked layer, of that layer's output shape.
 
     Args:
         control_channels: channels of the control image.
-        out_channels:     the hooked layer's width (transformer width or UNet channels).
+        out_channels:     the hooked layer's width (transformer width or UNet channels), or a
+                          list of widths, one per hooked layer (one trunk, one projection each).
         width:            channels of the adapter's convolutions.
         size:             the control is resized to size x size first (any control resolution).
     """
 
-    def __init__(self, control_channels: int, out_channels: int, width: int = 64, size: int = 32):
+    def __init__(self, control_channels: int, out_channels: int | list[int], width: int = 64, size: int = 32):
         super().__init__()
+        outs = [int(out_channels)] if isinstance(out_channels, int) else [int(c) for c in out_channels]
         self.config = {
             "control_channels": int(control_channels),
-            "out_channels": int(out_channels),
+            "out_channels": outs[0] if isinstance(out_channels, int) else outs,
             "width": int(width),
             "size": int(size),
         }
         self.size = int(size)
+        self.outs = outs
         self.net = nn.Sequential(
             nn.Conv2d(control_channels, width, 3, padding=1),
             nn.SiLU(),
@@ -92,16 +97,22 @@ class ControlAdapter(nn.Module):
             nn.Conv2d(width, width, 3, padding=1),
             nn.SiLU(),
         )
-        self.proj = nn.Conv2d(width, out_channels, 1)
+        self.proj = nn.Conv2d(width, sum(outs), 1)  # every layer's projection, stacked on the channels
         nn.init.zeros_(self.proj.weight)  # starts as no change: the adapted generator is the generator
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, control: Tensor, like: Tensor) -> Tensor:
-        """The residual for a layer output `like`: (B, N, D) tokens on a square-ish grid, or (B, C, h, w)."""
+    def trunk(self, control: Tensor) -> Tensor:
+        """The control's features, shared by every hooked layer."""
         c = F.interpolate(control.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
-        h = self.net(c)
+        return self.net(c)
+
+    def residual(self, h: Tensor, like: Tensor, index: int = 0) -> Tensor:
+        """Layer `index`'s residual from the trunk's features `h`, for a layer output `like`:
+        (B, N, D) tokens on a square-ish grid, or (B, C, h, w)."""
+        lo = sum(self.outs[:index])
+        weight, bias = self.proj.weight[lo : lo + self.outs[index]], self.proj.bias[lo : lo + self.outs[index]]
         if like.ndim == 4:
-            return self.proj(F.adaptive_avg_pool2d(h, like.shape[-2:])).to(like.dtype)
+            return F.conv2d(F.adaptive_avg_pool2d(h, like.shape[-2:]), weight, bias).to(like.dtype)
         if like.ndim != 3:
             raise ValueError(
                 f"control adapter: the hooked layer's output must be (B, N, D) or (B, C, h, w), got {tuple(like.shape)}"
@@ -109,21 +120,27 @@ class ControlAdapter(nn.Module):
         n = like.shape[1]
         gh = int(math.isqrt(n))
         gh = gh if gh * gh == n else 1
-        r = self.proj(F.adaptive_avg_pool2d(h, (gh, n // gh)))
+        r = F.conv2d(F.adaptive_avg_pool2d(h, (gh, n // gh)), weight, bias)
         return r.flatten(2).transpose(1, 2).to(like.dtype)
+
+    def forward(self, control: Tensor, like: Tensor, index: int = 0) -> Tensor:
+        return self.residual(self.trunk(control), like, index)
 
 
 class AdaptedGenerator(nn.Module):
-    """A frozen one-step generator (a `Denoiser`) with a control adapter on one backbone layer.
+    """A frozen one-step generator (a `Denoiser`) with a control adapter on backbone layers.
 
-    Called like a Denoiser; when cond holds "control", the adapter's residual is added to the
-    output of `layer` (a dotted module path in the generator's backbone) during that call."""
+    Called like a Denoiser; when cond holds "control", the adapter's residuals are added to the
+    outputs of `layer` (a dotted module path in the generator's backbone, or a list of them, one
+    per adapter output) during that call."""
 
-    def __init__(self, generator: nn.Module, layer: str, adapter: ControlAdapter):
+    def __init__(self, generator: nn.Module, layer: str | list[str], adapter: ControlAdapter):
         super().__init__()
         self.generator = generator
         self.adapter = adapter
-        self.layer = layer
+        self.layers = [layer] if isinstance(layer, str) else list(layer)
+        if len(self.layers) != len(adapter.outs):
+            raise ValueError(f"control adapter: {len(adapter.outs)} outputs for {len(self.layers)} layers")
 
     @property
     def path(self):
@@ -134,18 +151,58 @@ class AdaptedGenerator(nn.Module):
         rest = None if cond is None else {k: v for k, v in cond.items() if k != "control"}
         if control is None:
             return self.generator(x_t, t, rest, guidance, output=output)
-        module = self.generator.backbone.get_submodule(self.layer)
+        h = self.adapter.trunk(control)
 
-        def hook(mod, args, out):
-            if isinstance(out, tuple):
-                return (out[0] + self.adapter(control, out[0]), *out[1:])
-            return out + self.adapter(control, out)
+        def hook_for(index: int):
+            def hook(mod, args, out):
+                if isinstance(out, tuple):
+                    return (out[0] + self.adapter.residual(h, out[0], index), *out[1:])
+                return out + self.adapter.residual(h, out, index)
 
-        handle = module.register_forward_hook(hook)
+            return hook
+
+        handles = [
+            self.generator.backbone.get_submodule(name).register_forward_hook(hook_for(i))
+            for i, name in enumerate(self.layers)
+        ]
         try:
             return self.generator(x_t, t, rest, guidance, output=output)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+
+
+def adapter_layers(backbone: nn.Module, which: str | list[str] | None) -> list[tuple[str, int]]:
+    """(dotted path, width) of the layers an adapter feeds: None, the family's feature tap (one
+    layer); "blocks", every transformer block (a DiT) or every down block and the mid block (a
+    UNet); or a list of dotted paths."""
+    from .objectives.gan import feature_layer, output_width
+
+    if which is None:
+        layer, width = feature_layer(backbone)
+        return [(layer_name(backbone, layer), width)]
+    if which == "blocks":
+        if hasattr(backbone, "transformer_blocks"):
+            names = [f"transformer_blocks.{i}" for i in range(len(backbone.transformer_blocks))]
+        elif hasattr(backbone, "down_blocks") and getattr(backbone, "mid_block", None) is not None:
+            names = [f"down_blocks.{i}" for i in range(len(backbone.down_blocks))] + ["mid_block"]
+        else:
+            raise ValueError(
+                f"objective.adapter_layers='blocks': {type(backbone).__name__} has neither transformer_blocks "
+                "nor down_blocks + mid_block; list the dotted layer paths instead"
+            )
+    elif isinstance(which, (list, tuple)) and which:
+        names = [str(n) for n in which]
+    else:
+        raise ValueError(f"objective.adapter_layers={which!r}: null (the feature tap), 'blocks' or a list of paths")
+    out = []
+    for name in names:
+        try:
+            module = backbone.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"objective.adapter_layers: {name!r} names no module of {type(backbone).__name__}") from e
+        out.append((name, output_width(module, name)))
+    return out
 
 
 def layer_name(backbone: nn.Module, module: nn.Module) -> str:
@@ -212,12 +269,19 @@ from fewstep.controls import load_control_adapter, CONTROLS
 pipe = DiTPipeline.from_pretrained("<pipeline>")
 adapter, meta = load_control_adapter("<this folder>")
 control = CONTROLS[meta["control"]](wanted_images)          # (B, 1, 32, 32) in [-1, 1] -> the control
-layer = pipe.transformer.get_submodule(meta["layer"])        # "{meta["layer"]}"
-hook = layer.register_forward_hook(lambda m, a, out: out + adapter(control, out))
+layers = meta["layer"] if isinstance(meta["layer"], list) else [meta["layer"]]   # {meta["layer"]}
+h = adapter.trunk(control)
+hooks = [
+    pipe.transformer.get_submodule(name).register_forward_hook(
+        lambda m, a, out, i=i: out + adapter.residual(h, out, i)
+    )
+    for i, name in enumerate(layers)
+]
 images = pipe(class_labels=labels, num_inference_steps=1, guidance_scale=1.0).images
-hook.remove()
+for hook in hooks:
+    hook.remove()
 ```
 
-The adapter adds its residual to the output of that layer at every call (the student samples in
-one step from t = {t0}); its weights are `adapter.safetensors` (safetensors only).
+The adapter adds its residuals to the outputs of those layers at every call (the student samples
+in one step from t = {t0}); its weights are `adapter.safetensors` (safetensors only).
 """

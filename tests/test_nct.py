@@ -153,3 +153,49 @@ def test_nct_noise_consistency_step_moves_toward_its_target(monkeypatch, consist
     after = float(real_mse(seen[0][0].detach(), target))
     print(f"LEARN nct ({consistency}) noise consistency against the pre-step target {before:.4g} -> {after:.4g}")
     assert after < 0.998 * before, (before, after)
+
+
+def test_adapter_on_every_block_starts_as_the_generator_and_reaches_each_block():
+    """`adapter_layers: blocks`: one projection per block over a shared trunk (a UNet: its down
+    blocks and mid block, of different widths). At zero initialisation the adapted generator is
+    the generator; a bias on one block's slice of the projection enters at that block: the block
+    before it is untouched, the blocks after it and the output change."""
+    from fewstep.controls import adapter_layers
+
+    den, tiny = _generator(family="unet")
+    layers = adapter_layers(den.backbone, "blocks")
+    names = [n for n, _ in layers]
+    assert names == ["down_blocks.0", "down_blocks.1", "mid_block"]
+    adapter = ControlAdapter(tiny.latent_shape[0], [w for _, w in layers], width=8)
+    adapted = AdaptedGenerator(den, names, adapter)
+    g = torch.Generator().manual_seed(1)
+    z, cond = torch.randn(4, *tiny.latent_shape, generator=g), tiny.cond(4, g)
+    ccond = {**cond, "control": torch.randn(4, tiny.latent_shape[0], 8, 8, generator=g)}
+    base = adapted(z, 0.5, cond)
+    assert torch.equal(adapted(z, 0.5, ccond), base)
+
+    def raw_outputs(c):  # each block's own output, before any residual is added to it
+        seen = {}
+        hooks = [
+            den.backbone.get_submodule(n).register_forward_hook(
+                lambda m, a, out, n=n: seen.__setitem__(n, (out[0] if isinstance(out, tuple) else out).clone())
+            )
+            for n in names
+        ]
+        try:
+            return adapted(z, 0.5, c), seen
+        finally:
+            for h in hooks:
+                h.remove()
+
+    _, before = raw_outputs(cond)
+    lo = layers[0][1]
+    with torch.no_grad():
+        adapter.proj.bias[lo : lo + layers[1][1]].fill_(0.5)  # down_blocks.1's slice only
+    out, after = raw_outputs(ccond)
+    assert not torch.allclose(out, base)
+    assert torch.equal(after["down_blocks.0"], before["down_blocks.0"])
+    assert torch.equal(after["down_blocks.1"], before["down_blocks.1"])  # its residual is added after it
+    assert not torch.allclose(after["mid_block"], before["mid_block"])
+    with pytest.raises(ValueError, match="adapter_layers"):
+        adapter_layers(den.backbone, "everything")

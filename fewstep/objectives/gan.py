@@ -37,7 +37,14 @@ from torch import Tensor, nn
 
 from ..families import family_of
 
-__all__ = ["FeatureTap", "DiscriminatorHead", "feature_layer", "generator_gan_loss", "discriminator_gan_loss"]
+__all__ = [
+    "FeatureTap",
+    "DiscriminatorHead",
+    "feature_layer",
+    "output_width",
+    "generator_gan_loss",
+    "discriminator_gan_loss",
+]
 
 
 def feature_layer(backbone: nn.Module, layer: str | None = None, block: int | None = None) -> tuple[nn.Module, int]:
@@ -56,7 +63,7 @@ def feature_layer(backbone: nn.Module, layer: str | None = None, block: int | No
             raise ValueError(
                 f"objective.gan_feature_layer={layer!r} names no module of {type(backbone).__name__}: {e}"
             ) from e
-        return module, _output_width(module, layer)
+        return module, output_width(module, layer)
     fam = family_of(backbone)
     if fam is None:
         raise ValueError(
@@ -67,7 +74,7 @@ def feature_layer(backbone: nn.Module, layer: str | None = None, block: int | No
     return fam.gan_tap(backbone, block)
 
 
-def _output_width(module: nn.Module, layer: str) -> int:
+def output_width(module: nn.Module, layer: str) -> int:
     """Channels of a named layer's output: its `out_channels` / `out_features` / `num_channels`,
     else those of its last such submodule (checked against the features at the first pass)."""
     inner = list(module.modules())[1:]

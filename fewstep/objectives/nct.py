@@ -46,9 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..controls import AdaptedGenerator, ControlAdapter, control_model, layer_name
+from ..controls import AdaptedGenerator, ControlAdapter, adapter_layers, control_model
 from .base import Batch, freeze, step_generator
-from .gan import feature_layer
 
 __all__ = ["NCTConfig", "NCT", "build", "load_generator"]
 
@@ -66,7 +65,9 @@ class NCTConfig:
     consistency: str = "output"  # "output": the paper's noise consistency on the adapted outputs;
     #   "residual": on the adapter's change of the output (a named variant)
     feature_layer: str | None = None  # dotted module path in the generator's backbone (default: family tap)
-    layer_name: str = ""  # filled in by the builder (recorded in the run card for export)
+    adapter_layers: str | list[str] | None = None  # null: one layer (feature_layer or the family tap);
+    #   "blocks": every transformer block (or UNet down block and mid block); or a list of paths
+    layer_name: str | list[str] = ""  # filled in by the builder (recorded in the run card for export)
     adapter_config: dict = field(default_factory=dict)  # filled in by the builder
 
     def validate(self) -> None:
@@ -195,13 +196,16 @@ def build(params: NCTConfig | dict[str, Any] | None, teacher, ctx: Any) -> NCT:
             f"objective.generator: NCT adapts a one-step generator; this one samples at {sampling['times']}"
         )
     decode = differentiable_decode(getattr(ctx, "decode", None)) or (lambda x: x)
-    layer, width = feature_layer(gen.backbone, params.feature_layer)
-    params.layer_name = layer_name(gen.backbone, layer)
+    single = params.adapter_layers is None  # one layer: the family tap or objective.feature_layer
+    which = ([params.feature_layer] if params.feature_layer else None) if single else params.adapter_layers
+    layers = adapter_layers(gen.backbone, which)
+    names, widths = [n for n, _ in layers], [w for _, w in layers]
+    params.layer_name = names[0] if single else names
     # the control's channels: the control model applied to one decoded sample
     with torch.no_grad():
         probe = decode(torch.zeros(1, *ctx.latent_shape, device=ctx.device))
         cc = int(control_model(params.control)(probe).shape[1])
-    adapter = ControlAdapter(cc, width, params.adapter_width).to(ctx.device)
+    adapter = ControlAdapter(cc, widths[0] if single else widths, params.adapter_width).to(ctx.device)
     params.adapter_config = dict(adapter.config)
     adapted = AdaptedGenerator(gen, params.layer_name, adapter)
     return NCT(adapted, teacher, params, sampling["times"][0], decode, sampling, seed=getattr(ctx, "seed", 0))
