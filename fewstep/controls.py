@@ -76,9 +76,20 @@ class ControlAdapter(nn.Module):
                           list of widths, one per hooked layer (one trunk, one projection each).
         width:            channels of the adapter's convolutions.
         size:             the control is resized to size x size first (any control resolution).
+        grid:             the hooked layers' spatial grid (a DiT's token grid), or None. With a
+                          grid, the trunk's features are folded onto it by a space-to-depth step
+                          and a learned 1x1 mix, so each token or cell receives every position
+                          of its patch; without, they are average-pooled onto the layer's grid.
     """
 
-    def __init__(self, control_channels: int, out_channels: int | list[int], width: int = 64, size: int = 32):
+    def __init__(
+        self,
+        control_channels: int,
+        out_channels: int | list[int],
+        width: int = 64,
+        size: int = 32,
+        grid: int | None = None,
+    ):
         super().__init__()
         outs = [int(out_channels)] if isinstance(out_channels, int) else [int(c) for c in out_channels]
         self.config = {
@@ -87,6 +98,8 @@ class ControlAdapter(nn.Module):
             "width": int(width),
             "size": int(size),
         }
+        if grid is not None:
+            self.config["grid"] = int(grid)
         self.size = int(size)
         self.outs = outs
         self.net = nn.Sequential(
@@ -97,6 +110,11 @@ class ControlAdapter(nn.Module):
             nn.Conv2d(width, width, 3, padding=1),
             nn.SiLU(),
         )
+        self.down = None
+        if grid is not None:  # the trunk runs at size / 2; fold k x k patches onto the grid
+            k = max(1, (self.size // 2) // int(grid))
+            self.fold = (int(grid) * k, k)
+            self.down = nn.Sequential(nn.PixelUnshuffle(k), nn.Conv2d(width * k * k, width, 1), nn.SiLU())
         self.proj = nn.Conv2d(width, sum(outs), 1)  # every layer's projection, stacked on the channels
         nn.init.zeros_(self.proj.weight)  # starts as no change: the adapted generator is the generator
         nn.init.zeros_(self.proj.bias)
@@ -104,7 +122,11 @@ class ControlAdapter(nn.Module):
     def trunk(self, control: Tensor) -> Tensor:
         """The control's features, shared by every hooked layer."""
         c = F.interpolate(control.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.net(c)
+        h = self.net(c)
+        if self.down is not None:
+            side, _ = self.fold
+            h = self.down(F.adaptive_avg_pool2d(h, (side, side)) if h.shape[-1] != side else h)
+        return h
 
     def residual(self, h: Tensor, like: Tensor, index: int = 0) -> Tensor:
         """Layer `index`'s residual from the trunk's features `h`, for a layer output `like`:

@@ -199,3 +199,19 @@ def test_adapter_on_every_block_starts_as_the_generator_and_reaches_each_block()
     assert not torch.allclose(after["mid_block"], before["mid_block"])
     with pytest.raises(ValueError, match="adapter_layers"):
         adapter_layers(den.backbone, "everything")
+
+
+def test_folded_adapter_keeps_where_in_its_patch_a_control_lies():
+    """With a token grid the trunk's features are folded onto it (space to depth), so two
+    controls that differ only in where a mark sits inside one token's patch reach that token
+    differently; the trunk comes out on the grid."""
+    torch.manual_seed(0)
+    adapter = ControlAdapter(1, 16, width=8, size=32, grid=4)
+    a, b = torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32)
+    a[..., 9, 9] = 1.0  # both marks inside the patch of token (1, 1): pixels 8-15
+    b[..., 14, 14] = 1.0
+    ha, hb = adapter.trunk(a), adapter.trunk(b)
+    assert ha.shape == (1, 8, 4, 4)
+    assert not torch.allclose(ha[..., 1, 1], hb[..., 1, 1])
+    assert ControlAdapter(1, 16, width=8, grid=4).config["grid"] == 4
+    assert "grid" not in ControlAdapter(1, 16, width=8).config  # the pooled adapter, as exported before

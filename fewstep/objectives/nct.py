@@ -62,6 +62,8 @@ class NCTConfig:
     boundary_weight: float = 1.0
     control_weight: float = 1.0
     adapter_width: int = 64
+    adapter_fold: bool = True  # fold the control's features onto the backbone's token grid (space to
+    #   depth) rather than average-pool them there (false: the first design, measured beside it)
     consistency: str = "output"  # "output": the paper's noise consistency on the adapted outputs;
     #   "residual": on the adapter's change of the output (a named variant)
     feature_layer: str | None = None  # dotted module path in the generator's backbone (default: family tap)
@@ -180,6 +182,16 @@ def load_generator(run_dir: str | Path, teacher, make_copy, weights: str = "stud
     return gen, card["sampling"]
 
 
+def _token_grid(backbone: nn.Module) -> int | None:
+    """The side of a patch-embedding backbone's token grid (a DiT: sample_size / patch_size), or
+    None where the backbone has none (a UNet's blocks are feature maps: pooled onto)."""
+    cfg = getattr(backbone, "config", None)
+    size, patch = getattr(cfg, "sample_size", None), getattr(cfg, "patch_size", None)
+    if isinstance(size, int) and isinstance(patch, int) and patch > 0 and size % patch == 0:
+        return size // patch
+    return None
+
+
 def build(params: NCTConfig | dict[str, Any] | None, teacher, ctx: Any) -> NCT:
     from .rewards import differentiable_decode
 
@@ -205,7 +217,8 @@ def build(params: NCTConfig | dict[str, Any] | None, teacher, ctx: Any) -> NCT:
     with torch.no_grad():
         probe = decode(torch.zeros(1, *ctx.latent_shape, device=ctx.device))
         cc = int(control_model(params.control)(probe).shape[1])
-    adapter = ControlAdapter(cc, widths[0] if single else widths, params.adapter_width).to(ctx.device)
+    grid = _token_grid(gen.backbone) if params.adapter_fold else None
+    adapter = ControlAdapter(cc, widths[0] if single else widths, params.adapter_width, grid=grid).to(ctx.device)
     params.adapter_config = dict(adapter.config)
     adapted = AdaptedGenerator(gen, params.layer_name, adapter)
     return NCT(adapted, teacher, params, sampling["times"][0], decode, sampling, seed=getattr(ctx, "seed", 0))
