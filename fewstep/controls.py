@@ -110,10 +110,10 @@ class ControlAdapter(nn.Module):
             nn.Conv2d(width, width, 3, padding=1),
             nn.SiLU(),
         )
-        self.down = None
+        self.down, self.fold_side = None, None
         if grid is not None:  # the trunk runs at size / 2; fold k x k patches onto the grid
             k = max(1, (self.size // 2) // int(grid))
-            self.fold = (int(grid) * k, k)
+            self.fold_side = int(grid) * k
             self.down = nn.Sequential(nn.PixelUnshuffle(k), nn.Conv2d(width * k * k, width, 1), nn.SiLU())
         self.proj = nn.Conv2d(width, sum(outs), 1)  # every layer's projection, stacked on the channels
         nn.init.zeros_(self.proj.weight)  # starts as no change: the adapted generator is the generator
@@ -124,7 +124,7 @@ class ControlAdapter(nn.Module):
         c = F.interpolate(control.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
         h = self.net(c)
         if self.down is not None:
-            side, _ = self.fold
+            side = self.fold_side
             h = self.down(F.adaptive_avg_pool2d(h, (side, side)) if h.shape[-1] != side else h)
         return h
 
