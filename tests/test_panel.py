@@ -134,7 +134,9 @@ def test_eval_scores_a_folder_with_the_panel(digits, tmp_path):
     )
     pan = res["rows"][0]["metrics"]["panel"]
     assert pan["n"] == 30 and [m["name"] for m in pan["members"]] == panel_members()
-    # the project judge's entry is the protocol's own FID
-    assert pan["members"][0]["fid"] == pytest.approx(res["rows"][0]["metrics"]["fid"]["value"], rel=1e-9)
+    # the project judge's entry is the protocol's own FID. The two passes extract the features
+    # separately, and with 30 samples (a singular covariance) the matrix square root turns float32
+    # round-off into a relative difference of about 3e-8; another judge differs at the first digit
+    assert pan["members"][0]["fid"] == pytest.approx(res["rows"][0]["metrics"]["fid"]["value"], rel=1e-6)
     with pytest.raises(InputError, match="metric 'panel'"):
         evaluate(EvalSpec(images=str(tmp_path), reference=str(tmp_path), metrics=["panel"], out=str(tmp_path / "p")))
