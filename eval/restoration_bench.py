@@ -34,6 +34,13 @@ def main(argv=None) -> int:
     p.add_argument("--config", action="append", default=[], help="a restoration preset to train and score")
     p.add_argument("--steps", action="append", default=[], help="step counts for the matching --config")
     p.add_argument("--train-steps", type=int, default=None, help="override the presets' steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every preset")
+    p.add_argument(
+        "--student-weights",
+        choices=["student", "student_ema"],
+        default="student",
+        help="the weights scored (student_ema needs ema.rate > 0)",
+    )
     p.add_argument("--num-samples", type=int, default=None, help="held-out images per degradation (default all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-card", action="store_true", help="do not write the teacher's scores into its card")
@@ -88,6 +95,7 @@ def main(argv=None) -> int:
         overrides = [f"output_dir={out / name / 'run'}", "overwrite=true", "log.progress=false"]
         if args.train_steps is not None:
             overrides.append(f"steps={args.train_steps}")
+        overrides += list(args.set)
         cfg = load_config(cfg_path, overrides)
         t0 = time.time()
         result = run(cfg)
@@ -100,6 +108,7 @@ def main(argv=None) -> int:
                 protocol="restoration",
                 num_samples=args.num_samples,
                 metrics=metrics,
+                student_weights=args.student_weights,
                 out=str(out / name),
                 command=" ".join(sys.argv),
             )
