@@ -188,11 +188,10 @@ class TADSR:
             with torch.no_grad():
                 x_s = teacher.path.add_noise(x_hat.detach(), eps, t_sd)
                 d_s = teacher(x_s, t_sd, cond)
-                if self.p.sd_form == "reference":
-                    d_r = teacher(teacher.path.add_noise(x_ref, eps, t_sd), t_sd, cond)
-                    alpha, sigma = teacher.path.alpha_sigma(t_sd)
-                    scale = (alpha / sigma).reshape(-1, *([1] * (x_hat.ndim - 1)))
-                    grad = scale * ((x_hat.detach().float() - x_ref) - (d_s - d_r))
+                if self.p.sd_form == "reference":  # the difference of the two implied noises
+                    x_r = teacher.path.add_noise(x_ref, eps, t_sd)
+                    d_r = teacher(x_r, t_sd, cond)
+                    grad = teacher.path.eps_from_x0(x_s, d_s, t_sd) - teacher.path.eps_from_x0(x_r, d_r, t_sd)
                 else:
                     grad = x_hat.detach() - d_s
             loss = loss + self.p.sd_weight * _maths.surrogate_loss(x_hat, grad)
