@@ -30,7 +30,15 @@ from torch import Tensor, nn
 
 from .errors import UserError
 
-__all__ = ["DecoderParams", "DecoderError", "build_tiny_vae", "distill_decoder", "teacher_latents", "install_decoder"]
+__all__ = [
+    "DecoderParams",
+    "DecoderError",
+    "build_tiny_vae",
+    "distill_decoder",
+    "teacher_latents",
+    "install_decoder",
+    "load_decoder",
+]
 
 
 class DecoderError(UserError):
@@ -227,3 +235,25 @@ def install_decoder(folder: Path, decoder: str | Path) -> dict:
         "source": str(src),
         "heldout_decoder_psnr_db": card.get("heldout_decoder_psnr_db"),
     }
+
+
+def load_decoder(decoder: str | Path, device: str | torch.device = "cpu") -> Callable[[Tensor], Tensor]:
+    """The decode function (scaled latents -> images in [-1, 1]) of a `fewstep distill-decoder`
+    folder, loaded through safetensors, the way a pipeline that holds it as its `vae` decodes."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from .training.bundle import _vae_decode
+    from .weights_check import check_weights_folder
+
+    src = Path(decoder)
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise DecoderError(f"{src}: no config.json (expected a `fewstep distill-decoder` output folder)")
+    cls = {"AutoencoderTiny": AutoencoderTiny, "AutoencoderKL": AutoencoderKL}.get(
+        json.loads(cfg_file.read_text()).get("_class_name")
+    )
+    if cls is None:
+        raise DecoderError(f"{src}: expected an AutoencoderTiny or AutoencoderKL folder")
+    check_weights_folder(src, "decoder")
+    vae = cls.from_pretrained(str(src), use_safetensors=True).to(device).eval().requires_grad_(False)
+    return _vae_decode(vae)

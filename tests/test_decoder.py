@@ -69,3 +69,23 @@ def test_install_decoder_refuses_a_folder_that_is_not_a_decoder(tmp_path):
     (tmp_path / "dec").mkdir()
     with pytest.raises(DecoderError, match="no config.json"):
         install_decoder(tmp_path / "pipe", tmp_path / "dec")
+
+
+def test_load_decoder_decodes_as_the_saved_vae_and_refuses_other_folders(tmp_path):
+    from fewstep.decoder import load_decoder
+
+    vae = make_tiny_pipeline("dit").vae
+    tiny = build_tiny_vae(vae, DecoderParams(width=8, encoder_width=4))
+    tiny.save_pretrained(str(tmp_path / "dec"), safe_serialization=True)
+    decode = load_decoder(tmp_path / "dec")
+    z = torch.randn(2, vae.config.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tiny.decode(z / tiny.config.scaling_factor).sample.clamp(-1, 1)
+    torch.testing.assert_close(decode(z), want)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DecoderError, match="no config.json"):
+        load_decoder(tmp_path / "empty")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(DecoderError, match="AutoencoderTiny or AutoencoderKL"):
+        load_decoder(tmp_path / "unet")

@@ -183,6 +183,9 @@ def test_nonfinite_or_misshapen_reward_is_an_error_naming_it():
         (dict(reward_start=10), "objective.reward"),
         (dict(reward="nope", reward_start=0), "objective.reward"),
         (dict(student_times=[1.0, 0.5, 0.6, 0.2]), "objective.student_times"),
+        (dict(fake_score_pull=1.0), "objective.fake_score_pull"),
+        (dict(fake_score_pull=-0.1), "objective.fake_score_pull"),
+        (dict(gan_features="sam"), "objective.gan_features"),
     ],
 )
 def test_bad_params_name_the_key(kw, key):
@@ -402,3 +405,63 @@ def test_flash_dmd_learns_the_mixture(kind):
     after = distance()
     print(f"{kind}: sliced W2 of 4-step samples to exact mixture samples {before:.3f} -> {after:.3f}")
     assert after < 0.7 * before
+
+
+def test_fake_score_pull_moves_the_fake_score_toward_the_student_after_generator_updates_only():
+    tiny = make_tiny("dit")
+    lam = 0.75
+    obj = build(FlashDMDParams(fake_score_pull=lam, fake_updates_per_generator=1), tiny.denoiser, _ctx(tiny))
+    fake, student = obj.nets["fake"], obj.nets["student"]
+    with torch.no_grad():  # make the two differ, then check the exact mix
+        for q in student.parameters():
+            if q.requires_grad:
+                q.add_(0.1)
+    f0 = {n: q.detach().clone() for n, q in fake.named_parameters()}
+    s0 = {n: q.detach().clone() for n, q in student.named_parameters()}
+    trained = {n for n, q in student.named_parameters() if q.requires_grad}
+    obj.after_step("fake_score", 0)  # a fake-score update: nothing moves
+    assert all(torch.equal(q, f0[n]) for n, q in fake.named_parameters())
+    obj.after_step("generator", 0)
+    moved = 0
+    for n, q in fake.named_parameters():
+        want = lam * f0[n] + (1 - lam) * s0[n] if n in trained else f0[n]
+        assert torch.allclose(q, want, atol=1e-6), n
+        moved += int(not torch.equal(q, f0[n]))
+    assert moved > 0
+    assert all(torch.equal(q, s0[n]) for n, q in student.named_parameters())  # the student is untouched
+    # off by default: a generator update leaves the fake score alone
+    off = build(FlashDMDParams(fake_updates_per_generator=1), tiny.denoiser, _ctx(tiny))
+    before = {n: q.detach().clone() for n, q in off.nets["fake"].named_parameters()}
+    off.after_step("generator", 0)
+    assert all(torch.equal(q, before[n]) for n, q in off.nets["fake"].named_parameters())
+
+
+def _fake_and_head_grads(tiny, features, disc_weight):
+    torch.manual_seed(0)
+    obj = build(
+        FlashDMDParams(gan_features=features, gan_disc_weight=disc_weight, fake_updates_per_generator=1),
+        tiny.denoiser,
+        _ctx(tiny),
+    )
+    loss, logs = obj.loss("fake_score", _batch(tiny), 0)
+    fake = [q for q in obj.nets["fake"].parameters() if q.requires_grad]
+    head = [q for q in obj.nets["disc"].parameters() if q.requires_grad]
+    grads = torch.autograd.grad(loss, fake + head, allow_unused=True)
+    flat = lambda gs: torch.cat([(torch.zeros(1) if g is None else g.flatten()) for g in gs])  # noqa: E731
+    return flat(grads[: len(fake)]), flat(grads[len(fake) :]), logs
+
+
+@pytest.mark.parametrize("features", ["teacher", "fake_score"])
+def test_teacher_feature_head_is_a_discriminator_apart_from_the_fake_score(features):
+    """With gan_features=teacher the fake score learns its denoising loss only: the discriminator
+    loss's weight changes the head's gradient but not the fake score's. With DMD2's head on the
+    fake score (the default) it changes both."""
+    tiny = make_tiny("dit")
+    f1, h1, logs = _fake_and_head_grads(tiny, features, 0.05)
+    f2, h2, _ = _fake_and_head_grads(tiny, features, 5.0)
+    assert logs["gan_d"] > 0 and h1.abs().sum() > 0
+    assert not torch.allclose(h1, h2)
+    if features == "teacher":
+        assert torch.allclose(f1, f2, atol=1e-7)
+    else:
+        assert not torch.allclose(f1, f2, atol=1e-7)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from ._maths import surrogate_loss
-from .base import Batch, phase_loss
+from .base import Batch, ema_toward, phase_loss, unwrap
 from .dmd import DMDObjective, DMDParams
 from .dmd_build import build_dmd
 from .rewards import differentiable_decode, make_reward
@@ -44,7 +44,7 @@ __all__ = ["FlashDMDParams", "FlashDMDObjective", "build"]
 # the keys Flash-DMD passes on to its DMD2 part unchanged (fewstep.objectives.dmd_params.DMDParams)
 _SHARED_WITH_DMD2 = (
     "num_steps student_times guidance dm_t_min dm_t_max fake_t_min fake_target fake_updates_per_generator "
-    "gan_generator_weight gan_disc_weight gan_block gan_feature_layer gan_head_width gan_t_min gan_t_max"
+    "gan_generator_weight gan_disc_weight gan_block gan_feature_layer gan_head_width gan_features gan_t_min gan_t_max"
 ).split()
 
 
@@ -66,6 +66,11 @@ class FlashDMDParams:
     gan_block: int | None = None  # transformer block feeding the head (None: the middle one)
     gan_feature_layer: str | None = None  # dotted module path feeding the head (DMD2's key; None: the family's tap)
     gan_head_width: int = 128
+    gan_features: str = "fake_score"  # whose features the head reads: "fake_score" (DMD2's head on the
+    #   fake score) or "teacher" (a head on the frozen teacher's features: a discriminator apart from
+    #   the fake score, which then learns its denoising loss only)
+    fake_score_pull: float = 0.0  # lambda in [0, 1): after every generator update the fake score's
+    #   weights move toward the student's, fake <- lambda fake + (1 - lambda) student (0: off)
     gan_t_min: float = 0.001  # noise levels the head sees
     gan_t_max: float = 1.0
     # ---- reward phase ---------------------------------------------------------------------
@@ -98,6 +103,11 @@ class FlashDMDParams:
             raise ValueError(f"objective.reward_start={self.reward_start} must be >= 0")
         if self.reward_weight < 0:
             raise ValueError(f"objective.reward_weight={self.reward_weight} must be >= 0")
+        if not 0.0 <= float(self.fake_score_pull) < 1.0:
+            raise ValueError(
+                f"objective.fake_score_pull={self.fake_score_pull} must lie in [0, 1) (0: off; lambda of "
+                "fake <- lambda fake + (1 - lambda) student after each generator update)"
+            )
         if self.gan_generator_weight <= 0:
             raise ValueError(
                 f"objective.gan_generator_weight={self.gan_generator_weight} must be > 0 (the "
@@ -161,6 +171,12 @@ class FlashDMDObjective:
     def is_dm_step(self, step: int) -> bool:
         """Whether the student step drawn at `step` is a high-noise one (DM loss) or not (adversarial)."""
         return self.dm.sim_steps(step) < int(self.p.dm_steps)
+
+    def after_step(self, phase: str, step: int) -> None:
+        """With fake_score_pull > 0, after each generator update: fake <- lambda fake + (1 - lambda)
+        student over the parameters the student trains (matched by name)."""
+        if phase == "generator" and self.p.fake_score_pull > 0:
+            ema_toward(self.nets["fake"], self.nets["student"], float(self.p.fake_score_pull), trainable_only=True)
 
     # ---- losses -------------------------------------------------------------------------
     def _distillation(self, x_hat: Tensor, cond, step: int, rng) -> tuple[Tensor, dict[str, float]]:
@@ -232,10 +248,24 @@ def build(
     if reward is None and params.reward is not None:
         reward = make_reward(params.reward, params.reward_model, getattr(ctx, "device", None) or "cpu")
     decode = differentiable_decode(getattr(ctx, "decode", None))
+    if params.fake_score_pull > 0:
+        _check_pull(dmd)
     obj = FlashDMDObjective(params, dmd, reward, decode)
     if reward is not None and getattr(ctx, "num_classes", None):
         _probe_reward(obj, ctx)
     return obj
+
+
+def _check_pull(dmd: DMDObjective) -> None:
+    """objective.fake_score_pull mixes the student's trained weights into the fake score: every one
+    must have a fake-score parameter of the same name and shape."""
+    fake = dict(unwrap(dmd.nets["fake"]).named_parameters())
+    for name, q in unwrap(dmd.nets["student"]).named_parameters():
+        if q.requires_grad and (name not in fake or fake[name].shape != q.shape):
+            raise ValueError(
+                f"objective.fake_score_pull: the fake score has no parameter {name!r} of shape {tuple(q.shape)} "
+                "to pull toward the student's (the two must share one architecture)"
+            )
 
 
 def _probe_reward(obj: FlashDMDObjective, ctx: Any) -> None:
