@@ -243,6 +243,28 @@ def test_periodic_eval_logs_fid_and_class_accuracy_on_digits(tmp_path, monkeypat
     assert recs[1]["eval/class_acc"] == pytest.approx(want["class_acc"])
 
 
+@pytest.mark.slow
+def test_periodic_eval_scores_the_ema_weights_too(tmp_path, monkeypatch):
+    """With an EMA the periodic evaluation also scores the EMA's weights (eval/fid_ema), which
+    differ from the trained weights after a few updates at rate 0.5; the trained weights come back."""
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    root = Path(__file__).resolve().parents[1]
+    over = [f"output_dir={tmp_path / 'run'}", *QUIET, "log.trackers=[]", "steps=3", "data.batch_size=4"]
+    over += ["objective.fake_updates_per_generator=1", "log.every=100", "log.sample_every=0"]
+    over += ["eval.every=3", "eval.num_samples=20", "ema.rate=0.5"]
+    res = run(load_config(root / "configs" / "digits" / "dmd2_1step_vp.yaml", over))
+    (rec,) = [json.loads(ln) for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(rec["eval/fid_ema"]) and 0.0 <= rec["eval/class_acc_ema"] <= 1.0
+    assert rec["eval/fid_ema"] != rec["eval/fid"]
+    from safetensors.torch import load_file
+
+    # the trained weights were put back after the EMA's turn: the saved student is not the EMA
+    raw, ema = (
+        load_file(str(next((res.run_dir / "final" / w).rglob("*.safetensors")))) for w in ("student", "student_ema")
+    )
+    assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+
 def test_save_grid_places_each_image_in_its_cell(tmp_path):
     """The one grid writer (torchvision's make_grid): image i at row i // nrow, column i % nrow,
     2-pixel gaps, values rounded as a PNG stores them; grey images become equal RGB channels."""

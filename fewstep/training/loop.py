@@ -371,10 +371,14 @@ def _record(
 
 
 def _evaluate(cfg: Config, env: Env, tr: Trainer, bundle: TeacherBundle, source: BatchSource) -> dict[str, float]:
-    """Periodic evaluation (eval.every): FID and class accuracy of the student's samples (training/periodic_eval.py)."""
-    return evaluate_student(
-        cfg, tr.nets["student"], tr.obj.sampling, bundle, source.num_classes, env.device, env.main, env.sharded
-    )
+    """Periodic evaluation (eval.every): FID and class accuracy of the student's samples (training/periodic_eval.py);
+    with an EMA, of its weights too ("eval/fid_ema", "eval/class_acc_ema")."""
+    args = (tr.obj.sampling, bundle, source.num_classes, env.device, env.main, env.sharded)
+    scores = evaluate_student(cfg, tr.nets["student"], *args)
+    if tr.ema is not None:
+        with tr.ema.swapped():
+            scores.update({f"{k}_ema": v for k, v in evaluate_student(cfg, tr.nets["student"], *args).items()})
+    return scores
 
 
 def _grid(
