@@ -207,16 +207,8 @@ def install_decoder(folder: Path, decoder: str | Path) -> dict:
     folder) becomes `vae`. Returns the card's record of the swap."""
     import shutil
 
-    from .weights_check import check_weights_folder
-
     src = Path(decoder)
-    cfg_file = src / "config.json"
-    if not cfg_file.is_file():
-        raise DecoderError(f"--decoder {src}: no config.json (expected a `fewstep distill-decoder` output folder)")
-    cls = json.loads(cfg_file.read_text()).get("_class_name")
-    if cls not in ("AutoencoderTiny", "AutoencoderKL"):
-        raise DecoderError(f"--decoder {src}: a {cls!r}; expected AutoencoderTiny or AutoencoderKL")
-    check_weights_folder(src, "--decoder")
+    cls = _checked_decoder_class(src, f"--decoder {src}")
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text())
     if "vae" not in index or not (folder / "vae").is_dir():
@@ -240,20 +232,26 @@ def install_decoder(folder: Path, decoder: str | Path) -> dict:
 def load_decoder(decoder: str | Path, device: str | torch.device = "cpu") -> Callable[[Tensor], Tensor]:
     """The decode function (scaled latents -> images in [-1, 1]) of a `fewstep distill-decoder`
     folder, loaded through safetensors, the way a pipeline that holds it as its `vae` decodes."""
-    from diffusers import AutoencoderKL, AutoencoderTiny
+    import diffusers
 
-    from .training.bundle import _vae_decode
-    from .weights_check import check_weights_folder
+    from .training.bundle import vae_decoder
 
     src = Path(decoder)
+    cls = getattr(diffusers, _checked_decoder_class(src, str(src)))
+    vae = cls.from_pretrained(str(src), use_safetensors=True).to(device).eval().requires_grad_(False)
+    return vae_decoder(vae)
+
+
+def _checked_decoder_class(src: Path, what: str) -> str:
+    """The diffusers class of a `fewstep distill-decoder` folder (AutoencoderTiny or AutoencoderKL)
+    once its config and safetensors weights are checked; a DecoderError starting with `what`."""
+    from .weights_check import check_weights_folder
+
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
-        raise DecoderError(f"{src}: no config.json (expected a `fewstep distill-decoder` output folder)")
-    cls = {"AutoencoderTiny": AutoencoderTiny, "AutoencoderKL": AutoencoderKL}.get(
-        json.loads(cfg_file.read_text()).get("_class_name")
-    )
-    if cls is None:
-        raise DecoderError(f"{src}: expected an AutoencoderTiny or AutoencoderKL folder")
-    check_weights_folder(src, "decoder")
-    vae = cls.from_pretrained(str(src), use_safetensors=True).to(device).eval().requires_grad_(False)
-    return _vae_decode(vae)
+        raise DecoderError(f"{what}: no config.json (expected a `fewstep distill-decoder` output folder)")
+    cls = json.loads(cfg_file.read_text()).get("_class_name")
+    if cls not in ("AutoencoderTiny", "AutoencoderKL"):
+        raise DecoderError(f"{what}: a {cls!r}; expected AutoencoderTiny or AutoencoderKL")
+    check_weights_folder(src, what)
+    return cls

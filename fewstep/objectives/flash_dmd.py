@@ -19,6 +19,7 @@ of its x0 prediction (decoded to images when the reward reads images),
 with the distillation term kept as the regulariser against reward hacking;
 `reward_keep_distillation: false` drops it (and the fake-score updates) for the contrast run.
 The reward and the distillation loss are logged side by side ("reward", "loss_distill").
+A reward that returns a non-finite value stops the run with an error naming the reward.
 
 Two named options bring the paper's stabilised score estimator closer, as second-hand accounts of
 it describe it (the paper's text was not available here): `gan_features: teacher` puts the
@@ -26,7 +27,6 @@ adversarial head on the frozen teacher's features, a discriminator apart from th
 then learns its denoising loss alone (DMD2's head on the fake score is the default);
 `fake_score_pull: lambda` moves the fake score's weights toward the student's after every generator
 update, fake <- lambda fake + (1 - lambda) student (off by default).
-A reward that returns a non-finite value stops the run with an error naming the reward.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ class TeacherBundle:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _vae_decode(vae: nn.Module) -> Callable[[Tensor], Tensor]:
+def vae_decoder(vae: nn.Module) -> Callable[[Tensor], Tensor]:
+    """latents (scaled as the VAE's config says) -> images in [-1, 1], without gradients."""
     from ..pipeline_teacher import vae_scale_shift
 
     scale, shift = vae_scale_shift(vae)
@@ -102,7 +103,7 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
     den = t.denoiser
     fam = getattr(t, "family", None) or family_name(den.backbone)
     vae = getattr(t, "vae", None)
-    decode = getattr(t, "decode", None) or (_vae_decode(vae) if vae is not None else None)
+    decode = getattr(t, "decode", None) or (vae_decoder(vae) if vae is not None else None)
     encode = getattr(t, "encode", None) or (_vae_encode(vae) if vae is not None else None)
     num_classes = getattr(t, "num_classes", None)
     null_class = getattr(t, "null_class", None)
