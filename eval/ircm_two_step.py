@@ -21,7 +21,6 @@ Writes <out>/results.json and prints the tables. One thread.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,14 +29,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _restore(model, pairs, times, renoise, seed):
+    """`fewstep.restoration.restore` with the sampler's times and re-noising rule replaced."""
+    import dataclasses
+
     import torch
 
-    from fewstep.samplers import sample
+    from fewstep.restoration import restore
 
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(pairs.condition.shape, generator=g)
-    out = sample(model.denoiser, noise, {"image": pairs.condition.float()}, times, renoise=renoise, generator=g)
-    return out.clamp(-1, 1)
+    steps = len(times) - 1
+    sampler = dataclasses.replace(model, times={steps: list(times)}, renoise=renoise)
+    return restore(sampler, pairs.condition, steps, generator=torch.Generator().manual_seed(seed))
 
 
 def main(argv=None) -> int:
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     from fewstep.digits.restoration import DEGRADATIONS, restoration_pairs
-    from fewstep.evaluation.inputs import InputError
+    from fewstep.evaluation.inputs import InputError, atomic_write_json
     from fewstep.evaluation.restoration import restoration_scores
     from fewstep.restoration import load_restorer
 
@@ -137,9 +138,7 @@ def main(argv=None) -> int:
         "chosen": chosen,
         "rows": rows,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "results.json")
+    atomic_write_json(out / "results.json", result)
     return 0
 
 
