@@ -34,6 +34,7 @@ __all__ = [
     "DecoderParams",
     "DecoderError",
     "build_tiny_vae",
+    "decoder_blocks",
     "distill_decoder",
     "teacher_latents",
     "install_decoder",
@@ -48,7 +49,9 @@ class DecoderError(UserError):
 @dataclass
 class DecoderParams:
     width: int = 16  # channels of every decoder level (the full digits decoder: 64, 32, 16)
-    blocks: int = 1  # residual blocks per decoder level
+    blocks: int | tuple[int, ...] = 1  # residual blocks per decoder level: one count for every level, or one
+    # per level from the latent's resolution up to the image's (AutoencoderTiny's order), e.g. (2, 0, 0):
+    # blocks at the full resolution cost the most per image
     encoder_width: int = 16  # channels of every encoder level
     steps: int = 3000
     batch_size: int = 64
@@ -74,18 +77,30 @@ def build_tiny_vae(vae: nn.Module, p: DecoderParams) -> nn.Module:
 
     cfg = vae.config
     n = _levels(vae)
+    blocks = decoder_blocks(p.blocks, n)
     return AutoencoderTiny(
         in_channels=int(cfg.get("in_channels", 3)),
         out_channels=int(cfg.get("out_channels", 3)),
         encoder_block_out_channels=(int(p.encoder_width),) * n,
         decoder_block_out_channels=(int(p.width),) * n,
         num_encoder_blocks=(1,) * n,
-        num_decoder_blocks=(int(p.blocks),) * n,
+        num_decoder_blocks=blocks,
         latent_channels=int(cfg.get("latent_channels", 4)),
         scaling_factor=float(cfg.get("scaling_factor", 1.0) or 1.0),
         shift_factor=float(cfg.get("shift_factor", 0.0) or 0.0),
         force_upcast=False,
     )
+
+
+def decoder_blocks(blocks: int | tuple[int, ...] | list[int], levels: int) -> tuple[int, ...]:
+    """Residual blocks per decoder level for a VAE of `levels` levels: one count repeated, or one
+    per level (latent resolution first)."""
+    counts = (int(blocks),) * levels if isinstance(blocks, int) else tuple(int(b) for b in blocks)
+    if len(counts) != levels:
+        raise DecoderError(f"--blocks: {len(counts)} counts for a decoder of {levels} levels (give one, or {levels})")
+    if any(b < 0 for b in counts):
+        raise DecoderError(f"--blocks: counts must be >= 0, got {list(counts)}")
+    return counts
 
 
 def teacher_latents(vae: nn.Module, source: str, latents_file: str | None, seed: int) -> Tensor:

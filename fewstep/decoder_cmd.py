@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import json
 
-from .errors import UserError, check_output_folder, finite_float, positive_int
+from .errors import UserError, check_output_folder, finite_float, nonnegative_int, positive_int
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,7 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--width", type=positive_int, default=d.width, help=f"decoder channels per level (default {d.width})"
     )
     p.add_argument(
-        "--blocks", type=positive_int, default=d.blocks, help=f"residual blocks per level (default {d.blocks})"
+        "--blocks",
+        type=_block_counts,
+        default=d.blocks,
+        help=f"residual blocks per level: one count for every level, or one per level from the latent's "
+        f"resolution up, comma-separated (e.g. 2,0,0: none at the image's resolution, where they cost most; "
+        f"default {d.blocks})",
     )
     p.add_argument("--encoder-width", type=positive_int, default=d.encoder_width)
     p.add_argument("--steps", type=positive_int, default=d.steps)
@@ -39,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", type=positive_int, default=d.pool, help="perturbed copies of each latent (default 8)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def _block_counts(text: str) -> int | tuple[int, ...]:
+    """argparse type for --blocks: "N" or "N,N,..." (integers >= 0)."""
+    parts = [part.strip() for part in str(text).split(",")]
+    counts = tuple(nonnegative_int(part) for part in parts)
+    return counts[0] if len(counts) == 1 else counts
 
 
 def run(args: argparse.Namespace) -> int:

@@ -89,3 +89,22 @@ def test_load_decoder_decodes_as_the_saved_vae_and_refuses_other_folders(tmp_pat
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(DecoderError, match="AutoencoderTiny or AutoencoderKL"):
         load_decoder(tmp_path / "unet")
+
+
+def test_per_level_blocks_shape_the_decoder_and_a_wrong_count_is_refused():
+    from fewstep.decoder_cmd import _block_counts
+
+    vae = make_tiny_pipeline("dit").vae
+    levels = len(vae.config.block_out_channels)
+    counts = (2,) + (0,) * (levels - 1)
+    tiny = build_tiny_vae(vae, DecoderParams(width=4, blocks=counts))
+    assert tuple(tiny.config.num_decoder_blocks) == counts
+    blocks = [type(m).__name__ for m in tiny.decoder.layers]
+    assert blocks.count("AutoencoderTinyBlock") == 2
+    z = torch.randn(2, vae.config.latent_channels, 4, 4)
+    assert tiny.decode(z).sample.shape == vae.decode(z).sample.shape
+    assert _block_counts("2,0,0") == (2, 0, 0) and _block_counts("3") == 3
+    with pytest.raises(DecoderError, match=f"--blocks: {levels + 1} counts for a decoder of {levels} levels"):
+        build_tiny_vae(vae, DecoderParams(blocks=(1,) * (levels + 1)))
+    with pytest.raises(DecoderError, match="--blocks: counts must be >= 0"):
+        build_tiny_vae(vae, DecoderParams(blocks=(-1,) * levels))
