@@ -3,12 +3,14 @@
 (DDIM, CFG in one batched pass) with the full decode.
 
     python eval/decoder_speed.py --student-pipeline exports/dmd2_1step_vp_tiny --full-pipeline exports/dmd2_1step_vp \
-        [--teacher digits-vp] [--teacher-steps 50] [--guidance 1.5] [--images 50] [--repeats 5] [--out FILE]
+        [--teacher digits-vp] [--teacher-steps 50] [--guidance 1.5] [--images 50] [--repeats 5] [--compile] [--out FILE]
 
 The student pipelines are `fewstep export` folders (one with `--decoder`, one without), loaded by
 fewstep's loader; the student samples on its run card's times. Repeats are interleaved over the
 settings so that load on a shared machine hits all alike; the median per image is reported with
-and without the decode, and the teacher's time over each setting's.
+and without the decode, and the teacher's time over each setting's. `--compile` compiles every network of every setting alike
+(the three backbones and the three VAE decoders, `torch.compile` through `precision.compile`'s guard,
+eager where one does not compile), after a longer warm-up that pays the compilation.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="torch.compile every backbone and decoder alike")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -70,10 +73,19 @@ def main(argv=None) -> int:
             small.decode,
         ),
     }
+    if args.compile:
+        from types import SimpleNamespace
+
+        from fewstep.training.compile import compile_backbones
+
+        nets = [teacher.denoiser, full.denoiser, small.denoiser]
+        nets += [SimpleNamespace(backbone=m.vae.decoder) for m in (teacher, full, small)]
+        compile_backbones(nets)
     res = {k: {"net": [], "total": []} for k in settings}
     with torch.no_grad():
-        for den, times, g, dec in settings.values():  # warm-up
-            dec(sample(den, noise[:5], {"class_labels": cond["class_labels"][:5]}, times, g))
+        for den, times, g, dec in settings.values():  # warm-up (and compilation, at the timed batch size)
+            for m in (n, n) if args.compile else (5,):
+                dec(sample(den, noise[:m], {"class_labels": cond["class_labels"][:m]}, times, g))
         for _ in range(args.repeats):
             for name, (den, times, g, dec) in settings.items():
                 t0 = time.perf_counter()
@@ -98,7 +110,8 @@ def main(argv=None) -> int:
             }
         )
     lines = [
-        f"batch {n}, {args.threads} thread(s), median of {args.repeats} interleaved repeats",
+        f"batch {n}, {args.threads} thread(s), median of {args.repeats} interleaved repeats"
+        + (", every network compiled" if args.compile else ""),
         "| setting | network ms / image | decode ms / image | total ms / image | teacher (with decode) / this |",
         "|---|---|---|---|---|",
     ]
