@@ -215,3 +215,25 @@ def test_folded_adapter_keeps_where_in_its_patch_a_control_lies():
     assert not torch.allclose(ha[..., 1, 1], hb[..., 1, 1])
     assert ControlAdapter(1, 16, width=8, grid=4).config["grid"] == 4
     assert "grid" not in ControlAdapter(1, 16, width=8).config  # the pooled adapter, as exported before
+
+
+def test_noise_levels_uniform_and_by_coupling():
+    """`levels: uniform` (the default) draws s uniformly, s' = s - delta; `levels: coupling` draws
+    the coupling sqrt(1 - s^2) uniformly and couples s' by delta more, so nearly free noise
+    (coupling < 0.3) is drawn about 30% of the time instead of 4.6%."""
+    from fewstep.objectives.nct import NCTConfig, noise_levels
+
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    s, s2 = noise_levels(u, "uniform", 0.2)
+    torch.testing.assert_close(s, u)
+    torch.testing.assert_close(s2, (u - 0.2).clamp_min(0))
+    s, s2 = noise_levels(u, "coupling", 0.2)
+    a, a2 = (1 - s * s).sqrt(), (1 - s2 * s2).sqrt()
+    torch.testing.assert_close(a, u, atol=1e-3, rtol=0)
+    torch.testing.assert_close(a2, (u + 0.2).clamp_max(1.0), atol=1e-3, rtol=0)
+    assert bool((s2 <= s + 1e-6).all())  # s' is the more coupled (less noised) side
+    weak = float((a < 0.3).float().mean())
+    weak_uniform = float(((1 - u * u).sqrt() < 0.3).float().mean())
+    assert 0.28 < weak < 0.32 and weak_uniform < 0.06, (weak, weak_uniform)
+    with pytest.raises(ValueError, match="objective.levels"):
+        NCTConfig(generator="x", levels="nope").validate()
