@@ -21,12 +21,6 @@ from pathlib import Path
 import torch
 
 
-def _interval(values: torch.Tensor, draws: int, g: torch.Generator) -> tuple[float, float]:
-    idx = torch.randint(0, len(values), (draws, len(values)), generator=g)
-    means = values[idx].mean(dim=1).sort().values
-    return float(means[int(0.025 * (draws - 1))]), float(means[int(0.975 * (draws - 1))])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     from fewstep.errors import UserError
+    from fewstep.evaluation.panel import mean_ci
     from fewstep.evaluation.sources import load_source
     from fewstep.objectives.rewards import make_reward
 
@@ -63,11 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             hit = None
             if hasattr(reward, "classifier"):
                 hit = (reward.classifier.logits(images).argmax(dim=1) == labels).float().mean().item()
-        g = torch.Generator().manual_seed(args.seed)
         row = {
             "run": run,
             "reward_mean": float(r.mean()),
-            "reward_ci95": _interval(r, args.bootstrap, g),
+            "reward_ci95": mean_ci(r, args.bootstrap, args.seed),
             "reward_classifier_accuracy": hit,
         }
         if base is None:
@@ -75,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             d = r - base
             row["difference_vs_first"] = float(d.mean())
-            row["difference_ci95"] = _interval(d, args.bootstrap, g)
+            row["difference_ci95"] = mean_ci(d, args.bootstrap, args.seed)
         rows.append(row)
         print(f"{run}: reward {row['reward_mean']:.4f}", flush=True)
     lines = [
@@ -102,12 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as e:  # a user's mistake: one line, no traceback
-        from fewstep.errors import UserError
-        from fewstep.evaluation.inputs import InputError
+    from fewstep.errors import main_guard
 
-        if isinstance(e, (UserError, InputError, FileNotFoundError)):
-            sys.exit(f"reward_score: {e}")
-        raise
+    sys.exit(main_guard("reward_score", main))

@@ -34,7 +34,7 @@ from .diversity import diversity
 from .inputs import InputError, TensorImages
 from .scores import Extractor, fidelity_from_features
 
-__all__ = ["CLAIMS_RULE", "compare", "comparison", "fid_of", "panel_scores", "panel_table", "verdict_text"]
+__all__ = ["CLAIMS_RULE", "compare", "comparison", "fid_of", "mean_ci", "panel_scores", "panel_table", "verdict_text"]
 
 CLAIMS_RULE = (
     "a student beats (or trails) a teacher only when every panel member, pixel-PCA included, "
@@ -70,6 +70,20 @@ def _ci(values: Sequence[float], point: float | None = None) -> list[float]:
     v = np.asarray(values, dtype=np.float64)
     shift = float(v.mean() - point) if point is not None else 0.0
     return [float(np.percentile(v, 2.5)) - shift, float(np.percentile(v, 97.5)) - shift]
+
+
+def mean_ci(values: Tensor, bootstrap: int, seed: int) -> list[float]:
+    """95% bootstrap interval of the mean of per-sample values (resampling the samples).
+
+    `_ci` without its bias shift: a resampled mean is unbiased, whereas resampling inflates FID."""
+    v = values.detach().double().cpu().reshape(-1)
+    g = torch.Generator().manual_seed(int(seed))
+    means = v[torch.randint(0, v.shape[0], (bootstrap, v.shape[0]), generator=g)].mean(1).numpy()
+    if np.isfinite(means).all():
+        return _ci(means)
+    # an output equal to its target has infinite PSNR: take order statistics (interpolating
+    # between a finite mean and inf gives nan)
+    return [float(np.percentile(means, 2.5, method="lower")), float(np.percentile(means, 97.5, method="higher"))]
 
 
 def panel_scores(

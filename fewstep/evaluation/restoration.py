@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,23 +74,6 @@ def check_sizes(outputs: Tensor, targets: Tensor, what: str = "restoration") -> 
 def _unit(x: Tensor) -> Tensor:
     """[-1, 1] -> [0, 1], rounded to 8 bits."""
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round() / 255.0
-
-
-def _mean_ci(values: Tensor, bootstrap: int, seed: int) -> list[float]:
-    """95% bootstrap interval of the mean of per-image values (resampling the images).
-
-    The panel's percentile helper without its bias shift: a resampled mean is unbiased, whereas
-    resampling inflates FID."""
-    from .panel import _ci
-
-    v = values.detach().double().cpu().reshape(-1)
-    g = torch.Generator().manual_seed(int(seed))
-    means = v[torch.randint(0, v.shape[0], (bootstrap, v.shape[0]), generator=g)].mean(1).numpy()
-    if np.isfinite(means).all():
-        return _ci(means)
-    # an output equal to its target has infinite PSNR: take order statistics (interpolating
-    # between a finite mean and inf gives nan)
-    return [float(np.percentile(means, 2.5, method="lower")), float(np.percentile(means, 97.5, method="higher"))]
 
 
 @torch.no_grad()
@@ -139,7 +121,9 @@ def restoration_scores(
             per_image = peak_signal_noise_ratio(o, t, data_range=1.0, dim=(1, 2, 3), reduction="none")
             out["psnr"] = float(per_image.mean())  # what reduction="elementwise_mean" returns
             if bootstrap:
-                out["psnr_ci"] = _mean_ci(per_image, int(bootstrap), seed)
+                from .panel import mean_ci
+
+                out["psnr_ci"] = mean_ci(per_image, int(bootstrap), seed)
         if "ssim" in metrics:
             out["ssim"] = float(structural_similarity_index_measure(o, t, data_range=1.0))
     if "judge_dist" in metrics or "class_acc" in metrics:

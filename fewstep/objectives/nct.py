@@ -97,13 +97,17 @@ def _mse(a: Tensor, b: Tensor) -> Tensor:
     return ((a.float() - b.float()) ** 2).mean()
 
 
+def _coupling(level: Tensor) -> Tensor:
+    """How much of z0 the noise z_s at `level` s carries: sqrt(1 - s^2) (and s from a coupling, alike)."""
+    return (1 - level * level).clamp_min(0).sqrt()
+
+
 def noise_levels(u: Tensor, levels: str, delta: float) -> tuple[Tensor, Tensor]:
     """(s, s') of a consistency pair from uniform draws u: "uniform" takes s = u and s' = max(0, s -
     delta); "coupling" takes u as the coupling sqrt(1 - s^2) of z_s to z0 and couples z_s' by delta
     more (at most 1, where s' = 0)."""
     if levels == "coupling":
-        a2 = (u + delta).clamp_max(1.0)
-        return (1 - u * u).clamp_min(0).sqrt(), (1 - a2 * a2).clamp_min(0).sqrt()
+        return _coupling(u), _coupling((u + delta).clamp_max(1.0))
     return u, (u - delta).clamp_min(0.0)
 
 
@@ -150,7 +154,7 @@ class NCT:
 
         def noise(level: Tensor) -> Tensor:
             lv = level.reshape(-1, *([1] * (z0.ndim - 1)))
-            return (1 - lv * lv).clamp_min(0).sqrt() * z0 + lv * eps
+            return _coupling(lv) * z0 + lv * eps
 
         z_s, z_s2 = noise(s), noise(s2)
         with torch.no_grad():
