@@ -54,6 +54,10 @@ class IRCMConfig:
     origin_weight: float = 1.0  # weight of the origin-guided loss once the consistency loss is on
     decouple_steps: int = 200  # steps of the linear phase (origin-guided loss only); 0: coupled from the start
     huber_c: float = 0.03  # pseudo-Huber c in pixel units ([-1, 1] images)
+    # named option, not the published method (0: off): weight of a second-step refinement term that
+    # trains f at the 2-step sampler's intermediate time on states re-noised (fresh noise, as the
+    # sampler does) from the student's own detached 1-step estimate, regressed onto x0
+    refine_weight: float = 0.0
 
     def validate(self) -> None:
         if self.num_steps not in (1, 2):
@@ -66,8 +70,11 @@ class IRCMConfig:
             )
         if not self.lam > 0:
             raise ValueError(f"objective.lam={self.lam}: must be > 0")
-        if self.origin_weight < 0 or self.decouple_steps < 0 or self.huber_c < 0:
-            raise ValueError("objective.origin_weight, objective.decouple_steps and objective.huber_c must be >= 0")
+        if self.origin_weight < 0 or self.decouple_steps < 0 or self.huber_c < 0 or self.refine_weight < 0:
+            raise ValueError(
+                "objective.origin_weight, objective.decouple_steps, objective.huber_c and objective.refine_weight"
+                " must be >= 0"
+            )
 
 
 class IRCM:
@@ -111,6 +118,10 @@ class IRCM:
         pred = self.f("student", x_hi, t_hi, mu, cond)
         l_og = _maths.pseudo_huber(pred, x0, self.p.huber_c).mean()
         logs = {"origin": float(l_og.detach())}
+        if self.p.refine_weight > 0:
+            l_ref = self.refine_loss(x0, mu, cond, g, n_glob, idx)
+            l_og = l_og + self.p.refine_weight * l_ref
+            logs["refine"] = float(l_ref.detach())
         if step < self.p.decouple_steps:  # the linear phase: the origin-guided regression alone
             return l_og, {**logs, "consistency": float("nan"), "loss": float(l_og.detach())}
         with torch.no_grad():
@@ -125,6 +136,24 @@ class IRCM:
         l_cons = _maths.pseudo_huber(pred, target, self.p.huber_c).mean()
         loss = l_cons + self.p.origin_weight * l_og
         return loss, {**logs, "consistency": float(l_cons.detach()), "loss": float(loss.detach())}
+
+    def refine_loss(self, x0: Tensor, mu: Tensor, cond, g: torch.Generator, n_glob: int, idx: Tensor) -> Tensor:
+        """The `refine_weight` option: the 2-step sampler's second evaluation, trained on its own input.
+
+        x0_1 = sg f(x_1, 1)                                   the 1-step estimate
+        x_m  = alpha(t_m) x0_1 + sigma(t_m) eps'              fresh noise at the sampler's t_m (student path)
+        L    = pseudo_huber(student(x_m, t_m), x0)
+        """
+        student = self.nets["student"]
+        eps1 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)
+        eps2 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)
+        t_mid = self.sampling["times_by_steps"][2][1]
+        with torch.no_grad():
+            ones = torch.ones(x0.shape[0], device=x0.device)
+            x0_1 = self.f("student", self.sde.marginal(x0, mu, eps1, ones), ones, mu, cond).float()
+        t_m = torch.full((x0.shape[0],), t_mid, device=x0.device)
+        pred = student(student.path.add_noise(x0_1, eps2, t_m), t_m, cond)
+        return _maths.pseudo_huber(pred, x0, self.p.huber_c).mean()
 
 
 def build(params: IRCMConfig | dict[str, Any] | None, teacher: Denoiser, ctx: Any) -> IRCM:
