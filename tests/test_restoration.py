@@ -250,6 +250,41 @@ def test_ircm_consistency_step_moves_toward_its_target(monkeypatch):
     assert after < 0.99 * before, (before, after)
 
 
+def test_ircm_refine_option_trains_the_second_step_on_its_own_input():
+    """`refine_weight` (a named option, off by default): the exact solution has zero refine loss;
+    the term evaluates the student at the 2-step grid's intermediate time on a state re-noised from
+    its own 1-step estimate, and a small gradient step on it lowers it at the same draws (a flipped
+    sign raises it)."""
+    exact = _ircm(exact_teacher(), exact_teacher(), refine_weight=1.0)
+    assert exact.loss("generator", _batch(), 0)[1]["refine"] < 1e-6
+    assert "refine" not in _ircm(exact_teacher(), exact_teacher()).loss("generator", _batch(), 0)[1]
+    torch.manual_seed(0)
+    tiny = make_tiny("restore", prediction="v_prediction")
+    student = Denoiser(tiny.backbone, _vp(), tiny.denoiser.conditioner)
+    obj = _ircm(student, exact_teacher(), refine_weight=1.0)
+    seen_t = []
+    real_forward = student.forward
+    student.forward = lambda x, t, cond: (
+        seen_t.append(torch.as_tensor(t).reshape(-1)[0].item()) or real_forward(x, t, cond)
+    )
+    b = _batch(16, seed=4)
+    x0, mu = b["x0"], b["cond"]["image"]
+
+    def refine():
+        return obj.refine_loss(x0, mu, b["cond"], torch.Generator().manual_seed(9), 16, torch.arange(16))
+
+    before = refine()
+    assert seen_t[-1] == pytest.approx(obj.sampling["times_by_steps"][2][1])
+    before.backward()
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.grad is not None:
+                p.sub_(5e-2 * p.grad)
+    after = refine()
+    print(f"LEARN ircm refine term {before.item():.4g} -> {after.item():.4g}")
+    assert after.item() < 0.97 * before.item(), (before.item(), after.item())
+
+
 def test_ircm_through_the_registry_refuses_data_free_runs():
     from fewstep.objectives.registry import build_objective
 
