@@ -250,18 +250,19 @@ def test_ircm_consistency_step_moves_toward_its_target(monkeypatch):
     assert after < 0.99 * before, (before, after)
 
 
-def test_ircm_refine_option_trains_the_second_step_on_its_own_input():
+@pytest.mark.parametrize("renoise", ["fresh", "ddim"])
+def test_ircm_refine_option_trains_the_second_step_on_its_own_input(renoise):
     """`refine_weight` (a named option, off by default): the exact solution has zero refine loss;
     the term evaluates the student at the 2-step grid's intermediate time on a state re-noised from
     its own 1-step estimate, and a small gradient step on it lowers it at the same draws (a flipped
     sign raises it)."""
-    exact = _ircm(exact_teacher(), exact_teacher(), refine_weight=1.0)
+    exact = _ircm(exact_teacher(), exact_teacher(), refine_weight=1.0, renoise=renoise)
     assert exact.loss("generator", _batch(), 0)[1]["refine"] < 1e-6
     assert "refine" not in _ircm(exact_teacher(), exact_teacher()).loss("generator", _batch(), 0)[1]
     torch.manual_seed(0)
     tiny = make_tiny("restore", prediction="v_prediction")
     student = Denoiser(tiny.backbone, _vp(), tiny.denoiser.conditioner)
-    obj = _ircm(student, exact_teacher(), refine_weight=1.0)
+    obj = _ircm(student, exact_teacher(), refine_weight=1.0, renoise=renoise)
     seen_t = []
     real_forward = student.forward
     student.forward = lambda x, t, cond: (

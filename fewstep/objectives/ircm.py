@@ -24,7 +24,11 @@ coupling between grid neighbours joins with weight 1 (origin-guided weight `orig
 Batches carry real pairs: batch["x0"] (targets) and cond["image"] (degraded inputs). The student
 samples from pure noise on its own path at `times` = DDIM's trailing grid of `num_steps` steps,
 with fresh noise between steps (multistep consistency sampling), which the stock
-`LDMSuperResolutionPipeline` runs with `eta=1`.
+`LDMSuperResolutionPipeline` runs with `eta=1` (`renoise: ddim`: the deterministic move, `eta=0`).
+
+Named option (not the published method; default off): `refine_weight` adds a term that trains the
+2-step sampler's second evaluation on the input the sampler gives it, a re-noised copy of the
+student's own 1-step estimate (`IRCM.refine_loss`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class IRCMConfig:
     # trains f at the 2-step sampler's intermediate time on states re-noised (fresh noise, as the
     # sampler does) from the student's own detached 1-step estimate, regressed onto x0
     refine_weight: float = 0.0
+    renoise: str = "fresh"  # the 2-step sampler between its steps: fresh noise (eta=1) or ddim (eta=0, deterministic)
 
     def validate(self) -> None:
         if self.num_steps not in (1, 2):
@@ -68,6 +73,8 @@ class IRCMConfig:
             raise ValueError(
                 f"objective.theta_min/theta_max={self.theta_min}/{self.theta_max}: need 0 <= min <= max, max > 0"
             )
+        if self.renoise not in ("fresh", "ddim"):
+            raise ValueError(f"objective.renoise={self.renoise!r}: must be 'fresh' or 'ddim'")
         if not self.lam > 0:
             raise ValueError(f"objective.lam={self.lam}: must be > 0")
         if self.origin_weight < 0 or self.decouple_steps < 0 or self.huber_c < 0 or self.refine_weight < 0:
@@ -86,7 +93,7 @@ class IRCM:
         self.groups = {"generator": ["student"]}
         # one consistency function samples at 1 and 2 steps: both grids go to the run card
         grids = {k: [float(t) for t in torch.linspace(1.0, 0.0, k + 1, dtype=torch.float64)] for k in (1, 2)}
-        self.sampling = {"times": grids[params.num_steps], "renoise": "fresh", "times_by_steps": grids}
+        self.sampling = {"times": grids[params.num_steps], "renoise": params.renoise, "times_by_steps": grids}
 
     def phases(self, step: int) -> list[str]:
         return ["generator"]
@@ -139,20 +146,28 @@ class IRCM:
 
     def refine_loss(self, x0: Tensor, mu: Tensor, cond, g: torch.Generator, n_glob: int, idx: Tensor) -> Tensor:
         """The `refine_weight` option: the 2-step sampler's second evaluation, trained on its own input.
+        Exactly the sampler's first move (`fewstep.samplers.sample` on the student's path):
 
-        x0_1 = sg f(x_1, 1)                                   the 1-step estimate
-        x_m  = alpha(t_m) x0_1 + sigma(t_m) eps'              fresh noise at the sampler's t_m (student path)
-        L    = pseudo_huber(student(x_m, t_m), x0)
+            x_1  = eps                                            the sampler's start at t = 1
+            x0_1 = sg student(x_1, 1)                             the 1-step estimate
+            x_m  = ddim_step(x_1, x0_1, 1, t_m)   (renoise ddim)  or  alpha(t_m) x0_1 + sigma(t_m) eps'  (fresh)
+            L    = pseudo_huber(student(x_m, t_m), x0)            t_m: the 2-step grid's intermediate time
         """
         student = self.nets["student"]
+        path = student.path
         eps1 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)
         eps2 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)
-        t_mid = self.sampling["times_by_steps"][2][1]
+        b = x0.shape[0]
+        t1 = torch.ones(b, device=x0.device)
+        t_m = torch.full((b,), self.sampling["times_by_steps"][2][1], device=x0.device)
+        x_1 = eps1 * path.init_noise_sigma
         with torch.no_grad():
-            ones = torch.ones(x0.shape[0], device=x0.device)
-            x0_1 = self.f("student", self.sde.marginal(x0, mu, eps1, ones), ones, mu, cond).float()
-        t_m = torch.full((x0.shape[0],), t_mid, device=x0.device)
-        pred = student(student.path.add_noise(x0_1, eps2, t_m), t_m, cond)
+            x0_1 = student(x_1, t1, cond).float()
+        if self.p.renoise == "ddim":
+            x_m = path.ddim_step(x_1, x0_1, t1, t_m)
+        else:
+            x_m = path.add_noise(x0_1, eps2, t_m)
+        pred = student(x_m, t_m, cond)
         return _maths.pseudo_huber(pred, x0, self.p.huber_c).mean()
 
 
