@@ -158,6 +158,8 @@ def export_restorer(run_dir: str | Path, out: str | Path, weights: str = "studen
 
 def _card(run_dir: Path, steps: list[int], eta: float) -> str:
     card = json.loads((run_dir / "run_card.json").read_text())
+    trained = (card.get("config", {}).get("objective") or {}).get("num_steps")
+    first = trained if trained in steps else steps[0]  # the step count the run trained for
     return f"""# Restoration student ({card.get("objective")}), {", ".join(map(str, steps))} step(s)
 
 A stock `LDMSuperResolutionPipeline` in pixel space (the `vqvae` only rounds to 8 bits; see
@@ -168,7 +170,7 @@ input upsampled bicubically), shape (B, 1, 32, 32):
 import torch
 from diffusers import LDMSuperResolutionPipeline
 pipe = LDMSuperResolutionPipeline.from_pretrained("<this folder>")
-out = pipe(image=degraded, num_inference_steps={steps[0]}, eta={eta}, output_type="pt",
+out = pipe(image=degraded, num_inference_steps={first}, eta={eta}, output_type="pt",
            generator=torch.Generator().manual_seed(0)).images   # (B, 1, 32, 32) in [0, 1]
 ```
 
