@@ -59,8 +59,8 @@ class IRCMConfig:
     decouple_steps: int = 200  # steps of the linear phase (origin-guided loss only); 0: coupled from the start
     huber_c: float = 0.03  # pseudo-Huber c in pixel units ([-1, 1] images)
     # named option, not the published method (0: off): weight of a second-step refinement term that
-    # trains f at the 2-step sampler's intermediate time on states re-noised (fresh noise, as the
-    # sampler does) from the student's own detached 1-step estimate, regressed onto x0
+    # trains f at the 2-step sampler's intermediate time on the sampler's own move (`renoise`) from
+    # the student's detached 1-step estimate, regressed onto x0
     refine_weight: float = 0.0
     renoise: str = "fresh"  # the 2-step sampler between its steps: fresh noise (eta=1) or ddim (eta=0, deterministic)
 
@@ -125,12 +125,14 @@ class IRCM:
         pred = self.f("student", x_hi, t_hi, mu, cond)
         l_og = _maths.pseudo_huber(pred, x0, self.p.huber_c).mean()
         logs = {"origin": float(l_og.detach())}
+        extra = torch.zeros((), device=x0.device)  # the refine option's term (0 when off)
         if self.p.refine_weight > 0:
             l_ref = self.refine_loss(x0, mu, cond, g, n_glob, idx)
-            l_og = l_og + self.p.refine_weight * l_ref
+            extra = self.p.refine_weight * l_ref
             logs["refine"] = float(l_ref.detach())
         if step < self.p.decouple_steps:  # the linear phase: the origin-guided regression alone
-            return l_og, {**logs, "consistency": float("nan"), "loss": float(l_og.detach())}
+            loss = l_og + extra
+            return loss, {**logs, "consistency": float("nan"), "loss": float(loss.detach())}
         with torch.no_grad():
             if self.p.distill:
                 x0_teacher = self.f("teacher", x_hi, t_hi, mu, cond)
@@ -141,7 +143,7 @@ class IRCM:
             at_origin = (n == 0).reshape(-1, *([1] * (x0.ndim - 1)))
             target = torch.where(at_origin, x_lo, target)  # the boundary f(x_0, 0) = x_0
         l_cons = _maths.pseudo_huber(pred, target, self.p.huber_c).mean()
-        loss = l_cons + self.p.origin_weight * l_og
+        loss = l_cons + self.p.origin_weight * l_og + extra
         return loss, {**logs, "consistency": float(l_cons.detach()), "loss": float(loss.detach())}
 
     def refine_loss(self, x0: Tensor, mu: Tensor, cond, g: torch.Generator, n_glob: int, idx: Tensor) -> Tensor:
@@ -156,7 +158,7 @@ class IRCM:
         student = self.nets["student"]
         path = student.path
         eps1 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)
-        eps2 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)
+        eps2 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)  # drawn for both moves alike
         b = x0.shape[0]
         t1 = torch.ones(b, device=x0.device)
         t_m = torch.full((b,), self.sampling["times_by_steps"][2][1], device=x0.device)
