@@ -210,6 +210,14 @@ def _learn(obj, steps, lr=3e-3, batch_size=16):
     return before, err()
 
 
+def _sgd_step(net, lr):
+    """One plain gradient step on the parameters that hold a gradient."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+
+
 @pytest.mark.parametrize("distill", [True, False])
 def test_ircm_learns_one_step_restoration(distill):
     """A flipped sign of the consistency / origin-guided loss makes the error grow instead."""
@@ -239,10 +247,7 @@ def test_ircm_consistency_step_moves_toward_its_target(monkeypatch):
     pred, target, c = seen[1]  # the origin-guided term first, then the consistency term
     before = float(real(pred.detach(), target, c).mean())
     loss.backward()
-    with torch.no_grad():
-        for p in student.parameters():
-            if p.grad is not None:
-                p.sub_(1e-2 * p.grad)
+    _sgd_step(student, 1e-2)
     seen.clear()
     obj.loss("generator", batch, 5)  # the same step and batch: the same draws
     after = float(real(seen[1][0].detach(), target, c).mean())
@@ -277,13 +282,14 @@ def test_ircm_refine_option_trains_the_second_step_on_its_own_input(renoise):
     before = refine()
     assert seen_t[-1] == pytest.approx(obj.sampling["times_by_steps"][2][1])
     before.backward()
-    with torch.no_grad():
-        for p in student.parameters():
-            if p.grad is not None:
-                p.sub_(5e-2 * p.grad)
+    _sgd_step(student, 5e-2)
     after = refine()
     print(f"LEARN ircm refine term {before.item():.4g} -> {after.item():.4g}")
     assert after.item() < 0.97 * before.item(), (before.item(), after.item())
+    # the term's weight is its own: with the origin-guided weight at 0 the loss is consistency + 2 x refine
+    apart = _ircm(student, exact_teacher(), refine_weight=2.0, renoise=renoise, origin_weight=0.0)
+    loss, logs = apart.loss("generator", _batch(16, seed=5), 3)
+    assert loss.item() == pytest.approx(logs["consistency"] + 2.0 * logs["refine"], rel=1e-5)
 
 
 def test_ircm_through_the_registry_refuses_data_free_runs():
