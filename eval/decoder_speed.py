@@ -74,13 +74,11 @@ def main(argv=None) -> int:
         ),
     }
     if args.compile:
-        from types import SimpleNamespace
+        from fewstep.training.compile import compile_backbones, compile_module
 
-        from fewstep.training.compile import compile_backbones
-
-        nets = [teacher.denoiser, full.denoiser, small.denoiser]
-        nets += [SimpleNamespace(backbone=m.vae.decoder) for m in (teacher, full, small)]
-        compile_backbones(nets)
+        compile_backbones([teacher.denoiser, full.denoiser, small.denoiser])
+        for m in (teacher, full, small):
+            compile_module(m.vae.decoder)
     res = {k: {"net": [], "total": []} for k in settings}
     with torch.no_grad():
         for den, times, g, dec in settings.values():  # warm-up (and compilation, at the timed batch size)

@@ -92,6 +92,15 @@ class _PathMaths:
         eps = self.eps_from_x0(x_t, x0, t)
         return self.add_noise(x0, eps, t_next)
 
+    def sampler_move(
+        self, x_t: Tensor, x0: Tensor, t: Tensor | float, t_next: Tensor | float, renoise: str, noise: Tensor | None
+    ) -> Tensor:
+        """A few-step sampler's move between evaluations: "ddim" keeps the implied noise
+        (`ddim_step`), "fresh" re-noises x0 with `noise` (`add_noise`)."""
+        if renoise == "ddim":
+            return self.ddim_step(x_t, x0, t, t_next)
+        return self.add_noise(x0, noise, t_next)
+
     def forward_diffuse(self, x_t1: Tensor, t1: Tensor | float, t2: Tensor | float, z: Tensor) -> Tensor:
         """Sample x_{t2} | x_{t1} for a noisier t2 >= t1 (the Gaussian transition of the path):
         x_{t2} = (alpha2/alpha1) x_{t1} + sqrt(sigma2^2 - (alpha2 sigma1 / alpha1)^2) z."""

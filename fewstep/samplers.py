@@ -74,11 +74,8 @@ def sample(
             callback(i, t, x, x0)
         if t_next == 0.0:
             return x0
-        if renoise == "ddim":
-            x = path.ddim_step(x, x0, t, t_next)
-        else:
-            z = initial_noise(x.shape, generator, x.device)
-            x = path.add_noise(x0, z, t_next)
+        z = initial_noise(x.shape, generator, x.device) if renoise == "fresh" else None
+        x = path.sampler_move(x, x0, t, t_next, renoise, z)
     return x
 
 

@@ -165,10 +165,7 @@ class IRCM:
         x_1 = eps1 * path.init_noise_sigma
         with torch.no_grad():
             x0_1 = student(x_1, t1, cond).float()
-        if self.p.renoise == "ddim":
-            x_m = path.ddim_step(x_1, x0_1, t1, t_m)
-        else:
-            x_m = path.add_noise(x0_1, eps2, t_m)
+        x_m = path.sampler_move(x_1, x0_1, t1, t_m, self.p.renoise, eps2)  # the sampler's own move
         pred = student(x_m, t_m, cond)
         return _maths.pseudo_huber(pred, x0, self.p.huber_c).mean()
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-__all__ = ["compile_backbones"]
+__all__ = ["compile_backbones", "compile_module"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -41,14 +41,23 @@ def compile_backbones(
         bb = getattr(unwrap(net), "backbone", None)
         if not isinstance(bb, nn.Module) or id(bb) in done:
             continue
-        done[id(bb)] = bb
-        bb.compile(mode=mode, backend=backend)
-        compiled = bb._compiled_call_impl
-        bb._compiled_call_impl = _guarded(bb, compiled, say)
+        done[id(bb)] = compile_module(bb, mode, say, backend)
     if done:
         # role switches (shared-base adapters, gradient checkpointing) add guarded variants
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     return list(done.values())
+
+
+def compile_module(
+    module: nn.Module,
+    mode: str | None = None,
+    say: Callable[[str], None] = print,
+    backend: str | Callable = "inductor",
+) -> nn.Module:
+    """Compile one module in place, with the eager fallback on its first failing call."""
+    module.compile(mode=mode, backend=backend)
+    module._compiled_call_impl = _guarded(module, module._compiled_call_impl, say)
+    return module
 
 
 def _guarded(bb: nn.Module, compiled: Callable, say: Callable[[str], None]) -> Callable:
