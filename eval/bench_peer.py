@@ -1,7 +1,7 @@
 """fewstep's DMD2 beside NVlabs/FastGen's DMD2 on networks of equal size, at equal work.
 
     python eval/bench_peer.py [--rounds 3] [--cycles 3] [--out runs/bench_peer.json]
-        [--fastgen PATH [--fastgen-deps DIR]] [--baseline PATH]
+        [--fastgen PATH [--fastgen-deps DIR]] [--baseline PATH] [--compile] [--gan-tap LAYER]
 
 The network: a diffusers `UNet2DModel` shaped like FastGen's EDM SongUNet in its DMD2 test
 configuration (tests/test_dmd2model.py there: img_resolution 8, channel_mult [1], 128 channels,
@@ -34,6 +34,18 @@ FastGen does (one range for the DSM, DM and GAN terms: dm_t, gan_t = [0.02, 1], 
 0.02), so the passes that FastGen shares fewstep shares too. `--baseline PATH` also times a
 fewstep source tree given by path (e.g. `git archive` of an earlier commit) with the same
 settings: the before / after of a change, on the same machine in the same interleaved rounds.
+Where the GAN head reads. fewstep's default tap on a UNet is the mid-block output (resnet,
+attention, resnet after the encoder: 236.8 MFLOP per sample for a features-only pass of this
+network, `torch.utils.flop_counter`); FastGen's discriminator reads its SongUNet's last encoder
+block (`feature_indices` {0}: 152.6 MFLOP, its bottleneck attention comes after, in the decoder).
+`--gan-tap down_blocks.0` adds the two fewstep GAN-on configurations again with
+`objective.gan_feature_layer` at the end of the encoder, which costs the same 152.6 MFLOP as
+FastGen's: the features-only passes at equal work.
+`--compile` adds the fewstep configurations (full copies) again with `precision.compile` on: the
+student, fake score and teacher backbones compiled in place (`fewstep.training.compile`), as a run
+with the switch does; FastGen has no such switch. A compiled configuration warms up for
+`--compile-warmup` cycles (compilation, and recompilation for each batch shape the passes use)
+before its timed cycles, and its rows are marked "compiled".
 """
 
 from __future__ import annotations
@@ -106,6 +118,10 @@ def _fewstep_child(cfg: dict) -> dict:
     params = DMDParams(variant="dmd2", guidance=1.0, fake_updates_per_generator=RATIO, **kw)
     lora = argparse.Namespace(rank=16, alpha=16.0, target_modules=None, dropout=0.0)
     obj = build(params, teacher, context(latent_shape=SHAPE, has_real_data=True, lora=lora))
+    if cfg.get("compile"):
+        from fewstep.training.compile import compile_backbones
+
+        compile_backbones(obj.nets.values())
     opts = {
         g: torch.optim.AdamW(trainable_parameters(obj, g), lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999))
         for g in obj.groups
@@ -130,10 +146,11 @@ def _fewstep_child(cfg: dict) -> dict:
 
     rss_built = _rss_mib()
     times: dict[str, list[float]] = {"generator": [], "fake_score": []}
-    for step in range((cfg["cycles"] + 1) * RATIO):
+    warm = cfg.get("warmup_cycles", 1)
+    for step in range((cfg["cycles"] + warm) * RATIO):
         for phase in obj.phases(step):
             dt = update(phase, step)
-            if step >= RATIO:  # the first cycle warms up
+            if step >= warm * RATIO:  # the first cycles warm up (and compile)
                 times[phase].append(dt)
     return {"times": times, "rss_built_mib": rss_built, "peak_mib": _peak_mib(), "params": n_params}
 
@@ -203,6 +220,18 @@ def configurations(args) -> list[dict]:
         if gan:
             p = dict(SAME_DRAWS, gan=True, gan_features="teacher")
             out.append(dict(name="fewstep gan on (teacher features) full", tree=tree, params=p))
+    if args.gan_tap:
+        for feats in ("fake_score", "teacher"):
+            p = dict(SAME_DRAWS, gan=True, gan_features=feats, gan_feature_layer=args.gan_tap)
+            label = "teacher features, " if feats == "teacher" else ""
+            out.append(dict(name=f"fewstep gan on ({label}tap {args.gan_tap}) full", tree=tree, params=p))
+    if args.compile:
+        for name, p in (
+            ("fewstep gan off full compiled", dict(SAME_DRAWS, gan=False)),
+            ("fewstep gan on full compiled", dict(SAME_DRAWS, gan=True)),
+            ("fewstep gan on (teacher features) full compiled", dict(SAME_DRAWS, gan=True, gan_features="teacher")),
+        ):
+            out.append(dict(name=name, tree=tree, params=p, compile=True, warmup_cycles=args.compile_warmup))
     if args.baseline:
         for gan in (False, True):
             out.append(
@@ -279,6 +308,9 @@ def main() -> None:
     ap.add_argument("--fastgen", help="path of a NVlabs/FastGen checkout (its `fastgen` package inside)")
     ap.add_argument("--fastgen-deps", nargs="*", default=[], help="directories with FastGen's dependencies")
     ap.add_argument("--baseline", help="path of another fewstep source tree to time beside this one")
+    ap.add_argument("--gan-tap", help="also time the GAN-on configurations with the head on this layer")
+    ap.add_argument("--compile", action="store_true", help="also time fewstep with precision.compile on")
+    ap.add_argument("--compile-warmup", type=int, default=2, help="warm-up cycles of a compiled configuration")
     ap.add_argument("--only", nargs="*", help="run only the configurations whose name contains one of these")
     ap.add_argument("--out", default="runs/bench_peer.json")
     args = ap.parse_args()
