@@ -34,6 +34,7 @@ FastGen does (one range for the DSM, DM and GAN terms: dm_t, gan_t = [0.02, 1], 
 0.02), so the passes that FastGen shares fewstep shares too. `--baseline PATH` also times a
 fewstep source tree given by path (e.g. `git archive` of an earlier commit) with the same
 settings: the before / after of a change, on the same machine in the same interleaved rounds.
+
 Where the GAN head reads. fewstep's default tap on a UNet is the mid-block output (resnet,
 attention, resnet after the encoder: 236.8 MFLOP per sample for a features-only pass of this
 network, `torch.utils.flop_counter`); FastGen's discriminator reads its SongUNet's last encoder
@@ -41,6 +42,7 @@ block (`feature_indices` {0}: 152.6 MFLOP, its bottleneck attention comes after,
 `--gan-tap down_blocks.0` adds the two fewstep GAN-on configurations again with
 `objective.gan_feature_layer` at the end of the encoder, which costs the same 152.6 MFLOP as
 FastGen's: the features-only passes at equal work.
+
 `--compile` adds the fewstep configurations (full copies) again with `precision.compile` on: the
 student, fake score and teacher backbones compiled in place (`fewstep.training.compile`), as a run
 with the switch does; FastGen has no such switch. A compiled configuration warms up for
