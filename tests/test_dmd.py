@@ -249,9 +249,10 @@ def test_ca_renoising_level_never_exceeds_the_generators_input_level():
 
 def test_coupled_schedule_renoises_ca_at_the_dm_terms_time():
     """ca_schedule="coupled" (the ablation's contrast): the CA term's teacher pass sees the DM term's
-    tau, sample for sample, including taus above the generator's input time; "decoupled" does not."""
+    tau, sample for sample, including taus above the generator's input time; "decoupled" does not;
+    "uncapped" draws its own tau (not the DM term's), and above the input time too."""
     teacher, _ = _two_class_gmm(FlowPath(1000), learnable=True)
-    for schedule in ("coupled", "decoupled"):
+    for schedule in ("coupled", "decoupled", "uncapped"):
         obj = build(
             DMDParams(variant="ddmd", guidance=3.0, num_steps=2, student_times=[1.0, 0.3], ca_schedule=schedule),
             teacher,
@@ -269,7 +270,7 @@ def test_coupled_schedule_renoises_ca_at_the_dm_terms_time():
             (dm,) = [t for t, out in calls if out == "x0"]
             same &= torch.equal(ca, dm)
             above |= float(ca.max()) > logs["t_gen"]
-        assert same == (schedule == "coupled") and above == (schedule == "coupled"), schedule
+        assert same == (schedule == "coupled") and above == (schedule != "decoupled"), schedule
 
 
 @pytest.mark.parametrize("normaliser", ["own", "dm"])

@@ -19,7 +19,8 @@ Generator losses (x_hat = the student's x0 prediction at its input time t_gen, x
     dmd    the same DM term plus the regression loss (required)
     ddmd   two terms, each re-noised at its own time:
            CA  -(w - 1)(x0_c - x0_u) / mean|x_hat - x0_cfg|   at tau_CA ~ U[ca_t_min, min(ca_t_max, t_gen)]
-               (ca_schedule="coupled", for the ablation: at the DM term's tau_DM and noise instead)
+               (ca_schedule="coupled", for the ablation: at the DM term's tau_DM and noise instead;
+               "uncapped": its own draw over [ca_t_min, ca_t_max], not capped at t_gen)
            DM  (x0_fake_c - x0_real_c) / mean|x_hat - x0_real_c| at tau_DM ~ U[dm_t_min, dm_t_max]
            (ca_normaliser="dm": the CA term divided by the DM term's normaliser instead of its own, so
            the sum has one scale, as DMD2's gradient has; with coupled schedules it is then DMD2's

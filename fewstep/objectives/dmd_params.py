@@ -56,7 +56,8 @@ class DMDParams:
     dm_weight: float = 1.0  # DM term weight (or mean/variance KL weight)
     ca_t_min: float = 0.02  # CA re-noising range, capped by the generator's input time
     ca_t_max: float = 0.98
-    ca_schedule: str = "decoupled"  # "coupled": the CA term reuses the DM term's tau and noise (ablation)
+    ca_schedule: str = "decoupled"  # "coupled": the CA term reuses the DM term's tau and noise (ablation);
+    #   "uncapped": its own draw, over [ca_t_min, ca_t_max] without the cap at the input time (ablation)
     ca_normaliser: str = "own"  # "own": each term divided by DMD's normaliser at its own re-noising;
     #   "dm": both by the DM term's, mean|x_hat - x0_real_c| at tau_DM (one scale for the sum, as DMD2's)
     dm_kind: str = "dm"  # "dm" (fake vs real conditional) or "meanvar" (per-channel KL; a batch statistic:
@@ -137,8 +138,8 @@ class DMDParams:
                 f"objective.ca_t_min={self.ca_t_min} must be below the smallest student time {min(ts)} "
                 "(the CA term is re-noised below the generator's input level)"
             )
-        if self.ca_schedule not in ("decoupled", "coupled"):
-            bad(f"objective.ca_schedule={self.ca_schedule!r} must be 'decoupled' or 'coupled'")
+        if self.ca_schedule not in ("decoupled", "coupled", "uncapped"):
+            bad(f"objective.ca_schedule={self.ca_schedule!r} must be 'decoupled', 'coupled' or 'uncapped'")
         if self.ca_schedule == "coupled" and self.dm_kind != "dm":
             bad("objective.ca_schedule='coupled' shares the DM term's draw: it needs objective.dm_kind='dm'")
         if self.ca_normaliser not in ("own", "dm"):
