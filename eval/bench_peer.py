@@ -227,13 +227,12 @@ def configurations(args) -> list[dict]:
             p = dict(SAME_DRAWS, gan=True, gan_features=feats, gan_feature_layer=args.gan_tap)
             label = "teacher features, " if feats == "teacher" else ""
             out.append(dict(name=f"fewstep gan on ({label}tap {args.gan_tap}) full", tree=tree, params=p))
-    if args.compile:
-        for name, p in (
-            ("fewstep gan off full compiled", dict(SAME_DRAWS, gan=False)),
-            ("fewstep gan on full compiled", dict(SAME_DRAWS, gan=True)),
-            ("fewstep gan on (teacher features) full compiled", dict(SAME_DRAWS, gan=True, gan_features="teacher")),
-        ):
-            out.append(dict(name=name, tree=tree, params=p, compile=True, warmup_cycles=args.compile_warmup))
+    if args.compile:  # the full-copy configurations above, again compiled
+        out += [
+            {**c, "name": f"{c['name']} compiled", "compile": True, "warmup_cycles": args.compile_warmup}
+            for c in out
+            if c["name"].endswith(" full") and "tap " not in c["name"]
+        ]
     if args.baseline:
         for gan in (False, True):
             out.append(

@@ -18,6 +18,7 @@ from torch import nn
 from fewstep.conditioning import Conditioner
 from fewstep.denoiser import Denoiser
 from fewstep.mean_reverting import MeanRevertingPath
+from fewstep.objectives.base import GlobalBatchDraws
 from fewstep.objectives.registry import BuildContext
 from fewstep.paths import VPPath
 from tests.tiny import make_tiny
@@ -277,7 +278,9 @@ def test_ircm_refine_option_trains_the_second_step_on_its_own_input(renoise):
     x0, mu = b["x0"], b["cond"]["image"]
 
     def refine():
-        return obj.refine_loss(x0, mu, b["cond"], torch.Generator().manual_seed(9), 16, torch.arange(16))
+        draws = GlobalBatchDraws({"global_batch_size": 16}, seed=0, step=0, rows=16)
+        draws.generator = torch.Generator().manual_seed(9)  # the same draws at every call
+        return obj.refine_loss(x0, mu, b["cond"], draws)
 
     before = refine()
     assert seen_t[-1] == pytest.approx(obj.sampling["times_by_steps"][2][1])

@@ -70,7 +70,8 @@ terms normalised by global-batch counts, as twinflow's parts and tbcm's point su
 Randomness: every draw in `loss` is per sample, a function of (seed, step, stream, the sample's
 index in the global batch), through `fewstep.randomness.SampleDraws.for_batch(batch, seed, step,
 stream)`; a number shared by the whole batch at a step comes from
-`fewstep.randomness.shared_generator(seed, step, stream)` (or `step_generator`). Never torch's
+`fewstep.randomness.shared_generator(seed, step, stream)` (or `step_generator`; `GlobalBatchDraws`
+draws for the whole global batch from it and keeps this batch's rows). Never torch's
 global generator: then a step trains the same however the global batch is split over processes
 and micro-batches (tests/test_accumulation.py, tests/test_distributed.py check every objective).
 Known exceptions, batch statistics: decoupled_dmd with dm_kind "meanvar" compares channel
@@ -122,6 +123,38 @@ class Objective(Protocol):
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator that gives the same draws on every process at a given step."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+
+
+class GlobalBatchDraws:
+    """Draws for the whole global batch from one `step_generator(seed, step)`, of which a
+    (micro-)batch keeps its own rows (batch["index"], or 0..rows-1 for a batch without one): as
+    split-invariant as `SampleDraws`, in one generator's sequence. IR-CM, TAD-SR and NCT draw this
+    way; each call draws the next numbers of the sequence for all global rows.
+
+        draws = GlobalBatchDraws(batch, seed, step, rows=B, device=dev)
+        eps = draws.normal(C, H, W)     # (B, C, H, W)
+        u = draws.uniform()             # (B,)
+        n = draws.integers(K)           # (B,) in [0, K)
+    """
+
+    def __init__(self, batch: Batch, seed: int, step: int, rows: int, device: Any = None):
+        self.generator = step_generator(seed, step)
+        self.size = int(batch.get("global_batch_size", rows))
+        idx = batch.get("index")
+        self.index = torch.arange(rows) if idx is None else idx.cpu()
+        self.device = device
+
+    def _mine(self, x: Tensor) -> Tensor:
+        return x[self.index].to(self.device)
+
+    def normal(self, *shape: int) -> Tensor:
+        return self._mine(torch.randn((self.size, *shape), generator=self.generator))
+
+    def uniform(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self._mine(torch.rand(self.size, generator=self.generator, dtype=dtype))
+
+    def integers(self, high: int) -> Tensor:
+        return self._mine(torch.randint(0, high, (self.size,), generator=self.generator))
 
 
 def phase_loss(

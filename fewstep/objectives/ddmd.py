@@ -47,7 +47,7 @@ def ddmd_gradient(
     [term, adv] when the GAN term was computed on the DM pass (else []). Both terms' noise is drawn
     first, so a switched-off term changes nothing else; a zero-weight term is not computed."""
     p = obj.p
-    ca_hi = p.ca_t_max if p.ca_schedule == "uncapped" else min(p.ca_t_max, float(t_gen))  # below the input time
+    ca_hi = p.ca_t_max if p.ca_schedule == "uncapped" else min(p.ca_t_max, float(t_gen))  # capped at the input time
     ca_draw = obj._draw(x_hat, p.ca_t_min, ca_hi, rng)
     dm_draw = obj._draw(x_hat, p.dm_t_min, p.dm_t_max, rng)
     if p.ca_schedule == "coupled":  # one re-noising for both terms, over the DM term's range

@@ -42,7 +42,7 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..mean_reverting import MeanRevertingPath
 from . import _maths
-from .base import Batch, require_image_conditioned, step_generator
+from .base import Batch, GlobalBatchDraws, require_image_conditioned
 
 __all__ = ["IRCMConfig", "IRCM", "build"]
 
@@ -113,12 +113,9 @@ class IRCM:
         x0 = x0.float()
         mu = cond["image"].float()
         b = x0.shape[0]
-        g = step_generator(self.seed, step)
-        n_glob = int(batch.get("global_batch_size", b))
-        idx = batch.get("index")
-        idx = torch.arange(b) if idx is None else idx.cpu()
-        n = torch.randint(0, self.p.grid, (n_glob,), generator=g)[idx].to(x0.device)
-        eps = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)
+        draws = GlobalBatchDraws(batch, self.seed, step, rows=b, device=x0.device)
+        n = draws.integers(self.p.grid)
+        eps = draws.normal(*x0.shape[1:])
         t_hi = (n + 1).float() / self.p.grid
         t_lo = n.float() / self.p.grid
         x_hi = self.sde.marginal(x0, mu, eps, t_hi)
@@ -127,7 +124,7 @@ class IRCM:
         logs = {"origin": float(l_og.detach())}
         extra = torch.zeros((), device=x0.device)  # the refine option's term (0 when off)
         if self.p.refine_weight > 0:
-            l_ref = self.refine_loss(x0, mu, cond, g, n_glob, idx)
+            l_ref = self.refine_loss(x0, mu, cond, draws)
             extra = self.p.refine_weight * l_ref
             logs["refine"] = float(l_ref.detach())
         if step < self.p.decouple_steps:  # the linear phase: the origin-guided regression alone
@@ -146,7 +143,7 @@ class IRCM:
         loss = l_cons + self.p.origin_weight * l_og + extra
         return loss, {**logs, "consistency": float(l_cons.detach()), "loss": float(loss.detach())}
 
-    def refine_loss(self, x0: Tensor, mu: Tensor, cond, g: torch.Generator, n_glob: int, idx: Tensor) -> Tensor:
+    def refine_loss(self, x0: Tensor, mu: Tensor, cond, draws: GlobalBatchDraws) -> Tensor:
         """The `refine_weight` option: the 2-step sampler's second evaluation, trained on its own input.
         Exactly the sampler's first move (`fewstep.samplers.sample` on the student's path):
 
@@ -157,8 +154,8 @@ class IRCM:
         """
         student = self.nets["student"]
         path = student.path
-        eps1 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)
-        eps2 = torch.randn((n_glob, *x0.shape[1:]), generator=g)[idx].to(x0.device)  # drawn for both moves alike
+        eps1 = draws.normal(*x0.shape[1:])
+        eps2 = draws.normal(*x0.shape[1:])  # drawn for both moves alike
         b = x0.shape[0]
         t1 = torch.ones(b, device=x0.device)
         t_m = torch.full((b,), self.sampling["times_by_steps"][2][1], device=x0.device)

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..controls import AdaptedGenerator, ControlAdapter, adapter_layers, control_model
-from .base import Batch, freeze, step_generator
+from .base import Batch, GlobalBatchDraws, freeze
 
 __all__ = ["NCTConfig", "NCT", "build", "load_generator", "noise_levels"]
 
@@ -141,14 +141,11 @@ class NCT:
             raise ValueError("nct is data-free: the batch carries real data (batch['x0']); set data.real_data=false")
         shape = tuple(batch["shape"])
         cond = batch.get("cond")
-        g = step_generator(self.seed, step)
-        n = int(batch.get("global_batch_size", shape[0]))
-        idx = batch.get("index")
-        idx = torch.arange(shape[0]) if idx is None else idx.cpu()
         device = batch["index"].device if torch.is_tensor(batch.get("index")) else torch.device("cpu")
-        z0 = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
-        eps = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
-        u = torch.rand(n, generator=g, dtype=torch.float64)[idx].float().to(device)
+        draws = GlobalBatchDraws(batch, self.seed, step, rows=shape[0], device=device)
+        z0 = draws.normal(*shape[1:])
+        eps = draws.normal(*shape[1:])
+        u = draws.uniform(torch.float64).float()
         s, s2 = noise_levels(u, self.p.levels, self.p.delta)
         adapted = self.nets["student"]
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..denoiser import Denoiser
 from ..samplers import sample
 from . import _maths
-from .base import Batch, require_image_conditioned, step_generator
+from .base import Batch, GlobalBatchDraws, require_image_conditioned
 from .gan import DiscriminatorHead, FeatureTap, discriminator_gan_loss, feature_layer, generator_gan_loss
 
 __all__ = ["TADSRConfig", "TADSR", "TimeAwareHead", "build"]
@@ -129,16 +129,9 @@ class TADSR:
         return ["disc", "generator"] if self.p.gan else ["generator"]
 
     def _draws(self, batch: Batch, step: int, shape, device):
-        g = step_generator(self.seed, step)
-        n = int(batch.get("global_batch_size", shape[0]))
-        idx = batch.get("index")
-        idx = torch.arange(shape[0]) if idx is None else idx.cpu()
-        z = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
-        eps = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
-        eps_d = torch.randn((n, *shape[1:]), generator=g)[idx].to(device)
-        u_sd = torch.rand(n, generator=g)[idx].to(device)
-        u_d = torch.rand(n, generator=g)[idx].to(device)
-        return z, eps, eps_d, u_sd, u_d
+        draws = GlobalBatchDraws(batch, self.seed, step, rows=shape[0], device=device)
+        z, eps, eps_d = (draws.normal(*shape[1:]) for _ in range(3))
+        return z, eps, eps_d, draws.uniform(), draws.uniform()
 
     def _logits(self, x0: Tensor, t: Tensor, eps: Tensor, cond) -> Tensor:
         teacher = self.nets["teacher"]
