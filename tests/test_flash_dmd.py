@@ -465,3 +465,110 @@ def test_teacher_feature_head_is_a_discriminator_apart_from_the_fake_score(featu
         assert torch.allclose(f1, f2, atol=1e-7)
     else:
         assert not torch.allclose(f1, f2, atol=1e-7)
+
+
+# ---- the pixel discriminator (gan_space: pixel) ------------------------------------------------
+def _pixel_obj(tiny, **kw):
+    from fewstep.training.bundle import vae_decoder
+    from tests.tiny import tiny_vae
+
+    vae = tiny_vae(channels=1, latent_channels=tiny.latent_shape[0]).requires_grad_(False)
+    params = {"guidance": 3.0, "fake_updates_per_generator": 1, "gan_generator_weight": 1.0, "gan_space": "pixel"}
+    params.update(kw)
+    return build_objective("flash_dmd", params, tiny.denoiser, _ctx(tiny, decode=vae_decoder(vae), vae=vae)), vae
+
+
+def test_pixel_discriminator_reads_decoded_images_and_trains_apart_from_the_student():
+    """gan_space pixel: at a low-noise step the adversarial term goes through the decoder and the
+    frozen VAE-encoder backbone to the student only (no gradient reaches the heads, the VAE or the
+    latent GAN head, which is not built); the fake-score phase trains the heads on decoded student
+    and real samples, and never the VAE."""
+    tiny = make_tiny("dit")
+    obj, vae = _pixel_obj(tiny)
+    assert "disc" not in obj.nets and "pixel_disc" in obj.groups["fake_score"]
+    enc_calls, dec_calls, teacher_calls = (
+        _calls(vae.encoder.mid_block),
+        _calls(vae.decoder),
+        _calls(tiny.denoiser.backbone),
+    )
+    step = next(s for s in range(50) if not obj.is_dm_step(s))
+    loss, logs = obj.loss("generator", _batch(tiny, b=4), step)
+    assert logs["dm_step"] == 0.0 and "gan_g" in logs
+    assert enc_calls and dec_calls and not teacher_calls  # images judged; the real score never asked
+    loss.backward()
+    student = [p for p in obj.nets["student"].parameters() if p.requires_grad]
+    assert sum(float(p.grad.abs().sum()) for p in student if p.grad is not None) > 0
+    assert all(p.grad is None for p in obj.nets["pixel_disc"].parameters())
+    assert all(p.grad is None for p in vae.parameters())
+    obj.nets["student"].zero_grad(set_to_none=True)
+    loss, logs = obj.loss("fake_score", _batch(tiny, b=4), step)
+    loss.backward()
+    assert logs["loss_fake"] > 0 and logs["gan_d"] > 0
+    assert all(p.grad is not None for p in obj.nets["pixel_disc"].parameters())
+    assert all(p.grad is None for p in vae.parameters())
+    assert all(p.grad is None for p in student)
+
+
+def test_pixel_adversarial_step_raises_the_discriminators_logit_of_the_students_images():
+    """One SGD step on the generator loss at a low-noise step raises the pixel discriminator's mean
+    logit of the student's decoded samples (non-saturating softplus(-D)); a sign error fails here."""
+    tiny = make_tiny("dit")
+    obj, _ = _pixel_obj(tiny)
+    step = next(s for s in range(50) if not obj.is_dm_step(s))
+    batch = _batch(tiny, b=8)
+
+    def mean_logit():
+        rng = obj.dm.draws(batch, step, "generator")
+        with torch.no_grad():
+            x_hat, _ = obj.dm.generate(batch, step, grad=False, rng=rng)
+            return float(obj._pixel_logits(x_hat, obj.nets["pixel_disc"]).mean())
+
+    before = mean_logit()
+    opt = torch.optim.SGD(trainable_parameters(obj, "generator"), lr=1e-2)
+    loss, logs = obj.loss("generator", batch, step)
+    loss.backward()
+    opt.step()
+    assert mean_logit() > before
+
+
+def test_pixel_discriminator_learns_to_tell_real_from_student_images():
+    """The heads' loss falls over fake-score updates with the student held fixed: the
+    discriminator separates decoded real latents from the student's decoded samples (a sign error
+    in its loss makes it rise)."""
+    tiny = make_tiny("dit")
+    obj, _ = _pixel_obj(tiny)
+    opt = torch.optim.Adam(obj.nets["pixel_disc"].parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(16, *tiny.latent_shape, generator=g) * 0.3 + 1.0  # a distinct "data" distribution
+    batch = {"cond": tiny.cond(16, g), "x0": real, "shape": (16, *tiny.latent_shape)}
+    d = []
+    for step in range(40):
+        rng = obj.dm.draws(batch, step, "fake_score")
+        with torch.no_grad():
+            x_hat, _ = obj.dm.generate(batch, step, grad=False, rng=rng)
+        loss, logs = obj._pixel_disc_loss(x_hat, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        d.append(logs["gan_d"])
+    print(f"pixel discriminator loss: {sum(d[:5]) / 5:.4f} -> {sum(d[-5:]) / 5:.4f}")
+    assert sum(d[-5:]) / 5 < 0.5 * sum(d[:5]) / 5
+
+
+@pytest.mark.parametrize(
+    "kw, ctx_vae, key",
+    [
+        ({"gan_space": "pixels"}, True, "objective.gan_space"),
+        ({"gan_space": "pixel", "pixel_backbone": "sam"}, True, "objective.pixel_backbone"),
+        ({"gan_space": "pixel", "pixel_backbone": "no_such_module:f"}, True, "objective.pixel_backbone"),
+        ({"gan_space": "pixel"}, False, "objective.pixel_backbone"),
+        ({"gan_space": "pixel", "pixel_head_width": 0}, True, "objective.pixel_head_width"),
+    ],
+)
+def test_bad_pixel_settings_name_the_key(kw, ctx_vae, key):
+    from tests.tiny import tiny_vae
+
+    tiny = make_tiny("dit")
+    vae = tiny_vae(channels=1, latent_channels=tiny.latent_shape[0]) if ctx_vae else None
+    with pytest.raises(ValueError, match=key):
+        build_objective("flash_dmd", {"guidance": 3.0, **kw}, tiny.denoiser, _ctx(tiny, vae=vae))

@@ -65,6 +65,7 @@ one frozen copy of the base weights; each role's call switches the adapters (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Any
@@ -346,7 +347,12 @@ class DMDObjective:
         return loss, logs
 
     # ---- fake score (+ head) ---------------------------------------------------------------
-    def fake_score_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def fake_score_loss(
+        self, batch: Batch, step: int, extra: Callable[[Tensor, Batch], tuple[Tensor, dict]] | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The fake score's denoising loss on the student's samples (+ the GAN head's loss). `extra`:
+        a further loss on the same samples, (x_hat, batch) -> (loss, logs), added as it is (an
+        objective built on this one trains its own discriminator there)."""
         p, cond = self.p, batch.get("cond")
         rng = self.draws(batch, step, "fake_score")
         with torch.no_grad():
@@ -367,6 +373,10 @@ class DMDObjective:
             fake_loss = dsm_loss(self.path.to_x0_eps(x_t, out, t)[0], x_hat)
         logs["loss_fake"] = fake_loss.item()
         loss = fake_loss if d_loss is None else fake_loss + p.gan_disc_weight * d_loss
+        if extra is not None:
+            extra_loss, extra_logs = extra(x_hat, batch)
+            loss = loss + extra_loss
+            logs.update(extra_logs)
         return loss, logs
 
     def _fake_and_disc(

@@ -21,6 +21,13 @@ with the distillation term kept as the regulariser against reward hacking;
 The reward and the distillation loss are logged side by side ("reward", "loss_distill").
 A reward that returns a non-finite value stops the run with an error naming the reward.
 
+Where the adversarial term looks (`gan_space`): "latent" (the default) is DMD2's head on a
+denoiser's features of the re-noised latents; "pixel" is the paper's Pixel-GAN: the student's x0
+is decoded to images and judged, clean, by heads on a frozen image backbone's feature maps
+(`pixel_gan.py`; the paper's backbone is a segmentation model, here the teacher's own VAE encoder
+by default, or any `module.path:factory`). Its heads train with the fake score; the DMD2 part then
+builds no latent head.
+
 Two named options bring the paper's stabilised score estimator closer, as second-hand accounts of
 it describe it (the paper's text was not available here): `gan_features: teacher` puts the
 adversarial head on the frozen teacher's features, a discriminator apart from the fake score, which
@@ -40,10 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import Denoiser
-from ._maths import surrogate_loss
+from ._maths import input_gradient_only, surrogate_loss
 from .base import Batch, ema_toward, phase_loss, unwrap
 from .dmd import DMDObjective, DMDParams
 from .dmd_build import build_dmd
+from .gan import discriminator_gan_loss, generator_gan_loss
+from .pixel_gan import PixelDiscriminator, make_pixel_backbone
 from .rewards import differentiable_decode, make_reward
 
 __all__ = ["FlashDMDParams", "FlashDMDObjective", "build"]
@@ -80,6 +89,13 @@ class FlashDMDParams:
     #   weights move toward the student's, fake <- lambda fake + (1 - lambda) student (0: off)
     gan_t_min: float = 0.001  # noise levels the head sees
     gan_t_max: float = 1.0
+    gan_space: str = "latent"  # where the low-noise steps' adversarial term judges the student: "latent"
+    #   (DMD2's head on a denoiser's features of the re-noised latents, `gan_features`) or "pixel" (the
+    #   paper's Pixel-GAN: the decoded x0, clean, through a frozen image backbone with a head per
+    #   feature map; `pixel_gan.py`)
+    pixel_backbone: str = "vae_encoder"  # gan_space "pixel": the frozen backbone, "vae_encoder" (the
+    #   teacher's own) or "module.path:factory"
+    pixel_head_width: int = 64  # channels of each pixel head
     # ---- reward phase ---------------------------------------------------------------------
     reward: str | None = None  # "digits_class", "clip", "module.path:factory", or null (no phase)
     reward_model: str | None = None  # the reward's weights / model folder (None: its default)
@@ -115,6 +131,10 @@ class FlashDMDParams:
                 f"objective.fake_score_pull={self.fake_score_pull} must lie in [0, 1) (0: off; lambda of "
                 "fake <- lambda fake + (1 - lambda) student after each generator update)"
             )
+        if self.gan_space not in ("latent", "pixel"):
+            raise ValueError(f"objective.gan_space={self.gan_space!r} must be 'latent' or 'pixel'")
+        if int(self.pixel_head_width) < 1:
+            raise ValueError(f"objective.pixel_head_width={self.pixel_head_width} must be >= 1")
         if self.gan_generator_weight <= 0:
             raise ValueError(
                 f"objective.gan_generator_weight={self.gan_generator_weight} must be > 0 (the "
@@ -123,10 +143,11 @@ class FlashDMDParams:
         self.dmd_params().validate()
 
     def dmd_params(self) -> DMDParams:
-        """The DMD2 settings of the composed objective (GAN on, no regression)."""
+        """The DMD2 settings of the composed objective (no regression; its latent GAN head unless the
+        adversarial term is in pixel space, where Flash-DMD trains its own discriminator)."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DMDParams) if f.name in _SHARED_WITH_DMD2}
         shared["num_steps"], shared["student_times"] = int(self.num_steps), [float(t) for t in self.student_times]
-        return DMDParams(variant="dmd2", gan=True, regression_weight=0.0, **shared)
+        return DMDParams(variant="dmd2", gan=self.gan_space == "latent", regression_weight=0.0, **shared)
 
 
 class FlashDMDObjective:
@@ -146,8 +167,11 @@ class FlashDMDObjective:
         dmd: DMDObjective,
         reward: Callable[[Tensor, Any], Tensor] | None = None,
         decode: Callable[[Tensor], Tensor] | None = None,
+        pixel: tuple[nn.Module, PixelDiscriminator] | None = None,
     ):
         params.validate()
+        if (params.gan_space == "pixel") != (pixel is not None):
+            raise ValueError("objective.gan_space='pixel' goes with a (backbone, PixelDiscriminator) pair, and only it")
         if params.reward_start is not None and reward is None:
             raise ValueError("objective.reward_start is set but no reward was given")
         if reward is not None and getattr(reward, "input", "latents") == "images" and decode is None:
@@ -164,6 +188,10 @@ class FlashDMDObjective:
         self.decode = decode
         if isinstance(reward, nn.Module):  # held outside `nets`: frozen, never saved, never trained
             reward.requires_grad_(False)
+        self.pixel_backbone = None
+        if pixel is not None:  # the backbone, like the reward, outside `nets`; the heads train with the fake score
+            self.pixel_backbone, self.nets["pixel_disc"] = pixel
+            self.groups["fake_score"].append("pixel_disc")
 
     # ---- schedule -----------------------------------------------------------------------
     def reward_active(self, step: int) -> bool:
@@ -191,8 +219,46 @@ class FlashDMDObjective:
         if self.is_dm_step(step):
             g = dm._dm_grad(x_hat, cond, self.p.guidance, rng)
             return surrogate_loss(x_hat, g), {"dm_grad_norm": g.flatten(1).norm(dim=1).mean().item(), "dm_step": 1.0}
-        term, adv = dm._gan_generator(x_hat, cond, rng)  # the fake score and head frozen: no weight gradients
+        if self.pixel_backbone is not None:
+            term, adv = self._pixel_generator(x_hat)
+        else:
+            term, adv = dm._gan_generator(x_hat, cond, rng)  # the fake score and head frozen: no weight gradients
         return self.p.gan_generator_weight * term, {"gan_g": adv.item(), "dm_step": 0.0}
+
+    # ---- the pixel discriminator (gan_space "pixel") ----------------------------------------
+    def _images(self, x: Tensor) -> Tensor:
+        return self.decode(x) if self.decode is not None else x
+
+    def _pixel_logits(self, x: Tensor, disc: nn.Module) -> Tensor:
+        return disc(self.pixel_backbone(self._images(x)))
+
+    def _pixel_generator(self, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+        """softplus(-D(decode(x_hat))) with the backbone and heads frozen: (term, value), the term's
+        gradient reaching the student only (no weight gradients computed for the heads)."""
+        disc = unwrap(self.nets["pixel_disc"])
+
+        def adv(leaf: Tensor) -> tuple[Tensor, None]:
+            return generator_gan_loss(self._pixel_logits(leaf, disc)), None
+
+        term, value, _ = input_gradient_only(x_hat, adv)
+        return term, value
+
+    def _pixel_disc_loss(self, x_hat: Tensor, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """gan_disc_weight * [softplus(D(decode(sg x_hat))) + softplus(-D(decode(x_real)))]: only the
+        heads train; the decoder and backbone run without a graph."""
+        x_real = batch.get("x0")
+        if x_real is None:
+            raise ValueError("objective.gan_space='pixel' needs real latents in the batch (data.real_data: true)")
+        b = x_hat.shape[0]
+        with torch.no_grad():
+            feats = self.pixel_backbone(self._images(torch.cat([x_hat.detach(), x_real.float()])))
+        logits = self.nets["pixel_disc"](feats)
+        d_loss = discriminator_gan_loss(logits[:b], logits[b:])
+        return self.p.gan_disc_weight * d_loss, {"gan_d": d_loss.item()}
+
+    def fake_score_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        extra = self._pixel_disc_loss if self.pixel_backbone is not None else None
+        return self.dm.fake_score_loss(batch, step, extra=extra)
 
     def _reward(self, x_hat: Tensor, batch: Batch, step: int) -> Tensor:
         r_fn = self.reward
@@ -233,7 +299,7 @@ class FlashDMDObjective:
         return loss, logs
 
     def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        losses = {"generator": self.generator_loss, "fake_score": self.dm.fake_score_loss}
+        losses = {"generator": self.generator_loss, "fake_score": self.fake_score_loss}
         return phase_loss("Flash-DMD", losses, phase, batch, step)
 
 
@@ -257,7 +323,16 @@ def build(
     decode = differentiable_decode(getattr(ctx, "decode", None))
     if params.fake_score_pull > 0:
         _check_pull(dmd)
-    obj = FlashDMDObjective(params, dmd, reward, decode)
+    pixel = None
+    if params.gan_space == "pixel":
+        backbone = make_pixel_backbone(params.pixel_backbone, getattr(ctx, "vae", None))
+        disc = PixelDiscriminator(backbone.channels, int(params.pixel_head_width))
+        dev = getattr(ctx, "device", None)
+        if dev is not None and torch.device(dev).type != "meta":
+            backbone.to(dev)
+            disc.to(dev)
+        pixel = (backbone, disc)
+    obj = FlashDMDObjective(params, dmd, reward, decode, pixel)
     if reward is not None and getattr(ctx, "num_classes", None):
         _probe_reward(obj, ctx)
     return obj

@@ -83,6 +83,7 @@ class BuildContext:
     make_copy: Callable[[Any], Any] = _full_copy  # teacher Denoiser -> trainable copy (fake score, ...)
     decode: Callable[[Any], Any] | None = None  # latents -> images in [-1, 1] (teachers with a VAE), for
     #   objectives that score images (Flash-DMD's rewards)
+    vae: Any = None  # the teacher's VAE (frozen), when it has one: Flash-DMD's pixel discriminator reads its encoder
 
 
 # ---------------------------------------------------------------------------------------------

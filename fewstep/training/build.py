@@ -134,6 +134,7 @@ def build_trainer(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSou
 def _context(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSource, family: str | None) -> BuildContext:
     """What an objective's builder may know of this run (shapes, conditioning, placement)."""
     data = {"num_classes": source.num_classes, "has_real_data": source.has_real_data, "decode": bundle.decode}
+    data["vae"] = bundle.vae
     placement = {"device": env.device, "num_processes": env.world, "sharded": env.sharded, "mixed_precision": env.mp}
     return run_context(cfg, bundle, family, **data, **placement)
 
@@ -150,6 +151,7 @@ def run_context(
     sharded: bool,
     mixed_precision: str,
     decode: Any = None,
+    vae: Any = None,
 ) -> BuildContext:
     """The registry's BuildContext for a run of `cfg` on `bundle`'s teacher, with the factories
     that make its students and copies (LoRA or full, as cfg.lora says). The training run and the
@@ -158,7 +160,7 @@ def run_context(
         cfg.lora, sharded=sharded, family=family, gradient_checkpointing=cfg.precision.gradient_checkpointing
     )
     teacher = {"latent_shape": tuple(bundle.latent_shape), "null_class": bundle.null_class, "text": bundle.text}
-    data = {"num_classes": num_classes, "has_real_data": has_real_data, "decode": decode}
+    data = {"num_classes": num_classes, "has_real_data": has_real_data, "decode": decode, "vae": vae}
     placement = {
         "device": device,
         "num_processes": num_processes,

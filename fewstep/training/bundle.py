@@ -37,6 +37,7 @@ class TeacherBundle:
     text: bool = False  # conditions come from encode_prompts
     encode_prompts: Callable[[list[str]], dict] | None = None
     decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]
+    vae: nn.Module | None = None  # the teacher's VAE, when it has one (frozen; a pixel discriminator's backbone)
     real_data: Callable[[], tuple[Tensor, Tensor | None]] | None = None  # () -> (latents, labels)
     pair_cond: Callable[[Tensor, torch.Generator], dict] | None = None  # restoration: (indices into
     #   real_data's samples, generator) -> their condition (a fresh degraded image each draw)
@@ -135,6 +136,7 @@ def bundle_from_teacher(t: Any, source: str, device) -> TeacherBundle:
         text=text,
         encode_prompts=getattr(t, "encode_prompts", None) if text else None,
         decode=decode,
+        vae=vae,
         real_data=real,
         pair_cond=pair_cond,
         encode=encode,

@@ -121,6 +121,7 @@ def plan_memory(
         num_processes=n,
         sharded=sharded,
         mixed_precision=mp,
+        vae=getattr(bundle, "vae", None),
     )
     nets, groups, notes = _meta_networks(cfg, tden, ctx)
     trainable_roles = {r for roles in groups.values() for r in roles}
