@@ -532,9 +532,9 @@ def test_pixel_adversarial_step_raises_the_discriminators_logit_of_the_students_
 
 
 def test_pixel_discriminator_learns_to_tell_real_from_student_images():
-    """The heads' loss falls over fake-score updates with the student held fixed: the
-    discriminator separates decoded real latents from the student's decoded samples (a sign error
-    in its loss makes it rise)."""
+    """The heads' loss falls over fake-score updates with the student held fixed, and real images
+    end with the higher logit: the discriminator separates decoded real latents from the student's
+    decoded samples the right way round (swapped labels fail the last check)."""
     tiny = make_tiny("dit")
     obj, _ = _pixel_obj(tiny)
     opt = torch.optim.Adam(obj.nets["pixel_disc"].parameters(), lr=3e-3)
@@ -551,8 +551,14 @@ def test_pixel_discriminator_learns_to_tell_real_from_student_images():
         loss.backward()
         opt.step()
         d.append(logs["gan_d"])
-    print(f"pixel discriminator loss: {sum(d[:5]) / 5:.4f} -> {sum(d[-5:]) / 5:.4f}")
-    assert sum(d[-5:]) / 5 < 0.5 * sum(d[:5]) / 5
+    with torch.no_grad():
+        lf = float(obj._pixel_logits(x_hat, obj.nets["pixel_disc"]).mean())
+        lr = float(obj._pixel_logits(real, obj.nets["pixel_disc"]).mean())
+    print(
+        f"pixel discriminator loss: {sum(d[:5]) / 5:.4f} -> {sum(d[-5:]) / 5:.4f}; logit real {lr:.3f}, student {lf:.3f}"
+    )
+    assert sum(d[-5:]) / 5 < 0.7 * sum(d[:5]) / 5
+    assert lr > lf + 1.0  # real images get the higher logit (the labels the loss gives them)
 
 
 @pytest.mark.parametrize(
