@@ -578,3 +578,60 @@ def test_bad_pixel_settings_name_the_key(kw, ctx_vae, key):
     vae = tiny_vae(channels=1, latent_channels=tiny.latent_shape[0]) if ctx_vae else None
     with pytest.raises(ValueError, match=key):
         build_objective("flash_dmd", {"guidance": 3.0, **kw}, tiny.denoiser, _ctx(tiny, vae=vae))
+
+
+def test_pixel_discriminator_runs_through_the_entry_point_and_its_heads_are_checkpointed(tmp_path):
+    """A Flash-DMD run with gan_space pixel on a teacher with a VAE: the heads train in the
+    fake-score group, are saved with the checkpoint (the VAE backbone is not), and the run resumes."""
+    from safetensors.torch import load_file
+
+    from fewstep.config import config_from_dict
+    from fewstep.training.bundle import TeacherBundle, vae_decoder
+    from fewstep.training.loop import run
+    from tests.tiny import tiny_vae
+
+    tiny = make_tiny("dit", seed=0)
+    vae = tiny_vae(channels=1, latent_channels=tiny.latent_shape[0]).requires_grad_(False)
+    lat, lab = torch.randn(20, *tiny.latent_shape), torch.arange(20) % 10
+    bundle = TeacherBundle(
+        denoiser=tiny.denoiser,
+        latent_shape=tiny.latent_shape,
+        family="dit",
+        num_classes=10,
+        null_class=10,
+        real_data=lambda: (lat, lab),
+        decode=vae_decoder(vae),
+        vae=vae,
+    )
+    vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
+
+    def cfg(steps, **kw):
+        return config_from_dict(
+            {
+                **kw,
+                "name": "flash-pixel",
+                "output_dir": str(tmp_path / "run"),
+                "steps": steps,
+                "objective": {
+                    "name": "flash_dmd",
+                    "guidance": 2.0,
+                    "fake_updates_per_generator": 2,
+                    "gan_space": "pixel",
+                },
+                "data": {"batch_size": 2, "real_data": True},
+                "log": {"sample_every": 0, "trackers": [], "progress": False},
+                "checkpoint": {"every": 2},
+            }
+        )
+
+    res = run(cfg(3), teacher=bundle)
+    assert res.steps == 3 and res.skipped == 0
+    ckpts = sorted((tmp_path / "run").rglob("*.safetensors"))
+    saved = {}
+    for f in ckpts:
+        saved.update({f"{f.parent.name}/{k}": v for k, v in load_file(str(f)).items()})
+    assert any("pixel_disc" in k for k in saved), sorted(saved)[:20]
+    assert not any("encoder.conv_in" in k or "mid_block.resnets" in k for k in saved)  # the VAE backbone is not saved
+    res = run(cfg(5, resume="latest"), teacher=bundle)  # resumes from the checkpoint at step 2
+    assert res.steps == 5 and res.skipped == 0
+    assert all(torch.equal(vae_before[k], v) for k, v in vae.state_dict().items())
