@@ -569,6 +569,7 @@ def test_pixel_discriminator_learns_to_tell_real_from_student_images():
         ({"gan_space": "pixel", "pixel_backbone": "no_such_module:f"}, True, "objective.pixel_backbone"),
         ({"gan_space": "pixel"}, False, "objective.pixel_backbone"),
         ({"gan_space": "pixel", "pixel_head_width": 0}, True, "objective.pixel_head_width"),
+        ({"disc_lr_scale": 0.0}, True, "objective.disc_lr_scale"),
     ],
 )
 def test_bad_pixel_settings_name_the_key(kw, ctx_vae, key):
@@ -635,3 +636,33 @@ def test_pixel_discriminator_runs_through_the_entry_point_and_its_heads_are_chec
     res = run(cfg(5, resume="latest"), teacher=bundle)  # resumes from the checkpoint at step 2
     assert res.steps == 5 and res.skipped == 0
     assert all(torch.equal(vae_before[k], v) for k, v in vae.state_dict().items())
+
+
+def test_disc_lr_scale_gives_the_heads_their_own_learning_rate():
+    """objective.disc_lr_scale puts the discriminator heads in their own parameter group of the
+    fake-score optimizer at that multiple of its learning rate; the fake score keeps the group's.
+    One AdamW step then moves the heads about that many times further than at scale 1."""
+    from fewstep.training.build import _param_groups
+
+    tiny = make_tiny("dit")
+
+    def step_sizes(scale):
+        obj, _ = _pixel_obj(tiny, disc_lr_scale=scale)
+        named = [(f"{r}.{n}", p) for r in obj.groups["fake_score"] for n, p in obj.nets[r].named_parameters()]
+        named = [(n, p) for n, p in named if p.requires_grad]
+        groups = _param_groups([p for _, p in named], [n for n, _ in named], obj.lr_scales, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+        heads = [p.detach().clone() for p in obj.nets["pixel_disc"].parameters()]
+        loss, _ = obj.loss("fake_score", _batch(tiny, b=4), 0)
+        loss.backward()
+        opt.step()
+        moved = sum(float((p - q).abs().sum()) for p, q in zip(obj.nets["pixel_disc"].parameters(), heads))
+        return obj, opt, moved
+
+    obj1, opt1, moved1 = step_sizes(1.0)
+    assert obj1.lr_scales == {} and len(opt1.param_groups) == 1
+    obj10, opt10, moved10 = step_sizes(10.0)
+    assert obj10.lr_scales == {"pixel_disc": 10.0}
+    assert [g["lr"] for g in opt10.param_groups] == [1e-3, pytest.approx(1e-2)]
+    assert {id(p) for p in opt10.param_groups[1]["params"]} == {id(p) for p in obj10.nets["pixel_disc"].parameters()}
+    assert 8.0 < moved10 / moved1 < 12.0

@@ -96,6 +96,8 @@ class FlashDMDParams:
     pixel_backbone: str = "vae_encoder"  # gan_space "pixel": the frozen backbone, "vae_encoder" (the
     #   teacher's own) or "module.path:factory"
     pixel_head_width: int = 64  # channels of each pixel head
+    disc_lr_scale: float = 1.0  # the discriminator heads' learning rate (latent or pixel) as a multiple of
+    #   the fake-score group's (1: one rate for both, as DMD2)
     # ---- reward phase ---------------------------------------------------------------------
     reward: str | None = None  # "digits_class", "clip", "module.path:factory", or null (no phase)
     reward_model: str | None = None  # the reward's weights / model folder (None: its default)
@@ -133,6 +135,8 @@ class FlashDMDParams:
             )
         if self.gan_space not in ("latent", "pixel"):
             raise ValueError(f"objective.gan_space={self.gan_space!r} must be 'latent' or 'pixel'")
+        if not self.disc_lr_scale > 0:
+            raise ValueError(f"objective.disc_lr_scale={self.disc_lr_scale} must be > 0")
         if int(self.pixel_head_width) < 1:
             raise ValueError(f"objective.pixel_head_width={self.pixel_head_width} must be >= 1")
         if self.gan_generator_weight <= 0:
@@ -192,6 +196,13 @@ class FlashDMDObjective:
         if pixel is not None:  # the backbone, like the reward, outside `nets`; the heads train with the fake score
             self.pixel_backbone, self.nets["pixel_disc"] = pixel
             self.groups["fake_score"].append("pixel_disc")
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """{role: factor} of the training loop's optimizer groups: the discriminator heads at
+        disc_lr_scale x the fake-score group's learning rate."""
+        s = float(self.p.disc_lr_scale)
+        return {} if s == 1.0 else {r: s for r in ("disc", "pixel_disc") if r in self.nets}
 
     # ---- schedule -----------------------------------------------------------------------
     def reward_active(self, step: int) -> bool:

@@ -104,7 +104,7 @@ def build_trainer(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSou
         compile_backbones([*holder.values(), tden], cfg.precision.compile_mode, env.say)
     named = dict(holder.named_parameters(remove_duplicate=False))
     group_params = {g: [named[n] for n in names] for g, names in group_names.items()}
-    optimizers, schedulers, gcfg = _optimizers(cfg, obj, group_params)
+    optimizers, schedulers, gcfg = _optimizers(cfg, obj, group_params, group_names)
     ema = None
     if cfg.ema.rate > 0:
         ema = EMA(
@@ -213,6 +213,21 @@ def _group_names(cfg: Config, obj: Any, holder: nn.ModuleDict, teacher_roles: se
     return group_names
 
 
+def _param_groups(plist: list[nn.Parameter], names: list[str] | None, scales: dict[str, float], lr: float) -> list:
+    """The parameters of one optimizer group, the roles in `scales` (by the first part of each
+    parameter's name) apart with their own learning rate; plain `plist` when none applies."""
+    if not scales or names is None:
+        return plist
+    rest: list[nn.Parameter] = []
+    own: dict[str, list[nn.Parameter]] = {}
+    for n, p in zip(names, plist):
+        role = n.split(".", 1)[0]
+        (own.setdefault(role, []) if role in scales else rest).append(p)
+    if not own:
+        return plist
+    return [{"params": rest}] + [{"params": ps, "lr": lr * float(scales[r])} for r, ps in own.items()]
+
+
 def _place(env: Env, tden: nn.Module, holder: nn.ModuleDict) -> None:
     """5. The same initial weights on every process; FSDP sharding and bf16 autocast per backbone."""
     broadcast_parameters(list(holder.values()), env.world)
@@ -235,14 +250,27 @@ def _place(env: Env, tden: nn.Module, holder: nn.ModuleDict) -> None:
             wrap_autocast(bb, env.device.type)
 
 
-def _optimizers(cfg: Config, obj: Any, group_params: dict[str, list[nn.Parameter]]):
-    """6. AdamW and a diffusers learning-rate schedule (training/schedules.py) per group, the schedule's length counted in that group's updates."""
+def _optimizers(
+    cfg: Config,
+    obj: Any,
+    group_params: dict[str, list[nn.Parameter]],
+    group_names: dict[str, list[str]] | None = None,
+):
+    """6. AdamW and a diffusers learning-rate schedule (training/schedules.py) per group, the schedule's length counted in that group's updates.
+    An objective's `lr_scales` ({role: factor}) gives a role its own parameter group at factor x its
+    optimizer group's learning rate (the schedule scales both alike)."""
     updates = update_counts(obj, cfg.steps, name=cfg.objective.name)  # raises on a phase that is no group
+    scales = dict(getattr(obj, "lr_scales", None) or {})
     optimizers, schedulers, gcfg = {}, {}, {}
     for g, plist in group_params.items():
         gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
+        names = (group_names or {}).get(g)
         optimizers[g] = torch.optim.AdamW(
-            plist, lr=gc.lr, betas=tuple(gc.betas), eps=gc.eps, weight_decay=gc.weight_decay
+            _param_groups(plist, names, scales, gc.lr),
+            lr=gc.lr,
+            betas=tuple(gc.betas),
+            eps=gc.eps,
+            weight_decay=gc.weight_decay,
         )
         schedulers[g] = make_scheduler(optimizers[g], gc.scheduler, gc.warmup_steps, updates[g], gc.num_cycles)
     return optimizers, schedulers, gcfg
