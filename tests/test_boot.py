@@ -263,19 +263,11 @@ def test_real_data_is_refused_naming_the_key():
 
 def test_preset_with_real_data_fails_at_start(tmp_path):
     from fewstep.config import config_from_dict
-    from fewstep.training.bundle import TeacherBundle
     from fewstep.training.loop import run
+    from tests.dist.bundles import real_data_bundle
 
     tiny = make_tiny("dit", seed=0)
-    lat, lab = torch.randn(20, *tiny.latent_shape), torch.arange(20) % 10
-    bundle = TeacherBundle(
-        denoiser=tiny.denoiser,
-        latent_shape=tiny.latent_shape,
-        family="dit",
-        num_classes=10,
-        null_class=10,
-        real_data=lambda: (lat, lab),
-    )
+    bundle = real_data_bundle(tiny, 20)
     cfg = config_from_dict(
         {
             "name": "boot-real",

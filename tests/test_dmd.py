@@ -622,18 +622,10 @@ def test_dmd2_moves_one_step_generator_toward_the_mixture(kind):
 def test_entry_point_trains_shared_base_dmd2_with_gan_and_saves_the_merged_student(tmp_path):
     from fewstep.config import config_from_dict
     from fewstep.training import loop as training
-    from fewstep.training.bundle import TeacherBundle
+    from tests.dist.bundles import real_data_bundle
 
     tiny = _tiny("dit")
-    lat, lab = torch.randn(40, *tiny.latent_shape), torch.arange(40) % 10
-    bundle = TeacherBundle(
-        denoiser=tiny.denoiser,
-        latent_shape=tiny.latent_shape,
-        family="dit",
-        num_classes=10,
-        null_class=10,
-        real_data=lambda: (lat, lab),
-    )
+    bundle = real_data_bundle(tiny, 40)
     cfg = config_from_dict(
         {
             "name": "dmd-test",

@@ -587,23 +587,14 @@ def test_pixel_discriminator_runs_through_the_entry_point_and_its_heads_are_chec
     from safetensors.torch import load_file
 
     from fewstep.config import config_from_dict
-    from fewstep.training.bundle import TeacherBundle, vae_decoder
+    from fewstep.training.bundle import vae_decoder
     from fewstep.training.loop import run
+    from tests.dist.bundles import real_data_bundle
     from tests.tiny import tiny_vae
 
     tiny = make_tiny("dit", seed=0)
     vae = tiny_vae(channels=1, latent_channels=tiny.latent_shape[0]).requires_grad_(False)
-    lat, lab = torch.randn(20, *tiny.latent_shape), torch.arange(20) % 10
-    bundle = TeacherBundle(
-        denoiser=tiny.denoiser,
-        latent_shape=tiny.latent_shape,
-        family="dit",
-        num_classes=10,
-        null_class=10,
-        real_data=lambda: (lat, lab),
-        decode=vae_decoder(vae),
-        vae=vae,
-    )
+    bundle = real_data_bundle(tiny, 20, decode=vae_decoder(vae), vae=vae)
     vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
 
     def cfg(steps, **kw):

@@ -72,6 +72,21 @@ def tiny_bundle(family: str = "dit", seed: int = 0, **kw) -> TeacherBundle:
     )
 
 
+def real_data_bundle(tiny, n: int, **kw) -> TeacherBundle:
+    """A class-conditional TeacherBundle around `tiny` (a `make_tiny("dit")` teacher, 10 classes)
+    with n random real latents labelled 0..9 in turn; `kw` adds fields (decode, vae, ...)."""
+    lat, lab = torch.randn(n, *tiny.latent_shape), torch.arange(n) % 10
+    return TeacherBundle(
+        denoiser=tiny.denoiser,
+        latent_shape=tiny.latent_shape,
+        family="dit",
+        num_classes=10,
+        null_class=10,
+        real_data=lambda: (lat, lab),
+        **kw,
+    )
+
+
 def restore_bundle(seed: int = 0) -> TeacherBundle:
     """A tiny image-conditioned restoration teacher (the restore family) with its own training
     pairs, as `digits-restore` has: 20 fixed random 1x8x8 targets and, for any of them, a condition
