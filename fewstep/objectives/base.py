@@ -52,6 +52,9 @@ The objective (`Objective` below; optional members may be absent)
     optim                              optional {group: {"lr": ..., "betas": ..., ...}}: the
                   objective's recommended AdamW settings; a preset's `optim.<group>` overrides
                   them, and they override `optim.default`.
+    lr_scales                          optional {role: factor}: that role's parameters get their own
+                  parameter group in their optimizer group, at factor x its learning rate (Flash-DMD's
+                  `disc_lr_scale` for its discriminator heads).
     state_dict() / load_state_dict(d)  optional: state outside `nets` that must survive a resume
                   (tensors, numbers); weights and buffers in `nets` are saved by the entry point.
 
@@ -95,7 +98,7 @@ Batch = dict[str, Any]
 
 
 # members an objective may leave out; the entry point uses them when present
-OPTIONAL_MEMBERS = ("after_step", "optim", "state_dict", "load_state_dict")
+OPTIONAL_MEMBERS = ("after_step", "optim", "lr_scales", "state_dict", "load_state_dict")
 
 
 @runtime_checkable
@@ -112,6 +115,7 @@ class Objective(Protocol):
 
     if TYPE_CHECKING:  # optional members (OPTIONAL_MEMBERS): declared for readers and type checkers
         optim: dict[str, dict[str, Any]]
+        lr_scales: dict[str, float]
 
         def after_step(self, phase: str, step: int) -> None: ...
 
