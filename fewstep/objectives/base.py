@@ -88,6 +88,7 @@ group's optimizer and scheduler -> zero the gradients of ALL networks -> after_s
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -122,6 +123,16 @@ class Objective(Protocol):
         def state_dict(self) -> dict[str, Any]: ...
 
         def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def import_factory(key: str, spec: str) -> Callable[..., Any]:
+    """The callable a preset names as "module.path:factory" under `key` (e.g. objective.reward), or
+    an error naming the key and what could not be imported."""
+    mod, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{key}={spec!r}: cannot import {attr} from {mod}: {e}") from None
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

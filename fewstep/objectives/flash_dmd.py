@@ -273,7 +273,7 @@ class FlashDMDObjective:
 
     def _reward(self, x_hat: Tensor, batch: Batch, step: int) -> Tensor:
         r_fn = self.reward
-        x = self.decode(x_hat) if getattr(r_fn, "input", "latents") == "images" else x_hat
+        x = self._images(x_hat) if getattr(r_fn, "input", "latents") == "images" else x_hat
         cond = dict(batch.get("cond") or {})
         if batch.get("prompts") is not None:
             cond["prompts"] = batch["prompts"]

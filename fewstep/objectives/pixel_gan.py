@@ -21,11 +21,12 @@ the heads train (in the fake-score group, as DMD2's head does).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .base import import_factory
 
 __all__ = ["VAEEncoderFeatures", "PixelDiscriminator", "make_pixel_backbone"]
 
@@ -110,12 +111,7 @@ def make_pixel_backbone(name: str, vae: Any = None) -> nn.Module:
             )
         net = VAEEncoderFeatures(vae)
     elif ":" in name:
-        mod, attr = name.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"objective.pixel_backbone={name!r}: cannot import {attr} from {mod}: {e}") from None
-        net = factory()
+        net = import_factory("objective.pixel_backbone", name)()
         if not isinstance(net, nn.Module) or not getattr(net, "channels", None):
             raise ValueError(
                 f"objective.pixel_backbone={name!r}: the factory must return an nn.Module with a `channels` "

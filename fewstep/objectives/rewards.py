@@ -26,7 +26,6 @@ factory (called with `model_path` when given), so a user reward needs no edit he
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .base import import_factory
 
 __all__ = ["DigitsClassReward", "ClipReward", "make_reward", "differentiable_decode", "REWARD_CLASSIFIER_WEIGHTS"]
 
@@ -134,11 +135,7 @@ def make_reward(name: str, model_path: str | None = None, device: Any = "cpu") -
     if name == "clip":
         return ClipReward(model_path, device)
     if ":" in name:
-        mod, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"objective.reward={name!r}: cannot import {attr} from {mod}: {e}") from None
+        factory = import_factory("objective.reward", name)
         r = factory(model_path) if model_path is not None else factory()
         if not callable(r):
             raise ValueError(f"objective.reward={name!r}: the factory returned {type(r).__name__}, not a callable")

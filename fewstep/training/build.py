@@ -133,8 +133,12 @@ def build_trainer(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSou
 
 def _context(cfg: Config, env: Env, bundle: TeacherBundle, source: BatchSource, family: str | None) -> BuildContext:
     """What an objective's builder may know of this run (shapes, conditioning, placement)."""
-    data = {"num_classes": source.num_classes, "has_real_data": source.has_real_data, "decode": bundle.decode}
-    data["vae"] = bundle.vae
+    data = {
+        "num_classes": source.num_classes,
+        "has_real_data": source.has_real_data,
+        "decode": bundle.decode,
+        "vae": bundle.vae,
+    }
     placement = {"device": env.device, "num_processes": env.world, "sharded": env.sharded, "mixed_precision": env.mp}
     return run_context(cfg, bundle, family, **data, **placement)
 
@@ -213,11 +217,9 @@ def _group_names(cfg: Config, obj: Any, holder: nn.ModuleDict, teacher_roles: se
     return group_names
 
 
-def _param_groups(plist: list[nn.Parameter], names: list[str] | None, scales: dict[str, float], lr: float) -> list:
+def _param_groups(plist: list[nn.Parameter], names: list[str], scales: dict[str, float], lr: float) -> list:
     """The parameters of one optimizer group, the roles in `scales` (by the first part of each
     parameter's name) apart with their own learning rate; plain `plist` when none applies."""
-    if not scales or names is None:
-        return plist
     rest: list[nn.Parameter] = []
     own: dict[str, list[nn.Parameter]] = {}
     for n, p in zip(names, plist):
@@ -254,7 +256,7 @@ def _optimizers(
     cfg: Config,
     obj: Any,
     group_params: dict[str, list[nn.Parameter]],
-    group_names: dict[str, list[str]] | None = None,
+    group_names: dict[str, list[str]],
 ):
     """6. AdamW and a diffusers learning-rate schedule (training/schedules.py) per group, the schedule's length counted in that group's updates.
     An objective's `lr_scales` ({role: factor}) gives a role its own parameter group at factor x its
@@ -264,9 +266,8 @@ def _optimizers(
     optimizers, schedulers, gcfg = {}, {}, {}
     for g, plist in group_params.items():
         gc = gcfg[g] = resolve_group(cfg, g, (getattr(obj, "optim", None) or {}).get(g))
-        names = (group_names or {}).get(g)
         optimizers[g] = torch.optim.AdamW(
-            _param_groups(plist, names, scales, gc.lr),
+            _param_groups(plist, group_names[g], scales, gc.lr),
             lr=gc.lr,
             betas=tuple(gc.betas),
             eps=gc.eps,
