@@ -337,3 +337,97 @@ def comparison(
     verdict = compare(student, teacher)
     text = panel_table([(student_label, student), (teacher_label, teacher)], seeds)
     return text + "\n" + verdict_text(student_label, teacher_label, verdict) + "\n", verdict
+
+
+def compare_training_seeds(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Two methods over paired training seeds, each scored by `eval/panel.py` over the same
+    evaluation seeds: a[i] and b[i] are the `panel.json` records of training seed i.
+
+    Every (training seed, evaluation seed) pair gets the claims rule (`compare`, a against b), and
+    every member of every pair is counted where a's FID is the lower. Per member, the mean FID over
+    all pairs of each side and their ratio (a / b). Returns {"pairs": [{"training", "seed",
+    "fid_ratio_median", "fid", "a_median", "b_median", "members_lower"}], "a_lower": count,
+    "total": count, "member_ratio_range", "member_means": {name: {"a", "b", "ratio"}},
+    "a_medians", "b_medians" (panel medians per training seed at the first evaluation seed),
+    "verdicts": the set of per-pair FID verdicts}."""
+    if len(a) != len(b) or not a:
+        raise InputError(f"compare_training_seeds: {len(a)} runs against {len(b)}: pair one run per training seed")
+    pairs, sums, ratios = [], {}, []
+    lower = total = 0
+    for i, (ra, rb) in enumerate(zip(a, b)):
+        if ra.get("seeds") != rb.get("seeds"):
+            raise InputError(
+                f"compare_training_seeds: training pair {i} was scored over evaluation seeds "
+                f"{ra.get('seeds')} and {rb.get('seeds')}: score both over the same seeds"
+            )
+        for j, (pa, pb) in enumerate(zip(ra["student_runs"], rb["student_runs"])):
+            pa, pb = pa["panel"], pb["panel"]
+            v = compare(pa, pb)
+            b_by = {m["name"]: m for m in pb["members"]}
+            n_lower = 0
+            for m in pa["members"]:
+                fa, fb = m["fid"], b_by[m["name"]]["fid"]
+                n_lower += fa < fb
+                ratios.append(fa / fb)
+                s = sums.setdefault(m["name"], [0.0, 0.0, 0])
+                s[0], s[1], s[2] = s[0] + fa, s[1] + fb, s[2] + 1
+            lower += n_lower
+            total += len(pa["members"])
+            pairs.append(
+                {
+                    "training": i,
+                    "seed": ra["seeds"][j],
+                    "fid_ratio_median": v["fid_ratio_median"],
+                    "fid": v["fid"],
+                    "a_median": pa["panel"]["fid_median"],
+                    "b_median": pb["panel"]["fid_median"],
+                    "members_lower": n_lower,
+                }
+            )
+    means = {k: {"a": s[0] / s[2], "b": s[1] / s[2], "ratio": s[0] / s[1]} for k, s in sums.items()}
+    return {
+        "pairs": pairs,
+        "a_lower": lower,
+        "total": total,
+        "member_ratio_range": [min(ratios), max(ratios)],
+        "member_means": means,
+        "a_medians": [r["student_runs"][0]["panel"]["panel"]["fid_median"] for r in a],
+        "b_medians": [r["student_runs"][0]["panel"]["panel"]["fid_median"] for r in b],
+        "verdicts": sorted({p["fid"] for p in pairs}),
+    }
+
+
+def training_seeds_text(a_label: str, b_label: str, c: dict[str, Any]) -> str:
+    """Markdown for `compare_training_seeds`: one row per training seed, then the member means."""
+    lines = [
+        f"| training seed | {a_label}: panel median per evaluation seed | {b_label} | a / b, per evaluation seed | members where a is lower | claims rule |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_training: dict[int, list[dict]] = {}
+    for p in c["pairs"]:
+        by_training.setdefault(p["training"], []).append(p)
+    per_pair = c["total"] // len(c["pairs"])
+
+    def join(ps: list[dict], key: str) -> str:
+        return " / ".join(f"{p[key]:.2f}" for p in ps)
+
+    for i, ps in by_training.items():
+        verdicts = ", ".join(sorted({p["fid"] for p in ps}))
+        lines.append(
+            f"| {i} | {join(ps, 'a_median')} | {join(ps, 'b_median')} | {join(ps, 'fid_ratio_median')} "
+            f"| {sum(p['members_lower'] for p in ps)} of {len(ps) * per_pair} | {verdicts} |"
+        )
+    lo, hi = c["member_ratio_range"]
+    ma, mb = np.mean(c["a_medians"]), np.mean(c["b_medians"])
+    lines += [
+        "",
+        f"{a_label} is lower on {c['a_lower']} of {c['total']} member-seed pairs (a / b per member {lo:.2f}-{hi:.2f}x); "
+        f"mean panel median at the first evaluation seed {ma:.2f} against {mb:.2f} ({ma / mb:.2f}x).",
+        "Mean FID per member over every pair: "
+        + ", ".join(
+            f"{_short(k)} {v['a']:.2f} against {v['b']:.2f} ({v['ratio']:.2f}x)" for k, v in c["member_means"].items()
+        )
+        + ".",
+        f"Per-pair verdicts under the claims rule: {', '.join(c['verdicts'])}.",
+    ]
+    return "\n".join(lines) + "\n"
