@@ -16,12 +16,18 @@ from fewstep.evaluation.panel import compare_training_seeds, training_seeds_text
 MEMBERS = ("fewstep-digits-judge", "fewstep-digits-judge-cnn3-s1", "fewstep-digits-pixel-pca64")
 
 
-def _record(fids: list[list[float]], width: float = 1.0, seeds=(0, 100000)) -> dict:
-    """An eval/panel.py record: fids[j] are the members' FIDs at evaluation seed j."""
+def _record(fids: list[list[float]], width: float = 1.0, seeds=(0, 100000), acc: float | None = None) -> dict:
+    """An eval/panel.py record: fids[j] are the members' FIDs at evaluation seed j; with `acc`, every
+    judge's class accuracy (interval +-0.01)."""
     runs = []
     for row in fids:
         members = [{"name": n, "fid": f, "fid_ci": [f - width, f + width]} for n, f in zip(MEMBERS, row)]
-        runs.append({"panel": {"members": members, "panel": {"fid_median": sorted(row)[len(row) // 2]}}})
+        summary = {"fid_median": sorted(row)[len(row) // 2]}
+        if acc is not None:
+            for m in members[:-1]:  # the pixel distance has no class accuracy
+                m["class_acc"], m["class_acc_ci"] = acc, [acc - 0.01, acc + 0.01]
+            summary["class_acc_median"] = acc
+        runs.append({"panel": {"members": members, "panel": summary}})
     return {"seeds": list(seeds), "student_runs": runs}
 
 
@@ -44,6 +50,16 @@ def test_counts_members_and_applies_the_claims_rule_per_pair():
     assert [p["fid"] for p in r["pairs"]][:2] == ["trails", "trails"]
     text = training_seeds_text("A", "B", c)
     assert "A is lower on 8 of 12 member-seed pairs" in text and "| 0 | 10.00 / 11.00 |" in text
+
+
+def test_class_accuracy_is_judged_beside_fid():
+    # a lower FID bought with class accuracy: a beats b by FID and trails it by class accuracy
+    a = [_record([[10, 20, 3]], seeds=(0,), acc=0.95)]
+    b = [_record([[20, 30, 6]], seeds=(0,), acc=0.99)]
+    c = compare_training_seeds(a, b)
+    assert c["verdicts"] == ["beats"] and c["class_acc_verdicts"] == ["trails"]
+    assert compare_training_seeds(b, a)["class_acc_verdicts"] == ["beats"]
+    assert "95.0% against 99.0%" in training_seeds_text("A", "B", c)
 
 
 def test_unpaired_or_differently_seeded_runs_are_refused():

@@ -349,7 +349,7 @@ def compare_training_seeds(a: Sequence[dict[str, Any]], b: Sequence[dict[str, An
     "fid_ratio_median", "fid", "a_median", "b_median", "members_lower"}], "a_lower": count,
     "total": count, "member_ratio_range", "member_means": {name: {"a", "b", "ratio"}},
     "a_medians", "b_medians" (panel medians per training seed at the first evaluation seed),
-    "verdicts": the set of per-pair FID verdicts}."""
+    "verdicts" / "class_acc_verdicts": the sets of per-pair verdicts by FID and by class accuracy}."""
     if len(a) != len(b) or not a:
         raise InputError(f"compare_training_seeds: {len(a)} runs against {len(b)}: pair one run per training seed")
     pairs, sums, ratios = [], {}, []
@@ -379,9 +379,12 @@ def compare_training_seeds(a: Sequence[dict[str, Any]], b: Sequence[dict[str, An
                     "seed": ra["seeds"][j],
                     "fid_ratio_median": v["fid_ratio_median"],
                     "fid": v["fid"],
+                    "class_acc": v["class_acc"],
                     "a_median": pa["panel"]["fid_median"],
                     "b_median": pb["panel"]["fid_median"],
                     "members_lower": n_lower,
+                    "a_class_acc": pa["panel"].get("class_acc_median"),
+                    "b_class_acc": pb["panel"].get("class_acc_median"),
                 }
             )
     means = {k: {"a": s[0] / s[2], "b": s[1] / s[2], "ratio": s[0] / s[1]} for k, s in sums.items()}
@@ -394,6 +397,7 @@ def compare_training_seeds(a: Sequence[dict[str, Any]], b: Sequence[dict[str, An
         "a_medians": [r["student_runs"][0]["panel"]["panel"]["fid_median"] for r in a],
         "b_medians": [r["student_runs"][0]["panel"]["panel"]["fid_median"] for r in b],
         "verdicts": sorted({p["fid"] for p in pairs}),
+        "class_acc_verdicts": sorted({p["class_acc"] for p in pairs}),
     }
 
 
@@ -428,6 +432,13 @@ def training_seeds_text(a_label: str, b_label: str, c: dict[str, Any]) -> str:
             f"{_short(k)} {v['a']:.2f} against {v['b']:.2f} ({v['ratio']:.2f}x)" for k, v in c["member_means"].items()
         )
         + ".",
-        f"Per-pair verdicts under the claims rule: {', '.join(c['verdicts'])}.",
+        f"Per-pair verdicts under the claims rule: by FID {', '.join(c['verdicts'])}; "
+        f"by class accuracy {', '.join(c['class_acc_verdicts'])}.",
     ]
+    accs = [(p["a_class_acc"], p["b_class_acc"]) for p in c["pairs"]]
+    if all(x is not None and y is not None for x, y in accs):
+        ma_acc, mb_acc = np.mean([x for x, _ in accs]), np.mean([y for _, y in accs])
+        lines.append(
+            f"Mean class accuracy (panel median) over every pair: {100 * ma_acc:.1f}% against {100 * mb_acc:.1f}%."
+        )
     return "\n".join(lines) + "\n"
