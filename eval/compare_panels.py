@@ -13,24 +13,20 @@ both sides. This is how the multi-seed comparisons in BENCHMARKS.md are computed
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 
 def _load(path: str) -> dict:
-    from fewstep.errors import UserError
+    from fewstep.errors import UserError, read_json
 
     p = Path(path)
     if p.is_dir():
         p = p / "panel.json"
     if not p.is_file():
         raise UserError(f"{path}: no panel.json there (the --out folder of eval/panel.py)")
-    try:
-        rec = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from None
+    rec = read_json(p)
     if not isinstance(rec, dict) or not rec.get("student_runs"):
         raise UserError(f"{p}: not an eval/panel.py result (no 'student_runs')")
     return rec

@@ -39,6 +39,7 @@ __all__ = [
     "nonnegative_int",
     "one_line",
     "positive_int",
+    "read_json",
     "user_errors",
 ]
 
@@ -146,6 +147,14 @@ def dumps_json(obj: Any, **kw: Any) -> str:
     if default is not None:  # let `default` turn unknown objects into plain data first
         obj = json.loads(json.dumps(obj, default=default))
     return json.dumps(json_safe(obj), allow_nan=False, **kw)
+
+
+def read_json(path: str | Path, error: type[UserError] = UserError) -> Any:
+    """The JSON held in `path`; a file that cannot be read or parsed raises `error` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"cannot read {path}: {e}") from e
 
 
 # ---- output paths ----------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ first index), so it depends on --batch-size, which is recorded.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import read_json
 from ..families import family_of, is_text
 from .generation import Source, uniform_times
 from .inputs import InputError
@@ -43,10 +43,7 @@ EXPORT_CARD_NAMES = ("fewstep_card.json", "fewstep.json", "export_card.json")
 
 # ---------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from e
+    return read_json(path, InputError)
 
 
 def _vae_decoder(vae) -> Callable[[Tensor], Tensor]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, read_json
 
 CARD_NAME = "fewstep_card.json"
 CARD_FORMAT = "fewstep-export/1"
@@ -22,7 +21,4 @@ class ExportError(UserError):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"cannot read {path}: {e}") from e
+    return read_json(path, ExportError)
