@@ -345,8 +345,9 @@ def compare_training_seeds(a: Sequence[dict[str, Any]], b: Sequence[dict[str, An
 
     Every (training seed, evaluation seed) pair gets the claims rule (`compare`, a against b), and
     every member of every pair is counted where a's FID is the lower. Per member, the mean FID over
-    all pairs of each side and their ratio (a / b). Returns {"pairs": [{"training", "seed",
-    "fid_ratio_median", "fid", "a_median", "b_median", "members_lower"}], "a_lower": count,
+    all pairs of each side and their ratio (a / b). Returns {"pairs": [{"training" (the pair's
+    index), "seed" (the evaluation seed), "fid_ratio_median", "fid" and "class_acc" (the verdicts),
+    "a_median", "b_median", "members_lower", "a_class_acc", "b_class_acc"}], "a_lower": count,
     "total": count, "member_ratio_range", "member_means": {name: {"a", "b", "ratio"}},
     "a_medians", "b_medians" (panel medians per training seed at the first evaluation seed),
     "verdicts" / "class_acc_verdicts": the sets of per-pair verdicts by FID and by class accuracy}."""
@@ -404,7 +405,7 @@ def compare_training_seeds(a: Sequence[dict[str, Any]], b: Sequence[dict[str, An
 def training_seeds_text(a_label: str, b_label: str, c: dict[str, Any]) -> str:
     """Markdown for `compare_training_seeds`: one row per training seed, then the member means."""
     lines = [
-        f"| training seed | {a_label}: panel median per evaluation seed | {b_label} | a / b, per evaluation seed | members where a is lower | claims rule |",
+        f"| pair (training seed) | {a_label}: panel median per evaluation seed | {b_label} | a / b, per evaluation seed | members where a is lower | claims rule |",
         "|---|---|---|---|---|---|",
     ]
     by_training: dict[int, list[dict]] = {}
