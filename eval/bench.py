@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -298,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     from fewstep.evaluation.inputs import atomic_write_json
 
     torch.set_num_threads(args.threads)
-    command = "python eval/bench.py " + " ".join(shlex.quote(a) for a in argv)
+    from fewstep.errors import script_command
+
+    command = script_command("eval/bench.py", argv)
     if args.teacher:
         rows = teacher_rows(args.teacher, args, command, args.teacher_guidance)
         print(table(rows))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -76,7 +75,9 @@ def main(argv=None) -> int:
             print("  " + m)
     ratio = rows[0]["steady_s_per_step"] / rows[1]["steady_s_per_step"]
     print(f"speed-up after warm-up: {ratio:.2f}x")
-    command = "python eval/bench_compile.py " + " ".join(shlex.quote(a) for a in argv)
+    from fewstep.errors import script_command
+
+    command = script_command("eval/bench_compile.py", argv)
     (out / "compile.json").write_text(json.dumps({"command": command, "rows": rows, "speedup": ratio}, indent=1))
     return 0
 

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -514,7 +513,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(1)
-    command = "python eval/bench_memory.py " + " ".join(shlex.quote(a) for a in argv)
+    from fewstep.errors import script_command
+
+    command = script_command("eval/bench_memory.py", argv)
     return cmd_large(args, command) if args.large else cmd_memory(args, command)
 
 

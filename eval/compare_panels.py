@@ -13,7 +13,6 @@ both sides. This is how the multi-seed comparisons in BENCHMARKS.md are computed
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -47,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     c = compare_training_seeds([_load(p) for p in args.a], [_load(p) for p in args.b])
     print(training_seeds_text(args.label_a, args.label_b, c), end="")
     if args.out:
+        from fewstep.errors import script_command
         from fewstep.evaluation.inputs import atomic_write_json
 
-        command = "python eval/compare_panels.py " + " ".join(shlex.quote(a) for a in argv)
+        command = script_command("eval/compare_panels.py", argv)
         atomic_write_json(Path(args.out), {"command": command, "a": args.a, "b": args.b, **c})
     return 0
 

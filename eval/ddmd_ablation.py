@@ -110,11 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from panel import score
 
+    from fewstep.errors import script_command
     from fewstep.evaluation.panel import CLAIMS_RULE, compare, panel_table
 
-    command = "python eval/ddmd_ablation.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
+    command = script_command("eval/ddmd_ablation.py", argv)
     out = args.out or Path("runs/ddmd_ablation") / Path(args.config).stem
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "ablation.json"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -138,7 +137,9 @@ def main(argv=None) -> int:
             f"{r['first_batch_total_ms_per_image']:.3f} | {r['teacher_over_this_first_batch']:.1f}x |"
         )
     print("\n".join(lines))
-    command = "python eval/decoder_speed.py " + " ".join(shlex.quote(a) for a in argv)
+    from fewstep.errors import script_command
+
+    command = script_command("eval/decoder_speed.py", argv)
     if args.out:
         Path(args.out).write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -115,7 +114,9 @@ def main(argv=None) -> int:
             line += f" {r['small_decoder_ms_per_image']:.3f} | {r['small_decoder_speedup']:.2f}x |"
         lines.append(line)
     print("\n".join(lines))
-    command = "python eval/msd_sampling_time.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    from fewstep.errors import script_command
+
+    command = script_command("eval/msd_sampling_time.py", argv or None)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(

@@ -22,7 +22,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -101,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-cache", type=Path, default=Path("runs/panel/teachers"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python eval/panel.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-
+    from fewstep.errors import script_command
     from fewstep.evaluation.inputs import InputError
     from fewstep.evaluation.panel import comparison
+
+    command = script_command("eval/panel.py", argv)
 
     student = args.student
     card_file = Path(student) / "run_card.json"

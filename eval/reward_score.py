@@ -14,7 +14,6 @@ accuracy on the requested class is printed beside it.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -88,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {row['run']} | {row['reward_mean']:.4f} [{lo:.4f}, {hi:.4f}] | {diff} | {acc} |")
     print("\n".join(lines))
     if args.out:
+        from fewstep.errors import script_command
         from fewstep.evaluation.inputs import atomic_write_json
 
-        command = "python eval/reward_score.py " + " ".join(shlex.quote(a) for a in argv)
+        command = script_command("eval/reward_score.py", argv)
         atomic_write_json(Path(args.out), {"command": command, "rows": rows})
     return 0
 

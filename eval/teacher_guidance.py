@@ -20,7 +20,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -47,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--scales: every scale must be a finite number >= 0, got {bad}")
     torch.set_num_threads(args.threads)
-    command = "python eval/teacher_guidance.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
+    from fewstep.errors import script_command
+
+    command = script_command("eval/teacher_guidance.py", argv)
     from fewstep.evaluation import EvalSpec, evaluate
 
     out = args.out or Path("runs/teacher_guidance") / args.teacher

@@ -19,7 +19,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads a
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 
 from fewstep.digits.data import NUM_CLASSES, WEIGHTS_DIR  # noqa: E402
 from fewstep.digits.embedded_teachers import load_digits_teacher  # noqa: E402
+from fewstep.errors import script_command  # noqa: E402
 from fewstep.evaluation.digits import digits_scores  # noqa: E402
 from fewstep.samplers import initial_noise, sample  # noqa: E402
 
@@ -65,9 +65,7 @@ def main(argv=None) -> int:
     if args.write_card and (args.sweep or args.pipeline_dir):
         p.error("--write-card stores the table of the shipped teachers at one guidance scale")
     torch.set_num_threads(args.threads)
-    command = "python eval/teacher_table.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
+    command = script_command("eval/teacher_table.py", argv)
 
     rows = []
     for kind in args.kind:

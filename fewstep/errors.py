@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ __all__ = [
     "one_line",
     "positive_int",
     "read_json",
+    "script_command",
     "user_errors",
 ]
 
@@ -155,6 +157,13 @@ def read_json(path: str | Path, error: type[UserError] = UserError) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise error(f"cannot read {path}: {e}") from e
+
+
+def script_command(script: str, argv: list[str] | None = None) -> str:
+    """The command line that ran a script, as recorded beside its results: "python SCRIPT ARGS",
+    each argument shell-quoted (`sys.argv[1:]` when `argv` is None)."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"python {script} " + " ".join(shlex.quote(a) for a in args)
 
 
 # ---- output paths ----------------------------------------------------------------------------------
